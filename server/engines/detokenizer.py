@@ -1,0 +1,66 @@
+"""Incremental detokenization with stop strings, one per generation."""
+
+from __future__ import annotations
+
+class IncrementalDetokenizer:
+    """Turns generated token ids into text deltas.
+
+    Rules: text never contains a stop string or anything after it; a delta never ends in
+    an incomplete UTF-8 character; text that could be the start of a stop string is held
+    back until it is known not to be one.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self._tokenizer = tokenizer
+        self._stop = tuple(s for s in stop if s)
+        self._token_ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._text = ""
+        self._num_chars_sent = 0
+        self.is_stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Add one token; return the text that may be sent now."""
+        self._token_ids.append(token_id)
+        searched_from = max(0, len(self._text) - max((len(s) for s in self._stop), default=0))
+        self._text += self._decode_new_text()
+        self._cut_at_stop(searched_from)
+        return self._take(self._num_sendable_chars())
+
+    def flush(self) -> str:
+        """The generation ended: release what was held back."""
+        return self._take(len(self._text))
+
+    def _decode_new_text(self) -> str:
+        # Decode a short window that starts before the new tokens, and keep what the new
+        # tokens added (vLLM's incremental detokenizer does the same).
+        ids = self._token_ids
+        prefix = self._decode(ids[self._prefix_offset : self._read_offset])
+        full = self._decode(ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""  # nothing visible yet, or half a UTF-8 character
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(ids)
+        return full[len(prefix) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _cut_at_stop(self, searched_from: int) -> None:
+        hits = [i for s in self._stop if (i := self._text.find(s, searched_from)) != -1]
+        if hits:
+            self._text = self._text[: min(hits)]
+            self.is_stopped = True
+
+    def _num_sendable_chars(self) -> int:
+        if self.is_stopped:
+            return len(self._text)
+        held = max((n for s in self._stop for n in range(1, len(s)) if self._text.endswith(s[:n])), default=0)
+        return len(self._text) - held
+
+    def _take(self, end: int) -> str:
+        end = max(end, self._num_chars_sent)
+        delta = self._text[self._num_chars_sent : end]
+        self._num_chars_sent = end
+        return delta

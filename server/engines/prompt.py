@@ -1,0 +1,23 @@
+"""Prompt rendering shared by every engine, so that all give the same prompt tokens."""
+
+from __future__ import annotations
+
+from server.errors import InvalidRequestError
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Render messages with the tokenizer's chat template, then tokenize without adding
+    special tokens again (the template already holds them). vLLM's server does the same."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError(
+            "This model has no chat template; use /v1/completions instead.", param="messages"
+        )
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # a template may reject a conversation shape (jinja raise_exception)
+        raise InvalidRequestError(f"The chat template rejected these messages: {error}", param="messages") from error
+    return text_prompt_ids(tokenizer, text)
+
+
+def text_prompt_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))

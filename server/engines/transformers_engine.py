@@ -1,0 +1,243 @@
+"""An `Engine` on plain transformers: the CPU path, and a fallback on CUDA.
+
+One worker thread owns the model and a `ContinuousBatch`; the event loop talks to it
+through a waiting list (guarded by a condition) and per-generation asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from server.engines.base import Chunk, EngineHealth, GenerationRequest
+from server.engines.batch import ContinuousBatch, Sequence
+from server.engines.detokenizer import IncrementalDetokenizer
+from server.engines.prompt import chat_prompt_ids, text_prompt_ids
+from server.engines.sampler import make_generator
+from server.errors import EngineError, EngineStoppedError, ModelLoadError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class TransformersOptions:
+    dtype: Dtype = "auto"
+    device: str = "auto"  # "auto" takes CUDA when present
+    max_batch_size: int = 16
+    max_model_len: int | None = None  # None: the model's own context length
+    allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, path: str | Path, options: TransformersOptions = TransformersOptions()):
+        self._path = Path(path)
+        self._options = options
+        self._model = None
+        self._tokenizer = None
+        self._batch: ContinuousBatch | None = None
+        self._waiting: list[Sequence] = []
+        self._wakeup = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._is_stopping = False
+        self._in_flight: dict[str, Sequence] = {}  # event-loop thread only
+
+    @property
+    def max_model_len(self) -> int:
+        own = getattr(self._model.config, "max_position_embeddings", None) or 2048
+        return min(own, self._options.max_model_len or own)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._worker = threading.Thread(target=self._serve_forever, name=f"baton-engine-{self._path.name}", daemon=True)
+        self._worker.start()
+
+    def tokenize(self, text: str) -> list[int]:
+        return text_prompt_ids(self._tokenizer, text)
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        return chat_prompt_ids(self._tokenizer, messages)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        return self._stream(request)
+
+    async def abort(self, request_id: str) -> None:
+        sequence = self._in_flight.get(request_id)
+        if sequence is not None:
+            self._mark_aborted(sequence)
+
+    def health(self) -> EngineHealth:
+        running = len(self._batch.sequences) if self._batch else 0
+        is_ready = self._worker is not None and self._worker.is_alive() and not self._is_stopping
+        details = {"device": str(self._device), "dtype": str(self._model.dtype) if self._model else None}
+        return EngineHealth(is_ready, running, len(self._waiting), details)
+
+    async def stop(self) -> None:
+        with self._wakeup:
+            self._is_stopping = True
+            self._wakeup.notify_all()
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.join)
+        self._model = self._batch = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- event-loop side --------------------------------------------------------------
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if self._is_stopping or self._worker is None:
+            raise EngineStoppedError("The engine is not running.")
+        queue: asyncio.Queue = asyncio.Queue()
+        sequence = Sequence(
+            request=request,
+            detokenizer=IncrementalDetokenizer(self._tokenizer, request.sampling.stop),
+            generator=make_generator(request.sampling, self._device),
+            emit=partial(_put_threadsafe, asyncio.get_running_loop(), queue),
+        )
+        self._in_flight[request.request_id] = sequence
+        self._submit(sequence)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            self._in_flight.pop(request.request_id, None)
+            self._mark_aborted(sequence)  # a no-op for a finished sequence
+
+    def _submit(self, sequence: Sequence) -> None:
+        with self._wakeup:
+            self._waiting.append(sequence)
+            self._wakeup.notify()
+
+    def _mark_aborted(self, sequence: Sequence) -> None:
+        if sequence.finish_reason is None:
+            sequence.is_aborted = True
+            with self._wakeup:
+                self._wakeup.notify()
+
+    # -- worker side --------------------------------------------------------------------
+
+    def _serve_forever(self) -> None:
+        while True:
+            joining = self._take_joining()
+            if self._is_stopping:
+                break
+            try:
+                self._batch.drop_aborted()
+                if joining:
+                    self._batch.admit(joining)
+                if self._batch.sequences:
+                    self._batch.step()
+            except Exception as error:  # one bad step must not kill the engine for everyone
+                self._batch.fail_all(EngineError(f"Generation failed: {error}"))
+                for sequence in joining:
+                    sequence.emit(EngineError(f"Generation failed: {error}"))
+        self._end_everything()
+
+    def _take_joining(self) -> list[Sequence]:
+        """Wait for work if idle; return the waiting sequences that may join the batch now."""
+        with self._wakeup:
+            while not self._is_stopping and not self._batch.sequences and not self._waiting:
+                self._wakeup.wait()
+            self._waiting = [s for s in self._waiting if not s.is_aborted]
+            if self._batch.sequences and not self._batch.can_join_running:
+                return []
+            num_free = self._options.max_batch_size - len(self._batch.sequences)
+            joining, self._waiting = self._waiting[:num_free], self._waiting[num_free:]
+            return joining
+
+    def _end_everything(self) -> None:
+        error = EngineStoppedError("The engine stopped before this generation finished.")
+        with self._wakeup:
+            waiting, self._waiting = self._waiting, []
+        for sequence in waiting:
+            sequence.emit(error)
+        self._batch.fail_all(error)
+
+    # -- loading ------------------------------------------------------------------------
+
+    @property
+    def _device(self) -> torch.device:
+        if self._options.device != "auto":
+            return torch.device(self._options.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _load(self) -> None:
+        check_model_folder(self._path, self._options.allow_pickle)
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self._path, local_files_only=True)
+            self._model = AutoModelForCausalLM.from_pretrained(
+                self._path,
+                dtype=self._torch_dtype(),
+                local_files_only=True,
+                use_safetensors=None if self._options.allow_pickle else True,
+                trust_remote_code=False,
+            ).to(self._device)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"Cannot load the model at {self._path}: {error}") from error
+        self._model.eval()
+        self._batch = ContinuousBatch(self._model, self._eos_token_ids(), self._pad_token_id())
+        self._warm_up()
+
+    def _torch_dtype(self):
+        if self._options.dtype != "auto":
+            return getattr(torch, self._options.dtype)
+        # float16 matmuls are slow on CPU; bfloat16 and float32 are fine.
+        return torch.float32 if self._device.type == "cpu" and self._config_dtype() == "float16" else "auto"
+
+    def _config_dtype(self) -> str | None:
+        config = json.loads((self._path / "config.json").read_text())
+        return config.get("dtype") or config.get("torch_dtype")
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = self._model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        return {i for i in ids + [self._tokenizer.eos_token_id] if i is not None}
+
+    def _pad_token_id(self) -> int:
+        pad = self._tokenizer.pad_token_id
+        return pad if pad is not None else min(self._eos_token_ids(), default=0)
+
+    def _warm_up(self) -> None:
+        with torch.inference_mode():
+            self._model(input_ids=torch.tensor([[self._pad_token_id()]], device=self._device))
+
+
+def check_model_folder(path: Path, allow_pickle: bool) -> None:
+    """Refuse what is not a model folder, and pickle-only weights unless allowed."""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json).")
+    names = [p.name for p in path.iterdir()]
+    has_safetensors = any(name.endswith(".safetensors") for name in names)
+    has_pickle = any(name.endswith(_PICKLE_SUFFIXES) for name in names)
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} holds only pickle weights (.bin/.pt), which can run code when loaded. "
+            "Convert them to safetensors, or pass --allow-pickle if you trust them."
+        )
+    if not has_safetensors and not has_pickle:
+        raise ModelLoadError(f"{path} has no weights (*.safetensors).")
+
+
+def _put_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:
+        pass  # the loop closed: nobody is listening any more

@@ -1,0 +1,101 @@
+"""The one exception tree of baton.
+
+The core raises these; `server.app` maps them once, at the edge, to OpenAI-shaped JSON:
+`{"error": {"message", "type", "param", "code"}}` with the class's HTTP status.
+"""
+
+from __future__ import annotations
+
+
+class BatonError(Exception):
+    status_code = 500
+    error_type = "server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    def to_body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(BatonError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    default_code = "unsupported_parameter"
+
+
+class AuthenticationError(BatonError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFoundError(BatonError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    default_code = "model_not_found"
+
+
+class MethodNotAllowedError(BatonError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLargeError(BatonError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class OverloadedError(BatonError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "overloaded"
+
+
+class EngineError(BatonError):
+    """The engine failed while serving a request (not the caller's fault)."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code = "engine_error"
+
+
+class EngineStoppedError(EngineError):
+    status_code = 503
+    default_code = "engine_stopped"
+
+
+class ConfigError(BatonError):
+    """Bad operator configuration: raised at start-up, reported by the CLI."""
+
+    default_code = "invalid_config"
+
+
+class ModelLoadError(BatonError):
+    """Weights that cannot be loaded as asked (missing files, pickle without permission...)."""
+
+    default_code = "model_load_failed"

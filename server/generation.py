@@ -1,0 +1,92 @@
+"""From a validated OpenAI body to engine generations: limits, sampling, `n` choices."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from server.engines.base import Chunk, Engine, GenerationRequest, SamplingParams
+from server.errors import ContextLengthExceededError, InvalidRequestError
+from server.schemas import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass(frozen=True)
+class ChoiceChunk:
+    index: int
+    chunk: Chunk
+
+
+def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, prompt_param: str) -> int:
+    """Tokens left for the completion; unset means all the room the context has."""
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your {prompt_param} "
+            f"resulted in {num_prompt_tokens} tokens. Please reduce the length of the {prompt_param}.",
+            param=prompt_param,
+        )
+    if requested is not None and requested > room:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the {prompt_param}, {requested} in "
+            "the completion). Please reduce the length of the prompt or the completion.",
+            param="max_tokens",
+        )
+    return requested if requested is not None else room
+
+
+def build_requests(
+    body: ChatCompletionRequest | CompletionRequest,
+    prompts: Sequence[Sequence[int]],
+    max_model_len: int,
+    max_n: int,
+) -> list[GenerationRequest]:
+    """n generations per prompt, indexed prompt-major as OpenAI does. A seed gives choice i
+    the seed + i, so that choices differ yet the whole answer is reproducible."""
+    if body.n > max_n:
+        raise InvalidRequestError(f"n must be at most {max_n}.", param="n")
+    prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    requests = []
+    for prompt in prompts:
+        max_tokens = resolve_max_tokens(body.requested_max_tokens, len(prompt), max_model_len, prompt_param)
+        for i in range(body.n):
+            seed = None if body.seed is None else body.seed + i
+            sampling = SamplingParams(max_tokens, body.temperature, body.top_p, seed, body.stop_sequences)
+            requests.append(GenerationRequest(uuid.uuid4().hex, prompt, sampling))
+    return requests
+
+
+async def stream_choices(engine: Engine, requests: list[GenerationRequest]) -> AsyncIterator[ChoiceChunk]:
+    """Run the generations together and yield their chunks as they come. Closing this
+    iterator (a client went away) aborts every generation still running."""
+    if len(requests) == 1:
+        async with aclosing(engine.generate(requests[0])) as chunks:
+            async for chunk in chunks:
+                yield ChoiceChunk(0, chunk)
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    tasks = [asyncio.create_task(_pump(engine, request, index, queue)) for index, request in enumerate(requests)]
+    try:
+        num_unfinished = len(requests)
+        while num_unfinished:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            num_unfinished -= bool(item.chunk.finish_reason)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _pump(engine: Engine, request: GenerationRequest, index: int, queue: asyncio.Queue) -> None:
+    try:
+        async with aclosing(engine.generate(request)) as chunks:
+            async for chunk in chunks:
+                queue.put_nowait(ChoiceChunk(index, chunk))
+    except Exception as error:
+        queue.put_nowait(error)

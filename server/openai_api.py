@@ -1,0 +1,154 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.errors import AuthenticationError, BatonError, EngineError
+from server.generation import ChoiceChunk, build_requests, stream_choices
+from server.router import ServedModel
+from server.schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+
+def require_api_key(request: Request) -> None:
+    expected = request.state.settings.api_key
+    if expected is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), expected.encode()):
+        raise AuthenticationError("Missing or invalid API key. Send 'Authorization: Bearer <key>'.")
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict:
+    created = request.state.started_at
+    data = [{"id": m.name, "object": "model", "created": created, "owned_by": "baton"} for m in request.state.router.models]
+    return {"object": "list", "data": data}
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    served = request.state.router.resolve(body.model)
+    prompt = served.engine.tokenize_chat([m.as_template_input() for m in body.messages])
+    return await _respond(request, body, served, [prompt], ChatFormat())
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request):
+    served = request.state.router.resolve(body.model)
+    prompts = [served.engine.tokenize(text) for text in body.prompts]
+    return await _respond(request, body, served, prompts, TextFormat())
+
+
+class ChatFormat:
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+
+    def opening_delta(self, index: int) -> dict | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def delta(self, index: int, text: str, finish_reason: str | None) -> dict:
+        delta = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+class TextFormat:
+    object = "text_completion"
+    chunk_object = "text_completion"
+    id_prefix = "cmpl-"
+
+    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def opening_delta(self, index: int) -> dict | None:
+        return None
+
+    delta = choice
+
+
+async def _respond(request: Request, body, served: ServedModel, prompts: list[list[int]], fmt):
+    requests = build_requests(body, prompts, served.engine.max_model_len, request.state.settings.max_n)
+    head = {"id": fmt.id_prefix + uuid.uuid4().hex, "object": fmt.object, "created": int(time.time()), "model": served.name}
+    num_prompt_tokens = sum(len(prompt) for prompt in prompts)
+    choices = stream_choices(served.engine, requests)
+    headers = {"x-baton-deployment": served.name}
+    if body.stream:
+        events = _sse(choices, fmt, {**head, "object": fmt.chunk_object}, len(requests), num_prompt_tokens, body.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return JSONResponse(await _collect(choices, fmt, head, len(requests), num_prompt_tokens), headers=headers)
+
+
+async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_choices: int, num_prompt_tokens: int) -> dict:
+    texts, reasons, num_completion_tokens = [""] * num_choices, [None] * num_choices, 0
+    async with aclosing(choices) as stream:
+        async for item in stream:
+            texts[item.index] += item.chunk.text
+            reasons[item.index] = item.chunk.finish_reason
+            num_completion_tokens += item.chunk.num_tokens
+    return {
+        **head,
+        "choices": [fmt.choice(i, texts[i], reasons[i]) for i in range(num_choices)],
+        "usage": _usage(num_prompt_tokens, num_completion_tokens),
+    }
+
+
+async def _sse(choices, fmt, head: dict, num_choices: int, num_prompt_tokens: int, include_usage: bool):
+    """SSE chunks, then `data: [DONE]`. Rule: with include_usage every chunk carries
+    `usage: null` and one last chunk with no choices carries the totals."""
+    extra = {"usage": None} if include_usage else {}
+    num_completion_tokens = 0
+    for index in range(num_choices):
+        if (opening := fmt.opening_delta(index)) is not None:
+            yield _event({**head, "choices": [opening], **extra})
+    try:
+        async with aclosing(choices) as stream:
+            async for item in stream:
+                num_completion_tokens += item.chunk.num_tokens
+                if item.chunk.text:
+                    yield _event({**head, "choices": [fmt.delta(item.index, item.chunk.text, None)], **extra})
+                if item.chunk.finish_reason:
+                    yield _event({**head, "choices": [fmt.delta(item.index, "", item.chunk.finish_reason)], **extra})
+    except Exception as error:  # headers are sent: the error can only travel in the stream
+        yield _event(_stream_error(error).to_body())
+        return
+    if include_usage:
+        yield _event({**head, "choices": [], "usage": _usage(num_prompt_tokens, num_completion_tokens)})
+    yield "data: [DONE]\n\n"
+
+
+def _stream_error(error: Exception) -> BatonError:
+    if isinstance(error, BatonError):
+        return error
+    log.exception("generation failed mid-stream", exc_info=error)
+    return EngineError("The generation failed; see the server log.")
+
+
+def _usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
