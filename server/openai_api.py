@@ -50,7 +50,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
     served = request.state.router.resolve(body.model)
-    prompts = [served.engine.tokenize(text) for text in body.prompts]
+    prompts = [served.engine.tokenize(text) for text in body.prompt]
     return await _respond(request, body, served, prompts, TextFormat())
 
 

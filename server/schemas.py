@@ -7,9 +7,9 @@ they change nothing about the output.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 
@@ -23,16 +23,26 @@ class TextPart(_Strict):
     text: str
 
 
+def _as_list(value):
+    """OpenAI accepts a string where a list of one is meant; validating lists only keeps
+    error locations plain (`stop`, not `stop.list[str]`)."""
+    return [value] if isinstance(value, str) else value
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: list[TextPart]
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_as_part(cls, content):
+        return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
     def as_template_input(self) -> dict:
         """Templates expect plain strings; `developer` is the newer name for `system`."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content}
+        return {"role": role, "content": "".join(part.text for part in self.content)}
 
 
 class StreamOptions(_Strict):
@@ -44,13 +54,15 @@ class _GenerationBody(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
+
+    _stop_as_list = field_validator("stop", mode="before")(_as_list)
 
     @model_validator(mode="after")
     def _check_stream_options(self):
@@ -60,7 +72,7 @@ class _GenerationBody(_Strict):
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return tuple(self.stop or ())
 
     @property
     def include_usage(self) -> bool:
@@ -77,11 +89,9 @@ class ChatCompletionRequest(_GenerationBody):
 
 
 class CompletionRequest(_GenerationBody):
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: list[str] = Field(min_length=1)
 
-    @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    _prompt_as_list = field_validator("prompt", mode="before")(_as_list)
 
     @property
     def requested_max_tokens(self) -> int | None:

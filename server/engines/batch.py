@@ -45,6 +45,7 @@ class ContinuousBatch:
         self._cache: DynamicCache | None = None
         self._attention_mask: torch.Tensor | None = None  # (rows, cached length)
         self.can_join_running = _has_plain_layers(DynamicCache(config=model.config))
+        self.num_aborted = 0
 
     def admit(self, new: list[Sequence]) -> None:
         """Prefill `new` together, emit their first tokens, and join them to the batch."""
@@ -68,7 +69,9 @@ class ContinuousBatch:
         self._advance(self.sequences, logits)
 
     def drop_aborted(self) -> None:
-        self._keep([s for s in self.sequences if not s.is_aborted])
+        kept = [s for s in self.sequences if not s.is_aborted]
+        self.num_aborted += len(self.sequences) - len(kept)
+        self._keep(kept)
 
     def fail_all(self, error: BaseException) -> None:
         for sequence in self.sequences:

@@ -79,10 +79,15 @@ class TransformersEngine:
             self._mark_aborted(sequence)
 
     def health(self) -> EngineHealth:
-        running = len(self._batch.sequences) if self._batch else 0
+        batch = self._batch
         is_ready = self._worker is not None and self._worker.is_alive() and not self._is_stopping
-        details = {"device": str(self._device), "dtype": str(self._model.dtype) if self._model else None}
-        return EngineHealth(is_ready, running, len(self._waiting), details)
+        details = {
+            "device": str(self._device),
+            "dtype": str(self._model.dtype).removeprefix("torch.") if self._model else None,
+            "max_batch_size": self._options.max_batch_size,
+            "num_aborted": batch.num_aborted if batch else 0,
+        }
+        return EngineHealth(is_ready, len(batch.sequences) if batch else 0, len(self._waiting), details)
 
     async def stop(self) -> None:
         with self._wakeup:

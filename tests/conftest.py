@@ -1,0 +1,104 @@
+"""Shared test parts: real models (a tiny random one, the bundled SmolLM2) and a real
+uvicorn server on a free port, driven by the official openai client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import uvicorn
+
+from models.demo import ensure_demo_model
+from server.app import create_app
+from server.config import ModelSpec, Settings, default_home
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def demo_model_path() -> Path:
+    """SmolLM2-135M-Instruct as safetensors (`make test` converts it before pytest runs)."""
+    return ensure_demo_model(Path(os.environ.get("BATON_HOME") or default_home()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, demo_model_path) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", demo_model_path)
+
+
+def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama with random float32 weights and SmolLM2's tokenizer: real code paths,
+    milliseconds per token. A large init spread keeps greedy choices far from ties."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(target)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_source / name, target / name)
+    return target
+
+
+class ServerThread:
+    """create_app(settings) under a real uvicorn server on a free port, in a thread."""
+
+    def __init__(self, settings: Settings):
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self.settings = settings
+
+    def __enter__(self) -> "ServerThread":
+        self._thread.start()
+        deadline = time.monotonic() + 120
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=60)
+
+    @property
+    def url(self) -> str:
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        kwargs.setdefault("api_key", self.settings.api_key or "unused")
+        return openai.OpenAI(base_url=f"{self.url}/v1", max_retries=0, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_path, tmp_path_factory):
+    settings = Settings(home=tmp_path_factory.mktemp("home"), models=[ModelSpec(name="tiny", path=tiny_model_path)])
+    with ServerThread(settings) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def smol_server(demo_model_path, tmp_path_factory):
+    settings = Settings(home=tmp_path_factory.mktemp("home"), models=[ModelSpec(name="smollm2", path=demo_model_path)])
+    with ServerThread(settings) as server:
+        yield server

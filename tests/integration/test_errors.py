@@ -1,0 +1,122 @@
+"""Every bad input gets its status code and an OpenAI-shaped error body."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from server.config import ModelSpec, Settings
+from tests.conftest import ServerThread
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def _chat(**fields) -> dict:
+    return {"model": "tiny", "messages": HI, **fields}
+
+
+def _assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (_chat(temperature=2.5), "temperature"),
+        (_chat(temperature=-0.1), "temperature"),
+        (_chat(top_p=0), "top_p"),
+        (_chat(max_tokens=0), "max_tokens"),
+        (_chat(max_completion_tokens=0), "max_completion_tokens"),
+        (_chat(n=0), "n"),
+        (_chat(n=99), "n"),
+        (_chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+        (_chat(stream_options={"include_usage": True}), None),
+        ({"model": "tiny", "messages": []}, "messages"),
+        ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None),
+        ({"messages": HI}, "model"),
+        (_chat(tools=[{"type": "function"}]), "tools"),
+        (_chat(logit_bias={"1": 5}), "logit_bias"),
+    ],
+)
+def test_invalid_values_get_400_naming_the_field(tiny_server, body, param):
+    response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=body)
+    error = _assert_openai_error(response, 400, param)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_unimplemented_field_is_named_in_the_message(tiny_server):
+    response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(tools=[]))
+    assert "tools" in _assert_openai_error(response, 400, "tools")["message"]
+
+
+def test_harmless_fields_are_accepted(tiny_server):
+    response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(user="u1", metadata={"k": "v"}, max_tokens=2))
+    assert response.status_code == 200
+
+
+def test_malformed_json_gets_400(tiny_server):
+    response = httpx.post(
+        f"{tiny_server.url}/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"}
+    )
+    assert _assert_openai_error(response, 400)["code"] == "invalid_json"
+
+
+def test_prompt_longer_than_the_context_names_the_token_counts(tiny_server):
+    response = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", "prompt": " ".join(["hello"] * 5000)})
+    error = _assert_openai_error(response, 400, "prompt")
+    assert error["code"] == "context_length_exceeded"
+    assert "4096 tokens" in error["message"] and "5000 tokens" in error["message"]
+
+
+def test_max_tokens_beyond_the_context_names_the_token_counts(tiny_server):
+    response = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 5000})
+    error = _assert_openai_error(response, 400, "max_tokens")
+    assert "5001" in error["message"] and "4096" in error["message"]
+
+
+def test_unknown_model_gets_404_listing_known_ones(tiny_server):
+    with pytest.raises(openai.NotFoundError) as raised:
+        tiny_server.client().chat.completions.create(model="nope", messages=HI)
+    assert "tiny" in raised.value.body["message"]
+    assert raised.value.body["code"] == "model_not_found"
+
+
+def test_oversized_body_gets_413(tiny_server):
+    body = {"model": "tiny", "prompt": "x" * (tiny_server.settings.max_body_bytes + 1)}
+    _assert_openai_error(httpx.post(f"{tiny_server.url}/v1/completions", json=body), 413)
+
+
+def test_oversized_chunked_body_gets_413(tiny_server):
+    def chunks():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(tiny_server.settings.max_body_bytes // 65536 + 2):
+            yield b"x" * 65536
+        yield b'"}'
+
+    response = httpx.post(f"{tiny_server.url}/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    _assert_openai_error(response, 413)
+
+
+def test_wrong_method_gets_405(tiny_server):
+    _assert_openai_error(httpx.get(f"{tiny_server.url}/v1/chat/completions"), 405)
+
+
+def test_unknown_path_gets_404(tiny_server):
+    _assert_openai_error(httpx.get(f"{tiny_server.url}/v1/nothing-here"), 404)
+
+
+def test_api_key_is_required_when_configured(tiny_model_path, tmp_path):
+    settings = Settings(home=tmp_path, api_key="s3cret", models=[ModelSpec(name="tiny", path=tiny_model_path)])
+    with ServerThread(settings) as server:
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="wrong").models.list()
+        assert [m.id for m in server.client().models.list()] == ["tiny"]
+        assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
