@@ -91,12 +91,15 @@ class ContinuousBatch:
         return output.logits[:, -1, :]
 
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
-        for sequence, row in zip(sequences, logits):
-            token_id = sample_token(row, sequence.request.sampling, sequence.generator)
-            self._append(sequence, token_id)
+        """Sample, then cut finished rows, then emit: a client that has its last chunk
+        never sees its row still in the batch."""
+        chunks = [self._append(s, sample_token(row, s.request.sampling, s.generator)) for s, row in zip(sequences, logits)]
         self._keep([s for s in self.sequences if s.finish_reason is None])
+        for sequence, chunk in zip(sequences, chunks):
+            if chunk is not None:
+                sequence.emit(chunk)
 
-    def _append(self, sequence: Sequence, token_id: int) -> None:
+    def _append(self, sequence: Sequence, token_id: int) -> Chunk | None:
         sequence.last_token_id = token_id
         sequence.num_generated += 1
         sequence.num_unreported_tokens += 1
@@ -105,9 +108,11 @@ class ContinuousBatch:
         sequence.finish_reason = self._finish_reason(sequence, is_eos)
         if sequence.finish_reason:
             text += sequence.detokenizer.flush()
-        if text or sequence.finish_reason:
-            sequence.emit(Chunk(text, sequence.num_unreported_tokens, sequence.finish_reason))
-            sequence.num_unreported_tokens = 0
+        if not text and not sequence.finish_reason:
+            return None
+        chunk = Chunk(text, sequence.num_unreported_tokens, sequence.finish_reason)
+        sequence.num_unreported_tokens = 0
+        return chunk
 
     @staticmethod
     def _finish_reason(sequence: Sequence, is_eos: bool) -> FinishReason | None:

@@ -1,0 +1,75 @@
+"""`baton serve` as a user runs it: a real process, a real port."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+BATON = [sys.executable, "-m", "server.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("baton serve did not become healthy")
+
+
+def test_cli_serve_answers_the_openai_client(tiny_model_path, tmp_path):
+    port = _free_port()
+    command = [*BATON, "--home", str(tmp_path), "serve", "--model", str(tiny_model_path), "--name", "tiny", "--port", str(port)]
+    log = tmp_path / "serve.log"
+    with log.open("w") as output, subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT) as process:
+        try:
+            _serve_and_ask(f"http://127.0.0.1:{port}", process, log)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def _serve_and_ask(url: str, process: subprocess.Popen, log: Path) -> None:
+    _wait_healthy(url, process, log)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert reply.usage.completion_tokens <= 3 and reply.model == "tiny"
+
+
+def test_cli_serve_missing_folder_is_a_clear_error(tmp_path):
+    result = subprocess.run([*BATON, "serve", "--model", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "no config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_serve_refuses_pickle_weights_by_default(tiny_model_path, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_model_path / "config.json", folder / "config.json")
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    result = subprocess.run([*BATON, "serve", "--model", str(folder)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "--allow-pickle" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_rejects_a_bad_model_name(tiny_model_path):
+    result = subprocess.run([*BATON, "serve", "--model", str(tiny_model_path), "--name", "../etc"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "must match" in result.stderr

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from server.engines.detokenizer import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model_path):
+    return AutoTokenizer.from_pretrained(demo_model_path)
+
+
+def _stream(tokenizer, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], IncrementalDetokenizer]:
+    detokenizer = IncrementalDetokenizer(tokenizer, stop)
+    deltas = []
+    for token_id in tokenizer.encode(text, add_special_tokens=False):
+        deltas.append(detokenizer.add(token_id))
+        if detokenizer.is_stopped:
+            break
+    deltas.append(detokenizer.flush())
+    return deltas, detokenizer
+
+
+def test_detokenizer_deltas_rebuild_the_text(tokenizer):
+    text = "Grüße, 世界! Spaces  and\nnew lines 🙂 stay."
+    deltas, _ = _stream(tokenizer, text)
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in delta for delta in deltas)
+
+
+def test_detokenizer_cuts_at_the_first_stop_string(tokenizer):
+    deltas, detokenizer = _stream(tokenizer, "one two three four", stop=("four", "three"))
+    assert "".join(deltas) == "one two "
+    assert detokenizer.is_stopped
+
+
+def test_detokenizer_holds_back_a_possible_stop_prefix(tokenizer):
+    detokenizer = IncrementalDetokenizer(tokenizer, stop=("END!",))
+    sent = "".join(detokenizer.add(t) for t in tokenizer.encode("the END", add_special_tokens=False))
+    assert sent == "the "  # " END" could still become "END!"
+    assert detokenizer.flush() == "END"
+
+
+def test_detokenizer_stop_string_spanning_tokens(tokenizer):
+    deltas, detokenizer = _stream(tokenizer, "alpha beta gamma", stop=("a b",))
+    assert "".join(deltas) == "alph"
+    assert detokenizer.is_stopped

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+
+from server.errors import ContextLengthExceededError
+from server.generation import build_requests, resolve_max_tokens
+from server.schemas import CompletionRequest
+
+
+def test_max_tokens_defaults_to_the_room_left():
+    assert resolve_max_tokens(None, num_prompt_tokens=10, max_model_len=100, prompt_param="prompt") == 90
+
+
+def test_max_tokens_that_fits_is_kept():
+    assert resolve_max_tokens(90, num_prompt_tokens=10, max_model_len=100, prompt_param="prompt") == 90
+
+
+def test_max_tokens_over_the_context_is_refused_with_counts():
+    with pytest.raises(ContextLengthExceededError, match=r"101 tokens \(10 in the prompt, 91 in the completion\)"):
+        resolve_max_tokens(91, num_prompt_tokens=10, max_model_len=100, prompt_param="prompt")
+
+
+def test_prompt_that_fills_the_context_is_refused():
+    with pytest.raises(ContextLengthExceededError, match="resulted in 100 tokens"):
+        resolve_max_tokens(None, num_prompt_tokens=100, max_model_len=100, prompt_param="prompt")
+
+
+def test_requests_are_prompt_major_with_consecutive_seeds():
+    body = CompletionRequest(model="m", prompt=["a", "b"], n=2, seed=5, max_tokens=3, stop="x")
+    requests = build_requests(body, [[1], [2, 3]], max_model_len=50, max_n=4)
+    assert [list(r.prompt_token_ids) for r in requests] == [[1], [1], [2, 3], [2, 3]]
+    assert [r.sampling.seed for r in requests] == [5, 6, 5, 6]
+    assert all(r.sampling.stop == ("x",) for r in requests)
+    assert len({r.request_id for r in requests}) == 4
