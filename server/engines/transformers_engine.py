@@ -10,6 +10,7 @@ import asyncio
 import gc
 import json
 import threading
+from concurrent.futures import Future
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -60,9 +61,10 @@ class TransformersEngine:
         return min(own, self._options.max_model_len or own)
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
-        self._worker = threading.Thread(target=self._serve_forever, name=f"baton-engine-{self._path.name}", daemon=True)
+        loaded: Future = Future()
+        self._worker = threading.Thread(target=self._run, args=(loaded,), name=f"baton-{self._path.name}", daemon=True)
         self._worker.start()
+        await asyncio.wrap_future(loaded)
 
     def tokenize(self, text: str) -> list[int]:
         return text_prompt_ids(self._tokenizer, text)
@@ -138,6 +140,17 @@ class TransformersEngine:
                 self._wakeup.notify()
 
     # -- worker side --------------------------------------------------------------------
+
+    def _run(self, loaded: Future) -> None:
+        """Load, then serve. Rule: every torch call of this engine happens on this one
+        thread; OpenMP work spread over threads ran at half speed on a 2-core machine."""
+        try:
+            self._load()
+        except BaseException as error:
+            loaded.set_exception(error)
+            return
+        loaded.set_result(None)
+        self._serve_forever()
 
     def _serve_forever(self) -> None:
         while True:

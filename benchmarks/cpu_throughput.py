@@ -1,0 +1,178 @@
+"""Streaming chat throughput and TTFT: baton against `transformers serve`, same model, same run.
+
+    .venv/bin/python benchmarks/cpu_throughput.py [--model PATH] [--requests 16] [--max-tokens 64]
+
+Both servers run as subprocesses on free ports and get the same requests (greedy, seeded
+prompt order) at each concurrency. Prints tokens/s and TTFT p50/p99 for both and the ratio;
+writes benchmarks/results/cpu_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TOPICS = ["a lighthouse keeper", "a lost robot", "a mountain village", "an old clock", "a brave fox", "the sea", "a library", "a comet"]
+
+
+def main() -> None:
+    args = _parse()
+    model = args.model or _demo_model()
+    prompts = _prompts(args.requests, seed=args.seed)
+    results = {}
+    for name, command, served_as in _servers(model, args):
+        with _running(command, name) as url:
+            asyncio.run(_load(url, served_as, prompts[:2], args.max_tokens, concurrency=2))  # warm-up
+            results[name] = {
+                str(c): asyncio.run(_load(url, served_as, prompts, args.max_tokens, concurrency=c)) for c in args.concurrency
+            }
+    _report(results, args)
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="a Hugging Face folder (default: the bundled demo model)")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["baton", "transformers-serve"], help="run one server only")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_throughput.json")
+    return parser.parse_args()
+
+
+def _demo_model() -> Path:
+    sys.path.insert(0, str(ROOT))
+    from models.demo import ensure_demo_model
+    from server.config import default_home
+
+    return ensure_demo_model(Path(os.environ.get("BATON_HOME") or default_home()))
+
+
+def _prompts(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"Write a long, detailed story about {rng.choice(TOPICS)}." for _ in range(count)]
+
+
+def _servers(model: Path, args) -> list[tuple[str, list[str], str]]:
+    """(name, command, the `model` field it serves). transformers serve preloads the model
+    given on its command line and answers to that path."""
+    servers = [
+        ("baton", [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}"], "bench"),
+        ("transformers-serve", [str(BIN / "transformers"), "serve", str(model), "--port", "{port}", "--device", "cpu"], str(model)),
+    ]
+    return [s for s in servers if args.only in (None, s[0])]
+
+
+@contextmanager
+def _running(command: list[str], name: str):
+    port = _free_port()
+    log = open(ROOT / "benchmarks" / "results" / f"{name}.log", "w")
+    process = subprocess.Popen([part.format(port=port) for part in command], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}; see benchmarks/results/*.log")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+async def _load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: str) -> tuple[float, int]:
+        async with gate:
+            return await _stream_one(client, model, prompt, max_tokens)
+
+    started = time.perf_counter()
+    measured = await asyncio.gather(*[one(p) for p in prompts])
+    elapsed = time.perf_counter() - started
+    await client.close()
+    ttfts = sorted(ttft for ttft, _ in measured)
+    num_tokens = sum(n for _, n in measured)
+    return {
+        "requests": len(prompts),
+        "completion_tokens": num_tokens,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(num_tokens / elapsed, 2),
+        "ttft_p50_s": round(statistics.median(ttfts), 3),
+        "ttft_p99_s": round(_percentile(ttfts, 0.99), 3),
+    }
+
+
+async def _stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    started = time.perf_counter()
+    ttft, num_chunks = None, 0
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            ttft = ttft or time.perf_counter() - started
+            num_chunks += 1
+    return ttft or time.perf_counter() - started, num_chunks
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def _report(results: dict, args) -> None:
+    for name, by_concurrency in results.items():
+        for concurrency, r in by_concurrency.items():
+            print(
+                f"{name:>20} c={concurrency:<2} {r['tokens_per_s']:7.1f} tok/s  "
+                f"TTFT p50 {r['ttft_p50_s']:6.2f}s p99 {r['ttft_p99_s']:6.2f}s  ({r['completion_tokens']} tokens)"
+            )
+    if {"baton", "transformers-serve"} <= results.keys():
+        for concurrency in map(str, args.concurrency):
+            ours, anchor = results["baton"][concurrency], results["transformers-serve"][concurrency]
+            print(
+                f"ratio c={concurrency}: tokens/s x{ours['tokens_per_s'] / anchor['tokens_per_s']:.2f}, "
+                f"TTFT p50 x{ours['ttft_p50_s'] / anchor['ttft_p50_s']:.2f} (baton / transformers serve)"
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
