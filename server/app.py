@@ -11,7 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from server import openai_api, status_api
+from models.registry import Registry
+from server import admin_api, openai_api, status_api
 from server.body_limit import BodySizeLimit
 from server.config import ModelSpec, Settings
 from server.engines.base import Engine
@@ -23,6 +24,7 @@ from server.errors import (
     NotFoundError,
     UnsupportedParameterError,
 )
+from server.model_admin import ModelAdmin
 from server.router import ModelRouter, ServedModel
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,15 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             for spec in settings.models:
                 engine = build_engine(spec)
-                served.append(ServedModel(spec.name, engine))
+                served.append(ServedModel(spec.name, spec.version, engine))
                 await engine.start()
                 log.info("serving %s from %s", spec.name, spec.path)
-            yield {"settings": settings, "router": ModelRouter(served), "started_at": int(time.time())}
+            yield {
+                "settings": settings,
+                "router": ModelRouter(served),
+                "model_admin": ModelAdmin(Registry(settings.home)),
+                "started_at": int(time.time()),
+            }
         finally:
             for model in served:
                 await model.engine.stop()
@@ -56,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="baton", lifespan=lifespan)
     app.include_router(openai_api.router)
     app.include_router(status_api.router)
+    app.include_router(admin_api.router)
     _map_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

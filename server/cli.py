@@ -11,8 +11,10 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
+from models.registry import Registry
+from server import models_cli
 from server.config import ModelSpec, Settings, default_home
-from server.errors import BatonError
+from server.errors import BatonError, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,21 +35,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", type=Path, default=None, help=f"baton's data folder (default: $BATON_HOME or {default_home()})")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="serve a model (the bundled demo model when --model is not given)")
+    serve = commands.add_parser("serve", help="serve models from the registry (the demo model when --model is not given)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--model", type=Path, help="a local Hugging Face model folder")
-    serve.add_argument("--name", help="the name clients send as `model` (default: the folder's name)")
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--model", action="append", help="a registry ref (chat, chat@2, chat@prod) or a local folder; repeatable")
+    serve.add_argument("--name", help="the name clients send as `model`, when serving one model")
+    serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"], help="default: the version's, else auto")
     serve.add_argument("--max-batch-size", type=int, default=16, help="generations decoded together")
     serve.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
-    serve.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (they can run code)")
+    serve.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights in a local folder (they can run code)")
     serve.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"), help="require this bearer key on /v1 (default: $BATON_API_KEY)")
+    serve.add_argument("--admin-key", default=os.environ.get("BATON_ADMIN_KEY"), help="require this key on /admin; unset, /admin answers loopback only")
+    serve.add_argument("--import-root", type=Path, action="append", default=[], help="a folder the admin API may import from; repeatable")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
 
-    demo = commands.add_parser("demo", help="prepare the bundled demo model and print its folder")
+    demo = commands.add_parser("demo", help="import the bundled demo model into the registry (once) and print it")
     demo.set_defaults(run=_demo)
+    models_cli.add_commands(commands, _home)
     return parser
 
 
@@ -56,32 +61,57 @@ def _home(args) -> Path:
 
 
 def _serve(args) -> int:
-    from models.demo import DEMO_MODEL_NAME, ensure_demo_model
+    from models.demo import ensure_demo_model
     from server.app import create_app
-    from server.engines.transformers_engine import check_model_folder
 
     home = _home(args)
-    path = args.model or ensure_demo_model(home)
-    name = args.name or (path.name.lower() if args.model else DEMO_MODEL_NAME)
-    check_model_folder(path, allow_pickle=args.allow_pickle)
-    spec = ModelSpec(
-        name=name,
-        path=path,
-        dtype=args.dtype,
-        max_batch_size=args.max_batch_size,
-        max_model_len=args.max_model_len,
-        allow_pickle=args.allow_pickle,
+    registry = Registry(home)
+    refs = args.model or [ensure_demo_model(registry).model]
+    if args.name and len(refs) > 1:
+        raise ConfigError("--name names one model; serve several under their registry names instead.")
+    specs = [_model_spec(registry, ref, args) for ref in refs]
+    settings = Settings(
+        host=args.host,
+        port=args.port,
+        home=home,
+        models=specs,
+        api_key=args.api_key,
+        admin_key=args.admin_key,
+        import_roots=args.import_root,
     )
-    settings = Settings(host=args.host, port=args.port, home=home, models=[spec], api_key=args.api_key)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
 
 
+def _model_spec(registry: Registry, ref: str, args) -> ModelSpec:
+    """A local folder when `ref` is one, else a registry version fit for serving."""
+    from server.engines.transformers_engine import check_model_folder
+
+    common = {"max_batch_size": args.max_batch_size, "max_model_len": args.max_model_len}
+    if os.sep in ref or Path(ref).is_dir():
+        path = Path(ref)
+        check_model_folder(path, allow_pickle=args.allow_pickle)
+        name = args.name or path.name.lower()
+        return ModelSpec(name=name, path=path, dtype=args.dtype or "auto", allow_pickle=args.allow_pickle, **common)
+    version = registry.resolve_for_serving(ref)
+    options = version.manifest.engine_options
+    common["max_model_len"] = common["max_model_len"] or options.get("max_model_len")
+    return ModelSpec(
+        name=args.name or version.model,
+        path=version.path,
+        version=version.ref,
+        dtype=args.dtype or options.get("dtype", "auto"),
+        allow_pickle=version.manifest.allows_pickle,
+        **common,
+    )
+
+
 def _demo(args) -> int:
     from models.demo import ensure_demo_model
 
-    print(ensure_demo_model(_home(args)))
+    version = ensure_demo_model(Registry(_home(args)))
+    print(f"{version.ref} {version.path}")
     return 0
 
 

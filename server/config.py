@@ -8,9 +8,8 @@ from pathlib import Path
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from models.names import NAME_PATTERN
 from server.engines.transformers_engine import Dtype
-
-MODEL_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 
 
 def default_home() -> Path:
@@ -24,6 +23,7 @@ class ModelSpec(BaseModel):
 
     name: str = Field(description="The name clients send in the `model` field.")
     path: Path
+    version: str = Field("local", description="What served it, for the x-baton-version header: a registry ref or 'local'.")
     dtype: Dtype = "auto"
     max_batch_size: int = Field(16, ge=1, le=256)
     max_model_len: int | None = Field(None, ge=16)
@@ -32,8 +32,8 @@ class ModelSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_is_safe(cls, name: str) -> str:
-        if not re.fullmatch(MODEL_NAME_PATTERN, name):
-            raise ValueError(f"model name {name!r} must match {MODEL_NAME_PATTERN} (lowercase, digits, . _ -)")
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ValueError(f"model name {name!r} must match {NAME_PATTERN} (lowercase, digits, . _ -)")
         return name
 
 
@@ -45,5 +45,7 @@ class Settings(BaseModel):
     home: Path = Field(default_factory=default_home, description="Where baton keeps models and state.")
     models: list[ModelSpec] = Field(default_factory=list)
     api_key: str | None = Field(None, description="When set, /v1 routes need 'Authorization: Bearer <key>'.")
+    admin_key: str | None = Field(None, description="When set, /admin routes need it; unset, they answer loopback clients only.")
+    import_roots: list[Path] = Field(default_factory=list, description="Server folders that admin-API imports may read.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_n: int = Field(8, ge=1, description="The largest `n` (choices per request) accepted.")

@@ -95,7 +95,25 @@ class ConfigError(BatonError):
     default_code = "invalid_config"
 
 
-class ModelLoadError(BatonError):
-    """Weights that cannot be loaded as asked (missing files, pickle without permission...)."""
+class ModelLoadError(InvalidRequestError):
+    """Weights that cannot be loaded or imported as asked (no weights, pickle without permission...)."""
 
     default_code = "model_load_failed"
+
+
+class ConflictError(BatonError):
+    """The request is valid but the current state forbids it (an aliased version, a swap in progress)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class CorruptVersionError(ConflictError):
+    default_code = "version_corrupt"
+
+
+class ForbiddenError(BatonError):
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "forbidden"

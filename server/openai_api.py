@@ -90,7 +90,7 @@ async def _respond(request: Request, body, served: ServedModel, prompts: list[li
     head = {"id": fmt.id_prefix + uuid.uuid4().hex, "object": fmt.object, "created": int(time.time()), "model": served.name}
     num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = stream_choices(served.engine, requests)
-    headers = {"x-baton-deployment": served.name}
+    headers = {"x-baton-deployment": served.name, "x-baton-version": served.version}
     if body.stream:
         events = _sse(choices, fmt, {**head, "object": fmt.chunk_object}, len(requests), num_prompt_tokens, body.include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)

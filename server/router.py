@@ -11,6 +11,7 @@ from server.errors import ModelNotFoundError
 @dataclass(frozen=True)
 class ServedModel:
     name: str
+    version: str
     engine: Engine
 
 

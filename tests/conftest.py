@@ -14,6 +14,7 @@ import pytest
 import uvicorn
 
 from models.demo import ensure_demo_model
+from models.registry import Registry
 from server.app import create_app
 from server.config import ModelSpec, Settings, default_home
 
@@ -23,7 +24,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 @pytest.fixture(scope="session")
 def demo_model_path() -> Path:
     """SmolLM2-135M-Instruct as safetensors (`make test` converts it before pytest runs)."""
-    return ensure_demo_model(Path(os.environ.get("BATON_HOME") or default_home()))
+    return ensure_demo_model(Registry(Path(os.environ.get("BATON_HOME") or default_home()))).path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,161 @@
+"""The catalog: versions, aliases and history in SQLite (WAL), one short connection per call.
+
+Rule: every change and its history row commit in one transaction, so history never
+disagrees with the state it describes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    model TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    is_corrupt INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (model, number),
+    UNIQUE (model, digest)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    model TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    PRIMARY KEY (model, alias)
+);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version INTEGER,
+    reason TEXT NOT NULL DEFAULT '',
+    details TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    model: str
+    number: int
+    digest: str
+    manifest: dict
+    is_corrupt: bool
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """Who did something and why: every change carries one into the history."""
+
+    actor: str
+    reason: str = ""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Catalog:
+    def __init__(self, path: Path):
+        self._path = path
+        with self._read() as db:
+            db.executescript(SCHEMA)  # CREATE ... IF NOT EXISTS: safe to repeat, in its own transaction
+
+    def add_version(self, model: str, manifest: dict, change: Change) -> tuple[VersionRow, bool]:
+        """Register content under the next number, or return the version that has it already."""
+        with self._transaction() as db:
+            existing = db.execute("SELECT * FROM versions WHERE model = ? AND digest = ?", (model, manifest["digest"])).fetchone()
+            if existing:
+                return _version(existing), False
+            number = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE model = ?", (model,)).fetchone()[0]
+            db.execute(
+                "INSERT INTO versions (model, number, digest, manifest, created_at) VALUES (?, ?, ?, ?, ?)",
+                (model, number, manifest["digest"], json.dumps(manifest), now()),
+            )
+            _record(db, change, "register", model, number, {"digest": manifest["digest"], "source": manifest["source"]})
+            return _version(db.execute("SELECT * FROM versions WHERE model = ? AND number = ?", (model, number)).fetchone()), True
+
+    def versions(self, model: str | None = None) -> list[VersionRow]:
+        query, args = ("SELECT * FROM versions WHERE model = ?", (model,)) if model else ("SELECT * FROM versions", ())
+        with self._read() as db:
+            return [_version(row) for row in db.execute(query + " ORDER BY model, number", args)]
+
+    def aliases(self, model: str) -> dict[str, int]:
+        with self._read() as db:
+            return dict(db.execute("SELECT alias, number FROM aliases WHERE model = ? ORDER BY alias", (model,)).fetchall())
+
+    def set_alias(self, model: str, alias: str, number: int, change: Change) -> int | None:
+        """Point `alias` at `number`; return where it pointed before."""
+        with self._transaction() as db:
+            before = db.execute("SELECT number FROM aliases WHERE model = ? AND alias = ?", (model, alias)).fetchone()
+            db.execute("INSERT OR REPLACE INTO aliases (model, alias, number) VALUES (?, ?, ?)", (model, alias, number))
+            previous = before[0] if before else None
+            _record(db, change, "alias", model, number, {"alias": alias, "previous": previous})
+            return previous
+
+    def set_corrupt(self, model: str, number: int, is_corrupt: bool, problems: list[str], change: Change) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE versions SET is_corrupt = ? WHERE model = ? AND number = ?", (int(is_corrupt), model, number))
+            _record(db, change, "verify", model, number, {"is_corrupt": is_corrupt, "problems": problems})
+
+    def delete_version(self, model: str, number: int, change: Change) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM versions WHERE model = ? AND number = ?", (model, number))
+            db.execute("DELETE FROM aliases WHERE model = ? AND number = ?", (model, number))
+            _record(db, change, "delete", model, number, {})
+
+    def record(self, change: Change, action: str, model: str, version: int | None, details: dict) -> None:
+        with self._transaction() as db:
+            _record(db, change, action, model, version, details)
+
+    def history(self, model: str) -> list[dict]:
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM history WHERE model = ? ORDER BY id", (model,)).fetchall()
+        return [{**dict(row), "details": json.loads(row["details"])} for row in rows]
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with closing(self._connect()) as db:
+            yield db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE takes the write lock up front, so concurrent writers queue
+        instead of failing half-way (two imports of the same content end as one version)."""
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+
+def _version(row: sqlite3.Row) -> VersionRow:
+    return VersionRow(row["model"], row["number"], row["digest"], json.loads(row["manifest"]), bool(row["is_corrupt"]), row["created_at"])
+
+
+def _record(db: sqlite3.Connection, change: Change, action: str, model: str, version: int | None, details: dict) -> None:
+    db.execute(
+        "INSERT INTO history (at, actor, action, model, version, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (now(), change.actor, action, model, version, change.reason, json.dumps(details)),
+    )

@@ -1,0 +1,69 @@
+"""Where versions come from: a local folder, the Hugging Face Hub at a revision, a GGUF file.
+
+Sources are written `./folder`, `hf:ORG/NAME@REVISION` and `gguf:./file.gguf`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from models.catalog import Change
+from models.gguf import convert_gguf
+from models.registry import ImportOptions, Registry, Version
+from models.store import file_sha256
+from server.errors import InvalidRequestError, NotFoundError
+
+HUB_PREFIX = "hf:"
+GGUF_PREFIX = "gguf:"
+
+
+def import_source(registry: Registry, source: str, name: str, options: ImportOptions, change: Change) -> tuple[Version, bool]:
+    if source.startswith(HUB_PREFIX):
+        return import_hub(registry, source.removeprefix(HUB_PREFIX), name, options, change)
+    if source.startswith(GGUF_PREFIX):
+        return import_gguf(registry, Path(source.removeprefix(GGUF_PREFIX)), name, options, change)
+    return import_local(registry, Path(source), name, options, change)
+
+
+def import_local(registry: Registry, folder: Path, name: str, options: ImportOptions, change: Change) -> tuple[Version, bool]:
+    folder = folder.expanduser().resolve()
+    if not folder.is_dir():
+        raise NotFoundError(f"No folder at {folder}.", param="source", code="source_not_found")
+    return registry.import_folder(folder, name, {"kind": "local", "path": str(folder)}, options, change)
+
+
+def import_hub(registry: Registry, spec: str, name: str, options: ImportOptions, change: Change) -> tuple[Version, bool]:
+    """`ORG/NAME@REVISION`; the manifest records the commit the revision resolved to.
+    HF_HUB_OFFLINE and HF_HUB_CACHE are honoured as huggingface_hub defines them."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, _, revision = spec.partition("@")
+    if repo.count("/") != 1:
+        raise InvalidRequestError(f"Hub sources look like hf:ORG/NAME@REVISION, not hf:{spec}.", param="source")
+    try:
+        folder = Path(snapshot_download(repo, revision=revision or "main"))
+    except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise NotFoundError(f"Cannot fetch {repo} at {revision or 'main'} from the hub: {error}", param="source", code="source_not_found") from error
+    source = {"kind": "hub", "repo": repo, "revision": revision or "main", "resolved_revision": folder.name}
+    return registry.import_folder(folder, name, source, options, change)
+
+
+def import_gguf(registry: Registry, gguf_file: Path, name: str, options: ImportOptions, change: Change) -> tuple[Version, bool]:
+    """Dequantize to safetensors, then import the folder. The same GGUF file imported again
+    returns its version without converting it again."""
+    gguf_file = gguf_file.expanduser().resolve()
+    if not gguf_file.is_file():
+        raise NotFoundError(f"No GGUF file at {gguf_file}.", param="source", code="source_not_found")
+    sha = file_sha256(gguf_file)
+    existing = registry.find_by_source(name, "sha256", sha)
+    if existing is not None:
+        return existing, False
+    work = registry.store.new_staging_folder()
+    try:
+        folder = convert_gguf(gguf_file, work / "model")
+        source = {"kind": "gguf", "path": str(gguf_file), "sha256": sha}
+        return registry.import_folder(folder, name, source, options, change)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,223 @@
+"""The registry: immutable, versioned weights with aliases and history.
+
+A version is content (a manifest of hashed files, stored once in the blob store) plus a
+number per model. Engines get a plain Hugging Face folder by path. The registry knows
+nothing of engines or HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.catalog import Catalog, Change, VersionRow
+from models.manifest import PICKLE_SUFFIXES, Manifest, describe_folder
+from models.names import LATEST, ModelRef, check_name
+from models.store import BlobStore
+from server.errors import ConflictError, CorruptVersionError, InvalidRequestError, ModelLoadError, NotFoundError
+
+SKIPPED_PARTS = (".git", ".cache", ".huggingface")
+
+
+@dataclass(frozen=True)
+class Version:
+    model: str
+    number: int
+    manifest: Manifest
+    path: Path
+    is_corrupt: bool
+    created_at: str
+    aliases: tuple[str, ...]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}@{self.number}"
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "version": self.number,
+            "ref": self.ref,
+            "aliases": list(self.aliases),
+            "is_corrupt": self.is_corrupt,
+            "created_at": self.created_at,
+            "path": str(self.path),
+            "manifest": self.manifest.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    engine_options: dict | None = None
+    labels: dict | None = None
+    notes: str = ""
+    show_progress: bool = False
+
+
+class Registry:
+    def __init__(self, home: Path):
+        home.mkdir(parents=True, exist_ok=True)
+        self.home = home
+        self.store = BlobStore(home / "store")
+        self._catalog = Catalog(home / "registry.db")
+
+    # -- imports ------------------------------------------------------------------------
+
+    def import_folder(self, folder: Path, name: str, source: dict, options: ImportOptions, change: Change) -> tuple[Version, bool]:
+        """Store a Hugging Face folder as a version of `name`; identical content returns the
+        existing version (the bool says whether a new one was made)."""
+        check_name(name)
+        files = _model_files(folder)
+        _check_safety(folder, files, options)
+        entries = self.store.store_files(folder, files, options.show_progress)
+        _fault_point("after_blobs")
+        manifest = Manifest(
+            files=entries,
+            **describe_folder(folder, entries),
+            source=source,
+            engine_options=options.engine_options or {},
+            labels=options.labels or {},
+            notes=options.notes,
+            created_by=change.actor,
+            allows_pickle=options.allow_pickle,
+            trusts_remote_code=options.trust_remote_code,
+        )
+        self.store.build_tree(manifest)
+        _fault_point("after_tree")
+        row, is_new = self._catalog.add_version(name, manifest.to_dict(), change)
+        return self._version_of(row), is_new
+
+    def find_by_source(self, name: str, key: str, value: str) -> Version | None:
+        """A version of `name` whose source has `key` == value (a GGUF file's sha, say)."""
+        rows = [r for r in self._catalog.versions(name) if r.manifest["source"].get(key) == value]
+        return self._version_of(rows[-1]) if rows else None
+
+    # -- reading ------------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        return sorted({row.model for row in self._catalog.versions()})
+
+    def versions(self, name: str) -> list[Version]:
+        rows = self._catalog.versions(check_name(name))
+        if not rows:
+            raise self._unknown_model(name)
+        aliases = self._catalog.aliases(name)
+        return [self._version(row, aliases, is_latest=row is rows[-1]) for row in rows]
+
+    def resolve(self, ref: str | ModelRef) -> Version:
+        ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        versions = self.versions(ref.name)
+        number = self._selected_number(ref, versions)
+        for version in versions:
+            if version.number == number:
+                return version
+        known = ", ".join(str(v.number) for v in versions)
+        raise NotFoundError(f"{ref.name} has no version {ref.selector}. Versions: {known}.", param="version", code="version_not_found")
+
+    def resolve_for_serving(self, ref: str | ModelRef) -> Version:
+        """A version an engine may load: not marked corrupt, every file there at its size."""
+        version = self.resolve(ref)
+        if version.is_corrupt:
+            raise CorruptVersionError(f"{version.ref} failed verification and cannot be deployed; import it again or run 'baton models verify {version.ref}' after repairing it.")
+        problems = self.store.size_problems(version.manifest)
+        if problems:
+            self._catalog.set_corrupt(version.model, version.number, True, problems, Change("baton", "size check on load"))
+            raise CorruptVersionError(f"{version.ref} is damaged ({'; '.join(problems)}) and cannot be deployed.")
+        return version
+
+    def history(self, name: str) -> list[dict]:
+        self.versions(name)  # 404 for an unknown model
+        return self._catalog.history(name)
+
+    # -- changes ------------------------------------------------------------------------
+
+    def set_alias(self, name: str, selector: str, alias: str, change: Change) -> Version:
+        check_name(alias, "alias")
+        if alias == LATEST or alias.isdigit():
+            raise InvalidRequestError(f"'{alias}' cannot be an alias: it is kept automatically or reads as a version number.", param="alias")
+        version = self.resolve(ModelRef(name, selector))
+        self._catalog.set_alias(name, alias, version.number, change)
+        return self.resolve(ModelRef(name, str(version.number)))
+
+    def verify(self, ref: str, change: Change, show_progress: bool = False) -> tuple[Version, list[str]]:
+        version = self.resolve(ref)
+        problems = self.store.hash_problems(version.manifest, show_progress)
+        self._catalog.set_corrupt(version.model, version.number, bool(problems), problems, change)
+        return self.resolve(version.ref), problems
+
+    def remove(self, ref: str, change: Change, force: bool = False, in_use: tuple[str, ...] = ()) -> Version:
+        """Delete a version. Refused while it is aliased or in use (deployed), unless forced."""
+        version = self.resolve(ref)
+        holders = [f"alias {a}" for a in version.aliases if a != LATEST] + list(in_use)
+        if holders and not force:
+            raise ConflictError(f"{version.ref} is held by {', '.join(holders)}; move those first or pass --force.")
+        self._catalog.delete_version(version.model, version.number, change)
+        return version
+
+    def collect_garbage(self) -> dict:
+        live = [Manifest.from_dict(row.manifest) for row in self._catalog.versions()]
+        return self.store.collect_garbage(live)
+
+    def record(self, change: Change, action: str, model: str, version: int | None, details: dict) -> None:
+        """History for what other parts do with versions (deploys, swaps)."""
+        self._catalog.record(change, action, model, version, details)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _version_of(self, row: VersionRow) -> Version:
+        return self.resolve(ModelRef(row.model, str(row.number)))
+
+    def _version(self, row: VersionRow, aliases: dict[str, int], is_latest: bool) -> Version:
+        manifest = Manifest.from_dict(row.manifest)
+        names = tuple(alias for alias, number in aliases.items() if number == row.number) + ((LATEST,) if is_latest else ())
+        return Version(row.model, row.number, manifest, self.store.tree_path(manifest.digest), row.is_corrupt, row.created_at, names)
+
+    def _selected_number(self, ref: ModelRef, versions: list[Version]) -> int | None:
+        if ref.selector == LATEST:
+            return versions[-1].number
+        if ref.selector.isdigit():
+            return int(ref.selector)
+        return self._catalog.aliases(ref.name).get(ref.selector)
+
+    def _unknown_model(self, name: str) -> NotFoundError:
+        known = ", ".join(self.model_names()) or "none"
+        return NotFoundError(f"The registry has no model '{name}'. Known models: {known}.", param="model", code="model_not_found")
+
+
+def _model_files(folder: Path) -> list[str]:
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} is not a Hugging Face model folder (no config.json).")
+    files = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part in SKIPPED_PARTS for part in p.relative_to(folder).parts)
+    )
+    return files
+
+
+def _check_safety(folder: Path, files: list[str], options: ImportOptions) -> None:
+    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickled and not options.allow_pickle:
+        raise ModelLoadError(
+            f"{folder} holds pickle files ({', '.join(pickled[:3])}), which can run code when loaded. "
+            "Convert them to safetensors, or pass --allow-pickle if you trust them.",
+            code="pickle_refused",
+        )
+    code = [f for f in files if f.endswith(".py")]
+    if code and not options.trust_remote_code:
+        raise ModelLoadError(
+            f"{folder} ships Python code ({', '.join(code[:3])}) that loading would run. Pass --trust-remote-code if you trust it.",
+            code="remote_code_refused",
+        )
+    if not any(f.endswith((".safetensors", *PICKLE_SUFFIXES)) for f in files):
+        raise ModelLoadError(f"{folder} has no weights (*.safetensors).")
+
+
+def _fault_point(name: str) -> None:
+    """Crash tests set BATON_FAULT_POINT to kill the process here, as kill -9 would."""
+    if os.environ.get("BATON_FAULT_POINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)

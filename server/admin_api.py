@@ -1,0 +1,131 @@
+"""Admin routes for the registry under /admin/models.
+
+Rules: with an admin key configured every admin route needs it; without one, only clients
+on this machine (loopback) may call them. A local-folder import names a path on the server,
+so it is refused unless the path lies under an operator-configured import root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.catalog import Change
+from models.importers import GGUF_PREFIX, HUB_PREFIX
+from models.registry import ImportOptions
+from server.errors import AuthenticationError, ForbiddenError
+
+
+def require_admin(request: Request) -> None:
+    expected = request.state.settings.admin_key
+    if expected is None:
+        if not _is_loopback(request.client.host if request.client else ""):
+            raise ForbiddenError("Admin routes are open to loopback clients only; set an admin key to allow others.")
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), expected.encode()):
+        raise AuthenticationError("Missing or invalid admin key. Send 'Authorization: Bearer <admin key>'.")
+
+
+router = APIRouter(prefix="/admin/models", dependencies=[Depends(require_admin)])
+
+
+class ImportBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="a folder, hf:ORG/NAME@REVISION or gguf:FILE")
+    name: str
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    engine_options: dict = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    notes: str = ""
+    reason: str = ""
+
+
+class AliasBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    alias: str
+    reason: str = ""
+
+
+class ReasonBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = ""
+    force: bool = False
+
+
+@router.get("")
+async def list_models(request: Request) -> list[dict]:
+    return request.state.model_admin.list_models()
+
+
+@router.post("")
+async def import_model(body: ImportBody, request: Request) -> dict:
+    _check_import_path(body.source, request.state.settings.import_roots)
+    options = ImportOptions(body.allow_pickle, body.trust_remote_code, body.engine_options, body.labels, body.notes)
+    admin = request.state.model_admin
+    return await asyncio.to_thread(admin.import_model, body.source, body.name, options, _change(request, body.reason))
+
+
+@router.post("/gc")
+async def collect_garbage(request: Request) -> dict:
+    return await asyncio.to_thread(request.state.model_admin.collect_garbage)
+
+
+@router.get("/{ref}")
+async def show(ref: str, request: Request) -> dict:
+    return request.state.model_admin.show(ref)
+
+
+@router.get("/{name}/history")
+async def history(name: str, request: Request) -> list[dict]:
+    return request.state.model_admin.history(name)
+
+
+@router.post("/{name}/aliases")
+async def alias(name: str, body: AliasBody, request: Request) -> dict:
+    return request.state.model_admin.alias(name, body.version, body.alias, _change(request, body.reason))
+
+
+@router.post("/{ref}/verify")
+async def verify(ref: str, request: Request, body: ReasonBody | None = None) -> dict:
+    change = _change(request, body.reason if body else "")
+    return await asyncio.to_thread(request.state.model_admin.verify, ref, change)
+
+
+@router.delete("/{ref}")
+async def remove(ref: str, request: Request, force: bool = False, reason: str = "") -> dict:
+    return request.state.model_admin.remove(ref, _change(request, reason), force=force)
+
+
+def _change(request: Request, reason: str) -> Change:
+    """The caller may name the person behind a request; the record says it came over HTTP."""
+    who = request.headers.get("x-baton-actor", "")[:64] or "anonymous"
+    return Change(f"{who} via admin-api", reason)
+
+
+def _check_import_path(source: str, import_roots: list[Path]) -> None:
+    if source.startswith(HUB_PREFIX):
+        return
+    path = Path(source.removeprefix(GGUF_PREFIX)).expanduser().resolve()
+    if not any(path.is_relative_to(root.resolve()) for root in import_roots):
+        raise ForbiddenError(
+            f"Importing from a server path over HTTP needs the path under an import root (baton serve --import-root DIR); {path} is not.",
+            param="source",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

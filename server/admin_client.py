@@ -1,0 +1,65 @@
+"""The CLI's --server mode: ModelAdmin's methods, answered by a running server's admin API."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import httpx
+
+from models.catalog import Change
+from models.registry import ImportOptions
+from server.errors import BatonError
+
+
+class RemoteError(BatonError):
+    """An error the server answered with; its message is the server's."""
+
+
+class AdminClient:
+    def __init__(self, url: str, admin_key: str | None, actor: str):
+        headers = {"x-baton-actor": actor}
+        if admin_key:
+            headers["authorization"] = f"Bearer {admin_key}"
+        self._http = httpx.Client(base_url=url.rstrip("/") + "/admin/models", headers=headers, timeout=3600)
+
+    def import_model(self, source: str, name: str, options: ImportOptions, change: Change) -> dict:
+        fields = {k: v for k, v in asdict(options).items() if k != "show_progress"}
+        body = {"source": source, "name": name, **fields, "engine_options": options.engine_options or {}, "labels": options.labels or {}, "reason": change.reason}
+        return self._call("POST", "", json=body)
+
+    def list_models(self) -> list[dict]:
+        return self._call("GET", "")
+
+    def show(self, ref: str) -> dict:
+        return self._call("GET", f"/{ref}")
+
+    def alias(self, name: str, selector: str, alias: str, change: Change) -> dict:
+        return self._call("POST", f"/{name}/aliases", json={"version": selector, "alias": alias, "reason": change.reason})
+
+    def verify(self, ref: str, change: Change, show_progress: bool = False) -> dict:
+        return self._call("POST", f"/{ref}/verify", json={"reason": change.reason})
+
+    def remove(self, ref: str, change: Change, force: bool = False) -> dict:
+        return self._call("DELETE", f"/{ref}", params={"force": force, "reason": change.reason})
+
+    def collect_garbage(self) -> dict:
+        return self._call("POST", "/gc")
+
+    def history(self, name: str) -> list[dict]:
+        return self._call("GET", f"/{name}/history")
+
+    def _call(self, method: str, path: str, **kwargs):
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise RemoteError(f"Cannot reach the baton server at {self._http.base_url}: {error}") from error
+        if response.is_error:
+            raise RemoteError(_error_message(response))
+        return response.json()
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"

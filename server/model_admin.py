@@ -1,0 +1,57 @@
+"""Registry operations as JSON-ready results: the one implementation behind both the CLI
+and the /admin/models routes (the CLI's --server mode reaches it over HTTP)."""
+
+from __future__ import annotations
+
+from models.catalog import Change
+from models.importers import import_source
+from models.registry import ImportOptions, Registry, Version
+
+
+class ModelAdmin:
+    def __init__(self, registry: Registry):
+        self._registry = registry
+
+    def import_model(self, source: str, name: str, options: ImportOptions, change: Change) -> dict:
+        version, is_new = import_source(self._registry, source, name, options, change)
+        return {**_summary(version), "created": is_new}
+
+    def list_models(self) -> list[dict]:
+        return [_summary(v) for name in self._registry.model_names() for v in self._registry.versions(name)]
+
+    def show(self, ref: str) -> dict:
+        if "@" in ref:
+            return self._registry.resolve(ref).to_dict()
+        return {"model": ref, "versions": [_summary(v) for v in self._registry.versions(ref)]}
+
+    def alias(self, name: str, selector: str, alias: str, change: Change) -> dict:
+        return _summary(self._registry.set_alias(name, selector, alias, change))
+
+    def verify(self, ref: str, change: Change, show_progress: bool = False) -> dict:
+        version, problems = self._registry.verify(ref, change, show_progress)
+        return {**_summary(version), "problems": problems}
+
+    def remove(self, ref: str, change: Change, force: bool = False) -> dict:
+        return _summary(self._registry.remove(ref, change, force=force))
+
+    def collect_garbage(self) -> dict:
+        return self._registry.collect_garbage()
+
+    def history(self, name: str) -> list[dict]:
+        return self._registry.history(name)
+
+
+def _summary(version: Version) -> dict:
+    manifest = version.manifest
+    return {
+        "model": version.model,
+        "version": version.number,
+        "ref": version.ref,
+        "aliases": list(version.aliases),
+        "digest": manifest.digest,
+        "total_bytes": manifest.total_bytes,
+        "architecture": manifest.architecture,
+        "source": manifest.source,
+        "is_corrupt": version.is_corrupt,
+        "created_at": version.created_at,
+    }
