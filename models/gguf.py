@@ -6,22 +6,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 
-
-def convert_gguf(gguf_file: Path, target: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def convert_gguf(gguf_file: Path, target: Path, dtype: str = "bfloat16") -> Path:
     """Dequantize `gguf_file` into `target` (config, safetensors weights, tokenizer).
 
     Rule: `target` appears whole or not at all; the work happens in a sibling temporary
     folder that is renamed into place at the end.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=getattr(torch, dtype))
         # The weights are dequantized now: save them as a plain model, not a GGUF-quantized one.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -130,8 +130,11 @@ class Registry:
         return version
 
     def history(self, name: str) -> list[dict]:
-        self.versions(name)  # 404 for an unknown model
-        return self._catalog.history(name)
+        """Kept after a model's last version is deleted: history is never rewritten."""
+        events = self._catalog.history(check_name(name))
+        if not events:
+            raise self._unknown_model(name)
+        return events
 
     # -- changes ------------------------------------------------------------------------
 

@@ -20,33 +20,33 @@ class AdminClient:
         headers = {"x-baton-actor": actor}
         if admin_key:
             headers["authorization"] = f"Bearer {admin_key}"
-        self._http = httpx.Client(base_url=url.rstrip("/") + "/admin/models", headers=headers, timeout=3600)
+        self._http = httpx.Client(base_url=url.rstrip("/") + "/admin", headers=headers, timeout=3600)
 
     def import_model(self, source: str, name: str, options: ImportOptions, change: Change) -> dict:
         fields = {k: v for k, v in asdict(options).items() if k != "show_progress"}
         body = {"source": source, "name": name, **fields, "engine_options": options.engine_options or {}, "labels": options.labels or {}, "reason": change.reason}
-        return self._call("POST", "", json=body)
+        return self._call("POST", "/models", json=body)
 
     def list_models(self) -> list[dict]:
-        return self._call("GET", "")
+        return self._call("GET", "/models")
 
     def show(self, ref: str) -> dict:
-        return self._call("GET", f"/{ref}")
+        return self._call("GET", f"/models/{ref}")
 
     def alias(self, name: str, selector: str, alias: str, change: Change) -> dict:
-        return self._call("POST", f"/{name}/aliases", json={"version": selector, "alias": alias, "reason": change.reason})
+        return self._call("POST", f"/models/{name}/aliases", json={"version": selector, "alias": alias, "reason": change.reason})
 
     def verify(self, ref: str, change: Change, show_progress: bool = False) -> dict:
-        return self._call("POST", f"/{ref}/verify", json={"reason": change.reason})
+        return self._call("POST", f"/models/{ref}/verify", json={"reason": change.reason})
 
     def remove(self, ref: str, change: Change, force: bool = False) -> dict:
-        return self._call("DELETE", f"/{ref}", params={"force": force, "reason": change.reason})
+        return self._call("DELETE", f"/models/{ref}", params={"force": force, "reason": change.reason})
 
     def collect_garbage(self) -> dict:
-        return self._call("POST", "/gc")
+        return self._call("POST", "/models/gc")
 
     def history(self, name: str) -> list[dict]:
-        return self._call("GET", f"/{name}/history")
+        return self._call("GET", f"/models/{name}/history")
 
     def _call(self, method: str, path: str, **kwargs):
         try:

@@ -9,7 +9,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.names import NAME_PATTERN
-from server.engines.transformers_engine import Dtype
+from server.engines.base import Dtype
 
 
 def default_home() -> Path:

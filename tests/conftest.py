@@ -22,9 +22,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 @pytest.fixture(scope="session")
-def demo_model_path() -> Path:
-    """SmolLM2-135M-Instruct as safetensors (`make test` converts it before pytest runs)."""
-    return ensure_demo_model(Registry(Path(os.environ.get("BATON_HOME") or default_home()))).path
+def demo_version():
+    """SmolLM2-135M-Instruct, imported from its GGUF into the registry (`make test` does it first)."""
+    return ensure_demo_model(Registry(Path(os.environ.get("BATON_HOME") or default_home())))
+
+
+@pytest.fixture(scope="session")
+def demo_model_path(demo_version) -> Path:
+    return demo_version.path
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +104,8 @@ def tiny_server(tiny_model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smol_server(demo_model_path, tmp_path_factory):
-    settings = Settings(home=tmp_path_factory.mktemp("home"), models=[ModelSpec(name="smollm2", path=demo_model_path)])
+def smol_server(demo_version, tmp_path_factory):
+    spec = ModelSpec(name="smollm2", path=demo_version.path, version=demo_version.ref)
+    settings = Settings(home=tmp_path_factory.mktemp("home"), models=[spec])
     with ServerThread(settings) as server:
         yield server

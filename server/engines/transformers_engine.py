@@ -15,19 +15,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engines.base import Chunk, EngineHealth, GenerationRequest
+from server.engines.base import Chunk, Dtype, EngineHealth, GenerationRequest
 from server.engines.batch import ContinuousBatch, Sequence
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids
 from server.engines.sampler import make_generator
 from server.errors import EngineError, EngineStoppedError, ModelLoadError
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

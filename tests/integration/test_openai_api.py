@@ -20,6 +20,14 @@ def test_chat_smollm2_answers_paris(smol_server):
 
 
 @pytest.mark.slow
+def test_chat_is_served_by_the_registry_gguf_import(smol_server, demo_version):
+    raw = smol_server.client().chat.completions.with_raw_response.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=20)
+    assert raw.headers["x-baton-version"] == demo_version.ref
+    assert demo_version.manifest.source["kind"] == "gguf"
+    assert "Paris" in raw.parse().choices[0].message.content
+
+
+@pytest.mark.slow
 def test_chat_smollm2_streams_paris(smol_server):
     stream = smol_server.client().chat.completions.create(
         model="smollm2", messages=FRANCE, temperature=0, max_tokens=20, stream=True

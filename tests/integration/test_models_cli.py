@@ -1,0 +1,134 @@
+"""`baton models ...` in real processes: crashes, races, the hub offline, the admin API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models.catalog import Change
+from models.registry import Registry
+from server.config import ModelSpec, Settings
+from tests.conftest import ServerThread
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def baton(home: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "server.cli", "--home", str(home), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture
+def folder(tmp_path, tiny_model_path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_path, copy)
+    return copy
+
+
+@pytest.mark.parametrize("fault_point", ["after_blobs", "after_tree"])
+def test_import_killed_mid_way_leaves_no_version_and_is_cleaned(tmp_path, folder, fault_point):
+    home = tmp_path / "home"
+    killed = baton(home, "models", "import", str(folder), "--name", "chat", env={"BATON_FAULT_POINT": fault_point}, check=False)
+    assert killed.returncode == -9
+    registry = Registry(home)  # opening cleans the dead process's staging files
+    assert registry.model_names() == []
+    assert list((home / "store" / "staging").iterdir()) == []
+    registry.collect_garbage()
+    assert list((home / "store" / "blobs" / "sha256").iterdir()) == []
+    baton(home, "models", "import", str(folder), "--name", "chat")
+    assert Registry(home).verify("chat@1", Change("tester"))[1] == []
+
+
+def test_concurrent_imports_of_the_same_content_make_one_version(tmp_path, folder):
+    home = tmp_path / "home"
+    Registry(home)  # create the catalog before the race
+    command = [sys.executable, "-m", "server.cli", "--home", str(home), "models", "import", str(folder), "--name", "chat"]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    assert [v.ref for v in Registry(home).versions("chat")] == ["chat@1"]
+
+
+def test_hub_import_from_an_offline_cache_records_the_revision(tmp_path, folder):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny" / "snapshots" / REVISION
+    shutil.copytree(folder, snapshot)
+    (cache / "models--acme--tiny" / "refs").mkdir()
+    (cache / "models--acme--tiny" / "refs" / "main").write_text(REVISION)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    home = tmp_path / "home"
+    baton(home, "models", "import", "hf:acme/tiny@main", "--name", "smol", env=env)
+    shown = json.loads(baton(home, "models", "show", "smol@1").stdout)
+    assert shown["manifest"]["source"] == {"kind": "hub", "repo": "acme/tiny", "revision": "main", "resolved_revision": REVISION}
+    missing = baton(home, "models", "import", "hf:acme/tiny@nope", "--name", "smol", env=env, check=False)
+    assert missing.returncode == 1 and "Cannot fetch acme/tiny at nope" in missing.stderr
+
+
+def test_cli_tour_import_alias_verify_rm_gc_history(tmp_path, folder):
+    home = tmp_path / "home"
+    assert "imported chat@1" in baton(home, "models", "import", str(folder), "--name", "chat", "--label", "team=a").stdout
+    (folder / "notes.txt").write_text("v2")
+    assert "imported chat@2" in baton(home, "models", "import", str(folder), "--name", "chat").stdout
+    assert "already present as chat@2" in baton(home, "models", "import", str(folder), "--name", "chat").stdout
+    baton(home, "models", "alias", "chat", "2", "prod", "--reason", "release")
+    listing = baton(home, "models", "list").stdout
+    assert "prod,latest" in listing and "chat" in listing
+    assert "verified" in baton(home, "models", "verify", "chat@prod").stdout
+    refused = baton(home, "models", "rm", "chat@2", check=False)
+    assert refused.returncode == 1 and "alias prod" in refused.stderr and "Traceback" not in refused.stderr
+    baton(home, "models", "rm", "chat@1")
+    assert "freed_bytes" in baton(home, "models", "gc").stdout
+    history = baton(home, "models", "history", "chat").stdout
+    assert history.count("register") == 2 and "alias" in history and "(release)" in history and "delete" in history
+
+
+def test_cli_unknown_model_is_a_clear_error(tmp_path):
+    result = baton(tmp_path / "home", "models", "show", "ghost@1", check=False)
+    assert result.returncode == 1
+    assert "no model 'ghost'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_verify_reports_corruption_with_exit_1(tmp_path, folder):
+    home = tmp_path / "home"
+    baton(home, "models", "import", str(folder), "--name", "chat")
+    weights = Registry(home).resolve("chat").path / "config.json"
+    weights.chmod(0o644)
+    weights.write_text(weights.read_text().replace("2", "3", 1))
+    result = baton(home, "models", "verify", "chat@1", check=False)
+    assert result.returncode == 1 and "CORRUPT" in result.stdout
+    refused = baton(home, "serve", "--model", "chat@1", check=False)
+    assert refused.returncode == 1 and "cannot be deployed" in refused.stderr
+
+
+def test_admin_api_through_cli_server_mode(tmp_path, folder, tiny_model_path):
+    home = tmp_path / "home"
+    settings = Settings(home=home, import_roots=[tmp_path], models=[ModelSpec(name="tiny", path=tiny_model_path)])
+    with ServerThread(settings) as server:
+        remote = ("models", "--server", server.url)
+        assert "imported chat@1" in baton(tmp_path / "unused", *remote, "import", str(folder), "--name", "chat").stdout
+        baton(tmp_path / "unused", *remote, "alias", "chat", "1", "prod")
+        assert json.loads(baton(tmp_path / "unused", *remote, "show", "chat@prod").stdout)["version"] == 1
+        history = baton(tmp_path / "unused", *remote, "history", "chat").stdout
+        assert "via admin-api" in history
+        outside = baton(tmp_path / "unused", *remote, "import", "/etc", "--name", "etc", check=False)
+        assert outside.returncode == 1 and "import root" in outside.stderr
+        traversal = httpx.get(f"{server.url}/admin/models/..%2F..%2Fetc%2Fpasswd")
+        assert traversal.status_code in (400, 404) and "error" in traversal.json()
+
+
+def test_admin_api_needs_the_admin_key_when_set(tmp_path, tiny_model_path):
+    settings = Settings(home=tmp_path / "home", admin_key="k3y", models=[ModelSpec(name="tiny", path=tiny_model_path)])
+    with ServerThread(settings) as server:
+        assert httpx.get(f"{server.url}/admin/models").status_code == 401
+        assert httpx.get(f"{server.url}/admin/models", headers={"authorization": "Bearer k3y"}).json() == []

@@ -1,0 +1,164 @@
+"""The registry on disk: real files, real SQLite, real hashes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.catalog import Change
+from models.names import ModelRef
+from models.registry import ImportOptions, Registry
+from server.errors import ConflictError, CorruptVersionError, InvalidRequestError, ModelLoadError, NotFoundError
+
+OPERATOR = Change("tester", "test")
+LOCAL = {"kind": "local"}
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    return Registry(tmp_path / "home")
+
+
+@pytest.fixture
+def folder(tmp_path, tiny_model_path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_path, copy)
+    return copy
+
+
+def _import(registry, folder, name="chat", **options):
+    return registry.import_folder(folder, name, LOCAL, ImportOptions(**options), OPERATOR)
+
+
+def test_registry_import_makes_numbered_versions_and_dedupes(registry, folder):
+    first, is_new = _import(registry, folder)
+    assert (first.ref, is_new) == ("chat@1", True)
+    again, is_new = _import(registry, folder)
+    assert (again.ref, is_new) == ("chat@1", False)
+    (folder / "generation_config.json").write_text('{"temperature": 0.5}')
+    second, _ = _import(registry, folder)
+    assert second.ref == "chat@2"
+    assert registry.resolve("chat").number == 2  # latest
+    shared = {f.sha256 for f in first.manifest.files} & {f.sha256 for f in second.manifest.files}
+    num_blobs = len(list((registry.home / "store" / "blobs" / "sha256").iterdir()))
+    assert num_blobs == len(first.manifest.files) + len(second.manifest.files) - len(shared)
+
+
+def test_registry_version_folder_is_a_loadable_copy(registry, folder):
+    version, _ = _import(registry, folder)
+    assert (version.path / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    manifest = version.manifest
+    assert manifest.architecture == "LlamaForCausalLM"
+    assert manifest.num_parameters > 3_000_000
+    assert manifest.tokenizer_sha256 and manifest.chat_template_sha256
+    assert manifest.total_bytes == sum((folder / f.path).stat().st_size for f in manifest.files)
+
+
+def test_registry_same_content_under_two_names_shares_storage(registry, folder):
+    one, _ = _import(registry, folder, "one")
+    two, _ = _import(registry, folder, "two")
+    assert one.path == two.path and one.ref != two.ref
+
+
+def test_registry_alias_moves_are_recorded(registry, folder):
+    _import(registry, folder)
+    (folder / "extra.txt").write_text("v2")
+    _import(registry, folder)
+    registry.set_alias("chat", "1", "prod", OPERATOR)
+    registry.set_alias("chat", "2", "prod", Change("alice", "promote"))
+    assert registry.resolve("chat@prod").number == 2
+    moves = [e for e in registry.history("chat") if e["action"] == "alias"]
+    assert [(m["version"], m["details"]["previous"], m["actor"]) for m in moves] == [(1, None, "tester"), (2, 1, "alice")]
+    assert moves[-1]["reason"] == "promote"
+
+
+def test_registry_refuses_reserved_aliases(registry, folder):
+    _import(registry, folder)
+    for bad in ("latest", "7"):
+        with pytest.raises(InvalidRequestError):
+            registry.set_alias("chat", "1", bad, OPERATOR)
+
+
+def test_registry_unknown_model_and_version_are_404_with_known_names(registry, folder):
+    _import(registry, folder)
+    with pytest.raises(NotFoundError, match="Known models: chat"):
+        registry.resolve("nope")
+    with pytest.raises(NotFoundError, match="Versions: 1"):
+        registry.resolve("chat@9")
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "UPPER", "", ".hidden", "x" * 65, "a..b"])
+def test_registry_refuses_unsafe_names(registry, folder, name):
+    with pytest.raises(InvalidRequestError):
+        _import(registry, folder, name)
+
+
+@pytest.mark.parametrize("ref", ["chat@../../etc", "../chat", "chat@a/b"])
+def test_registry_refuses_unsafe_refs(ref):
+    with pytest.raises(InvalidRequestError):
+        ModelRef.parse(ref)
+
+
+def test_registry_refuses_pickle_unless_allowed(registry, folder):
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        _import(registry, folder)
+    assert registry.model_names() == []
+    version, _ = _import(registry, folder, allow_pickle=True)
+    assert version.manifest.allows_pickle
+
+
+def test_registry_refuses_remote_code_unless_trusted(registry, folder):
+    (folder / "modeling_custom.py").write_text("print('hi')")
+    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
+        _import(registry, folder)
+    assert _import(registry, folder, trust_remote_code=True)[0].manifest.trusts_remote_code
+
+
+def test_registry_verify_detects_a_flipped_byte_and_refuses_serving(registry, folder):
+    version, _ = _import(registry, folder)
+    assert registry.verify("chat@1", OPERATOR)[1] == []
+    weights = version.path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(data))
+    checked, problems = registry.verify("chat@1", OPERATOR)
+    assert checked.is_corrupt and problems == ["model.safetensors does not match its sha256"]
+    with pytest.raises(CorruptVersionError, match="cannot be deployed"):
+        registry.resolve_for_serving("chat@1")
+
+
+def test_registry_size_check_on_load_marks_a_truncated_version(registry, folder):
+    version, _ = _import(registry, folder)
+    weights = version.path / "model.safetensors"
+    weights.chmod(0o644)
+    with open(weights, "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(CorruptVersionError, match="model.safetensors has 100 bytes"):
+        registry.resolve_for_serving("chat")
+    assert registry.resolve("chat").is_corrupt
+
+
+def test_registry_remove_refuses_aliased_versions_unless_forced(registry, folder):
+    _import(registry, folder)
+    registry.set_alias("chat", "1", "prod", OPERATOR)
+    with pytest.raises(ConflictError, match="alias prod"):
+        registry.remove("chat@1", OPERATOR)
+    registry.remove("chat@1", OPERATOR, force=True)
+    with pytest.raises(NotFoundError):
+        registry.resolve("chat")
+    assert [e["action"] for e in registry.history("chat")] == ["register", "alias", "delete"]
+
+
+def test_registry_gc_removes_only_unreferenced_files(registry, folder):
+    keep, _ = _import(registry, folder, "keep")
+    (folder / "extra.txt").write_text("only in the doomed version")
+    doomed, _ = _import(registry, folder, "doomed")
+    registry.remove("doomed@1", OPERATOR)
+    report = registry.collect_garbage()
+    assert report["removed_blobs"] == 1 and report["removed_trees"] == 1
+    assert keep.path.is_dir() and not doomed.path.exists()
+    assert registry.verify("keep@1", OPERATOR)[1] == []
