@@ -73,7 +73,7 @@ async def import_model(body: ImportBody, request: Request) -> dict:
     _check_import_path(body.source, request.state.settings.import_roots)
     options = ImportOptions(body.allow_pickle, body.trust_remote_code, body.engine_options, body.labels, body.notes)
     admin = request.state.model_admin
-    return await asyncio.to_thread(admin.import_model, body.source, body.name, options, _change(request, body.reason))
+    return await asyncio.to_thread(admin.import_model, body.source, body.name, options, actor_change(request, body.reason))
 
 
 @router.post("/gc")
@@ -93,21 +93,21 @@ async def history(name: str, request: Request) -> list[dict]:
 
 @router.post("/{name}/aliases")
 async def alias(name: str, body: AliasBody, request: Request) -> dict:
-    return request.state.model_admin.alias(name, body.version, body.alias, _change(request, body.reason))
+    return request.state.model_admin.alias(name, body.version, body.alias, actor_change(request, body.reason))
 
 
 @router.post("/{ref}/verify")
 async def verify(ref: str, request: Request, body: ReasonBody | None = None) -> dict:
-    change = _change(request, body.reason if body else "")
+    change = actor_change(request, body.reason if body else "")
     return await asyncio.to_thread(request.state.model_admin.verify, ref, change)
 
 
 @router.delete("/{ref}")
 async def remove(ref: str, request: Request, force: bool = False, reason: str = "") -> dict:
-    return request.state.model_admin.remove(ref, _change(request, reason), force=force)
+    return request.state.model_admin.remove(ref, actor_change(request, reason), force=force)
 
 
-def _change(request: Request, reason: str) -> Change:
+def actor_change(request: Request, reason: str) -> Change:
     """The caller may name the person behind a request; the record says it came over HTTP."""
     who = request.headers.get("x-baton-actor", "")[:64] or "anonymous"
     return Change(f"{who} via admin-api", reason)

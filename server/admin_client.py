@@ -48,6 +48,31 @@ class AdminClient:
     def history(self, name: str) -> list[dict]:
         return self._call("GET", f"/models/{name}/history")
 
+    def deployments(self) -> list[dict]:
+        return self._call("GET", "/deployments")
+
+    def deployment(self, name: str) -> dict:
+        return self._call("GET", f"/deployments/{name}")
+
+    def deploy(self, name: str, ref: str, reason: str) -> dict:
+        return self._call("POST", "/deployments", json={"name": name, "model": ref, "reason": reason})
+
+    def swap(self, name: str, to: str, strategy: str, reason: str) -> dict:
+        body = {"to": to, "strategy": strategy, "reason": reason, "wait": False}
+        return self._call("POST", f"/deployments/{name}/swap", json=body)
+
+    def rollback(self, name: str, reason: str) -> dict:
+        return self._call("POST", f"/deployments/{name}/rollback", json={"reason": reason, "wait": False})
+
+    def canary(self, name: str, to: str, weight: int, reason: str) -> dict:
+        return self._call("POST", f"/deployments/{name}/canary", json={"to": to, "weight": weight, "reason": reason})
+
+    def decide_canary(self, name: str, decision: str, reason: str) -> dict:
+        return self._call("POST", f"/deployments/{name}/canary/{decision}", json={"reason": reason})
+
+    def swap_status(self, swap_id: str) -> dict:
+        return self._call("GET", f"/swaps/{swap_id}")
+
     def _call(self, method: str, path: str, **kwargs):
         try:
             response = self._http.request(method, path, **kwargs)

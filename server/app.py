@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
+from dataclasses import fields
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,9 +14,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from models.registry import Registry
-from server import admin_api, openai_api, status_api
+from server import admin_api, deploy_api, openai_api, status_api
 from server.body_limit import BodySizeLimit
-from server.config import ModelSpec, Settings
+from server.config import Settings
 from server.engines.base import Engine
 from server.engines.transformers_engine import TransformersEngine, TransformersOptions
 from server.errors import (
@@ -25,45 +27,40 @@ from server.errors import (
     UnsupportedParameterError,
 )
 from server.model_admin import ModelAdmin
-from server.router import ModelRouter, ServedModel
+from server.manager import DeploymentManager, EngineFactory
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(spec: ModelSpec) -> Engine:
-    options = TransformersOptions(
-        dtype=spec.dtype,
-        max_batch_size=spec.max_batch_size,
-        max_model_len=spec.max_model_len,
-        allow_pickle=spec.allow_pickle,
-    )
-    return TransformersEngine(spec.path, options)
+def build_engine(path: Path, options: dict) -> Engine:
+    """The transformers engine, with the options it knows (from the manifest and config)."""
+    known = {f.name for f in fields(TransformersOptions)}
+    return TransformersEngine(path, TransformersOptions(**{k: v for k, v in options.items() if k in known and v is not None}))
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, engine_factory: EngineFactory = build_engine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        served = []
+        registry = Registry(settings.home)
+        manager = DeploymentManager(settings, registry, engine_factory)
         try:
             for spec in settings.models:
-                engine = build_engine(spec)
-                served.append(ServedModel(spec.name, spec.version, engine))
-                await engine.start()
-                log.info("serving %s from %s", spec.name, spec.path)
+                await manager.deploy_spec(spec)
+                log.info("serving %s (%s) from %s", spec.name, spec.version, spec.path)
             yield {
                 "settings": settings,
-                "router": ModelRouter(served),
-                "model_admin": ModelAdmin(Registry(settings.home)),
+                "deployments": manager,
+                "model_admin": ModelAdmin(registry),
                 "started_at": int(time.time()),
             }
         finally:
-            for model in served:
-                await model.engine.stop()
+            await manager.stop_all()
 
     app = FastAPI(title="baton", lifespan=lifespan)
     app.include_router(openai_api.router)
     app.include_router(status_api.router)
     app.include_router(admin_api.router)
+    app.include_router(deploy_api.router)
     _map_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

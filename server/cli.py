@@ -12,7 +12,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from models.registry import Registry
-from server import models_cli
+from server import deploy_cli, models_cli
 from server.config import ModelSpec, Settings, default_home
 from server.errors import BatonError, ConfigError
 
@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="import the bundled demo model into the registry (once) and print it")
     demo.set_defaults(run=_demo)
     models_cli.add_commands(commands, _home)
+    deploy_cli.add_commands(commands)
     return parser
 
 

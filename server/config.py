@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -10,6 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.names import NAME_PATTERN
 from server.engines.base import Dtype
+
+
+def default_memory_budget() -> int:
+    """Model memory may use 70% of this machine's RAM (or of the GPU's, where vLLM runs)."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.7)
 
 
 def default_home() -> Path:
@@ -49,3 +55,10 @@ class Settings(BaseModel):
     import_roots: list[Path] = Field(default_factory=list, description="Server folders that admin-API imports may read.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_n: int = Field(8, ge=1, description="The largest `n` (choices per request) accepted.")
+    drain_timeout_s: float = Field(30.0, gt=0, description="How long a swapped-out version may finish its requests.")
+    max_waiting: int = Field(64, ge=0, description="Requests held per deployment while a `replace` swap runs.")
+    max_wait_s: float = Field(120.0, gt=0, description="How long a held request waits before a 503.")
+    verify_timeout_s: float = Field(120.0, gt=0, description="Deadline for the smoke prompts of a new version.")
+    smoke_prompts: list[str] = Field(default_factory=lambda: ["Hello"], min_length=1)
+    keep_standby: bool = Field(True, description="Keep a swapped-out version loaded for instant rollback, if the budget allows.")
+    memory_budget_bytes: int = Field(default_factory=lambda: default_memory_budget(), gt=0)

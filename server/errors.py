@@ -117,3 +117,19 @@ class ForbiddenError(BatonError):
     status_code = 403
     error_type = "permission_error"
     default_code = "forbidden"
+
+
+class ModelSwappedError(BatonError):
+    """A request was still running on a version when its drain deadline passed."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "model_swapped"
+
+
+class SwapFailedError(BatonError):
+    """Loading or verifying the new version failed; the old version keeps serving."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code = "swap_failed"

@@ -12,10 +12,11 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
-from server.errors import AuthenticationError, BatonError, EngineError
+from server.errors import AuthenticationError, BatonError, EngineError, EngineStoppedError, ModelSwappedError
 from server.generation import ChoiceChunk, build_requests, stream_choices
-from server.router import ServedModel
+from server.slot import Lease
 from server.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -36,22 +37,19 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 @router.get("/models")
 async def list_models(request: Request) -> dict:
     created = request.state.started_at
-    data = [{"id": m.name, "object": "model", "created": created, "owned_by": "baton"} for m in request.state.router.models]
+    data = [{"id": d.name, "object": "model", "created": created, "owned_by": "baton"} for d in request.state.deployments.deployments]
     return {"object": "list", "data": data}
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    served = request.state.router.resolve(body.model)
-    prompt = served.engine.tokenize_chat([m.as_template_input() for m in body.messages])
-    return await _respond(request, body, served, [prompt], ChatFormat())
+    messages = [m.as_template_input() for m in body.messages]
+    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages)], ChatFormat())
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    served = request.state.router.resolve(body.model)
-    prompts = [served.engine.tokenize(text) for text in body.prompt]
-    return await _respond(request, body, served, prompts, TextFormat())
+    return await _respond(request, body, lambda engine: [engine.tokenize(text) for text in body.prompt], TextFormat())
 
 
 class ChatFormat:
@@ -85,16 +83,43 @@ class TextFormat:
     delta = choice
 
 
-async def _respond(request: Request, body, served: ServedModel, prompts: list[list[int]], fmt):
-    requests = build_requests(body, prompts, served.engine.max_model_len, request.state.settings.max_n)
-    head = {"id": fmt.id_prefix + uuid.uuid4().hex, "object": fmt.object, "created": int(time.time()), "model": served.name}
+async def _respond(request: Request, body, tokenize, fmt):
+    """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
+    out of here returns the lease exactly once (Lease.release is idempotent)."""
+    lease = await request.state.deployments.lease(body.model)
+    try:
+        prompts = tokenize(lease.engine)
+        requests = build_requests(body, prompts, lease.engine.max_model_len, request.state.settings.max_n)
+    except BaseException:
+        lease.release()
+        raise
+    served_as = lease.slot.version if "@" in lease.slot.version else body.model  # chat@2, or the name for a local folder
+    head = {"id": fmt.id_prefix + uuid.uuid4().hex, "object": fmt.object, "created": int(time.time()), "model": served_as}
     num_prompt_tokens = sum(len(prompt) for prompt in prompts)
-    choices = stream_choices(served.engine, requests)
-    headers = {"x-baton-deployment": served.name, "x-baton-version": served.version}
+    choices = _on_lease(stream_choices(lease.engine, requests), lease)
+    headers = {"x-baton-deployment": body.model, "x-baton-version": lease.slot.version}
     if body.stream:
         events = _sse(choices, fmt, {**head, "object": fmt.chunk_object}, len(requests), num_prompt_tokens, body.include_usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    return JSONResponse(await _collect(choices, fmt, head, len(requests), num_prompt_tokens), headers=headers)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(lease.release))
+    try:
+        return JSONResponse(await _collect(choices, fmt, head, len(requests), num_prompt_tokens), headers=headers)
+    finally:
+        lease.release()
+
+
+async def _on_lease(choices: AsyncIterator[ChoiceChunk], lease: Lease) -> AsyncIterator[ChoiceChunk]:
+    """Release the lease when the stream ends; a generation cut off by a swap's drain
+    deadline ends with model_swapped rather than a bare engine error."""
+    try:
+        async with aclosing(choices) as stream:
+            async for item in stream:
+                yield item
+    except EngineStoppedError as error:
+        if lease.slot.is_cut_off:
+            raise ModelSwappedError(f"{lease.slot.version} was swapped out and its drain deadline passed before this request finished; retry.") from error
+        raise
+    finally:
+        lease.release()
 
 
 async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_choices: int, num_prompt_tokens: int) -> dict:

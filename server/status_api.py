@@ -12,8 +12,17 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 when every model can serve, else 503 with the reason per model."""
-    models = {m.name: {"engine": m.engine.name, **asdict(m.engine.health())} for m in request.state.router.models}
+    """200 when every deployment can serve, else 503 with the reason per deployment."""
+    models = {d.name: _deployment_health(d) for d in request.state.deployments.deployments}
     is_healthy = all(model["is_ready"] for model in models.values())
     body = {"status": "ok" if is_healthy else "unavailable", "models": models}
     return JSONResponse(body, status_code=200 if is_healthy else 503)
+
+
+def _deployment_health(deployment) -> dict:
+    """The active slot's engine health; a deployment in the middle of a `replace` swap is
+    ready (its requests wait in the queue), so probes do not restart the process."""
+    if deployment.active is None:
+        return {"version": None, "is_ready": True, "num_running": 0, "num_waiting": deployment.describe()["waiting"], "details": {}}
+    engine = deployment.active.engine
+    return {"version": deployment.version, "engine": engine.name, **asdict(engine.health())}

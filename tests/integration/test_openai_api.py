@@ -16,7 +16,7 @@ def test_chat_smollm2_answers_paris(smol_server):
     reply = smol_server.client().chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=20)
     assert "Paris" in reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "stop"
-    assert reply.model == "smollm2"
+    assert reply.model.startswith("smollm2@")  # the version that served it
 
 
 @pytest.mark.slow

@@ -1,0 +1,83 @@
+"""Admin routes for deployments and swaps: /admin/deployments, /admin/swaps/{id}."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.admin_api import actor_change, require_admin
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = ""
+
+
+class DeployBody(_Body):
+    name: str
+    model: str = Field(description="a registry ref: chat, chat@2, chat@prod")
+
+
+class SwapBody(_Body):
+    to: str
+    strategy: Literal["auto", "blue-green", "replace", "standby"] = "blue-green"
+    wait: bool = Field(True, description="false: answer at once with the swap's id, and poll /admin/swaps/{id}")
+
+
+class RollbackBody(_Body):
+    wait: bool = True
+
+
+class CanaryBody(_Body):
+    to: str
+    weight: int = Field(ge=1, le=99)
+
+
+@router.get("/deployments")
+async def list_deployments(request: Request) -> list[dict]:
+    return [d.describe() for d in request.state.deployments.deployments]
+
+
+@router.post("/deployments", status_code=201)
+async def deploy(body: DeployBody, request: Request) -> dict:
+    deployment = await request.state.deployments.deploy(body.name, body.model, actor_change(request, body.reason))
+    return deployment.describe()
+
+
+@router.get("/deployments/{name}")
+async def show(name: str, request: Request) -> dict:
+    return request.state.deployments.get(name).describe()
+
+
+@router.post("/deployments/{name}/swap")
+async def swap(name: str, body: SwapBody, request: Request) -> dict:
+    record = await request.state.deployments.swap(name, body.to, body.strategy, actor_change(request, body.reason), wait=body.wait)
+    return record.to_dict()
+
+
+@router.post("/deployments/{name}/rollback")
+async def rollback(name: str, request: Request, body: RollbackBody | None = None) -> dict:
+    body = body or RollbackBody()
+    return (await request.state.deployments.rollback(name, actor_change(request, body.reason), wait=body.wait)).to_dict()
+
+
+@router.post("/deployments/{name}/canary")
+async def canary(name: str, body: CanaryBody, request: Request) -> dict:
+    return (await request.state.deployments.start_canary(name, body.to, body.weight, actor_change(request, body.reason))).to_dict()
+
+
+@router.post("/deployments/{name}/canary/{decision}")
+async def decide_canary(name: str, decision: Literal["promote", "abort"], request: Request, body: _Body | None = None) -> dict:
+    manager, change = request.state.deployments, actor_change(request, body.reason if body else "")
+    record = await (manager.promote_canary(name, change) if decision == "promote" else manager.abort_canary(name, change))
+    return record.to_dict()
+
+
+@router.get("/swaps/{swap_id}")
+async def swap_status(swap_id: str, request: Request) -> dict:
+    return request.state.deployments.record(swap_id).to_dict()

@@ -1,0 +1,91 @@
+"""`baton deploy | swap | rollback | canary | deployments`: deployments live in a running
+server, so these commands talk to its admin API (--server, default http://127.0.0.1:8000)."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+
+from server.admin_client import AdminClient
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+def add_commands(commands) -> None:
+    def command(name: str, help: str, run):
+        parser = commands.add_parser(name, help=help)
+        parser.add_argument("--server", default=os.environ.get("BATON_SERVER", DEFAULT_SERVER), help="the baton server (default: $BATON_SERVER or %(default)s)")
+        parser.add_argument("--admin-key", default=os.environ.get("BATON_ADMIN_KEY"))
+        parser.add_argument("--reason", default="")
+        parser.set_defaults(run=lambda args: run(AdminClient(args.server, args.admin_key, getpass.getuser()), args))
+        return parser
+
+    deploy = command("deploy", "serve a registry version under a stable name", _deploy)
+    deploy.add_argument("name")
+    deploy.add_argument("--model", required=True, help="a registry ref: chat, chat@2, chat@prod")
+
+    swap = command("swap", "swap the version behind a deployment, draining requests", _swap)
+    swap.add_argument("name")
+    swap.add_argument("--to", required=True)
+    swap.add_argument("--strategy", default="blue-green", choices=["auto", "blue-green", "replace", "standby"])
+
+    rollback = command("rollback", "go back to the previous version", lambda client, args: _follow(client, client.rollback(args.name, args.reason)))
+    rollback.add_argument("name")
+
+    canary = command("canary", "send a share of traffic to a version; then: promote | abort", _canary)
+    canary.add_argument("name")
+    canary.add_argument("decision", nargs="?", choices=["promote", "abort"])
+    canary.add_argument("--to")
+    canary.add_argument("--weight", type=int, default=10, help="percent of requests (default 10)")
+
+    command("deployments", "list deployments: version, state, in-flight, canary, standby", _list)
+
+
+def _deploy(client: AdminClient, args) -> int:
+    deployment = client.deploy(args.name, args.model, args.reason)
+    print(f"{deployment['name']} serves {deployment['version']}")
+    return 0
+
+
+def _swap(client: AdminClient, args) -> int:
+    return _follow(client, client.swap(args.name, args.to, args.strategy, args.reason))
+
+
+def _canary(client: AdminClient, args) -> int:
+    if args.decision:
+        return _follow(client, client.decide_canary(args.name, args.decision, args.reason))
+    if not args.to:
+        print("baton: error: canary needs --to REF (or promote | abort)")
+        return 2
+    return _follow(client, client.canary(args.name, args.to, args.weight, args.reason))
+
+
+def _follow(client: AdminClient, record: dict) -> int:
+    """Print each phase as it finishes, until the swap ends."""
+    print(f"{record['id']}: {record['action']} {record['deployment']} {record['from_version']} -> {record['to_version']} ({record['strategy']})")
+    num_printed = 0
+    while True:
+        finished = [p for p in record["phases"] if p["duration_s"] is not None]
+        for phase in finished[num_printed:]:
+            detail = f"  {phase['detail']}" if phase["detail"] else ""
+            print(f"  {phase['name']:<8} {phase['duration_s']:8.3f} s{detail}")
+        num_printed = len(finished)
+        if record["status"] != "running":
+            break
+        time.sleep(0.2)
+        record = client.swap_status(record["id"])
+    if record["status"] == "failed":
+        print(f"failed: {record['error']}")
+        return 1
+    print(f"{record['status']}: {record['deployment']} serves {client.deployment(record['deployment'])['version']}")
+    return 0
+
+
+def _list(client: AdminClient, args) -> int:
+    print(f"{'NAME':<16} {'VERSION':<20} {'STATE':<9} {'IN-FLIGHT':>9}  {'CANARY':<24} STANDBY")
+    for d in client.deployments():
+        canary = f"{d['canary']['version']} ({d['canary']['weight']}%)" if d["canary"] else "-"
+        standby = d["standby"]["version"] if d["standby"] else "-"
+        print(f"{d['name']:<16} {d['version'] or '-':<20} {d['state']:<9} {d['in_flight']:>9}  {canary:<24} {standby}")
+    return 0

@@ -1,0 +1,95 @@
+"""A deployment: the stable name clients send, and the slots behind it.
+
+Rule: routing state (active, canary, standby, held) changes only through these methods, on
+the event loop; a request takes its lease in one step, so it sees either the old routing or
+the new one, never a mix, and keeps its slot until its last byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from server.errors import OverloadedError
+from server.slot import Lease, Slot, SlotState
+
+
+class Deployment:
+    def __init__(self, name: str, active: Slot, max_waiting: int, max_wait_seconds: float):
+        self.name = name
+        self.active: Slot | None = active
+        self.canary: Slot | None = None
+        self.canary_weight = 0  # percent of requests sent to the canary
+        self.standby: Slot | None = None
+        self.previous_version: str | None = None  # what `rollback` returns to
+        self.swap_lock = asyncio.Lock()
+        self._max_waiting = max_waiting
+        self._max_wait_seconds = max_wait_seconds
+        self._num_waiting = 0
+        self._serving = asyncio.Event()
+        self._serving.set()
+        self._random = random.Random()
+
+    @property
+    def version(self) -> str | None:
+        return self.active.version if self.active else None
+
+    async def lease(self) -> Lease:
+        if not self._serving.is_set():
+            await self._wait_for_serving()
+        if self.canary is not None and self._random.uniform(0, 100) < self.canary_weight:
+            return self.canary.take_lease()
+        return self.active.take_lease()
+
+    def flip_to(self, slot: Slot) -> Slot | None:
+        """Send new requests to `slot`; return the slot that served until now."""
+        previous, self.active = self.active, slot
+        slot.state = SlotState.READY
+        if previous is not None:
+            self.previous_version = previous.version
+        self._serving.set()
+        return previous
+
+    def hold_requests(self) -> Slot:
+        """`replace` strategy: new requests wait (bounded) until `flip_to`; returns the old slot."""
+        self._serving.clear()
+        previous, self.active = self.active, None
+        return previous
+
+    def restore(self, slot: Slot) -> None:
+        """A failed `replace` puts the old version back without recording a flip."""
+        self.active = slot
+        slot.state = SlotState.READY
+        self._serving.set()
+
+    def set_canary(self, slot: Slot | None, weight: int) -> Slot | None:
+        previous, self.canary, self.canary_weight = self.canary, slot, weight if slot else 0
+        return previous
+
+    def slots(self) -> list[Slot]:
+        return [s for s in (self.active, self.canary, self.standby) if s is not None]
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "state": self.active.state.value if self.active else "swapping",
+            "in_flight": sum(s.num_leases for s in self.slots()),
+            "waiting": self._num_waiting,
+            "is_swapping": self.swap_lock.locked(),
+            "active": self.active.describe() if self.active else None,
+            "canary": {**self.canary.describe(), "weight": self.canary_weight} if self.canary else None,
+            "standby": self.standby.describe() if self.standby else None,
+            "previous_version": self.previous_version,
+        }
+
+    async def _wait_for_serving(self) -> None:
+        if self._num_waiting >= self._max_waiting:
+            raise OverloadedError(f"Deployment {self.name} is swapping and its queue is full ({self._max_waiting}); retry shortly.")
+        self._num_waiting += 1
+        try:
+            await asyncio.wait_for(self._serving.wait(), self._max_wait_seconds)
+        except TimeoutError as error:
+            raise OverloadedError(f"Deployment {self.name} is swapping and did not come back within {self._max_wait_seconds:g} s; retry shortly.") from error
+        finally:
+            self._num_waiting -= 1

@@ -1,0 +1,64 @@
+"""What a swap did: its phases with durations, its outcome, and why."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Phase:
+    name: str
+    started_at: float
+    duration_s: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class SwapRecord:
+    deployment: str
+    action: str  # swap, rollback, canary, promote, abort
+    from_version: str | None
+    to_version: str | None
+    strategy: str
+    actor: str
+    reason: str = ""
+    id: str = field(default_factory=lambda: "swap-" + uuid.uuid4().hex[:12])
+    status: str = "running"  # running, succeeded, failed
+    error: str | None = None
+    phases: list[Phase] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    num_cut_off: int = 0
+
+    @asynccontextmanager
+    async def phase(self, name: str):
+        phase = Phase(name, time.time())
+        self.phases.append(phase)
+        started = time.perf_counter()
+        try:
+            yield phase
+        finally:
+            phase.duration_s = round(time.perf_counter() - started, 4)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.status = "failed" if error else "succeeded"
+        self.error = str(error) if error else None
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "deployment": self.deployment,
+            "action": self.action,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "strategy": self.strategy,
+            "status": self.status,
+            "error": self.error,
+            "actor": self.actor,
+            "reason": self.reason,
+            "started_at": self.started_at,
+            "num_cut_off": self.num_cut_off,
+            "phases": [vars(p) for p in self.phases],
+        }
