@@ -21,7 +21,7 @@ from server.config import ModelSpec, Settings
 from server.deployment import Deployment
 from server.drain import StopDecision, decide_stop
 from server.engines.base import Engine, GenerationRequest, SamplingParams
-from server.errors import BatonError, ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, SwapFailedError
+from server.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, SwapFailedError
 from server.slot import Lease, Slot, SlotState, Target
 from server.swap_record import SwapRecord
 
@@ -337,6 +337,6 @@ class DeploymentManager:
 
 
 def _as_swap_error(error: Exception, record: SwapRecord) -> BaseException:
-    if isinstance(error, BatonError) and error.status_code < 500:
-        return error  # the caller's mistake (unknown version, a conflict): say so as it is
+    if isinstance(error, (ConflictError, NotFoundError)):
+        return error  # an unknown or corrupt version, a conflict: say so as it is
     return SwapFailedError(f"Swap {record.id} of {record.deployment} to {record.to_version} failed; {record.from_version} keeps serving. Reason: {error}")

@@ -67,8 +67,9 @@ def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0) -> Pat
 class ServerThread:
     """create_app(settings) under a real uvicorn server on a free port, in a thread."""
 
-    def __init__(self, settings: Settings):
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
+    def __init__(self, settings: Settings, engine_factory=None):
+        app = create_app(settings) if engine_factory is None else create_app(settings, engine_factory)
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self.settings = settings

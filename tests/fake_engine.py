@@ -1,0 +1,89 @@
+"""A fake engine for timing-sensitive swap tests: an honest implementation of the Engine
+protocol (leases, aborts, stop ending pending generations) with configurable delays.
+Every word of its output names the version, so a test can tell who served a response."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.engines.base import Chunk, EngineHealth, GenerationRequest
+from server.errors import EngineStoppedError
+
+
+@dataclass(frozen=True)
+class FakeBehaviour:
+    start_seconds: float = 0.0
+    token_seconds: float = 0.0
+    fails_to_start: bool = False
+    produces_nothing: bool = False
+
+
+class FakeEngine:
+    name = "fake"
+
+    def __init__(self, label: str, behaviour: FakeBehaviour):
+        self._label = label
+        self._behaviour = behaviour
+        self._is_running = False
+        self._running: dict[str, asyncio.Event] = {}  # request id -> stop signal
+
+    @property
+    def max_model_len(self) -> int:
+        return 4096
+
+    async def start(self) -> None:
+        await asyncio.sleep(self._behaviour.start_seconds)
+        if self._behaviour.fails_to_start:
+            raise RuntimeError(f"{self._label} failed to load")
+        self._is_running = True
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(range(len(text.split()) or 1))
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        return self.tokenize(" ".join(m["content"] for m in messages))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if not self._is_running:
+            raise EngineStoppedError("The engine is not running.")
+        stopped = self._running[request.request_id] = asyncio.Event()
+        try:
+            count = 0 if self._behaviour.produces_nothing else request.sampling.max_tokens
+            for index in range(count):
+                try:
+                    await asyncio.wait_for(stopped.wait(), self._behaviour.token_seconds)
+                except TimeoutError:
+                    pass
+                if stopped.is_set():
+                    raise EngineStoppedError("The engine stopped before this generation finished.")
+                yield Chunk(f"{self._label} ", 1, "length" if index == count - 1 else None)
+            if count == 0:
+                yield Chunk("", 0, "stop")
+        finally:
+            self._running.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._running:
+            self._running[request_id].set()
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(self._is_running, len(self._running), 0)
+
+    async def stop(self) -> None:
+        self._is_running = False
+        for stopped in self._running.values():
+            stopped.set()
+
+
+class FakeEngineFactory:
+    """Builds fake engines labelled by the model folder's name; `behaviours` maps a folder
+    name to how its engine behaves."""
+
+    def __init__(self, behaviours: dict[str, FakeBehaviour] | None = None):
+        self.behaviours = behaviours or {}
+
+    def __call__(self, path: Path, options: dict) -> FakeEngine:
+        return FakeEngine(path.name[:8], self.behaviours.get(path.name, FakeBehaviour()))

@@ -1,0 +1,231 @@
+"""Hot swaps behind a stable name, through a real server, the admin API and the openai client.
+
+Real tiny models prove the request path (no failed request, no mixed versions); the fake
+engine drives the timing-sensitive parts (queues, deadlines, concurrent swaps)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from models.catalog import Change
+from models.registry import ImportOptions, Registry
+from server.config import ModelSpec, Settings
+from tests.conftest import ServerThread, build_tiny_model
+from tests.fake_engine import FakeBehaviour, FakeEngineFactory
+
+HI = [{"role": "user", "content": "Say something"}]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tiny_model_path, demo_model_path) -> Path:
+    """A registry with chat@1 and chat@2: two tiny models with different random weights."""
+    home = tmp_path_factory.mktemp("swaps")
+    registry = Registry(home)
+    second = build_tiny_model(tmp_path_factory.mktemp("v2") / "v2", demo_model_path, seed=1)
+    for folder in (tiny_model_path, second):
+        registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("tester"))
+    return home
+
+
+def _server(home: Path, engine_factory=None, **settings) -> ServerThread:
+    version = Registry(home).resolve("chat@1")
+    spec = ModelSpec(name="chat", path=version.path, version=version.ref)
+    return ServerThread(Settings(home=home, models=[spec], **settings), engine_factory=engine_factory)
+
+
+def _admin(server, method: str, path: str, expect: int = 200, **body) -> dict:
+    response = httpx.request(method, f"{server.url}/admin{path}", json=body or None, timeout=120)
+    assert response.status_code == expect, response.text
+    return response.json()
+
+
+def _ask(client, max_tokens: int = 12) -> tuple[str, str]:
+    """(version that served, streamed text)."""
+    raw = client.chat.completions.with_raw_response.create(model="chat", messages=HI, max_tokens=max_tokens, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    return raw.headers["x-baton-version"], text
+
+
+def _label(home: Path, ref: str) -> str:
+    return Registry(home).resolve(ref).path.name[:8]
+
+
+def test_swaps_under_streaming_load_fail_no_request(home):
+    with _server(home) as server:
+        client = server.client()
+        expected = {}
+        for ref in ("chat@1", "chat@2"):
+            if ref != "chat@1":
+                _admin(server, "POST", "/deployments/chat/swap", to=ref)
+            version, text = _ask(client)
+            expected[version] = text
+        assert expected["chat@1"] != expected["chat@2"]
+        results, errors, stop = [], [], threading.Event()
+
+        def keep_asking():
+            own = server.client()
+            while not stop.is_set():
+                try:
+                    results.append(_ask(own))
+                except Exception as error:  # any failure at all is what this test looks for
+                    errors.append(error)
+
+        clients = [threading.Thread(target=keep_asking) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        for i in range(10):
+            strategy = "blue-green" if i % 3 == 0 else "auto"
+            record = _admin(server, "POST", "/deployments/chat/swap", to="chat@1" if i % 2 == 0 else "chat@2", strategy=strategy)
+            assert record["status"] == "succeeded" and record["num_cut_off"] == 0
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=60)
+    assert errors == []
+    assert len(results) >= 20, len(results)
+    assert all(text == expected[version] for version, text in results), "a response was cut or mixed versions"
+    assert {version for version, _ in results} == {"chat@1", "chat@2"}
+
+
+def test_swap_records_phases_and_parks_the_old_version_on_standby(home):
+    with _server(home) as server:
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", reason="new fine-tune")
+        assert [p["name"] for p in record["phases"]] == ["resolve", "load", "verify", "flip", "drain", "park"]
+        assert all(p["duration_s"] >= 0 for p in record["phases"])
+        assert _admin(server, "GET", f"/swaps/{record['id']}")["status"] == "succeeded"
+        deployment = _admin(server, "GET", "/deployments/chat")
+        assert (deployment["version"], deployment["standby"]["version"]) == ("chat@2", "chat@1")
+        standby = _admin(server, "POST", "/deployments/chat/swap", to="chat@1", strategy="standby")
+        assert [p["name"] for p in standby["phases"]] == ["resolve", "flip", "drain", "park"]
+        assert standby["phases"][1]["duration_s"] < 0.01  # the flip itself
+    history = Registry(home).history("chat")
+    assert any(e["action"] == "swap" and e["reason"] == "new fine-tune" and e["version"] == 2 for e in history)
+
+
+def test_rollback_returns_to_the_previous_version(home):
+    with _server(home) as server:
+        _admin(server, "POST", "/deployments/chat/swap", to="chat@2")
+        record = _admin(server, "POST", "/deployments/chat/rollback", reason="bad answers")
+        assert (record["to_version"], record["strategy"]) == ("chat@1", "standby")
+        assert _ask(server.client())[0] == "chat@1"
+    assert any(e["action"] == "rollback" and e["reason"] == "bad answers" for e in Registry(home).history("chat"))
+
+
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(home, tmp_path, tiny_model_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in tiny_model_path.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "hidden_size": 96}))
+    Registry(home).import_folder(broken, "broken", {"kind": "local"}, ImportOptions(), Change("tester"))
+    with _server(home) as server:
+        failure = _admin(server, "POST", "/deployments/chat/swap", expect=500, to="broken@1")["error"]
+        assert failure["code"] == "swap_failed" and "chat@1 keeps serving" in failure["message"]
+        assert _ask(server.client())[0] == "chat@1"
+    assert any(e["action"] == "swap" and e["details"]["status"] == "failed" for e in Registry(home).history("broken"))
+
+
+def test_canary_splits_traffic_by_weight_then_promotes(home):
+    with _server(home) as server:
+        _admin(server, "POST", "/deployments/chat/canary", to="chat@2", weight=30)
+        client = server.client()
+        served = [_ask(client, max_tokens=1)[0] for _ in range(300)]
+        share = served.count("chat@2") / len(served)
+        assert 0.21 <= share <= 0.39, share  # 30% +- 4.5 standard deviations
+        _admin(server, "POST", "/deployments/chat/canary/promote")
+        assert {_ask(client, max_tokens=1)[0] for _ in range(10)} == {"chat@2"}
+
+
+def test_failing_verification_keeps_the_old_version(home):
+    factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(produces_nothing=True)})
+    with _server(home, factory) as server:
+        failure = _admin(server, "POST", "/deployments/chat/swap", expect=500, to="chat@2")["error"]
+        assert "produced no tokens" in failure["message"]
+        version, text = _ask(server.client(), max_tokens=3)
+        assert version == "chat@1" and text == f"{_label(home, 'chat@1')} " * 3
+
+
+def test_replace_holds_new_requests_then_serves_them_from_the_new_version(home):
+    factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(start_seconds=1.0)})
+    with _server(home, factory) as server:
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="replace", wait=False)
+        answers = []
+        askers = [threading.Thread(target=lambda: answers.append(_ask(server.client(), max_tokens=2))) for _ in range(4)]
+        for thread in askers:
+            thread.start()
+        for thread in askers:
+            thread.join(timeout=30)
+        assert [version for version, _ in answers] == ["chat@2"] * 4
+        assert _admin(server, "GET", f"/swaps/{record['id']}")["strategy"] == "replace"
+
+
+def test_drain_deadline_ends_the_rest_with_model_swapped(home):
+    factory = FakeEngineFactory({Registry(home).resolve("chat@1").path.name: FakeBehaviour(token_seconds=0.1)})
+    with _server(home, factory, drain_timeout_s=0.5) as server:
+        body = {"model": "chat", "messages": HI, "max_tokens": 500, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            next(lines)  # the stream is under way on chat@1
+            record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2")
+            events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        assert record["num_cut_off"] == 1
+        assert json.loads(events[-1])["error"]["code"] == "model_swapped"
+
+
+def test_a_second_swap_while_swapping_gets_409(home):
+    factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(start_seconds=1.0)})
+    with _server(home, factory) as server:
+        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", wait=False)
+        conflict = _admin(server, "POST", "/deployments/chat/swap", expect=409, to="chat@2")
+        assert conflict["error"]["code"] == "swap_in_progress"
+
+
+def test_canary_abort_routes_everything_back(home):
+    with _server(home, FakeEngineFactory()) as server:
+        _admin(server, "POST", "/deployments/chat/canary", to="chat@2", weight=50)
+        _admin(server, "POST", "/deployments/chat/canary/abort")
+        assert {_ask(server.client(), max_tokens=1)[0] for _ in range(20)} == {"chat@1"}
+        assert _admin(server, "GET", "/deployments/chat")["canary"] is None
+
+
+def test_unknown_version_and_strategy_are_clear_errors(home):
+    with _server(home, FakeEngineFactory()) as server:
+        assert _admin(server, "POST", "/deployments/chat/swap", expect=404, to="chat@9")["error"]["message"].startswith("chat has no version 9")
+        assert _admin(server, "POST", "/deployments/chat/swap", expect=400, to="chat@2", strategy="yolo")["error"]["param"] == "strategy"
+        assert _admin(server, "POST", "/deployments/nope/swap", expect=404, to="chat@2")["error"]["code"] == "model_not_found"
+        with pytest.raises(openai.NotFoundError):
+            server.client().chat.completions.create(model="nope", messages=HI)
+
+
+def test_cli_swap_shows_phases_and_deployments_table(home):
+    import subprocess
+    import sys
+
+    def baton(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120)
+
+    with _server(home, FakeEngineFactory()) as server:
+        remote = ("--server", server.url)
+        swapped = baton("swap", "chat", "--to", "chat@2", "--reason", "cli", *remote)
+        assert swapped.returncode == 0, swapped.stderr
+        for phase in ("load", "verify", "flip", "drain", "park"):
+            assert f"  {phase}" in swapped.stdout
+        assert "succeeded: chat serves chat@2" in swapped.stdout
+        table = baton("deployments", *remote).stdout
+        assert "chat@2" in table and "chat@1" in table  # active, and standby
+        busy = baton("rollback", "chat", *remote)
+        assert busy.returncode == 0 and "chat serves chat@1" in busy.stdout
+        assert baton("canary", "chat", "--to", "chat@2", "--weight", "20", *remote).returncode == 0
+        assert "(20%)" in baton("deployments", *remote).stdout
+        assert baton("canary", "chat", "abort", *remote).returncode == 0
+        deployed = baton("deploy", "other", "--model", "chat@2", *remote)
+        assert deployed.returncode == 0 and "other serves chat@2" in deployed.stdout
+        again = baton("deploy", "other", "--model", "chat@2", *remote)
+        assert again.returncode == 1 and "exists" in again.stderr
