@@ -30,7 +30,10 @@ test: demo
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: demo
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/cpu_throughput.py
+	$(BIN)/python benchmarks/registry_load.py
+	$(BIN)/python benchmarks/swap_under_load.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -50,7 +50,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             yield {
                 "settings": settings,
                 "deployments": manager,
-                "model_admin": ModelAdmin(registry),
+                "model_admin": ModelAdmin(registry, manager.holders),
                 "started_at": int(time.time()),
             }
         finally:

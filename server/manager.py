@@ -58,6 +58,15 @@ class DeploymentManager:
     def deployments(self) -> list[Deployment]:
         return list(self._deployments.values())
 
+    def holders(self, version: str) -> list[str]:
+        """What serves `version` right now: 'deployment chat (active)' and the like."""
+        return [
+            f"deployment {d.name} ({role})"
+            for d in self.deployments
+            for role, slot in (("active", d.active), ("canary", d.canary), ("standby", d.standby))
+            if slot is not None and slot.version == version
+        ]
+
     def record(self, swap_id: str) -> SwapRecord:
         if swap_id not in self._records:
             raise NotFoundError(f"No swap {swap_id}.", param="swap_id")

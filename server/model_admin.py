@@ -3,14 +3,18 @@ and the /admin/models routes (the CLI's --server mode reaches it over HTTP)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from models.catalog import Change
 from models.importers import import_source
 from models.registry import ImportOptions, Registry, Version
 
 
 class ModelAdmin:
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, holders: Callable[[str], list[str]] = lambda ref: []):
+        """`holders(ref)` names what serves a version (deployments), so it is not deleted under them."""
         self._registry = registry
+        self._holders = holders
 
     def import_model(self, source: str, name: str, options: ImportOptions, change: Change) -> dict:
         version, is_new = import_source(self._registry, source, name, options, change)
@@ -32,7 +36,9 @@ class ModelAdmin:
         return {**_summary(version), "problems": problems}
 
     def remove(self, ref: str, change: Change, force: bool = False) -> dict:
-        return _summary(self._registry.remove(ref, change, force=force))
+        version = self._registry.resolve(ref)
+        in_use = tuple(self._holders(version.ref))
+        return _summary(self._registry.remove(version.ref, change, force=force, in_use=in_use))
 
     def collect_garbage(self) -> dict:
         return self._registry.collect_garbage()

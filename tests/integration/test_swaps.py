@@ -229,3 +229,17 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
         assert deployed.returncode == 0 and "other serves chat@2" in deployed.stdout
         again = baton("deploy", "other", "--model", "chat@2", *remote)
         assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_a_deployed_version_cannot_be_deleted_unless_forced(home):
+    with _server(home, FakeEngineFactory()) as server:
+        refused = httpx.delete(f"{server.url}/admin/models/chat@1")
+        assert refused.status_code == 409 and "deployment chat (active)" in refused.json()["error"]["message"]
+
+
+def test_auto_picks_replace_when_both_versions_do_not_fit(home):
+    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 1.5)) as server:
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="auto")
+        assert record["strategy"] == "replace"
+        assert _admin(server, "GET", "/deployments/chat")["standby"] is None  # no room to keep it

@@ -1,0 +1,297 @@
+"""Swaps under open-loop load, one run per strategy.
+
+    .venv/bin/python benchmarks/swap_under_load.py [--rate 1.5] [--seconds 30] [--swap-at 10]
+
+For each strategy (blue-green, replace, standby) a fresh `baton serve` subprocess serves
+`chat@1` (the demo model) while Poisson arrivals of streaming chat requests run; at
+--swap-at seconds the deployment swaps to `chat@2` (the same weights with another
+generation config: a distinct version, a real second engine). Reports failed requests,
+the longest stretch with no first token within the SLO, cutover (command to the first
+token from the new version), drain time, TTFT p50/p99 before, during and after the swap
+(the anchor is steady state: the ratio during/before is printed), and the server's peak RSS.
+Writes benchmarks/results/swap_under_load.json and, with matplotlib, a PNG timeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+from models.catalog import Change  # noqa: E402
+from models.demo import ensure_demo_model  # noqa: E402
+from models.registry import ImportOptions, Registry  # noqa: E402
+from server.config import default_home  # noqa: E402
+
+
+def main() -> None:
+    args = _parse()
+    with tempfile.TemporaryDirectory() as scratch:
+        home = _two_versions(Path(scratch))
+        runs = {strategy: _run(home, strategy, args) for strategy in args.strategies}
+    _report(runs, args)
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=1.5, help="requests per second (Poisson)")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--swap-at", type=float, default=10.0)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--slo", type=float, default=2.0, help="TTFT objective in seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strategies", nargs="+", default=["blue-green", "replace", "standby"])
+    parser.add_argument("--standby-swaps", type=int, default=40, help="unloaded standby swaps timed for the p99")
+    return parser.parse_args()
+
+
+def _two_versions(scratch: Path) -> Path:
+    demo = ensure_demo_model(Registry(Path(os.environ.get("BATON_HOME") or default_home())))
+    home = scratch / "home"
+    registry = Registry(home)
+    second = scratch / "second"
+    shutil.copytree(demo.path, second)
+    (second / "generation_config.json").chmod(0o644)
+    (second / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "benchmark": "v2"}))
+    for folder in (demo.path, second):
+        registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("benchmark"))
+    return home
+
+
+def _run(home: Path, strategy: str, args) -> dict:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "baton"), "--home", str(home), "serve", "--model", "chat@1", "--name", "chat", "--port", str(port), "--log-level", "warning"]
+    log = open(RESULTS / f"swap_{strategy}.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(url, server)
+        if strategy == "standby":  # put chat@2 on standby first: swap there and back
+            _swap(url, "chat@2", "blue-green")
+            _swap(url, "chat@1", "standby")
+        rss = _RssSampler(server.pid)
+        rss.start()
+        requests, swap = asyncio.run(_load(url, strategy, args))
+        rss.stop()
+        summary = _summarise(requests, swap, rss.peak_bytes, args)
+        if strategy == "standby":
+            summary["standby_command_round_trip"] = _standby_round_trips(url, args.standby_swaps)
+        return summary
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+async def _load(url: str, strategy: str, args) -> tuple[list[dict], dict]:
+    rng = random.Random(args.seed)
+    client = httpx.AsyncClient(base_url=url, timeout=300)
+    started = time.perf_counter()
+    tasks, swap = [], {}
+
+    async def swap_later():
+        await asyncio.sleep(args.swap_at)
+        swap["sent"] = time.perf_counter() - started
+        response = await client.post("/admin/deployments/chat/swap", json={"to": "chat@2", "strategy": strategy}, timeout=600)
+        swap["done"] = time.perf_counter() - started
+        swap["record"] = response.json()
+
+    swapper = asyncio.create_task(swap_later())
+    next_arrival = 0.0
+    while next_arrival < args.seconds:
+        await asyncio.sleep(max(0.0, next_arrival - (time.perf_counter() - started)))
+        tasks.append(asyncio.create_task(_one(client, started, args.max_tokens)))
+        next_arrival += rng.expovariate(args.rate)
+    requests = await asyncio.gather(*tasks)
+    await swapper
+    await client.aclose()
+    return requests, swap
+
+
+async def _one(client: httpx.AsyncClient, started: float, max_tokens: int) -> dict:
+    sent = time.perf_counter() - started
+    result = {"sent": sent, "first_token": None, "end": None, "version": None, "ok": False}
+    body = {"model": "chat", "messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            result["version"] = response.headers.get("x-baton-version")
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    result["ok"] = response.status_code == 200
+                elif line.startswith("data: "):
+                    event = json.loads(line.removeprefix("data: "))
+                    if "error" in event:
+                        raise RuntimeError(event["error"]["message"])
+                    if result["first_token"] is None and any(c["delta"].get("content") for c in event["choices"]):
+                        result["first_token"] = time.perf_counter() - started
+    except Exception as error:  # a failed request is what this benchmark counts
+        result["error"] = str(error)[:200]
+    result["end"] = time.perf_counter() - started
+    return result
+
+
+def _summarise(requests: list[dict], swap: dict, peak_rss: int, args) -> dict:
+    ttft = lambda rs: sorted(r["first_token"] - r["sent"] for r in rs if r["first_token"] is not None)  # noqa: E731
+    before = [r for r in requests if r["sent"] < swap["sent"]]
+    during = [r for r in requests if swap["sent"] <= r["sent"] <= swap["done"]]
+    after = [r for r in requests if r["sent"] > swap["done"]]
+    phases = {p["name"]: p["duration_s"] for p in swap["record"].get("phases", [])}
+    # Cutover: command to first token from the new version, for a request ready at the flip.
+    until_flip = sum(p["duration_s"] for p in swap["record"]["phases"][: list(phases).index("flip") + 1])
+    flipped_at = swap["sent"] + until_flip
+    new = [until_flip + r["first_token"] - max(r["sent"], flipped_at) for r in requests if r["version"] == "chat@2" and r["first_token"]]
+    return {
+        "requests": len(requests),
+        "failed": sum(not r["ok"] for r in requests),
+        "swap_status": swap["record"].get("status"),
+        "swap_seconds": round(swap["done"] - swap["sent"], 3),
+        "cutover_s": round(min(new), 3) if new else None,
+        "until_flip_s": round(until_flip, 4),
+        "flip_s": phases.get("flip"),
+        "drain_s": phases.get("drain"),
+        "longest_gap_without_slo_first_token_s": _longest_gap(requests, args.slo, args.seconds),
+        "ttft": {name: _percentiles(ttft(rs)) for name, rs in (("before", before), ("during", during), ("after", after))},
+        "peak_rss_mb": round(peak_rss / 1e6),
+        "timeline": requests,
+        "swap": {k: v for k, v in swap.items() if k != "record"},
+    }
+
+
+def _longest_gap(requests: list[dict], slo: float, seconds: float) -> float:
+    """The longest stretch of the run with no first token delivered within the SLO."""
+    good = sorted(r["first_token"] for r in requests if r["first_token"] is not None and r["first_token"] - r["sent"] <= slo)
+    marks = [0.0, *good, max(seconds, good[-1] if good else seconds)]
+    return round(max(b - a for a, b in zip(marks, marks[1:])), 3)
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0, "p50_s": None, "p99_s": None}
+    p99 = values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
+    return {"n": len(values), "p50_s": round(statistics.median(values), 3), "p99_s": round(p99, 3)}
+
+
+def _report(runs: dict, args) -> None:
+    for strategy, run in runs.items():
+        t = run["ttft"]
+        ratio = (t["during"]["p99_s"] / t["before"]["p99_s"]) if t["during"]["p99_s"] and t["before"]["p99_s"] else float("nan")
+        print(
+            f"{strategy:>10}: {run['requests']} requests, {run['failed']} failed, swap {run['swap_status']} in {run['swap_seconds']} s "
+            f"(new requests routed after {run['until_flip_s']} s, drain {run['drain_s']} s), cutover {run['cutover_s']} s, "
+            f"longest gap without an in-SLO first token {run['longest_gap_without_slo_first_token_s']} s, peak RSS {run['peak_rss_mb']} MB"
+        )
+        print(
+            f"{'':>10}  TTFT p50/p99 before {t['before']['p50_s']}/{t['before']['p99_s']} s, during {t['during']['p50_s']}/{t['during']['p99_s']} s, "
+            f"after {t['after']['p50_s']}/{t['after']['p99_s']} s; p99 during / steady state x{ratio:.2f}"
+        )
+        if "standby_command_round_trip" in run:
+            trips = run["standby_command_round_trip"]
+            print(f"{'':>10}  standby swap command round trip (no load, n={trips['n']}): p50 {trips['p50_s'] * 1000:.1f} ms, p99 {trips['p99_s'] * 1000:.1f} ms")
+    out = RESULTS / "swap_under_load.json"
+    out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+    print(f"wrote {out}")
+    _plot(runs)
+
+
+def _plot(runs: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install '.[bench]'): no PNG timeline")
+        return
+    figure, axes = plt.subplots(len(runs), 1, figsize=(10, 3 * len(runs)), squeeze=False)
+    for axis, (strategy, run) in zip(axes[:, 0], runs.items()):
+        for version, colour in (("chat@1", "tab:blue"), ("chat@2", "tab:orange")):
+            points = [(r["sent"], r["first_token"] - r["sent"]) for r in run["timeline"] if r["version"] == version and r["first_token"]]
+            axis.scatter([p[0] for p in points], [p[1] for p in points], s=12, color=colour, label=version)
+        failed = [r["sent"] for r in run["timeline"] if not r["ok"]]
+        axis.scatter(failed, [0] * len(failed), marker="x", color="red", label="failed")
+        axis.axvspan(run["swap"]["sent"], run["swap"]["done"], color="grey", alpha=0.2, label="swap")
+        axis.set(title=strategy, xlabel="seconds", ylabel="TTFT (s)")
+        axis.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(RESULTS / "swap_under_load.png", dpi=100)
+    print(f"wrote {RESULTS / 'swap_under_load.png'}")
+
+
+class _RssSampler(threading.Thread):
+    """Peak resident memory of the server and its children, sampled every 100 ms."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self._process = psutil.Process(pid)
+        self._stopping = threading.Event()
+        self.peak_bytes = 0
+
+    def run(self) -> None:
+        while not self._stopping.wait(0.1):
+            try:
+                processes = [self._process, *self._process.children(recursive=True)]
+                self.peak_bytes = max(self.peak_bytes, sum(p.memory_info().rss for p in processes))
+            except psutil.Error:
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()
+
+
+def _standby_round_trips(url: str, count: int) -> dict:
+    """Standby swaps back and forth with no load: the whole command, flip included."""
+    durations = []
+    for i in range(count):
+        started = time.perf_counter()
+        _swap(url, "chat@1" if i % 2 == 0 else "chat@2", "standby")
+        durations.append(time.perf_counter() - started)
+    return _percentiles(sorted(durations))
+
+
+def _swap(url: str, to: str, strategy: str) -> None:
+    response = httpx.post(f"{url}/admin/deployments/chat/swap", json={"to": to, "strategy": strategy}, timeout=600)
+    response.raise_for_status()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("baton exited; see benchmarks/results/swap_*.log")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+if __name__ == "__main__":
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    main()
