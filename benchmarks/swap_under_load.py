@@ -258,12 +258,15 @@ class _RssSampler(threading.Thread):
 
 
 def _standby_round_trips(url: str, count: int) -> dict:
-    """Standby swaps back and forth with no load: the whole command, flip included."""
+    """Standby swaps back and forth with no load: the whole command, flip included, over one
+    kept-alive connection (as an operator's tooling would hold)."""
     durations = []
-    for i in range(count):
-        started = time.perf_counter()
-        _swap(url, "chat@1" if i % 2 == 0 else "chat@2", "standby")
-        durations.append(time.perf_counter() - started)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(count):
+            started = time.perf_counter()
+            body = {"to": "chat@1" if i % 2 == 0 else "chat@2", "strategy": "standby"}
+            client.post("/admin/deployments/chat/swap", json=body).raise_for_status()
+            durations.append(time.perf_counter() - started)
     return _percentiles(sorted(durations))
 
 
