@@ -54,8 +54,9 @@ class AdminClient:
     def deployment(self, name: str) -> dict:
         return self._call("GET", f"/deployments/{name}")
 
-    def deploy(self, name: str, ref: str, reason: str) -> dict:
-        return self._call("POST", "/deployments", json={"name": name, "model": ref, "reason": reason})
+    def deploy(self, name: str, ref: str, reason: str, on_demand: bool = False, idle_ttl_s: float = 300.0) -> dict:
+        body = {"name": name, "model": ref, "reason": reason, "on_demand": on_demand, "idle_ttl_s": idle_ttl_s}
+        return self._call("POST", "/deployments", json=body)
 
     def swap(self, name: str, to: str, strategy: str, reason: str) -> dict:
         body = {"to": to, "strategy": strategy, "reason": reason, "wait": False}

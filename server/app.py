@@ -47,6 +47,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             for spec in settings.models:
                 await manager.deploy_spec(spec)
                 log.info("serving %s (%s) from %s", spec.name, spec.version, spec.path)
+            manager.start()
             yield {
                 "settings": settings,
                 "deployments": manager,

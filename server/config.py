@@ -34,6 +34,8 @@ class ModelSpec(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=256)
     max_model_len: int | None = Field(None, ge=16)
     allow_pickle: bool = False
+    on_demand: bool = Field(False, description="Load on the first request; unload after idle_ttl_s with nothing in flight.")
+    idle_ttl_s: float = Field(300.0, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -62,3 +64,4 @@ class Settings(BaseModel):
     smoke_prompts: list[str] = Field(default_factory=lambda: ["Hello"], min_length=1)
     keep_standby: bool = Field(True, description="Keep a swapped-out version loaded for instant rollback, if the budget allows.")
     memory_budget_bytes: int = Field(default_factory=lambda: default_memory_budget(), gt=0)
+    idle_check_s: float = Field(1.0, gt=0, description="How often on-demand deployments are checked for idleness.")

@@ -21,6 +21,8 @@ class _Body(BaseModel):
 class DeployBody(_Body):
     name: str
     model: str = Field(description="a registry ref: chat, chat@2, chat@prod")
+    on_demand: bool = Field(False, description="load on the first request, unload when idle")
+    idle_ttl_s: float = Field(300.0, gt=0)
 
 
 class SwapBody(_Body):
@@ -45,7 +47,8 @@ async def list_deployments(request: Request) -> list[dict]:
 
 @router.post("/deployments", status_code=201)
 async def deploy(body: DeployBody, request: Request) -> dict:
-    deployment = await request.state.deployments.deploy(body.name, body.model, actor_change(request, body.reason))
+    change = actor_change(request, body.reason)
+    deployment = await request.state.deployments.deploy(body.name, body.model, change, body.on_demand, body.idle_ttl_s)
     return deployment.describe()
 
 

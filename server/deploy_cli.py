@@ -24,6 +24,8 @@ def add_commands(commands) -> None:
     deploy = command("deploy", "serve a registry version under a stable name", _deploy)
     deploy.add_argument("name")
     deploy.add_argument("--model", required=True, help="a registry ref: chat, chat@2, chat@prod")
+    deploy.add_argument("--on-demand", action="store_true", help="load on the first request; unload when idle")
+    deploy.add_argument("--idle-ttl", type=float, default=300.0, help="seconds idle before an on-demand unload (default 300)")
 
     swap = command("swap", "swap the version behind a deployment, draining requests", _swap)
     swap.add_argument("name")
@@ -43,8 +45,11 @@ def add_commands(commands) -> None:
 
 
 def _deploy(client: AdminClient, args) -> int:
-    deployment = client.deploy(args.name, args.model, args.reason)
-    print(f"{deployment['name']} serves {deployment['version']}")
+    deployment = client.deploy(args.name, args.model, args.reason, args.on_demand, args.idle_ttl)
+    if deployment["on_demand"]:
+        print(f"{deployment['name']} will load {deployment['on_demand']['version']} on its first request")
+    else:
+        print(f"{deployment['name']} serves {deployment['version']}")
     return 0
 
 

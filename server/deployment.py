@@ -10,14 +10,26 @@ from __future__ import annotations
 import asyncio
 import random
 
+from dataclasses import dataclass
+
 from server.errors import OverloadedError
-from server.slot import Lease, Slot, SlotState
+from server.slot import Lease, Slot, SlotState, Target
+
+
+@dataclass(frozen=True)
+class OnDemand:
+    """Loaded by its first request, unloaded after `idle_ttl_s` with nothing in flight."""
+
+    target: Target
+    idle_ttl_s: float
 
 
 class Deployment:
-    def __init__(self, name: str, active: Slot, max_waiting: int, max_wait_seconds: float):
+    def __init__(self, name: str, active: Slot | None, max_waiting: int, max_wait_seconds: float, on_demand: OnDemand | None = None):
+        """`active` is None for an on-demand deployment that is not loaded yet."""
         self.name = name
         self.active: Slot | None = active
+        self.on_demand = on_demand
         self.canary: Slot | None = None
         self.canary_weight = 0  # percent of requests sent to the canary
         self.standby: Slot | None = None
@@ -27,16 +39,25 @@ class Deployment:
         self._max_wait_seconds = max_wait_seconds
         self._num_waiting = 0
         self._serving = asyncio.Event()
-        self._serving.set()
+        if active is not None:
+            self._serving.set()
+        self._load_error: BaseException | None = None
         self._random = random.Random()
 
     @property
     def version(self) -> str | None:
         return self.active.version if self.active else None
 
+    @property
+    def needs_load(self) -> bool:
+        """An on-demand deployment with nothing loaded and no swap or load under way."""
+        return self.on_demand is not None and self.active is None and not self.swap_lock.locked()
+
     async def lease(self) -> Lease:
         if not self._serving.is_set():
             await self._wait_for_serving()
+        if self.active is None:  # woken by a failed on-demand load
+            raise self._load_error or OverloadedError(f"Deployment {self.name} has no version loaded; retry shortly.")
         if self.canary is not None and self._random.uniform(0, 100) < self.canary_weight:
             return self.canary.take_lease()
         return self.active.take_lease()
@@ -56,6 +77,24 @@ class Deployment:
         previous, self.active = self.active, None
         return previous
 
+    def unload(self) -> Slot:
+        """On-demand: nothing serves until the next request loads this version again."""
+        self._serving.clear()
+        previous, self.active = self.active, None
+        self.on_demand = OnDemand(previous.target, self.on_demand.idle_ttl_s)
+        return previous
+
+    def begin_load(self) -> None:
+        """An on-demand load starts: requests wait for it, not for an older outcome."""
+        self._load_error = None
+        self._serving.clear()
+
+    def fail_waiting(self, error: BaseException) -> None:
+        """An on-demand load failed: requests waiting for it, or arriving before the next
+        load begins, get `error`. The outcome stays set so no waiter can miss it."""
+        self._load_error = error
+        self._serving.set()
+
     def restore(self, slot: Slot) -> None:
         """A failed `replace` puts the old version back without recording a flip."""
         self.active = slot
@@ -73,7 +112,8 @@ class Deployment:
         return {
             "name": self.name,
             "version": self.version,
-            "state": self.active.state.value if self.active else "swapping",
+            "state": self.active.state.value if self.active else ("unloaded" if self.needs_load else "swapping"),
+            "on_demand": {"idle_ttl_s": self.on_demand.idle_ttl_s, "version": self.on_demand.target.version} if self.on_demand else None,
             "in_flight": sum(s.num_leases for s in self.slots()),
             "waiting": self._num_waiting,
             "is_swapping": self.swap_lock.locked(),

@@ -18,10 +18,10 @@ from pathlib import Path
 from models.catalog import Change
 from models.registry import Registry
 from server.config import ModelSpec, Settings
-from server.deployment import Deployment
+from server.deployment import Deployment, OnDemand
 from server.drain import StopDecision, decide_stop
 from server.engines.base import Engine, GenerationRequest, SamplingParams
-from server.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, SwapFailedError
+from server.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
 from server.slot import Lease, Slot, SlotState, Target
 from server.swap_record import SwapRecord
 
@@ -41,11 +41,21 @@ class DeploymentManager:
         self._deployments: dict[str, Deployment] = {}
         self._records: dict[str, SwapRecord] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._loading: dict[str, asyncio.Task] = {}  # on-demand loads under way, by deployment
+
+    def start(self) -> None:
+        """Background work: unloading on-demand deployments that sat idle past their TTL."""
+        self._keep(asyncio.ensure_future(self._reap_idle_forever()))
 
     # -- requests -------------------------------------------------------------------------
 
     async def lease(self, name: str) -> Lease:
-        return await self.get(name).lease()
+        deployment = self.get(name)
+        if deployment.needs_load and name not in self._loading:
+            deployment.begin_load()
+            self._loading[name] = self._keep(asyncio.ensure_future(self._load_on_demand(deployment)))
+            self._loading[name].add_done_callback(lambda _: self._loading.pop(name, None))
+        return await deployment.lease()
 
     def get(self, name: str) -> Deployment:
         deployment = self._deployments.get(name)
@@ -78,19 +88,24 @@ class DeploymentManager:
         """Start-up: serve a configured model (a registry version or a local folder)."""
         options = {"dtype": spec.dtype, "max_batch_size": spec.max_batch_size, "max_model_len": spec.max_model_len, "allow_pickle": spec.allow_pickle}
         num_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
-        return await self._deploy(spec.name, Target(spec.version, spec.path, options, num_bytes))
+        on_demand = OnDemand(Target(spec.version, spec.path, options, num_bytes), spec.idle_ttl_s) if spec.on_demand else None
+        return await self._deploy(spec.name, Target(spec.version, spec.path, options, num_bytes), on_demand)
 
-    async def deploy(self, name: str, ref: str, change: Change) -> Deployment:
+    async def deploy(self, name: str, ref: str, change: Change, on_demand: bool = False, idle_ttl_s: float = 300.0) -> Deployment:
         if name in self._deployments:
             raise ConflictError(f"Deployment {name} exists; swap it instead.")
-        deployment = await self._deploy(name, self._resolve(ref))
-        self._remember(SwapRecord(name, "deploy", None, deployment.version, "load", change.actor, change.reason, status="succeeded"))
+        target = self._resolve(ref)
+        deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None)
+        self._remember(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason, status="succeeded"))
         return deployment
 
-    async def _deploy(self, name: str, target: Target) -> Deployment:
-        slot = await self._load(target)
-        slot.state = SlotState.READY
-        deployment = Deployment(name, slot, self._settings.max_waiting, self._settings.max_wait_s)
+    async def _deploy(self, name: str, target: Target, on_demand: OnDemand | None) -> Deployment:
+        """An on-demand deployment starts unloaded; its first request loads it."""
+        slot = None
+        if on_demand is None:
+            slot = await self._load(target)
+            slot.state = SlotState.READY
+        deployment = Deployment(name, slot, self._settings.max_waiting, self._settings.max_wait_s, on_demand)
         self._deployments[name] = deployment
         return deployment
 
@@ -137,6 +152,52 @@ class DeploymentManager:
             for slot in deployment.slots():
                 await self._stop(slot)
 
+    # -- on demand --------------------------------------------------------------------------
+
+    async def _load_on_demand(self, deployment: Deployment) -> None:
+        target = deployment.on_demand.target
+        record = SwapRecord(deployment.name, "load", None, target.version, "on-demand", "baton", "first request")
+        self._remember(record)
+        try:
+            async with deployment.swap_lock:
+                async with record.phase("evict"):
+                    await self._make_room(target.num_bytes, deployment)
+                slot = await self._load_and_verify(record, target)
+                async with record.phase("flip"):
+                    deployment.flip_to(slot)
+            record.finish()
+        except Exception as error:
+            record.finish(error)
+            deployment.fail_waiting(error if isinstance(error, OverloadedError) else _as_swap_error(error, record))
+        self._to_history(record)
+
+    async def _make_room(self, num_bytes: int, loading: Deployment) -> None:
+        """Unload idle on-demand deployments, least recently used first, until `num_bytes`
+        fit the budget. Never one with requests in flight."""
+        while not self._fits(num_bytes):
+            idle = [d for d in self.deployments if d is not loading and d.on_demand and d.active and d.active.num_leases == 0 and not d.swap_lock.locked()]
+            if not idle:
+                raise OverloadedError(f"No room in the memory budget to load {loading.on_demand.target.version}: every loaded model is busy or always-on.")
+            await self._unload(min(idle, key=lambda d: d.active.last_used), "evicted: least recently used")
+
+    async def _reap_idle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.idle_check_s)
+            for deployment in self.deployments:
+                active = deployment.active
+                if deployment.on_demand and active and deployment.canary is None and not deployment.swap_lock.locked():
+                    if active.idle_seconds() > deployment.on_demand.idle_ttl_s:
+                        await self._unload(deployment, f"idle for more than {deployment.on_demand.idle_ttl_s:g} s")
+
+    async def _unload(self, deployment: Deployment, reason: str) -> None:
+        record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
+        async with record.phase("unload"):
+            await self._drop_standby(deployment)
+            await self._stop(deployment.unload())
+        record.finish()
+        self._remember(record)
+        self._to_history(record)
+
     # -- the state machine ------------------------------------------------------------------
 
     async def _run(self, deployment: Deployment, record: SwapRecord, work, wait: bool) -> SwapRecord:
@@ -158,9 +219,7 @@ class DeploymentManager:
             self._to_history(record)
             return record
 
-        task = asyncio.ensure_future(guarded())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._keep(asyncio.ensure_future(guarded()))
         if not wait:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # outcome is in the record
             await asyncio.sleep(0)  # let it take the lock before we answer
@@ -332,13 +391,19 @@ class DeploymentManager:
             raise ConflictError(f"Deployment {name} has no canary.")
         return deployment
 
+    def _keep(self, task: asyncio.Task) -> asyncio.Task:
+        """Hold background tasks until they end, so none is collected mid-way; stop_all cancels them."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     def _remember(self, record: SwapRecord) -> None:
         self._records[record.id] = record
         while len(self._records) > MAX_RECORDS:
             self._records.pop(next(iter(self._records)))
 
     def _to_history(self, record: SwapRecord) -> None:
-        model, _, number = (record.to_version or record.deployment).partition("@")
+        model, _, number = (record.to_version or record.from_version or record.deployment).partition("@")
         try:
             self._registry.record(Change(record.actor, record.reason), record.action, model, int(number) if number.isdigit() else None, record.to_dict())
         except Exception:  # history must never turn a finished swap into a failed request

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class Slot:
     num_leases: int = 0
     is_cut_off: bool = False  # its drain deadline passed with requests in flight
     num_cut_off: int = 0
+    last_used: float = field(default_factory=time.monotonic)  # when a lease was last taken or returned
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -55,11 +57,17 @@ class Slot:
 
     def take_lease(self) -> "Lease":
         self.num_leases += 1
+        self.last_used = time.monotonic()
         self._drained.clear()
         return Lease(self)
 
+    def idle_seconds(self) -> float:
+        """How long nothing has used this slot; 0 while requests are in flight."""
+        return 0.0 if self.num_leases else time.monotonic() - self.last_used
+
     def _return_lease(self) -> None:
         self.num_leases -= 1
+        self.last_used = time.monotonic()
         if self.num_leases == 0:
             self._drained.set()
 

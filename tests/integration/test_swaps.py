@@ -243,3 +243,59 @@ def test_auto_picks_replace_when_both_versions_do_not_fit(home):
         record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="auto")
         assert record["strategy"] == "replace"
         assert _admin(server, "GET", "/deployments/chat")["standby"] is None  # no room to keep it
+
+
+def _deploy_on_demand(server, name: str, ref: str, idle_ttl_s: float = 300.0) -> dict:
+    return _admin(server, "POST", "/deployments", expect=201, name=name, model=ref, on_demand=True, idle_ttl_s=idle_ttl_s)
+
+
+def _ask_model(server, model: str, max_tokens: int = 2) -> str:
+    raw = server.client().chat.completions.with_raw_response.create(model=model, messages=HI, max_tokens=max_tokens)
+    return raw.headers["x-baton-version"]
+
+
+def test_on_demand_loads_on_first_request_and_unloads_when_idle(home):
+    factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(start_seconds=0.5)})
+    with _server(home, factory, idle_check_s=0.1) as server:
+        assert _deploy_on_demand(server, "lazy", "chat@2", idle_ttl_s=0.5)["state"] == "unloaded"
+        waiting = [threading.Thread(target=lambda: _ask_model(server, "lazy")) for _ in range(3)]
+        for thread in waiting:
+            thread.start()
+        for thread in waiting:
+            thread.join(timeout=30)
+        assert _admin(server, "GET", "/deployments/lazy")["state"] == "ready"
+        loads = [e for e in Registry(home).history("chat") if e["action"] == "load"]
+        assert len(loads) == 1  # three requests, one load
+        deadline = time.monotonic() + 10
+        while _admin(server, "GET", "/deployments/lazy")["state"] != "unloaded":
+            assert time.monotonic() < deadline, "the idle deployment was not unloaded"
+            time.sleep(0.1)
+        assert _ask_model(server, "lazy") == "chat@2"  # loads again
+
+
+def test_on_demand_evicts_the_least_recently_used_idle_deployment(home):
+    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 2.5)) as server:
+        _deploy_on_demand(server, "first", "chat@1")
+        _deploy_on_demand(server, "second", "chat@2")
+        assert _ask_model(server, "first") == "chat@1"  # chat + first fit
+        assert _ask_model(server, "second") == "chat@2"  # evicts first, idle
+        assert _admin(server, "GET", "/deployments/first")["state"] == "unloaded"
+        assert _admin(server, "GET", "/deployments/chat")["state"] == "ready"  # always-on: never evicted
+        assert any(e["action"] == "unload" and "least recently used" in e["reason"] for e in Registry(home).history("chat"))
+
+
+def test_on_demand_never_evicts_a_deployment_with_requests_in_flight(home):
+    slow = FakeEngineFactory({Registry(home).resolve("chat@1").path.name: FakeBehaviour(token_seconds=0.05)})
+    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    with _server(home, slow, memory_budget_bytes=int(one_version * 2.5)) as server:
+        _deploy_on_demand(server, "busy", "chat@1")
+        _deploy_on_demand(server, "other", "chat@2")
+        body = {"model": "busy", "messages": HI, "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()  # kept open: closing it would disconnect the client
+            next(lines)  # busy is loaded and streaming
+            refused = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "other", "messages": HI, "max_tokens": 1}, timeout=30)
+            assert refused.status_code == 503 and "busy or always-on" in refused.json()["error"]["message"]
+            assert "data: [DONE]" in list(lines)  # the busy stream finished whole
+        assert _admin(server, "GET", "/deployments/busy")["state"] == "ready"
