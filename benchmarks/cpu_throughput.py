@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,10 +21,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import openai
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serving import free_port, wait_ready  # noqa: E402
 BIN = Path(sys.executable).parent
 TOPICS = ["a lighthouse keeper", "a lost robot", "a mountain village", "an old clock", "a brave fox", "the sea", "a library", "a comet"]
 
@@ -57,7 +58,6 @@ def _parse() -> argparse.Namespace:
 
 
 def _demo_model() -> Path:
-    sys.path.insert(0, str(ROOT))
     from models.demo import ensure_demo_model
     from models.registry import Registry
     from server.config import default_home
@@ -82,12 +82,12 @@ def _servers(model: Path, args) -> list[tuple[str, list[str], str]]:
 
 @contextmanager
 def _running(command: list[str], name: str):
-    port = _free_port()
+    port = free_port()
     log = open(ROOT / "benchmarks" / "results" / f"{name}.log", "w")
     process = subprocess.Popen([part.format(port=port) for part in command], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process)
+        wait_ready(url, process)
         yield url
     finally:
         process.terminate()
@@ -95,24 +95,7 @@ def _running(command: list[str], name: str):
         log.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
-
-def _wait_ready(url: str, process: subprocess.Popen, seconds: float = 600) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}; see benchmarks/results/*.log")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 async def _load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:

@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from models.catalog import Change  # noqa: E402
 from models.demo import ensure_demo_model  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
 from server.config import default_home  # noqa: E402
+from benchmarks.serving import free_port, wait_ready  # noqa: E402
 
 
 def main() -> None:
@@ -77,13 +77,13 @@ def _two_versions(scratch: Path) -> Path:
 
 
 def _run(home: Path, strategy: str, args) -> dict:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [str(Path(sys.executable).parent / "baton"), "--home", str(home), "serve", "--model", "chat@1", "--name", "chat", "--port", str(port), "--log-level", "warning"]
     log = open(RESULTS / f"swap_{strategy}.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(url, server)
+        wait_ready(url, server)
         if strategy == "standby":  # put chat@2 on standby first: swap there and back
             _swap(url, "chat@2", "blue-green")
             _swap(url, "chat@1", "standby")
@@ -275,24 +275,7 @@ def _swap(url: str, to: str, strategy: str) -> None:
     response.raise_for_status()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
-
-def _wait_ready(url: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("baton exited; see benchmarks/results/swap_*.log")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 if __name__ == "__main__":
