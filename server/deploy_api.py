@@ -81,6 +81,13 @@ async def decide_canary(name: str, decision: Literal["promote", "abort"], reques
     return record.to_dict()
 
 
+@router.get("/status")
+async def status(request: Request) -> dict:
+    """Which engine and version serve each deployment, and what is loaded."""
+    manager = request.state.deployments
+    return {"deployments": [d.describe() for d in manager.deployments], "memory_budget_bytes": request.state.settings.memory_budget_bytes}
+
+
 @router.get("/swaps/{swap_id}")
 async def swap_status(swap_id: str, request: Request) -> dict:
     return request.state.deployments.record(swap_id).to_dict()

@@ -11,6 +11,7 @@ from pathlib import Path
 from models.catalog import Change
 from models.registry import ImportOptions, Registry
 from server.admin_client import AdminClient
+from server.errors import InvalidRequestError
 from server.model_admin import ModelAdmin
 
 
@@ -73,6 +74,8 @@ def _run(args, home: Path) -> int:
 
 def _import(admin, args) -> int:
     engine_options = {k: v for k, v in (("dtype", args.dtype), ("max_model_len", args.max_model_len)) if v is not None}
+    if bad := [label for label in args.label if "=" not in label]:
+        raise InvalidRequestError(f"Labels are KEY=VALUE, not {bad[0]!r}.", param="label")
     labels = dict(label.split("=", 1) for label in args.label)
     options = ImportOptions(args.allow_pickle, args.trust_remote_code, engine_options, labels, args.notes, show_progress=True)
     result = admin.import_model(args.source, args.name, options, _change(args))

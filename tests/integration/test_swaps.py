@@ -299,3 +299,9 @@ def test_on_demand_never_evicts_a_deployment_with_requests_in_flight(home):
             assert refused.status_code == 503 and "busy or always-on" in refused.json()["error"]["message"]
             assert "data: [DONE]" in list(lines)  # the busy stream finished whole
         assert _admin(server, "GET", "/deployments/busy")["state"] == "ready"
+
+
+def test_admin_status_names_the_engine_of_each_deployment(home):
+    with _server(home) as server:
+        status = _admin(server, "GET", "/status")
+        assert [(d["name"], d["active"]["engine"]) for d in status["deployments"]] == [("chat", "transformers")]
