@@ -72,6 +72,7 @@ class ServerThread:
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._clients: list[openai.OpenAI] = []
         self.settings = settings
 
     def __enter__(self) -> "ServerThread":
@@ -84,6 +85,8 @@ class ServerThread:
         return self
 
     def __exit__(self, *exc) -> None:
+        for client in self._clients:  # an unclosed pool's sockets would warn whenever GC runs
+            client.close()
         self._server.should_exit = True
         self._thread.join(timeout=60)
 
@@ -93,8 +96,11 @@ class ServerThread:
         return f"http://127.0.0.1:{port}"
 
     def client(self, **kwargs) -> openai.OpenAI:
+        """An official openai client for this server, closed when the server stops."""
         kwargs.setdefault("api_key", self.settings.api_key or "unused")
-        return openai.OpenAI(base_url=f"{self.url}/v1", max_retries=0, timeout=120, **kwargs)
+        client = openai.OpenAI(base_url=f"{self.url}/v1", max_retries=0, timeout=120, **kwargs)
+        self._clients.append(client)
+        return client
 
 
 @pytest.fixture(scope="session")

@@ -48,8 +48,8 @@ def test_cli_serve_answers_the_openai_client(tiny_model_path, tmp_path):
 
 def _serve_and_ask(url: str, process: subprocess.Popen, log: Path) -> None:
     _wait_healthy(url, process, log)
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert reply.usage.completion_tokens <= 3 and reply.model == "tiny"
 
 
