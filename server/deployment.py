@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 from dataclasses import dataclass
 
@@ -49,6 +50,10 @@ class Deployment:
         return self.active.version if self.active else None
 
     @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    @property
     def needs_load(self) -> bool:
         """An on-demand deployment with nothing loaded and no swap or load under way."""
         return self.on_demand is not None and self.active is None and not self.swap_lock.locked()
@@ -66,6 +71,7 @@ class Deployment:
         """Send new requests to `slot`; return the slot that served until now."""
         previous, self.active = self.active, slot
         slot.state = SlotState.READY
+        slot.last_used = time.monotonic()  # routed now: its idle time starts here, not at load
         if previous is not None:
             self.previous_version = previous.version
         self._serving.set()
@@ -115,7 +121,7 @@ class Deployment:
             "state": self.active.state.value if self.active else ("unloaded" if self.needs_load else "swapping"),
             "on_demand": {"idle_ttl_s": self.on_demand.idle_ttl_s, "version": self.on_demand.target.version} if self.on_demand else None,
             "in_flight": sum(s.num_leases for s in self.slots()),
-            "waiting": self._num_waiting,
+            "waiting": self.num_waiting,
             "is_swapping": self.swap_lock.locked(),
             "active": self.active.describe() if self.active else None,
             "canary": {**self.canary.describe(), "weight": self.canary_weight} if self.canary else None,

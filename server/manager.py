@@ -183,11 +183,11 @@ class DeploymentManager:
     async def _reap_idle_forever(self) -> None:
         while True:
             await asyncio.sleep(self._settings.idle_check_s)
-            for deployment in self.deployments:
-                active = deployment.active
-                if deployment.on_demand and active and deployment.canary is None and not deployment.swap_lock.locked():
-                    if active.idle_seconds() > deployment.on_demand.idle_ttl_s:
-                        await self._unload(deployment, f"idle for more than {deployment.on_demand.idle_ttl_s:g} s")
+            for deployment in filter(_is_idle_past_ttl, self.deployments):
+                try:
+                    await self._unload(deployment, f"idle for more than {deployment.on_demand.idle_ttl_s:g} s")
+                except Exception:  # one engine that fails to stop must not end idle unloading for all
+                    log.exception("could not unload idle deployment %s", deployment.name)
 
     async def _unload(self, deployment: Deployment, reason: str) -> None:
         record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
@@ -408,6 +408,15 @@ class DeploymentManager:
             self._registry.record(Change(record.actor, record.reason), record.action, model, int(number) if number.isdigit() else None, record.to_dict())
         except Exception:  # history must never turn a finished swap into a failed request
             log.exception("could not record %s in the history", record.id)
+
+
+def _is_idle_past_ttl(deployment: Deployment) -> bool:
+    active = deployment.active
+    if not deployment.on_demand or active is None or deployment.canary is not None or deployment.swap_lock.locked():
+        return False
+    if deployment.num_waiting:  # woken by a load, not yet leased
+        return False
+    return active.idle_seconds() > deployment.on_demand.idle_ttl_s
 
 
 def _as_swap_error(error: Exception, record: SwapRecord) -> BaseException:

@@ -23,6 +23,6 @@ def _deployment_health(deployment) -> dict:
     """The active slot's engine health; a deployment in the middle of a `replace` swap is
     ready (its requests wait in the queue), so probes do not restart the process."""
     if deployment.active is None:
-        return {"version": None, "is_ready": True, "num_running": 0, "num_waiting": deployment.describe()["waiting"], "details": {}}
+        return {"version": None, "is_ready": True, "num_running": 0, "num_waiting": deployment.num_waiting, "details": {}}
     engine = deployment.active.engine
     return {"version": deployment.version, "engine": engine.name, **asdict(engine.health())}
