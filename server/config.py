@@ -36,6 +36,7 @@ class ModelSpec(BaseModel):
     allow_pickle: bool = False
     on_demand: bool = Field(False, description="Load on the first request; unload after idle_ttl_s with nothing in flight.")
     idle_ttl_s: float = Field(300.0, gt=0)
+    smoke_prompts: list[str] | None = Field(None, min_length=1, description="Checked before a swap flips; default: the server's.")
 
     @field_validator("name")
     @classmethod

@@ -23,6 +23,7 @@ class DeployBody(_Body):
     model: str = Field(description="a registry ref: chat, chat@2, chat@prod")
     on_demand: bool = Field(False, description="load on the first request, unload when idle")
     idle_ttl_s: float = Field(300.0, gt=0)
+    smoke_prompts: list[str] | None = Field(None, min_length=1, description="each must produce a token before a flip")
 
 
 class SwapBody(_Body):
@@ -48,7 +49,7 @@ async def list_deployments(request: Request) -> list[dict]:
 @router.post("/deployments", status_code=201)
 async def deploy(body: DeployBody, request: Request) -> dict:
     change = actor_change(request, body.reason)
-    deployment = await request.state.deployments.deploy(body.name, body.model, change, body.on_demand, body.idle_ttl_s)
+    deployment = await request.state.deployments.deploy(body.name, body.model, change, body.on_demand, body.idle_ttl_s, body.smoke_prompts)
     return deployment.describe()
 
 

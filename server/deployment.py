@@ -35,6 +35,7 @@ class Deployment:
         self.canary_weight = 0  # percent of requests sent to the canary
         self.standby: Slot | None = None
         self.previous_version: str | None = None  # what `rollback` returns to
+        self.smoke_prompts: list[str] | None = None  # None: the server's default smoke prompts
         self.swap_lock = asyncio.Lock()
         self._max_waiting = max_waiting
         self._max_wait_seconds = max_wait_seconds

@@ -88,24 +88,27 @@ class DeploymentManager:
         """Start-up: serve a configured model (a registry version or a local folder)."""
         options = {"dtype": spec.dtype, "max_batch_size": spec.max_batch_size, "max_model_len": spec.max_model_len, "allow_pickle": spec.allow_pickle}
         num_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
-        on_demand = OnDemand(Target(spec.version, spec.path, options, num_bytes), spec.idle_ttl_s) if spec.on_demand else None
-        return await self._deploy(spec.name, Target(spec.version, spec.path, options, num_bytes), on_demand)
+        target = Target(spec.version, spec.path, options, num_bytes)
+        return await self._deploy(spec.name, target, OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None, spec.smoke_prompts)
 
-    async def deploy(self, name: str, ref: str, change: Change, on_demand: bool = False, idle_ttl_s: float = 300.0) -> Deployment:
+    async def deploy(
+        self, name: str, ref: str, change: Change, on_demand: bool = False, idle_ttl_s: float = 300.0, smoke_prompts: list[str] | None = None
+    ) -> Deployment:
         if name in self._deployments:
             raise ConflictError(f"Deployment {name} exists; swap it instead.")
         target = self._resolve(ref)
-        deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None)
+        deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None, smoke_prompts)
         self._remember(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason, status="succeeded"))
         return deployment
 
-    async def _deploy(self, name: str, target: Target, on_demand: OnDemand | None) -> Deployment:
+    async def _deploy(self, name: str, target: Target, on_demand: OnDemand | None, smoke_prompts: list[str] | None) -> Deployment:
         """An on-demand deployment starts unloaded; its first request loads it."""
         slot = None
         if on_demand is None:
             slot = await self._load(target)
             slot.state = SlotState.READY
         deployment = Deployment(name, slot, self._settings.max_waiting, self._settings.max_wait_s, on_demand)
+        deployment.smoke_prompts = smoke_prompts
         self._deployments[name] = deployment
         return deployment
 
@@ -162,7 +165,7 @@ class DeploymentManager:
             async with deployment.swap_lock:
                 async with record.phase("evict"):
                     await self._make_room(target.num_bytes, deployment)
-                slot = await self._load_and_verify(record, target)
+                slot = await self._load_and_verify(record, target, deployment)
                 async with record.phase("flip"):
                     deployment.flip_to(slot)
             record.finish()
@@ -242,7 +245,7 @@ class DeploymentManager:
             await self._swap_blue_green(deployment, record, target)
 
     async def _swap_blue_green(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
-        new = await self._load_and_verify(record, target)
+        new = await self._load_and_verify(record, target, deployment)
         async with record.phase("flip"):
             old = deployment.flip_to(new)
         await self._retire(deployment, record, old)
@@ -264,7 +267,7 @@ class DeploymentManager:
         async with record.phase("unload"):
             await self._stop(old)
         try:
-            new = await self._load_and_verify(record, target)
+            new = await self._load_and_verify(record, target, deployment)
         except BaseException:
             async with record.phase("restore"):
                 restored = await self._load(old.target)
@@ -277,7 +280,7 @@ class DeploymentManager:
     async def _canary(self, deployment: Deployment, record: SwapRecord, ref: str, weight: int) -> None:
         target = self._resolve(ref)
         record.to_version = target.version
-        slot = await self._load_and_verify(record, target)
+        slot = await self._load_and_verify(record, target, deployment)
         async with record.phase("route"):
             deployment.set_canary(slot, weight)
 
@@ -321,12 +324,14 @@ class DeploymentManager:
                 phase.detail = f"deadline passed: {slot.num_leases} request(s) ended with model_swapped"
                 await self._stop(slot)
 
-    async def _load_and_verify(self, record: SwapRecord, target: Target) -> Slot:
+    async def _load_and_verify(self, record: SwapRecord, target: Target, deployment: Deployment) -> Slot:
         async with record.phase("load"):
             slot = await self._load(target)
         try:
-            async with record.phase("verify"):
-                await self._verify(slot)
+            async with record.phase("verify") as phase:
+                prompts = deployment.smoke_prompts or self._settings.smoke_prompts
+                await self._verify(slot, prompts)
+                phase.detail = f"{len(prompts)} smoke prompt(s) answered"
         except BaseException:
             await self._stop(slot)
             raise
@@ -342,10 +347,10 @@ class DeploymentManager:
             raise
         return slot
 
-    async def _verify(self, slot: Slot) -> None:
+    async def _verify(self, slot: Slot, prompts: list[str]) -> None:
         """Every smoke prompt must produce at least one token, greedily, within the timeout."""
         async with asyncio.timeout(self._settings.verify_timeout_s):
-            for prompt in self._settings.smoke_prompts:
+            for prompt in prompts:
                 request = GenerationRequest("smoke-" + uuid.uuid4().hex, slot.engine.tokenize(prompt), SamplingParams(max_tokens=4, temperature=0))
                 num_tokens = 0
                 async for chunk in slot.engine.generate(request):

@@ -305,3 +305,14 @@ def test_admin_status_names_the_engine_of_each_deployment(home):
     with _server(home) as server:
         status = _admin(server, "GET", "/status")
         assert [(d["name"], d["active"]["engine"]) for d in status["deployments"]] == [("chat", "transformers")]
+
+
+def test_smoke_prompts_are_set_per_deployment(home):
+    with _server(home, FakeEngineFactory()) as server:
+        _admin(server, "POST", "/deployments", expect=201, name="checked", model="chat@1", smoke_prompts=["one two", "three"])
+        record = _admin(server, "POST", "/deployments/checked/swap", to="chat@2")
+        assert [p["detail"] for p in record["phases"] if p["name"] == "verify"] == ["2 smoke prompt(s) answered"]
+        default = _admin(server, "POST", "/deployments/chat/swap", to="chat@2")
+        assert [p["detail"] for p in default["phases"] if p["name"] == "verify"] == ["1 smoke prompt(s) answered"]
+        bad = _admin(server, "POST", "/deployments", expect=400, name="bad", model="chat@1", smoke_prompts=[])
+        assert bad["error"]["param"] == "smoke_prompts"
