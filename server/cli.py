@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     serve.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights in a local folder (they can run code)")
     serve.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"), help="require this bearer key on /v1 (default: $BATON_API_KEY)")
+    serve.add_argument("--no-auth", action="store_true", help="allow serving /v1 without an API key beyond loopback")
     serve.add_argument("--admin-key", default=os.environ.get("BATON_ADMIN_KEY"), help="require this key on /admin; unset, /admin answers loopback only")
     serve.add_argument("--import-root", type=Path, action="append", default=[], help="a folder the admin API may import from; repeatable")
     serve.add_argument("--log-level", default="info")
@@ -65,6 +67,8 @@ def _serve(args) -> int:
     from models.demo import ensure_demo_model
     from server.app import create_app
 
+    if not (args.api_key or args.no_auth or _is_loopback(args.host)):
+        raise ConfigError(f"Listening on {args.host} would serve anyone unauthenticated: set --api-key (or BATON_API_KEY), or pass --no-auth.")
     home = _home(args)
     registry = Registry(home)
     refs = args.model or [ensure_demo_model(registry).model]
@@ -83,6 +87,13 @@ def _serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _model_spec(registry: Registry, ref: str, args) -> ModelSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -73,3 +74,10 @@ def test_cli_rejects_a_bad_model_name(tiny_model_path):
     result = subprocess.run([*BATON, "serve", "--model", str(tiny_model_path), "--name", "../etc"], capture_output=True, text=True)
     assert result.returncode == 1
     assert "must match" in result.stderr
+
+
+def test_cli_refuses_to_serve_beyond_loopback_without_a_key(tiny_model_path):
+    env = {k: v for k, v in os.environ.items() if k != "BATON_API_KEY"}
+    command = [*BATON, "serve", "--model", str(tiny_model_path), "--host", "0.0.0.0"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and "--api-key" in result.stderr and "Traceback" not in result.stderr
