@@ -93,9 +93,9 @@ class ContinuousBatch:
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Sample, then cut finished rows, then emit: a client that has its last chunk
         never sees its row still in the batch."""
-        chunks = [self._append(s, sample_token(row, s.request.sampling, s.generator)) for s, row in zip(sequences, logits)]
+        chunks = [self._append(s, sample_token(row, s.request.sampling, s.generator)) for s, row in zip(sequences, logits, strict=True)]
         self._keep([s for s in self.sequences if s.finish_reason is None])
-        for sequence, chunk in zip(sequences, chunks):
+        for sequence, chunk in zip(sequences, chunks, strict=True):
             if chunk is not None:
                 sequence.emit(chunk)
 
@@ -150,7 +150,7 @@ class ContinuousBatch:
         self._attention_mask = torch.cat(
             [_pad_left(self._attention_mask, length), _pad_left(attention_mask, length)], dim=0
         )
-        for running, joining in zip(self._cache.layers, cache.layers):
+        for running, joining in zip(self._cache.layers, cache.layers, strict=True):
             running.keys = torch.cat([_pad_left(running.keys, length, -2), _pad_left(joining.keys, length, -2)])
             running.values = torch.cat([_pad_left(running.values, length, -2), _pad_left(joining.values, length, -2)])
 
