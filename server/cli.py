@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-auth", action="store_true", help="allow serving /v1 without an API key beyond loopback")
     serve.add_argument("--admin-key", default=os.environ.get("BATON_ADMIN_KEY"), help="require this key on /admin; unset, /admin answers loopback only")
     serve.add_argument("--import-root", type=Path, action="append", default=[], help="a folder the admin API may import from; repeatable")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds a swapped-out version may finish its requests")
+    serve.add_argument("--max-waiting", type=int, default=64, help="requests held per deployment during a replace swap")
+    serve.add_argument("--max-wait", type=float, default=120.0, help="seconds a held request waits before a 503")
+    serve.add_argument("--memory-budget-gb", type=float, default=None, help="model memory budget (default: 70%% of RAM)")
+    serve.add_argument("--no-standby", action="store_true", help="stop swapped-out versions instead of keeping them loaded")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
 
@@ -83,6 +88,11 @@ def _serve(args) -> int:
         api_key=args.api_key,
         admin_key=args.admin_key,
         import_roots=args.import_root,
+        drain_timeout_s=args.drain_timeout,
+        max_waiting=args.max_waiting,
+        max_wait_s=args.max_wait,
+        keep_standby=not args.no_standby,
+        **({"memory_budget_bytes": int(args.memory_budget_gb * 1e9)} if args.memory_budget_gb else {}),
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)

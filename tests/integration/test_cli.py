@@ -81,3 +81,8 @@ def test_cli_refuses_to_serve_beyond_loopback_without_a_key(tiny_model_path):
     command = [*BATON, "serve", "--model", str(tiny_model_path), "--host", "0.0.0.0"]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 1 and "--api-key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_invalid_swap_settings_name_the_field(tiny_model_path):
+    result = subprocess.run([*BATON, "serve", "--model", str(tiny_model_path), "--drain-timeout", "-1"], capture_output=True, text=True)
+    assert result.returncode == 1 and "drain_timeout_s" in result.stderr and "Traceback" not in result.stderr
