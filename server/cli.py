@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model", action="append", help="a registry ref (chat, chat@2, chat@prod) or a local folder; repeatable")
     serve.add_argument("--name", help="the name clients send as `model`, when serving one model")
+    serve.add_argument("--engine", default=None, choices=["auto", "vllm", "transformers"], help="default: the version's, else auto")
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"], help="default: the version's, else auto")
     serve.add_argument("--max-batch-size", type=int, default=16, help="generations decoded together")
     serve.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
@@ -115,7 +116,7 @@ def _model_spec(registry: Registry, ref: str, args) -> ModelSpec:
         path = Path(ref)
         check_model_folder(path, allow_pickle=args.allow_pickle)
         name = args.name or path.name.lower()
-        return ModelSpec(name=name, path=path, dtype=args.dtype or "auto", allow_pickle=args.allow_pickle, **common)
+        return ModelSpec(name=name, path=path, engine=args.engine or "auto", dtype=args.dtype or "auto", allow_pickle=args.allow_pickle, **common)
     version = registry.resolve_for_serving(ref)
     options = version.manifest.engine_options
     common["max_model_len"] = common["max_model_len"] or options.get("max_model_len")
@@ -123,6 +124,7 @@ def _model_spec(registry: Registry, ref: str, args) -> ModelSpec:
         name=args.name or version.model,
         path=version.path,
         version=version.ref,
+        engine=args.engine or options.get("engine", "auto"),
         dtype=args.dtype or options.get("dtype", "auto"),
         allow_pickle=version.manifest.allows_pickle,
         **common,

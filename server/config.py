@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -30,6 +31,7 @@ class ModelSpec(BaseModel):
     name: str = Field(description="The name clients send in the `model` field.")
     path: Path
     version: str = Field("local", description="What served it, for the x-baton-version header: a registry ref or 'local'.")
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
     dtype: Dtype = "auto"
     max_batch_size: int = Field(16, ge=1, le=256)
     max_model_len: int | None = Field(None, ge=16)

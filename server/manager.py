@@ -86,7 +86,7 @@ class DeploymentManager:
 
     async def deploy_spec(self, spec: ModelSpec) -> Deployment:
         """Start-up: serve a configured model (a registry version or a local folder)."""
-        options = {"dtype": spec.dtype, "max_batch_size": spec.max_batch_size, "max_model_len": spec.max_model_len, "allow_pickle": spec.allow_pickle}
+        options = {"engine": spec.engine, "dtype": spec.dtype, "max_batch_size": spec.max_batch_size, "max_model_len": spec.max_model_len, "allow_pickle": spec.allow_pickle}
         num_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
         target = Target(spec.version, spec.path, options, num_bytes)
         return await self._deploy(spec.name, target, OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None, spec.smoke_prompts)

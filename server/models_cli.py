@@ -25,6 +25,7 @@ def add_commands(commands, home_of) -> None:
     imports.add_argument("--name", required=True)
     imports.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (they can run code)")
     imports.add_argument("--trust-remote-code", action="store_true", help="accept models that ship Python code")
+    imports.add_argument("--engine", choices=["auto", "vllm", "transformers"], help="engine option recorded in the manifest")
     imports.add_argument("--dtype", help="engine option recorded in the manifest")
     imports.add_argument("--max-model-len", type=int, help="engine option recorded in the manifest")
     imports.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
@@ -72,7 +73,8 @@ def _run(args, home: Path) -> int:
 
 
 def _import(admin, args) -> int:
-    engine_options = {k: v for k, v in (("dtype", args.dtype), ("max_model_len", args.max_model_len)) if v is not None}
+    chosen = (("engine", args.engine), ("dtype", args.dtype), ("max_model_len", args.max_model_len))
+    engine_options = {k: v for k, v in chosen if v is not None}
     if bad := [label for label in args.label if "=" not in label]:
         raise InvalidRequestError(f"Labels are KEY=VALUE, not {bad[0]!r}.", param="label")
     labels = dict(label.split("=", 1) for label in args.label)

@@ -77,7 +77,7 @@ class ServerThread:
 
     def __enter__(self) -> "ServerThread":
         self._thread.start()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a vLLM engine takes minutes to start on CPU
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")

@@ -32,3 +32,12 @@ def test_requests_are_prompt_major_with_consecutive_seeds():
     assert [r.sampling.seed for r in requests] == [5, 6, 5, 6]
     assert all(r.sampling.stop == ("x",) for r in requests)
     assert len({r.request_id for r in requests}) == 4
+
+
+def test_engine_choice_rejects_unknown_engines(tiny_model_path):
+    from server.app import build_engine
+    from server.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Unknown engine"):
+        build_engine(tiny_model_path, {"engine": "tensorrt"})
+    assert build_engine(tiny_model_path, {"engine": "transformers"}).name == "transformers"

