@@ -1,4 +1,7 @@
-"""Streaming chat throughput and TTFT: baton against `transformers serve`, same model, same run.
+"""Streaming chat throughput and TTFT: baton against an anchor server, same model, same run.
+
+The anchor is `transformers serve` (baton on its transformers engine), or vLLM's own OpenAI
+server with `--engine vllm --anchor vllm-server` (what benchmarks/overhead_vs_vllm.py runs).
 
     .venv/bin/python benchmarks/cpu_throughput.py [--model PATH] [--requests 16] [--max-tokens 64]
 
@@ -52,7 +55,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", choices=["baton", "transformers-serve"], help="run one server only")
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"], help="baton's engine")
+    parser.add_argument("--anchor", default="transformers-serve", choices=["transformers-serve", "vllm-server"])
+    parser.add_argument("--only", choices=["baton", "transformers-serve", "vllm-server"], help="run one server only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_throughput.json")
     return parser.parse_args()
 
@@ -71,12 +76,19 @@ def _prompts(count: int, seed: int) -> list[str]:
 
 
 def _servers(model: Path, args) -> list[tuple[str, list[str], str]]:
-    """(name, command, the `model` field it serves). transformers serve preloads the model
-    given on its command line and answers to that path."""
-    servers = [
-        ("baton", [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}"], "bench"),
-        ("transformers-serve", [str(BIN / "transformers"), "serve", str(model), "--port", "{port}", "--device", "cpu"], str(model)),
-    ]
+    """(name, command, the `model` field it serves): baton on the chosen engine, then the anchor.
+    transformers serve preloads the model given on its command line and answers to that path;
+    vLLM's own server runs with the settings baton's vLLM engine uses on CPU."""
+    baton = [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}", "--engine", args.engine]
+    anchors = {
+        "transformers-serve": [str(BIN / "transformers"), "serve", str(model), "--port", "{port}", "--device", "cpu"],
+        "vllm-server": [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", "bench",
+            "--port", "{port}", "--dtype", "float32", "--max-num-seqs", "16",
+        ],
+    }
+    served_as = {"transformers-serve": str(model), "vllm-server": "bench"}
+    servers = [("baton", baton, "bench"), (args.anchor, anchors[args.anchor], served_as[args.anchor])]
     return [s for s in servers if args.only in (None, s[0])]
 
 
@@ -84,7 +96,8 @@ def _servers(model: Path, args) -> list[tuple[str, list[str], str]]:
 def _running(command: list[str], name: str):
     port = free_port()
     log = open(ROOT / "benchmarks" / "results" / f"{name}.log", "w")
-    process = subprocess.Popen([part.format(port=port) for part in command], stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    process = subprocess.Popen([part.format(port=port) for part in command], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process)
@@ -146,12 +159,13 @@ def _report(results: dict, args) -> None:
                 f"{name:>20} c={concurrency:<2} {r['tokens_per_s']:7.1f} tok/s  "
                 f"TTFT p50 {r['ttft_p50_s']:6.2f}s p99 {r['ttft_p99_s']:6.2f}s  ({r['completion_tokens']} tokens)"
             )
-    if {"baton", "transformers-serve"} <= results.keys():
+    if {"baton", args.anchor} <= results.keys():
         for concurrency in map(str, args.concurrency):
-            ours, anchor = results["baton"][concurrency], results["transformers-serve"][concurrency]
+            ours, anchor = results["baton"][concurrency], results[args.anchor][concurrency]
             print(
                 f"ratio c={concurrency}: tokens/s x{ours['tokens_per_s'] / anchor['tokens_per_s']:.2f}, "
-                f"TTFT p50 x{ours['ttft_p50_s'] / anchor['ttft_p50_s']:.2f} (baton / transformers serve)"
+                f"TTFT p50 x{ours['ttft_p50_s'] / anchor['ttft_p50_s']:.2f}, "
+                f"TTFT p50 {1000 * (ours['ttft_p50_s'] - anchor['ttft_p50_s']):+.0f} ms (baton on {args.engine} / {args.anchor})"
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
