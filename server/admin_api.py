@@ -8,7 +8,6 @@ so it is refused unless the path lies under an operator-configured import root.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import secrets
 from pathlib import Path
 
@@ -18,13 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.catalog import Change
 from models.importers import GGUF_PREFIX, HUB_PREFIX
 from models.registry import ImportOptions
+from server.addresses import is_loopback
 from server.errors import AuthenticationError, ForbiddenError
 
 
 def require_admin(request: Request) -> None:
     expected = request.state.settings.admin_key
     if expected is None:
-        if not _is_loopback(request.client.host if request.client else ""):
+        if not is_loopback(request.client.host if request.client else ""):
             raise ForbiddenError("Admin routes are open to loopback clients only; set an admin key to allow others.")
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -122,10 +122,3 @@ def _check_import_path(source: str, import_roots: list[Path]) -> None:
             f"Importing from a server path over HTTP needs the path under an import root (baton serve --import-root DIR); {path} is not.",
             param="source",
         )
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
@@ -14,6 +13,7 @@ from pydantic import ValidationError
 
 from models.registry import Registry
 from server import deploy_cli, models_cli
+from server.addresses import is_loopback
 from server.config import ModelSpec, Settings, default_home
 from server.errors import BatonError, ConfigError
 
@@ -73,7 +73,7 @@ def _serve(args) -> int:
     from models.demo import ensure_demo_model
     from server.app import create_app
 
-    if not (args.api_key or args.no_auth or _is_loopback(args.host)):
+    if not (args.api_key or args.no_auth or is_loopback(args.host)):
         raise ConfigError(f"Listening on {args.host} would serve anyone unauthenticated: set --api-key (or BATON_API_KEY), or pass --no-auth.")
     home = _home(args)
     registry = Registry(home)
@@ -99,12 +99,6 @@ def _serve(args) -> int:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
 
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _model_spec(registry: Registry, ref: str, args) -> ModelSpec:
