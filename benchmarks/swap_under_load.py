@@ -45,7 +45,7 @@ from benchmarks.serving import free_port, wait_ready  # noqa: E402
 def main() -> None:
     args = _parse()
     with tempfile.TemporaryDirectory() as scratch:
-        home = _two_versions(Path(scratch))
+        home = _two_versions(Path(scratch), args.engine)
         runs = {strategy: _run(home, strategy, args) for strategy in args.strategies}
     _report(runs, args)
 
@@ -58,12 +58,13 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--slo", type=float, default=2.0, help="TTFT objective in seconds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm", "auto"], help="the versions' engine")
     parser.add_argument("--strategies", nargs="+", default=["blue-green", "replace", "standby"])
     parser.add_argument("--standby-swaps", type=int, default=40, help="unloaded standby swaps timed for the p99")
     return parser.parse_args()
 
 
-def _two_versions(scratch: Path) -> Path:
+def _two_versions(scratch: Path, engine: str) -> Path:
     demo = ensure_demo_model(Registry(Path(os.environ.get("BATON_HOME") or default_home())))
     home = scratch / "home"
     registry = Registry(home)
@@ -72,7 +73,7 @@ def _two_versions(scratch: Path) -> Path:
     (second / "generation_config.json").chmod(0o644)
     (second / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "benchmark": "v2"}))
     for folder in (demo.path, second):
-        registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("benchmark"))
+        registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(engine_options={"engine": engine}), Change("benchmark"))
     return home
 
 

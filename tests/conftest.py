@@ -105,14 +105,14 @@ class ServerThread:
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model_path, tmp_path_factory):
-    settings = Settings(home=tmp_path_factory.mktemp("home"), models=[ModelSpec(name="tiny", path=tiny_model_path)])
+    settings = Settings(home=tmp_path_factory.mktemp("home"), models=[ModelSpec(name="tiny", path=tiny_model_path, engine="transformers")])
     with ServerThread(settings) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def smol_server(demo_version, tmp_path_factory):
-    spec = ModelSpec(name="smollm2", path=demo_version.path, version=demo_version.ref)
+    spec = ModelSpec(name="smollm2", path=demo_version.path, version=demo_version.ref, engine="transformers")
     settings = Settings(home=tmp_path_factory.mktemp("home"), models=[spec])
     with ServerThread(settings) as server:
         yield server

@@ -19,6 +19,7 @@ class FakeBehaviour:
     token_seconds: float = 0.0
     fails_to_start: bool = False
     produces_nothing: bool = False
+    sleeps: bool = False  # has a sleep mode, as vLLM on GPU: loaded, its device memory given back
 
 
 class FakeEngine:
@@ -28,6 +29,7 @@ class FakeEngine:
         self._label = label
         self._behaviour = behaviour
         self._is_running = False
+        self.is_asleep = False
         self._running: dict[str, asyncio.Event] = {}  # request id -> stop signal
 
     @property
@@ -47,8 +49,8 @@ class FakeEngine:
         return self.tokenize(" ".join(m["content"] for m in messages))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        if not self._is_running:
-            raise EngineStoppedError("The engine is not running.")
+        if not self._is_running or self.is_asleep:
+            raise EngineStoppedError("The engine is not running." if not self.is_asleep else "The engine is asleep.")
         stopped = self._running[request.request_id] = asyncio.Event()
         try:
             count = 0 if self._behaviour.produces_nothing else request.sampling.max_tokens
@@ -70,7 +72,18 @@ class FakeEngine:
             self._running[request_id].set()
 
     def health(self) -> EngineHealth:
-        return EngineHealth(self._is_running, len(self._running), 0)
+        return EngineHealth(self._is_running and not self.is_asleep, len(self._running), 0)
+
+    @property
+    def can_sleep(self) -> bool:
+        return self._behaviour.sleeps
+
+    async def sleep(self) -> None:
+        assert self._behaviour.sleeps and not self._running, "only an idle engine with a sleep mode sleeps"
+        self.is_asleep = True
+
+    async def wake_up(self) -> None:
+        self.is_asleep = False
 
     async def stop(self) -> None:
         self._is_running = False
@@ -82,8 +95,9 @@ class FakeEngineFactory:
     """Builds fake engines labelled by the model folder's name; `behaviours` maps a folder
     name to how its engine behaves."""
 
-    def __init__(self, behaviours: dict[str, FakeBehaviour] | None = None):
+    def __init__(self, behaviours: dict[str, FakeBehaviour] | None = None, default: FakeBehaviour = FakeBehaviour()):
         self.behaviours = behaviours or {}
+        self.default = default
 
     def __call__(self, path: Path, options: dict) -> FakeEngine:
-        return FakeEngine(path.name[:8], self.behaviours.get(path.name, FakeBehaviour()))
+        return FakeEngine(path.name[:8], self.behaviours.get(path.name, self.default))

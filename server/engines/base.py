@@ -78,3 +78,20 @@ class Engine(Protocol):
     def health(self) -> EngineHealth: ...
 
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class SleepingEngine(Protocol):
+    """An engine that can give its accelerator memory back and stay loaded (vLLM's sleep mode
+    on GPU). Rules: nothing generates while asleep; `wake_up` makes it ready again."""
+
+    @property
+    def can_sleep(self) -> bool: ...
+
+    async def sleep(self) -> None: ...
+
+    async def wake_up(self) -> None: ...
+
+
+def can_sleep(engine: Engine) -> bool:
+    return isinstance(engine, SleepingEngine) and engine.can_sleep

@@ -22,12 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from server.engines.base import Chunk, Dtype, EngineHealth, GenerationRequest
 from server.engines.batch import ContinuousBatch, Sequence
 from server.engines.detokenizer import IncrementalDetokenizer
+from server.engines.model_folder import check_model_folder
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids
 from server.engines.sampler import make_generator
 from server.errors import EngineError, EngineStoppedError, ModelLoadError
-
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
 
 @dataclass(frozen=True)
 class TransformersOptions:
@@ -234,22 +232,6 @@ class TransformersEngine:
     def _warm_up(self) -> None:
         with torch.inference_mode():
             self._model(input_ids=torch.tensor([[self._pad_token_id()]], device=self._device))
-
-
-def check_model_folder(path: Path, allow_pickle: bool) -> None:
-    """Refuse what is not a model folder, and pickle-only weights unless allowed."""
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json).")
-    names = [p.name for p in path.iterdir()]
-    has_safetensors = any(name.endswith(".safetensors") for name in names)
-    has_pickle = any(name.endswith(_PICKLE_SUFFIXES) for name in names)
-    if not has_safetensors and has_pickle and not allow_pickle:
-        raise ModelLoadError(
-            f"{path} holds only pickle weights (.bin/.pt), which can run code when loaded. "
-            "Convert them to safetensors, or pass --allow-pickle if you trust them."
-        )
-    if not has_safetensors and not has_pickle:
-        raise ModelLoadError(f"{path} has no weights (*.safetensors).")
 
 
 def _put_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:

@@ -37,7 +37,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, seconds: float
 
 def test_cli_serve_answers_the_openai_client(tiny_model_path, tmp_path):
     port = _free_port()
-    command = [*BATON, "--home", str(tmp_path), "serve", "--model", str(tiny_model_path), "--name", "tiny", "--port", str(port)]
+    command = [*BATON, "--home", str(tmp_path), "serve", "--model", str(tiny_model_path), "--name", "tiny", "--port", str(port), "--engine", "transformers"]
     log = tmp_path / "serve.log"
     with log.open("w") as output, subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT) as process:
         try:

@@ -114,7 +114,7 @@ def test_unknown_path_gets_404(tiny_server):
 
 
 def test_api_key_is_required_when_configured(tiny_model_path, tmp_path):
-    settings = Settings(home=tmp_path, api_key="s3cret", models=[ModelSpec(name="tiny", path=tiny_model_path)])
+    settings = Settings(home=tmp_path, api_key="s3cret", models=[ModelSpec(name="tiny", path=tiny_model_path, engine="transformers")])
     with ServerThread(settings) as server:
         with pytest.raises(openai.AuthenticationError):
             server.client(api_key="wrong").models.list()

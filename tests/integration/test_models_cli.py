@@ -113,7 +113,7 @@ def test_cli_verify_reports_corruption_with_exit_1(tmp_path, folder):
 
 def test_admin_api_through_cli_server_mode(tmp_path, folder, tiny_model_path):
     home = tmp_path / "home"
-    settings = Settings(home=home, import_roots=[tmp_path], models=[ModelSpec(name="tiny", path=tiny_model_path)])
+    settings = Settings(home=home, import_roots=[tmp_path], models=[ModelSpec(name="tiny", path=tiny_model_path, engine="transformers")])
     with ServerThread(settings) as server:
         remote = ("models", "--server", server.url)
         assert "imported chat@1" in baton(tmp_path / "unused", *remote, "import", str(folder), "--name", "chat").stdout
@@ -128,7 +128,7 @@ def test_admin_api_through_cli_server_mode(tmp_path, folder, tiny_model_path):
 
 
 def test_admin_api_needs_the_admin_key_when_set(tmp_path, tiny_model_path):
-    settings = Settings(home=tmp_path / "home", admin_key="k3y", models=[ModelSpec(name="tiny", path=tiny_model_path)])
+    settings = Settings(home=tmp_path / "home", admin_key="k3y", models=[ModelSpec(name="tiny", path=tiny_model_path, engine="transformers")])
     with ServerThread(settings) as server:
         assert httpx.get(f"{server.url}/admin/models").status_code == 401
         assert httpx.get(f"{server.url}/admin/models", headers={"authorization": "Bearer k3y"}).json() == []

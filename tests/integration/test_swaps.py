@@ -16,11 +16,13 @@ import pytest
 
 from models.catalog import Change
 from models.registry import ImportOptions, Registry
+from server.manager import LOAD_OVERHEAD
 from server.config import ModelSpec, Settings
 from tests.conftest import ServerThread, build_tiny_model
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory
 
 HI = [{"role": "user", "content": "Say something"}]
+TRANSFORMERS = ImportOptions(engine_options={"engine": "transformers"})
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +32,13 @@ def home(tmp_path_factory, tiny_model_path, demo_model_path) -> Path:
     registry = Registry(home)
     second = build_tiny_model(tmp_path_factory.mktemp("v2") / "v2", demo_model_path, seed=1)
     for folder in (tiny_model_path, second):
-        registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("tester"))
+        registry.import_folder(folder, "chat", {"kind": "local"}, TRANSFORMERS, Change("tester"))
     return home
 
 
 def _server(home: Path, engine_factory=None, **settings) -> ServerThread:
     version = Registry(home).resolve("chat@1")
-    spec = ModelSpec(name="chat", path=version.path, version=version.ref)
+    spec = ModelSpec(name="chat", path=version.path, version=version.ref, engine="transformers")
     return ServerThread(Settings(home=home, models=[spec], **settings), engine_factory=engine_factory)
 
 
@@ -124,7 +126,7 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(home, tmp_path,
         (broken / item.name).write_bytes(item.read_bytes())
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "hidden_size": 96}))
-    Registry(home).import_folder(broken, "broken", {"kind": "local"}, ImportOptions(), Change("tester"))
+    Registry(home).import_folder(broken, "broken", {"kind": "local"}, TRANSFORMERS, Change("tester"))
     with _server(home) as server:
         failure = _admin(server, "POST", "/deployments/chat/swap", expect=500, to="broken@1")["error"]
         assert failure["code"] == "swap_failed" and "chat@1 keeps serving" in failure["message"]
@@ -243,6 +245,20 @@ def test_auto_picks_replace_when_both_versions_do_not_fit(home):
         record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="auto")
         assert record["strategy"] == "replace"
         assert _admin(server, "GET", "/deployments/chat")["standby"] is None  # no room to keep it
+
+
+def test_standby_on_an_engine_that_sleeps_frees_its_memory_and_wakes_to_swap_back(home):
+    one_version = int(Registry(home).resolve("chat@1").manifest.total_bytes * LOAD_OVERHEAD)
+    with _server(home, FakeEngineFactory(default=FakeBehaviour(sleeps=True))) as server:
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green")
+        assert record["phases"][-1]["detail"].startswith("asleep on standby")
+        status = _admin(server, "GET", "/status")
+        assert status["deployments"][0]["standby"]["state"] == "asleep"
+        assert status["memory_in_use_bytes"] == one_version  # the sleeping one holds no device memory
+        back = _admin(server, "POST", "/deployments/chat/swap", to="chat@1", strategy="auto")
+        assert (back["strategy"], [p["name"] for p in back["phases"]]) == ("standby", ["resolve", "wake", "flip", "drain", "park"])
+        assert _ask(server.client())[0] == "chat@1"  # an engine still asleep would have refused it
+        assert _admin(server, "GET", "/deployments/chat")["standby"]["state"] == "asleep"
 
 
 def _deploy_on_demand(server, name: str, ref: str, idle_ttl_s: float = 300.0) -> dict:

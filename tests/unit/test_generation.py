@@ -35,7 +35,7 @@ def test_requests_are_prompt_major_with_consecutive_seeds():
 
 
 def test_engine_choice_rejects_unknown_engines(tiny_model_path):
-    from server.app import build_engine
+    from server.engines.factory import build_engine
     from server.errors import ConfigError
 
     with pytest.raises(ConfigError, match="Unknown engine"):

@@ -1,0 +1,25 @@
+"""What every engine checks before it loads a folder: that it is a model, and that its
+weights cannot run code unless the operator said so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.manifest import PICKLE_SUFFIXES
+from server.errors import ModelLoadError
+
+
+def check_model_folder(path: Path, allow_pickle: bool) -> None:
+    """Refuse what is not a model folder, and pickle-only weights unless allowed."""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json).")
+    names = [p.name for p in path.iterdir()]
+    has_safetensors = any(name.endswith(".safetensors") for name in names)
+    has_pickle = any(name.endswith(PICKLE_SUFFIXES) for name in names)
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} holds only pickle weights (.bin/.pt), which can run code when loaded. "
+            "Convert them to safetensors, or pass --allow-pickle if you trust them."
+        )
+    if not has_safetensors and not has_pickle:
+        raise ModelLoadError(f"{path} has no weights (*.safetensors).")
