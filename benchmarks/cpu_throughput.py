@@ -84,12 +84,19 @@ def _servers(model: Path, args) -> list[tuple[str, list[str], str]]:
         "transformers-serve": [str(BIN / "transformers"), "serve", str(model), "--port", "{port}", "--device", "cpu"],
         "vllm-server": [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", "bench",
-            "--port", "{port}", "--dtype", "float32", "--max-num-seqs", "16",
+            "--port", "{port}", "--max-num-seqs", "16", *_vllm_cpu_defaults(),
         ],
     }
     served_as = {"transformers-serve": str(model), "vllm-server": "bench"}
     servers = [("baton", baton, "bench"), (args.anchor, anchors[args.anchor], served_as[args.anchor])]
     return [s for s in servers if args.only in (None, s[0])]
+
+
+def _vllm_cpu_defaults() -> list[str]:
+    """What baton's vLLM engine does on CPU (float32, eager); on GPU both keep vLLM's defaults."""
+    import torch
+
+    return [] if torch.cuda.is_available() else ["--dtype", "float32", "--enforce-eager"]
 
 
 @contextmanager

@@ -11,12 +11,13 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.names import NAME_PATTERN
+from server.devices import gpu_memory_bytes
 from server.engines.base import Dtype
 
 
 def default_memory_budget() -> int:
-    """Model memory may use 70% of this machine's RAM (or of the GPU's, where vLLM runs)."""
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.7)
+    """Models run on the GPUs where there are some: all their memory; else 70% of RAM."""
+    return sum(gpu_memory_bytes()) or int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.7)
 
 
 def default_home() -> Path:

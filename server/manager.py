@@ -21,6 +21,7 @@ from server.config import ModelSpec, Settings
 from server.deployment import Deployment, OnDemand
 from server.drain import StopDecision, decide_stop
 from server.engines.base import Engine, GenerationRequest, SamplingParams, can_sleep
+from server.engines.factory import memory_bytes
 from server.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
 from server.slot import Lease, Slot, SlotState, Target
 from server.swap_record import SwapRecord
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Path, dict], Engine]
 STRATEGIES = ("auto", "blue-green", "replace", "standby")
-LOAD_OVERHEAD = 1.2  # loaded bytes per stored byte, for the memory budget
 MAX_RECORDS = 200
 
 
@@ -87,8 +87,8 @@ class DeploymentManager:
     async def deploy_spec(self, spec: ModelSpec) -> Deployment:
         """Start-up: serve a configured model (a registry version or a local folder)."""
         options = {"engine": spec.engine, "dtype": spec.dtype, "max_batch_size": spec.max_batch_size, "max_model_len": spec.max_model_len, "allow_pickle": spec.allow_pickle}
-        num_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
-        target = Target(spec.version, spec.path, options, num_bytes)
+        stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
+        target = Target(spec.version, spec.path, options, memory_bytes(spec.path, options, stored_bytes))
         return await self._deploy(spec.name, target, OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None, spec.smoke_prompts)
 
     async def deploy(
@@ -254,21 +254,50 @@ class DeploymentManager:
         standby = deployment.standby
         if standby is None or standby.version != target.version:
             raise ConflictError(f"{target.version} is not on standby for {deployment.name}; use blue-green or replace.")
+        if standby.state is SlotState.ASLEEP and not self._fits(standby.num_bytes):
+            await self._swap_to_standby_in_turn(deployment, record, standby)
+            return
         if standby.state is SlotState.ASLEEP:
-            await self._wake(deployment, record, standby)
+            try:
+                await self._wake(record, standby)
+            except BaseException:
+                await self._drop_standby(deployment)  # half awake is no standby
+                raise
         async with record.phase("flip"):
             deployment.standby = None
             old = deployment.flip_to(standby)
         await self._retire(deployment, record, old)
 
-    async def _wake(self, deployment: Deployment, record: SwapRecord, standby: Slot) -> None:
+    async def _swap_to_standby_in_turn(self, deployment: Deployment, record: SwapRecord, standby: Slot) -> None:
+        """Both awake do not fit (vLLM on GPU reserves most of the device): new requests wait
+        in the bounded queue while the active version drains and falls asleep, then the
+        standby wakes. If it cannot, the old version comes back."""
+        deployment.standby = None
+        old = deployment.hold_requests()
+        await self._retire(deployment, record, old)
         try:
-            async with record.phase("wake"):
-                await standby.engine.wake_up()
-                standby.state = SlotState.STANDBY
+            await self._wake(record, standby)
         except BaseException:
-            await self._drop_standby(deployment)  # half awake is no standby
+            await self._stop(standby)
+            async with record.phase("restore"):
+                deployment.restore(await self._bring_back(deployment, old))
             raise
+        async with record.phase("flip"):
+            deployment.flip_to(standby)
+            deployment.previous_version = old.version
+
+    async def _wake(self, record: SwapRecord, slot: Slot) -> None:
+        async with record.phase("wake"):
+            await slot.engine.wake_up()
+            slot.state = SlotState.STANDBY
+
+    async def _bring_back(self, deployment: Deployment, old: Slot) -> Slot:
+        """The version a failed swap unloaded or put to sleep, serving again."""
+        if deployment.standby is old:
+            deployment.standby = None
+            await old.engine.wake_up()
+            return old
+        return await self._load(old.target)
 
     async def _swap_replace(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
         """Both do not fit: drain and unload first; new requests wait in the bounded queue."""
@@ -281,8 +310,7 @@ class DeploymentManager:
             new = await self._load_and_verify(record, target, deployment)
         except BaseException:
             async with record.phase("restore"):
-                restored = await self._load(old.target)
-                deployment.restore(restored)
+                deployment.restore(await self._bring_back(deployment, old))
             raise
         async with record.phase("flip"):
             deployment.flip_to(new)
@@ -388,7 +416,7 @@ class DeploymentManager:
     def _resolve(self, ref: str) -> Target:
         version = self._registry.resolve_for_serving(ref)
         options = {**version.manifest.engine_options, "allow_pickle": version.manifest.allows_pickle}
-        return Target(version.ref, version.path, options, version.manifest.total_bytes)
+        return Target(version.ref, version.path, options, memory_bytes(version.path, options, version.manifest.total_bytes))
 
     def _choose_strategy(self, deployment: Deployment, target: Target) -> str:
         if deployment.standby is not None and deployment.standby.version == target.version:
@@ -397,13 +425,12 @@ class DeploymentManager:
 
     @property
     def memory_in_use_bytes(self) -> int:
-        """The budget's measure: the device memory loaded slots hold, estimated from their
-        weights. A sleeping slot holds none (its weights wait in host memory)."""
-        awake = [s for d in self.deployments for s in d.slots() if s.state not in (SlotState.STOPPED, SlotState.ASLEEP)]
-        return int(sum(s.num_bytes for s in awake) * LOAD_OVERHEAD)
+        """The budget's measure: the estimated device memory of loaded slots. A sleeping slot
+        holds none (its weights wait in host memory)."""
+        return sum(s.num_bytes for d in self.deployments for s in d.slots() if s.state not in (SlotState.STOPPED, SlotState.ASLEEP))
 
     def _fits(self, extra_bytes: int) -> bool:
-        return self.memory_in_use_bytes + extra_bytes * LOAD_OVERHEAD <= self._settings.memory_budget_bytes
+        return self.memory_in_use_bytes + extra_bytes <= self._settings.memory_budget_bytes
 
     def _lock_free(self, name: str) -> Deployment:
         deployment = self.get(name)

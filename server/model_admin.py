@@ -8,6 +8,7 @@ from collections.abc import Callable
 from models.catalog import Change
 from models.importers import import_source
 from models.registry import ImportOptions, Registry, Version
+from server.engines.options import check_engine_options
 
 
 class ModelAdmin:
@@ -17,6 +18,7 @@ class ModelAdmin:
         self._holders = holders
 
     def import_model(self, source: str, name: str, options: ImportOptions, change: Change) -> dict:
+        check_engine_options(options.engine_options or {})
         version, is_new = import_source(self._registry, source, name, options, change)
         return {**_summary(version), "created": is_new}
 

@@ -28,6 +28,7 @@ def add_commands(commands, home_of) -> None:
     imports.add_argument("--engine", choices=["auto", "vllm", "transformers"], help="engine option recorded in the manifest")
     imports.add_argument("--dtype", help="engine option recorded in the manifest")
     imports.add_argument("--max-model-len", type=int, help="engine option recorded in the manifest")
+    imports.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE", help="any other engine option (gpu_memory_utilization=0.45); values are JSON")
     imports.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     imports.add_argument("--notes", default="")
     imports.add_argument("--reason", default="")
@@ -74,15 +75,28 @@ def _run(args, home: Path) -> int:
 
 def _import(admin, args) -> int:
     chosen = (("engine", args.engine), ("dtype", args.dtype), ("max_model_len", args.max_model_len))
-    engine_options = {k: v for k, v in chosen if v is not None}
-    if bad := [label for label in args.label if "=" not in label]:
-        raise InvalidRequestError(f"Labels are KEY=VALUE, not {bad[0]!r}.", param="label")
-    labels = dict(label.split("=", 1) for label in args.label)
+    engine_options = {k: _json_or_text(v) for k, v in _pairs(args.engine_option, "engine-option").items()}
+    engine_options |= {k: v for k, v in chosen if v is not None}
+    labels = _pairs(args.label, "label")
     options = ImportOptions(args.allow_pickle, args.trust_remote_code, engine_options, labels, args.notes, show_progress=True)
     result = admin.import_model(args.source, args.name, options, _change(args))
     verb = "imported" if result["created"] else "already present as"
     print(f"{verb} {result['ref']} ({result['digest'][:19]}, {_size(result['total_bytes'])})")
     return 0
+
+
+def _pairs(items: list[str], param: str) -> dict[str, str]:
+    if bad := [item for item in items if "=" not in item]:
+        raise InvalidRequestError(f"--{param} takes KEY=VALUE, not {bad[0]!r}.", param=param)
+    return dict(item.split("=", 1) for item in items)
+
+
+def _json_or_text(value: str):
+    """0.45 -> 0.45, true -> True, awq -> "awq"."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _list(admin, args) -> int:

@@ -20,6 +20,7 @@ class FakeBehaviour:
     fails_to_start: bool = False
     produces_nothing: bool = False
     sleeps: bool = False  # has a sleep mode, as vLLM on GPU: loaded, its device memory given back
+    fails_to_wake: bool = False
 
 
 class FakeEngine:
@@ -83,6 +84,8 @@ class FakeEngine:
         self.is_asleep = True
 
     async def wake_up(self) -> None:
+        if self._behaviour.fails_to_wake:
+            raise RuntimeError(f"{self._label} failed to wake up")
         self.is_asleep = False
 
     async def stop(self) -> None:

@@ -7,21 +7,22 @@ supports the folder's architecture, else transformers. Each engine gets the opti
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
+from server.devices import gpu_memory_bytes
 from server.engines import vllm_engine
 from server.engines.base import Engine
-from server.engines.transformers_engine import TransformersEngine, TransformersOptions
+from server.engines.options import ENGINES, TransformersOptions, VLLMOptions, options_for
+from server.engines.transformers_engine import TransformersEngine
 from server.errors import ConfigError
 
-ENGINES = ("auto", "vllm", "transformers")
+LOAD_OVERHEAD = 1.2  # loaded bytes per stored byte: runtime buffers, activations
 
 
 def build_engine(path: Path, options: dict) -> Engine:
     if engine_for(path, options.get("engine") or "auto") == "vllm":
-        return vllm_engine.VLLMEngine(path, _options_for(vllm_engine.VLLMOptions, options))
-    return TransformersEngine(path, _options_for(TransformersOptions, options))
+        return vllm_engine.VLLMEngine(path, options_for(VLLMOptions, options))
+    return TransformersEngine(path, options_for(TransformersOptions, options))
 
 
 def engine_for(path: Path, choice: str) -> str:
@@ -32,14 +33,22 @@ def engine_for(path: Path, choice: str) -> str:
     return "vllm" if vllm_engine.is_available() and vllm_engine.supports(_architecture(path)) else "transformers"
 
 
+def memory_bytes(path: Path, options: dict, stored_bytes: int) -> int:
+    """The device memory a loaded version is expected to hold, for the memory budget: its
+    weights with runtime buffers; vLLM adds its KV-cache space on CPU, and on GPU reserves
+    its share of each device it runs on (`gpu_memory_utilization`), weights included."""
+    if engine_for(path, options.get("engine") or "auto") != "vllm":
+        return int(stored_bytes * LOAD_OVERHEAD)
+    vllm_options = options_for(VLLMOptions, options)
+    gpus = gpu_memory_bytes()
+    if gpus:
+        return int(vllm_options.gpu_memory_utilization * gpus[0] * vllm_options.tensor_parallel_size)
+    return int(stored_bytes * LOAD_OVERHEAD) + vllm_options.cpu_kv_cache_gib * 2**30
+
+
 def _architecture(path: Path) -> str | None:
     try:
         architectures = json.loads((path / "config.json").read_text()).get("architectures")
     except (OSError, ValueError):
         return None  # the engine that loads it will say what is wrong
     return architectures[0] if architectures else None
-
-
-def _options_for(option_type, options: dict):
-    known = {f.name for f in fields(option_type)}
-    return option_type(**{k: v for k, v in options.items() if k in known and v is not None})

