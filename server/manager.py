@@ -21,7 +21,7 @@ from server.config import ModelSpec, Settings
 from server.deployment import Deployment, OnDemand
 from server.drain import StopDecision, decide_stop
 from server.engines.base import Engine, GenerationRequest, SamplingParams, can_sleep
-from server.engines.factory import memory_bytes
+from server.engines.factory import estimate_memory_bytes
 from server.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
 from server.slot import Lease, Slot, SlotState, Target
 from server.swap_record import SwapRecord
@@ -88,7 +88,7 @@ class DeploymentManager:
         """Start-up: serve a configured model (a registry version or a local folder)."""
         options = {"engine": spec.engine, "dtype": spec.dtype, "max_batch_size": spec.max_batch_size, "max_model_len": spec.max_model_len, "allow_pickle": spec.allow_pickle}
         stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
-        target = Target(spec.version, spec.path, options, memory_bytes(spec.path, options, stored_bytes))
+        target = Target(spec.version, spec.path, options, estimate_memory_bytes(spec.path, options, stored_bytes))
         return await self._deploy(spec.name, target, OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None, spec.smoke_prompts)
 
     async def deploy(
@@ -164,7 +164,7 @@ class DeploymentManager:
         try:
             async with deployment.swap_lock:
                 async with record.phase("evict"):
-                    await self._make_room(target.num_bytes, deployment)
+                    await self._make_room(target.memory_bytes, deployment)
                 slot = await self._load_and_verify(record, target, deployment)
                 async with record.phase("flip"):
                     deployment.flip_to(slot)
@@ -174,10 +174,10 @@ class DeploymentManager:
             deployment.fail_waiting(error if isinstance(error, OverloadedError) else _as_swap_error(error, record))
         self._to_history(record)
 
-    async def _make_room(self, num_bytes: int, loading: Deployment) -> None:
-        """Unload idle on-demand deployments, least recently used first, until `num_bytes`
+    async def _make_room(self, memory_bytes: int, loading: Deployment) -> None:
+        """Unload idle on-demand deployments, least recently used first, until `memory_bytes`
         fit the budget. Never one with requests in flight."""
-        while not self._fits(num_bytes):
+        while not self._fits(memory_bytes):
             idle = [d for d in self.deployments if d is not loading and d.on_demand and d.active and d.active.num_leases == 0 and not d.swap_lock.locked()]
             if not idle:
                 raise OverloadedError(f"No room in the memory budget to load {loading.on_demand.target.version}: every loaded model is busy or always-on.")
@@ -254,7 +254,7 @@ class DeploymentManager:
         standby = deployment.standby
         if standby is None or standby.version != target.version:
             raise ConflictError(f"{target.version} is not on standby for {deployment.name}; use blue-green or replace.")
-        if standby.state is SlotState.ASLEEP and not self._fits(standby.num_bytes):
+        if standby.state is SlotState.ASLEEP and not self._fits(standby.memory_bytes):
             await self._swap_to_standby_in_turn(deployment, record, standby)
             return
         if standby.state is SlotState.ASLEEP:
@@ -344,8 +344,7 @@ class DeploymentManager:
                 phase.detail = "stopped at the drain deadline"
                 return
             await self._drop_standby(deployment)  # one standby per deployment: the newest
-            if self._settings.keep_standby and can_sleep(old.engine):
-                await old.engine.sleep()
+            if self._settings.keep_standby and can_sleep(old.engine) and await self._put_to_sleep(old):
                 old.state, deployment.standby = SlotState.ASLEEP, old
                 phase.detail = "asleep on standby: weights offloaded, accelerator memory freed"
             elif self._settings.keep_standby and self._fits(0):
@@ -354,6 +353,16 @@ class DeploymentManager:
             else:
                 await self._stop(old)
                 phase.detail = "stopped; memory freed"
+
+    async def _put_to_sleep(self, slot: Slot) -> bool:
+        """False when the engine could not sleep: the new version serves anyway, so a failed
+        sleep costs the standby, never the swap."""
+        try:
+            await slot.engine.sleep()
+        except Exception:
+            log.exception("%s could not go to sleep; stopping it instead", slot.version)
+            return False
+        return True
 
     async def _drain(self, record: SwapRecord, slot: Slot) -> None:
         async with record.phase("drain") as phase:
@@ -416,18 +425,18 @@ class DeploymentManager:
     def _resolve(self, ref: str) -> Target:
         version = self._registry.resolve_for_serving(ref)
         options = {**version.manifest.engine_options, "allow_pickle": version.manifest.allows_pickle}
-        return Target(version.ref, version.path, options, memory_bytes(version.path, options, version.manifest.total_bytes))
+        return Target(version.ref, version.path, options, estimate_memory_bytes(version.path, options, version.manifest.total_bytes))
 
     def _choose_strategy(self, deployment: Deployment, target: Target) -> str:
         if deployment.standby is not None and deployment.standby.version == target.version:
             return "standby"
-        return "blue-green" if self._fits(target.num_bytes) else "replace"
+        return "blue-green" if self._fits(target.memory_bytes) else "replace"
 
     @property
     def memory_in_use_bytes(self) -> int:
         """The budget's measure: the estimated device memory of loaded slots. A sleeping slot
         holds none (its weights wait in host memory)."""
-        return sum(s.num_bytes for d in self.deployments for s in d.slots() if s.state not in (SlotState.STOPPED, SlotState.ASLEEP))
+        return sum(s.memory_bytes for d in self.deployments for s in d.slots() if s.state not in (SlotState.STOPPED, SlotState.ASLEEP))
 
     def _fits(self, extra_bytes: int) -> bool:
         return self.memory_in_use_bytes + extra_bytes <= self._settings.memory_budget_bytes

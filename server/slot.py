@@ -18,7 +18,7 @@ class Target:
     version: str  # a registry ref such as chat@2, or "local"
     path: Path
     options: dict
-    num_bytes: int
+    memory_bytes: int  # what it will hold of the memory budget once loaded (an estimate)
 
 
 class SlotState(enum.Enum):
@@ -53,8 +53,8 @@ class Slot:
         return self.target.version
 
     @property
-    def num_bytes(self) -> int:
-        return self.target.num_bytes
+    def memory_bytes(self) -> int:
+        return self.target.memory_bytes
 
     def take_lease(self) -> "Lease":
         self.num_leases += 1

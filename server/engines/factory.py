@@ -33,7 +33,7 @@ def engine_for(path: Path, choice: str) -> str:
     return "vllm" if vllm_engine.is_available() and vllm_engine.supports(_architecture(path)) else "transformers"
 
 
-def memory_bytes(path: Path, options: dict, stored_bytes: int) -> int:
+def estimate_memory_bytes(path: Path, options: dict, stored_bytes: int) -> int:
     """The device memory a loaded version is expected to hold, for the memory budget: its
     weights with runtime buffers; vLLM adds its KV-cache space on CPU, and on GPU reserves
     its share of each device it runs on (`gpu_memory_utilization`), weights included."""
