@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import openai
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,11 +41,9 @@ def main() -> None:
     prompts = _prompts(args.requests, seed=args.seed)
     results = {}
     for name, command, served_as in _servers(model, args):
-        with _running(command, name) as url:
+        with _running(command, name) as (url, server):
             asyncio.run(_load(url, served_as, prompts[:2], args.max_tokens, concurrency=2))  # warm-up
-            results[name] = {
-                str(c): asyncio.run(_load(url, served_as, prompts, args.max_tokens, concurrency=c)) for c in args.concurrency
-            }
+            results[name] = {str(c): _measured(server, url, served_as, prompts, args.max_tokens, c) for c in args.concurrency}
     _report(results, args)
 
 
@@ -108,7 +107,7 @@ def _running(command: list[str], name: str):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process)
-        yield url
+        yield url, psutil.Process(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -116,6 +115,17 @@ def _running(command: list[str], name: str):
 
 
 
+
+
+def _measured(server: psutil.Process, url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
+    """The load's figures, plus the CPU time of the server's own process per token: with vLLM
+    the model runs in child processes, so this is the front end's cost (HTTP, SSE, routing),
+    a figure the machine's noise barely moves."""
+    before = server.cpu_times()
+    result = asyncio.run(_load(url, model, prompts, max_tokens, concurrency))
+    after = server.cpu_times()
+    cpu_s = (after.user + after.system) - (before.user + before.system)
+    return {**result, "main_process_cpu_ms_per_token": round(1000 * cpu_s / max(result["completion_tokens"], 1), 2)}
 
 
 async def _load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
@@ -164,7 +174,8 @@ def _report(results: dict, args) -> None:
         for concurrency, r in by_concurrency.items():
             print(
                 f"{name:>20} c={concurrency:<2} {r['tokens_per_s']:7.1f} tok/s  "
-                f"TTFT p50 {r['ttft_p50_s']:6.2f}s p99 {r['ttft_p99_s']:6.2f}s  ({r['completion_tokens']} tokens)"
+                f"TTFT p50 {r['ttft_p50_s']:6.2f}s p99 {r['ttft_p99_s']:6.2f}s  ({r['completion_tokens']} tokens, "
+                f"server process {r['main_process_cpu_ms_per_token']:.2f} CPU ms/token)"
             )
     if {"baton", args.anchor} <= results.keys():
         for concurrency in map(str, args.concurrency):
@@ -172,7 +183,9 @@ def _report(results: dict, args) -> None:
             print(
                 f"ratio c={concurrency}: tokens/s x{ours['tokens_per_s'] / anchor['tokens_per_s']:.2f}, "
                 f"TTFT p50 x{ours['ttft_p50_s'] / anchor['ttft_p50_s']:.2f}, "
-                f"TTFT p50 {1000 * (ours['ttft_p50_s'] - anchor['ttft_p50_s']):+.0f} ms (baton on {args.engine} / {args.anchor})"
+                f"TTFT p50 {1000 * (ours['ttft_p50_s'] - anchor['ttft_p50_s']):+.0f} ms, "
+                f"server-process CPU per token x{ours['main_process_cpu_ms_per_token'] / max(anchor['main_process_cpu_ms_per_token'], 1e-9):.2f} "
+                f"(baton on {args.engine} / {args.anchor})"
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
