@@ -275,21 +275,33 @@ class DeploymentManager:
         deployment.standby = None
         old = deployment.hold_requests()
         await self._retire(deployment, record, old)
-        try:
-            await self._wake(record, standby)
-        except BaseException:
-            await self._stop(standby)
-            async with record.phase("restore"):
-                deployment.restore(await self._bring_back(deployment, old))
-            raise
-        async with record.phase("flip"):
-            deployment.flip_to(standby)
-            deployment.previous_version = old.version
+        await self._take_over(deployment, record, old, self._wake_or_stop(record, standby))
 
     async def _wake(self, record: SwapRecord, slot: Slot) -> None:
         async with record.phase("wake"):
             await slot.engine.wake_up()
             slot.state = SlotState.STANDBY
+
+    async def _wake_or_stop(self, record: SwapRecord, slot: Slot) -> Slot:
+        try:
+            await self._wake(record, slot)
+        except BaseException:
+            await self._stop(slot)
+            raise
+        return slot
+
+    async def _take_over(self, deployment: Deployment, record: SwapRecord, old: Slot, bring_up) -> None:
+        """The end of an in-turn swap, with requests held and `old` unloaded or asleep: the
+        slot `bring_up` yields takes the traffic; if it fails, `old` serves again."""
+        try:
+            new = await bring_up
+        except BaseException:
+            async with record.phase("restore"):
+                deployment.restore(await self._bring_back(deployment, old))
+            raise
+        async with record.phase("flip"):
+            deployment.flip_to(new)
+            deployment.previous_version = old.version
 
     async def _bring_back(self, deployment: Deployment, old: Slot) -> Slot:
         """The version a failed swap unloaded or put to sleep, serving again."""
@@ -306,15 +318,7 @@ class DeploymentManager:
         await self._drain(record, old)
         async with record.phase("unload"):
             await self._stop(old)
-        try:
-            new = await self._load_and_verify(record, target, deployment)
-        except BaseException:
-            async with record.phase("restore"):
-                deployment.restore(await self._bring_back(deployment, old))
-            raise
-        async with record.phase("flip"):
-            deployment.flip_to(new)
-            deployment.previous_version = old.version
+        await self._take_over(deployment, record, old, self._load_and_verify(record, target, deployment))
 
     async def _canary(self, deployment: Deployment, record: SwapRecord, ref: str, weight: int) -> None:
         target = self._resolve(ref)
