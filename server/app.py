@@ -12,19 +12,19 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from models.registry import Registry
-from server import admin_api, deploy_api, openai_api, status_api
-from server.body_limit import BodySizeLimit
+from server.api import admin_api, deploy_api, openai_api, status_api
+from server.api.body_limit import BodySizeLimit
 from server.config import Settings
 from server.engines.factory import build_engine
-from server.errors import (
+from models.errors import (
     BatonError,
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
     UnsupportedParameterError,
 )
-from server.model_admin import ModelAdmin
-from server.manager import DeploymentManager, EngineFactory
+from server.api.model_admin import ModelAdmin
+from server.deployments.manager import DeploymentManager, EngineFactory
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.engines.base import Chunk, EngineHealth, GenerationRequest
-from server.errors import EngineStoppedError
+from models.errors import EngineStoppedError
 
 
 @dataclass(frozen=True)

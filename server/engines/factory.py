@@ -14,7 +14,7 @@ from server.engines import vllm_engine
 from server.engines.base import Engine
 from server.engines.options import ENGINES, TransformersOptions, VLLMOptions, options_for
 from server.engines.transformers_engine import TransformersEngine
-from server.errors import ConfigError
+from models.errors import ConfigError
 
 LOAD_OVERHEAD = 1.2  # loaded bytes per stored byte: runtime buffers, activations
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.manifest import PICKLE_SUFFIXES
-from server.errors import ModelLoadError
+from models.errors import ModelLoadError
 
 
 def check_model_folder(path: Path, allow_pickle: bool) -> None:

@@ -9,7 +9,7 @@ from typing import get_type_hints
 from pydantic import TypeAdapter, ValidationError
 
 from server.engines.base import Dtype
-from server.errors import InvalidRequestError
+from models.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.errors import InvalidRequestError
+from models.errors import InvalidRequestError
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -25,7 +25,7 @@ from server.engines.model_folder import check_model_folder
 from server.engines.options import TransformersOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids
 from server.engines.sampler import make_generator
-from server.errors import EngineError, EngineStoppedError, ModelLoadError
+from models.errors import EngineError, EngineStoppedError, ModelLoadError
 
 class TransformersEngine:
     name = "transformers"

@@ -18,7 +18,7 @@ from server.engines.base import Chunk, EngineHealth, GenerationRequest
 from server.engines.model_folder import check_model_folder
 from server.engines.options import VLLMOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids
-from server.errors import EngineError, EngineStoppedError, ModelLoadError
+from models.errors import EngineError, EngineStoppedError, ModelLoadError
 
 
 def is_available() -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 
-BATON = [sys.executable, "-m", "server.cli"]
+BATON = [sys.executable, "-m", "server.cli.main"]
 
 
 def _free_port() -> int:

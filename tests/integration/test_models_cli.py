@@ -21,7 +21,7 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
 def baton(home: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "server.cli", "--home", str(home), *args]
+    command = [sys.executable, "-m", "server.cli.main", "--home", str(home), *args]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr
@@ -52,7 +52,7 @@ def test_import_killed_mid_way_leaves_no_version_and_is_cleaned(tmp_path, folder
 def test_concurrent_imports_of_the_same_content_make_one_version(tmp_path, folder):
     home = tmp_path / "home"
     Registry(home)  # create the catalog before the race
-    command = [sys.executable, "-m", "server.cli", "--home", str(home), "models", "import", str(folder), "--name", "chat"]
+    command = [sys.executable, "-m", "server.cli.main", "--home", str(home), "models", "import", str(folder), "--name", "chat"]
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
     for process in processes:
         _, stderr = process.communicate(timeout=300)

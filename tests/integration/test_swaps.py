@@ -211,7 +211,7 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
     import sys
 
     def baton(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120)
+        return subprocess.run([sys.executable, "-m", "server.cli.main", *args], capture_output=True, text=True, timeout=120)
 
     with _server(home, FakeEngineFactory()) as server:
         remote = ("--server", server.url)

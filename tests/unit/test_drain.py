@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.drain import StopDecision, decide_stop
+from server.deployments.drain import StopDecision, decide_stop
 
 
 @pytest.mark.parametrize(

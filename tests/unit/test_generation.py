@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.errors import ContextLengthExceededError
-from server.generation import build_requests, resolve_max_tokens
-from server.schemas import CompletionRequest
+from models.errors import ContextLengthExceededError
+from server.api.generation import build_requests, resolve_max_tokens
+from server.api.schemas import CompletionRequest
 
 
 def test_max_tokens_defaults_to_the_room_left():
@@ -36,7 +36,7 @@ def test_requests_are_prompt_major_with_consecutive_seeds():
 
 def test_engine_choice_rejects_unknown_engines(tiny_model_path):
     from server.engines.factory import build_engine
-    from server.errors import ConfigError
+    from models.errors import ConfigError
 
     with pytest.raises(ConfigError, match="Unknown engine"):
         build_engine(tiny_model_path, {"engine": "tensorrt"})

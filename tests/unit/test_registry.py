@@ -10,7 +10,7 @@ import pytest
 from models.catalog import Change
 from models.names import ModelRef
 from models.registry import ImportOptions, Registry
-from server.errors import ConflictError, CorruptVersionError, InvalidRequestError, ModelLoadError, NotFoundError
+from models.errors import ConflictError, CorruptVersionError, InvalidRequestError, ModelLoadError, NotFoundError
 
 OPERATOR = Change("tester", "test")
 LOCAL = {"kind": "local"}

@@ -14,10 +14,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from server.errors import AuthenticationError, BatonError, EngineError, EngineStoppedError, ModelSwappedError
-from server.generation import ChoiceChunk, build_requests, stream_choices
-from server.slot import Lease
-from server.schemas import ChatCompletionRequest, CompletionRequest
+from models.errors import AuthenticationError, BatonError, EngineError, EngineStoppedError, ModelSwappedError
+from server.api.generation import ChoiceChunk, build_requests, stream_choices
+from server.deployments.slot import Lease
+from server.api.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
 

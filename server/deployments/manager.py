@@ -18,13 +18,13 @@ from pathlib import Path
 from models.catalog import Change
 from models.registry import Registry
 from server.config import ModelSpec, Settings
-from server.deployment import Deployment, OnDemand
-from server.drain import StopDecision, decide_stop
+from server.deployments.deployment import Deployment, OnDemand
+from server.deployments.drain import StopDecision, decide_stop
 from server.engines.base import Engine, GenerationRequest, SamplingParams, can_sleep
 from server.engines.factory import estimate_memory_bytes
-from server.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
-from server.slot import Lease, Slot, SlotState, Target
-from server.swap_record import SwapRecord
+from models.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
+from server.deployments.slot import Lease, Slot, SlotState, Target
+from server.deployments.swap_record import SwapRecord
 
 log = logging.getLogger(__name__)
 

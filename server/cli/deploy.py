@@ -7,7 +7,7 @@ import getpass
 import os
 import time
 
-from server.admin_client import AdminClient
+from server.cli.admin_client import AdminClient
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 

@@ -8,7 +8,7 @@ import httpx
 
 from models.catalog import Change
 from models.registry import ImportOptions
-from server.errors import BatonError
+from models.errors import BatonError
 
 
 class RemoteError(BatonError):

@@ -9,8 +9,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from server.engines.base import Chunk, Engine, GenerationRequest, SamplingParams
-from server.errors import ContextLengthExceededError, InvalidRequestError
-from server.schemas import ChatCompletionRequest, CompletionRequest
+from models.errors import ContextLengthExceededError, InvalidRequestError
+from server.api.schemas import ChatCompletionRequest, CompletionRequest
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from server.errors import PayloadTooLargeError
+from models.errors import PayloadTooLargeError
 
 
 class BodySizeLimit:

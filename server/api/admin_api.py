@@ -18,7 +18,7 @@ from models.catalog import Change
 from models.importers import GGUF_PREFIX, HUB_PREFIX
 from models.registry import ImportOptions
 from server.addresses import is_loopback
-from server.errors import AuthenticationError, ForbiddenError
+from models.errors import AuthenticationError, ForbiddenError
 
 
 def require_admin(request: Request) -> None:

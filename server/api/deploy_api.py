@@ -7,7 +7,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.admin_api import actor_change, require_admin
+from server.api.admin_api import actor_change, require_admin
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 

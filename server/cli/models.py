@@ -9,9 +9,9 @@ from pathlib import Path
 
 from models.catalog import Change
 from models.registry import ImportOptions, Registry
-from server.admin_client import AdminClient
-from server.errors import InvalidRequestError
-from server.model_admin import ModelAdmin
+from server.cli.admin_client import AdminClient
+from models.errors import InvalidRequestError
+from server.api.model_admin import ModelAdmin
 
 
 def add_commands(commands, home_of) -> None:

@@ -12,10 +12,10 @@ import uvicorn
 from pydantic import ValidationError
 
 from models.registry import Registry
-from server import deploy_cli, models_cli
+from server.cli import deploy as deploy_cli, models as models_cli
 from server.addresses import is_loopback
 from server.config import ModelSpec, Settings, default_home
-from server.errors import BatonError, ConfigError
+from models.errors import BatonError, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,8 @@ import time
 
 from dataclasses import dataclass
 
-from server.errors import OverloadedError
-from server.slot import Lease, Slot, SlotState, Target
+from models.errors import OverloadedError
+from server.deployments.slot import Lease, Slot, SlotState, Target
 
 
 @dataclass(frozen=True)

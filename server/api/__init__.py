@@ -1,0 +1,1 @@
+"""HTTP routes: the OpenAI API, the admin API, and what they share."""

@@ -1,0 +1,1 @@
+"""Deployments, slots, leases and the swap state machine."""
