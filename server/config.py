@@ -68,4 +68,6 @@ class Settings(BaseModel):
     smoke_prompts: list[str] = Field(default_factory=lambda: ["Hello"], min_length=1)
     keep_standby: bool = Field(True, description="Keep a swapped-out version loaded for instant rollback, if the budget allows.")
     memory_budget_bytes: int = Field(default_factory=lambda: default_memory_budget(), gt=0)
+    gpu_headroom_gib: float = Field(2.0, ge=0, description="GPU memory the plan leaves free when it sizes a vLLM engine.")
+    gpu_room_for_blue_green: bool = Field(False, description="Size each vLLM engine so that a second one fits beside it (blue-green swaps on one GPU).")
     idle_check_s: float = Field(1.0, gt=0, description="How often on-demand deployments are checked for idleness.")

@@ -37,9 +37,10 @@ def tiny_model_path(tmp_path_factory, demo_model_path) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", demo_model_path)
 
 
-def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0) -> Path:
+def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0, **shape) -> Path:
     """A 2-layer Llama with random float32 weights and SmolLM2's tokenizer: real code paths,
-    milliseconds per token. A large init spread keeps greedy choices far from ties."""
+    milliseconds per token. A large init spread keeps greedy choices far from ties. `shape`
+    overrides config fields (another layout, or head sizes vLLM's kernels take)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,6 +59,8 @@ def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0) -> Pat
         pad_token_id=2,
         tie_word_embeddings=True,
     )
+    for name, value in shape.items():
+        setattr(config, name, value)
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(target)
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_source / name, target / name)

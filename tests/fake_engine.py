@@ -21,13 +21,14 @@ class FakeBehaviour:
     produces_nothing: bool = False
     sleeps: bool = False  # has a sleep mode, as vLLM on GPU: loaded, its device memory given back
     fails_to_wake: bool = False
+    fails_to_reload: bool = False  # its reload raises once the old weights are half gone
 
 
 class FakeEngine:
     name = "fake"
 
     def __init__(self, label: str, behaviour: FakeBehaviour):
-        self._label = label
+        self._label = self._first_label = label
         self._behaviour = behaviour
         self._is_running = False
         self.is_asleep = False
@@ -87,6 +88,16 @@ class FakeEngine:
         if self._behaviour.fails_to_wake:
             raise RuntimeError(f"{self._label} failed to wake up")
         self.is_asleep = False
+
+    async def reload_weights(self, path: Path) -> None:
+        """As the real engines: whatever still generates ends, then the weights change."""
+        for stopped in self._running.values():
+            stopped.set()
+        await asyncio.sleep(self._behaviour.token_seconds)
+        if self._behaviour.fails_to_reload and path.name[:8] != self._first_label:
+            self._label = "mixed"
+            raise RuntimeError(f"reloading {path.name[:8]} failed half-way")
+        self._label = path.name[:8]
 
     async def stop(self) -> None:
         self._is_running = False

@@ -28,7 +28,7 @@ class DeployBody(_Body):
 
 class SwapBody(_Body):
     to: str
-    strategy: Literal["auto", "blue-green", "replace", "standby"] = "blue-green"
+    strategy: Literal["auto", "standby", "reload", "blue-green", "replace"] = Field("auto", description="auto: the fastest that is safe, and the record says why")
     wait: bool = Field(True, description="false: answer at once with the swap's id, and poll /admin/swaps/{id}")
 
 

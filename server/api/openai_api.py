@@ -115,7 +115,7 @@ async def _on_lease(choices: AsyncIterator[ChoiceChunk], lease: Lease) -> AsyncI
             async for item in stream:
                 yield item
     except EngineStoppedError as error:
-        if lease.slot.is_cut_off:
+        if lease.is_cut_off:
             raise ModelSwappedError(f"{lease.slot.version} was swapped out and its drain deadline passed before this request finished; retry.") from error
         raise
     finally:

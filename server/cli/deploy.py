@@ -30,7 +30,7 @@ def add_commands(commands) -> None:
     swap = command("swap", "swap the version behind a deployment, draining requests", _swap)
     swap.add_argument("name")
     swap.add_argument("--to", required=True)
-    swap.add_argument("--strategy", default="blue-green", choices=["auto", "blue-green", "replace", "standby"])
+    swap.add_argument("--strategy", default="auto", choices=["auto", "standby", "reload", "blue-green", "replace"], help="default auto: the fastest that is safe")
 
     rollback = command("rollback", "go back to the previous version", lambda client, args: _follow(client, client.rollback(args.name, args.reason)))
     rollback.add_argument("name")
@@ -68,7 +68,8 @@ def _canary(client: AdminClient, args) -> int:
 
 def _follow(client: AdminClient, record: dict) -> int:
     """Print each phase as it finishes, until the swap ends."""
-    print(f"{record['id']}: {record['action']} {record['deployment']} {record['from_version']} -> {record['to_version']} ({record['strategy']})")
+    why = f": {record['strategy_reason']}" if record.get("strategy_reason") else ""
+    print(f"{record['id']}: {record['action']} {record['deployment']} {record['from_version']} -> {record['to_version']} ({record['strategy']}{why})")
     num_printed = 0
     while True:
         finished = [p for p in record["phases"] if p["duration_s"] is not None]

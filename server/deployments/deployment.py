@@ -26,9 +26,13 @@ class OnDemand:
 
 
 class Deployment:
-    def __init__(self, name: str, active: Slot | None, max_waiting: int, max_wait_seconds: float, on_demand: OnDemand | None = None):
-        """`active` is None for an on-demand deployment that is not loaded yet."""
+    def __init__(
+        self, name: str, active: Slot | None, max_waiting: int, max_wait_seconds: float, on_demand: OnDemand | None = None, engine_overrides: dict | None = None
+    ):
+        """`active` is None for an on-demand deployment that is not loaded yet;
+        `engine_overrides` win over every version's own engine options."""
         self.name = name
+        self.engine_overrides = engine_overrides or {}
         self.active: Slot | None = active
         self.on_demand = on_demand
         self.canary: Slot | None = None
@@ -71,7 +75,7 @@ class Deployment:
     def flip_to(self, slot: Slot) -> Slot | None:
         """Send new requests to `slot`; return the slot that served until now."""
         previous, self.active = self.active, slot
-        slot.state = SlotState.READY
+        slot.move_to(SlotState.READY, f"serving {self.name}")
         slot.last_used = time.monotonic()  # routed now: its idle time starts here, not at load
         if previous is not None:
             self.previous_version = previous.version
@@ -79,7 +83,8 @@ class Deployment:
         return previous
 
     def hold_requests(self) -> Slot:
-        """`replace` strategy: new requests wait (bounded) until `flip_to`; returns the old slot."""
+        """`replace`, `reload` and in-turn swaps: new requests wait (bounded) until `flip_to`
+        or `restore`; returns the slot that served until now."""
         self._serving.clear()
         previous, self.active = self.active, None
         return previous
@@ -105,10 +110,12 @@ class Deployment:
     def restore(self, slot: Slot) -> None:
         """A failed `replace` puts the old version back without recording a flip."""
         self.active = slot
-        slot.state = SlotState.READY
+        slot.move_to(SlotState.READY, f"{self.name} restored")
         self._serving.set()
 
     def set_canary(self, slot: Slot | None, weight: int) -> Slot | None:
+        if slot is not None:
+            slot.move_to(SlotState.READY, f"canary of {self.name} at {weight}%")
         previous, self.canary, self.canary_weight = self.canary, slot, weight if slot else 0
         return previous
 

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from models.catalog import Change
@@ -20,17 +21,23 @@ from models.registry import Registry
 from server.config import ModelSpec, Settings
 from server.deployments.deployment import Deployment, OnDemand
 from server.deployments.drain import StopDecision, decide_stop
-from server.engines.base import Engine, GenerationRequest, SamplingParams, can_sleep
-from server.engines.factory import estimate_memory_bytes
-from models.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
+from server.deployments.layout import ModelLayout, reload_blocker
+from server.deployments.memory_plan import fits, plan_gpu_share
 from server.deployments.slot import Lease, Slot, SlotState, Target
+from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy
 from server.deployments.swap_record import SwapRecord
+from server.devices import gpu_memory
+from server.engines.base import Engine, GenerationRequest, SamplingParams, can_reload, can_sleep
+from server.engines.factory import engine_for, estimate_memory_bytes
+from models.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Path, dict], Engine]
-STRATEGIES = ("auto", "blue-green", "replace", "standby")
 MAX_RECORDS = 200
+# ModelSpec fields that, set explicitly, override every version's own engine options.
+SPEC_ENGINE_FIELDS = ("engine", "dtype", "max_batch_size", "max_model_len")
+SECONDS_FOR_CUT_OFF_REQUESTS = 10.0  # after a reload aborts them, for their leases to come back
 
 
 class DeploymentManager:
@@ -85,11 +92,17 @@ class DeploymentManager:
     # -- deploy ---------------------------------------------------------------------------
 
     async def deploy_spec(self, spec: ModelSpec) -> Deployment:
-        """Start-up: serve a configured model (a registry version or a local folder)."""
-        options = {"engine": spec.engine, "dtype": spec.dtype, "max_batch_size": spec.max_batch_size, "max_model_len": spec.max_model_len, "allow_pickle": spec.allow_pickle}
-        stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
-        target = Target(spec.version, spec.path, options, estimate_memory_bytes(spec.path, options, stored_bytes))
-        return await self._deploy(spec.name, target, OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None, spec.smoke_prompts)
+        """Start-up: serve a configured model, a registry version (resolved as a swap would
+        resolve it, with the spec's explicit engine settings on top) or a local folder."""
+        overrides = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS if name in spec.model_fields_set}
+        if spec.version != "local":
+            target = self._resolve(spec.version, overrides)
+        else:
+            options = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS} | {"allow_pickle": spec.allow_pickle}
+            stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
+            target = Target(spec.version, spec.path, options, estimate_memory_bytes(spec.path, options, stored_bytes))
+        on_demand = OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None
+        return await self._deploy(spec.name, target, on_demand, spec.smoke_prompts, overrides)
 
     async def deploy(
         self, name: str, ref: str, change: Change, on_demand: bool = False, idle_ttl_s: float = 300.0, smoke_prompts: list[str] | None = None
@@ -101,13 +114,15 @@ class DeploymentManager:
         self._remember(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason, status="succeeded"))
         return deployment
 
-    async def _deploy(self, name: str, target: Target, on_demand: OnDemand | None, smoke_prompts: list[str] | None) -> Deployment:
+    async def _deploy(
+        self, name: str, target: Target, on_demand: OnDemand | None, smoke_prompts: list[str] | None, overrides: dict | None = None
+    ) -> Deployment:
         """An on-demand deployment starts unloaded; its first request loads it."""
         slot = None
         if on_demand is None:
             slot = await self._load(target)
-            slot.state = SlotState.READY
-        deployment = Deployment(name, slot, self._settings.max_waiting, self._settings.max_wait_s, on_demand)
+            slot.move_to(SlotState.READY, f"serving {name}")
+        deployment = Deployment(name, slot, self._settings.max_waiting, self._settings.max_wait_s, on_demand, overrides)
         deployment.smoke_prompts = smoke_prompts
         self._deployments[name] = deployment
         return deployment
@@ -115,19 +130,22 @@ class DeploymentManager:
     # -- swaps ----------------------------------------------------------------------------
 
     async def swap(self, name: str, ref: str, strategy: str, change: Change, wait: bool = True) -> SwapRecord:
+        """Refused before anything stops (unknown, corrupt or mid-import version; a strategy
+        that cannot apply); else runs, and answers when it ends unless `wait` is false."""
         deployment = self._lock_free(name)
         if strategy not in STRATEGIES:
             raise InvalidRequestError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.", param="strategy")
-        record = SwapRecord(name, "swap", deployment.version, ref, strategy, change.actor, change.reason)
-        return await self._run(deployment, record, self._swap(deployment, record, ref, strategy), wait)
+        target, choice = self._plan_swap(deployment, ref, strategy)
+        record = SwapRecord(name, "swap", deployment.version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
+        return await self._run(deployment, record, self._swap(deployment, record, target, choice), wait)
 
     async def rollback(self, name: str, change: Change, wait: bool = True) -> SwapRecord:
         deployment = self._lock_free(name)
         if deployment.previous_version is None:
             raise ConflictError(f"Deployment {name} has no previous version to roll back to.")
-        ref = deployment.previous_version
-        record = SwapRecord(name, "rollback", deployment.version, ref, "auto", change.actor, change.reason)
-        return await self._run(deployment, record, self._swap(deployment, record, ref, "auto"), wait)
+        target, choice = self._plan_swap(deployment, deployment.previous_version, "auto")
+        record = SwapRecord(name, "rollback", deployment.version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
+        return await self._run(deployment, record, self._swap(deployment, record, target, choice), wait)
 
     async def start_canary(self, name: str, ref: str, weight: int, change: Change) -> SwapRecord:
         deployment = self._lock_free(name)
@@ -229,20 +247,26 @@ class DeploymentManager:
             return record
         return await asyncio.shield(task)
 
-    async def _swap(self, deployment: Deployment, record: SwapRecord, ref: str, strategy: str) -> None:
-        async with record.phase("resolve"):
-            target = self._resolve(ref)
-            record.to_version = target.version
-            strategy = self._choose_strategy(deployment, target) if strategy == "auto" else strategy
-            record.strategy = strategy
+    def _plan_swap(self, deployment: Deployment, ref: str, strategy: str) -> tuple[Target, Choice]:
+        target = self._resolve(ref, deployment.engine_overrides)
         if target.version == deployment.version:
             raise ConflictError(f"{deployment.name} already serves {target.version}.")
-        if strategy == "standby":
-            await self._swap_to_standby(deployment, record, target)
-        elif strategy == "replace":
-            await self._swap_replace(deployment, record, target)
-        else:
-            await self._swap_blue_green(deployment, record, target)
+        if deployment.active is None:
+            raise ConflictError(f"{deployment.name} has no version loaded; deploy it again instead.")
+        return target, choose_strategy(strategy, self._swap_facts(deployment, target))
+
+    def _swap_facts(self, deployment: Deployment, target: Target) -> SwapFacts:
+        standby = deployment.standby
+        return SwapFacts(
+            is_on_standby=standby is not None and standby.version == target.version,
+            reload_blocker=_reload_blocker(deployment.active, target),
+            needed_bytes=target.memory_bytes,
+            free_bytes=self._settings.memory_budget_bytes - self.memory_in_use_bytes,
+        )
+
+    async def _swap(self, deployment: Deployment, record: SwapRecord, target: Target, choice: Choice) -> None:
+        swaps = {"standby": self._swap_to_standby, "reload": self._swap_reload, "replace": self._swap_replace, "blue-green": self._swap_blue_green}
+        await swaps[choice.strategy](deployment, record, target)
 
     async def _swap_blue_green(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
         new = await self._load_and_verify(record, target, deployment)
@@ -280,7 +304,7 @@ class DeploymentManager:
     async def _wake(self, record: SwapRecord, slot: Slot) -> None:
         async with record.phase("wake"):
             await slot.engine.wake_up()
-            slot.state = SlotState.STANDBY
+            slot.move_to(SlotState.STANDBY, "woken")
 
     async def _wake_or_stop(self, record: SwapRecord, slot: Slot) -> Slot:
         try:
@@ -311,17 +335,60 @@ class DeploymentManager:
             return old
         return await self._load(old.target)
 
+    async def _swap_reload(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
+        """Same layout: new requests wait while the active slot drains, its engine loads the
+        new weights in place and answers the smoke prompts; then they resume on it. Nothing
+        else is loaded. If any step fails, the old weights go back and the old version serves."""
+        slot = deployment.hold_requests()
+        old_target = slot.target
+        try:
+            await self._drain(record, slot)
+            async with record.phase("reload") as phase:
+                await slot.engine.reload_weights(target.path)  # ends requests cut off at the deadline
+                await slot.wait_drained(SECONDS_FOR_CUT_OFF_REQUESTS)
+                slot.retarget(replace(target, memory_bytes=slot.memory_bytes))
+                phase.detail = "weights swapped in the running engine"
+            await self._verify_phase(record, slot, deployment)
+        except BaseException:
+            async with record.phase("restore"):
+                await self._restore_weights(deployment, slot, old_target)
+            raise
+        async with record.phase("flip"):
+            deployment.flip_to(slot)
+            deployment.previous_version = old_target.version
+
+    async def _restore_weights(self, deployment: Deployment, slot: Slot, old_target: Target) -> None:
+        """After a failed reload: the old weights back in the same engine, or, if even that
+        fails, the old version in a fresh one."""
+        try:
+            if slot.target is not old_target or slot.state is SlotState.DRAINING:
+                await slot.engine.reload_weights(old_target.path)
+                slot.retarget(old_target)
+        except Exception:
+            log.exception("%s could not reload its old weights; starting it afresh", old_target.version)
+            await self._stop(slot)
+            slot = await self._load(old_target)
+        deployment.restore(slot)
+
     async def _swap_replace(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
-        """Both do not fit: drain and unload first; new requests wait in the bounded queue."""
+        """Both do not fit: the old version sleeps (where its engine can: a failed load
+        wakes it in under a second, and it stays on standby for rollback) or unloads; new
+        requests wait in the bounded queue until the new one answers."""
         await self._drop_standby(deployment)
         old = deployment.hold_requests()
-        await self._drain(record, old)
-        async with record.phase("unload"):
-            await self._stop(old)
+        is_cut_off = await self._drain(record, old)
+        async with record.phase("unload") as phase:
+            if not is_cut_off and self._settings.keep_standby and can_sleep(old.engine) and await self._put_to_sleep(old):
+                old.move_to(SlotState.ASLEEP, "replaced")
+                deployment.standby = old
+                phase.detail = "asleep on standby: weights offloaded, accelerator memory freed"
+            else:
+                await self._stop(old)
+                phase.detail = "stopped; memory freed"
         await self._take_over(deployment, record, old, self._load_and_verify(record, target, deployment))
 
     async def _canary(self, deployment: Deployment, record: SwapRecord, ref: str, weight: int) -> None:
-        target = self._resolve(ref)
+        target = self._resolve(ref, deployment.engine_overrides)
         record.to_version = target.version
         slot = await self._load_and_verify(record, target, deployment)
         async with record.phase("route"):
@@ -342,17 +409,20 @@ class DeploymentManager:
 
     async def _retire(self, deployment: Deployment, record: SwapRecord, old: Slot) -> None:
         """Drain the slot that stopped taking requests, then keep it on standby or stop it."""
-        await self._drain(record, old)
+        is_cut_off = await self._drain(record, old)
         async with record.phase("park") as phase:
-            if old.state is SlotState.STOPPED:
+            if is_cut_off:
+                await self._stop(old)
                 phase.detail = "stopped at the drain deadline"
                 return
             await self._drop_standby(deployment)  # one standby per deployment: the newest
             if self._settings.keep_standby and can_sleep(old.engine) and await self._put_to_sleep(old):
-                old.state, deployment.standby = SlotState.ASLEEP, old
+                old.move_to(SlotState.ASLEEP, "parked")
+                deployment.standby = old
                 phase.detail = "asleep on standby: weights offloaded, accelerator memory freed"
             elif self._settings.keep_standby and self._fits(0):
-                old.state, deployment.standby = SlotState.STANDBY, old
+                old.move_to(SlotState.STANDBY, "parked")
+                deployment.standby = old
                 phase.detail = "kept loaded on standby"
             else:
                 await self._stop(old)
@@ -368,40 +438,62 @@ class DeploymentManager:
             return False
         return True
 
-    async def _drain(self, record: SwapRecord, slot: Slot) -> None:
+    async def _drain(self, record: SwapRecord, slot: Slot) -> bool:
+        """Wait for the slot's requests to finish, until the drain deadline. True when some
+        were still running then: they are marked cut off, and the caller stops (or reloads)
+        the engine under them, which ends them with model_swapped."""
         async with record.phase("drain") as phase:
-            slot.state = SlotState.DRAINING
+            slot.move_to(SlotState.DRAINING)
             started = time.monotonic()
             while (decision := decide_stop(slot.num_leases, time.monotonic() - started, self._settings.drain_timeout_s)) is StopDecision.WAIT:
                 await slot.wait_drained(self._settings.drain_timeout_s - (time.monotonic() - started))
             if decision is StopDecision.CUT_OFF:
-                slot.is_cut_off, slot.num_cut_off = True, slot.num_leases
-                record.num_cut_off += slot.num_leases
-                phase.detail = f"deadline passed: {slot.num_leases} request(s) ended with model_swapped"
-                await self._stop(slot)
+                num_cut_off = slot.cut_off()
+                record.num_cut_off += num_cut_off
+                phase.detail = f"deadline passed: {num_cut_off} request(s) ended with model_swapped"
+                return True
+        return False
 
     async def _load_and_verify(self, record: SwapRecord, target: Target, deployment: Deployment) -> Slot:
-        async with record.phase("load"):
+        async with record.phase("load") as phase:
             slot = await self._load(target)
+            phase.detail = slot.plan
         try:
-            async with record.phase("verify") as phase:
-                prompts = deployment.smoke_prompts or self._settings.smoke_prompts
-                await self._verify(slot, prompts)
-                phase.detail = f"{len(prompts)} smoke prompt(s) answered"
+            await self._verify_phase(record, slot, deployment)
         except BaseException:
             await self._stop(slot)
             raise
         return slot
 
+    async def _verify_phase(self, record: SwapRecord, slot: Slot, deployment: Deployment) -> None:
+        async with record.phase("verify") as phase:
+            prompts = deployment.smoke_prompts or self._settings.smoke_prompts
+            await self._verify(slot, prompts)
+            phase.detail = f"{len(prompts)} smoke prompt(s) answered"
+
     async def _load(self, target: Target) -> Slot:
-        slot = Slot(target, self._engine_factory(target.path, target.options))
+        options, target, plan = self._planned(target)
+        slot = Slot(target, self._engine_factory(target.path, options), plan=plan)
         try:
             await slot.engine.start()
         except BaseException:
-            slot.state = SlotState.FAILED
+            slot.move_to(SlotState.FAILED)
             await slot.engine.stop()
             raise
         return slot
+
+    def _planned(self, target: Target) -> tuple[dict, Target, str]:
+        """The options an engine starts with: on a GPU, a vLLM engine with no explicit
+        `gpu_memory_utilization` gets one planned from the device's free memory now."""
+        gpus = gpu_memory()
+        options = target.options
+        if not gpus or options.get("gpu_memory_utilization") is not None or engine_for(target.path, options.get("engine") or "auto") != "vllm":
+            return options, target, ""
+        num_engines = 2 if self._settings.gpu_room_for_blue_green else 1
+        headroom = int(self._settings.gpu_headroom_gib * 2**30)
+        share = plan_gpu_share(gpus[0].total_bytes, gpus[0].free_bytes, headroom, num_engines)
+        plan = f"gpu_memory_utilization {share:.2f} planned: {gpus[0].free_bytes >> 20} MiB free of {gpus[0].total_bytes >> 20} MiB, {headroom >> 20} MiB headroom"
+        return {**options, "gpu_memory_utilization": share}, replace(target, memory_bytes=int(share * gpus[0].total_bytes)), plan
 
     async def _verify(self, slot: Slot, prompts: list[str]) -> None:
         """Every smoke prompt must produce at least one token, greedily, within the timeout."""
@@ -416,7 +508,7 @@ class DeploymentManager:
 
     async def _stop(self, slot: Slot) -> None:
         if slot.state is not SlotState.STOPPED:
-            slot.state = SlotState.STOPPED
+            slot.move_to(SlotState.STOPPED)
             await slot.engine.stop()
 
     async def _drop_standby(self, deployment: Deployment) -> None:
@@ -426,15 +518,12 @@ class DeploymentManager:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _resolve(self, ref: str) -> Target:
+    def _resolve(self, ref: str, overrides: dict | None = None) -> Target:
+        """The one way from a registry version to a Target: its manifest's engine options,
+        the deployment's overrides on top; pickle only where the import allowed it."""
         version = self._registry.resolve_for_serving(ref)
-        options = {**version.manifest.engine_options, "allow_pickle": version.manifest.allows_pickle}
+        options = {**version.manifest.engine_options, **(overrides or {}), "allow_pickle": version.manifest.allows_pickle}
         return Target(version.ref, version.path, options, estimate_memory_bytes(version.path, options, version.manifest.total_bytes))
-
-    def _choose_strategy(self, deployment: Deployment, target: Target) -> str:
-        if deployment.standby is not None and deployment.standby.version == target.version:
-            return "standby"
-        return "blue-green" if self._fits(target.memory_bytes) else "replace"
 
     @property
     def memory_in_use_bytes(self) -> int:
@@ -443,7 +532,7 @@ class DeploymentManager:
         return sum(s.memory_bytes for d in self.deployments for s in d.slots() if s.state not in (SlotState.STOPPED, SlotState.ASLEEP))
 
     def _fits(self, extra_bytes: int) -> bool:
-        return self.memory_in_use_bytes + extra_bytes <= self._settings.memory_budget_bytes
+        return fits(self.memory_in_use_bytes, extra_bytes, self._settings.memory_budget_bytes)
 
     def _lock_free(self, name: str) -> Deployment:
         deployment = self.get(name)
@@ -483,6 +572,12 @@ def _is_idle_past_ttl(deployment: Deployment) -> bool:
     if deployment.num_waiting:  # woken by a load, not yet leased
         return False
     return active.idle_seconds() > deployment.on_demand.idle_ttl_s
+
+
+def _reload_blocker(active: Slot, target: Target) -> str | None:
+    if not can_reload(active.engine):
+        return f"the {active.engine.name} engine cannot reload weights in place"
+    return reload_blocker(ModelLayout.read(active.target.path), ModelLayout.read(target.path), active.target.options, target.options)
 
 
 def _as_swap_error(error: Exception, record: SwapRecord) -> BaseException:

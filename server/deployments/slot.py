@@ -1,14 +1,22 @@
-"""A slot: one loaded engine serving one version, and the leases requests hold on it."""
+"""A slot: one loaded engine serving one version, and the leases requests hold on it.
+
+A slot's state changes only through `move_to`, which checks the transition table and logs
+every change (llama-swap's process states). Only the manager and the deployment that own a
+slot move it; requests change only its leases.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.engines.base import Engine
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -23,26 +31,39 @@ class Target:
 
 class SlotState(enum.Enum):
     LOADING = "loading"
-    READY = "ready"
-    DRAINING = "draining"
-    STANDBY = "standby"
+    READY = "ready"  # taking new requests
+    DRAINING = "draining"  # no new requests; in-flight ones finish (or its weights reload)
+    STANDBY = "standby"  # loaded, routed nowhere: a flip away
     ASLEEP = "asleep"  # on standby with its accelerator memory given back (engine sleep mode)
     STOPPED = "stopped"
     FAILED = "failed"
 
 
+S = SlotState
+TRANSITIONS: dict[SlotState, frozenset[SlotState]] = {
+    S.LOADING: frozenset({S.READY, S.FAILED, S.STOPPED}),
+    S.READY: frozenset({S.DRAINING, S.STOPPED}),
+    # back to READY: a reload finished or failed, or a failed swap restored the old version
+    S.DRAINING: frozenset({S.READY, S.STANDBY, S.ASLEEP, S.STOPPED}),
+    S.STANDBY: frozenset({S.READY, S.STOPPED}),
+    S.ASLEEP: frozenset({S.STANDBY, S.READY, S.STOPPED}),
+    S.FAILED: frozenset({S.STOPPED}),
+    S.STOPPED: frozenset(),
+}
+
+
+class InvalidTransitionError(RuntimeError):
+    """A slot was asked to make a move its state table forbids: a bug in baton, not input."""
+
+
 @dataclass(eq=False)
 class Slot:
-    """Rule: only the deployment that owns a slot changes its state; requests change only
-    the lease count, through `Lease`."""
-
     target: Target
     engine: Engine
     state: SlotState = SlotState.LOADING
-    num_leases: int = 0
-    is_cut_off: bool = False  # its drain deadline passed with requests in flight
-    num_cut_off: int = 0
+    plan: str = ""  # what the memory plan chose for its engine, if anything
     last_used: float = field(default_factory=time.monotonic)  # when a lease was last taken or returned
+    _leases: set["Lease"] = field(default_factory=set)
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -56,20 +77,49 @@ class Slot:
     def memory_bytes(self) -> int:
         return self.target.memory_bytes
 
+    @property
+    def num_leases(self) -> int:
+        return len(self._leases)
+
+    def move_to(self, state: SlotState, why: str = "") -> None:
+        if state is self.state:
+            return
+        if state not in TRANSITIONS[self.state]:
+            raise InvalidTransitionError(f"slot {self.version} cannot go from {self.state.value} to {state.value}")
+        log.info("slot %s: %s -> %s%s", self.version, self.state.value, state.value, f" ({why})" if why else "")
+        self.state = state
+
+    def retarget(self, target: Target) -> None:
+        """The engine now runs `target`'s weights (a reload). Rule: only while draining with
+        no lease out but those cut off (they end with model_swapped), so every response names
+        the version that produced it."""
+        if self.state is not SlotState.DRAINING or any(not lease.is_cut_off for lease in self._leases):
+            raise InvalidTransitionError(f"slot {self.version} can change version only while drained")
+        log.info("slot %s: now serves %s", self.version, target.version)
+        self.target = target
+
     def take_lease(self) -> "Lease":
-        self.num_leases += 1
+        lease = Lease(self)
+        self._leases.add(lease)
         self.last_used = time.monotonic()
         self._drained.clear()
-        return Lease(self)
+        return lease
+
+    def cut_off(self) -> int:
+        """The drain deadline passed: mark the leases still out, so that their requests end
+        with model_swapped when the engine stops or reloads under them. Returns how many."""
+        for lease in self._leases:
+            lease.is_cut_off = True
+        return len(self._leases)
 
     def idle_seconds(self) -> float:
         """How long nothing has used this slot; 0 while requests are in flight."""
-        return 0.0 if self.num_leases else time.monotonic() - self.last_used
+        return 0.0 if self._leases else time.monotonic() - self.last_used
 
-    def _return_lease(self) -> None:
-        self.num_leases -= 1
+    def _return_lease(self, lease: "Lease") -> None:
+        self._leases.discard(lease)
         self.last_used = time.monotonic()
-        if self.num_leases == 0:
+        if not self._leases:
             self._drained.set()
 
     async def wait_drained(self, timeout: float) -> bool:
@@ -81,7 +131,8 @@ class Slot:
         return True
 
     def describe(self) -> dict:
-        return {"version": self.version, "state": self.state.value, "in_flight": self.num_leases, "engine": self.engine.name}
+        described = {"version": self.version, "state": self.state.value, "in_flight": self.num_leases, "engine": self.engine.name, "memory_bytes": self.memory_bytes}
+        return described | ({"memory_plan": self.plan} if self.plan else {})
 
 
 class Lease:
@@ -90,6 +141,7 @@ class Lease:
 
     def __init__(self, slot: Slot):
         self.slot = slot
+        self.is_cut_off = False  # still running when its slot's drain deadline passed
         self._is_released = False
 
     @property
@@ -99,4 +151,4 @@ class Lease:
     def release(self) -> None:
         if not self._is_released:
             self._is_released = True
-            self.slot._return_lease()
+            self.slot._return_lease(self)

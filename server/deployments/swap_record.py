@@ -24,7 +24,8 @@ class SwapRecord:
     to_version: str | None
     strategy: str
     actor: str
-    reason: str = ""
+    reason: str = ""  # the operator's
+    strategy_reason: str = ""  # why this strategy: the choice `auto` made, or "asked for"
     id: str = field(default_factory=lambda: "swap-" + uuid.uuid4().hex[:12])
     status: str = "running"  # running, succeeded, failed
     error: str | None = None
@@ -54,6 +55,7 @@ class SwapRecord:
             "from_version": self.from_version,
             "to_version": self.to_version,
             "strategy": self.strategy,
+            "strategy_reason": self.strategy_reason,
             "status": self.status,
             "error": self.error,
             "actor": self.actor,

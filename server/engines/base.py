@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
@@ -93,5 +94,19 @@ class SleepingEngine(Protocol):
     async def wake_up(self) -> None: ...
 
 
+@runtime_checkable
+class ReloadingEngine(Protocol):
+    """An engine that swaps its weights in place for a version of the same layout (the
+    `reload` strategy). Rules: the caller drains first, so nothing should be generating;
+    whatever still is ends with `EngineStoppedError`. The tokenizer and chat template come
+    from `path` too. If it raises, the weights may be a mix: the caller reloads the old path."""
+
+    async def reload_weights(self, path: Path) -> None: ...
+
+
 def can_sleep(engine: Engine) -> bool:
     return isinstance(engine, SleepingEngine) and engine.can_sleep
+
+
+def can_reload(engine: Engine) -> bool:
+    return isinstance(engine, ReloadingEngine)

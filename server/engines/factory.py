@@ -36,13 +36,16 @@ def engine_for(path: Path, choice: str) -> str:
 def estimate_memory_bytes(path: Path, options: dict, stored_bytes: int) -> int:
     """The device memory a loaded version is expected to hold, for the memory budget: its
     weights with runtime buffers; vLLM adds its KV-cache space on CPU, and on GPU reserves
-    its share of each device it runs on (`gpu_memory_utilization`), weights included."""
+    its share of each device it runs on (`gpu_memory_utilization`, weights included; before
+    the memory plan sets that share, the least it needs: its weights)."""
     if engine_for(path, options.get("engine") or "auto") != "vllm":
         return int(stored_bytes * LOAD_OVERHEAD)
     vllm_options = options_for(VLLMOptions, options)
     gpus = gpu_memory_bytes()
-    if gpus:
+    if gpus and vllm_options.gpu_memory_utilization is not None:
         return int(vllm_options.gpu_memory_utilization * gpus[0] * vllm_options.tensor_parallel_size)
+    if gpus:
+        return int(stored_bytes * LOAD_OVERHEAD)
     return int(stored_bytes * LOAD_OVERHEAD) + vllm_options.cpu_kv_cache_gib * 2**30
 
 

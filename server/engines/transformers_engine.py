@@ -11,11 +11,12 @@ import gc
 import json
 import threading
 from concurrent.futures import Future
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.engines.base import Chunk, EngineHealth, GenerationRequest
@@ -39,6 +40,7 @@ class TransformersEngine:
         self._waiting: list[Sequence] = []
         self._wakeup = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._calls: list[tuple[Callable[[], None], Future]] = []  # work for the worker, between steps
         self._is_stopping = False
         self._in_flight: dict[str, Sequence] = {}  # event-loop thread only
 
@@ -61,6 +63,15 @@ class TransformersEngine:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         return self._stream(request)
+
+    async def reload_weights(self, path: Path) -> None:
+        """Same layout, new weights: the worker copies them into the loaded model between
+        steps; the tokenizer (and so the chat template) is the new folder's."""
+        path = Path(path)
+        check_model_folder(path, self._options.allow_pickle)
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path, local_files_only=True)
+        await asyncio.wrap_future(self._call_on_worker(partial(self._reload, path)))
+        self._path, self._tokenizer = path, tokenizer
 
     async def abort(self, request_id: str) -> None:
         sequence = self._in_flight.get(request_id)
@@ -115,6 +126,15 @@ class TransformersEngine:
             self._in_flight.pop(request.request_id, None)
             self._mark_aborted(sequence)  # a no-op for a finished sequence
 
+    def _call_on_worker(self, work: Callable[[], None]) -> Future:
+        done: Future = Future()
+        with self._wakeup:
+            if self._is_stopping:
+                raise EngineStoppedError("The engine is not running.")
+            self._calls.append((work, done))
+            self._wakeup.notify()
+        return done
+
     def _submit(self, sequence: Sequence) -> None:
         with self._wakeup:
             self._waiting.append(sequence)
@@ -144,6 +164,7 @@ class TransformersEngine:
             joining = self._take_joining()
             if self._is_stopping:
                 break
+            self._run_calls()
             try:
                 self._batch.drop_aborted()
                 if joining:
@@ -159,22 +180,55 @@ class TransformersEngine:
     def _take_joining(self) -> list[Sequence]:
         """Wait for work if idle; return the waiting sequences that may join the batch now."""
         with self._wakeup:
-            while not self._is_stopping and not self._batch.sequences and not self._waiting:
+            while not self._is_stopping and not self._batch.sequences and not self._waiting and not self._calls:
                 self._wakeup.wait()
             self._waiting = [s for s in self._waiting if not s.is_aborted]
-            if self._batch.sequences and not self._batch.can_join_running:
+            if self._calls or (self._batch.sequences and not self._batch.can_join_running):
                 return []
             num_free = self._options.max_batch_size - len(self._batch.sequences)
             joining, self._waiting = self._waiting[:num_free], self._waiting[num_free:]
             return joining
 
+    def _run_calls(self) -> None:
+        with self._wakeup:
+            calls, self._calls = self._calls, []
+        for work, done in calls:
+            try:
+                work()
+            except BaseException as error:
+                done.set_exception(error)
+            else:
+                done.set_result(None)
+
     def _end_everything(self) -> None:
         error = EngineStoppedError("The engine stopped before this generation finished.")
         with self._wakeup:
             waiting, self._waiting = self._waiting, []
+            calls, self._calls = self._calls, []
         for sequence in waiting:
             sequence.emit(error)
+        for _, done in calls:
+            done.set_exception(error)
         self._batch.fail_all(error)
+
+    def _reload(self, path: Path) -> None:
+        """Rule: every tensor is read and checked before the first one is copied, so a bad
+        folder leaves the old weights whole."""
+        swapped = EngineStoppedError("The model's weights were swapped before this generation finished.")
+        with self._wakeup:
+            waiting, self._waiting = self._waiting, []
+        for sequence in waiting:
+            sequence.emit(swapped)
+        self._batch.fail_all(swapped)
+        weights = {}
+        for file in sorted(path.glob("*.safetensors")):
+            weights.update(load_file(file, device=str(self._device)))
+        params = self._model.state_dict()
+        _check_same_tensors(params, weights)
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        self._warm_up()
 
     # -- loading ------------------------------------------------------------------------
 
@@ -223,6 +277,18 @@ class TransformersEngine:
     def _warm_up(self) -> None:
         with torch.inference_mode():
             self._model(input_ids=torch.tensor([[self._pad_token_id()]], device=self._device))
+
+
+def _check_same_tensors(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """`weights` must cover every parameter (tied ones through the tensor they share) with
+    the same shapes, and hold nothing else."""
+    if unknown := sorted(set(weights) - set(params)):
+        raise ModelLoadError(f"The new weights hold tensors the model does not have: {', '.join(unknown[:3])}.")
+    if wrong := [n for n, t in weights.items() if t.shape != params[n].shape]:
+        raise ModelLoadError(f"Tensor {wrong[0]} has shape {list(weights[wrong[0]].shape)}, the model {list(params[wrong[0]].shape)}.")
+    loaded = {params[name].data_ptr() for name in weights}
+    if missing := sorted(n for n, t in params.items() if n not in weights and t.data_ptr() not in loaded):
+        raise ModelLoadError(f"The new weights lack tensors the model has: {', '.join(missing[:3])}.")
 
 
 def _put_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:

@@ -78,6 +78,8 @@ class VLLMEngine:
             async for output in self._engine.generate(prompt, self._sampling(request), request.request_id):
                 completion = output.outputs[0]
                 is_finished = output.finished
+                if completion.finish_reason == "abort":  # not ours: a reload (or vLLM) ended it
+                    raise EngineStoppedError("The generation was aborted: the model's weights were swapped.")
                 reason = _finish_reason(completion.finish_reason) if output.finished else None
                 if completion.text or reason:
                     yield Chunk(completion.text, len(completion.token_ids), reason)
@@ -91,6 +93,22 @@ class VLLMEngine:
             self._in_flight.discard(request.request_id)
             if not is_finished and self._engine is not None:
                 await self._engine.abort(request.request_id)
+
+    async def reload_weights(self, path: Path) -> None:
+        """vLLM's in-place reload: pause (aborting whatever still runs), load the folder's
+        weights into the running model, drop the prefix cache built from the old ones, resume."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        check_model_folder(path, self._options.allow_pickle)
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path, local_files_only=True)
+        await self._engine.pause_generation(mode="abort", clear_cache=True)
+        try:
+            await self._engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            await self._engine.reset_prefix_cache()
+        finally:
+            await self._engine.resume_generation()
+        self._path, self._tokenizer = path, tokenizer
 
     async def abort(self, request_id: str) -> None:
         if self._engine is not None:
@@ -125,18 +143,19 @@ class VLLMEngine:
         on_cpu = self._device_name() == "cpu"
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
+        # Unset options stay vLLM's own defaults (max_num_seqs, gpu_memory_utilization).
+        chosen = {"gpu_memory_utilization": options.gpu_memory_utilization, "max_num_seqs": options.max_num_seqs}
         args = AsyncEngineArgs(
             model=str(self._path),
             dtype="float32" if on_cpu and options.dtype == "auto" else options.dtype,
             max_model_len=options.max_model_len,
-            gpu_memory_utilization=options.gpu_memory_utilization,
             tensor_parallel_size=options.tensor_parallel_size,
             quantization=options.quantization,
             enforce_eager=on_cpu if options.enforce_eager is None else options.enforce_eager,
-            max_num_seqs=options.max_num_seqs,
             trust_remote_code=False,
             load_format="auto" if options.allow_pickle else "safetensors",
             enable_sleep_mode=not on_cpu,
+            **{name: value for name, value in chosen.items() if value is not None},
         )
         return AsyncLLM.from_engine_args(args)
 

@@ -27,11 +27,13 @@ TRANSFORMERS = ImportOptions(engine_options={"engine": "transformers"})
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, tiny_model_path, demo_model_path) -> Path:
-    """A registry with chat@1 and chat@2: two tiny models with different random weights."""
+    """A registry with chat@1 and chat@2, two tiny models of one layout with different random
+    weights, and chat@3, a third layout (three layers)."""
     home = tmp_path_factory.mktemp("swaps")
     registry = Registry(home)
     second = build_tiny_model(tmp_path_factory.mktemp("v2") / "v2", demo_model_path, seed=1)
-    for folder in (tiny_model_path, second):
+    third = build_tiny_model(tmp_path_factory.mktemp("v3") / "v3", demo_model_path, seed=2, num_hidden_layers=3)
+    for folder in (tiny_model_path, second, third):
         registry.import_folder(folder, "chat", {"kind": "local"}, TRANSFORMERS, Change("tester"))
     return home
 
@@ -97,22 +99,22 @@ def test_swaps_under_streaming_load_fail_no_request(home):
 
 def test_swap_records_phases_and_parks_the_old_version_on_standby(home):
     with _server(home) as server:
-        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", reason="new fine-tune")
-        assert [p["name"] for p in record["phases"]] == ["resolve", "load", "verify", "flip", "drain", "park"]
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green", reason="new fine-tune")
+        assert [p["name"] for p in record["phases"]] == ["load", "verify", "flip", "drain", "park"]
         assert all(p["duration_s"] >= 0 for p in record["phases"])
         assert _admin(server, "GET", f"/swaps/{record['id']}")["status"] == "succeeded"
         deployment = _admin(server, "GET", "/deployments/chat")
         assert (deployment["version"], deployment["standby"]["version"]) == ("chat@2", "chat@1")
         standby = _admin(server, "POST", "/deployments/chat/swap", to="chat@1", strategy="standby")
-        assert [p["name"] for p in standby["phases"]] == ["resolve", "flip", "drain", "park"]
-        assert standby["phases"][1]["duration_s"] < 0.01  # the flip itself
+        assert [p["name"] for p in standby["phases"]] == ["flip", "drain", "park"]
+        assert standby["phases"][0]["duration_s"] < 0.01  # the flip itself
     history = Registry(home).history("chat")
     assert any(e["action"] == "swap" and e["reason"] == "new fine-tune" and e["version"] == 2 for e in history)
 
 
 def test_rollback_returns_to_the_previous_version(home):
     with _server(home) as server:
-        _admin(server, "POST", "/deployments/chat/swap", to="chat@2")
+        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green")
         record = _admin(server, "POST", "/deployments/chat/rollback", reason="bad answers")
         assert (record["to_version"], record["strategy"]) == ("chat@1", "standby")
         assert _ask(server.client())[0] == "chat@1"
@@ -148,7 +150,7 @@ def test_canary_splits_traffic_by_weight_then_promotes(home):
 def test_failing_verification_keeps_the_old_version(home):
     factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(produces_nothing=True)})
     with _server(home, factory) as server:
-        failure = _admin(server, "POST", "/deployments/chat/swap", expect=500, to="chat@2")["error"]
+        failure = _admin(server, "POST", "/deployments/chat/swap", expect=500, to="chat@2", strategy="blue-green")["error"]
         assert "produced no tokens" in failure["message"]
         version, text = _ask(server.client(), max_tokens=3)
         assert version == "chat@1" and text == f"{_label(home, 'chat@1')} " * 3
@@ -168,23 +170,25 @@ def test_replace_holds_new_requests_then_serves_them_from_the_new_version(home):
         assert _admin(server, "GET", f"/swaps/{record['id']}")["strategy"] == "replace"
 
 
-def test_drain_deadline_ends_the_rest_with_model_swapped(home):
+@pytest.mark.parametrize("strategy", ["blue-green", "reload"])
+def test_drain_deadline_ends_the_rest_with_model_swapped(home, strategy):
     factory = FakeEngineFactory({Registry(home).resolve("chat@1").path.name: FakeBehaviour(token_seconds=0.1)})
     with _server(home, factory, drain_timeout_s=0.5) as server:
         body = {"model": "chat", "messages": HI, "max_tokens": 500, "stream": True}
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
             lines = response.iter_lines()
             next(lines)  # the stream is under way on chat@1
-            record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2")
+            record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy=strategy)
             events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
-        assert record["num_cut_off"] == 1
+        assert record["num_cut_off"] == 1 and record["status"] == "succeeded"
         assert json.loads(events[-1])["error"]["code"] == "model_swapped"
+        assert _ask(server.client(), max_tokens=2) == ("chat@2", f"{_label(home, 'chat@2')} " * 2)
 
 
 def test_a_second_swap_while_swapping_gets_409(home):
     factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(start_seconds=1.0)})
     with _server(home, factory) as server:
-        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", wait=False)
+        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green", wait=False)
         conflict = _admin(server, "POST", "/deployments/chat/swap", expect=409, to="chat@2")
         assert conflict["error"]["code"] == "swap_in_progress"
 
@@ -215,7 +219,7 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
 
     with _server(home, FakeEngineFactory()) as server:
         remote = ("--server", server.url)
-        swapped = baton("swap", "chat", "--to", "chat@2", "--reason", "cli", *remote)
+        swapped = baton("swap", "chat", "--to", "chat@2", "--strategy", "blue-green", "--reason", "cli", *remote)
         assert swapped.returncode == 0, swapped.stderr
         for phase in ("load", "verify", "flip", "drain", "park"):
             assert f"  {phase}" in swapped.stdout
@@ -239,12 +243,26 @@ def test_a_deployed_version_cannot_be_deleted_unless_forced(home):
         assert refused.status_code == 409 and "deployment chat (active)" in refused.json()["error"]["message"]
 
 
-def test_auto_picks_replace_when_both_versions_do_not_fit(home):
+def test_auto_picks_replace_when_it_cannot_reload_and_both_do_not_fit(home):
     one_version = Registry(home).resolve("chat@1").manifest.total_bytes
     with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 1.5)) as server:
-        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="auto")
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@3", strategy="auto")
         assert record["strategy"] == "replace"
+        assert record["strategy_reason"].startswith("no reload (tensor model.layers.2.")
+        assert "memory budget has" in record["strategy_reason"]
         assert _admin(server, "GET", "/deployments/chat")["standby"] is None  # no room to keep it
+
+
+def test_explicit_blue_green_that_cannot_fit_is_refused_before_anything_loads(home):
+    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    num_events = len(Registry(home).history("chat"))
+    with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 1.5)) as server:
+        refused = _admin(server, "POST", "/deployments/chat/swap", expect=409, to="chat@3", strategy="blue-green")["error"]
+        assert refused["code"] == "strategy_not_applicable"
+        third = Registry(home).resolve("chat@3").manifest.total_bytes
+        assert f"needs {int(third * LOAD_OVERHEAD)} bytes" in refused["message"]
+        assert _admin(server, "GET", "/deployments/chat")["version"] == "chat@1"
+    assert len(Registry(home).history("chat")) == num_events  # refused, not a failed swap
 
 
 def test_standby_on_an_engine_that_sleeps_frees_its_memory_and_wakes_to_swap_back(home):
@@ -256,7 +274,7 @@ def test_standby_on_an_engine_that_sleeps_frees_its_memory_and_wakes_to_swap_bac
         assert status["deployments"][0]["standby"]["state"] == "asleep"
         assert status["memory_in_use_bytes"] == one_version  # the sleeping one holds no device memory
         back = _admin(server, "POST", "/deployments/chat/swap", to="chat@1", strategy="auto")
-        assert (back["strategy"], [p["name"] for p in back["phases"]]) == ("standby", ["resolve", "wake", "flip", "drain", "park"])
+        assert (back["strategy"], [p["name"] for p in back["phases"]]) == ("standby", ["wake", "flip", "drain", "park"])
         assert _ask(server.client())[0] == "chat@1"  # an engine still asleep would have refused it
         assert _admin(server, "GET", "/deployments/chat")["standby"]["state"] == "asleep"
 
@@ -267,7 +285,8 @@ def test_standby_swaps_in_turn_when_both_awake_do_not_fit(home):
     one_version = int(Registry(home).resolve("chat@1").manifest.total_bytes * LOAD_OVERHEAD)
     factory = FakeEngineFactory(default=FakeBehaviour(sleeps=True, token_seconds=0.01))
     with _server(home, factory, memory_budget_bytes=int(one_version * 1.5)) as server:
-        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green")
+        replaced = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="replace")
+        assert replaced["phases"][1]["detail"].startswith("asleep on standby")  # replace sleeps the old one
         results, errors, stop = [], [], threading.Event()
 
         def keep_asking():
@@ -290,7 +309,7 @@ def test_standby_swaps_in_turn_when_both_awake_do_not_fit(home):
     assert {"chat@1", "chat@2"} <= set(results)
     for record in records:
         assert record["strategy"] == "standby" and record["status"] == "succeeded"
-        assert [p["name"] for p in record["phases"]] == ["resolve", "drain", "park", "wake", "flip"]
+        assert [p["name"] for p in record["phases"]] == ["drain", "park", "wake", "flip"]
 
 
 def test_a_standby_that_cannot_wake_leaves_the_old_version_serving(home):
@@ -298,7 +317,8 @@ def test_a_standby_that_cannot_wake_leaves_the_old_version_serving(home):
     first = Registry(home).resolve("chat@1").path.name
     factory = FakeEngineFactory({first: FakeBehaviour(sleeps=True, fails_to_wake=True)}, default=FakeBehaviour(sleeps=True))
     with _server(home, factory, memory_budget_bytes=int(one_version * 1.5)) as server:
-        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green")
+        replaced = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="replace")
+        assert replaced["phases"][1]["detail"].startswith("asleep on standby")  # replace sleeps the old one
         failure = _admin(server, "POST", "/deployments/chat/swap", expect=500, to="chat@1", strategy="auto")["error"]
         assert failure["code"] == "swap_failed" and "chat@2 keeps serving" in failure["message"]
         assert _ask(server.client())[0] == "chat@2"
@@ -376,3 +396,51 @@ def test_smoke_prompts_are_set_per_deployment(home):
         assert [p["detail"] for p in default["phases"] if p["name"] == "verify"] == ["1 smoke prompt(s) answered"]
         bad = _admin(server, "POST", "/deployments", expect=400, name="bad", model="chat@1", smoke_prompts=[])
         assert bad["error"]["param"] == "smoke_prompts"
+
+
+def test_reload_swaps_weights_inside_the_running_engine_and_back(home):
+    one_version = int(Registry(home).resolve("chat@1").manifest.total_bytes * LOAD_OVERHEAD)
+    with _server(home) as server:
+        client = server.client()
+        first = _ask(client)
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="reload")
+        assert (record["strategy"], [p["name"] for p in record["phases"]]) == ("reload", ["drain", "reload", "verify", "flip"])
+        second = _ask(client)
+        assert second[0] == "chat@2" and second[1] != first[1]
+        status = _admin(server, "GET", "/status")
+        assert status["memory_in_use_bytes"] == one_version and status["deployments"][0]["standby"] is None  # one engine throughout
+        back = _admin(server, "POST", "/deployments/chat/rollback")
+        assert (back["strategy"], back["strategy_reason"]) == ("reload", "same layout: weights swap inside the running engine")
+        assert _ask(client) == first  # byte-identical after swapping back
+
+
+def test_reload_to_another_layout_is_refused_and_auto_says_why_it_loads_beside(home):
+    with _server(home, FakeEngineFactory()) as server:
+        refused = _admin(server, "POST", "/deployments/chat/swap", expect=409, to="chat@3", strategy="reload")["error"]
+        assert refused["code"] == "strategy_not_applicable"
+        assert "tensor model.layers.2.input_layernorm.weight: absent -> F32[64]" in refused["message"]
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@3")
+        assert record["strategy"] == "blue-green" and record["strategy_reason"].endswith("both fit the memory budget")
+
+
+def test_a_reload_that_fails_half_way_puts_the_old_weights_back(home):
+    first = Registry(home).resolve("chat@1").path.name
+    with _server(home, FakeEngineFactory({first: FakeBehaviour(fails_to_reload=True)})) as server:
+        failure = _admin(server, "POST", "/deployments/chat/swap", expect=500, to="chat@2", strategy="reload")["error"]
+        assert failure["code"] == "swap_failed" and "chat@1 keeps serving" in failure["message"]
+        assert _ask(server.client(), max_tokens=2) == ("chat@1", f"{_label(home, 'chat@1')} " * 2)  # not a mix
+        assert _admin(server, "GET", "/deployments/chat")["active"]["state"] == "ready"
+
+
+def test_replace_puts_the_old_version_to_sleep_and_a_failed_load_wakes_it(home):
+    third = Registry(home).resolve("chat@3").path.name
+    factory = FakeEngineFactory({third: FakeBehaviour(sleeps=True, fails_to_start=True)}, default=FakeBehaviour(sleeps=True))
+    with _server(home, factory) as server:
+        failure = _admin(server, "POST", "/deployments/chat/swap", expect=500, to="chat@3", strategy="replace")["error"]
+        assert "chat@1 keeps serving" in failure["message"]
+        assert _ask(server.client(), max_tokens=1)[0] == "chat@1"  # awake again: a sleeping engine refuses
+        replaced = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="replace")
+        assert [p["name"] for p in replaced["phases"]] == ["drain", "unload", "load", "verify", "flip"]
+        assert _admin(server, "GET", "/deployments/chat")["standby"]["state"] == "asleep"
+        assert _admin(server, "POST", "/deployments/chat/rollback")["strategy"] == "standby"
+        assert _ask(server.client(), max_tokens=1)[0] == "chat@1"

@@ -1,0 +1,68 @@
+"""Which way a swap goes: a pure decision over facts the manager gathers, so every rule is a
+unit test (nano-vllm's scheduler: policy without I/O).
+
+`auto` takes the fastest strategy that is safe, in this order:
+  standby     the target is loaded or asleep beside the active version: flip, or wake and flip
+  reload      same layout, and the engine reloads in place: hold, drain, swap weights, resume
+  blue-green  the memory plan fits both: load beside, flip, drain (no request waits)
+  replace     the last resort: the old version sleeps or unloads, new requests wait in a queue
+An explicit strategy that cannot apply is refused before anything stops, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.errors import ConflictError, InvalidRequestError
+
+STRATEGIES = ("auto", "standby", "reload", "blue-green", "replace")
+
+
+@dataclass(frozen=True)
+class SwapFacts:
+    is_on_standby: bool  # the target is the deployment's standby slot
+    reload_blocker: str | None  # why weights cannot be reloaded in place; None: they can
+    needed_bytes: int  # what the target would hold of the memory budget, loaded beside
+    free_bytes: int  # what the budget has left now
+
+
+@dataclass(frozen=True)
+class Choice:
+    strategy: str
+    reason: str
+
+
+def choose_strategy(requested: str, facts: SwapFacts) -> Choice:
+    if requested not in STRATEGIES:
+        raise InvalidRequestError(f"Unknown strategy {requested!r}; use one of {', '.join(STRATEGIES)}.", param="strategy")
+    if requested == "auto":
+        return _fastest(facts)
+    if refusal := _refusal(requested, facts):
+        raise ConflictError(f"Cannot swap with {requested}: {refusal}.", code="strategy_not_applicable")
+    return Choice(requested, "asked for")
+
+
+def _fastest(facts: SwapFacts) -> Choice:
+    if facts.is_on_standby:
+        return Choice("standby", "the target is on standby")
+    if facts.reload_blocker is None:
+        return Choice("reload", "same layout: weights swap inside the running engine")
+    fits = facts.needed_bytes <= facts.free_bytes
+    why_not_reload = f"no reload ({facts.reload_blocker})"
+    if fits:
+        return Choice("blue-green", f"{why_not_reload}; both fit the memory budget")
+    return Choice("replace", f"{why_not_reload}; {_shortfall(facts)}")
+
+
+def _refusal(strategy: str, facts: SwapFacts) -> str | None:
+    if strategy == "standby" and not facts.is_on_standby:
+        return "the target is not on standby; use auto, blue-green or replace"
+    if strategy == "reload" and facts.reload_blocker is not None:
+        return facts.reload_blocker
+    if strategy == "blue-green" and facts.needed_bytes > facts.free_bytes:
+        return _shortfall(facts) + "; use auto or replace"
+    return None
+
+
+def _shortfall(facts: SwapFacts) -> str:
+    return f"loading beside needs {facts.needed_bytes} bytes and the memory budget has {max(facts.free_bytes, 0)} free"

@@ -1,0 +1,50 @@
+"""The memory plan alone: vLLM's GPU share from free memory, headroom and engine count."""
+
+import pytest
+
+from models.errors import ConflictError
+from server.deployments.memory_plan import MAX_GPU_SHARE, fits, plan_gpu_share
+
+GIB = 2**30
+H100 = 80 * GIB
+
+
+def test_one_engine_takes_what_is_free_less_the_headroom():
+    assert plan_gpu_share(H100, 40 * GIB, 2 * GIB, 1) == 0.47  # 38 of 80 GiB, rounded down
+
+
+def test_two_engines_each_take_half_so_a_blue_green_fits():
+    share = plan_gpu_share(H100, 79 * GIB, 2 * GIB, 2)
+    assert share == 0.48
+    assert 2 * share * H100 <= 79 * GIB - 2 * GIB
+
+
+def test_the_second_engine_is_planned_from_what_the_first_left_free():
+    first = plan_gpu_share(H100, 79 * GIB, 2 * GIB, 2)
+    left = 79 * GIB - first * H100
+    second = plan_gpu_share(H100, int(left), 2 * GIB, 1)
+    assert second * H100 <= left  # vLLM's own check: share x total must not exceed free memory
+
+
+def test_a_share_rounds_down_so_vllm_never_finds_too_little_free():
+    share = plan_gpu_share(1000, 999, 0, 1)
+    assert share * 1000 <= 999
+
+
+def test_never_more_than_the_ceiling():
+    assert plan_gpu_share(H100, H100, 0, 1) == MAX_GPU_SHARE
+
+
+def test_no_room_is_a_conflict_naming_the_figures():
+    with pytest.raises(ConflictError, match=f"has {GIB} bytes free of {H100}") as refused:
+        plan_gpu_share(H100, GIB, 2 * GIB, 1)
+    assert refused.value.code == "insufficient_gpu_memory"
+
+
+def test_engine_count_must_be_positive():
+    with pytest.raises(ValueError):
+        plan_gpu_share(H100, H100, 0, 0)
+
+
+def test_fits_is_inclusive_of_the_budget():
+    assert fits(60, 40, 100) and not fits(60, 41, 100)

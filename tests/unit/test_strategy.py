@@ -1,0 +1,67 @@
+"""The strategy choice alone: no engine, no server."""
+
+import pytest
+
+from models.errors import ConflictError, InvalidRequestError
+from server.deployments.strategy import SwapFacts, choose_strategy
+
+GIB = 2**30
+
+
+def facts(is_on_standby=False, reload_blocker="the architecture differs (A -> B)", needed=10 * GIB, free=20 * GIB) -> SwapFacts:
+    return SwapFacts(is_on_standby, reload_blocker, needed, free)
+
+
+def test_auto_takes_standby_before_anything():
+    assert choose_strategy("auto", facts(is_on_standby=True, reload_blocker=None)).strategy == "standby"
+
+
+def test_auto_takes_reload_when_layouts_match_even_if_both_would_fit():
+    choice = choose_strategy("auto", facts(reload_blocker=None))
+    assert choice.strategy == "reload" and "same layout" in choice.reason
+
+
+def test_auto_takes_blue_green_when_it_cannot_reload_and_both_fit():
+    choice = choose_strategy("auto", facts())
+    assert choice.strategy == "blue-green"
+    assert choice.reason == "no reload (the architecture differs (A -> B)); both fit the memory budget"
+
+
+def test_auto_falls_back_to_replace_and_says_how_much_was_missing():
+    choice = choose_strategy("auto", facts(needed=30 * GIB))
+    assert choice.strategy == "replace"
+    assert f"needs {30 * GIB} bytes and the memory budget has {20 * GIB} free" in choice.reason
+
+
+def test_auto_fits_exactly_at_the_budget():
+    assert choose_strategy("auto", facts(needed=20 * GIB)).strategy == "blue-green"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "situation", "words"),
+    [
+        ("standby", facts(), "not on standby"),
+        ("reload", facts(), "the architecture differs"),
+        ("blue-green", facts(needed=30 * GIB), f"needs {30 * GIB} bytes"),
+        ("blue-green", facts(needed=1, free=-5), "has 0 free"),
+    ],
+)
+def test_an_explicit_strategy_that_cannot_apply_is_refused_with_the_reason(strategy, situation, words):
+    with pytest.raises(ConflictError, match=words) as refused:
+        choose_strategy(strategy, situation)
+    assert refused.value.code == "strategy_not_applicable"
+
+
+@pytest.mark.parametrize("strategy", ["standby", "reload", "blue-green", "replace"])
+def test_an_explicit_strategy_that_applies_is_kept(strategy):
+    situation = facts(is_on_standby=True, reload_blocker=None)
+    assert choose_strategy(strategy, situation).strategy == strategy
+
+
+def test_replace_always_applies():
+    assert choose_strategy("replace", facts(needed=100 * GIB, free=0)).strategy == "replace"
+
+
+def test_an_unknown_strategy_is_a_400_naming_the_choices():
+    with pytest.raises(InvalidRequestError, match="use one of auto, standby, reload, blue-green, replace"):
+        choose_strategy("yolo", facts())
