@@ -30,7 +30,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import free_port, wait_ready  # noqa: E402
+from benchmarks.serving import free_port, results_dir, wait_ready  # noqa: E402
 BIN = Path(sys.executable).parent
 TOPICS = ["a lighthouse keeper", "a lost robot", "a mountain village", "an old clock", "a brave fox", "the sea", "a library", "a comet"]
 
@@ -57,7 +57,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"], help="baton's engine")
     parser.add_argument("--anchor", default="transformers-serve", choices=["transformers-serve", "vllm-server"])
     parser.add_argument("--only", choices=["baton", "transformers-serve", "vllm-server"], help="run one server only")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_throughput.json")
+    parser.add_argument("--out", type=Path, default=results_dir() / "cpu_throughput.json")
     return parser.parse_args()
 
 
@@ -101,7 +101,7 @@ def _vllm_cpu_defaults() -> list[str]:
 @contextmanager
 def _running(command: list[str], name: str):
     port = free_port()
-    log = open(ROOT / "benchmarks" / "results" / f"{name}.log", "w")
+    log = open(results_dir() / f"{name}.log", "w")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     process = subprocess.Popen([part.format(port=port) for part in command], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -187,6 +187,7 @@ def _report(results: dict, args) -> None:
                 f"server-process CPU per token x{ours['main_process_cpu_ms_per_token'] / max(anchor['main_process_cpu_ms_per_token'], 1e-9):.2f} "
                 f"(baton on {args.engine} / {args.anchor})"
             )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
     print(f"wrote {args.out}")

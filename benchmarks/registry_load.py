@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from models.catalog import Change  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
 from server.config import default_home  # noqa: E402
+from benchmarks.serving import results_dir  # noqa: E402
 
 
 def main() -> None:
@@ -70,7 +71,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("BATON_HOME") or default_home()))
     parser.add_argument("--ref", default="smollm2")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "registry_load.json")
+    parser.add_argument("--out", type=Path, default=results_dir() / "registry_load.json")
     return parser.parse_args()
 
 

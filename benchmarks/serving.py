@@ -5,8 +5,17 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir() -> Path:
+    """benchmarks/results/, made on first use: a fresh clone has none (it is git-ignored)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS
 
 
 def free_port() -> int:

@@ -1,11 +1,14 @@
 """Swaps under open-loop load, one run per strategy.
 
-    .venv/bin/python benchmarks/swap_under_load.py [--rate 1.5] [--seconds 30] [--swap-at 10]
+    .venv/bin/python benchmarks/swap_under_load.py [--model FOLDER] [--rate 1.5] [--seconds 30] [--swap-at 10]
 
-For each strategy (blue-green, replace, standby) a fresh `baton serve` subprocess serves
-`chat@1` (the demo model) while Poisson arrivals of streaming chat requests run; at
---swap-at seconds the deployment swaps to `chat@2` (the same weights with another
-generation config: a distinct version, a real second engine). Reports failed requests,
+For each strategy (reload, blue-green, replace, standby) a fresh `baton serve` subprocess
+serves `chat@1` (--model, default the demo model) while Poisson arrivals of streaming chat
+requests run; at --swap-at seconds the deployment swaps to `chat@2` (the same weights with
+another generation config: a distinct version of the same layout, so reload applies and
+every strategy does its whole work: reading and copying weights, or a second engine).
+The swap's hold time (new requests held: reload and replace) is printed per strategy, so
+reload's is read next to replace's. A swap that fails is reported as a result. Reports failed requests,
 the longest stretch with no first token within the SLO, cutover (command to the first
 token from the new version), drain time, TTFT p50/p99 before, during and after the swap
 (the anchor is steady state: the ratio during/before is printed), and the server's peak RSS.
@@ -45,13 +48,14 @@ from benchmarks.serving import free_port, wait_ready  # noqa: E402
 def main() -> None:
     args = _parse()
     with tempfile.TemporaryDirectory() as scratch:
-        home = _two_versions(Path(scratch), args.engine)
+        home = _two_versions(Path(scratch), args.model, args.engine)
         runs = {strategy: _run(home, strategy, args) for strategy in args.strategies}
     _report(runs, args)
 
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="a Hugging Face model folder (default: the demo model)")
     parser.add_argument("--rate", type=float, default=1.5, help="requests per second (Poisson)")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--swap-at", type=float, default=10.0)
@@ -59,20 +63,22 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--slo", type=float, default=2.0, help="TTFT objective in seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm", "auto"], help="the versions' engine")
-    parser.add_argument("--strategies", nargs="+", default=["blue-green", "replace", "standby"])
+    parser.add_argument("--strategies", nargs="+", default=["reload", "blue-green", "replace", "standby"])
     parser.add_argument("--standby-swaps", type=int, default=40, help="unloaded standby swaps timed for the p99")
     return parser.parse_args()
 
 
-def _two_versions(scratch: Path, engine: str) -> Path:
-    demo = ensure_demo_model(Registry(Path(os.environ.get("BATON_HOME") or default_home())))
+def _two_versions(scratch: Path, model: Path | None, engine: str) -> Path:
+    first = model or ensure_demo_model(Registry(Path(os.environ.get("BATON_HOME") or default_home()))).path
     home = scratch / "home"
     registry = Registry(home)
     second = scratch / "second"
-    shutil.copytree(demo.path, second)
-    (second / "generation_config.json").chmod(0o644)
-    (second / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "benchmark": "v2"}))
-    for folder in (demo.path, second):
+    shutil.copytree(first, second)
+    generation = second / "generation_config.json"
+    generation.chmod(0o644) if generation.exists() else None
+    defaults = json.loads(generation.read_text()) if generation.exists() else {}
+    generation.write_text(json.dumps({**defaults, "benchmark": "v2"}))  # a new version; stop tokens kept
+    for folder in (first, second):
         registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(engine_options={"engine": engine}), Change("benchmark"))
     return home
 
@@ -86,7 +92,7 @@ def _run(home: Path, strategy: str, args) -> dict:
     try:
         wait_ready(url, server)
         if strategy == "standby":  # put chat@2 on standby first: swap there and back
-            _swap(url, "chat@2", "blue-green")
+            _swap(url, "chat@2", "blue-green", fallback="replace")  # replace parks it asleep where engines sleep (GPU)
             _swap(url, "chat@1", "standby")
         rss = _RssSampler(server.pid)
         rss.start()
@@ -154,18 +160,24 @@ def _summarise(requests: list[dict], swap: dict, peak_rss: int, args) -> dict:
     before = [r for r in requests if r["sent"] < swap["sent"]]
     during = [r for r in requests if swap["sent"] <= r["sent"] <= swap["done"]]
     after = [r for r in requests if r["sent"] > swap["done"]]
-    phases = {p["name"]: p["duration_s"] for p in swap["record"].get("phases", [])}
+    record = swap["record"]  # a swap record, or an error body when the swap was refused or failed
+    phases = {p["name"]: p["duration_s"] or 0.0 for p in record.get("phases", [])}
     # Cutover: command to first token from the new version, for a request ready at the flip.
-    until_flip = sum(p["duration_s"] for p in swap["record"]["phases"][: list(phases).index("flip") + 1])
-    flipped_at = swap["sent"] + until_flip
-    new = [until_flip + r["first_token"] - max(r["sent"], flipped_at) for r in requests if r["version"] == "chat@2" and r["first_token"]]
+    until_flip = sum(list(phases.values())[: list(phases).index("flip") + 1]) if "flip" in phases else None
+    new = []
+    if until_flip is not None:
+        flipped_at = swap["sent"] + until_flip
+        new = [until_flip + r["first_token"] - max(r["sent"], flipped_at) for r in requests if r["version"] == "chat@2" and r["first_token"]]
     return {
         "requests": len(requests),
         "failed": sum(not r["ok"] for r in requests),
-        "swap_status": swap["record"].get("status"),
+        "swap_status": record.get("status", "failed"),
+        "swap_error": record.get("error") if isinstance(record.get("error"), str) else (record.get("error") or {}).get("message"),
+        "strategy_chosen": record.get("strategy"),
         "swap_seconds": round(swap["done"] - swap["sent"], 3),
         "cutover_s": round(min(new), 3) if new else None,
-        "until_flip_s": round(until_flip, 4),
+        "until_flip_s": round(until_flip, 4) if until_flip is not None else None,
+        "hold_s": _hold_seconds(phases),
         "flip_s": phases.get("flip"),
         "drain_s": phases.get("drain"),
         "longest_gap_without_slo_first_token_s": _longest_gap(requests, args.slo, args.seconds),
@@ -174,6 +186,16 @@ def _summarise(requests: list[dict], swap: dict, peak_rss: int, args) -> dict:
         "timeline": requests,
         "swap": {k: v for k, v in swap.items() if k != "record"},
     }
+
+
+def _hold_seconds(phases: dict) -> float | None:
+    """How long new requests were held: a swap that holds them (reload, replace, standby in
+    turn) starts by draining, and releases them at the flip; one that does not, holds none.
+    None when the swap never flipped."""
+    names = list(phases)
+    if "flip" not in names:
+        return None
+    return round(sum(phases[n] for n in names[: names.index("flip") + 1]), 3) if names[0] == "drain" else 0.0
 
 
 def _longest_gap(requests: list[dict], slo: float, seconds: float) -> float:
@@ -195,7 +217,8 @@ def _report(runs: dict, args) -> None:
         t = run["ttft"]
         ratio = (t["during"]["p99_s"] / t["before"]["p99_s"]) if t["during"]["p99_s"] and t["before"]["p99_s"] else float("nan")
         print(
-            f"{strategy:>10}: {run['requests']} requests, {run['failed']} failed, swap {run['swap_status']} in {run['swap_seconds']} s "
+            f"{strategy:>10}: {run['requests']} requests, {run['failed']} failed, swap {run['swap_status']} in {run['swap_seconds']} s, "
+            f"new requests held {run['hold_s']} s "
             f"(new requests routed after {run['until_flip_s']} s, drain {run['drain_s']} s), cutover {run['cutover_s']} s, "
             f"longest gap without an in-SLO first token {run['longest_gap_without_slo_first_token_s']} s, peak RSS {run['peak_rss_mb']} MB"
         )
@@ -203,6 +226,8 @@ def _report(runs: dict, args) -> None:
             f"{'':>10}  TTFT p50/p99 before {t['before']['p50_s']}/{t['before']['p99_s']} s, during {t['during']['p50_s']}/{t['during']['p99_s']} s, "
             f"after {t['after']['p50_s']}/{t['after']['p99_s']} s; p99 during / steady state x{ratio:.2f}"
         )
+        if run["swap_error"]:
+            print(f"{'':>10}  swap failed: {run['swap_error']}")
         if "standby_command_round_trip" in run:
             trips = run["standby_command_round_trip"]
             print(f"{'':>10}  standby swap command round trip (no load, n={trips['n']}): p50 {trips['p50_s'] * 1000:.1f} ms, p99 {trips['p99_s'] * 1000:.1f} ms")
@@ -271,8 +296,10 @@ def _standby_round_trips(url: str, count: int) -> dict:
     return _percentiles(sorted(durations))
 
 
-def _swap(url: str, to: str, strategy: str) -> None:
+def _swap(url: str, to: str, strategy: str, fallback: str | None = None) -> None:
     response = httpx.post(f"{url}/admin/deployments/chat/swap", json={"to": to, "strategy": strategy}, timeout=600)
+    if response.status_code == 409 and fallback:  # the memory plan does not fit both
+        return _swap(url, to, fallback)
     response.raise_for_status()
 
 

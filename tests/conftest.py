@@ -45,7 +45,7 @@ def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0, **shap
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=49152,
         hidden_size=64,
         intermediate_size=128,
@@ -59,9 +59,7 @@ def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0, **shap
         pad_token_id=2,
         tie_word_embeddings=True,
     )
-    for name, value in shape.items():
-        setattr(config, name, value)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(target)
+    LlamaForCausalLM(LlamaConfig(**(fields | shape))).to(torch.float32).save_pretrained(target)
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_source / name, target / name)
     return target

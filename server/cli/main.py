@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", help="the name clients send as `model`, when serving one model")
     serve.add_argument("--engine", default=None, choices=["auto", "vllm", "transformers"], help="default: the version's, else auto")
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"], help="default: the version's, else auto")
-    serve.add_argument("--max-batch-size", type=int, default=16, help="generations decoded together")
+    serve.add_argument("--max-batch-size", type=int, default=None, help="generations decoded together (default: the version's, else 16)")
     serve.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     serve.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights in a local folder (they can run code)")
     serve.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"), help="require this bearer key on /v1 (default: $BATON_API_KEY)")
@@ -106,24 +106,14 @@ def _model_spec(registry: Registry, ref: str, args) -> ModelSpec:
     """A local folder when `ref` is one, else a registry version fit for serving."""
     from server.engines.model_folder import check_model_folder
 
-    common = {"max_batch_size": args.max_batch_size, "max_model_len": args.max_model_len}
+    given = {"engine": args.engine, "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_model_len": args.max_model_len}
+    given = {name: value for name, value in given.items() if value is not None}  # the rest: the version's own
     if os.sep in ref or Path(ref).is_dir():
         path = Path(ref)
         check_model_folder(path, allow_pickle=args.allow_pickle)
-        name = args.name or path.name.lower()
-        return ModelSpec(name=name, path=path, engine=args.engine or "auto", dtype=args.dtype or "auto", allow_pickle=args.allow_pickle, **common)
-    version = registry.resolve_for_serving(ref)
-    options = version.manifest.engine_options
-    common["max_model_len"] = common["max_model_len"] or options.get("max_model_len")
-    return ModelSpec(
-        name=args.name or version.model,
-        path=version.path,
-        version=version.ref,
-        engine=args.engine or options.get("engine", "auto"),
-        dtype=args.dtype or options.get("dtype", "auto"),
-        allow_pickle=version.manifest.allows_pickle,
-        **common,
-    )
+        return ModelSpec(name=args.name or path.name.lower(), path=path, allow_pickle=args.allow_pickle, **given)
+    version = registry.resolve_for_serving(ref)  # checked now; the server resolves it again as a swap would
+    return ModelSpec(name=args.name or version.model, path=version.path, version=version.ref, allow_pickle=version.manifest.allows_pickle, **given)
 
 
 def _demo(args) -> int:

@@ -444,3 +444,13 @@ def test_replace_puts_the_old_version_to_sleep_and_a_failed_load_wakes_it(home):
         assert _admin(server, "GET", "/deployments/chat")["standby"]["state"] == "asleep"
         assert _admin(server, "POST", "/deployments/chat/rollback")["strategy"] == "standby"
         assert _ask(server.client(), max_tokens=1)[0] == "chat@1"
+
+
+def test_serving_a_registry_version_applies_its_engine_options_as_a_swap_would(tmp_path, tiny_model_path):
+    registry = Registry(tmp_path)
+    options = ImportOptions(engine_options={"engine": "transformers", "max_batch_size": 3})
+    version, _ = registry.import_folder(tiny_model_path, "chat", {"kind": "local"}, options, Change("tester"))
+    spec = ModelSpec(name="chat", path=version.path, version=version.ref)  # as `baton serve --model chat@1` builds it
+    with ServerThread(Settings(home=tmp_path, models=[spec])) as server:
+        health = httpx.get(f"{server.url}/health").json()["models"]["chat"]
+        assert (health["engine"], health["details"]["max_batch_size"]) == ("transformers", 3)

