@@ -178,6 +178,7 @@ def _summarise(requests: list[dict], swap: dict, peak_rss: int, args) -> dict:
         "cutover_s": round(min(new), 3) if new else None,
         "until_flip_s": round(until_flip, 4) if until_flip is not None else None,
         "hold_s": _hold_seconds(phases),
+        "phases": phases,
         "flip_s": phases.get("flip"),
         "drain_s": phases.get("drain"),
         "longest_gap_without_slo_first_token_s": _longest_gap(requests, args.slo, args.seconds),

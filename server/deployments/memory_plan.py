@@ -21,11 +21,12 @@ def fits(in_use_bytes: int, extra_bytes: int, budget_bytes: int) -> bool:
 
 def plan_gpu_share(total_bytes: int, free_bytes: int, headroom_bytes: int, num_engines: int) -> float:
     """The `gpu_memory_utilization` for a new vLLM engine: what is free now less the
-    headroom, split among `num_engines` (2 keeps room for a blue-green swap), as a fraction
-    of the whole device, rounded down to a percent so that vLLM's own check passes."""
+    headroom, and at most a `num_engines`-th of the device less the headroom (2 keeps room
+    for a blue-green swap: each version in turn gets the same half), as a fraction of the
+    whole device, rounded down to a percent so that vLLM's own check passes."""
     if num_engines < 1:
         raise ValueError("num_engines must be at least 1")
-    usable = (free_bytes - headroom_bytes) / num_engines
+    usable = min(free_bytes - headroom_bytes, (total_bytes - headroom_bytes) / num_engines)
     share = min(MAX_GPU_SHARE, math.floor(100 * usable / total_bytes) / 100)
     if share < 0.01:
         raise ConflictError(

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.engines.base import Chunk, EngineHealth, GenerationRequest
@@ -24,7 +24,7 @@ from server.engines.batch import ContinuousBatch, Sequence
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.model_folder import check_model_folder
 from server.engines.options import TransformersOptions
-from server.engines.prompt import chat_prompt_ids, text_prompt_ids
+from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
 from server.engines.sampler import make_generator
 from models.errors import EngineError, EngineStoppedError, ModelLoadError
 
@@ -66,10 +66,10 @@ class TransformersEngine:
 
     async def reload_weights(self, path: Path) -> None:
         """Same layout, new weights: the worker copies them into the loaded model between
-        steps; the tokenizer (and so the chat template) is the new folder's."""
+        steps; the chat template is the new folder's (the vocabulary is the same)."""
         path = Path(path)
         check_model_folder(path, self._options.allow_pickle)
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path, local_files_only=True)
+        tokenizer = with_chat_template_of(self._tokenizer, path)
         await asyncio.wrap_future(self._call_on_worker(partial(self._reload, path)))
         self._path, self._tokenizer = path, tokenizer
 
@@ -220,14 +220,14 @@ class TransformersEngine:
         for sequence in waiting:
             sequence.emit(swapped)
         self._batch.fail_all(swapped)
-        weights = {}
-        for file in sorted(path.glob("*.safetensors")):
-            weights.update(load_file(file, device=str(self._device)))
+        files = [safe_open(file, framework="pt", device=str(self._device)) for file in sorted(path.glob("*.safetensors"))]
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for f in files for name in f.keys()}
         params = self._model.state_dict()
-        _check_same_tensors(params, weights)
+        _check_same_tensors(params, shapes)
         with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
+            for f in files:
+                for name in f.keys():
+                    params[name].copy_(f.get_tensor(name))
         self._warm_up()
 
     # -- loading ------------------------------------------------------------------------
@@ -279,15 +279,15 @@ class TransformersEngine:
             self._model(input_ids=torch.tensor([[self._pad_token_id()]], device=self._device))
 
 
-def _check_same_tensors(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
-    """`weights` must cover every parameter (tied ones through the tensor they share) with
-    the same shapes, and hold nothing else."""
-    if unknown := sorted(set(weights) - set(params)):
+def _check_same_tensors(params: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """The new weights (`shapes`, by name) must cover every parameter (tied ones through the
+    tensor they share) with the same shapes, and hold nothing else."""
+    if unknown := sorted(set(shapes) - set(params)):
         raise ModelLoadError(f"The new weights hold tensors the model does not have: {', '.join(unknown[:3])}.")
-    if wrong := [n for n, t in weights.items() if t.shape != params[n].shape]:
-        raise ModelLoadError(f"Tensor {wrong[0]} has shape {list(weights[wrong[0]].shape)}, the model {list(params[wrong[0]].shape)}.")
-    loaded = {params[name].data_ptr() for name in weights}
-    if missing := sorted(n for n, t in params.items() if n not in weights and t.data_ptr() not in loaded):
+    if wrong := [n for n, shape in shapes.items() if shape != tuple(params[n].shape)]:
+        raise ModelLoadError(f"Tensor {wrong[0]} has shape {list(shapes[wrong[0]])}, the model {list(params[wrong[0]].shape)}.")
+    loaded = {params[name].data_ptr() for name in shapes}
+    if missing := sorted(n for n, t in params.items() if n not in shapes and t.data_ptr() not in loaded):
         raise ModelLoadError(f"The new weights lack tensors the model has: {', '.join(missing[:3])}.")
 
 

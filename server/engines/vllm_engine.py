@@ -17,7 +17,7 @@ from pathlib import Path
 from server.engines.base import Chunk, EngineHealth, GenerationRequest
 from server.engines.model_folder import check_model_folder
 from server.engines.options import VLLMOptions
-from server.engines.prompt import chat_prompt_ids, text_prompt_ids
+from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
 from models.errors import EngineError, EngineStoppedError, ModelLoadError
 
 
@@ -97,11 +97,9 @@ class VLLMEngine:
     async def reload_weights(self, path: Path) -> None:
         """vLLM's in-place reload: pause (aborting whatever still runs), load the folder's
         weights into the running model, drop the prefix cache built from the old ones, resume."""
-        from transformers import AutoTokenizer
-
         path = Path(path)
         check_model_folder(path, self._options.allow_pickle)
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path, local_files_only=True)
+        tokenizer = with_chat_template_of(self._tokenizer, path)
         await self._engine.pause_generation(mode="abort", clear_cache=True)
         try:
             await self._engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})

@@ -19,11 +19,11 @@ def test_two_engines_each_take_half_so_a_blue_green_fits():
     assert 2 * share * H100 <= 79 * GIB - 2 * GIB
 
 
-def test_the_second_engine_is_planned_from_what_the_first_left_free():
+def test_with_room_for_two_every_version_in_turn_gets_the_same_half():
     first = plan_gpu_share(H100, 79 * GIB, 2 * GIB, 2)
-    left = 79 * GIB - first * H100
-    second = plan_gpu_share(H100, int(left), 2 * GIB, 1)
-    assert second * H100 <= left  # vLLM's own check: share x total must not exceed free memory
+    left = int(79 * GIB - first * H100)
+    second = plan_gpu_share(H100, left, 2 * GIB, 2)
+    assert second == first and second * H100 <= left  # vLLM's own check: share x total within free memory
 
 
 def test_a_share_rounds_down_so_vllm_never_finds_too_little_free():
