@@ -77,13 +77,14 @@ def _prompts(count: int, seed: int) -> list[str]:
 def _servers(model: Path, args) -> list[tuple[str, list[str], str]]:
     """(name, command, the `model` field it serves): baton on the chosen engine, then the anchor.
     transformers serve preloads the model given on its command line and answers to that path;
-    vLLM's own server runs with the settings baton's vLLM engine uses on CPU."""
+    vLLM's own server runs with the settings baton's vLLM engine uses on CPU, else both on
+    vLLM's defaults (max_num_seqs included)."""
     baton = [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}", "--engine", args.engine]
     anchors = {
         "transformers-serve": [str(BIN / "transformers"), "serve", str(model), "--port", "{port}", "--device", "cpu"],
         "vllm-server": [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", "bench",
-            "--port", "{port}", "--max-num-seqs", "16", *_vllm_cpu_defaults(),
+            "--port", "{port}", *_vllm_cpu_defaults(),
         ],
     }
     served_as = {"transformers-serve": str(model), "vllm-server": "bench"}

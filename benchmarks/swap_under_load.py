@@ -191,12 +191,14 @@ def _summarise(requests: list[dict], swap: dict, peak_rss: int, args) -> dict:
 
 def _hold_seconds(phases: dict) -> float | None:
     """How long new requests were held: a swap that holds them (reload, replace, standby in
-    turn) starts by draining, and releases them at the flip; one that does not, holds none.
-    None when the swap never flipped."""
+    turn) drains before it flips, and releases them at the flip; one that does not, holds
+    none. None when the swap never flipped."""
     names = list(phases)
     if "flip" not in names:
         return None
-    return round(sum(phases[n] for n in names[: names.index("flip") + 1]), 3) if names[0] == "drain" else 0.0
+    if "drain" not in names or names.index("drain") > names.index("flip"):
+        return 0.0
+    return round(sum(phases[n] for n in names[names.index("drain") : names.index("flip") + 1]), 3)
 
 
 def _longest_gap(requests: list[dict], slo: float, seconds: float) -> float:

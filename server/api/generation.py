@@ -13,6 +13,10 @@ from models.errors import ContextLengthExceededError, InvalidRequestError
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 
 
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM draws the same line)
+MAX_SEED = 2**63 - 1  # seeds are signed 64-bit in torch and vLLM
+
+
 @dataclass(frozen=True)
 class ChoiceChunk:
     index: int
@@ -48,13 +52,17 @@ def build_requests(
     the seed + i, so that choices differ yet the whole answer is reproducible."""
     if body.n > max_n:
         raise InvalidRequestError(f"n must be at most {max_n}.", param="n")
+    if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
+        raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED} (choice i uses seed + i).", param="seed")
+    # A temperature this small is greedy in all but name; dividing logits by it overflows.
+    temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
     prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     requests = []
     for prompt in prompts:
         max_tokens = resolve_max_tokens(body.requested_max_tokens, len(prompt), max_model_len, prompt_param)
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
-            sampling = SamplingParams(max_tokens, body.temperature, body.top_p, seed, body.stop_sequences)
+            sampling = SamplingParams(max_tokens, temperature, body.top_p, seed, body.stop_sequences)
             requests.append(GenerationRequest(uuid.uuid4().hex, prompt, sampling))
     return requests
 

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait", type=float, default=120.0, help="seconds a held request waits before a 503")
     serve.add_argument("--memory-budget-gb", type=float, default=None, help="model memory budget (default: 70%% of RAM)")
     serve.add_argument("--no-standby", action="store_true", help="stop swapped-out versions instead of keeping them loaded")
+    serve.add_argument("--gpu-headroom-gib", type=float, default=2.0, help="GPU memory left free when a vLLM engine's share is planned")
+    serve.add_argument("--gpu-room-for-blue-green", action="store_true", help="plan each vLLM engine at half the GPU, so the next version loads beside it")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
 
@@ -92,6 +94,8 @@ def _serve(args) -> int:
         max_waiting=args.max_waiting,
         max_wait_s=args.max_wait,
         keep_standby=not args.no_standby,
+        gpu_headroom_gib=args.gpu_headroom_gib,
+        gpu_room_for_blue_green=args.gpu_room_for_blue_green,
         **({"memory_budget_bytes": int(args.memory_budget_gb * 1e9)} if args.memory_budget_gb else {}),
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from server.engines.base import Chunk, FinishReason, GenerationRequest
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.sampler import sample_token
+from models.errors import EngineError
 
 
 @dataclass(eq=False)
@@ -32,6 +33,7 @@ class Sequence:
     num_unreported_tokens: int = 0
     last_token_id: int = -1
     is_aborted: bool = False
+    has_failed: bool = False  # ended by an error of its own; its row leaves the batch
     finish_reason: FinishReason | None = field(default=None)
 
 
@@ -93,11 +95,20 @@ class ContinuousBatch:
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Sample, then cut finished rows, then emit: a client that has its last chunk
         never sees its row still in the batch."""
-        chunks = [self._append(s, sample_token(row, s.request.sampling, s.generator)) for s, row in zip(sequences, logits, strict=True)]
-        self._keep([s for s in self.sequences if s.finish_reason is None])
+        chunks = [self._next_chunk(s, row) for s, row in zip(sequences, logits, strict=True)]
+        self._keep([s for s in self.sequences if s.finish_reason is None and not s.has_failed])
         for sequence, chunk in zip(sequences, chunks, strict=True):
             if chunk is not None:
                 sequence.emit(chunk)
+
+    def _next_chunk(self, sequence: Sequence, logits: torch.Tensor) -> Chunk | BaseException | None:
+        """Rule: a row that fails (its own sampling parameters, its own text) fails alone;
+        the rest of the batch goes on."""
+        try:
+            return self._append(sequence, sample_token(logits, sequence.request.sampling, sequence.generator))
+        except Exception as error:
+            sequence.has_failed = True
+            return EngineError(f"Generation failed: {error}")
 
     def _append(self, sequence: Sequence, token_id: int) -> Chunk | None:
         sequence.last_token_id = token_id

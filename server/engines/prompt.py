@@ -24,7 +24,13 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def text_prompt_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    """An empty prompt starts from the beginning-of-sequence token, as OpenAI's models do:
+    no engine can run zero tokens."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if not ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start] if start is not None else []
+    return ids
 
 
 def with_chat_template_of(tokenizer, folder: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import threading
 from concurrent.futures import Future
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,9 @@ from server.engines.options import TransformersOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
 from server.engines.sampler import make_generator
 from models.errors import EngineError, EngineStoppedError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
 
 class TransformersEngine:
     name = "transformers"
@@ -165,17 +169,30 @@ class TransformersEngine:
             if self._is_stopping:
                 break
             self._run_calls()
+            self._batch.drop_aborted()
+            self._admit(joining)
             try:
-                self._batch.drop_aborted()
-                if joining:
-                    self._batch.admit(joining)
                 if self._batch.sequences:
                     self._batch.step()
             except Exception as error:  # one bad step must not kill the engine for everyone
                 self._batch.fail_all(EngineError(f"Generation failed: {error}"))
-                for sequence in joining:
-                    sequence.emit(EngineError(f"Generation failed: {error}"))
         self._end_everything()
+
+    def _admit(self, joining: list[Sequence]) -> None:
+        """Prefill the newcomers together; if that fails, one by one, so that a prompt no
+        engine can run fails its own request only. A failed prefill never touches the
+        running batch."""
+        if not joining:
+            return
+        try:
+            self._batch.admit(joining)
+        except Exception as error:
+            if len(joining) > 1:
+                for sequence in joining:
+                    self._admit([sequence])
+                return
+            log.warning("prefill failed for request %s: %s", joining[0].request.request_id, error)
+            joining[0].emit(EngineError(f"Generation failed: {error}"))
 
     def _take_joining(self) -> list[Sequence]:
         """Wait for work if idle; return the waiting sequences that may join the batch now."""

@@ -81,8 +81,9 @@ def _under_load(server, action) -> tuple[object, list[str], list[Exception]]:
 
 
 def _held_seconds(record: dict) -> float:
+    """From the hold (the drain) to the flip."""
     names = [p["name"] for p in record["phases"]]
-    return sum(p["duration_s"] for p in record["phases"][: names.index("flip") + 1])
+    return sum(p["duration_s"] for p in record["phases"][names.index("drain") : names.index("flip") + 1])
 
 
 def test_reload_under_streaming_load_fails_nothing(home):

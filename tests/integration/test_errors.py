@@ -36,6 +36,9 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         (_chat(max_completion_tokens=0), "max_completion_tokens"),
         (_chat(n=0), "n"),
         (_chat(n=99), "n"),
+        (_chat(seed=2**64), "seed"),
+        (_chat(seed=-(2**63) - 1), "seed"),
+        (_chat(seed=2**63 - 1, n=2), "seed"),  # choice 1 would use seed + 1
         (_chat(stop=["a", "b", "c", "d", "e"]), "stop"),
         (_chat(stream_options={"include_usage": True}), None),
         ({"model": "tiny", "messages": []}, "messages"),
@@ -120,3 +123,26 @@ def test_api_key_is_required_when_configured(tiny_model_path, tmp_path):
             server.client(api_key="wrong").models.list()
         assert [m.id for m in server.client().models.list()] == ["tiny"]
         assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
+
+
+def test_inputs_that_once_failed_a_whole_batch_now_run_beside_good_requests(tiny_server):
+    """An empty completion prompt starts from BOS; a vanishing temperature is greedy. Sent
+    while good streams decode, every request answers 200 and the good ones finish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{tiny_server.url}/v1"
+    good = {"model": "tiny", "messages": HI, "max_tokens": 40, "temperature": 0}
+    odd = [
+        ("completions", {"model": "tiny", "prompt": "", "max_tokens": 3}),
+        ("chat/completions", {"model": "tiny", "messages": HI, "max_tokens": 5, "temperature": 1e-40}),
+        ("chat/completions", {"model": "tiny", "messages": HI, "max_tokens": 5, "temperature": 0}),
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(httpx.post, f"{url}/chat/completions", json=good, timeout=60) for _ in range(4)]
+        odds = [pool.submit(httpx.post, f"{url}/{route}", json=body, timeout=60) for route, body in odd]
+        good_texts = {f.result().json()["choices"][0]["message"]["content"] for f in goods}
+        empty, tiny_temperature, greedy = [f.result() for f in odds]
+    assert len(good_texts) == 1  # all finished, all the same greedy text
+    assert empty.status_code == 200 and empty.json()["usage"]["prompt_tokens"] == 1
+    assert tiny_temperature.status_code == 200
+    assert tiny_temperature.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]

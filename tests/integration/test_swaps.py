@@ -404,7 +404,7 @@ def test_reload_swaps_weights_inside_the_running_engine_and_back(home):
         client = server.client()
         first = _ask(client)
         record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="reload")
-        assert (record["strategy"], [p["name"] for p in record["phases"]]) == ("reload", ["drain", "reload", "verify", "flip"])
+        assert (record["strategy"], [p["name"] for p in record["phases"]]) == ("reload", ["prefetch", "drain", "reload", "verify", "flip"])
         second = _ask(client)
         assert second[0] == "chat@2" and second[1] != first[1]
         status = _admin(server, "GET", "/status")

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from models.errors import EngineError
 from server.engines.base import GenerationRequest, SamplingParams
 from server.engines.options import TransformersOptions
 from server.engines.transformers_engine import TransformersEngine
@@ -66,3 +67,28 @@ def test_batch_abort_frees_the_row(engine):
     before = engine.health().details["num_aborted"]
     assert asyncio.run(scenario())
     assert engine.health().details["num_aborted"] == before + 1
+
+
+async def _outcome(engine, request: GenerationRequest):
+    """The text a request produced, or the error that ended it."""
+    try:
+        return "".join([chunk.text async for chunk in engine.generate(request)])
+    except Exception as error:  # the error is the outcome under test
+        return error
+
+
+def test_a_request_that_fails_inside_a_shared_batch_fails_alone(engine):
+    """Requests that reach the engine unvalidated: a temperature that overflows the softmax
+    (it fails at sampling, inside the batch) and an empty prompt (it fails at prefill)."""
+    async def scenario(bad: GenerationRequest):
+        good = [asyncio.create_task(_generate(engine, p, 40)) for p in PROMPTS]
+        await asyncio.sleep(0.05)  # the good ones are decoding together
+        return await asyncio.gather(*good), await _outcome(engine, bad)
+
+    alone = [asyncio.run(_generate(engine, p, 40)) for p in PROMPTS]
+    overflowing = GenerationRequest("overflow", engine.tokenize("short"), SamplingParams(max_tokens=5, temperature=1e-40))
+    empty = GenerationRequest("empty", [], SamplingParams(max_tokens=3, temperature=0))
+    for bad in (overflowing, empty):
+        good, outcome = asyncio.run(scenario(bad))
+        assert good == alone, f"a good request changed or failed next to {bad.request_id}"
+        assert isinstance(outcome, EngineError), outcome

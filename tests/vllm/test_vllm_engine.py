@@ -203,7 +203,7 @@ def test_vllm_reload_swaps_weights_in_place_under_load_and_back(tiny_server):
     for thread in clients:
         thread.join(timeout=120)
     assert (record["status"], record["strategy"]) == ("succeeded", "reload"), record
-    assert [p["name"] for p in record["phases"]] == ["drain", "reload", "verify", "flip"]
+    assert [p["name"] for p in record["phases"]] == ["prefetch", "drain", "reload", "verify", "flip"]
     assert errors == [] and {"tiny@1", "tiny@2"} <= set(versions)
     after = greedy()
     assert after[0] == "tiny@2" and after[1] != before[1]
@@ -233,3 +233,19 @@ def _is_alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_vllm_odd_inputs_beside_good_streams_all_answer(tiny_server):
+    """An empty completion prompt (from BOS) and a vanishing temperature (greedy) run beside
+    good requests on vLLM; everything answers 200 and the good ones finish whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{tiny_server.url}/v1"
+    good = {"model": "tiny", "messages": HELLO, "max_tokens": 32, "temperature": 0}
+    odd = [("completions", {"model": "tiny", "prompt": "", "max_tokens": 3}), ("chat/completions", {**good, "max_tokens": 5, "temperature": 1e-40})]
+    with ThreadPoolExecutor(6) as pool:
+        goods = [pool.submit(httpx.post, f"{url}/chat/completions", json=good, timeout=120) for _ in range(4)]
+        odds = [pool.submit(httpx.post, f"{url}/{route}", json=body, timeout=120) for route, body in odd]
+        responses = [f.result() for f in goods + odds]
+    assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses if r.status_code != 200]
+    assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in responses[:4])
