@@ -343,10 +343,11 @@ class DeploymentManager:
             num_bytes = await asyncio.to_thread(_read_into_page_cache, target.path)
             phase.detail = f"{num_bytes >> 20} MiB read ahead, before requests are held"
         slot = deployment.hold_requests()
-        old_target = slot.target
+        old_target, is_reloading = slot.target, False
         try:
             await self._drain(record, slot)
             async with record.phase("reload") as phase:
+                is_reloading = True
                 await slot.engine.reload_weights(target.path)  # ends requests cut off at the deadline
                 await slot.wait_drained(SECONDS_FOR_CUT_OFF_REQUESTS)
                 slot.retarget(replace(target, memory_bytes=slot.memory_bytes))
@@ -354,24 +355,23 @@ class DeploymentManager:
             await self._verify_phase(record, slot, deployment)
         except BaseException:
             async with record.phase("restore"):
-                await self._restore_weights(deployment, slot, old_target)
+                deployment.restore(await self._with_old_weights(slot, old_target) if is_reloading else slot)
             raise
         async with record.phase("flip"):
             deployment.flip_to(slot)
             deployment.previous_version = old_target.version
 
-    async def _restore_weights(self, deployment: Deployment, slot: Slot, old_target: Target) -> None:
+    async def _with_old_weights(self, slot: Slot, old_target: Target) -> Slot:
         """After a failed reload: the old weights back in the same engine, or, if even that
         fails, the old version in a fresh one."""
         try:
-            if slot.target is not old_target or slot.state is SlotState.DRAINING:
-                await slot.engine.reload_weights(old_target.path)
-                slot.retarget(old_target)
+            await slot.engine.reload_weights(old_target.path)
         except Exception:
             log.exception("%s could not reload its old weights; starting it afresh", old_target.version)
             await self._stop(slot)
-            slot = await self._load(old_target)
-        deployment.restore(slot)
+            return await self._load(old_target)
+        slot.retarget(old_target)
+        return slot
 
     async def _swap_replace(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
         """Both do not fit: the old version sleeps (where its engine can: a failed load
@@ -381,13 +381,7 @@ class DeploymentManager:
         old = deployment.hold_requests()
         is_cut_off = await self._drain(record, old)
         async with record.phase("unload") as phase:
-            if not is_cut_off and self._settings.keep_standby and can_sleep(old.engine) and await self._put_to_sleep(old):
-                old.move_to(SlotState.ASLEEP, "replaced")
-                deployment.standby = old
-                phase.detail = "asleep on standby: weights offloaded, accelerator memory freed"
-            else:
-                await self._stop(old)
-                phase.detail = "stopped; memory freed"
+            phase.detail = await self._stop_cut_off(old) if is_cut_off else await self._park(deployment, old, may_stay_loaded=False)
         await self._take_over(deployment, record, old, self._load_and_verify(record, target, deployment))
 
     async def _canary(self, deployment: Deployment, record: SwapRecord, ref: str, weight: int) -> None:
@@ -415,21 +409,28 @@ class DeploymentManager:
         is_cut_off = await self._drain(record, old)
         async with record.phase("park") as phase:
             if is_cut_off:
-                await self._stop(old)
-                phase.detail = "stopped at the drain deadline"
+                phase.detail = await self._stop_cut_off(old)
                 return
             await self._drop_standby(deployment)  # one standby per deployment: the newest
-            if self._settings.keep_standby and can_sleep(old.engine) and await self._put_to_sleep(old):
-                old.move_to(SlotState.ASLEEP, "parked")
-                deployment.standby = old
-                phase.detail = "asleep on standby: weights offloaded, accelerator memory freed"
-            elif self._settings.keep_standby and self._fits(0):
-                old.move_to(SlotState.STANDBY, "parked")
-                deployment.standby = old
-                phase.detail = "kept loaded on standby"
-            else:
-                await self._stop(old)
-                phase.detail = "stopped; memory freed"
+            phase.detail = await self._park(deployment, old, may_stay_loaded=True)
+
+    async def _park(self, deployment: Deployment, slot: Slot, may_stay_loaded: bool) -> str:
+        """Make `slot` the deployment's standby: asleep where its engine sleeps, else loaded
+        where that is allowed and the budget fits, else stopped. Says which."""
+        if self._settings.keep_standby and can_sleep(slot.engine) and await self._put_to_sleep(slot):
+            slot.move_to(SlotState.ASLEEP, "parked")
+            deployment.standby = slot
+            return "asleep on standby: weights offloaded, accelerator memory freed"
+        if may_stay_loaded and self._settings.keep_standby and self._fits(0):
+            slot.move_to(SlotState.STANDBY, "parked")
+            deployment.standby = slot
+            return "kept loaded on standby"
+        await self._stop(slot)
+        return "stopped; memory freed"
+
+    async def _stop_cut_off(self, slot: Slot) -> str:
+        await self._stop(slot)  # ends what the drain deadline cut off, with model_swapped
+        return "stopped at the drain deadline"
 
     async def _put_to_sleep(self, slot: Slot) -> bool:
         """False when the engine could not sleep: the new version serves anyway, so a failed

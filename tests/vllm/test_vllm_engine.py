@@ -248,4 +248,4 @@ def test_vllm_odd_inputs_beside_good_streams_all_answer(tiny_server):
         odds = [pool.submit(httpx.post, f"{url}/{route}", json=body, timeout=120) for route, body in odd]
         responses = [f.result() for f in goods + odds]
     assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses if r.status_code != 200]
-    assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in responses[:4])
+    assert all(r.json()["choices"][0]["finish_reason"] in ("stop", "length") for r in responses[:4])
