@@ -20,6 +20,10 @@ def default_memory_budget() -> int:
     return sum(gpu_memory_bytes()) or int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.7)
 
 
+def half_of_ram() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
+
+
 def default_home() -> Path:
     return Path(platformdirs.user_data_dir("baton", appauthor=False))
 
@@ -68,6 +72,7 @@ class Settings(BaseModel):
     smoke_prompts: list[str] = Field(default_factory=lambda: ["Hello"], min_length=1)
     keep_standby: bool = Field(True, description="Keep a swapped-out version loaded for instant rollback, if the budget allows.")
     memory_budget_bytes: int = Field(default_factory=lambda: default_memory_budget(), gt=0)
+    standby_host_budget_bytes: int = Field(default_factory=half_of_ram, ge=0, description="Host memory that versions asleep on standby may hold (their weights); default half of RAM.")
     gpu_headroom_gib: float = Field(2.0, ge=0, description="GPU memory the plan leaves free when it sizes a vLLM engine.")
     gpu_room_for_blue_green: bool = Field(False, description="Size each vLLM engine so that a second one fits beside it (blue-green swaps on one GPU).")
     idle_check_s: float = Field(1.0, gt=0, description="How often on-demand deployments are checked for idleness.")

@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait", type=float, default=120.0, help="seconds a held request waits before a 503")
     serve.add_argument("--memory-budget-gb", type=float, default=None, help="model memory budget (default: 70%% of RAM)")
     serve.add_argument("--no-standby", action="store_true", help="stop swapped-out versions instead of keeping them loaded")
+    serve.add_argument("--standby-host-budget-gb", type=float, default=None, help="host memory for versions asleep on standby (default: half of RAM)")
     serve.add_argument("--gpu-headroom-gib", type=float, default=2.0, help="GPU memory left free when a vLLM engine's share is planned")
     serve.add_argument("--gpu-room-for-blue-green", action="store_true", help="plan each vLLM engine at half the GPU, so the next version loads beside it")
     serve.add_argument("--log-level", default="info")
@@ -97,6 +98,7 @@ def _serve(args) -> int:
         gpu_headroom_gib=args.gpu_headroom_gib,
         gpu_room_for_blue_green=args.gpu_room_for_blue_green,
         **({"memory_budget_bytes": int(args.memory_budget_gb * 1e9)} if args.memory_budget_gb else {}),
+        **({"standby_host_budget_bytes": int(args.standby_host_budget_gb * 1e9)} if args.standby_host_budget_gb is not None else {}),
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.app import create_app  # torch and transformers: seconds to import, so after the checks

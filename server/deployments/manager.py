@@ -100,7 +100,7 @@ class DeploymentManager:
         else:
             options = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS} | {"allow_pickle": spec.allow_pickle}
             stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
-            target = Target(spec.version, spec.path, options, estimate_memory_bytes(spec.path, options, stored_bytes))
+            target = Target(spec.version, spec.path, options, estimate_memory_bytes(spec.path, options, stored_bytes), stored_bytes)
         on_demand = OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None
         return await self._deploy(spec.name, target, on_demand, spec.smoke_prompts, overrides)
 
@@ -417,7 +417,7 @@ class DeploymentManager:
     async def _park(self, deployment: Deployment, slot: Slot, may_stay_loaded: bool) -> str:
         """Make `slot` the deployment's standby: asleep where its engine sleeps, else loaded
         where that is allowed and the budget fits, else stopped. Says which."""
-        if self._settings.keep_standby and can_sleep(slot.engine) and await self._put_to_sleep(slot):
+        if self._settings.keep_standby and can_sleep(slot.engine) and self._fits_asleep(slot) and await self._put_to_sleep(slot):
             slot.move_to(SlotState.ASLEEP, "parked")
             deployment.standby = slot
             return "asleep on standby: weights offloaded, accelerator memory freed"
@@ -527,13 +527,19 @@ class DeploymentManager:
         the deployment's overrides on top; pickle only where the import allowed it."""
         version = self._registry.resolve_for_serving(ref)
         options = {**version.manifest.engine_options, **(overrides or {}), "allow_pickle": version.manifest.allows_pickle}
-        return Target(version.ref, version.path, options, estimate_memory_bytes(version.path, options, version.manifest.total_bytes))
+        stored_bytes = version.manifest.total_bytes
+        return Target(version.ref, version.path, options, estimate_memory_bytes(version.path, options, stored_bytes), stored_bytes)
 
     @property
     def memory_in_use_bytes(self) -> int:
         """The budget's measure: the estimated device memory of loaded slots. A sleeping slot
         holds none (its weights wait in host memory)."""
         return sum(s.memory_bytes for d in self.deployments for s in d.slots() if s.state not in (SlotState.STOPPED, SlotState.ASLEEP))
+
+    def _fits_asleep(self, slot: Slot) -> bool:
+        """Sleeping versions keep their weights in host memory, within their own budget."""
+        asleep = sum(s.target.stored_bytes for d in self.deployments for s in d.slots() if s.state is SlotState.ASLEEP)
+        return fits(asleep, slot.target.stored_bytes, self._settings.standby_host_budget_bytes)
 
     def _fits(self, extra_bytes: int) -> bool:
         return fits(self.memory_in_use_bytes, extra_bytes, self._settings.memory_budget_bytes)

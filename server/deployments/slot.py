@@ -27,6 +27,7 @@ class Target:
     path: Path
     options: dict
     memory_bytes: int  # what it will hold of the memory budget once loaded (an estimate)
+    stored_bytes: int = 0  # its weights on disk: what it holds of host memory when asleep
 
 
 class SlotState(enum.Enum):

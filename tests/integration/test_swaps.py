@@ -454,3 +454,12 @@ def test_serving_a_registry_version_applies_its_engine_options_as_a_swap_would(t
     with ServerThread(Settings(home=tmp_path, models=[spec])) as server:
         health = httpx.get(f"{server.url}/health").json()["models"]["chat"]
         assert (health["engine"], health["details"]["max_batch_size"]) == ("transformers", 3)
+
+
+def test_a_version_that_would_overflow_the_host_budget_for_sleepers_is_stopped_not_slept(home):
+    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    factory = FakeEngineFactory(default=FakeBehaviour(sleeps=True))
+    with _server(home, factory, standby_host_budget_bytes=one_version - 1) as server:
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="replace")
+        assert record["phases"][1]["detail"] == "stopped; memory freed"
+        assert _admin(server, "GET", "/deployments/chat")["standby"] is None
