@@ -127,6 +127,14 @@ class ModelSwappedError(BatonError):
     default_code = "model_swapped"
 
 
+class ClientDisconnectedError(BatonError):
+    """The client went away; nobody reads this answer (nginx's 499)."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    default_code = "client_disconnected"
+
+
 class SwapFailedError(BatonError):
     """Loading or verifying the new version failed; the old version keeps serving."""
 

@@ -38,7 +38,7 @@ router = APIRouter(prefix="/admin/models", dependencies=[Depends(require_admin)]
 class ImportBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="a folder, hf:ORG/NAME@REVISION or gguf:FILE")
+    source: str = Field(min_length=1, pattern=r"^[^\x00-\x1f]*$", description="a folder, hf:ORG/NAME@REVISION or gguf:FILE (no control characters)")
     name: str
     allow_pickle: bool = False
     trust_remote_code: bool = False

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from models.errors import AuthenticationError, BatonError, EngineError, EngineStoppedError, ModelSwappedError
+from models.errors import AuthenticationError, BatonError, ClientDisconnectedError, EngineError, EngineStoppedError, ModelSwappedError
 from server.api.generation import ChoiceChunk, build_requests, stream_choices
 from server.deployments.slot import Lease
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
+DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 def require_api_key(request: Request) -> None:
@@ -102,9 +104,22 @@ async def _respond(request: Request, body, tokenize, fmt):
         events = _sse(choices, fmt, {**head, "object": fmt.chunk_object}, len(requests), num_prompt_tokens, body.include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(lease.release))
     try:
-        return JSONResponse(await _collect(choices, fmt, head, len(requests), num_prompt_tokens), headers=headers)
+        body = await _unless_disconnected(request, _collect(choices, fmt, head, len(requests), num_prompt_tokens))
+        return JSONResponse(body, headers=headers)
     finally:
         lease.release()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> dict:
+    """Rule: a generation nobody waits for any more stops. Streams stop when their write
+    fails; a non-streaming answer is watched for the client's disconnect meanwhile."""
+    task = asyncio.ensure_future(work)
+    while not (await asyncio.wait({task}, timeout=DISCONNECT_CHECK_S))[0]:
+        if await request.is_disconnected():
+            task.cancel()  # closes the generations, which aborts them in the engine
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientDisconnectedError("The client closed the connection before the answer was ready.")
+    return task.result()
 
 
 async def _on_lease(choices: AsyncIterator[ChoiceChunk], lease: Lease) -> AsyncIterator[ChoiceChunk]:

@@ -15,17 +15,22 @@ class RemoteError(BatonError):
     """An error the server answered with; its message is the server's."""
 
 
+QUICK = httpx.Timeout(30.0, connect=5.0)  # every call but the ones that read whole models
+LONG = httpx.Timeout(3600.0, connect=5.0)  # imports, verification, garbage collection
+NUM_GET_ATTEMPTS = 3  # reads are idempotent: retried when the connection fails; changes never are
+
+
 class AdminClient:
     def __init__(self, url: str, admin_key: str | None, actor: str):
         headers = {"x-baton-actor": actor}
         if admin_key:
             headers["authorization"] = f"Bearer {admin_key}"
-        self._http = httpx.Client(base_url=url.rstrip("/") + "/admin", headers=headers, timeout=3600)
+        self._http = httpx.Client(base_url=url.rstrip("/") + "/admin", headers=headers, timeout=QUICK)
 
     def import_model(self, source: str, name: str, options: ImportOptions, change: Change) -> dict:
         fields = {k: v for k, v in asdict(options).items() if k != "show_progress"}
         body = {"source": source, "name": name, **fields, "engine_options": options.engine_options or {}, "labels": options.labels or {}, "reason": change.reason}
-        return self._call("POST", "/models", json=body)
+        return self._call("POST", "/models", json=body, timeout=LONG)
 
     def list_models(self) -> list[dict]:
         return self._call("GET", "/models")
@@ -37,13 +42,13 @@ class AdminClient:
         return self._call("POST", f"/models/{name}/aliases", json={"version": selector, "alias": alias, "reason": change.reason})
 
     def verify(self, ref: str, change: Change, show_progress: bool = False) -> dict:
-        return self._call("POST", f"/models/{ref}/verify", json={"reason": change.reason})
+        return self._call("POST", f"/models/{ref}/verify", json={"reason": change.reason}, timeout=LONG)
 
     def remove(self, ref: str, change: Change, force: bool = False) -> dict:
         return self._call("DELETE", f"/models/{ref}", params={"force": force, "reason": change.reason})
 
     def collect_garbage(self) -> dict:
-        return self._call("POST", "/models/gc")
+        return self._call("POST", "/models/gc", timeout=LONG)
 
     def history(self, name: str) -> list[dict]:
         return self._call("GET", f"/models/{name}/history")
@@ -75,10 +80,14 @@ class AdminClient:
         return self._call("GET", f"/swaps/{swap_id}")
 
     def _call(self, method: str, path: str, **kwargs):
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as error:
-            raise RemoteError(f"Cannot reach the baton server at {self._http.base_url}: {error}") from error
+        num_attempts = NUM_GET_ATTEMPTS if method == "GET" else 1
+        for attempt in range(1, num_attempts + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+                break
+            except httpx.TransportError as error:
+                if attempt == num_attempts:
+                    raise RemoteError(f"Cannot reach the baton server at {self._http.base_url}: {error}") from error
         if response.is_error:
             raise RemoteError(_error_message(response))
         return response.json()

@@ -153,8 +153,9 @@ class DeploymentManager:
             raise InvalidRequestError("A canary weight is a percentage between 1 and 99.", param="weight")
         if deployment.canary is not None:
             raise ConflictError(f"Deployment {name} has a canary already ({deployment.canary.version}); promote or abort it first.")
-        record = SwapRecord(name, "canary", deployment.version, ref, f"canary {weight}%", change.actor, change.reason)
-        return await self._run(deployment, record, self._canary(deployment, record, ref, weight), wait=True)
+        target = self._resolve(ref, deployment.engine_overrides)  # an unknown or corrupt version: refused now
+        record = SwapRecord(name, "canary", deployment.version, target.version, f"canary {weight}%", change.actor, change.reason)
+        return await self._run(deployment, record, self._canary(deployment, record, target, weight), wait=True)
 
     async def promote_canary(self, name: str, change: Change) -> SwapRecord:
         deployment = self._with_canary(name)
@@ -384,9 +385,7 @@ class DeploymentManager:
             phase.detail = await self._stop_cut_off(old) if is_cut_off else await self._park(deployment, old, may_stay_loaded=False)
         await self._take_over(deployment, record, old, self._load_and_verify(record, target, deployment))
 
-    async def _canary(self, deployment: Deployment, record: SwapRecord, ref: str, weight: int) -> None:
-        target = self._resolve(ref, deployment.engine_overrides)
-        record.to_version = target.version
+    async def _canary(self, deployment: Deployment, record: SwapRecord, target: Target, weight: int) -> None:
         slot = await self._load_and_verify(record, target, deployment)
         async with record.phase("route"):
             deployment.set_canary(slot, weight)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -146,3 +148,17 @@ def test_inputs_that_once_failed_a_whole_batch_now_run_beside_good_requests(tiny
     assert empty.status_code == 200 and empty.json()["usage"]["prompt_tokens"] == 1
     assert tiny_temperature.status_code == 200
     assert tiny_temperature.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
+
+
+def test_a_non_streaming_request_whose_client_leaves_stops_generating(tiny_model_path, tmp_path):
+    from tests.fake_engine import FakeBehaviour, FakeEngineFactory
+
+    slow = FakeEngineFactory(default=FakeBehaviour(token_seconds=0.05))
+    settings = Settings(home=tmp_path, models=[ModelSpec(name="tiny", path=tiny_model_path)])
+    with ServerThread(settings, engine_factory=slow) as server:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 500 tokens
+            httpx.post(f"{server.url}/v1/chat/completions", json=_chat(max_tokens=500), timeout=0.5)
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{server.url}/health").json()["models"]["tiny"]["num_running"]:
+            assert time.monotonic() < deadline, "the abandoned generation kept running"
+            time.sleep(0.1)

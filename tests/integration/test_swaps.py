@@ -206,6 +206,9 @@ def test_unknown_version_and_strategy_are_clear_errors(home):
         assert _admin(server, "POST", "/deployments/chat/swap", expect=404, to="chat@9")["error"]["message"].startswith("chat has no version 9")
         assert _admin(server, "POST", "/deployments/chat/swap", expect=400, to="chat@2", strategy="yolo")["error"]["param"] == "strategy"
         assert _admin(server, "POST", "/deployments/nope/swap", expect=404, to="chat@2")["error"]["code"] == "model_not_found"
+        assert _admin(server, "POST", "/deployments/chat/swap", expect=400, to="")["error"]["param"] == "name"
+        assert _admin(server, "POST", "/deployments/chat/canary", expect=400, to="", weight=10)["error"]["param"] == "name"
+        assert _admin(server, "POST", "/models", expect=400, source="/tmp/a\x00b", name="x")["error"]["param"] == "source"
         with pytest.raises(openai.NotFoundError):
             server.client().chat.completions.create(model="nope", messages=HI)
 
