@@ -11,6 +11,7 @@ class BatonError(Exception):
     status_code = 500
     error_type = "server_error"
     default_code: str | None = None
+    retry_after_s: int | None = None  # sent as Retry-After: when trying again makes sense
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -74,6 +75,7 @@ class OverloadedError(BatonError):
     status_code = 503
     error_type = "server_error"
     default_code = "overloaded"
+    retry_after_s = 5
 
 
 class EngineError(BatonError):

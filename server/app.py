@@ -15,6 +15,7 @@ from models.registry import Registry
 from server.api import admin_api, deploy_api, openai_api, status_api
 from server.api.body_limit import BodySizeLimit
 from server.config import Settings
+from server.lifecycle import Lifecycle
 from server.engines.factory import build_engine
 from models.errors import (
     BatonError,
@@ -29,11 +30,14 @@ from server.deployments.manager import DeploymentManager, EngineFactory
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, engine_factory: EngineFactory = build_engine) -> FastAPI:
+def create_app(settings: Settings, engine_factory: EngineFactory = build_engine, lifecycle: Lifecycle | None = None) -> FastAPI:
+    lifecycle = lifecycle or Lifecycle()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         registry = Registry(settings.home)
         manager = DeploymentManager(settings, registry, engine_factory)
+        lifecycle.track(manager.num_in_flight)
         try:
             for spec in settings.models:
                 await manager.deploy_spec(spec)
@@ -41,6 +45,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             manager.start()
             yield {
                 "settings": settings,
+                "lifecycle": lifecycle,
                 "deployments": manager,
                 "model_admin": ModelAdmin(registry, manager.holders),
                 "started_at": int(time.time()),
@@ -100,4 +105,5 @@ def _from_validation(error: RequestValidationError) -> InvalidRequestError:
 
 
 def _json(error: BatonError, status_code: int | None = None) -> JSONResponse:
-    return JSONResponse(error.to_body(), status_code=status_code or error.status_code)
+    headers = {"retry-after": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    return JSONResponse(error.to_body(), status_code=status_code or error.status_code, headers=headers)

@@ -25,6 +25,7 @@ DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks that its cl
 
 
 def require_api_key(request: Request) -> None:
+    request.state.lifecycle.refuse_new_requests()
     expected = request.state.settings.api_key
     if expected is None:
         return

@@ -19,6 +19,25 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if is_healthy else 503)
 
 
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: 503 while shutting down or when a deployment has nothing that can serve;
+    200 during a swap that keeps serving (held requests are served when it ends)."""
+    not_ready = {d.name: d.describe()["state"] for d in request.state.deployments.deployments if not _can_serve(d)}
+    if request.state.lifecycle.is_shutting_down:
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
+    if not_ready:
+        return JSONResponse({"status": "unavailable", "deployments": not_ready}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+def _can_serve(deployment) -> bool:
+    """Loaded and healthy, loadable on demand, or swapping (requests are held, not failed)."""
+    if deployment.active is None:
+        return deployment.needs_load or deployment.swap_lock.locked()
+    return deployment.active.engine.health().is_ready
+
+
 def _deployment_health(deployment) -> dict:
     """The active slot's engine health; a deployment in the middle of a `replace` swap is
     ready (its requests wait in the queue), so probes do not restart the process."""

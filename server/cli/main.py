@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--standby-host-budget-gb", type=float, default=None, help="host memory for versions asleep on standby (default: half of RAM)")
     serve.add_argument("--gpu-headroom-gib", type=float, default=2.0, help="GPU memory left free when a vLLM engine's share is planned")
     serve.add_argument("--gpu-room-for-blue-green", action="store_true", help="plan each vLLM engine at half the GPU, so the next version loads beside it")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests may finish after SIGTERM (a second SIGTERM exits at once)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
 
@@ -102,8 +103,11 @@ def _serve(args) -> int:
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.app import create_app  # torch and transformers: seconds to import, so after the checks
+    from server.lifecycle import GracefulServer, Lifecycle
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    lifecycle = Lifecycle()
+    config = uvicorn.Config(create_app(settings, lifecycle=lifecycle), host=settings.host, port=settings.port, log_level=args.log_level)
+    GracefulServer(config, lifecycle, args.shutdown_timeout).run()
     return 0
 
 

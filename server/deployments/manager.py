@@ -75,6 +75,10 @@ class DeploymentManager:
     def deployments(self) -> list[Deployment]:
         return list(self._deployments.values())
 
+    def num_in_flight(self) -> int:
+        """Requests holding a lease or waiting for one, over every deployment."""
+        return sum(d.num_waiting + sum(s.num_leases for s in d.slots()) for d in self.deployments)
+
     def holders(self, version: str) -> list[str]:
         """What serves `version` right now: 'deployment chat (active)' and the like."""
         return [
@@ -95,7 +99,7 @@ class DeploymentManager:
         """Start-up: serve a configured model, a registry version (resolved as a swap would
         resolve it, with the spec's explicit engine settings on top) or a local folder."""
         overrides = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS if name in spec.model_fields_set}
-        if spec.version != "local":
+        if self._is_registry_version(spec):
             target = self._resolve(spec.version, overrides)
         else:
             options = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS} | {"allow_pickle": spec.allow_pickle}
@@ -113,6 +117,16 @@ class DeploymentManager:
         deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None, smoke_prompts)
         self._remember(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason, status="succeeded"))
         return deployment
+
+    def _is_registry_version(self, spec: ModelSpec) -> bool:
+        """The spec names a version of this server's registry, at the folder it stores (a
+        label such as 'local', or a folder from elsewhere, is served as a folder)."""
+        if spec.version == "local":
+            return False
+        try:
+            return self._registry.resolve(spec.version).path == spec.path
+        except (NotFoundError, InvalidRequestError):  # not a version here, or not a ref at all
+            return False
 
     async def _deploy(
         self, name: str, target: Target, on_demand: OnDemand | None, smoke_prompts: list[str] | None, overrides: dict | None = None
