@@ -104,6 +104,12 @@ class FakeEngine:
         for stopped in self._running.values():
             stopped.set()
 
+    def die(self) -> None:
+        """As a crashed engine process: health says so, generations in flight end with an error."""
+        self._is_running = False
+        for stopped in self._running.values():
+            stopped.set()
+
 
 class FakeEngineFactory:
     """Builds fake engines labelled by the model folder's name; `behaviours` maps a folder
@@ -112,6 +118,8 @@ class FakeEngineFactory:
     def __init__(self, behaviours: dict[str, FakeBehaviour] | None = None, default: FakeBehaviour = FakeBehaviour()):
         self.behaviours = behaviours or {}
         self.default = default
+        self.built: list[FakeEngine] = []  # every engine made, oldest first
 
     def __call__(self, path: Path, options: dict) -> FakeEngine:
-        return FakeEngine(path.name[:8], self.behaviours.get(path.name, self.default))
+        self.built.append(FakeEngine(path.name[:8], self.behaviours.get(path.name, self.default)))
+        return self.built[-1]

@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
-def require_api_key(request: Request) -> None:
+def admit(request: Request) -> None:
+    """Admission for /v1: none while shutting down, then the API key."""
     request.state.lifecycle.refuse_new_requests()
+    require_api_key(request)
+
+
+def require_api_key(request: Request) -> None:
     expected = request.state.settings.api_key
     if expected is None:
         return
@@ -34,7 +39,7 @@ def require_api_key(request: Request) -> None:
         raise AuthenticationError("Missing or invalid API key. Send 'Authorization: Bearer <key>'.")
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
 
 
 @router.get("/models")

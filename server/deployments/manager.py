@@ -1,9 +1,13 @@
 """The deployment manager: the one owner of deployments, slots and swaps.
 
-A swap: resolve the target -> load a new slot -> verify it (smoke prompts) -> flip -> drain
-the old slot (until its leases reach zero or the drain deadline) -> park it as standby or
-stop it. Any failure before the flip leaves the old slot serving; every swap, success or
-failure, lands in the registry's history with its phases.
+A swap: resolve the target and choose the strategy (both may refuse, before anything stops)
+-> standby: wake and flip | reload: hold, drain, new weights in the running engine, verify,
+resume | blue-green: load beside, verify, flip | replace: hold, drain, sleep or unload the
+old, load, verify, flip -> drain the old slot (until its leases reach zero or the drain
+deadline) -> park it as standby (loaded or asleep) or stop it. Any failure before the flip
+leaves the old version serving; every swap, success or failure, lands in the registry's
+history with its phases. The decisions themselves are pure functions in strategy.py,
+layout.py, memory_plan.py and drain.py.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from server.deployments.deployment import Deployment, OnDemand
 from server.deployments.drain import StopDecision, decide_stop
 from server.deployments.layout import ModelLayout, reload_blocker
 from server.deployments.memory_plan import fits, plan_gpu_share
+from server.deployments.recovery import restart_delay_s
 from server.deployments.slot import Lease, Slot, SlotState, Target
 from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy
 from server.deployments.swap_record import SwapRecord
@@ -51,8 +56,10 @@ class DeploymentManager:
         self._loading: dict[str, asyncio.Task] = {}  # on-demand loads under way, by deployment
 
     def start(self) -> None:
-        """Background work: unloading on-demand deployments that sat idle past their TTL."""
+        """Background work: unloading on-demand deployments that sat idle past their TTL, and
+        bringing back deployments whose engine died."""
         self._keep(asyncio.ensure_future(self._reap_idle_forever()))
+        self._keep(asyncio.ensure_future(self._recover_dead_forever()))
 
     # -- requests -------------------------------------------------------------------------
 
@@ -224,6 +231,56 @@ class DeploymentManager:
                     await self._unload(deployment, f"idle for more than {deployment.on_demand.idle_ttl_s:g} s")
                 except Exception:  # one engine that fails to stop must not end idle unloading for all
                     log.exception("could not unload idle deployment %s", deployment.name)
+
+    # -- engine failure ---------------------------------------------------------------------
+
+    async def _recover_dead_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.idle_check_s)
+            for deployment in filter(_has_dead_engine, self.deployments):
+                try:
+                    await self._recover(deployment)
+                except Exception:  # one deployment that cannot recover must not stop the others'
+                    log.exception("could not recover deployment %s", deployment.name)
+
+    async def _recover(self, deployment: Deployment) -> None:
+        """The active engine died: its requests have ended with an error. New ones wait while
+        the standby takes over (if there is one) or the same version starts again, with
+        backoff; after a failed start, waiting requests get a 503 at once instead of waiting."""
+        dead = deployment.active
+        record = SwapRecord(deployment.name, "recover", dead.version, dead.version, "restart", "baton", "the engine died")
+        self._remember(record)
+        async with deployment.swap_lock:
+            deployment.hold_requests()
+            dead.move_to(SlotState.FAILED, "engine died")
+            async with record.phase("stop"):
+                await self._stop(dead)
+            slot = await self._bring_up_after_failure(deployment, record, dead.target)
+            async with record.phase("flip"):
+                deployment.flip_to(slot)
+        record.finish()
+        self._to_history(record)
+
+    async def _bring_up_after_failure(self, deployment: Deployment, record: SwapRecord, target: Target) -> Slot:
+        standby, deployment.standby = deployment.standby, None
+        if standby is not None:
+            try:
+                if standby.state is SlotState.ASLEEP:
+                    await self._wake_or_stop(record, standby)
+            except Exception:
+                log.exception("the standby %s could not take over; restarting %s", standby.version, target.version)
+            else:
+                record.strategy, record.to_version = "standby", standby.version
+                return standby
+        num_failed = 0
+        while True:
+            await asyncio.sleep(restart_delay_s(num_failed))
+            try:
+                return await self._load_and_verify(record, target, deployment)
+            except Exception as error:
+                num_failed += 1
+                log.warning("restart %d of %s failed: %s", num_failed, target.version, error)
+                deployment.fail_waiting(OverloadedError(f"Deployment {deployment.name} lost its engine and is restarting it; retry shortly."))
 
     async def _unload(self, deployment: Deployment, reason: str) -> None:
         record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
@@ -586,6 +643,14 @@ class DeploymentManager:
             self._registry.record(Change(record.actor, record.reason), record.action, model, int(number) if number.isdigit() else None, record.to_dict())
         except Exception:  # history must never turn a finished swap into a failed request
             log.exception("could not record %s in the history", record.id)
+
+
+def _has_dead_engine(deployment: Deployment) -> bool:
+    """Serving, not swapping, and its engine says it cannot serve any more."""
+    active = deployment.active
+    if active is None or active.state is not SlotState.READY or deployment.swap_lock.locked():
+        return False
+    return not active.engine.health().is_ready
 
 
 def _is_idle_past_ttl(deployment: Deployment) -> bool:

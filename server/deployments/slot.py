@@ -43,7 +43,7 @@ class SlotState(enum.Enum):
 S = SlotState
 TRANSITIONS: dict[SlotState, frozenset[SlotState]] = {
     S.LOADING: frozenset({S.READY, S.FAILED, S.STOPPED}),
-    S.READY: frozenset({S.DRAINING, S.STOPPED}),
+    S.READY: frozenset({S.DRAINING, S.FAILED, S.STOPPED}),  # FAILED: its engine died
     # back to READY: a reload finished or failed, or a failed swap restored the old version
     S.DRAINING: frozenset({S.READY, S.STANDBY, S.ASLEEP, S.STOPPED}),
     S.STANDBY: frozenset({S.READY, S.STOPPED}),

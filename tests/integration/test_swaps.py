@@ -466,3 +466,35 @@ def test_a_version_that_would_overflow_the_host_budget_for_sleepers_is_stopped_n
         record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="replace")
         assert record["phases"][1]["detail"] == "stopped; memory freed"
         assert _admin(server, "GET", "/deployments/chat")["standby"] is None
+
+
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_an_engine_that_dies_mid_stream_ends_its_stream_and_the_version_starts_again(home):
+    factory = FakeEngineFactory(default=FakeBehaviour(token_seconds=0.05))
+    with _server(home, factory, idle_check_s=0.1) as server:
+        body = {"model": "chat", "messages": HI, "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+            lines = filter(None, response.iter_lines())
+            next(lines)
+            factory.built[0].die()
+            events = [line for line in lines]
+        assert '"error"' in events[-1]  # a clean error event, within the stream, not a hang
+        _wait_for(lambda: len(factory.built) == 2 and _admin(server, "GET", "/deployments/chat")["state"] == "ready")
+        assert _ask(server.client(), max_tokens=2) == ("chat@1", f"{_label(home, 'chat@1')} " * 2)
+    recovered = [e for e in Registry(home).history("chat") if e["action"] == "recover"]
+    assert recovered and recovered[-1]["details"]["status"] == "succeeded"
+
+
+def test_a_dead_engine_is_replaced_by_the_standby_when_there_is_one(home):
+    factory = FakeEngineFactory()
+    with _server(home, factory, idle_check_s=0.1) as server:
+        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green")  # chat@1 on standby
+        factory.built[1].die()
+        _wait_for(lambda: _admin(server, "GET", "/deployments/chat")["version"] == "chat@1")
+        assert _ask(server.client(), max_tokens=1)[0] == "chat@1" and len(factory.built) == 2  # nothing loaded

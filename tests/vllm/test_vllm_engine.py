@@ -249,3 +249,28 @@ def test_vllm_odd_inputs_beside_good_streams_all_answer(tiny_server):
         responses = [f.result() for f in goods + odds]
     assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses if r.status_code != 200]
     assert all(r.json()["choices"][0]["finish_reason"] in ("stop", "length") for r in responses[:4])
+
+
+def test_vllm_engine_killed_mid_stream_ends_the_stream_and_the_deployment_comes_back(tiny_server):
+    """Kill vLLM's engine-core process under a stream: a clean error event within seconds,
+    then baton restarts the version and serves the next request."""
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{tiny_server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = filter(None, response.iter_lines())
+        next(lines)
+        # the newest engine core is this module's last server's (tiny_server started after `server`)
+        newest = max((p for p in _engine_processes() if "EngineCore" in p.name() + " ".join(p.cmdline())), key=lambda p: p.create_time())
+        killed_at = time.monotonic()
+        newest.kill()
+        events = list(lines)
+    assert '"error"' in events[-1] and time.monotonic() - killed_at < 10
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{tiny_server.url}/ready").status_code != 200 or not _engine_is_ready(tiny_server):
+        assert time.monotonic() < deadline, "the deployment did not come back"
+        time.sleep(1)
+    reply = tiny_server.client().chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def _engine_is_ready(server) -> bool:
+    return httpx.get(f"{server.url}/health").json()["models"]["tiny"]["is_ready"]
