@@ -46,6 +46,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
             yield {
                 "settings": settings,
                 "lifecycle": lifecycle,
+                "keys": settings.all_keys(),
                 "deployments": manager,
                 "model_admin": ModelAdmin(registry, manager.holders),
                 "started_at": int(time.time()),

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from models.names import NAME_PATTERN
 from server.devices import gpu_memory_bytes
 from server.engines.base import Dtype
+from server.keys import KeySpec, key
 
 
 def default_memory_budget() -> int:
@@ -60,8 +61,9 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     home: Path = Field(default_factory=default_home, description="Where baton keeps models and state.")
     models: list[ModelSpec] = Field(default_factory=list)
-    api_key: str | None = Field(None, description="When set, /v1 routes need 'Authorization: Bearer <key>'.")
-    admin_key: str | None = Field(None, description="When set, /admin routes need it; unset, they answer loopback clients only.")
+    api_key: str | None = Field(None, description="When set, /v1 routes need 'Authorization: Bearer <key>' (an inference key).")
+    admin_key: str | None = Field(None, description="When set, /admin routes need it (an admin key); with no admin key, they answer loopback clients only.")
+    keys: list[KeySpec] = Field(default_factory=list, description="More keys, hashed, each with its scopes and deployments (see server/keys.py).")
     import_roots: list[Path] = Field(default_factory=list, description="Server folders that admin-API imports may read.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_n: int = Field(8, ge=1, description="The largest `n` (choices per request) accepted.")
@@ -76,3 +78,9 @@ class Settings(BaseModel):
     gpu_headroom_gib: float = Field(2.0, ge=0, description="GPU memory the plan leaves free when it sizes a vLLM engine.")
     gpu_room_for_blue_green: bool = Field(False, description="Size each vLLM engine so that a second one fits beside it (blue-green swaps on one GPU).")
     idle_check_s: float = Field(1.0, gt=0, description="How often on-demand deployments are checked for idleness.")
+
+    def all_keys(self) -> list[KeySpec]:
+        """`keys`, with `api_key` and `admin_key` as keys of one scope each."""
+        single = [key("api-key", self.api_key, {"inference"})] if self.api_key else []
+        single += [key("admin-key", self.admin_key, {"admin"})] if self.admin_key else []
+        return single + self.keys

@@ -8,7 +8,6 @@ so it is refused unless the path lies under an operator-configured import root.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
@@ -18,18 +17,13 @@ from models.catalog import Change
 from models.importers import GGUF_PREFIX, HUB_PREFIX
 from models.registry import ImportOptions
 from server.addresses import is_loopback
-from models.errors import AuthenticationError, ForbiddenError
+from server.keys import authorize, bearer_token
+from models.errors import ForbiddenError
 
 
 def require_admin(request: Request) -> None:
-    expected = request.state.settings.admin_key
-    if expected is None:
-        if not is_loopback(request.client.host if request.client else ""):
-            raise ForbiddenError("Admin routes are open to loopback clients only; set an admin key to allow others.")
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), expected.encode()):
-        raise AuthenticationError("Missing or invalid admin key. Send 'Authorization: Bearer <admin key>'.")
+    token = bearer_token(request.headers.get("authorization", ""))
+    request.state.key = authorize(request.state.keys, "admin", token, is_loopback(request.client.host if request.client else ""))
 
 
 router = APIRouter(prefix="/admin/models", dependencies=[Depends(require_admin)])
@@ -110,7 +104,8 @@ async def remove(ref: str, request: Request, force: bool = False, reason: str = 
 def actor_change(request: Request, reason: str) -> Change:
     """The caller may name the person behind a request; the record says it came over HTTP."""
     who = request.headers.get("x-baton-actor", "")[:64] or "anonymous"
-    return Change(f"{who} via admin-api", reason)
+    key = getattr(request.state, "key", None)
+    return Change(f"{who} via admin-api" + (f" (key {key.name})" if key else ""), reason)
 
 
 def _check_import_path(source: str, import_roots: list[Path]) -> None:

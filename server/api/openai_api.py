@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -15,9 +14,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from models.errors import AuthenticationError, BatonError, ClientDisconnectedError, EngineError, EngineStoppedError, ModelSwappedError
+from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelSwappedError
 from server.api.generation import ChoiceChunk, build_requests, stream_choices
+from server.addresses import is_loopback
 from server.deployments.slot import Lease
+from server.keys import authorize, bearer_token
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -25,18 +26,17 @@ DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks that its cl
 
 
 def admit(request: Request) -> None:
-    """Admission for /v1: none while shutting down, then the API key."""
+    """Admission for /v1: none while shutting down, then a key with the inference scope
+    (where any key has it); the key is kept for the deployment check."""
     request.state.lifecycle.refuse_new_requests()
-    require_api_key(request)
+    token = bearer_token(request.headers.get("authorization", ""))
+    request.state.key = authorize(request.state.keys, "inference", token, is_loopback(request.client.host if request.client else ""))
 
 
-def require_api_key(request: Request) -> None:
-    expected = request.state.settings.api_key
-    if expected is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), expected.encode()):
-        raise AuthenticationError("Missing or invalid API key. Send 'Authorization: Bearer <key>'.")
+def _check_deployment(request: Request, name: str) -> None:
+    key = request.state.key
+    if key is not None and not key.may_call(name):
+        raise ForbiddenError(f"The key {key.name!r} may not call the model '{name}'.", param="model", code="model_not_allowed")
 
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
@@ -45,7 +45,9 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
 @router.get("/models")
 async def list_models(request: Request) -> dict:
     created = request.state.started_at
-    data = [{"id": d.name, "object": "model", "created": created, "owned_by": "baton"} for d in request.state.deployments.deployments]
+    key = request.state.key
+    names = [d.name for d in request.state.deployments.deployments if key is None or key.may_call(d.name)]
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "baton"} for name in names]
     return {"object": "list", "data": data}
 
 
@@ -94,6 +96,7 @@ class TextFormat:
 async def _respond(request: Request, body, tokenize, fmt):
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
     out of here returns the lease exactly once (Lease.release is idempotent)."""
+    _check_deployment(request, body.model)
     lease = await request.state.deployments.lease(body.model)
     try:
         prompts = tokenize(lease.engine)

@@ -15,6 +15,7 @@ from models.registry import Registry
 from server.cli import deploy as deploy_cli, models as models_cli
 from server.addresses import is_loopback
 from server.config import ModelSpec, Settings, default_home
+from server.keys import load_key_file
 from models.errors import BatonError, ConfigError
 
 
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"), help="require this bearer key on /v1 (default: $BATON_API_KEY)")
     serve.add_argument("--no-auth", action="store_true", help="allow serving /v1 without an API key beyond loopback")
     serve.add_argument("--admin-key", default=os.environ.get("BATON_ADMIN_KEY"), help="require this key on /admin; unset, /admin answers loopback only")
+    serve.add_argument("--keys-file", type=Path, default=None, help="a JSON list of keys: name, key_env or key_sha256, scopes, deployments (see the README)")
     serve.add_argument("--import-root", type=Path, action="append", default=[], help="a folder the admin API may import from; repeatable")
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds a swapped-out version may finish its requests")
     serve.add_argument("--max-waiting", type=int, default=64, help="requests held per deployment during a replace swap")
@@ -76,8 +78,10 @@ def _home(args) -> Path:
 def _serve(args) -> int:
     from models.demo import ensure_demo_model
 
-    if not (args.api_key or args.no_auth or is_loopback(args.host)):
-        raise ConfigError(f"Listening on {args.host} would serve anyone unauthenticated: set --api-key (or BATON_API_KEY), or pass --no-auth.")
+    keys = load_key_file(args.keys_file) if args.keys_file else []
+    has_inference_key = args.api_key or any("inference" in k.scopes for k in keys)
+    if not (has_inference_key or args.no_auth or is_loopback(args.host)):
+        raise ConfigError(f"Listening on {args.host} would serve anyone unauthenticated: set --api-key (or BATON_API_KEY) or --keys-file, or pass --no-auth.")
     home = _home(args)
     registry = Registry(home)
     refs = args.model or [ensure_demo_model(registry).model]
@@ -91,6 +95,7 @@ def _serve(args) -> int:
         models=specs,
         api_key=args.api_key,
         admin_key=args.admin_key,
+        keys=keys,
         import_roots=args.import_root,
         drain_timeout_s=args.drain_timeout,
         max_waiting=args.max_waiting,

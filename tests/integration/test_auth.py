@@ -1,0 +1,101 @@
+"""The auth matrix: every kind of route against every kind of caller, through a real server."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from server.config import ModelSpec, Settings
+from server.keys import hash_key, key, load_key_file
+from models.errors import ConfigError
+from tests.conftest import ServerThread
+from tests.fake_engine import FakeEngineFactory
+
+CALLERS = {
+    "none": None,
+    "wrong": "not-a-key",
+    "inference": "inference-secret",
+    "admin": "admin-secret",
+    "other-deployment": "other-secret",
+}
+HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+ROUTES = {  # name: (method, path, body)
+    "health": ("GET", "/health", None),
+    "ready": ("GET", "/ready", None),
+    "models": ("GET", "/v1/models", None),
+    "chat": ("POST", "/v1/chat/completions", {"model": "chat", **HI}),
+    "completion": ("POST", "/v1/completions", {"model": "chat", "prompt": "hi", "max_tokens": 2}),
+    "admin-status": ("GET", "/admin/status", None),
+    "admin-models": ("GET", "/admin/models", None),
+    "admin-swap": ("POST", "/admin/deployments/chat/swap", {"to": "nosuch@1"}),
+}
+# What each caller gets on each route; admin-swap's 404 is the unknown version: it got past auth.
+EXPECTED = {
+    "health": {"none": 200, "wrong": 200, "inference": 200, "admin": 200, "other-deployment": 200},
+    "ready": {"none": 200, "wrong": 200, "inference": 200, "admin": 200, "other-deployment": 200},
+    "models": {"none": 401, "wrong": 401, "inference": 200, "admin": 403, "other-deployment": 200},
+    "chat": {"none": 401, "wrong": 401, "inference": 200, "admin": 403, "other-deployment": 403},
+    "completion": {"none": 401, "wrong": 401, "inference": 200, "admin": 403, "other-deployment": 403},
+    "admin-status": {"none": 401, "wrong": 401, "inference": 403, "admin": 200, "other-deployment": 403},
+    "admin-models": {"none": 401, "wrong": 401, "inference": 403, "admin": 200, "other-deployment": 403},
+    "admin-swap": {"none": 401, "wrong": 401, "inference": 403, "admin": 404, "other-deployment": 403},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, tmp_path_factory):
+    keys = [
+        key("app", CALLERS["inference"], {"inference"}),
+        key("ops", CALLERS["admin"], {"admin"}),
+        key("other", CALLERS["other-deployment"], {"inference"}, {"other"}),
+    ]
+    settings = Settings(home=tmp_path_factory.mktemp("auth"), models=[ModelSpec(name="chat", path=tiny_model_path)], keys=keys)
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as running:
+        yield running
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("caller", CALLERS)
+def test_every_route_gives_every_caller_the_right_status(server, route, caller):
+    method, path, body = ROUTES[route]
+    headers = {"authorization": f"Bearer {CALLERS[caller]}"} if CALLERS[caller] else {}
+    response = httpx.request(method, f"{server.url}{path}", json=body, headers=headers, timeout=30)
+    assert response.status_code == EXPECTED[route][caller], response.text
+    if response.status_code in (401, 403):
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert CALLERS[caller] is None or CALLERS[caller] not in response.text  # a secret is never echoed
+
+
+def test_a_deployment_scoped_key_lists_only_its_deployments(server):
+    response = httpx.get(f"{server.url}/v1/models", headers={"authorization": f"Bearer {CALLERS['other-deployment']}"})
+    assert response.json()["data"] == []
+
+
+def test_key_file_takes_secrets_from_the_environment_or_as_hashes(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps([
+        {"name": "app", "key_env": "APP_KEY", "scopes": ["inference"], "deployments": ["chat"]},
+        {"name": "ops", "key_sha256": hash_key("ops-secret"), "scopes": ["admin", "inference"]},
+    ]))
+    app, ops = load_key_file(path, {"APP_KEY": "app-secret"})
+    assert (app.sha256, app.deployments, ops.scopes) == (hash_key("app-secret"), frozenset({"chat"}), frozenset({"admin", "inference"}))
+    assert "app-secret" not in path.read_text() + repr(app)
+
+
+@pytest.mark.parametrize(
+    ("entries", "words"),
+    [
+        ([{"name": "app", "scopes": ["inference"]}], "exactly one of key_env"),
+        ([{"name": "app", "key_env": "UNSET_VAR", "scopes": ["inference"]}], "UNSET_VAR is not set"),
+        ([{"name": "app", "key_sha256": "0" * 64, "scopes": ["root"]}], "key 0: scopes.0"),
+        ([{"name": "app", "key_sha256": "xyz", "scopes": ["admin"]}], "key 0 (app)"),
+        ({"name": "app"}, "must hold a JSON list"),
+    ],
+)
+def test_a_bad_key_file_is_refused_naming_the_entry(tmp_path, entries, words):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_key_file(path, {})
