@@ -71,6 +71,16 @@ class PayloadTooLargeError(BatonError):
     default_code = "payload_too_large"
 
 
+class RateLimitedError(BatonError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
+
+
 class OverloadedError(BatonError):
     status_code = 503
     error_type = "server_error"

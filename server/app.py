@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from models.registry import Registry
 from server.api import admin_api, deploy_api, openai_api, status_api
 from server.api.body_limit import BodySizeLimit
+from server.api.rate_limits import RateLimits
 from server.config import Settings
 from server.lifecycle import Lifecycle
 from server.engines.factory import build_engine
@@ -47,6 +48,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "settings": settings,
                 "lifecycle": lifecycle,
                 "keys": settings.all_keys(),
+                "rate_limits": RateLimits(),
                 "deployments": manager,
                 "model_admin": ModelAdmin(registry, manager.holders),
                 "started_at": int(time.time()),

@@ -36,6 +36,7 @@ class KeySpec(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     scopes: frozenset[Scope] = Field(min_length=1)
     deployments: frozenset[str] | None = Field(None, description="None: every deployment")
+    requests_per_minute: int | None = Field(None, ge=1, description="None: no rate limit")
 
     def may_call(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
@@ -49,6 +50,7 @@ class _KeyFileEntry(BaseModel):
     key_sha256: str | None = None
     scopes: list[Scope] = Field(min_length=1)
     deployments: list[str] | None = None
+    requests_per_minute: int | None = None
 
     @model_validator(mode="after")
     def _one_secret_source(self):
@@ -61,8 +63,9 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def key(name: str, secret: str, scopes: set[str], deployments: set[str] | None = None) -> KeySpec:
-    return KeySpec(name=name, sha256=hash_key(secret), scopes=frozenset(scopes), deployments=frozenset(deployments) if deployments is not None else None)
+def key(name: str, secret: str, scopes: set[str], deployments: set[str] | None = None, requests_per_minute: int | None = None) -> KeySpec:
+    deployments = frozenset(deployments) if deployments is not None else None
+    return KeySpec(name=name, sha256=hash_key(secret), scopes=frozenset(scopes), deployments=deployments, requests_per_minute=requests_per_minute)
 
 
 def load_key_file(path: Path, environ: dict[str, str] = os.environ) -> list[KeySpec]:
@@ -88,7 +91,7 @@ def _key_of(index: int, entry, environ: dict[str, str], path: Path) -> KeySpec:
     sha256 = spec.key_sha256.lower() if spec.key_sha256 else hash_key(environ[spec.key_env])
     deployments = frozenset(spec.deployments) if spec.deployments is not None else None
     try:
-        return KeySpec(name=spec.name, sha256=sha256, scopes=frozenset(spec.scopes), deployments=deployments)
+        return KeySpec(name=spec.name, sha256=sha256, scopes=frozenset(spec.scopes), deployments=deployments, requests_per_minute=spec.requests_per_minute)
     except ValidationError as error:
         raise ConfigError(f"{path}, key {index} ({spec.name}): {error.errors()[0]['msg']}.") from error
 

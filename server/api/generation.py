@@ -47,6 +47,8 @@ def build_requests(
     prompts: Sequence[Sequence[int]],
     max_model_len: int,
     max_n: int,
+    max_prompt_tokens: int | None = None,
+    max_completion_tokens: int | None = None,
 ) -> list[GenerationRequest]:
     """n generations per prompt, indexed prompt-major as OpenAI does. A seed gives choice i
     the seed + i, so that choices differ yet the whole answer is reproducible."""
@@ -58,8 +60,17 @@ def build_requests(
     temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
     prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     requests = []
+    requested = body.requested_max_tokens
+    if max_completion_tokens is not None and requested is not None and requested > max_completion_tokens:
+        raise InvalidRequestError(f"max_tokens must be at most {max_completion_tokens} on this server.", param="max_tokens", code="max_tokens_too_large")
     for prompt in prompts:
-        max_tokens = resolve_max_tokens(body.requested_max_tokens, len(prompt), max_model_len, prompt_param)
+        if max_prompt_tokens is not None and len(prompt) > max_prompt_tokens:
+            raise InvalidRequestError(
+                f"The {prompt_param} has {len(prompt)} tokens; this server accepts at most {max_prompt_tokens}.", param=prompt_param, code="prompt_too_long"
+            )
+        max_tokens = resolve_max_tokens(requested, len(prompt), max_model_len, prompt_param)
+        if max_completion_tokens is not None:
+            max_tokens = min(max_tokens, max_completion_tokens)
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
             sampling = SamplingParams(max_tokens, temperature, body.top_p, seed, body.stop_sequences)

@@ -27,10 +27,11 @@ DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks that its cl
 
 def admit(request: Request) -> None:
     """Admission for /v1: none while shutting down, then a key with the inference scope
-    (where any key has it); the key is kept for the deployment check."""
+    (where any key has it), within its rate; the key is kept for the deployment check."""
     request.state.lifecycle.refuse_new_requests()
     token = bearer_token(request.headers.get("authorization", ""))
     request.state.key = authorize(request.state.keys, "inference", token, is_loopback(request.client.host if request.client else ""))
+    request.state.rate_limits.take(request.state.key)
 
 
 def _check_deployment(request: Request, name: str) -> None:
@@ -100,7 +101,8 @@ async def _respond(request: Request, body, tokenize, fmt):
     lease = await request.state.deployments.lease(body.model)
     try:
         prompts = tokenize(lease.engine)
-        requests = build_requests(body, prompts, lease.engine.max_model_len, request.state.settings.max_n)
+        settings = request.state.settings
+        requests = build_requests(body, prompts, lease.engine.max_model_len, settings.max_n, settings.max_prompt_tokens, settings.max_completion_tokens)
     except BaseException:
         lease.release()
         raise

@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--standby-host-budget-gb", type=float, default=None, help="host memory for versions asleep on standby (default: half of RAM)")
     serve.add_argument("--gpu-headroom-gib", type=float, default=2.0, help="GPU memory left free when a vLLM engine's share is planned")
     serve.add_argument("--gpu-room-for-blue-green", action="store_true", help="plan each vLLM engine at half the GPU, so the next version loads beside it")
+    serve.add_argument("--max-prompt-tokens", type=int, default=None, help="the longest prompt accepted, in tokens")
+    serve.add_argument("--max-completion-tokens", type=int, default=None, help="the most tokens a choice may generate (also the default)")
+    serve.add_argument("--max-running-per-deployment", type=int, default=None, help="requests one deployment runs at once; more wait in its queue")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests may finish after SIGTERM (a second SIGTERM exits at once)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
@@ -96,6 +99,9 @@ def _serve(args) -> int:
         api_key=args.api_key,
         admin_key=args.admin_key,
         keys=keys,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_completion_tokens=args.max_completion_tokens,
+        max_running_per_deployment=args.max_running_per_deployment,
         import_roots=args.import_root,
         drain_timeout_s=args.drain_timeout,
         max_waiting=args.max_waiting,

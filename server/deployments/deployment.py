@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from models.errors import OverloadedError
+from server.deployments.admission import Admission
 from server.deployments.slot import Lease, Slot, SlotState, Target
 
 
@@ -27,11 +28,20 @@ class OnDemand:
 
 class Deployment:
     def __init__(
-        self, name: str, active: Slot | None, max_waiting: int, max_wait_seconds: float, on_demand: OnDemand | None = None, engine_overrides: dict | None = None
+        self,
+        name: str,
+        active: Slot | None,
+        max_waiting: int,
+        max_wait_seconds: float,
+        on_demand: OnDemand | None = None,
+        engine_overrides: dict | None = None,
+        max_running: int | None = None,
     ):
         """`active` is None for an on-demand deployment that is not loaded yet;
-        `engine_overrides` win over every version's own engine options."""
+        `engine_overrides` win over every version's own engine options; at most
+        `max_running` requests run at once (None: no cap), `max_waiting` more queue."""
         self.name = name
+        self.admission = Admission(name, max_running, max_waiting, max_wait_seconds)
         self.engine_overrides = engine_overrides or {}
         self.active: Slot | None = active
         self.on_demand = on_demand
@@ -129,7 +139,7 @@ class Deployment:
             "state": self.active.state.value if self.active else ("unloaded" if self.needs_load else "swapping"),
             "on_demand": {"idle_ttl_s": self.on_demand.idle_ttl_s, "version": self.on_demand.target.version} if self.on_demand else None,
             "in_flight": sum(s.num_leases for s in self.slots()),
-            "waiting": self.num_waiting,
+            "waiting": self.num_waiting + self.admission.num_waiting,
             "is_swapping": self.swap_lock.locked(),
             "active": self.active.describe() if self.active else None,
             "canary": {**self.canary.describe(), "weight": self.canary_weight} if self.canary else None,

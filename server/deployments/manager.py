@@ -64,12 +64,21 @@ class DeploymentManager:
     # -- requests -------------------------------------------------------------------------
 
     async def lease(self, name: str) -> Lease:
+        """A place in the deployment's admission queue, then a lease on the slot that serves
+        it; the place is given back with the lease."""
         deployment = self.get(name)
-        if deployment.needs_load and name not in self._loading:
-            deployment.begin_load()
-            self._loading[name] = self._keep(asyncio.ensure_future(self._load_on_demand(deployment)))
-            self._loading[name].add_done_callback(lambda _: self._loading.pop(name, None))
-        return await deployment.lease()
+        await deployment.admission.enter()
+        try:
+            if deployment.needs_load and name not in self._loading:
+                deployment.begin_load()
+                self._loading[name] = self._keep(asyncio.ensure_future(self._load_on_demand(deployment)))
+                self._loading[name].add_done_callback(lambda _: self._loading.pop(name, None))
+            lease = await deployment.lease()
+        except BaseException:
+            deployment.admission.leave()
+            raise
+        lease.on_release(deployment.admission.leave)
+        return lease
 
     def get(self, name: str) -> Deployment:
         deployment = self._deployments.get(name)
@@ -84,7 +93,7 @@ class DeploymentManager:
 
     def num_in_flight(self) -> int:
         """Requests holding a lease or waiting for one, over every deployment."""
-        return sum(d.num_waiting + sum(s.num_leases for s in d.slots()) for d in self.deployments)
+        return sum(d.num_waiting + d.admission.num_waiting + sum(s.num_leases for s in d.slots()) for d in self.deployments)
 
     def holders(self, version: str) -> list[str]:
         """What serves `version` right now: 'deployment chat (active)' and the like."""
@@ -143,7 +152,8 @@ class DeploymentManager:
         if on_demand is None:
             slot = await self._load(target)
             slot.move_to(SlotState.READY, f"serving {name}")
-        deployment = Deployment(name, slot, self._settings.max_waiting, self._settings.max_wait_s, on_demand, overrides)
+        settings = self._settings
+        deployment = Deployment(name, slot, settings.max_waiting, settings.max_wait_s, on_demand, overrides, settings.max_running_per_deployment)
         deployment.smoke_prompts = smoke_prompts
         self._deployments[name] = deployment
         return deployment

@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +145,11 @@ class Lease:
         self.slot = slot
         self.is_cut_off = False  # still running when its slot's drain deadline passed
         self._is_released = False
+        self._also_on_release: list[Callable[[], None]] = []
+
+    def on_release(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once, when the lease is released (an admission place, say)."""
+        self._also_on_release.append(callback)
 
     @property
     def engine(self) -> Engine:
@@ -153,3 +159,5 @@ class Lease:
         if not self._is_released:
             self._is_released = True
             self.slot._return_lease(self)
+            for callback in self._also_on_release:
+                callback()

@@ -99,3 +99,4 @@ def test_a_bad_key_file_is_refused_naming_the_entry(tmp_path, entries, words):
     path.write_text(json.dumps(entries))
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         load_key_file(path, {})
+

@@ -41,3 +41,17 @@ def test_engine_choice_rejects_unknown_engines(tiny_model_path):
     with pytest.raises(ConfigError, match="Unknown engine"):
         build_engine(tiny_model_path, {"engine": "tensorrt"})
     assert build_engine(tiny_model_path, {"engine": "transformers"}).name == "transformers"
+
+
+def test_server_limits_on_prompt_and_completion_tokens():
+    from models.errors import InvalidRequestError
+
+    body = CompletionRequest(model="m", prompt=["a"], max_tokens=None)
+    (request,) = build_requests(body, [[1, 2]], max_model_len=100, max_n=1, max_completion_tokens=10)
+    assert request.sampling.max_tokens == 10  # the cap is also the default
+    with pytest.raises(InvalidRequestError, match="at most 10 on this server") as too_many:
+        build_requests(CompletionRequest(model="m", prompt=["a"], max_tokens=11), [[1]], max_model_len=100, max_n=1, max_completion_tokens=10)
+    assert too_many.value.param == "max_tokens"
+    with pytest.raises(InvalidRequestError, match="has 3 tokens; this server accepts at most 2") as too_long:
+        build_requests(body, [[1, 2, 3]], max_model_len=100, max_n=1, max_prompt_tokens=2)
+    assert too_long.value.code == "prompt_too_long"

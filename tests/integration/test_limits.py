@@ -1,0 +1,44 @@
+"""Limits under load, through a real server: the admission queue and per-key rates."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from server.config import ModelSpec, Settings
+from server.keys import key
+from tests.conftest import ServerThread
+from tests.fake_engine import FakeBehaviour, FakeEngineFactory
+
+HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_4x_overload_gets_only_answers_and_503s_with_retry_after(tiny_model_path, tmp_path):
+    """2 running and 4 waiting per deployment; 24 at once: every response is a whole answer
+    or a 503 with Retry-After, at once; none times out, none is a 500."""
+    settings = Settings(
+        home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path)], max_running_per_deployment=2, max_waiting=4, max_wait_s=30
+    )
+    with ServerThread(settings, engine_factory=FakeEngineFactory(default=FakeBehaviour(token_seconds=0.02))) as server:
+        body = {"model": "chat", **HI, "max_tokens": 10}
+        with ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(lambda _: httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30), range(24)))
+        status = httpx.get(f"{server.url}/admin/deployments/chat").json()
+    answered = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 503]
+    assert len(answered) + len(refused) == 24 and len(answered) >= 6
+    assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in answered)
+    assert all(r.headers["retry-after"] == "5" and r.json()["error"]["code"] == "overloaded" for r in refused)
+    assert (status["in_flight"], status["waiting"]) == (0, 0)  # every place given back
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after(tiny_model_path, tmp_path):
+    keys = [key("slow", "slow-secret", {"inference"}, requests_per_minute=2)]
+    settings = Settings(home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path)], keys=keys)
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        ask = lambda: httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **HI}, headers={"authorization": "Bearer slow-secret"})  # noqa: E731
+        assert [ask().status_code for _ in range(2)] == [200, 200]
+        limited = ask()
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert limited.json()["error"]["type"] == "rate_limit_error"
