@@ -10,6 +10,7 @@ from pathlib import Path
 
 from models.catalog import Change
 from models.gguf import convert_gguf
+from models.manifest import PICKLE_SUFFIXES
 from models.registry import ImportOptions, Registry, Version
 from models.store import file_sha256
 from models.errors import InvalidRequestError, NotFoundError
@@ -17,6 +18,23 @@ from models.errors import InvalidRequestError, NotFoundError
 HUB_PREFIX = "hf:"
 GGUF_PREFIX = "gguf:"
 
+
+LOADED_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+PICKLE_PATTERNS = tuple(f"*{suffix}" for suffix in PICKLE_SUFFIXES)
 
 def import_source(registry: Registry, source: str, name: str, options: ImportOptions, change: Change) -> tuple[Version, bool]:
     if source.startswith(HUB_PREFIX):
@@ -42,12 +60,23 @@ def import_hub(registry: Registry, spec: str, name: str, options: ImportOptions,
     repo, _, revision = spec.partition("@")
     if repo.count("/") != 1:
         raise InvalidRequestError(f"Hub sources look like hf:ORG/NAME@REVISION, not hf:{spec}.", param="source")
+    patterns = hub_patterns(options)
     try:
-        folder = Path(snapshot_download(repo, revision=revision or "main"))
+        folder = Path(snapshot_download(repo, revision=revision or "main", allow_patterns=list(patterns)))
     except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise NotFoundError(f"Cannot fetch {repo} at {revision or 'main'} from the hub: {error}", param="source", code="source_not_found") from error
     source = {"kind": "hub", "repo": repo, "revision": revision or "main", "resolved_revision": folder.name}
-    return registry.import_folder(folder, name, source, options, change)
+    return registry.import_folder(folder, name, source, options, change, only=patterns)
+
+
+def hub_patterns(options: ImportOptions) -> tuple[str, ...]:
+    """What a hub import fetches: what baton loads (weights, config, tokenizer, template),
+    so a repository that also ships pickle checkpoints or training state imports without
+    --allow-pickle; pickle and code files only where the operator allowed them."""
+    patterns = LOADED_FILES
+    patterns += PICKLE_PATTERNS if options.allow_pickle else ()
+    patterns += ("*.py",) if options.trust_remote_code else ()
+    return patterns
 
 
 def import_gguf(registry: Registry, gguf_file: Path, name: str, options: ImportOptions, change: Change) -> tuple[Version, bool]:

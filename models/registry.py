@@ -7,6 +7,7 @@ nothing of engines or HTTP.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import signal
 from dataclasses import dataclass
@@ -67,11 +68,14 @@ class Registry:
 
     # -- imports ------------------------------------------------------------------------
 
-    def import_folder(self, folder: Path, name: str, source: dict, options: ImportOptions, change: Change) -> tuple[Version, bool]:
+    def import_folder(
+        self, folder: Path, name: str, source: dict, options: ImportOptions, change: Change, only: tuple[str, ...] | None = None
+    ) -> tuple[Version, bool]:
         """Store a Hugging Face folder as a version of `name`; identical content returns the
-        existing version (the bool says whether a new one was made)."""
+        existing version (the bool says whether a new one was made). `only`: glob patterns
+        of the files to take (relative paths), the rest of the folder is left out."""
         check_name(name)
-        files = _model_files(folder)
+        files = _model_files(folder, only)
         _check_safety(folder, files, options)
         entries = self.store.store_files(folder, files, options.show_progress)
         _fault_point("after_blobs")
@@ -191,7 +195,7 @@ class Registry:
         return NotFoundError(f"The registry has no model '{name}'. Known models: {known}.", param="model", code="model_not_found")
 
 
-def _model_files(folder: Path) -> list[str]:
+def _model_files(folder: Path, only: tuple[str, ...] | None = None) -> list[str]:
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a Hugging Face model folder (no config.json).")
     files = sorted(
@@ -199,6 +203,8 @@ def _model_files(folder: Path) -> list[str]:
         for p in folder.rglob("*")
         if p.is_file() and not any(part in SKIPPED_PARTS for part in p.relative_to(folder).parts)
     )
+    if only is not None:
+        files = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in only)]
     return files
 
 

@@ -68,9 +68,12 @@ def test_hub_import_from_an_offline_cache_records_the_revision(tmp_path, folder)
     (cache / "models--acme--tiny" / "refs" / "main").write_text(REVISION)
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     home = tmp_path / "home"
-    baton(home, "models", "import", "hf:acme/tiny@main", "--name", "smol", env=env)
+    (snapshot / "training_args.bin").write_bytes(b"pickle")  # what many hub repositories ship beside safetensors
+    (snapshot / "README.md").write_text("a model card")
+    baton(home, "models", "import", "hf:acme/tiny@main", "--name", "smol", env=env)  # no --allow-pickle needed
     shown = json.loads(baton(home, "models", "show", "smol@1").stdout)
     assert shown["manifest"]["source"] == {"kind": "hub", "repo": "acme/tiny", "revision": "main", "resolved_revision": REVISION}
+    assert not {f["path"] for f in shown["manifest"]["files"]} & {"training_args.bin", "README.md"}
     missing = baton(home, "models", "import", "hf:acme/tiny@nope", "--name", "smol", env=env, check=False)
     assert missing.returncode == 1 and "Cannot fetch acme/tiny at nope" in missing.stderr
 
