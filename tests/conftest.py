@@ -65,6 +65,34 @@ def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0, **shap
     return target
 
 
+def streaming_versions_during(server, model: str, messages: list[dict], action, num_clients: int = 4, settle_s: float = 1.0):
+    """Run `action()` while `num_clients` clients stream chat completions from `model` in a
+    loop. Returns (what `action` returned, the version that served each stream, every error)."""
+    versions, errors, stop = [], [], threading.Event()
+
+    def keep_asking():
+        client = server.client()
+        while not stop.is_set():
+            try:
+                raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=24, stream=True)
+                if list(raw.parse())[-1].choices[0].finish_reason not in ("stop", "length"):
+                    raise AssertionError("a stream ended without a finish reason")
+                versions.append(raw.headers["x-baton-version"])
+            except Exception as error:  # any failure is what the caller looks for
+                errors.append(error)
+
+    clients = [threading.Thread(target=keep_asking) for _ in range(num_clients)]
+    for thread in clients:
+        thread.start()
+    time.sleep(settle_s)
+    result = action()
+    time.sleep(settle_s)
+    stop.set()
+    for thread in clients:
+        thread.join(timeout=120)
+    return result, versions, errors
+
+
 class ServerThread:
     """create_app(settings) under a real uvicorn server on a free port, in a thread."""
 

@@ -6,7 +6,6 @@ downloaded. Timings are printed, not asserted (benchmarks/ checks targets)."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
@@ -21,7 +20,7 @@ from models.catalog import Change  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
 from server.config import ModelSpec, Settings  # noqa: E402
 from server.devices import gpu_memory  # noqa: E402
-from tests.conftest import ServerThread, build_tiny_model  # noqa: E402
+from tests.conftest import ServerThread, build_tiny_model, streaming_versions_during  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -56,28 +55,7 @@ def _swap(server, expect: int = 200, **body) -> dict:
 
 def _under_load(server, action) -> tuple[object, list[str], list[Exception]]:
     """Run `action` while 8 clients stream; returns its result, the versions that served, the errors."""
-    versions, errors, stop = [], [], threading.Event()
-
-    def keep_asking():
-        client = server.client()
-        while not stop.is_set():
-            try:
-                raw = client.chat.completions.with_raw_response.create(model="chat", messages=HELLO, max_tokens=64, stream=True)
-                assert list(raw.parse())[-1].choices[0].finish_reason in ("stop", "length")
-                versions.append(raw.headers["x-baton-version"])
-            except Exception as error:  # any failure is what this test looks for
-                errors.append(error)
-
-    threads = [threading.Thread(target=keep_asking) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(2)
-    result = action()
-    time.sleep(2)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=120)
-    return result, versions, errors
+    return streaming_versions_during(server, "chat", HELLO, action, num_clients=8, settle_s=2.0)
 
 
 def _held_seconds(record: dict) -> float:

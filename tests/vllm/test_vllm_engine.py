@@ -31,7 +31,7 @@ from server.engines.transformers_engine import TransformersEngine  # noqa: E402
 from server.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from server.engines.options import VLLMOptions  # noqa: E402
 from server.engines.vllm_engine import VLLMEngine  # noqa: E402
-from tests.conftest import ServerThread, build_tiny_model  # noqa: E402
+from tests.conftest import ServerThread, build_tiny_model, streaming_versions_during  # noqa: E402
 
 # vLLM's AsyncLLM leaves a zmq context and a shutdown call to the garbage collector (its own
 # leak, reported as an unraisable ResourceWarning at teardown); everything else stays strict.
@@ -180,28 +180,8 @@ def test_vllm_reload_swaps_weights_in_place_under_load_and_back(tiny_server):
 
     before = greedy()
     engine_processes = _engine_processes()
-    versions, errors, stop = [], [], threading.Event()
-
-    def keep_asking():
-        own = tiny_server.client()
-        while not stop.is_set():
-            try:
-                raw = own.chat.completions.with_raw_response.create(model="tiny", messages=HELLO, max_tokens=24, stream=True)
-                chunks = list(raw.parse())
-                assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-                versions.append(raw.headers["x-baton-version"])
-            except Exception as error:  # any failure is what this test looks for
-                errors.append(error)
-
-    clients = [threading.Thread(target=keep_asking) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    time.sleep(1)
-    record = httpx.post(f"{tiny_server.url}/admin/deployments/tiny/swap", json={"to": "tiny@2"}, timeout=600).json()
-    time.sleep(1)
-    stop.set()
-    for thread in clients:
-        thread.join(timeout=120)
+    swap = lambda: httpx.post(f"{tiny_server.url}/admin/deployments/tiny/swap", json={"to": "tiny@2"}, timeout=600).json()  # noqa: E731
+    record, versions, errors = streaming_versions_during(tiny_server, "tiny", HELLO, swap)
     assert (record["status"], record["strategy"]) == ("succeeded", "reload"), record
     assert [p["name"] for p in record["phases"]] == ["prefetch", "drain", "reload", "verify", "flip"]
     assert errors == [] and {"tiny@1", "tiny@2"} <= set(versions)
