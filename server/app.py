@@ -15,6 +15,8 @@ from models.registry import Registry
 from server.api import admin_api, deploy_api, openai_api, status_api
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
+from server.api.request_id import RequestId
+from server.metrics import Metrics, StateCollector
 from server.config import Settings
 from server.lifecycle import Lifecycle
 from server.engines.factory import build_engine
@@ -37,7 +39,9 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         registry = Registry(settings.home)
-        manager = DeploymentManager(settings, registry, engine_factory)
+        metrics = Metrics()
+        manager = DeploymentManager(settings, registry, engine_factory, metrics)
+        metrics.watch(StateCollector(lambda: manager.deployments))
         lifecycle.track(manager.num_in_flight)
         try:
             for spec in settings.models:
@@ -49,6 +53,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "lifecycle": lifecycle,
                 "keys": settings.all_keys(),
                 "rate_limits": RateLimits(),
+                "metrics": metrics,
                 "deployments": manager,
                 "model_admin": ModelAdmin(registry, manager.holders),
                 "started_at": int(time.time()),
@@ -63,6 +68,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     app.include_router(deploy_api.router)
     _map_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)
     return app
 
 

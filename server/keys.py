@@ -3,8 +3,9 @@
 Rules:
 - A key is kept only as its sha256; the secret itself comes from the environment
   (`key_env`) or is given hashed (`key_sha256`), never written in a file, never logged.
-- Scopes: `inference` (`/v1/*`), `admin` (`/admin/*`); a key may be limited to some
-  deployments. `/health` and `/ready` are always open.
+- Scopes: `inference` (`/v1/*`), `admin` (`/admin/*`), `metrics` (`/metrics`, when the
+  operator closes it); a key may be limited to some deployments. `/health` and `/ready` are
+  always open.
 - Where no key has a scope, that scope is open as before keys: `/v1` to anyone who can
   reach the port (`baton serve` refuses a non-loopback bind then, unless `--no-auth`),
   `/admin` to loopback clients only.
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from models.errors import AuthenticationError, ConfigError, ForbiddenError
 
-Scope = Literal["inference", "admin"]
+Scope = Literal["inference", "admin", "metrics"]
 
 
 class KeySpec(BaseModel):

@@ -16,6 +16,7 @@ from starlette.background import BackgroundTask
 
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelSwappedError
 from server.api.generation import ChoiceChunk, build_requests, stream_choices
+from server.api.observation import RequestObservation
 from server.addresses import is_loopback
 from server.deployments.slot import Lease
 from server.keys import authorize, bearer_token
@@ -98,18 +99,26 @@ async def _respond(request: Request, body, tokenize, fmt):
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
     out of here returns the lease exactly once (Lease.release is idempotent)."""
     _check_deployment(request, body.model)
-    lease = await request.state.deployments.lease(body.model)
+    request.state.deployments.get(body.model)  # an unknown model: 404, and no metric labelled with it
+    observation = RequestObservation(request.state.metrics, request.state.request_id, body.model)
+    try:
+        lease = await request.state.deployments.lease(body.model)
+    except BaseException as error:
+        observation.finish(_status_of(error))
+        raise
+    observation.leased(lease.slot.version)
     try:
         prompts = tokenize(lease.engine)
         settings = request.state.settings
         requests = build_requests(body, prompts, lease.engine.max_model_len, settings.max_n, settings.max_prompt_tokens, settings.max_completion_tokens)
-    except BaseException:
+    except BaseException as error:
         lease.release()
+        observation.finish(_status_of(error))
         raise
     served_as = lease.slot.version if "@" in lease.slot.version else body.model  # chat@2, or the name for a local folder
     head = {"id": fmt.id_prefix + uuid.uuid4().hex, "object": fmt.object, "created": int(time.time()), "model": served_as}
-    num_prompt_tokens = sum(len(prompt) for prompt in prompts)
-    choices = _on_lease(stream_choices(lease.engine, requests), lease)
+    num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
+    choices = _on_lease(stream_choices(lease.engine, requests), lease, observation)
     headers = {"x-baton-deployment": body.model, "x-baton-version": lease.slot.version}
     if body.stream:
         events = _sse(choices, fmt, {**head, "object": fmt.chunk_object}, len(requests), num_prompt_tokens, body.include_usage)
@@ -133,19 +142,35 @@ async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> dict:
     return task.result()
 
 
-async def _on_lease(choices: AsyncIterator[ChoiceChunk], lease: Lease) -> AsyncIterator[ChoiceChunk]:
-    """Release the lease when the stream ends; a generation cut off by a swap's drain
-    deadline ends with model_swapped rather than a bare engine error."""
+async def _on_lease(choices: AsyncIterator[ChoiceChunk], lease: Lease, observation: RequestObservation) -> AsyncIterator[ChoiceChunk]:
+    """Release the lease and record the request when the stream ends, however it ends; a
+    generation cut off by a swap's drain deadline ends with model_swapped rather than a bare
+    engine error."""
+    status = 200
     try:
         async with aclosing(choices) as stream:
             async for item in stream:
+                observation.tokens(item.chunk.num_tokens)
                 yield item
     except EngineStoppedError as error:
-        if lease.is_cut_off:
-            raise ModelSwappedError(f"{lease.slot.version} was swapped out and its drain deadline passed before this request finished; retry.") from error
+        if not lease.is_cut_off:
+            status = error.status_code
+            raise
+        status = ModelSwappedError.status_code
+        raise ModelSwappedError(f"{lease.slot.version} was swapped out and its drain deadline passed before this request finished; retry.") from error
+    except BaseException as error:
+        status = _status_of(error)
         raise
     finally:
         lease.release()
+        observation.finish(status)
+
+
+def _status_of(error: BaseException) -> int:
+    """The status a request that ended with `error` counts as; 499: its client went away."""
+    if isinstance(error, BatonError):
+        return error.status_code
+    return 499 if isinstance(error, (asyncio.CancelledError, GeneratorExit)) else 500
 
 
 async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_choices: int, num_prompt_tokens: int) -> dict:

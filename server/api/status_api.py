@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.keys import KeySpec, authorize, bearer_token
 
 router = APIRouter()
+# With metrics_need_key and no key having the scope, nobody's key matches: every scrape is a 401.
+_NOBODY = KeySpec(name="nobody", sha256="0" * 64, scopes=frozenset({"metrics"}))
 
 
 @router.get("/health")
@@ -45,3 +50,13 @@ def _deployment_health(deployment) -> dict:
         return {"version": None, "is_ready": True, "num_running": 0, "num_waiting": deployment.num_waiting, "details": {}}
     engine = deployment.active.engine
     return {"version": deployment.version, "engine": engine.name, **asdict(engine.health())}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: open, unless the operator made it need a key with the
+    `metrics` scope (`metrics_need_key`)."""
+    if request.state.settings.metrics_need_key:
+        token = bearer_token(request.headers.get("authorization", ""))
+        authorize([k for k in request.state.keys if "metrics" in k.scopes] or [_NOBODY], "metrics", token, is_local=False)
+    return Response(request.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

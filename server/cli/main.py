@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from models.registry import Registry
 from server.cli import deploy as deploy_cli, models as models_cli
 from server.addresses import is_loopback
 from server.config import ModelSpec, Settings, default_home
+from server import logs
 from server.keys import load_key_file
 from models.errors import BatonError, ConfigError
 
@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-running-per-deployment", type=int, default=None, help="requests one deployment runs at once; more wait in its queue")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests may finish after SIGTERM (a second SIGTERM exits at once)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", default="text", choices=["text", "json"], help="json: every log line a JSON object")
+    serve.add_argument("--metrics-need-key", action="store_true", help="/metrics needs a key with the metrics scope (default: open)")
     serve.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="import the bundled demo model into the registry (once) and print it")
@@ -99,6 +101,7 @@ def _serve(args) -> int:
         api_key=args.api_key,
         admin_key=args.admin_key,
         keys=keys,
+        metrics_need_key=args.metrics_need_key,
         max_prompt_tokens=args.max_prompt_tokens,
         max_completion_tokens=args.max_completion_tokens,
         max_running_per_deployment=args.max_running_per_deployment,
@@ -112,12 +115,14 @@ def _serve(args) -> int:
         **({"memory_budget_bytes": int(args.memory_budget_gb * 1e9)} if args.memory_budget_gb else {}),
         **({"standby_host_budget_bytes": int(args.standby_host_budget_gb * 1e9)} if args.standby_host_budget_gb is not None else {}),
     )
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     from server.app import create_app  # torch and transformers: seconds to import, so after the checks
     from server.lifecycle import GracefulServer, Lifecycle
 
     lifecycle = Lifecycle()
-    config = uvicorn.Config(create_app(settings, lifecycle=lifecycle), host=settings.host, port=settings.port, log_level=args.log_level)
+    # JSON logs: uvicorn's loggers keep no formatting of their own and go through ours.
+    uvicorn_logs = {"log_config": None} if args.log_format == "json" else {}
+    config = uvicorn.Config(create_app(settings, lifecycle=lifecycle), host=settings.host, port=settings.port, log_level=args.log_level, **uvicorn_logs)
     GracefulServer(config, lifecycle, args.shutdown_timeout).run()
     return 0
 

@@ -32,6 +32,7 @@ from server.deployments.slot import Lease, Slot, SlotState, Target
 from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy
 from server.deployments.swap_record import SwapRecord
 from server.devices import gpu_memory
+from server.metrics import Metrics
 from server.engines.base import Engine, GenerationRequest, SamplingParams, can_reload, can_sleep
 from server.engines.factory import engine_for, estimate_memory_bytes
 from models.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
@@ -46,8 +47,9 @@ SECONDS_FOR_CUT_OFF_REQUESTS = 10.0  # after a reload aborts them, for their lea
 
 
 class DeploymentManager:
-    def __init__(self, settings: Settings, registry: Registry, engine_factory: EngineFactory):
+    def __init__(self, settings: Settings, registry: Registry, engine_factory: EngineFactory, metrics: Metrics | None = None):
         self._settings = settings
+        self._metrics = metrics or Metrics()
         self._registry = registry
         self._engine_factory = engine_factory
         self._deployments: dict[str, Deployment] = {}
@@ -222,7 +224,7 @@ class DeploymentManager:
         except Exception as error:
             record.finish(error)
             deployment.fail_waiting(error if isinstance(error, OverloadedError) else _as_swap_error(error, record))
-        self._to_history(record)
+        self._record_outcome(record)
 
     async def _make_room(self, memory_bytes: int, loading: Deployment) -> None:
         """Unload idle on-demand deployments, least recently used first, until `memory_bytes`
@@ -258,6 +260,7 @@ class DeploymentManager:
         the standby takes over (if there is one) or the same version starts again, with
         backoff; after a failed start, waiting requests get a 503 at once instead of waiting."""
         dead = deployment.active
+        self._metrics.engine_failures.labels(deployment.name, dead.version).inc()
         record = SwapRecord(deployment.name, "recover", dead.version, dead.version, "restart", "baton", "the engine died")
         self._remember(record)
         async with deployment.swap_lock:
@@ -269,7 +272,7 @@ class DeploymentManager:
             async with record.phase("flip"):
                 deployment.flip_to(slot)
         record.finish()
-        self._to_history(record)
+        self._record_outcome(record)
 
     async def _bring_up_after_failure(self, deployment: Deployment, record: SwapRecord, target: Target) -> Slot:
         standby, deployment.standby = deployment.standby, None
@@ -299,7 +302,7 @@ class DeploymentManager:
             await self._stop(deployment.unload())
         record.finish()
         self._remember(record)
-        self._to_history(record)
+        self._record_outcome(record)
 
     # -- the state machine ------------------------------------------------------------------
 
@@ -316,10 +319,10 @@ class DeploymentManager:
                     raise
                 except Exception as error:
                     record.finish(error)
-                    self._to_history(record)
+                    self._record_outcome(record)
                     raise _as_swap_error(error, record) from error
             record.finish()
-            self._to_history(record)
+            self._record_outcome(record)
             return record
 
         task = self._keep(asyncio.ensure_future(guarded()))
@@ -561,9 +564,11 @@ class DeploymentManager:
         try:
             await slot.engine.start()
         except BaseException:
+            self._metrics.engine_starts.labels(slot.engine.name, "failed").inc()
             slot.move_to(SlotState.FAILED)
             await slot.engine.stop()
             raise
+        self._metrics.engine_starts.labels(slot.engine.name, "started").inc()
         return slot
 
     def _planned(self, target: Target) -> tuple[dict, Target, str]:
@@ -647,7 +652,11 @@ class DeploymentManager:
         while len(self._records) > MAX_RECORDS:
             self._records.pop(next(iter(self._records)))
 
-    def _to_history(self, record: SwapRecord) -> None:
+    def _record_outcome(self, record: SwapRecord) -> None:
+        """A finished swap (or load, unload, recovery): its metrics, its JSON log line, and
+        its entry in the registry's history."""
+        self._metrics.record_swap(record)
+        log.info({"event": "swap", **record.to_dict()})
         model, _, number = (record.to_version or record.from_version or record.deployment).partition("@")
         try:
             self._registry.record(Change(record.actor, record.reason), record.action, model, int(number) if number.isdigit() else None, record.to_dict())

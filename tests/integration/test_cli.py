@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -39,12 +40,16 @@ def test_cli_serve_answers_the_openai_client(tiny_model_path, tmp_path):
     port = _free_port()
     command = [*BATON, "--home", str(tmp_path), "serve", "--model", str(tiny_model_path), "--name", "tiny", "--port", str(port), "--engine", "transformers"]
     log = tmp_path / "serve.log"
-    with log.open("w") as output, subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT) as process:
+    with log.open("w") as output, subprocess.Popen([*command, "--log-format", "json"], stdout=output, stderr=subprocess.STDOUT) as process:
         try:
             _serve_and_ask(f"http://127.0.0.1:{port}", process, log)
         finally:
             process.terminate()
             process.wait(timeout=30)
+    logged = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    requests = [line for line in logged if line.get("event") == "request"]
+    assert len(requests) == 1 and requests[0]["status"] == 200 and requests[0]["logger"] == "baton.requests"
+    assert any(line["logger"].startswith("uvicorn") for line in logged)  # uvicorn's own lines are JSON too
 
 
 def _serve_and_ask(url: str, process: subprocess.Popen, log: Path) -> None:

@@ -1,0 +1,67 @@
+"""What one /v1 request did: its metrics and its one JSON log line (never the prompt).
+
+Rule: the request path only notes times and counts here; histograms are observed once, when
+the request ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from server.metrics import Metrics
+
+log = logging.getLogger("baton.requests")
+
+
+class RequestObservation:
+    def __init__(self, metrics: Metrics, request_id: str, deployment: str):
+        self._metrics = metrics
+        self.request_id = request_id
+        self.deployment = deployment
+        self.version = "-"
+        self._started = time.perf_counter()
+        self._leased_at: float | None = None
+        self._first_token_at: float | None = None
+        self.num_prompt_tokens = 0
+        self.num_completion_tokens = 0
+        self._is_finished = False
+
+    def leased(self, version: str) -> None:
+        self._leased_at = time.perf_counter()
+        self.version = version
+        self._metrics.queue_seconds.labels(self.deployment).observe(self._leased_at - self._started)
+
+    def tokens(self, num_tokens: int) -> None:
+        if num_tokens and self._first_token_at is None:
+            self._first_token_at = time.perf_counter()
+        self.num_completion_tokens += num_tokens
+
+    def finish(self, status: int) -> None:
+        """Once per request, however it ended."""
+        if self._is_finished:
+            return
+        self._is_finished = True
+        duration = time.perf_counter() - self._started
+        labels = (self.deployment, self.version)
+        self._metrics.requests.labels(*labels, str(status)).inc()
+        self._metrics.request_seconds.labels(*labels).observe(duration)
+        self._metrics.prompt_tokens.labels(*labels).inc(self.num_prompt_tokens)
+        self._metrics.completion_tokens.labels(*labels).inc(self.num_completion_tokens)
+        ttft = self._first_token_at - self._started if self._first_token_at is not None else None
+        if ttft is not None:
+            self._metrics.ttft_seconds.labels(*labels).observe(ttft)
+            if self.num_completion_tokens > 1:
+                self._metrics.tpot_seconds.labels(*labels).observe((duration - ttft) / (self.num_completion_tokens - 1))
+        log.info(
+            {
+                "event": "request",
+                "request_id": self.request_id,
+                "deployment": self.deployment,
+                "version": self.version,
+                "status": status,
+                "prompt_tokens": self.num_prompt_tokens,
+                "completion_tokens": self.num_completion_tokens,
+                "ttft_s": round(ttft, 4) if ttft is not None else None,
+                "duration_s": round(duration, 4),
+            }
+        )
