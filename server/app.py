@@ -16,6 +16,7 @@ from server.api import admin_api, deploy_api, openai_api, status_api
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
+from server.gpu_monitor import GpuMonitor, load_nvml
 from server.metrics import Metrics, StateCollector
 from server.config import Settings
 from server.lifecycle import Lifecycle
@@ -42,6 +43,9 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         metrics = Metrics()
         manager = DeploymentManager(settings, registry, engine_factory, metrics)
         metrics.watch(StateCollector(lambda: manager.deployments))
+        gpus = GpuMonitor(load_nvml(), settings.gpu_sample_interval_s, manager.engine_owners)
+        metrics.watch(gpus)
+        gpus.start()
         lifecycle.track(manager.num_in_flight)
         try:
             for spec in settings.models:
@@ -54,12 +58,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "keys": settings.all_keys(),
                 "rate_limits": RateLimits(),
                 "metrics": metrics,
+                "gpus": gpus,
                 "deployments": manager,
                 "model_admin": ModelAdmin(registry, manager.holders),
                 "started_at": int(time.time()),
             }
         finally:
             await manager.stop_all()
+            gpus.stop()
 
     app = FastAPI(title="baton", lifespan=lifespan)
     app.include_router(openai_api.router)

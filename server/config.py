@@ -81,6 +81,7 @@ class Settings(BaseModel):
     standby_host_budget_bytes: int = Field(default_factory=half_of_ram, ge=0, description="Host memory that versions asleep on standby may hold (their weights); default half of RAM.")
     gpu_headroom_gib: float = Field(2.0, ge=0, description="GPU memory the plan leaves free when it sizes a vLLM engine.")
     gpu_room_for_blue_green: bool = Field(False, description="Size each vLLM engine so that a second one fits beside it (blue-green swaps on one GPU).")
+    gpu_sample_interval_s: float = Field(5.0, gt=0, description="How often NVML is read (on its own thread).")
     idle_check_s: float = Field(1.0, gt=0, description="How often on-demand deployments are checked for idleness.")
 
     def all_keys(self) -> list[KeySpec]:

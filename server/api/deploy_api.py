@@ -90,6 +90,7 @@ async def status(request: Request) -> dict:
         "deployments": [d.describe() for d in manager.deployments],
         "memory_budget_bytes": request.state.settings.memory_budget_bytes,
         "memory_in_use_bytes": manager.memory_in_use_bytes,
+        "gpus": request.state.gpus.status(),
     }
 
 

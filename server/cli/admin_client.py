@@ -76,6 +76,9 @@ class AdminClient:
     def decide_canary(self, name: str, decision: str, reason: str) -> dict:
         return self._call("POST", f"/deployments/{name}/canary/{decision}", json={"reason": reason})
 
+    def status(self) -> dict:
+        return self._call("GET", "/status")
+
     def swap_status(self, swap_id: str) -> dict:
         return self._call("GET", f"/swaps/{swap_id}")
 

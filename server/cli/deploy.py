@@ -43,6 +43,9 @@ def add_commands(commands) -> None:
 
     command("deployments", "list deployments: version, state, in-flight, canary, standby", _list)
 
+    status = command("status", "deployments, memory and GPUs of a running server, as tables", _status)
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS", help="refresh every SECONDS (default 2) until Ctrl-C")
+
 
 def _deploy(client: AdminClient, args) -> int:
     deployment = client.deploy(args.name, args.model, args.reason, args.on_demand, args.idle_ttl)
@@ -86,6 +89,45 @@ def _follow(client: AdminClient, record: dict) -> int:
         return 1
     print(f"{record['status']}: {record['deployment']} serves {client.deployment(record['deployment'])['version']}")
     return 0
+
+
+def _status(client: AdminClient, args) -> int:
+    while True:
+        report = format_status(client.status())
+        if args.watch is None:
+            print(report)
+            return 0
+        print("\033[2J\033[H" + report, flush=True)  # clear the terminal, then redraw
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+def format_status(status: dict) -> str:
+    """/admin/status as terminal tables: deployments and slots, the memory budget, GPUs."""
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    lines = [f"{'DEPLOYMENT':<14} {'ROLE':<8} {'VERSION':<18} {'STATE':<9} {'ENGINE':<13} {'IN-FLIGHT':>9} {'WAITING':>7} {'MEMORY':>10}  PLAN"]
+    for d in status["deployments"]:
+        for role in ("active", "canary", "standby"):
+            slot = d[role]
+            if slot:
+                waiting = d["waiting"] if role == "active" else ""
+                plan = slot.get("memory_plan", "")
+                lines.append(f"{d['name']:<14} {role:<8} {slot['version']:<18} {slot['state']:<9} {slot['engine']:<13} {slot['in_flight']:>9} {waiting:>7} {gib(slot['memory_bytes']):>10}  {plan}")
+        if not d["active"]:
+            lines.append(f"{d['name']:<14} {'-':<8} {d['version'] or '-':<18} {d['state']:<9} {'-':<13} {d['in_flight']:>9} {d['waiting']:>7}")
+    lines.append(f"\nmemory budget: {gib(status['memory_in_use_bytes'])} in use of {gib(status['memory_budget_bytes'])}")
+    gpus = status["gpus"]
+    if not gpus["available"]:
+        lines.append("GPUs: none (no NVML driver or device)")
+        return "\n".join(lines)
+    lines.append(f"\n{'GPU':<4} {'NAME':<24} {'UTIL':>5} {'MEMORY':>21} {'POWER':>7} {'TEMP':>5}  ENGINES" + ("  (stale: NVML is failing)" if gpus["stale"] else ""))
+    for g in gpus["devices"]:
+        engines = ", ".join(f"{e['deployment']} {e['version']} {gib(e['memory_bytes'])}" for e in g["engines"]) or "-"
+        memory = f"{gib(g['memory_used_bytes'])} / {gib(g['memory_total_bytes'])}"
+        lines.append(f"{g['index']:<4} {g['name'][:24]:<24} {g['utilization_percent']:>4.0f}% {memory:>21} {g['power_watts']:>6.0f}W {g['temperature_celsius']:>4.0f}C  {engines}")
+    return "\n".join(lines)
 
 
 def _list(client: AdminClient, args) -> int:

@@ -33,7 +33,7 @@ from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_st
 from server.deployments.swap_record import SwapRecord
 from server.devices import gpu_memory
 from server.metrics import Metrics
-from server.engines.base import Engine, GenerationRequest, SamplingParams, can_reload, can_sleep
+from server.engines.base import Engine, GenerationRequest, SamplingParams, can_reload, can_sleep, engine_process_ids
 from server.engines.factory import engine_for, estimate_memory_bytes
 from models.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
 
@@ -92,6 +92,10 @@ class DeploymentManager:
     @property
     def deployments(self) -> list[Deployment]:
         return list(self._deployments.values())
+
+    def engine_owners(self) -> dict[int, tuple[str, str]]:
+        """pid -> (deployment, version) for every process a loaded engine runs in."""
+        return {pid: (d.name, s.version) for d in self.deployments for s in d.slots() if s.state is not SlotState.STOPPED for pid in engine_process_ids(s.engine)}
 
     def num_in_flight(self) -> int:
         """Requests holding a lease or waiting for one, over every deployment."""

