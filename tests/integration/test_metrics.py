@@ -99,3 +99,19 @@ def test_metrics_can_be_closed_to_all_but_a_metrics_key(tiny_model_path, tmp_pat
     with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
         assert httpx.get(f"{server.url}/metrics").status_code == 401
         assert httpx.get(f"{server.url}/metrics", headers={"authorization": "Bearer scrape"}).status_code == 200
+
+
+def test_the_grafana_dashboard_queries_only_metrics_that_baton_exports(server):
+    """Every metric name in docker/grafana-dashboard.json's queries appears in /metrics (GPU
+    series are checked against the monitor's own names: this machine has no GPU)."""
+    import json
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parents[2] / "docker" / "grafana-dashboard.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [a["expr"] for a in dashboard["annotations"]["list"]]
+    names = {n for q in queries for n in re.findall(r"\b(baton_[a-z_]+)", q)}
+    exported = set(re.findall(r"^# TYPE (\S+) (\S+)", _scrape(server), re.M))
+    exported_names = {name for name, kind in exported} | {f"{name}_{suffix}" for name, kind in exported if kind == "histogram" for suffix in ("bucket", "count", "sum")}
+    exported_names |= {f"{name}_total" for name, kind in exported if kind == "counter"}
+    gpu_names = set(re.findall(r'"(baton_gpu_[a-z_]+)"', (Path(__file__).parents[2] / "server" / "gpu_monitor.py").read_text()))
+    assert names and names <= exported_names | gpu_names, names - exported_names - gpu_names

@@ -160,6 +160,7 @@ def test_replace_holds_new_requests_then_serves_them_from_the_new_version(home):
     factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(start_seconds=1.0)})
     with _server(home, factory) as server:
         record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="replace", wait=False)
+        assert httpx.get(f"{server.url}/ready").status_code == 200  # held, not failed: still ready
         answers = []
         askers = [threading.Thread(target=lambda: answers.append(_ask(server.client(), max_tokens=2))) for _ in range(4)]
         for thread in askers:
