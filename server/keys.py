@@ -38,6 +38,7 @@ class KeySpec(BaseModel):
     scopes: frozenset[Scope] = Field(min_length=1)
     deployments: frozenset[str] | None = Field(None, description="None: every deployment")
     requests_per_minute: int | None = Field(None, ge=1, description="None: no rate limit")
+    tokens_per_minute: int | None = Field(None, ge=1, description="prompt and completion tokens; None: no limit")
 
     def may_call(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
@@ -52,6 +53,7 @@ class _KeyFileEntry(BaseModel):
     scopes: list[Scope] = Field(min_length=1)
     deployments: list[str] | None = None
     requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
     @model_validator(mode="after")
     def _one_secret_source(self):
@@ -64,9 +66,10 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def key(name: str, secret: str, scopes: set[str], deployments: set[str] | None = None, requests_per_minute: int | None = None) -> KeySpec:
+def key(name: str, secret: str, scopes: set[str], deployments: set[str] | None = None, **rates: int | None) -> KeySpec:
+    """A key from its secret; `rates`: requests_per_minute, tokens_per_minute."""
     deployments = frozenset(deployments) if deployments is not None else None
-    return KeySpec(name=name, sha256=hash_key(secret), scopes=frozenset(scopes), deployments=deployments, requests_per_minute=requests_per_minute)
+    return KeySpec(name=name, sha256=hash_key(secret), scopes=frozenset(scopes), deployments=deployments, **rates)
 
 
 def load_key_file(path: Path, environ: dict[str, str] = os.environ) -> list[KeySpec]:
@@ -92,7 +95,7 @@ def _key_of(index: int, entry, environ: dict[str, str], path: Path) -> KeySpec:
     sha256 = spec.key_sha256.lower() if spec.key_sha256 else hash_key(environ[spec.key_env])
     deployments = frozenset(spec.deployments) if spec.deployments is not None else None
     try:
-        return KeySpec(name=spec.name, sha256=sha256, scopes=frozenset(spec.scopes), deployments=deployments, requests_per_minute=spec.requests_per_minute)
+        return KeySpec(name=spec.name, sha256=sha256, scopes=frozenset(spec.scopes), deployments=deployments, requests_per_minute=spec.requests_per_minute, tokens_per_minute=spec.tokens_per_minute)
     except ValidationError as error:
         raise ConfigError(f"{path}, key {index} ({spec.name}): {error.errors()[0]['msg']}.") from error
 

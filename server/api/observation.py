@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from server.metrics import Metrics
 
@@ -14,8 +15,10 @@ log = logging.getLogger("baton.requests")
 
 
 class RequestObservation:
-    def __init__(self, metrics: Metrics, request_id: str, deployment: str):
+    def __init__(self, metrics: Metrics, request_id: str, deployment: str, charge_tokens: Callable[[int], None] = lambda _: None):
+        """`charge_tokens`: the key's token rate, charged when the request ends."""
         self._metrics = metrics
+        self._charge_tokens = charge_tokens
         self.request_id = request_id
         self.deployment = deployment
         self.version = "-"
@@ -47,6 +50,7 @@ class RequestObservation:
         self._metrics.request_seconds.labels(*labels).observe(duration)
         self._metrics.prompt_tokens.labels(*labels).inc(self.num_prompt_tokens)
         self._metrics.completion_tokens.labels(*labels).inc(self.num_completion_tokens)
+        self._charge_tokens(self.num_prompt_tokens + self.num_completion_tokens)
         ttft = self._first_token_at - self._started if self._first_token_at is not None else None
         if ttft is not None:
             self._metrics.ttft_seconds.labels(*labels).observe(ttft)

@@ -32,7 +32,7 @@ def admit(request: Request) -> None:
     request.state.lifecycle.refuse_new_requests()
     token = bearer_token(request.headers.get("authorization", ""))
     request.state.key = authorize(request.state.keys, "inference", token, is_loopback(request.client.host if request.client else ""))
-    request.state.rate_limits.take(request.state.key)
+    request.state.rate_limits.admit(request.state.key)
 
 
 def _check_deployment(request: Request, name: str) -> None:
@@ -100,7 +100,9 @@ async def _respond(request: Request, body, tokenize, fmt):
     out of here returns the lease exactly once (Lease.release is idempotent)."""
     _check_deployment(request, body.model)
     request.state.deployments.get(body.model)  # an unknown model: 404, and no metric labelled with it
-    observation = RequestObservation(request.state.metrics, request.state.request_id, body.model)
+    key = request.state.key
+    charge = lambda num_tokens: request.state.rate_limits.charge_tokens(key, num_tokens)  # noqa: E731
+    observation = RequestObservation(request.state.metrics, request.state.request_id, body.model, charge)
     try:
         lease = await request.state.deployments.lease(body.model)
     except BaseException as error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psutil
 
 from server.config import ModelSpec, Settings
 from server.keys import key
@@ -22,9 +23,12 @@ def test_4x_overload_gets_only_answers_and_503s_with_retry_after(tiny_model_path
     )
     with ServerThread(settings, engine_factory=FakeEngineFactory(default=FakeBehaviour(token_seconds=0.02))) as server:
         body = {"model": "chat", **HI, "max_tokens": 10}
+        rss_before = psutil.Process().memory_info().rss
         with ThreadPoolExecutor(24) as pool:
             responses = list(pool.map(lambda _: httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30), range(24)))
+        rss_growth = psutil.Process().memory_info().rss - rss_before
         status = httpx.get(f"{server.url}/admin/deployments/chat").json()
+    assert rss_growth < 100 << 20, f"memory grew {rss_growth >> 20} MiB under overload"
     answered = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 503]
     assert len(answered) + len(refused) == 24 and len(answered) >= 6
@@ -42,3 +46,15 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(tiny_model_path, tmp_path
         limited = ask()
     assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
     assert limited.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_a_key_in_token_debt_gets_429_until_it_has_paid(tiny_model_path, tmp_path):
+    keys = [key("metered", "metered-secret", {"inference"}, tokens_per_minute=10)]
+    settings = Settings(home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path)], keys=keys)
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        body = {"model": "chat", **HI, "max_tokens": 8}  # a prompt of 1 token and 8 generated: 9 charged
+        ask = lambda: httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"authorization": "Bearer metered-secret"})  # noqa: E731
+        assert [ask().status_code for _ in range(2)] == [200, 200]  # the second puts the key 8 tokens in debt
+        limited = ask()
+    assert limited.status_code == 429 and "10 tokens a minute" in limited.json()["error"]["message"]
+    assert int(limited.headers["retry-after"]) >= 1
