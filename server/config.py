@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.names import NAME_PATTERN
 from server.devices import gpu_memory_bytes
+from server.deployments.health import HealthPolicy
 from server.engines.base import Dtype
 from server.keys import KeySpec, key
 
@@ -45,6 +46,7 @@ class ModelSpec(BaseModel):
     on_demand: bool = Field(False, description="Load on the first request; unload after idle_ttl_s with nothing in flight.")
     idle_ttl_s: float = Field(300.0, gt=0)
     smoke_prompts: list[str] | None = Field(None, min_length=1, description="Checked before a swap flips; default: the server's.")
+    health: HealthPolicy = Field(default_factory=HealthPolicy, description="Objectives, golden prompts, fallbacks, and what to do on a breach.")
 
     @field_validator("name")
     @classmethod

@@ -34,6 +34,7 @@ class Metrics:
         self.swap_phase_seconds = Histogram("baton_swap_phase_duration_seconds", "Each swap phase", ("action", "strategy", "phase"), buckets=PHASE_BUCKETS, registry=self.registry)
         self.cut_off = Counter("baton_requests_cut_off", "Requests ended at a drain deadline", ("deployment",), registry=self.registry)
         self.engine_starts = Counter("baton_engine_starts", "Engine starts, by outcome", ("engine", "outcome"), registry=self.registry)
+        self.degradations = Counter("baton_degradation_alerts", "Objectives missed, and what was done", ("deployment", "reason", "action"), registry=self.registry)
         self.engine_failures = Counter("baton_engine_failures", "Engines found dead while serving", ("deployment", "version"), registry=self.registry)
 
     def watch(self, collector) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.engines.base import Chunk, EngineHealth, GenerationRequest
-from models.errors import EngineStoppedError
+from models.errors import EngineError, EngineStoppedError
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class FakeBehaviour:
     sleeps: bool = False  # has a sleep mode, as vLLM on GPU: loaded, its device memory given back
     fails_to_wake: bool = False
     fails_to_reload: bool = False  # its reload raises once the old weights are half gone
+    fails_requests: bool = False  # every generation fails with an engine error (a faulty version)
 
 
 class FakeEngine:
@@ -53,6 +54,8 @@ class FakeEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if not self._is_running or self.is_asleep:
             raise EngineStoppedError("The engine is not running." if not self.is_asleep else "The engine is asleep.")
+        if self._behaviour.fails_requests:
+            raise EngineError(f"{self._label} failed this generation (injected fault)")
         stopped = self._running[request.request_id] = asyncio.Event()
         try:
             count = 0 if self._behaviour.produces_nothing else request.sampling.max_tokens

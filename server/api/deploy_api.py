@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.admin_api import actor_change, require_admin
+from server.deployments.health import HealthPolicy
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
@@ -24,6 +25,7 @@ class DeployBody(_Body):
     on_demand: bool = Field(False, description="load on the first request, unload when idle")
     idle_ttl_s: float = Field(300.0, gt=0)
     smoke_prompts: list[str] | None = Field(None, min_length=1, description="each must produce a token before a flip")
+    health: HealthPolicy = Field(default_factory=HealthPolicy, description="objectives, golden prompts, fallbacks, on_breach")
 
 
 class SwapBody(_Body):
@@ -49,7 +51,7 @@ async def list_deployments(request: Request) -> list[dict]:
 @router.post("/deployments", status_code=201)
 async def deploy(body: DeployBody, request: Request) -> dict:
     change = actor_change(request, body.reason)
-    deployment = await request.state.deployments.deploy(body.name, body.model, change, body.on_demand, body.idle_ttl_s, body.smoke_prompts)
+    deployment = await request.state.deployments.deploy(body.name, body.model, change, body.on_demand, body.idle_ttl_s, body.smoke_prompts, body.health)
     return deployment.describe()
 
 

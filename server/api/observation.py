@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from server.deployments.health import Outcome
 from server.metrics import Metrics
 
 log = logging.getLogger("baton.requests")
@@ -19,6 +20,7 @@ class RequestObservation:
         """`charge_tokens`: the key's token rate, charged when the request ends."""
         self._metrics = metrics
         self._charge_tokens = charge_tokens
+        self._on_outcome: Callable[[Outcome], None] = lambda _: None
         self.request_id = request_id
         self.deployment = deployment
         self.version = "-"
@@ -29,10 +31,12 @@ class RequestObservation:
         self.num_completion_tokens = 0
         self._is_finished = False
 
-    def leased(self, version: str) -> None:
+    def leased(self, deployment: str, version: str, on_outcome: Callable[[Outcome], None]) -> None:
+        """The request got its lease (maybe on a fallback: `deployment` is the one serving);
+        its outcome will feed `on_outcome` (the deployment's health window)."""
         self._leased_at = time.perf_counter()
-        self.version = version
         self._metrics.queue_seconds.labels(self.deployment).observe(self._leased_at - self._started)
+        self.deployment, self.version, self._on_outcome = deployment, version, on_outcome
 
     def tokens(self, num_tokens: int) -> None:
         if num_tokens and self._first_token_at is None:
@@ -52,10 +56,13 @@ class RequestObservation:
         self._metrics.completion_tokens.labels(*labels).inc(self.num_completion_tokens)
         self._charge_tokens(self.num_prompt_tokens + self.num_completion_tokens)
         ttft = self._first_token_at - self._started if self._first_token_at is not None else None
+        tokens_per_s = None
         if ttft is not None:
             self._metrics.ttft_seconds.labels(*labels).observe(ttft)
-            if self.num_completion_tokens > 1:
+            if self.num_completion_tokens > 1 and duration > ttft:
                 self._metrics.tpot_seconds.labels(*labels).observe((duration - ttft) / (self.num_completion_tokens - 1))
+                tokens_per_s = (self.num_completion_tokens - 1) / (duration - ttft)
+        self._on_outcome(Outcome(time.monotonic(), status >= 500, ttft, tokens_per_s))
         log.info(
             {
                 "event": "request",

@@ -108,7 +108,7 @@ async def _respond(request: Request, body, tokenize, fmt):
     except BaseException as error:
         observation.finish(_status_of(error))
         raise
-    observation.leased(lease.slot.version)
+    observation.leased(lease.deployment, lease.slot.version, request.state.deployments.get(lease.deployment).window.add)
     try:
         prompts = tokenize(lease.engine)
         settings = request.state.settings
@@ -121,7 +121,9 @@ async def _respond(request: Request, body, tokenize, fmt):
     head = {"id": fmt.id_prefix + uuid.uuid4().hex, "object": fmt.object, "created": int(time.time()), "model": served_as}
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = _on_lease(stream_choices(lease.engine, requests), lease, observation)
-    headers = {"x-baton-deployment": body.model, "x-baton-version": lease.slot.version}
+    headers = {"x-baton-deployment": lease.deployment, "x-baton-version": lease.slot.version}
+    if lease.fallback_from is not None:
+        headers["x-baton-fallback-from"] = lease.fallback_from
     if body.stream:
         events = _sse(choices, fmt, {**head, "object": fmt.chunk_object}, len(requests), num_prompt_tokens, body.include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(lease.release))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from models.errors import OverloadedError
 from server.deployments.admission import Admission
+from server.deployments.health import HealthPolicy, Window
 from server.deployments.slot import Lease, Slot, SlotState, Target
 
 
@@ -42,6 +43,10 @@ class Deployment:
         `max_running` requests run at once (None: no cap), `max_waiting` more queue."""
         self.name = name
         self.admission = Admission(name, max_running, max_waiting, max_wait_seconds)
+        self.policy = HealthPolicy()
+        self.window = Window()  # outcomes of the active version's recent requests
+        self.is_breaching = False  # missed its objectives: alerted, and routed to a fallback if it has one
+        self.is_failed = False  # its engine died and it is being brought back
         self.engine_overrides = engine_overrides or {}
         self.active: Slot | None = active
         self.on_demand = on_demand
@@ -86,11 +91,17 @@ class Deployment:
         """Send new requests to `slot`; return the slot that served until now."""
         previous, self.active = self.active, slot
         slot.move_to(SlotState.READY, f"serving {self.name}")
+        self.window.clear()  # another version: its health starts afresh
+        self.is_breaching = self.is_failed = False
         slot.last_used = time.monotonic()  # routed now: its idle time starts here, not at load
         if previous is not None:
             self.previous_version = previous.version
         self._serving.set()
         return previous
+
+    @property
+    def needs_fallback(self) -> bool:
+        return bool(self.policy.fallbacks) and (self.is_failed or self.is_breaching)
 
     def hold_requests(self) -> Slot:
         """`replace`, `reload` and in-turn swaps: new requests wait (bounded) until `flip_to`
@@ -145,6 +156,8 @@ class Deployment:
             "canary": {**self.canary.describe(), "weight": self.canary_weight} if self.canary else None,
             "standby": self.standby.describe() if self.standby else None,
             "previous_version": self.previous_version,
+            "is_breaching": self.is_breaching,
+            "fallbacks": self.policy.fallbacks,
         }
 
     async def _wait_for_serving(self) -> None:

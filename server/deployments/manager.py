@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
+
 from models.catalog import Change
 from models.registry import Registry
 from server.config import ModelSpec, Settings
 from server.deployments.deployment import Deployment, OnDemand
 from server.deployments.drain import StopDecision, decide_stop
+from server.deployments.health import Breach, HealthPolicy, breaches
 from server.deployments.layout import ModelLayout, reload_blocker
 from server.deployments.memory_plan import fits, plan_gpu_share
 from server.deployments.recovery import restart_delay_s
@@ -58,17 +62,35 @@ class DeploymentManager:
         self._loading: dict[str, asyncio.Task] = {}  # on-demand loads under way, by deployment
 
     def start(self) -> None:
-        """Background work: unloading on-demand deployments that sat idle past their TTL, and
-        bringing back deployments whose engine died."""
+        """Background work: unloading on-demand deployments that sat idle past their TTL,
+        bringing back deployments whose engine died, watching deployments' health."""
         self._keep(asyncio.ensure_future(self._reap_idle_forever()))
         self._keep(asyncio.ensure_future(self._recover_dead_forever()))
+        self._keep(asyncio.ensure_future(self._watch_health_forever()))
 
     # -- requests -------------------------------------------------------------------------
 
     async def lease(self, name: str) -> Lease:
         """A place in the deployment's admission queue, then a lease on the slot that serves
-        it; the place is given back with the lease."""
+        it; the place is given back with the lease. A deployment that is failed or breaching
+        its objectives sends the request to its first healthy fallback instead."""
         deployment = self.get(name)
+        fallback = self._healthy_fallback(deployment) if deployment.needs_fallback else None
+        if fallback is not None:
+            lease = await self._lease_on(fallback)
+            lease.fallback_from = name
+            return lease
+        return await self._lease_on(deployment)
+
+    def _healthy_fallback(self, deployment: Deployment) -> Deployment | None:
+        for name in deployment.policy.fallbacks:
+            candidate = self._deployments.get(name)
+            if candidate is not None and candidate.active is not None and not (candidate.is_failed or candidate.is_breaching):
+                return candidate
+        return None
+
+    async def _lease_on(self, deployment: Deployment) -> Lease:
+        name = deployment.name
         await deployment.admission.enter()
         try:
             if deployment.needs_load and name not in self._loading:
@@ -80,6 +102,7 @@ class DeploymentManager:
             deployment.admission.leave()
             raise
         lease.on_release(deployment.admission.leave)
+        lease.deployment = name
         return lease
 
     def get(self, name: str) -> Deployment:
@@ -128,15 +151,22 @@ class DeploymentManager:
             stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
             target = Target(spec.version, spec.path, options, estimate_memory_bytes(spec.path, options, stored_bytes), stored_bytes)
         on_demand = OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None
-        return await self._deploy(spec.name, target, on_demand, spec.smoke_prompts, overrides)
+        return await self._deploy(spec.name, target, on_demand, spec.smoke_prompts, overrides, spec.health)
 
     async def deploy(
-        self, name: str, ref: str, change: Change, on_demand: bool = False, idle_ttl_s: float = 300.0, smoke_prompts: list[str] | None = None
+        self,
+        name: str,
+        ref: str,
+        change: Change,
+        on_demand: bool = False,
+        idle_ttl_s: float = 300.0,
+        smoke_prompts: list[str] | None = None,
+        health: HealthPolicy | None = None,
     ) -> Deployment:
         if name in self._deployments:
             raise ConflictError(f"Deployment {name} exists; swap it instead.")
         target = self._resolve(ref)
-        deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None, smoke_prompts)
+        deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None, smoke_prompts, health=health)
         self._remember(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason, status="succeeded"))
         return deployment
 
@@ -151,7 +181,13 @@ class DeploymentManager:
             return False
 
     async def _deploy(
-        self, name: str, target: Target, on_demand: OnDemand | None, smoke_prompts: list[str] | None, overrides: dict | None = None
+        self,
+        name: str,
+        target: Target,
+        on_demand: OnDemand | None,
+        smoke_prompts: list[str] | None,
+        overrides: dict | None = None,
+        health: HealthPolicy | None = None,
     ) -> Deployment:
         """An on-demand deployment starts unloaded; its first request loads it."""
         slot = None
@@ -161,6 +197,7 @@ class DeploymentManager:
         settings = self._settings
         deployment = Deployment(name, slot, settings.max_waiting, settings.max_wait_s, on_demand, overrides, settings.max_running_per_deployment)
         deployment.smoke_prompts = smoke_prompts
+        deployment.policy = health or HealthPolicy()
         self._deployments[name] = deployment
         return deployment
 
@@ -268,6 +305,7 @@ class DeploymentManager:
         record = SwapRecord(deployment.name, "recover", dead.version, dead.version, "restart", "baton", "the engine died")
         self._remember(record)
         async with deployment.swap_lock:
+            deployment.is_failed = True  # its fallbacks serve meanwhile, where it has some
             deployment.hold_requests()
             dead.move_to(SlotState.FAILED, "engine died")
             async with record.phase("stop"):
@@ -298,6 +336,60 @@ class DeploymentManager:
                 num_failed += 1
                 log.warning("restart %d of %s failed: %s", num_failed, target.version, error)
                 deployment.fail_waiting(OverloadedError(f"Deployment {deployment.name} lost its engine and is restarting it; retry shortly."))
+
+    # -- health -------------------------------------------------------------------------------
+
+    async def _watch_health_forever(self) -> None:
+        golden_due: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(self._settings.idle_check_s)
+            for deployment in self.deployments:
+                if deployment.active is None or deployment.swap_lock.locked():
+                    continue
+                await self._check_slo(deployment)
+                if deployment.policy.golden_prompts and time.monotonic() >= golden_due.get(deployment.name, 0.0):
+                    golden_due[deployment.name] = time.monotonic() + deployment.policy.golden_interval_s
+                    self._keep(asyncio.ensure_future(self._check_golden(deployment)))
+
+    async def _check_slo(self, deployment: Deployment) -> None:
+        slo = deployment.policy.slo
+        found = breaches(deployment.window.stats(time.monotonic()), slo) if slo else []
+        if found and not deployment.is_breaching:
+            await self._on_breach(deployment, found)
+        elif not found and deployment.is_breaching:
+            log.info({"event": "recovered", "deployment": deployment.name, "version": deployment.version})
+            deployment.is_breaching = False  # met again, or too quiet to say: traffic comes back
+
+    async def _check_golden(self, deployment: Deployment) -> None:
+        """Each golden prompt, greedily on the active version; an answer that does not match
+        its expectation is a breach."""
+        slot = deployment.active
+        for index, golden in enumerate(deployment.policy.golden_prompts):
+            try:
+                answer = await self._answer(slot, golden.prompt, max_tokens=64)
+            except Exception as error:  # the engine failing counts as a wrong answer
+                answer = f"(failed: {error})"
+            if not re.search(golden.expect, answer):
+                text = f"golden prompt {index} answered {answer[:80]!r}, which does not match {golden.expect!r}"
+                await self._on_breach(deployment, [Breach("golden_prompt", text)])
+                return
+
+    async def _on_breach(self, deployment: Deployment, found: list[Breach]) -> None:
+        """Alert (log line, metric, webhook), then act as the policy says."""
+        policy = deployment.policy
+        action = policy.on_breach
+        if action == "rollback" and (deployment.previous_version is None or deployment.swap_lock.locked()):
+            action = "alert"  # nothing to roll back to, or a swap is under way already
+        alert = {"event": "degradation", "deployment": deployment.name, "version": deployment.version, "breaches": [b.text for b in found], "action": action}
+        log.error(alert)
+        for breach in found:
+            self._metrics.degradations.labels(deployment.name, breach.kind, action).inc()
+        if policy.webhook_url:
+            self._keep(asyncio.ensure_future(_post_alert(policy.webhook_url, alert)))
+        deployment.is_breaching = True
+        if action == "rollback":
+            reason = "degradation: " + "; ".join(b.text for b in found)
+            self._keep(asyncio.ensure_future(self.rollback(deployment.name, Change("baton", reason))))
 
     async def _unload(self, deployment: Deployment, reason: str) -> None:
         record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
@@ -599,6 +691,12 @@ class DeploymentManager:
                 if num_tokens < 1:
                     raise SwapFailedError(f"Smoke prompt {prompt!r} produced no tokens on {slot.version}.")
 
+    async def _answer(self, slot: Slot, prompt: str, max_tokens: int) -> str:
+        """A greedy chat answer straight from a slot's engine (golden prompts)."""
+        request = GenerationRequest("golden-" + uuid.uuid4().hex, slot.engine.tokenize_chat([{"role": "user", "content": prompt}]), SamplingParams(max_tokens, 0.0))
+        async with asyncio.timeout(self._settings.verify_timeout_s):
+            return "".join([chunk.text async for chunk in slot.engine.generate(request)])
+
     async def _stop(self, slot: Slot) -> None:
         if slot.state is not SlotState.STOPPED:
             slot.move_to(SlotState.STOPPED)
@@ -666,6 +764,15 @@ class DeploymentManager:
             self._registry.record(Change(record.actor, record.reason), record.action, model, int(number) if number.isdigit() else None, record.to_dict())
         except Exception:  # history must never turn a finished swap into a failed request
             log.exception("could not record %s in the history", record.id)
+
+
+async def _post_alert(url: str, alert: dict) -> None:
+    """The operator's webhook: best effort, never in a request's way."""
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            (await client.post(url, json=alert)).raise_for_status()
+    except httpx.HTTPError as error:
+        log.warning("could not post the alert to %s: %s", url, error)
 
 
 def _has_dead_engine(deployment: Deployment) -> bool:

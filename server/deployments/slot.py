@@ -144,6 +144,8 @@ class Lease:
     def __init__(self, slot: Slot):
         self.slot = slot
         self.is_cut_off = False  # still running when its slot's drain deadline passed
+        self.deployment = ""  # the deployment that serves it
+        self.fallback_from: str | None = None  # the deployment asked for, when a fallback serves
         self._is_released = False
         self._also_on_release: list[Callable[[], None]] = []
 

@@ -1,0 +1,110 @@
+"""Is a deployment degrading? Outcomes of its recent requests in a rolling window, and a
+pure verdict against its service-level objectives (no I/O: every rule is a unit test).
+
+Rule: no verdict on too little traffic (`min_requests`), so a quiet deployment never breaches
+and one that lost its traffic to a fallback is tried again once its window empties.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+WINDOW_S = 60.0
+
+
+class Slo(BaseModel):
+    """What a deployment promises; any field left unset is not checked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_error_rate: float | None = Field(None, ge=0, le=1, description="share of 5xx answers")
+    max_ttft_p95_s: float | None = Field(None, gt=0)
+    min_tokens_per_s: float | None = Field(None, gt=0, description="median per request, after its first token")
+    min_requests: int = Field(10, ge=1, description="fewer in the window: no verdict")
+
+
+class GoldenPrompt(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    expect: str = Field(min_length=1, description="a regular expression the greedy answer must match")
+
+
+class HealthPolicy(BaseModel):
+    """Per deployment: what to watch and what to do when it breaches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slo: Slo | None = None
+    golden_prompts: list[GoldenPrompt] = Field(default_factory=list)
+    golden_interval_s: float = Field(60.0, gt=0)
+    on_breach: Literal["alert", "rollback", "fallback"] = "alert"
+    fallbacks: list[str] = Field(default_factory=list, description="deployments that serve while this one is failed or breaching")
+    webhook_url: str | None = Field(None, pattern=r"^https?://", description="POSTed a JSON alert on each breach")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    at: float
+    is_error: bool
+    ttft_s: float | None
+    tokens_per_s: float | None
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    num_requests: int
+    error_rate: float
+    ttft_p95_s: float | None
+    tokens_per_s: float | None
+
+
+class Window:
+    def __init__(self, seconds: float = WINDOW_S):
+        self._seconds = seconds
+        self._outcomes: deque[Outcome] = deque()
+
+    def add(self, outcome: Outcome) -> None:
+        self._outcomes.append(outcome)
+
+    def clear(self) -> None:
+        self._outcomes.clear()
+
+    def stats(self, now: float) -> WindowStats:
+        while self._outcomes and self._outcomes[0].at < now - self._seconds:
+            self._outcomes.popleft()
+        outcomes = list(self._outcomes)
+        ttfts = sorted(o.ttft_s for o in outcomes if o.ttft_s is not None)
+        rates = [o.tokens_per_s for o in outcomes if o.tokens_per_s is not None]
+        return WindowStats(
+            num_requests=len(outcomes),
+            error_rate=sum(o.is_error for o in outcomes) / len(outcomes) if outcomes else 0.0,
+            ttft_p95_s=ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))] if ttfts else None,
+            tokens_per_s=statistics.median(rates) if rates else None,
+        )
+
+
+@dataclass(frozen=True)
+class Breach:
+    kind: str  # error_rate, ttft, tokens_per_s, golden_prompt: a bounded metric label
+    text: str
+
+
+def breaches(stats: WindowStats, slo: Slo) -> list[Breach]:
+    """Which objectives the window misses; empty when it meets them all or when it holds
+    too few requests to say."""
+    if stats.num_requests < slo.min_requests:
+        return []
+    found = []
+    if slo.max_error_rate is not None and stats.error_rate > slo.max_error_rate:
+        found.append(Breach("error_rate", f"error rate {stats.error_rate:.1%} above {slo.max_error_rate:.1%}"))
+    if slo.max_ttft_p95_s is not None and stats.ttft_p95_s is not None and stats.ttft_p95_s > slo.max_ttft_p95_s:
+        found.append(Breach("ttft", f"TTFT p95 {stats.ttft_p95_s:.3f} s above {slo.max_ttft_p95_s:g} s"))
+    if slo.min_tokens_per_s is not None and stats.tokens_per_s is not None and stats.tokens_per_s < slo.min_tokens_per_s:
+        found.append(Breach("tokens_per_s", f"{stats.tokens_per_s:.1f} tokens/s below {slo.min_tokens_per_s:g}"))
+    return found

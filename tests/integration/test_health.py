@@ -1,0 +1,109 @@
+"""Degradation through a real server: a version that slows down is rolled back, one that
+fails sends its traffic to a fallback (with a webhook alert), a wrong golden answer alerts."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import httpx
+import pytest
+
+from models.catalog import Change
+from models.registry import ImportOptions, Registry
+from server.config import ModelSpec, Settings
+from server.deployments.health import GoldenPrompt, HealthPolicy, Slo
+from tests.conftest import ServerThread, build_tiny_model
+from tests.fake_engine import FakeBehaviour, FakeEngineFactory
+
+ASK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tiny_model_path, demo_model_path):
+    home = tmp_path_factory.mktemp("health")
+    registry = Registry(home)
+    second = build_tiny_model(tmp_path_factory.mktemp("h2") / "h2", demo_model_path, seed=1)
+    for folder in (tiny_model_path, second):
+        registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("tester"))
+    return home
+
+
+def _spec(home, name: str, ref: str, health: HealthPolicy | None = None) -> ModelSpec:
+    version = Registry(home).resolve(ref)
+    return ModelSpec(name=name, path=version.path, version=version.ref, health=health or HealthPolicy())
+
+
+def _wait_for(condition, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _alerts(server, **labels) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("baton_degradation_alerts_total{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_version_that_slows_down_is_rolled_back_without_losing_a_request(home):
+    slow = Registry(home).resolve("chat@2").path.name
+    factory = FakeEngineFactory({slow: FakeBehaviour(token_seconds=0.1)})
+    policy = HealthPolicy(slo=Slo(max_ttft_p95_s=0.05, min_requests=5), on_breach="rollback")
+    with ServerThread(Settings(home=home, models=[_spec(home, "chat", "chat@1", policy)], idle_check_s=0.1), engine_factory=factory) as server:
+        httpx.post(f"{server.url}/admin/deployments/chat/swap", json={"to": "chat@2", "strategy": "blue-green"}, timeout=60).raise_for_status()
+        statuses = [httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK}, timeout=30).status_code for _ in range(8)]
+        _wait_for(lambda: httpx.get(f"{server.url}/admin/deployments/chat").json()["version"] == "chat@1")
+        assert statuses == [200] * 8
+        assert _alerts(server, deployment="chat", reason="ttft", action="rollback") == 1
+    rollbacks = [e for e in Registry(home).history("chat") if e["action"] == "rollback"]
+    assert rollbacks and rollbacks[-1]["reason"].startswith("degradation: TTFT p95")
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self):
+        self.received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failing_deployment_sends_its_traffic_to_a_fallback_and_posts_an_alert(home):
+    hook = HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    faulty = Registry(home).resolve("chat@1").path.name
+    factory = FakeEngineFactory({faulty: FakeBehaviour(fails_requests=True)})
+    policy = HealthPolicy(
+        slo=Slo(max_error_rate=0.2, min_requests=3), on_breach="fallback", fallbacks=["backup"], webhook_url=f"http://127.0.0.1:{hook.server_port}/alerts"
+    )
+    models = [_spec(home, "chat", "chat@1", policy), _spec(home, "backup", "chat@2")]
+    try:
+        with ServerThread(Settings(home=home, models=models, idle_check_s=0.1), engine_factory=factory) as server:
+            ask = lambda: httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK}, timeout=30)  # noqa: E731
+            assert [ask().status_code for _ in range(3)] == [500] * 3  # the faulty version, before the verdict
+            _wait_for(lambda: httpx.get(f"{server.url}/admin/deployments/chat").json()["is_breaching"])
+            served = ask()
+            assert served.status_code == 200
+            assert (served.headers["x-baton-fallback-from"], served.headers["x-baton-deployment"], served.headers["x-baton-version"]) == ("chat", "backup", "chat@2")
+            _wait_for(lambda: _Hook.received)
+    finally:
+        hook.shutdown()
+        hook.server_close()
+    alert = _Hook.received[-1]
+    assert (alert["deployment"], alert["action"]) == ("chat", "fallback") and alert["breaches"][0].startswith("error rate 100.0%")
+
+
+def test_a_golden_prompt_with_a_wrong_answer_raises_an_alert(home):
+    policy = HealthPolicy(golden_prompts=[GoldenPrompt(prompt="What is the capital of France?", expect="Paris")], golden_interval_s=0.2)
+    with ServerThread(Settings(home=home, models=[_spec(home, "chat", "chat@1", policy)], idle_check_s=0.1), engine_factory=FakeEngineFactory()) as server:
+        _wait_for(lambda: _alerts(server, deployment="chat", reason="golden_prompt", action="alert") >= 1)
+        assert httpx.get(f"{server.url}/admin/deployments/chat").json()["is_breaching"]
+        assert httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK}, timeout=30).status_code == 200  # an alert only: still served
