@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
-
 from models.catalog import Change
 from models.registry import Registry
 from server.config import ModelSpec, Settings
 from server.deployments.deployment import Deployment, OnDemand
 from server.deployments.drain import StopDecision, decide_stop
-from server.deployments.health import Breach, HealthPolicy, breaches
+from server.deployments.health import HealthPolicy
+from server.deployments.health_watch import HealthWatch
 from server.deployments.layout import ModelLayout, reload_blocker
 from server.deployments.memory_plan import fits, plan_gpu_share
 from server.deployments.recovery import restart_delay_s
@@ -64,9 +62,9 @@ class DeploymentManager:
     def start(self) -> None:
         """Background work: unloading on-demand deployments that sat idle past their TTL,
         bringing back deployments whose engine died, watching deployments' health."""
-        self._keep(asyncio.ensure_future(self._reap_idle_forever()))
-        self._keep(asyncio.ensure_future(self._recover_dead_forever()))
-        self._keep(asyncio.ensure_future(self._watch_health_forever()))
+        self.keep(asyncio.ensure_future(self._reap_idle_forever()))
+        self.keep(asyncio.ensure_future(self._recover_dead_forever()))
+        self.keep(asyncio.ensure_future(HealthWatch(self, self._metrics, self._settings).run_forever()))
 
     # -- requests -------------------------------------------------------------------------
 
@@ -95,7 +93,7 @@ class DeploymentManager:
         try:
             if deployment.needs_load and name not in self._loading:
                 deployment.begin_load()
-                self._loading[name] = self._keep(asyncio.ensure_future(self._load_on_demand(deployment)))
+                self._loading[name] = self.keep(asyncio.ensure_future(self._load_on_demand(deployment)))
                 self._loading[name].add_done_callback(lambda _: self._loading.pop(name, None))
             lease = await deployment.lease()
         except BaseException:
@@ -337,60 +335,6 @@ class DeploymentManager:
                 log.warning("restart %d of %s failed: %s", num_failed, target.version, error)
                 deployment.fail_waiting(OverloadedError(f"Deployment {deployment.name} lost its engine and is restarting it; retry shortly."))
 
-    # -- health -------------------------------------------------------------------------------
-
-    async def _watch_health_forever(self) -> None:
-        golden_due: dict[str, float] = {}
-        while True:
-            await asyncio.sleep(self._settings.idle_check_s)
-            for deployment in self.deployments:
-                if deployment.active is None or deployment.swap_lock.locked():
-                    continue
-                await self._check_slo(deployment)
-                if deployment.policy.golden_prompts and time.monotonic() >= golden_due.get(deployment.name, 0.0):
-                    golden_due[deployment.name] = time.monotonic() + deployment.policy.golden_interval_s
-                    self._keep(asyncio.ensure_future(self._check_golden(deployment)))
-
-    async def _check_slo(self, deployment: Deployment) -> None:
-        slo = deployment.policy.slo
-        found = breaches(deployment.window.stats(time.monotonic()), slo) if slo else []
-        if found and not deployment.is_breaching:
-            await self._on_breach(deployment, found)
-        elif not found and deployment.is_breaching:
-            log.info({"event": "recovered", "deployment": deployment.name, "version": deployment.version})
-            deployment.is_breaching = False  # met again, or too quiet to say: traffic comes back
-
-    async def _check_golden(self, deployment: Deployment) -> None:
-        """Each golden prompt, greedily on the active version; an answer that does not match
-        its expectation is a breach."""
-        slot = deployment.active
-        for index, golden in enumerate(deployment.policy.golden_prompts):
-            try:
-                answer = await self._answer(slot, golden.prompt, max_tokens=64)
-            except Exception as error:  # the engine failing counts as a wrong answer
-                answer = f"(failed: {error})"
-            if not re.search(golden.expect, answer):
-                text = f"golden prompt {index} answered {answer[:80]!r}, which does not match {golden.expect!r}"
-                await self._on_breach(deployment, [Breach("golden_prompt", text)])
-                return
-
-    async def _on_breach(self, deployment: Deployment, found: list[Breach]) -> None:
-        """Alert (log line, metric, webhook), then act as the policy says."""
-        policy = deployment.policy
-        action = policy.on_breach
-        if action == "rollback" and (deployment.previous_version is None or deployment.swap_lock.locked()):
-            action = "alert"  # nothing to roll back to, or a swap is under way already
-        alert = {"event": "degradation", "deployment": deployment.name, "version": deployment.version, "breaches": [b.text for b in found], "action": action}
-        log.error(alert)
-        for breach in found:
-            self._metrics.degradations.labels(deployment.name, breach.kind, action).inc()
-        if policy.webhook_url:
-            self._keep(asyncio.ensure_future(_post_alert(policy.webhook_url, alert)))
-        deployment.is_breaching = True
-        if action == "rollback":
-            reason = "degradation: " + "; ".join(b.text for b in found)
-            self._keep(asyncio.ensure_future(self.rollback(deployment.name, Change("baton", reason))))
-
     async def _unload(self, deployment: Deployment, reason: str) -> None:
         record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
         async with record.phase("unload"):
@@ -421,7 +365,7 @@ class DeploymentManager:
             self._record_outcome(record)
             return record
 
-        task = self._keep(asyncio.ensure_future(guarded()))
+        task = self.keep(asyncio.ensure_future(guarded()))
         if not wait:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # outcome is in the record
             await asyncio.sleep(0)  # let it take the lock before we answer
@@ -691,11 +635,6 @@ class DeploymentManager:
                 if num_tokens < 1:
                     raise SwapFailedError(f"Smoke prompt {prompt!r} produced no tokens on {slot.version}.")
 
-    async def _answer(self, slot: Slot, prompt: str, max_tokens: int) -> str:
-        """A greedy chat answer straight from a slot's engine (golden prompts)."""
-        request = GenerationRequest("golden-" + uuid.uuid4().hex, slot.engine.tokenize_chat([{"role": "user", "content": prompt}]), SamplingParams(max_tokens, 0.0))
-        async with asyncio.timeout(self._settings.verify_timeout_s):
-            return "".join([chunk.text async for chunk in slot.engine.generate(request)])
 
     async def _stop(self, slot: Slot) -> None:
         if slot.state is not SlotState.STOPPED:
@@ -743,7 +682,7 @@ class DeploymentManager:
             raise ConflictError(f"Deployment {name} has no canary.")
         return deployment
 
-    def _keep(self, task: asyncio.Task) -> asyncio.Task:
+    def keep(self, task: asyncio.Task) -> asyncio.Task:
         """Hold background tasks until they end, so none is collected mid-way; stop_all cancels them."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -764,15 +703,6 @@ class DeploymentManager:
             self._registry.record(Change(record.actor, record.reason), record.action, model, int(number) if number.isdigit() else None, record.to_dict())
         except Exception:  # history must never turn a finished swap into a failed request
             log.exception("could not record %s in the history", record.id)
-
-
-async def _post_alert(url: str, alert: dict) -> None:
-    """The operator's webhook: best effort, never in a request's way."""
-    try:
-        async with httpx.AsyncClient(timeout=5) as client:
-            (await client.post(url, json=alert)).raise_for_status()
-    except httpx.HTTPError as error:
-        log.warning("could not post the alert to %s: %s", url, error)
 
 
 def _has_dead_engine(deployment: Deployment) -> bool:

@@ -1,0 +1,99 @@
+"""The health watch: every second, each deployment's window against its objectives, its
+golden prompts when due; on a breach, the alert and the policy's action. The verdicts are
+pure (health.py); this is the loop and its side effects."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+
+import httpx
+
+from models.catalog import Change
+from server.config import Settings
+from server.deployments.deployment import Deployment
+from server.deployments.health import Breach, breaches
+from server.deployments.slot import Slot
+from server.engines.base import GenerationRequest, SamplingParams
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class HealthWatch:
+    def __init__(self, manager, metrics: Metrics, settings: Settings):
+        """`manager`: the DeploymentManager (its deployments, `rollback`, `keep`)."""
+        self._manager = manager
+        self._metrics = metrics
+        self._settings = settings
+        self._golden_due: dict[str, float] = {}
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.idle_check_s)
+            for deployment in self._manager.deployments:
+                if deployment.active is None or deployment.swap_lock.locked():
+                    continue
+                await self._check_slo(deployment)
+                if deployment.policy.golden_prompts and time.monotonic() >= self._golden_due.get(deployment.name, 0.0):
+                    self._golden_due[deployment.name] = time.monotonic() + deployment.policy.golden_interval_s
+                    self._manager.keep(asyncio.ensure_future(self._check_golden(deployment)))
+
+    async def _check_slo(self, deployment: Deployment) -> None:
+        slo = deployment.policy.slo
+        found = breaches(deployment.window.stats(time.monotonic()), slo) if slo else []
+        if found and not deployment.is_breaching:
+            await self._on_breach(deployment, found)
+        elif not found and deployment.is_breaching:
+            log.info({"event": "recovered", "deployment": deployment.name, "version": deployment.version})
+            deployment.is_breaching = False  # met again, or too quiet to say: traffic comes back
+
+    async def _check_golden(self, deployment: Deployment) -> None:
+        """Each golden prompt, greedily on the active version; an answer that does not match
+        its expectation is a breach."""
+        slot = deployment.active
+        for index, golden in enumerate(deployment.policy.golden_prompts):
+            try:
+                answer = await self._answer(slot, golden.prompt)
+            except Exception as error:  # the engine failing counts as a wrong answer
+                answer = f"(failed: {error})"
+            if not re.search(golden.expect, answer):
+                text = f"golden prompt {index} answered {answer[:80]!r}, which does not match {golden.expect!r}"
+                await self._on_breach(deployment, [Breach("golden_prompt", text)])
+                return
+
+    async def _on_breach(self, deployment: Deployment, found: list[Breach]) -> None:
+        """Alert (log line, metric, webhook), then act as the policy says."""
+        policy = deployment.policy
+        action = policy.on_breach
+        if action == "rollback" and (deployment.previous_version is None or deployment.swap_lock.locked()):
+            action = "alert"  # nothing to roll back to, or a swap is under way already
+        alert = {"event": "degradation", "deployment": deployment.name, "version": deployment.version, "breaches": [b.text for b in found], "action": action}
+        log.error(alert)
+        for breach in found:
+            self._metrics.degradations.labels(deployment.name, breach.kind, action).inc()
+        if policy.webhook_url:
+            self._manager.keep(asyncio.ensure_future(_post_alert(policy.webhook_url, alert)))
+        deployment.is_breaching = True
+        if action == "rollback":
+            reason = "degradation: " + "; ".join(b.text for b in found)
+            self._manager.keep(asyncio.ensure_future(self._manager.rollback(deployment.name, Change("baton", reason))))
+
+    async def _answer(self, slot: Slot, prompt: str, max_tokens: int = 64) -> str:
+        """A greedy chat answer straight from a slot's engine."""
+        prompt_ids = slot.engine.tokenize_chat([{"role": "user", "content": prompt}])
+        request = GenerationRequest("golden-" + uuid.uuid4().hex, prompt_ids, SamplingParams(max_tokens, 0.0))
+        async with asyncio.timeout(self._settings.verify_timeout_s):
+            return "".join([chunk.text async for chunk in slot.engine.generate(request)])
+
+
+async def _post_alert(url: str, alert: dict) -> None:
+    """The operator's webhook: best effort, never in a request's way."""
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            (await client.post(url, json=alert)).raise_for_status()
+    except httpx.HTTPError as error:
+        log.warning("could not post the alert to %s: %s", url, error)
