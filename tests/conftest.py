@@ -13,8 +13,9 @@ import openai
 import pytest
 import uvicorn
 
+from models.catalog import Change
 from models.demo import ensure_demo_model
-from models.registry import Registry
+from models.registry import ImportOptions, Registry
 from server.app import create_app
 from server.config import ModelSpec, Settings, default_home
 
@@ -30,6 +31,22 @@ def demo_version():
 @pytest.fixture(scope="session")
 def demo_model_path(demo_version) -> Path:
     return demo_version.path
+
+
+@pytest.fixture(scope="session")
+def two_versions_home(tmp_path_factory, tiny_model_path, demo_model_path):
+    """A fresh registry home with a factory: each call makes one holding chat@1 (the tiny
+    model) and chat@2 (the same layout, other random weights)."""
+    second = build_tiny_model(tmp_path_factory.mktemp("chat2") / "chat2", demo_model_path, seed=1)
+
+    def make() -> Path:
+        home = tmp_path_factory.mktemp("home")
+        registry = Registry(home)
+        for folder in (tiny_model_path, second):
+            registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("tester"))
+        return home
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -11,24 +11,18 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import httpx
 import pytest
 
-from models.catalog import Change
-from models.registry import ImportOptions, Registry
+from models.registry import Registry
 from server.config import ModelSpec, Settings
 from server.deployments.health import GoldenPrompt, HealthPolicy, Slo
-from tests.conftest import ServerThread, build_tiny_model
+from tests.conftest import ServerThread
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory
 
 ASK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, tiny_model_path, demo_model_path):
-    home = tmp_path_factory.mktemp("health")
-    registry = Registry(home)
-    second = build_tiny_model(tmp_path_factory.mktemp("h2") / "h2", demo_model_path, seed=1)
-    for folder in (tiny_model_path, second):
-        registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("tester"))
-    return home
+def home(two_versions_home):
+    return two_versions_home()
 
 
 def _spec(home, name: str, ref: str, health: HealthPolicy | None = None) -> ModelSpec:

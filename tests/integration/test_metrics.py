@@ -9,24 +9,19 @@ import re
 import httpx
 import pytest
 
-from models.catalog import Change
-from models.registry import ImportOptions, Registry
+from models.registry import Registry
 from server.config import ModelSpec, Settings
 from server.keys import key
-from tests.conftest import ServerThread, build_tiny_model
+from tests.conftest import ServerThread
 from tests.fake_engine import FakeEngineFactory
 
 HI = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_path, demo_model_path):
-    home = tmp_path_factory.mktemp("metrics")
-    registry = Registry(home)
-    second = build_tiny_model(tmp_path_factory.mktemp("m2") / "m2", demo_model_path, seed=1)
-    for folder in (tiny_model_path, second):
-        registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("tester"))
-    first = registry.resolve("chat@1")
+def server(two_versions_home):
+    home = two_versions_home()
+    first = Registry(home).resolve("chat@1")
     settings = Settings(home=home, models=[ModelSpec(name="chat", path=first.path, version=first.ref)])
     with ServerThread(settings, engine_factory=FakeEngineFactory()) as running:
         yield running
