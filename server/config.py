@@ -65,6 +65,7 @@ class Settings(BaseModel):
     models: list[ModelSpec] = Field(default_factory=list)
     api_key: str | None = Field(None, description="When set, /v1 routes need 'Authorization: Bearer <key>' (an inference key).")
     admin_key: str | None = Field(None, description="When set, /admin routes need it (an admin key); with no admin key, they answer loopback clients only.")
+    request_metrics: bool = Field(True, description="Per-request metrics, log lines and health outcomes; off only to measure their cost.")
     metrics_need_key: bool = Field(False, description="/metrics needs a key with the metrics scope; off: open, as Prometheus scrapes expect.")
     keys: list[KeySpec] = Field(default_factory=list, description="More keys, hashed, each with its scopes and deployments (see server/keys.py).")
     import_roots: list[Path] = Field(default_factory=list, description="Server folders that admin-API imports may read.")

@@ -15,6 +15,18 @@ from server.metrics import Metrics
 log = logging.getLogger("baton.requests")
 
 
+class Unobserved:
+    """`--no-request-metrics`: the request path notes nothing (to measure what noting costs)."""
+
+    num_prompt_tokens = 0
+
+    def leased(self, *args) -> None: ...
+
+    def tokens(self, num_tokens: int) -> None: ...
+
+    def finish(self, status: int) -> None: ...
+
+
 class RequestObservation:
     def __init__(self, metrics: Metrics, request_id: str, deployment: str, charge_tokens: Callable[[int], None] = lambda _: None):
         """`charge_tokens`: the key's token rate, charged when the request ends."""

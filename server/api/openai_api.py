@@ -16,7 +16,7 @@ from starlette.background import BackgroundTask
 
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelSwappedError
 from server.api.generation import ChoiceChunk, build_requests, stream_choices
-from server.api.observation import RequestObservation
+from server.api.observation import RequestObservation, Unobserved
 from server.addresses import is_loopback
 from server.deployments.slot import Lease
 from server.keys import authorize, bearer_token
@@ -102,7 +102,10 @@ async def _respond(request: Request, body, tokenize, fmt):
     request.state.deployments.get(body.model)  # an unknown model: 404, and no metric labelled with it
     key = request.state.key
     charge = lambda num_tokens: request.state.rate_limits.charge_tokens(key, num_tokens)  # noqa: E731
-    observation = RequestObservation(request.state.metrics, request.state.request_id, body.model, charge)
+    if request.state.settings.request_metrics:
+        observation = RequestObservation(request.state.metrics, request.state.request_id, body.model, charge)
+    else:
+        observation = Unobserved()
     try:
         lease = await request.state.deployments.lease(body.model)
     except BaseException as error:
@@ -146,7 +149,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> dict:
     return task.result()
 
 
-async def _on_lease(choices: AsyncIterator[ChoiceChunk], lease: Lease, observation: RequestObservation) -> AsyncIterator[ChoiceChunk]:
+async def _on_lease(choices: AsyncIterator[ChoiceChunk], lease: Lease, observation: RequestObservation | Unobserved) -> AsyncIterator[ChoiceChunk]:
     """Release the lease and record the request when the stream ends, however it ends; a
     generation cut off by a swap's drain deadline ends with model_swapped rather than a bare
     engine error."""

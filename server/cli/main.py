@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests may finish after SIGTERM (a second SIGTERM exits at once)")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", default="text", choices=["text", "json"], help="json: every log line a JSON object")
+    serve.add_argument("--no-request-metrics", action="store_true", help="note nothing per request (benchmarks/metrics_overhead.py compares)")
     serve.add_argument("--metrics-need-key", action="store_true", help="/metrics needs a key with the metrics scope (default: open)")
     serve.set_defaults(run=_serve)
 
@@ -102,6 +103,7 @@ def _serve(args) -> int:
         admin_key=args.admin_key,
         keys=keys,
         metrics_need_key=args.metrics_need_key,
+        request_metrics=not args.no_request_metrics,
         max_prompt_tokens=args.max_prompt_tokens,
         max_completion_tokens=args.max_completion_tokens,
         max_running_per_deployment=args.max_running_per_deployment,

@@ -110,3 +110,10 @@ def test_the_grafana_dashboard_queries_only_metrics_that_baton_exports(server):
     exported_names |= {f"{name}_total" for name, kind in exported if kind == "counter"}
     gpu_names = set(re.findall(r'"(baton_gpu_[a-z_]+)"', (Path(__file__).parents[2] / "server" / "gpu_monitor.py").read_text()))
     assert names and names <= exported_names | gpu_names, names - exported_names - gpu_names
+
+
+def test_without_request_metrics_requests_are_served_and_nothing_is_noted(tiny_model_path, tmp_path):
+    settings = Settings(home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path)], request_metrics=False)
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=HI).status_code == 200
+        assert _value(_scrape(server), "baton_requests_total", deployment="chat") == 0
