@@ -146,6 +146,9 @@ class TransformersEngine:
 
     def _submit(self, sequence: Sequence) -> None:
         with self._wakeup:
+            if self._is_stopping:  # stopped or died meanwhile: nobody would take it
+                sequence.emit(EngineStoppedError("The engine is not running."))
+                return
             self._waiting.append(sequence)
             self._wakeup.notify()
 
@@ -166,7 +169,11 @@ class TransformersEngine:
             loaded.set_exception(error)
             return
         loaded.set_result(None)
-        self._serve_forever()
+        try:
+            self._serve_forever()
+        except BaseException as error:  # the worker is dying: nobody may wait on it for ever
+            log.exception("the engine's worker for %s died", self._path)
+            self._end_everything(EngineStoppedError(f"The engine failed: {error!r}"))
 
     def _serve_forever(self) -> None:
         while True:
@@ -222,9 +229,11 @@ class TransformersEngine:
             else:
                 done.set_result(None)
 
-    def _end_everything(self) -> None:
-        error = EngineStoppedError("The engine stopped before this generation finished.")
+    def _end_everything(self, error: BaseException | None = None) -> None:
+        """Every generation and call still pending ends with `error`; nothing is taken after."""
+        error = error or EngineStoppedError("The engine stopped before this generation finished.")
         with self._wakeup:
+            self._is_stopping = True
             waiting, self._waiting = self._waiting, []
             calls, self._calls = self._calls, []
         for sequence in waiting:

@@ -501,3 +501,31 @@ def test_a_dead_engine_is_replaced_by_the_standby_when_there_is_one(home):
         factory.built[1].die()
         _wait_for(lambda: _admin(server, "GET", "/deployments/chat")["version"] == "chat@1")
         assert _ask(server.client(), max_tokens=1)[0] == "chat@1" and len(factory.built) == 2  # nothing loaded
+
+
+class _WorkerKilled(BaseException):
+    """What kills a thread outright (as an interpreter fault would), unlike an Exception."""
+
+
+def test_a_transformers_engine_whose_worker_dies_ends_its_stream_and_is_restarted(home):
+    from server.engines.factory import build_engine
+
+    built = []
+
+    def recording_factory(path, options):
+        built.append(build_engine(path, options))
+        return built[-1]
+
+    def die():
+        raise _WorkerKilled()
+
+    with _server(home, recording_factory, idle_check_s=0.1) as server:
+        body = {"model": "chat", "messages": HI, "max_tokens": 2000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+            lines = filter(None, response.iter_lines())
+            next(lines)
+            built[0]._batch.step = die
+            events = list(lines)
+        assert '"error"' in events[-1]  # within the stream, not a hang
+        _wait_for(lambda: len(built) == 2 and _admin(server, "GET", "/deployments/chat")["state"] == "ready", seconds=60)
+        assert _ask(server.client(), max_tokens=2)[0] == "chat@1"
