@@ -1,7 +1,7 @@
 """What per-request metrics (and their log line and health outcome) cost: baton with them and
 without (`--no-request-metrics`), same model, same load, alternating in one run.
 
-    .venv/bin/python benchmarks/metrics_overhead.py [--model FOLDER] [--engine transformers] [--rounds 2]
+    .venv/bin/python benchmarks/metrics_overhead.py [--model FOLDER] [--engine transformers] [--rounds 4]
 
 Prints tokens/s and the server process's own CPU time per token for each, and the ratios.
 Target: metrics cost no more than 2% of tokens/s at concurrency 8. The CPU per token is the
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="each variant runs this many times, alternating")
+    parser.add_argument("--rounds", type=int, default=4, help="each variant runs this many times, alternating")
     args = parser.parse_args()
     model = args.model or _demo_model()
     prompts = _prompts(args.requests, seed=0)
