@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from models.errors import OverloadedError
 from server.deployments.admission import Admission
-from server.deployments.health import HealthPolicy, Window
+from server.deployments.health import HealthPolicy, Slo, Window
 from server.deployments.slot import Lease, Slot, SlotState, Target
 
 
@@ -45,8 +45,10 @@ class Deployment:
         self.admission = Admission(name, max_running, max_waiting, max_wait_seconds)
         self.policy = HealthPolicy()
         self.window = Window()  # outcomes of the active version's recent requests
-        self.is_breaching = False  # missed its objectives: alerted, and routed to a fallback if it has one
+        self.breaching: set[str] = set()  # what it misses ("slo", "golden"): alerted, routed to a fallback if it has one
         self.is_failed = False  # its engine died and it is being brought back
+        self.serving_since = time.monotonic()  # when the active version took the traffic
+        self.baseline: Slo | None = None  # objectives learnt from the active version, once taken
         self.engine_overrides = engine_overrides or {}
         self.active: Slot | None = active
         self.on_demand = on_demand
@@ -92,12 +94,18 @@ class Deployment:
         previous, self.active = self.active, slot
         slot.move_to(SlotState.READY, f"serving {self.name}")
         self.window.clear()  # another version: its health starts afresh
-        self.is_breaching = self.is_failed = False
+        self.breaching.clear()
+        self.is_failed = False
+        self.serving_since, self.baseline = time.monotonic(), None
         slot.last_used = time.monotonic()  # routed now: its idle time starts here, not at load
         if previous is not None:
             self.previous_version = previous.version
         self._serving.set()
         return previous
+
+    @property
+    def is_breaching(self) -> bool:
+        return bool(self.breaching)
 
     @property
     def needs_fallback(self) -> bool:
@@ -157,6 +165,7 @@ class Deployment:
             "standby": self.standby.describe() if self.standby else None,
             "previous_version": self.previous_version,
             "is_breaching": self.is_breaching,
+            "baseline": self.baseline.model_dump() if self.baseline else None,
             "fallbacks": self.policy.fallbacks,
         }
 

@@ -28,6 +28,19 @@ class Slo(BaseModel):
     min_requests: int = Field(10, ge=1, description="fewer in the window: no verdict")
 
 
+class Baseline(BaseModel):
+    """Objectives learnt from the version itself: its last minute of traffic once it has
+    served `after_s`, with room to move; used where no explicit `slo` is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after_s: float = Field(300.0, gt=0, description="how long a new version serves before its baseline is taken")
+    ttft_factor: float = Field(2.0, gt=1, description="breach: TTFT p95 above this times the baseline's")
+    tokens_per_s_factor: float = Field(0.5, gt=0, lt=1, description="breach: tokens/s below this times the baseline's")
+    error_rate_margin: float = Field(0.05, ge=0, le=1, description="breach: error rate above the baseline's plus this")
+    min_requests: int = Field(10, ge=1)
+
+
 class GoldenPrompt(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +54,7 @@ class HealthPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     slo: Slo | None = None
+    baseline: Baseline | None = Field(None, description="objectives from the version's own first minutes, where slo is not set")
     golden_prompts: list[GoldenPrompt] = Field(default_factory=list)
     golden_interval_s: float = Field(60.0, gt=0)
     on_breach: Literal["alert", "rollback", "fallback"] = "alert"
@@ -87,6 +101,18 @@ class Window:
             ttft_p95_s=ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))] if ttfts else None,
             tokens_per_s=statistics.median(rates) if rates else None,
         )
+
+
+def slo_from_baseline(stats: WindowStats, rule: Baseline) -> Slo | None:
+    """The objectives a version's own early traffic sets; None on too little of it."""
+    if stats.num_requests < rule.min_requests:
+        return None
+    return Slo(
+        max_error_rate=min(1.0, stats.error_rate + rule.error_rate_margin),
+        max_ttft_p95_s=stats.ttft_p95_s * rule.ttft_factor if stats.ttft_p95_s else None,
+        min_tokens_per_s=stats.tokens_per_s * rule.tokens_per_s_factor if stats.tokens_per_s else None,
+        min_requests=rule.min_requests,
+    )
 
 
 @dataclass(frozen=True)

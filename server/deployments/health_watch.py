@@ -15,7 +15,7 @@ import httpx
 from models.catalog import Change
 from server.config import Settings
 from server.deployments.deployment import Deployment
-from server.deployments.health import Breach, breaches
+from server.deployments.health import Breach, Slo, breaches, slo_from_baseline
 from server.deployments.slot import Slot
 from server.engines.base import GenerationRequest, SamplingParams
 from server.metrics import Metrics
@@ -43,13 +43,23 @@ class HealthWatch:
                     self._manager.keep(asyncio.ensure_future(self._check_golden(deployment)))
 
     async def _check_slo(self, deployment: Deployment) -> None:
-        slo = deployment.policy.slo
+        slo = deployment.policy.slo or self._baseline(deployment)
         found = breaches(deployment.window.stats(time.monotonic()), slo) if slo else []
-        if found and not deployment.is_breaching:
-            await self._on_breach(deployment, found)
-        elif not found and deployment.is_breaching:
-            log.info({"event": "recovered", "deployment": deployment.name, "version": deployment.version})
-            deployment.is_breaching = False  # met again, or too quiet to say: traffic comes back
+        if found and "slo" not in deployment.breaching:
+            await self._on_breach(deployment, found, "slo")
+        elif not found and "slo" in deployment.breaching:
+            self._recovered(deployment, "slo")  # met again, or too quiet to say: traffic comes back
+
+    def _baseline(self, deployment: Deployment) -> Slo | None:
+        """The version's own objectives, taken once it has served the baseline's `after_s`."""
+        rule = deployment.policy.baseline
+        if rule is None or deployment.baseline is not None:
+            return deployment.baseline
+        if time.monotonic() - deployment.serving_since >= rule.after_s:
+            deployment.baseline = slo_from_baseline(deployment.window.stats(time.monotonic()), rule)
+            if deployment.baseline is not None:
+                log.info({"event": "baseline", "deployment": deployment.name, "version": deployment.version, "slo": deployment.baseline.model_dump()})
+        return deployment.baseline
 
     async def _check_golden(self, deployment: Deployment) -> None:
         """Each golden prompt, greedily on the active version; an answer that does not match
@@ -62,11 +72,19 @@ class HealthWatch:
                 answer = f"(failed: {error})"
             if not re.search(golden.expect, answer):
                 text = f"golden prompt {index} answered {answer[:80]!r}, which does not match {golden.expect!r}"
-                await self._on_breach(deployment, [Breach("golden_prompt", text)])
+                if "golden" not in deployment.breaching:
+                    await self._on_breach(deployment, [Breach("golden_prompt", text)], "golden")
                 return
+        if "golden" in deployment.breaching:
+            self._recovered(deployment, "golden")
 
-    async def _on_breach(self, deployment: Deployment, found: list[Breach]) -> None:
-        """Alert (log line, metric, webhook), then act as the policy says."""
+    def _recovered(self, deployment: Deployment, source: str) -> None:
+        deployment.breaching.discard(source)
+        log.info({"event": "recovered", "deployment": deployment.name, "version": deployment.version, "source": source})
+
+    async def _on_breach(self, deployment: Deployment, found: list[Breach], source: str) -> None:
+        """Alert (log line, metric, webhook), then act as the policy says. `source`: which
+        check found it (slo, golden); each clears on its own."""
         policy = deployment.policy
         action = policy.on_breach
         if action == "rollback" and (deployment.previous_version is None or deployment.swap_lock.locked()):
@@ -77,7 +95,7 @@ class HealthWatch:
             self._metrics.degradations.labels(deployment.name, breach.kind, action).inc()
         if policy.webhook_url:
             self._manager.keep(asyncio.ensure_future(_post_alert(policy.webhook_url, alert)))
-        deployment.is_breaching = True
+        deployment.breaching.add(source)
         if action == "rollback":
             reason = "degradation: " + "; ".join(b.text for b in found)
             self._manager.keep(asyncio.ensure_future(self._manager.rollback(deployment.name, Change("baton", reason))))

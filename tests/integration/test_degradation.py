@@ -13,7 +13,7 @@ import pytest
 
 from models.registry import Registry
 from server.config import ModelSpec, Settings
-from server.deployments.health import GoldenPrompt, HealthPolicy, Slo
+from server.deployments.health import Baseline, GoldenPrompt, HealthPolicy, Slo
 from tests.conftest import ServerThread
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory
 
@@ -99,5 +99,19 @@ def test_a_golden_prompt_with_a_wrong_answer_raises_an_alert(home):
     policy = HealthPolicy(golden_prompts=[GoldenPrompt(prompt="What is the capital of France?", expect="Paris")], golden_interval_s=0.2)
     with ServerThread(Settings(home=home, models=[_spec(home, "chat", "chat@1", policy)], idle_check_s=0.1), engine_factory=FakeEngineFactory()) as server:
         _wait_for(lambda: _alerts(server, deployment="chat", reason="golden_prompt", action="alert") >= 1)
+        time.sleep(0.5)  # several health ticks: an SLO check (there is none) must not clear a golden breach
         assert httpx.get(f"{server.url}/admin/deployments/chat").json()["is_breaching"]
+        assert _alerts(server, deployment="chat", reason="golden_prompt", action="alert") == 1  # alerted once, not at every check
         assert httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK}, timeout=30).status_code == 200  # an alert only: still served
+
+
+def test_a_version_that_slows_against_its_own_baseline_raises_an_alert(home):
+    factory = FakeEngineFactory(default=FakeBehaviour(token_seconds=0.01))
+    policy = HealthPolicy(baseline=Baseline(after_s=0.3, ttft_factor=3.0, min_requests=5))
+    with ServerThread(Settings(home=home, models=[_spec(home, "chat", "chat@1", policy)], idle_check_s=0.1), engine_factory=factory) as server:
+        ask = lambda: httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK}, timeout=30).status_code  # noqa: E731
+        assert [ask() for _ in range(6)] == [200] * 6
+        _wait_for(lambda: httpx.get(f"{server.url}/admin/deployments/chat").json()["baseline"] is not None)
+        factory.built[0]._behaviour = FakeBehaviour(token_seconds=0.2)  # the same version, now slow
+        assert [ask() for _ in range(6)] == [200] * 6
+        _wait_for(lambda: _alerts(server, deployment="chat", reason="ttft", action="alert") == 1)

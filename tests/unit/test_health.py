@@ -42,3 +42,15 @@ def test_outcomes_age_out_of_the_window():
 @pytest.mark.parametrize(("ttfts", "p95"), [([0.1] * 18 + [9.0] * 2, 9.0), ([0.1] * 100 + [9.0], 0.1)])
 def test_p95_is_the_95th_percentile_of_first_tokens(ttfts, p95):
     assert _window([(False, t, None) for t in ttfts]).stats(now=100.0).ttft_p95_s == p95
+
+
+def test_a_baseline_turns_a_versions_early_traffic_into_objectives():
+    from server.deployments.health import Baseline, slo_from_baseline
+
+    rule = Baseline(ttft_factor=2.0, tokens_per_s_factor=0.5, error_rate_margin=0.05, min_requests=5)
+    early = _window([(False, 0.2, 40.0)] * 19 + [(True, 0.2, 40.0)]).stats(now=100.0)
+    slo = slo_from_baseline(early, rule)
+    assert (slo.max_error_rate, slo.max_ttft_p95_s, slo.min_tokens_per_s) == (pytest.approx(0.10), 0.4, 20.0)
+    assert slo_from_baseline(_window([(False, 0.2, 40.0)] * 4).stats(now=100.0), rule) is None  # too little to learn from
+    later = _window([(False, 0.9, 40.0)] * 20).stats(now=100.0)
+    assert [b.kind for b in breaches(later, slo)] == ["ttft"]
