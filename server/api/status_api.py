@@ -1,4 +1,4 @@
-"""Health of the process and of every served model."""
+"""Probes and scrapes: /health (every model's engine), /ready (readiness), /metrics."""
 
 from __future__ import annotations
 
