@@ -46,6 +46,7 @@ MAX_RECORDS = 200
 # ModelSpec fields that, set explicitly, override every version's own engine options.
 SPEC_ENGINE_FIELDS = ("engine", "dtype", "max_batch_size", "max_model_len")
 SECONDS_FOR_CUT_OFF_REQUESTS = 10.0  # after a reload aborts them, for their leases to come back
+MAX_RESTARTS = 6  # of a dead engine's version, with backoff: about half a minute of trying
 
 
 class DeploymentManager:
@@ -297,7 +298,9 @@ class DeploymentManager:
     async def _recover(self, deployment: Deployment) -> None:
         """The active engine died: its requests have ended with an error. New ones wait while
         the standby takes over (if there is one) or the same version starts again, with
-        backoff; after a failed start, waiting requests get a 503 at once instead of waiting."""
+        backoff; after a failed start, waiting requests get a 503 at once instead of waiting.
+        After MAX_RESTARTS failed starts the deployment stays down (503s, or its fallbacks)
+        until an operator swaps it to a version that starts."""
         dead = deployment.active
         self._metrics.engine_failures.labels(deployment.name, dead.version).inc()
         record = SwapRecord(deployment.name, "recover", dead.version, dead.version, "restart", "baton", "the engine died")
@@ -308,7 +311,12 @@ class DeploymentManager:
             dead.move_to(SlotState.FAILED, "engine died")
             async with record.phase("stop"):
                 await self._stop(dead)
-            slot = await self._bring_up_after_failure(deployment, record, dead.target)
+            try:
+                slot = await self._bring_up_after_failure(deployment, record, dead.target)
+            except Exception as error:
+                record.finish(error)
+                self._record_outcome(record)
+                return
             async with record.phase("flip"):
                 deployment.flip_to(slot)
         record.finish()
@@ -325,15 +333,16 @@ class DeploymentManager:
             else:
                 record.strategy, record.to_version = "standby", standby.version
                 return standby
-        num_failed = 0
-        while True:
+        for num_failed in range(MAX_RESTARTS):
             await asyncio.sleep(restart_delay_s(num_failed))
             try:
                 return await self._load_and_verify(record, target, deployment)
             except Exception as error:
-                num_failed += 1
-                log.warning("restart %d of %s failed: %s", num_failed, target.version, error)
+                log.warning("restart %d of %s failed: %s", num_failed + 1, target.version, error)
                 deployment.fail_waiting(OverloadedError(f"Deployment {deployment.name} lost its engine and is restarting it; retry shortly."))
+        down = f"Deployment {deployment.name} lost its engine and {target.version} failed to start {MAX_RESTARTS} times; an operator must swap it to a version that starts."
+        deployment.fail_waiting(OverloadedError(down))
+        raise SwapFailedError(down)
 
     async def _unload(self, deployment: Deployment, reason: str) -> None:
         record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
@@ -376,6 +385,8 @@ class DeploymentManager:
         target = self._resolve(ref, deployment.engine_overrides)
         if target.version == deployment.version:
             raise ConflictError(f"{deployment.name} already serves {target.version}.")
+        if deployment.active is None and deployment.is_failed:
+            return target, Choice("load", "the deployment is down: its engine died and did not restart")
         if deployment.active is None:
             raise ConflictError(f"{deployment.name} has no version loaded; deploy it again instead.")
         return target, choose_strategy(strategy, self._swap_facts(deployment, target))
@@ -390,8 +401,20 @@ class DeploymentManager:
         )
 
     async def _swap(self, deployment: Deployment, record: SwapRecord, target: Target, choice: Choice) -> None:
-        swaps = {"standby": self._swap_to_standby, "reload": self._swap_reload, "replace": self._swap_replace, "blue-green": self._swap_blue_green}
+        swaps = {
+            "standby": self._swap_to_standby,
+            "reload": self._swap_reload,
+            "replace": self._swap_replace,
+            "blue-green": self._swap_blue_green,
+            "load": self._swap_into_down,
+        }
         await swaps[choice.strategy](deployment, record, target)
+
+    async def _swap_into_down(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
+        """A deployment left down by a dead engine: load the target; requests resume on it."""
+        new = await self._load_and_verify(record, target, deployment)
+        async with record.phase("flip"):
+            deployment.flip_to(new)
 
     async def _swap_blue_green(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
         new = await self._load_and_verify(record, target, deployment)

@@ -529,3 +529,24 @@ def test_a_transformers_engine_whose_worker_dies_ends_its_stream_and_is_restarte
         assert '"error"' in events[-1]  # within the stream, not a hang
         _wait_for(lambda: len(built) == 2 and _admin(server, "GET", "/deployments/chat")["state"] == "ready", seconds=60)
         assert _ask(server.client(), max_tokens=2)[0] == "chat@1"
+
+
+def test_a_version_that_cannot_restart_leaves_the_deployment_down_until_a_swap(home, monkeypatch):
+    from server.deployments import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "MAX_RESTARTS", 2)
+    first = Registry(home).resolve("chat@1").path.name
+    factory = FakeEngineFactory()
+    with _server(home, factory, idle_check_s=0.1) as server:
+        factory.behaviours[first] = FakeBehaviour(fails_to_start=True)  # from now on chat@1 cannot start
+        factory.built[0].die()
+        _wait_for(lambda: any(r["action"] == "recover" and r["status"] == "failed" for r in _history_records(home)))
+        down = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", "messages": HI, "max_tokens": 1})
+        assert down.status_code == 503 and "failed to start 2 times" in down.json()["error"]["message"]
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2")
+        assert (record["status"], record["strategy"]) == ("succeeded", "load")
+        assert _ask(server.client(), max_tokens=1)[0] == "chat@2"
+
+
+def _history_records(home: Path) -> list[dict]:
+    return [e["details"] for e in Registry(home).history("chat") if "status" in e.get("details", {})]
