@@ -100,12 +100,7 @@ async def _respond(request: Request, body, tokenize, fmt):
     out of here returns the lease exactly once (Lease.release is idempotent)."""
     _check_deployment(request, body.model)
     request.state.deployments.get(body.model)  # an unknown model: 404, and no metric labelled with it
-    key = request.state.key
-    charge = lambda num_tokens: request.state.rate_limits.charge_tokens(key, num_tokens)  # noqa: E731
-    if request.state.settings.request_metrics:
-        observation = RequestObservation(request.state.metrics, request.state.request_id, body.model, charge)
-    else:
-        observation = Unobserved()
+    observation = _observation(request, body.model)
     try:
         lease = await request.state.deployments.lease(body.model)
     except BaseException as error:
@@ -135,6 +130,14 @@ async def _respond(request: Request, body, tokenize, fmt):
         return JSONResponse(body, headers=headers)
     finally:
         lease.release()
+
+
+def _observation(request: Request, deployment: str) -> RequestObservation | Unobserved:
+    """What notes this request's metrics, log line, health outcome and token charge."""
+    if not request.state.settings.request_metrics:
+        return Unobserved()
+    key, rate_limits = request.state.key, request.state.rate_limits
+    return RequestObservation(request.state.metrics, request.state.request_id, deployment, lambda num_tokens: rate_limits.charge_tokens(key, num_tokens))
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> dict:

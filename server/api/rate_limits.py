@@ -23,13 +23,13 @@ class TokenBucket:
     tokens: float
     updated_at: float
 
-    def take(self, now: float, amount: float = 1) -> float:
-        """Spend `amount` now: 0 when granted, else the seconds until it would be."""
+    def take(self, now: float) -> float:
+        """Spend one now: 0 when granted, else the seconds until one is there."""
         self._refill(now)
-        if self.tokens >= amount:
-            self.tokens -= amount
+        if self.tokens >= 1:
+            self.tokens -= 1
             return 0.0
-        return (amount - self.tokens) * 60 / self.per_minute
+        return (1 - self.tokens) * 60 / self.per_minute
 
     def charge(self, now: float, amount: float) -> None:
         """Spend `amount` whatever is left: the bucket may go into debt."""

@@ -131,8 +131,9 @@ class Deployment:
         self._serving.clear()
 
     def fail_waiting(self, error: BaseException) -> None:
-        """An on-demand load failed: requests waiting for it, or arriving before the next
-        load begins, get `error`. The outcome stays set so no waiter can miss it."""
+        """A load failed (on demand, or restarting a dead engine): requests waiting for it, or
+        arriving before the next load or flip, get `error`. The outcome stays set so no
+        waiter can miss it."""
         self._load_error = error
         self._serving.set()
 

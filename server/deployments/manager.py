@@ -385,17 +385,16 @@ class DeploymentManager:
         target = self._resolve(ref, deployment.engine_overrides)
         if target.version == deployment.version:
             raise ConflictError(f"{deployment.name} already serves {target.version}.")
-        if deployment.active is None and deployment.is_failed:
-            return target, Choice("load", "the deployment is down: its engine died and did not restart")
-        if deployment.active is None:
+        if deployment.active is None and not deployment.is_failed:
             raise ConflictError(f"{deployment.name} has no version loaded; deploy it again instead.")
         return target, choose_strategy(strategy, self._swap_facts(deployment, target))
 
     def _swap_facts(self, deployment: Deployment, target: Target) -> SwapFacts:
-        standby = deployment.standby
+        standby, active = deployment.standby, deployment.active
         return SwapFacts(
+            is_down=active is None,
             is_on_standby=standby is not None and standby.version == target.version,
-            reload_blocker=_reload_blocker(deployment.active, target),
+            reload_blocker=_reload_blocker(active, target) if active is not None else "nothing is loaded",
             needed_bytes=target.memory_bytes,
             free_bytes=self._settings.memory_budget_bytes - self.memory_in_use_bytes,
         )

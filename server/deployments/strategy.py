@@ -6,6 +6,7 @@ unit test (nano-vllm's scheduler: policy without I/O).
   reload      same layout, and the engine reloads in place: hold, drain, swap weights, resume
   blue-green  the memory plan fits both: load beside, flip, drain (no request waits)
   replace     the last resort: the old version sleeps or unloads, new requests wait in a queue
+A deployment left down by a dead engine is simply loaded (`load`), whatever was asked.
 An explicit strategy that cannot apply is refused before anything stops, with the reason.
 """
 
@@ -20,6 +21,7 @@ STRATEGIES = ("auto", "standby", "reload", "blue-green", "replace")
 
 @dataclass(frozen=True)
 class SwapFacts:
+    is_down: bool  # nothing serves: its engine died and did not restart
     is_on_standby: bool  # the target is the deployment's standby slot
     reload_blocker: str | None  # why weights cannot be reloaded in place; None: they can
     needed_bytes: int  # what the target would hold of the memory budget, loaded beside
@@ -35,6 +37,8 @@ class Choice:
 def choose_strategy(requested: str, facts: SwapFacts) -> Choice:
     if requested not in STRATEGIES:
         raise InvalidRequestError(f"Unknown strategy {requested!r}; use one of {', '.join(STRATEGIES)}.", param="strategy")
+    if facts.is_down:  # there is nothing to drain, keep or reload into: any strategy is a load
+        return Choice("load", "the deployment is down: its engine died and did not restart")
     if requested == "auto":
         return _fastest(facts)
     if refusal := _refusal(requested, facts):

@@ -8,8 +8,8 @@ from server.deployments.strategy import SwapFacts, choose_strategy
 GIB = 2**30
 
 
-def facts(is_on_standby=False, reload_blocker="the architecture differs (A -> B)", needed=10 * GIB, free=20 * GIB) -> SwapFacts:
-    return SwapFacts(is_on_standby, reload_blocker, needed, free)
+def facts(is_on_standby=False, reload_blocker="the architecture differs (A -> B)", needed=10 * GIB, free=20 * GIB, is_down=False) -> SwapFacts:
+    return SwapFacts(is_down, is_on_standby, reload_blocker, needed, free)
 
 
 def test_auto_takes_standby_before_anything():
@@ -65,3 +65,8 @@ def test_replace_always_applies():
 def test_an_unknown_strategy_is_a_400_naming_the_choices():
     with pytest.raises(InvalidRequestError, match="use one of auto, standby, reload, blue-green, replace"):
         choose_strategy("yolo", facts())
+
+
+@pytest.mark.parametrize("strategy", ["auto", "reload", "blue-green", "replace", "standby"])
+def test_a_deployment_left_down_is_loaded_whatever_was_asked(strategy):
+    assert choose_strategy(strategy, facts(is_down=True, needed=100 * GIB, free=0)).strategy == "load"
