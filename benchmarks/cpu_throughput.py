@@ -56,6 +56,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"], help="baton's engine")
     parser.add_argument("--anchor", default="transformers-serve", choices=["transformers-serve", "vllm-server"])
+    parser.add_argument("--anchor-arg", action="append", default=[], help="an extra argument for the anchor's command line; repeatable")
     parser.add_argument("--only", choices=["baton", "transformers-serve", "vllm-server"], help="run one server only")
     parser.add_argument("--out", type=Path, default=results_dir() / "cpu_throughput.json")
     return parser.parse_args()
@@ -87,6 +88,7 @@ def _servers(model: Path, args) -> list[tuple[str, list[str], str]]:
             "--port", "{port}", *_vllm_cpu_defaults(),
         ],
     }
+    anchors = {name: [*command, *args.anchor_arg] for name, command in anchors.items()}
     served_as = {"transformers-serve": str(model), "vllm-server": "bench"}
     servers = [("baton", baton, "bench"), (args.anchor, anchors[args.anchor], served_as[args.anchor])]
     return [s for s in servers if args.only in (None, s[0])]

@@ -235,7 +235,7 @@ def _report(runs: dict, args) -> None:
             trips = run["standby_command_round_trip"]
             print(f"{'':>10}  standby swap command round trip (no load, n={trips['n']}): p50 {trips['p50_s'] * 1000:.1f} ms, p99 {trips['p99_s'] * 1000:.1f} ms")
     out = RESULTS / "swap_under_load.json"
-    out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+    out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2, default=str))
     print(f"wrote {out}")
     _plot(runs)
 

@@ -4,7 +4,6 @@ uvicorn server on a free port, driven by the official openai client."""
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -13,13 +12,13 @@ import openai
 import pytest
 import uvicorn
 
+from benchmarks.random_model import build_random_llama
 from models.catalog import Change
 from models.demo import ensure_demo_model
 from models.registry import ImportOptions, Registry
 from server.app import create_app
 from server.config import ModelSpec, Settings, default_home
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 @pytest.fixture(scope="session")
@@ -56,30 +55,9 @@ def tiny_model_path(tmp_path_factory, demo_model_path) -> Path:
 
 def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0, **shape) -> Path:
     """A 2-layer Llama with random float32 weights and SmolLM2's tokenizer: real code paths,
-    milliseconds per token. A large init spread keeps greedy choices far from ties. `shape`
-    overrides config fields (another layout, or head sizes vLLM's kernels take)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    fields = dict(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        initializer_range=0.5,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(LlamaConfig(**(fields | shape))).to(torch.float32).save_pretrained(target)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_source / name, target / name)
-    return target
+    milliseconds per token. `shape` overrides config fields (another layout, or head sizes
+    vLLM's kernels take)."""
+    return build_random_llama(target, tokenizer_source, seed, "float32", "tiny", **shape)
 
 
 def streaming_versions_during(server, model: str, messages: list[dict], action, num_clients: int = 4, settle_s: float = 1.0):

@@ -28,12 +28,12 @@ from server.deployments.drain import StopDecision, decide_stop
 from server.deployments.health import HealthPolicy
 from server.deployments.health_watch import HealthWatch
 from server.deployments.layout import ModelLayout, reload_blocker
-from server.deployments.memory_plan import fits, plan_gpu_share
+from server.deployments.memory_plan import fits, plan_gpu_share, usable_gpu_bytes
 from server.deployments.recovery import restart_delay_s
 from server.deployments.slot import Lease, Slot, SlotState, Target
 from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy
 from server.deployments.swap_record import SwapRecord
-from server.devices import gpu_memory
+from server.devices import GpuMemory, gpu_memory
 from server.metrics import Metrics
 from server.engines.base import Engine, GenerationRequest, SamplingParams, can_reload, can_sleep, engine_process_ids
 from server.engines.factory import engine_for, estimate_memory_bytes
@@ -396,8 +396,16 @@ class DeploymentManager:
             is_on_standby=standby is not None and standby.version == target.version,
             reload_blocker=_reload_blocker(active, target) if active is not None else "nothing is loaded",
             needed_bytes=target.memory_bytes,
-            free_bytes=self._settings.memory_budget_bytes - self.memory_in_use_bytes,
+            **self._room_beside(target),
         )
+
+    def _room_beside(self, target: Target) -> dict:
+        """Room to load `target` beside what runs: on a GPU, for a vLLM engine whose share is
+        planned, what the plan would give it (vLLM's memory is the GPU's, not the budget's)."""
+        if (gpu := self._gpu_to_plan(target)) is None:
+            return {"free_bytes": self._settings.memory_budget_bytes - self.memory_in_use_bytes, "free_in": "the memory budget"}
+        usable = usable_gpu_bytes(gpu.total_bytes, gpu.free_bytes, self._gpu_headroom_bytes, self._engines_per_gpu)
+        return {"free_bytes": usable, "free_in": "the GPU after its headroom"}
 
     async def _swap(self, deployment: Deployment, record: SwapRecord, target: Target, choice: Choice) -> None:
         swaps = {
@@ -636,15 +644,28 @@ class DeploymentManager:
     def _planned(self, target: Target) -> tuple[dict, Target, str]:
         """The options an engine starts with: on a GPU, a vLLM engine with no explicit
         `gpu_memory_utilization` gets one planned from the device's free memory now."""
-        gpus = gpu_memory()
+        if (gpu := self._gpu_to_plan(target)) is None:
+            return target.options, target, ""
+        headroom = self._gpu_headroom_bytes
+        share = plan_gpu_share(gpu.total_bytes, gpu.free_bytes, headroom, self._engines_per_gpu, target.memory_bytes)
+        plan = f"gpu_memory_utilization {share:.2f} planned: {gpu.free_bytes >> 20} MiB free of {gpu.total_bytes >> 20} MiB, {headroom >> 20} MiB headroom"
+        return {**target.options, "gpu_memory_utilization": share}, replace(target, memory_bytes=int(share * gpu.total_bytes)), plan
+
+    def _gpu_to_plan(self, target: Target) -> GpuMemory | None:
+        """The GPU whose free memory sizes `target`: a vLLM engine with no explicit share."""
         options = target.options
-        if not gpus or options.get("gpu_memory_utilization") is not None or engine_for(target.path, options.get("engine") or "auto") != "vllm":
-            return options, target, ""
-        num_engines = 2 if self._settings.gpu_room_for_blue_green else 1
-        headroom = int(self._settings.gpu_headroom_gib * 2**30)
-        share = plan_gpu_share(gpus[0].total_bytes, gpus[0].free_bytes, headroom, num_engines)
-        plan = f"gpu_memory_utilization {share:.2f} planned: {gpus[0].free_bytes >> 20} MiB free of {gpus[0].total_bytes >> 20} MiB, {headroom >> 20} MiB headroom"
-        return {**options, "gpu_memory_utilization": share}, replace(target, memory_bytes=int(share * gpus[0].total_bytes)), plan
+        if options.get("gpu_memory_utilization") is not None or engine_for(target.path, options.get("engine") or "auto") != "vllm":
+            return None
+        gpus = gpu_memory()
+        return gpus[0] if gpus else None
+
+    @property
+    def _gpu_headroom_bytes(self) -> int:
+        return int(self._settings.gpu_headroom_gib * 2**30)
+
+    @property
+    def _engines_per_gpu(self) -> int:
+        return 2 if self._settings.gpu_room_for_blue_green else 1
 
     async def _verify(self, slot: Slot, prompts: list[str]) -> None:
         """Every smoke prompt must produce at least one token, greedily, within the timeout."""

@@ -25,7 +25,8 @@ class SwapFacts:
     is_on_standby: bool  # the target is the deployment's standby slot
     reload_blocker: str | None  # why weights cannot be reloaded in place; None: they can
     needed_bytes: int  # what the target would hold of the memory budget, loaded beside
-    free_bytes: int  # what the budget has left now
+    free_bytes: int  # what is left now where it would load
+    free_in: str = "the memory budget"  # where that is, for the reason given
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def _fastest(facts: SwapFacts) -> Choice:
     fits = facts.needed_bytes <= facts.free_bytes
     why_not_reload = f"no reload ({facts.reload_blocker})"
     if fits:
-        return Choice("blue-green", f"{why_not_reload}; both fit the memory budget")
+        return Choice("blue-green", f"{why_not_reload}; both fit {facts.free_in}")
     return Choice("replace", f"{why_not_reload}; {_shortfall(facts)}")
 
 
@@ -69,4 +70,4 @@ def _refusal(strategy: str, facts: SwapFacts) -> str | None:
 
 
 def _shortfall(facts: SwapFacts) -> str:
-    return f"loading beside needs {facts.needed_bytes} bytes and the memory budget has {max(facts.free_bytes, 0)} free"
+    return f"loading beside needs {facts.needed_bytes} bytes and {facts.free_in} has {max(facts.free_bytes, 0)} free"

