@@ -39,6 +39,10 @@ class FakeEngine:
     def max_model_len(self) -> int:
         return 4096
 
+    @property
+    def vocab_size(self) -> int:
+        return 1000
+
     async def start(self) -> None:
         await asyncio.sleep(self._behaviour.start_seconds)
         if self._behaviour.fails_to_start:

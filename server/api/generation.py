@@ -42,6 +42,12 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
     return requested if requested is not None else room
 
 
+def check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> None:
+    """Token ids a request names (a prompt, a logit bias) must be in the vocabulary."""
+    if unknown := [token_id for token_id in token_ids if not 0 <= token_id < vocab_size]:
+        raise InvalidRequestError(f"Token id {unknown[0]} in {param} is not in the model's vocabulary (ids 0 to {vocab_size - 1}).", param=param)
+
+
 def build_requests(
     body: ChatCompletionRequest | CompletionRequest,
     prompts: Sequence[Sequence[int]],
@@ -49,9 +55,12 @@ def build_requests(
     max_n: int,
     max_prompt_tokens: int | None = None,
     max_completion_tokens: int | None = None,
+    vocab_size: int | None = None,
 ) -> list[GenerationRequest]:
     """n generations per prompt, indexed prompt-major as OpenAI does. A seed gives choice i
     the seed + i, so that choices differ yet the whole answer is reproducible."""
+    if vocab_size is not None:
+        check_token_ids([token_id for token_id, _ in body.logit_bias_pairs], vocab_size, "logit_bias")
     if body.n > max_n:
         raise InvalidRequestError(f"n must be at most {max_n}.", param="n")
     if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
@@ -73,7 +82,17 @@ def build_requests(
             max_tokens = min(max_tokens, max_completion_tokens)
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
-            sampling = SamplingParams(max_tokens, temperature, body.top_p, seed, body.stop_sequences)
+            sampling = SamplingParams(
+                max_tokens,
+                temperature,
+                body.top_p,
+                seed,
+                body.stop_sequences,
+                body.presence_penalty,
+                body.frequency_penalty,
+                body.logit_bias_pairs,
+                body.num_top_logprobs,
+            )
             requests.append(GenerationRequest(uuid.uuid4().hex, prompt, sampling))
     return requests
 

@@ -7,20 +7,23 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
+from itertools import accumulate
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelSwappedError
-from server.api.generation import ChoiceChunk, build_requests, stream_choices
+from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelSwappedError, NotFoundError
+from server.api.generation import ChoiceChunk, build_requests, check_token_ids, stream_choices
 from server.api.observation import RequestObservation, Unobserved
 from server.addresses import is_loopback
 from server.deployments.slot import Lease
 from server.keys import authorize, bearer_token
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
+from server.engines.base import TokenLogprob
 
 log = logging.getLogger(__name__)
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -44,55 +47,101 @@ def _check_deployment(request: Request, name: str) -> None:
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
 
 
+def _callable_names(request: Request) -> list[str]:
+    key = request.state.key
+    return [d.name for d in request.state.deployments.deployments if key is None or key.may_call(d.name)]
+
+
+def _model_card(request: Request, name: str) -> dict:
+    return {"id": name, "object": "model", "created": request.state.started_at, "owned_by": "baton"}
+
+
 @router.get("/models")
 async def list_models(request: Request) -> dict:
-    created = request.state.started_at
-    key = request.state.key
-    names = [d.name for d in request.state.deployments.deployments if key is None or key.may_call(d.name)]
-    data = [{"id": name, "object": "model", "created": created, "owned_by": "baton"} for name in names]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_model_card(request, name) for name in _callable_names(request)]}
+
+
+@router.get("/models/{model:path}")
+async def get_model(model: str, request: Request) -> dict:
+    if model not in _callable_names(request):
+        raise NotFoundError(f"The model '{model}' does not exist.", param="model", code="model_not_found")
+    return _model_card(request, model)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     messages = [m.as_template_input() for m in body.messages]
-    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages)], ChatFormat())
+    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages)], ChatFormat(body.logprobs is True))
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    return await _respond(request, body, lambda engine: [engine.tokenize(text) for text in body.prompt], TextFormat())
+    return await _respond(request, body, lambda engine: [_prompt_ids(engine, prompt) for prompt in body.prompt], TextFormat(body.logprobs is not None))
 
 
+def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return engine.tokenize(prompt)
+    check_token_ids(prompt, engine.vocab_size, "prompt")
+    return prompt
+
+
+@dataclass(frozen=True)
 class ChatFormat:
+    wants_logprobs: bool
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob]) -> dict:
         message = {"role": "assistant", "content": text}
-        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "message": message, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
 
     def opening_delta(self, index: int) -> dict | None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-    def delta(self, index: int, text: str, finish_reason: str | None) -> dict:
+    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = ()) -> dict:
         delta = {"content": text} if text else {}
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs) if logprobs else None, "finish_reason": finish_reason}
+
+    def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> dict | None:
+        """OpenAI's chat shape: per token its text, bytes, logprob and the top alternatives."""
+        if not self.wants_logprobs:
+            return None
+        content = [{**_token(t.token, t.logprob), "top_logprobs": [_token(text, value) for text, value in t.top]} for t in logprobs]
+        return {"content": content, "refusal": None}
 
 
+@dataclass(frozen=True)
 class TextFormat:
+    wants_logprobs: bool
     object = "text_completion"
     chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = ()) -> dict:
+        return {"index": index, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
 
     def opening_delta(self, index: int) -> dict | None:
         return None
 
     delta = choice
+
+    def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> dict | None:
+        """The legacy completions shape: parallel lists, top alternatives as {text: logprob}."""
+        if not self.wants_logprobs:
+            return None
+        offsets = list(accumulate((len(t.token) for t in logprobs), initial=0))[:-1]
+        return {
+            "tokens": [t.token for t in logprobs],
+            "token_logprobs": [t.logprob for t in logprobs],
+            "top_logprobs": [dict(t.top) for t in logprobs],
+            "text_offset": offsets,
+        }
+
+
+def _token(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
 async def _respond(request: Request, body, tokenize, fmt):
@@ -110,7 +159,9 @@ async def _respond(request: Request, body, tokenize, fmt):
     try:
         prompts = tokenize(lease.engine)
         settings = request.state.settings
-        requests = build_requests(body, prompts, lease.engine.max_model_len, settings.max_n, settings.max_prompt_tokens, settings.max_completion_tokens)
+        requests = build_requests(
+            body, prompts, lease.engine.max_model_len, settings.max_n, settings.max_prompt_tokens, settings.max_completion_tokens, lease.engine.vocab_size
+        )
     except BaseException as error:
         lease.release()
         observation.finish(_status_of(error))
@@ -123,7 +174,8 @@ async def _respond(request: Request, body, tokenize, fmt):
     if lease.fallback_from is not None:
         headers["x-baton-fallback-from"] = lease.fallback_from
     if body.stream:
-        events = _sse(choices, fmt, {**head, "object": fmt.chunk_object}, len(requests), num_prompt_tokens, body.include_usage)
+        usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage)
+        events = _sse(choices, fmt, {**head, "object": fmt.chunk_object}, len(requests), usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(lease.release))
     try:
         body = await _unless_disconnected(request, _collect(choices, fmt, head, len(requests), num_prompt_tokens))
@@ -185,39 +237,58 @@ def _status_of(error: BaseException) -> int:
 
 async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_choices: int, num_prompt_tokens: int) -> dict:
     texts, reasons, num_completion_tokens = [""] * num_choices, [None] * num_choices, 0
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(num_choices)]
     async with aclosing(choices) as stream:
         async for item in stream:
             texts[item.index] += item.chunk.text
             reasons[item.index] = item.chunk.finish_reason
+            logprobs[item.index] += item.chunk.logprobs
             num_completion_tokens += item.chunk.num_tokens
     return {
         **head,
-        "choices": [fmt.choice(i, texts[i], reasons[i]) for i in range(num_choices)],
+        "choices": [fmt.choice(i, texts[i], reasons[i], logprobs[i]) for i in range(num_choices)],
         "usage": _usage(num_prompt_tokens, num_completion_tokens),
     }
 
 
-async def _sse(choices, fmt, head: dict, num_choices: int, num_prompt_tokens: int, include_usage: bool):
-    """SSE chunks, then `data: [DONE]`. Rule: with include_usage every chunk carries
-    `usage: null` and one last chunk with no choices carries the totals."""
-    extra = {"usage": None} if include_usage else {}
-    num_completion_tokens = 0
+@dataclass
+class _UsagePolicy:
+    """Rule: with include_usage every chunk carries `usage: null` and one last chunk with no
+    choices carries the totals; with continuous_usage_stats every chunk carries the totals so far."""
+
+    num_prompt_tokens: int
+    include_usage: bool
+    is_continuous: bool
+    num_completion_tokens: int = 0
+
+    def on_chunk(self) -> dict:
+        if self.is_continuous:
+            return {"usage": _usage(self.num_prompt_tokens, self.num_completion_tokens)}
+        return {"usage": None} if self.include_usage else {}
+
+    def final(self) -> dict:
+        return _usage(self.num_prompt_tokens, self.num_completion_tokens)
+
+
+async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy):
+    """SSE chunks, then `data: [DONE]`."""
     for index in range(num_choices):
         if (opening := fmt.opening_delta(index)) is not None:
-            yield _event({**head, "choices": [opening], **extra})
+            yield _event({**head, "choices": [opening], **usage.on_chunk()})
     try:
         async with aclosing(choices) as stream:
             async for item in stream:
-                num_completion_tokens += item.chunk.num_tokens
-                if item.chunk.text:
-                    yield _event({**head, "choices": [fmt.delta(item.index, item.chunk.text, None)], **extra})
-                if item.chunk.finish_reason:
-                    yield _event({**head, "choices": [fmt.delta(item.index, "", item.chunk.finish_reason)], **extra})
+                chunk = item.chunk
+                usage.num_completion_tokens += chunk.num_tokens
+                if chunk.text or chunk.logprobs:
+                    yield _event({**head, "choices": [fmt.delta(item.index, chunk.text, None, chunk.logprobs)], **usage.on_chunk()})
+                if chunk.finish_reason:
+                    yield _event({**head, "choices": [fmt.delta(item.index, "", chunk.finish_reason)], **usage.on_chunk()})
     except Exception as error:  # headers are sent: the error can only travel in the stream
         yield _event(_stream_error(error).to_body())
         return
-    if include_usage:
-        yield _event({**head, "choices": [], "usage": _usage(num_prompt_tokens, num_completion_tokens)})
+    if usage.include_usage:
+        yield _event({**head, "choices": [], "usage": usage.final()})
     yield "data: [DONE]\n\n"
 
 

@@ -2,12 +2,13 @@
 
 Rule: a field baton does not implement is rejected (extra="forbid") so that a caller never
 believes a setting took effect when it did not; `user` and `metadata` are accepted because
-they change nothing about the output.
+they change nothing about the output, and so is any value that asks for nothing (`tools:
+null`, `response_format: {"type": "text"}`, `echo: false`): clients send their defaults.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -46,7 +47,12 @@ class ChatMessage(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # usage on every chunk, not only the last
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]  # json_object and json_schema: not yet (a 400 says so)
 
 
 class _GenerationBody(_Strict):
@@ -59,10 +65,23 @@ class _GenerationBody(_Strict):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in -100..100
     user: str | None = None
     metadata: dict[str, str] | None = None
 
     _stop_as_list = field_validator("stop", mode="before")(_as_list)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias):
+        for token, value in (bias or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids; {token!r} is not")
+            if not -100 <= value <= 100:
+                raise ValueError(f"the bias for token {token} is {value}; biases are between -100 and 100")
+        return bias
 
     @model_validator(mode="after")
     def _check_stream_options(self):
@@ -76,23 +95,65 @@ class _GenerationBody(_Strict):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream_options and (self.stream_options.include_usage or self.stream_options.continuous_usage_stats))
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
 
 
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    # Tools are not served yet: only the values that ask for nothing are accepted.
+    tools: list[dict] | None = Field(None, max_length=0)
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_top_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def num_top_logprobs(self) -> int | None:
+        """None: no logprobs; k: the chosen token's and the k most likely."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_GenerationBody):
-    prompt: list[str] = Field(min_length=1)
+    prompt: list[str] | list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]] = Field(min_length=1)
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions; null: the context's room
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: Literal[False] = False
+    best_of: Literal[1] | None = None
 
-    _prompt_as_list = field_validator("prompt", mode="before")(_as_list)
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_as_list(cls, prompt):
+        """A string, a list of strings, a list of token ids, or a list of such lists."""
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]
+        return prompt
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def num_top_logprobs(self) -> int | None:
+        return self.logprobs

@@ -15,9 +15,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from server.engines.base import Chunk, FinishReason, GenerationRequest
+from server.engines.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
 from server.engines.detokenizer import IncrementalDetokenizer
-from server.engines.sampler import sample_token
+from server.engines.sampler import adjusted_logits, sample_token, token_logprobs
 from models.errors import EngineError
 
 
@@ -29,9 +29,9 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     emit: Callable[[Chunk | BaseException], None]
-    num_generated: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
     num_unreported_tokens: int = 0
-    last_token_id: int = -1
+    unreported_logprobs: list[TokenLogprob] = field(default_factory=list)
     is_aborted: bool = False
     has_failed: bool = False  # ended by an error of its own; its row leaves the batch
     finish_reason: FinishReason | None = field(default=None)
@@ -63,7 +63,7 @@ class ContinuousBatch:
 
     def step(self) -> None:
         """Decode one token for every running sequence."""
-        input_ids = torch.tensor([[s.last_token_id] for s in self.sequences], device=self._device)
+        input_ids = torch.tensor([[s.output_token_ids[-1]] for s in self.sequences], device=self._device)
         ones = torch.ones((len(self.sequences), 1), dtype=self._attention_mask.dtype, device=self._device)
         self._attention_mask = torch.cat([self._attention_mask, ones], dim=-1)
         positions = self._attention_mask.sum(-1, keepdim=True) - 1
@@ -105,14 +105,24 @@ class ContinuousBatch:
         """Rule: a row that fails (its own sampling parameters, its own text) fails alone;
         the rest of the batch goes on."""
         try:
-            return self._append(sequence, sample_token(logits, sequence.request.sampling, sequence.generator))
+            sampling = sequence.request.sampling
+            logits = adjusted_logits(logits, sampling, sequence.output_token_ids)
+            token_id = sample_token(logits, sampling, sequence.generator)
+            if sampling.logprobs is not None:
+                sequence.unreported_logprobs.append(self._logprob(sequence, logits, token_id))
+            return self._append(sequence, token_id)
         except Exception as error:
             sequence.has_failed = True
             return EngineError(f"Generation failed: {error}")
 
+    @staticmethod
+    def _logprob(sequence: Sequence, logits: torch.Tensor, token_id: int) -> TokenLogprob:
+        sampling, text_of = sequence.request.sampling, sequence.detokenizer.token_text
+        logprob, top = token_logprobs(logits, sampling, token_id, sampling.logprobs)
+        return TokenLogprob(text_of(token_id), logprob, tuple((text_of(i), value) for i, value in top))
+
     def _append(self, sequence: Sequence, token_id: int) -> Chunk | None:
-        sequence.last_token_id = token_id
-        sequence.num_generated += 1
+        sequence.output_token_ids.append(token_id)
         sequence.num_unreported_tokens += 1
         is_eos = token_id in self._eos_token_ids
         text = "" if is_eos else sequence.detokenizer.add(token_id)
@@ -121,15 +131,16 @@ class ContinuousBatch:
             text += sequence.detokenizer.flush()
         if not text and not sequence.finish_reason:
             return None
-        chunk = Chunk(text, sequence.num_unreported_tokens, sequence.finish_reason)
+        chunk = Chunk(text, sequence.num_unreported_tokens, sequence.finish_reason, tuple(sequence.unreported_logprobs))
         sequence.num_unreported_tokens = 0
+        sequence.unreported_logprobs.clear()
         return chunk
 
     @staticmethod
     def _finish_reason(sequence: Sequence, is_eos: bool) -> FinishReason | None:
         if is_eos or sequence.detokenizer.is_stopped:
             return "stop"
-        if sequence.num_generated >= sequence.request.sampling.max_tokens:
+        if len(sequence.output_token_ids) >= sequence.request.sampling.max_tokens:
             return "length"
         return None
 

@@ -28,6 +28,10 @@ class IncrementalDetokenizer:
         self._cut_at_stop(searched_from)
         return self._take(self._num_sendable_chars())
 
+    def token_text(self, token_id: int) -> str:
+        """One token on its own, special tokens included (for logprobs)."""
+        return self._tokenizer.decode([token_id])
+
     def flush(self) -> str:
         """The generation ended: release what was held back."""
         return self._take(len(self._text))

@@ -50,6 +50,10 @@ class TransformersEngine:
         self._in_flight: dict[str, Sequence] = {}  # event-loop thread only
 
     @property
+    def vocab_size(self) -> int:
+        return len(self._tokenizer)
+
+    @property
     def max_model_len(self) -> int:
         own = getattr(self._model.config, "max_position_embeddings", None) or 2048
         return min(own, self._options.max_model_len or own)

@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from server.engines.base import Chunk, EngineHealth, GenerationRequest
+from server.engines.base import Chunk, EngineHealth, GenerationRequest, TokenLogprob
 from server.engines.model_folder import check_model_folder
 from server.engines.options import VLLMOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
@@ -45,6 +45,10 @@ class VLLMEngine:
         self._engine = None
         self._tokenizer = None
         self._in_flight: set[str] = set()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokenizer)
 
     @property
     def max_model_len(self) -> int:
@@ -82,7 +86,7 @@ class VLLMEngine:
                     raise EngineStoppedError("The generation was aborted: the model's weights were swapped.")
                 reason = _finish_reason(completion.finish_reason) if output.finished else None
                 if completion.text or reason:
-                    yield Chunk(completion.text, len(completion.token_ids), reason)
+                    yield Chunk(completion.text, len(completion.token_ids), reason, _logprobs(completion, request.sampling.logprobs))
         except EngineStoppedError:
             raise
         except Exception as error:
@@ -191,6 +195,10 @@ class VLLMEngine:
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop=list(sampling.stop) or None,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            logit_bias=dict(sampling.logit_bias) or None,
+            logprobs=sampling.logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -199,6 +207,19 @@ class VLLMEngine:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _logprobs(completion, num_top: int | None) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-token logprobs (a dict per token: id -> Logprob with rank and text), as
+    baton's: the chosen token's, then the `num_top` best by rank."""
+    if num_top is None or not completion.logprobs:
+        return ()
+    entries = []
+    for token_id, candidates in zip(completion.token_ids, completion.logprobs):
+        chosen = candidates[token_id]
+        best = sorted((c for c in candidates.values() if c.rank is not None and c.rank <= num_top), key=lambda c: c.rank)
+        entries.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob, tuple((c.decoded_token or "", c.logprob) for c in best)))
+    return tuple(entries)
 
 
 def _finish_reason(reason: str | None) -> str:

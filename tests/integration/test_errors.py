@@ -48,7 +48,13 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None),
         ({"messages": HI}, "model"),
         (_chat(tools=[{"type": "function"}]), "tools"),
-        (_chat(logit_bias={"1": 5}), "logit_bias"),
+        (_chat(logit_bias={"one": 5}), "logit_bias"),
+        (_chat(logit_bias={"1": 101}), "logit_bias"),
+        (_chat(logit_bias={"999999": 5}), "logit_bias"),  # not in the vocabulary
+        (_chat(presence_penalty=2.5), "presence_penalty"),
+        (_chat(top_logprobs=21, logprobs=True), "top_logprobs"),
+        (_chat(top_logprobs=2), None),  # needs logprobs: true
+        (_chat(response_format={"type": "xml"}), "response_format.type"),
     ],
 )
 def test_invalid_values_get_400_naming_the_field(tiny_server, body, param):
@@ -58,13 +64,34 @@ def test_invalid_values_get_400_naming_the_field(tiny_server, body, param):
 
 
 def test_unimplemented_field_is_named_in_the_message(tiny_server):
-    response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(tools=[]))
+    response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(tools=[{"type": "function", "function": {"name": "f"}}]))
     assert "tools" in _assert_openai_error(response, 400, "tools")["message"]
 
 
 def test_harmless_fields_are_accepted(tiny_server):
     response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(user="u1", metadata={"k": "v"}, max_tokens=2))
     assert response.status_code == 200
+
+
+def test_values_that_ask_for_nothing_are_accepted(tiny_server):
+    """What SDKs and frameworks send as their defaults."""
+    neutral = dict(
+        logprobs=False,
+        tools=None,
+        tool_choice="none",
+        parallel_tool_calls=None,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        response_format={"type": "text"},
+        stream=True,
+        stream_options={"include_usage": None},
+        max_tokens=2,
+    )
+    response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(**neutral))
+    assert response.status_code == 200 and response.text.rstrip().endswith("data: [DONE]"), response.text
+    completion = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "echo": False, "best_of": 1, "logprobs": None, "max_tokens": 2})
+    assert completion.status_code == 200, completion.text
 
 
 def test_malformed_json_gets_400(tiny_server):

@@ -254,3 +254,35 @@ def test_vllm_engine_killed_mid_stream_ends_the_stream_and_the_deployment_comes_
 
 def _engine_is_ready(server) -> bool:
     return httpx.get(f"{server.url}/health").json()["models"]["tiny"]["is_ready"]
+
+
+def test_vllm_logprobs_bias_and_penalties_through_the_openai_client(server, demo_model_path):
+    """The same surface as on the transformers engine, through vLLM's own sampler: logprobs
+    are vLLM's (checked against the model's logits), logit_bias and penalties apply."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = server.client()
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    prompt = tokenizer.encode("The capital of France is")
+    completion = client.completions.create(model="chat", prompt=prompt, max_tokens=1, temperature=0, logprobs=3)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_path, dtype=torch.float32)
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.tokens == [tokenizer.decode([int(expected.argmax())])]
+    assert logprobs.token_logprobs[0] == pytest.approx(float(expected.max()), abs=2e-2)
+    assert list(logprobs.top_logprobs[0].values()) == sorted(logprobs.top_logprobs[0].values(), reverse=True)
+
+    chat = client.chat.completions.create(model="chat", messages=FRANCE, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 2 for entry in chat.choices[0].logprobs.content)
+
+    forced = client.completions.create(model="chat", prompt=prompt, max_tokens=4, temperature=0, logprobs=0, logit_bias={"1000": 100})
+    assert forced.choices[0].logprobs.tokens == [tokenizer.decode([1000])] * 4
+
+    cats = "Write the word cat ten times: cat cat cat"
+    runs = [client.completions.create(model="chat", prompt=cats, max_tokens=16, temperature=0, logprobs=0, frequency_penalty=p, presence_penalty=p) for p in (0, 2)]
+    plain, penalised = (Counter(run.choices[0].logprobs.tokens).most_common(1)[0][1] for run in runs)
+    assert plain >= 8 and penalised < plain / 2

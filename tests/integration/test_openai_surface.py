@@ -1,0 +1,124 @@
+"""The OpenAI surface beyond plain text, through the official client against a real server
+on the transformers engine: logprobs, penalties, logit_bias, token-id prompts, the
+completions default, one model's card, continuous usage. (tests/vllm repeats the engine
+parts on vLLM.)"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+HI = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+def _greedy_tokens(client, prompt: list[int] | str, max_tokens: int = 12, model: str = "tiny", **extra) -> list[str]:
+    completion = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0, **extra)
+    return completion.choices[0].logprobs.tokens
+
+
+def test_chat_logprobs_have_openai_shape_sorted_alternatives_and_one_entry_per_token(client):
+    answer = client.chat.completions.create(model="tiny", messages=HI, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens
+    for entry in content:
+        alternatives = [t.logprob for t in entry.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert entry.logprob == pytest.approx(alternatives[0])  # greedy takes the most likely
+        assert entry.bytes == list(entry.token.encode())
+        assert entry.logprob <= 0.0
+
+
+def test_logprobs_are_the_models_own(client, tiny_model_path, tokenizer):
+    """The first token's logprob equals log-softmax of the model's logits for the prompt."""
+    prompt = tokenizer.encode("The sea is")
+    completion = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, logprobs=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+    logprobs = completion.choices[0].logprobs
+    best = int(expected.argmax())
+    assert logprobs.tokens == [tokenizer.decode([best])]
+    assert logprobs.token_logprobs[0] == pytest.approx(float(expected[best]), abs=1e-4)
+    assert list(logprobs.top_logprobs[0].values()) == pytest.approx(expected.topk(2).values.tolist(), abs=1e-4)
+    assert logprobs.text_offset == [0]
+
+
+def test_streamed_logprobs_match_the_whole_answer(client):
+    whole = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, temperature=0, logprobs=True)
+    stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, temperature=0, logprobs=True, stream=True)
+    streamed = [entry for chunk in stream for choice in chunk.choices if choice.logprobs for entry in choice.logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole.choices[0].logprobs.content]
+
+
+def test_no_logprobs_unless_asked(client):
+    answer = client.chat.completions.create(model="tiny", messages=HI, max_tokens=2, logprobs=False)
+    assert answer.choices[0].logprobs is None
+
+
+def test_logit_bias_minus_100_bans_a_token_and_plus_100_forces_one(client, tokenizer):
+    prompt = tokenizer.encode("Once upon a time")
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0)
+    first = tokenizer.encode(plain.choices[0].text, add_special_tokens=False)[0]
+    banned = _greedy_tokens(client, prompt, max_tokens=1, logit_bias={str(first): -100})
+    assert banned != [tokenizer.decode([first])]
+    forced = _greedy_tokens(client, prompt, max_tokens=5, logit_bias={"1000": 100})
+    assert forced == [tokenizer.decode([1000])] * 5
+
+
+def test_penalties_stop_greedy_repetition(smol_server):
+    """SmolLM2 (real weights) repeats a repetitive prompt greedily; penalties break it."""
+    smol = openai.OpenAI(base_url=f"{smol_server.url}/v1", api_key="unused", max_retries=0)
+    prompt = "Write the word cat ten times: cat cat cat"
+    plain = _greedy_tokens(smol, prompt, max_tokens=16, model="smollm2")
+    penalised = _greedy_tokens(smol, prompt, max_tokens=16, model="smollm2", frequency_penalty=2.0, presence_penalty=2.0)
+    most_repeated = lambda tokens: Counter(tokens).most_common(1)[0][1]  # noqa: E731
+    assert most_repeated(plain) >= 8, plain
+    assert most_repeated(penalised) < most_repeated(plain) / 2, penalised
+
+
+def test_token_id_prompts_one_or_many(client, tokenizer):
+    one = tokenizer.encode("Hello")
+    single = client.completions.create(model="tiny", prompt=one, max_tokens=2, temperature=0)
+    many = client.completions.create(model="tiny", prompt=[one, tokenizer.encode("Bye")], max_tokens=2, temperature=0)
+    assert single.usage.prompt_tokens == len(one)
+    assert len(many.choices) == 2 and many.choices[0].text == single.choices[0].text
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_400_naming_the_prompt(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt=[1, 10**9], max_tokens=2)
+    assert refused.value.body["param"] == "prompt" and "vocabulary" in refused.value.body["message"]
+
+
+def test_completions_default_to_16_tokens_as_openai_does(client):
+    completion = client.completions.create(model="tiny", prompt="Hello", temperature=0)
+    assert completion.usage.completion_tokens <= 16
+    assert completion.choices[0].finish_reason == "length" or completion.usage.completion_tokens < 16
+
+
+def test_one_models_card_and_a_404_for_an_unknown_one(client):
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_continuous_usage_counts_up_on_every_chunk(client):
+    stream = client.chat.completions.create(
+        model="tiny", messages=HI, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}
+    )
+    counts = [chunk.usage.completion_tokens for chunk in stream]
+    assert counts == sorted(counts) and counts[-1] == 6 and len(counts) > 2
