@@ -131,13 +131,14 @@ def _measured(server: psutil.Process, url: str, model: str, prompts: list[str], 
     return {**result, "main_process_cpu_ms_per_token": round(1000 * cpu_s / max(result["completion_tokens"], 1), 2)}
 
 
-async def _load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
+async def _load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, extra: dict | None = None) -> dict:
+    """Streaming chat requests, `concurrency` at a time; `extra` fields go into every request."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     gate = asyncio.Semaphore(concurrency)
 
     async def one(prompt: str) -> tuple[float, int]:
         async with gate:
-            return await _stream_one(client, model, prompt, max_tokens)
+            return await _stream_one(client, model, prompt, max_tokens, extra or {})
 
     started = time.perf_counter()
     measured = await asyncio.gather(*[one(p) for p in prompts])
@@ -155,11 +156,11 @@ async def _load(url: str, model: str, prompts: list[str], max_tokens: int, concu
     }
 
 
-async def _stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+async def _stream_one(client, model: str, prompt: str, max_tokens: int, extra: dict) -> tuple[float, int]:
     started = time.perf_counter()
     ttft, num_chunks = None, 0
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True, **extra
     )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -190,7 +191,6 @@ def _report(results: dict, args) -> None:
                 f"server-process CPU per token x{ours['main_process_cpu_ms_per_token'] / max(anchor['main_process_cpu_ms_per_token'], 1e-9):.2f} "
                 f"(baton on {args.engine} / {args.anchor})"
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
     print(f"wrote {args.out}")

@@ -92,6 +92,7 @@ def build_requests(
                 body.frequency_penalty,
                 body.logit_bias_pairs,
                 body.num_top_logprobs,
+                body.json_format,
             )
             requests.append(GenerationRequest(uuid.uuid4().hex, prompt, sampling))
     return requests

@@ -8,9 +8,12 @@ null`, `response_format: {"type": "text"}`, `echo: false`): clients send their d
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from server.engines.base import JsonFormat
 
 MAX_STOP_SEQUENCES = 4
 
@@ -51,8 +54,42 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool | None = False  # usage on every chunk, not only the last
 
 
+class JsonSchemaSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _check_schema(cls, schema):
+        from jsonschema import Draft202012Validator, SchemaError
+
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as error:
+            raise ValueError(f"not a valid JSON schema: {error.message}") from error
+        return schema
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]  # json_object and json_schema: not yet (a 400 says so)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
+
+    @property
+    def json_format(self) -> JsonFormat | None:
+        """What the engine must produce: None for free text."""
+        if self.type == "text":
+            return None
+        return JsonFormat(json.dumps(self.json_schema.json_schema) if self.json_schema else None)
 
 
 class _GenerationBody(_Strict):
@@ -132,6 +169,10 @@ class ChatCompletionRequest(_GenerationBody):
         """None: no logprobs; k: the chosen token's and the k most likely."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def json_format(self) -> JsonFormat | None:
+        return self.response_format.json_format if self.response_format else None
+
 
 class CompletionRequest(_GenerationBody):
     prompt: list[str] | list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]] = Field(min_length=1)
@@ -157,3 +198,7 @@ class CompletionRequest(_GenerationBody):
     @property
     def num_top_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def json_format(self) -> None:
+        return None  # completions answer in free text

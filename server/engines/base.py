@@ -16,6 +16,14 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
+class JsonFormat:
+    """Output that parses as JSON: any object (schema None), or one valid against `schema`
+    (a JSON schema, as JSON text)."""
+
+    schema: str | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
     temperature: float = 1.0  # 0 means greedy
@@ -26,6 +34,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per time a token was generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    json_format: JsonFormat | None = None  # None: free text
 
     @property
     def is_greedy(self) -> bool:

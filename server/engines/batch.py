@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 
 from server.engines.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
 from server.engines.detokenizer import IncrementalDetokenizer
+from server.engines.grammar import TokenMask
 from server.engines.sampler import adjusted_logits, sample_token, token_logprobs
 from models.errors import EngineError
 
@@ -29,6 +30,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     emit: Callable[[Chunk | BaseException], None]
+    token_mask: TokenMask | None = None  # JSON output: which tokens may come next
     output_token_ids: list[int] = field(default_factory=list)
     num_unreported_tokens: int = 0
     unreported_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -107,7 +109,11 @@ class ContinuousBatch:
         try:
             sampling = sequence.request.sampling
             logits = adjusted_logits(logits, sampling, sequence.output_token_ids)
+            if sequence.token_mask is not None:  # last, so that no bias can force a token it forbids
+                logits = sequence.token_mask.masked(logits)
             token_id = sample_token(logits, sampling, sequence.generator)
+            if sequence.token_mask is not None:
+                sequence.token_mask.accept(token_id)
             if sampling.logprobs is not None:
                 sequence.unreported_logprobs.append(self._logprob(sequence, logits, token_id))
             return self._append(sequence, token_id)

@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engines.base import Chunk, EngineHealth, GenerationRequest
+from server.engines.base import Chunk, EngineHealth, GenerationRequest, JsonFormat
+from server.engines.grammar import JsonGrammars, TokenMask
 from server.engines.batch import ContinuousBatch, Sequence
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.model_folder import check_model_folder
@@ -48,6 +49,7 @@ class TransformersEngine:
         self._calls: list[tuple[Callable[[], None], Future]] = []  # work for the worker, between steps
         self._is_stopping = False
         self._in_flight: dict[str, Sequence] = {}  # event-loop thread only
+        self._grammars: JsonGrammars | None = None  # built on the first JSON request
 
     @property
     def vocab_size(self) -> int:
@@ -115,6 +117,13 @@ class TransformersEngine:
 
     # -- event-loop side --------------------------------------------------------------
 
+    async def _token_mask(self, json_format: JsonFormat | None) -> TokenMask | None:
+        if json_format is None:
+            return None
+        if self._grammars is None:
+            self._grammars = JsonGrammars(self._tokenizer, self._model.config.vocab_size, self._eos_token_ids())
+        return await asyncio.to_thread(self._grammars.mask_for, json_format)
+
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if self._is_stopping or self._worker is None:
             raise EngineStoppedError("The engine is not running.")
@@ -124,6 +133,7 @@ class TransformersEngine:
             detokenizer=IncrementalDetokenizer(self._tokenizer, request.sampling.stop),
             generator=make_generator(request.sampling, self._device),
             emit=partial(_put_threadsafe, asyncio.get_running_loop(), queue),
+            token_mask=await self._token_mask(request.sampling.json_format),
         )
         self._in_flight[request.request_id] = sequence
         self._submit(sequence)

@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from server.engines.base import Chunk, EngineHealth, GenerationRequest, TokenLogprob
+from server.engines.base import Chunk, EngineHealth, GenerationRequest, JsonFormat, TokenLogprob
 from server.engines.model_folder import check_model_folder
 from server.engines.options import VLLMOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
@@ -199,6 +199,7 @@ class VLLMEngine:
             frequency_penalty=sampling.frequency_penalty,
             logit_bias=dict(sampling.logit_bias) or None,
             logprobs=sampling.logprobs,
+            structured_outputs=_structured_outputs(sampling.json_format),
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -207,6 +208,15 @@ class VLLMEngine:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _structured_outputs(json_format: JsonFormat | None):
+    """vLLM's own structured output (its grammar backend, xgrammar by default)."""
+    if json_format is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json_object=True) if json_format.schema is None else StructuredOutputsParams(json=json_format.schema)
 
 
 def _logprobs(completion, num_top: int | None) -> tuple[TokenLogprob, ...]:

@@ -1,15 +1,19 @@
 """The OpenAI surface beyond plain text, through the official client against a real server
-on the transformers engine: logprobs, penalties, logit_bias, token-id prompts, the
-completions default, one model's card, continuous usage. (tests/vllm repeats the engine
+on the transformers engine: logprobs, penalties, logit_bias, structured output (JSON schema,
+JSON object, the SDK's parse helper), token-id prompts, the completions default, one
+model's card, continuous usage. (tests/vllm repeats the engine
 parts on vLLM.)"""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
+import jsonschema
 import openai
 import pytest
 import torch
+from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 HI = [{"role": "user", "content": "Hello there"}]
@@ -122,3 +126,73 @@ def test_continuous_usage_counts_up_on_every_chunk(client):
     )
     counts = [chunk.usage.completion_tokens for chunk in stream]
     assert counts == sorted(counts) and counts[-1] == 6 and len(counts) > 2
+
+
+SCHEMAS = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "location": {"type": "object", "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}}, "required": ["lat", "lon"]},
+        },
+        "required": ["city", "location"],
+    },
+    "enum": {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}}, "required": ["colour"]},
+    "array": {"type": "object", "properties": {"fruits": {"type": "array", "items": {"type": "string"}, "maxItems": 3}}, "required": ["fruits"]},
+}
+
+
+def json_schema_answers(client, model: str, stream: bool) -> dict[str, object]:
+    """Each schema's answer, parsed; shared with tests/vllm."""
+    answers = {}
+    for name, schema in SCHEMAS.items():
+        messages = [{"role": "user", "content": f"Answer in JSON: {name}"}]
+        response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+        request = dict(model=model, messages=messages, max_tokens=120, temperature=0, response_format=response_format)
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**request, stream=True) if c.choices)
+        else:
+            text = client.chat.completions.create(**request).choices[0].message.content
+        answers[name] = json.loads(text)
+    return answers
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_json_schema_answers_parse_and_validate(smol_server, stream):
+    smol = smol_server.client()
+    for name, answer in json_schema_answers(smol, "smollm2", stream).items():
+        jsonschema.validate(answer, SCHEMAS[name])
+
+
+def test_json_object_answers_parse(smol_server):
+    answer = smol_server.client().chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Is the sky blue? Reply in JSON with one key, answer."}], max_tokens=120, temperature=0, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+
+
+def test_the_sdk_parse_helper_fills_a_pydantic_model(smol_server):
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    parsed = smol_server.client().beta.chat.completions.parse(
+        model="smollm2", messages=[{"role": "user", "content": "Alice is 30 years old. Extract the person."}], max_tokens=80, temperature=0, response_format=Person
+    )
+    assert parsed.choices[0].message.parsed == Person(name="Alice", age=30)
+
+
+def test_a_malformed_schema_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=HI, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
+    assert refused.value.body["param"] == "response_format.json_schema.schema"
+    assert "not a valid JSON schema" in refused.value.body["message"]
+
+
+def test_the_grammar_holds_against_a_bias_toward_a_forbidden_token(client, tokenizer):
+    """logit_bias cannot push a token the schema forbids: the mask is applied last."""
+    brace = tokenizer.encode("}", add_special_tokens=False)[0]
+    answer = client.chat.completions.create(
+        model="tiny", messages=HI, max_tokens=3, temperature=0, logit_bias={str(brace): 100}, response_format={"type": "json_object"}
+    )
+    assert answer.choices[0].message.content.startswith("{")
