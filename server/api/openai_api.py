@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelSwappedError, NotFoundError
-from server.api.generation import ChoiceChunk, build_requests, check_token_ids, stream_choices
+from server.api.generation import ChoiceChunk, build_requests, check_token_ids, read_tool_calls, stream_choices
+from server.api.tools import ToolCall, ToolPlan
 from server.api.observation import RequestObservation, Unobserved
 from server.addresses import is_loopback
 from server.deployments.slot import Lease
@@ -71,7 +72,9 @@ async def get_model(model: str, request: Request) -> dict:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     messages = [m.as_template_input() for m in body.messages]
-    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages)], ChatFormat(body.logprobs is True))
+    plan = body.tool_plan
+    tools = plan.template_tools() if plan else None
+    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages, tools)], ChatFormat(body.logprobs is True), plan)
 
 
 @router.post("/completions")
@@ -93,15 +96,19 @@ class ChatFormat:
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob]) -> dict:
-        message = {"role": "assistant", "content": text}
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob], tool_calls: Sequence[ToolCall] = ()) -> dict:
+        message = {"role": "assistant", "content": text or (None if tool_calls else "")}
+        if tool_calls:
+            message["tool_calls"] = [call.as_openai() for call in tool_calls]
         return {"index": index, "message": message, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
 
     def opening_delta(self, index: int) -> dict | None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = ()) -> dict:
+    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = (), tool_calls: Sequence[ToolCall] = ()) -> dict:
         delta = {"content": text} if text else {}
+        if tool_calls:
+            delta["tool_calls"] = [call.as_openai(i) for i, call in enumerate(tool_calls)]
         return {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs) if logprobs else None, "finish_reason": finish_reason}
 
     def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> dict | None:
@@ -119,7 +126,8 @@ class TextFormat:
     chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = ()) -> dict:
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = (), tool_calls: Sequence[ToolCall] = ()) -> dict:
+        """`tool_calls` is always empty: completions take no tools."""
         return {"index": index, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
 
     def opening_delta(self, index: int) -> dict | None:
@@ -144,7 +152,7 @@ def _token(text: str, logprob: float) -> dict:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
-async def _respond(request: Request, body, tokenize, fmt):
+async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | None = None):
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
     out of here returns the lease exactly once (Lease.release is idempotent)."""
     _check_deployment(request, body.model)
@@ -169,7 +177,10 @@ async def _respond(request: Request, body, tokenize, fmt):
     served_as = lease.slot.version if "@" in lease.slot.version else body.model  # chat@2, or the name for a local folder
     head = {"id": fmt.id_prefix + uuid.uuid4().hex, "object": fmt.object, "created": int(time.time()), "model": served_as}
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
-    choices = _on_lease(stream_choices(lease.engine, requests), lease, observation)
+    choices = stream_choices(lease.engine, requests)
+    if tool_plan is not None:
+        choices = read_tool_calls(choices, tool_plan, len(requests))
+    choices = _on_lease(choices, lease, observation)
     headers = {"x-baton-deployment": lease.deployment, "x-baton-version": lease.slot.version}
     if lease.fallback_from is not None:
         headers["x-baton-fallback-from"] = lease.fallback_from
@@ -238,15 +249,17 @@ def _status_of(error: BaseException) -> int:
 async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_choices: int, num_prompt_tokens: int) -> dict:
     texts, reasons, num_completion_tokens = [""] * num_choices, [None] * num_choices, 0
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(num_choices)]
+    tool_calls: list[tuple[ToolCall, ...]] = [()] * num_choices
     async with aclosing(choices) as stream:
         async for item in stream:
             texts[item.index] += item.chunk.text
             reasons[item.index] = item.chunk.finish_reason
             logprobs[item.index] += item.chunk.logprobs
+            tool_calls[item.index] += item.tool_calls
             num_completion_tokens += item.chunk.num_tokens
     return {
         **head,
-        "choices": [fmt.choice(i, texts[i], reasons[i], logprobs[i]) for i in range(num_choices)],
+        "choices": [fmt.choice(i, texts[i], reasons[i], logprobs[i], tool_calls[i]) for i in range(num_choices)],
         "usage": _usage(num_prompt_tokens, num_completion_tokens),
     }
 
@@ -282,6 +295,8 @@ async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy):
                 usage.num_completion_tokens += chunk.num_tokens
                 if chunk.text or chunk.logprobs:
                     yield _event({**head, "choices": [fmt.delta(item.index, chunk.text, None, chunk.logprobs)], **usage.on_chunk()})
+                if item.tool_calls:
+                    yield _event({**head, "choices": [fmt.delta(item.index, "", None, (), item.tool_calls)], **usage.on_chunk()})
                 if chunk.finish_reason:
                     yield _event({**head, "choices": [fmt.delta(item.index, "", chunk.finish_reason)], **usage.on_chunk()})
     except Exception as error:  # headers are sent: the error can only travel in the stream

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.api.tools import Function, ToolPlan
 from server.engines.base import JsonFormat
 
 MAX_STOP_SEQUENCES = 4
@@ -33,20 +34,89 @@ def _as_list(value):
     return [value] if isinstance(value, str) else value
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallIn(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: list[TextPart] = Field(default_factory=list)
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer names the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_as_part(cls, content):
+        if content is None:  # an assistant message that only calls tools
+            return []
         return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
+    @model_validator(mode="after")
+    def _tool_fields_where_they_belong(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages, and only they, carry tool_call_id")
+        return self
+
     def as_template_input(self) -> dict:
-        """Templates expect plain strings; `developer` is the newer name for `system`."""
+        """Templates expect plain strings; `developer` is the newer name for `system`;
+        templates that show tool calls take their arguments as objects."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": "".join(part.text for part in self.content)}
+        message = {"role": role, "content": "".join(part.text for part in self.content)}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _as_object(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _as_object(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def _check_json_schema(schema: dict) -> dict:
+    from jsonschema import Draft202012Validator, SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as error:
+        raise ValueError(f"not a valid JSON schema: {error.message}") from error
+    return schema
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+    _parameters_are_a_schema = field_validator("parameters")(_check_json_schema)
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -62,16 +132,7 @@ class JsonSchemaSpec(_Strict):
     json_schema: dict = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
-    @field_validator("json_schema")
-    @classmethod
-    def _check_schema(cls, schema):
-        from jsonschema import Draft202012Validator, SchemaError
-
-        try:
-            Draft202012Validator.check_schema(schema)
-        except SchemaError as error:
-            raise ValueError(f"not a valid JSON schema: {error.message}") from error
-        return schema
+    _is_a_schema = field_validator("json_schema")(_check_json_schema)
 
 
 class ResponseFormat(_Strict):
@@ -149,16 +210,37 @@ class ChatCompletionRequest(_GenerationBody):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    # Tools are not served yet: only the values that ask for nothing are accepted.
-    tools: list[dict] | None = Field(None, max_length=0)
-    tool_choice: Literal["none"] | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_the_tools(cls, choice, info):
+        names = [tool.function.name for tool in info.data.get("tools") or []]
+        if choice in ("required", "auto") and not names:
+            raise ValueError(f"tool_choice {choice} needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"the function {choice.function.name!r} is not among the tools ({', '.join(names) or 'none given'})")
+        return choice
+
     @model_validator(mode="after")
-    def _check_top_logprobs(self):
+    def _check_combinations(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
+        plan = self.tool_plan
+        if plan is not None and plan.json_format() is not None and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("a forced tool call (tool_choice required or a function) cannot be combined with a JSON response_format")
         return self
+
+    @property
+    def tool_plan(self) -> ToolPlan | None:
+        """None: no tools, or tool_choice none (the model answers in text)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        functions = tuple(Function(t.function.name, t.function.description, t.function.parameters) for t in self.tools)
+        choice = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else (self.tool_choice or "auto")
+        return ToolPlan(functions, choice)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -171,6 +253,9 @@ class ChatCompletionRequest(_GenerationBody):
 
     @property
     def json_format(self) -> JsonFormat | None:
+        """A forced tool call's arguments, else the response format's JSON, else None."""
+        if self.tool_plan is not None and (forced := self.tool_plan.json_format()) is not None:
+            return forced
         return self.response_format.json_format if self.response_format else None
 
 

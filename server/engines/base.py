@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]  # tool_calls: set by the API, never by an engine
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -100,7 +100,7 @@ class Engine(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
 
-    def tokenize_chat(self, messages: list[dict]) -> list[int]: ...
+    def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]: ...
 

@@ -9,18 +9,47 @@ from pathlib import Path
 from models.errors import InvalidRequestError
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Render messages with the tokenizer's chat template, then tokenize without adding
-    special tokens again (the template already holds them). vLLM's server does the same."""
-    if not getattr(tokenizer, "chat_template", None):
+TOOLS_INSTRUCTION = (
+    "You may call functions. Their signatures, one JSON object per line:\n<tools>\n{tools}\n</tools>\n"
+    'To call one, answer with <tool_call>{{"name": <function name>, "arguments": <arguments object>}}</tool_call>.'
+)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Render messages (and tools) with the tokenizer's chat template, then tokenize without
+    adding special tokens again (the template already holds them). vLLM's server does the
+    same. A template that cannot show tools or earlier tool calls gets them as text, in the
+    Hermes format the `auto` tool choice reads back."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise InvalidRequestError(
             "This model has no chat template; use /v1/completions instead.", param="messages"
         )
+    if "tool_calls" not in template:
+        messages = [_calls_as_text(m) for m in messages]
+    if tools and "tools" not in template:
+        messages, tools = _with_tools_described(messages, tools), None
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
     except Exception as error:  # a template may reject a conversation shape (jinja raise_exception)
         raise InvalidRequestError(f"The chat template rejected these messages: {error}", param="messages") from error
     return text_prompt_ids(tokenizer, text)
+
+
+def _calls_as_text(message: dict) -> dict:
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    written = "".join(f"<tool_call>{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}</tool_call>" for c in calls)
+    return {k: v for k, v in message.items() if k != "tool_calls"} | {"content": message["content"] + written}
+
+
+def _with_tools_described(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """The tools, described in the system message (one is added first where none is)."""
+    described = TOOLS_INSTRUCTION.format(tools="\n".join(json.dumps(t["function"]) for t in tools))
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + described}, *messages[1:]]
+    return [{"role": "system", "content": described}, *messages]
 
 
 def text_prompt_ids(tokenizer, text: str) -> list[int]:

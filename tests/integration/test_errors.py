@@ -47,7 +47,7 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None),
         ({"messages": HI}, "model"),
-        (_chat(tools=[{"type": "function"}]), "tools"),
+        (_chat(tools=[{"type": "function"}]), "tools.0.function"),
         (_chat(logit_bias={"one": 5}), "logit_bias"),
         (_chat(logit_bias={"1": 101}), "logit_bias"),
         (_chat(logit_bias={"999999": 5}), "logit_bias"),  # not in the vocabulary
@@ -64,8 +64,8 @@ def test_invalid_values_get_400_naming_the_field(tiny_server, body, param):
 
 
 def test_unimplemented_field_is_named_in_the_message(tiny_server):
-    response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(tools=[{"type": "function", "function": {"name": "f"}}]))
-    assert "tools" in _assert_openai_error(response, 400, "tools")["message"]
+    response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(audio={"voice": "alloy"}))
+    assert "audio" in _assert_openai_error(response, 400, "audio")["message"]
 
 
 def test_harmless_fields_are_accepted(tiny_server):

@@ -196,3 +196,80 @@ def test_the_grammar_holds_against_a_bias_toward_a_forbidden_token(client, token
         model="tiny", messages=HI, max_tokens=3, temperature=0, logit_bias={str(brace): 100}, response_format={"type": "json_object"}
     )
     assert answer.choices[0].message.content.startswith("{")
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+]
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def forced_tool_calls(client, model: str) -> dict[str, list]:
+    """The calls a named and a required tool_choice return, whole and streamed; shared with tests/vllm."""
+    request = dict(model=model, messages=WEATHER_QUESTION, tools=TOOLS, max_tokens=80, temperature=0)
+    found = {}
+    for name, choice in (("named", NAMED), ("required", "required")):
+        answer = client.chat.completions.create(**request, tool_choice=choice).choices[0]
+        assert answer.finish_reason == "tool_calls" and answer.message.content is None
+        found[name] = answer.message.tool_calls
+        chunks = list(client.chat.completions.create(**request, tool_choice=choice, stream=True))
+        streamed = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+        assert [(c.function.name, c.function.arguments) for c in streamed] == [(c.function.name, c.function.arguments) for c in found[name]]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    return found
+
+
+def assert_valid_calls(calls) -> None:
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+    assert calls
+    for call in calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_named_and_required_tool_choices_return_valid_calls(smol_server):
+    found = forced_tool_calls(smol_server.client(), "smollm2")
+    assert [c.function.name for c in found["named"]] == ["get_weather"]
+    assert_valid_calls(found["named"])
+    assert_valid_calls(found["required"])
+
+
+def test_a_tool_answer_follows_up(smol_server):
+    client = smol_server.client()
+    call = client.chat.completions.create(model="smollm2", messages=WEATHER_QUESTION, tools=TOOLS, tool_choice=NAMED, max_tokens=80, temperature=0).choices[0].message
+    follow_up = [*WEATHER_QUESTION, call.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "18 degrees and sunny"}]
+    answer = client.chat.completions.create(model="smollm2", messages=follow_up, tools=TOOLS, max_tokens=30, temperature=0).choices[0]
+    assert answer.message.content and answer.finish_reason in ("stop", "length")
+
+
+def test_tool_choice_none_answers_in_text(smol_server):
+    answer = smol_server.client().chat.completions.create(model="smollm2", messages=WEATHER_QUESTION, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]}, "tools.0.function.parameters"),
+    ],
+)
+def test_bad_tool_fields_are_400s_naming_them(client, fields, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=HI, max_tokens=2, **fields)
+    assert refused.value.body["param"] == param

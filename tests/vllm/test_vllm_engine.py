@@ -308,3 +308,12 @@ def test_vllm_structured_output_through_the_openai_client(server):
     messages = [{"role": "user", "content": "Alice is 30 years old. Extract the person."}]
     parsed = client.beta.chat.completions.parse(model="chat", messages=messages, max_tokens=80, temperature=0, response_format=Person)
     assert parsed.choices[0].message.parsed == Person(name="Alice", age=30)
+
+
+def test_vllm_forced_tool_calls_through_the_openai_client(server):
+    from tests.integration.test_openai_surface import assert_valid_calls, forced_tool_calls
+
+    found = forced_tool_calls(server.client(), "chat")
+    assert [c.function.name for c in found["named"]] == ["get_weather"]
+    assert_valid_calls(found["named"])
+    assert_valid_calls(found["required"])
