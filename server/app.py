@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import time
 from contextlib import asynccontextmanager
 
@@ -11,7 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from models.catalog import Change
 from models.registry import Registry
+from server.config_file import load_config
+from server.deployments.reconcile import Reconciler
 from server.api import admin_api, deploy_api, openai_api, status_api
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
@@ -52,6 +57,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 await manager.deploy_spec(spec)
                 log.info("serving %s (%s) from %s", spec.name, spec.version, spec.path)
             manager.start()
+            reconciler = Reconciler(manager, registry)
+            _reload_on_sighup(settings, reconciler, manager)
             yield {
                 "settings": settings,
                 "lifecycle": lifecycle,
@@ -60,6 +67,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "metrics": metrics,
                 "gpus": gpus,
                 "deployments": manager,
+                "reconciler": reconciler,
                 "model_admin": ModelAdmin(registry, manager.holders),
                 "started_at": int(time.time()),
             }
@@ -76,6 +84,25 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)
     return app
+
+
+def _reload_on_sighup(settings: Settings, reconciler: Reconciler, manager: DeploymentManager) -> None:
+    """With a config file, SIGHUP reloads it (as POST /admin/reload does). Only where the
+    server runs on the main thread (`baton serve`), where signals arrive."""
+    if settings.config_file is None:
+        return
+
+    async def reload() -> None:
+        try:
+            changes = await reconciler.apply(load_config(settings.config_file), Change("sighup", "config reload"))
+            log.info("config reloaded on SIGHUP: %s", [(c["deployment"], c["action"], c["status"]) for c in changes])
+        except BatonError as error:
+            log.error("config reload on SIGHUP refused, nothing changed: %s", error)
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: manager.keep(asyncio.create_task(reload())))
+    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (tests), or no SIGHUP
+        log.debug("SIGHUP reloads are off: the server does not run on the main thread")
 
 
 def _map_errors(app: FastAPI) -> None:

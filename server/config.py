@@ -47,6 +47,7 @@ class ModelSpec(BaseModel):
     idle_ttl_s: float = Field(300.0, gt=0)
     smoke_prompts: list[str] | None = Field(None, min_length=1, description="Checked before a swap flips; default: the server's.")
     health: HealthPolicy = Field(default_factory=HealthPolicy, description="Objectives, golden prompts, fallbacks, and what to do on a breach.")
+    engine_options: dict = Field(default_factory=dict, description="Engine options over every version's own (a config file's deployment sets them).")
 
     @field_validator("name")
     @classmethod
@@ -86,6 +87,7 @@ class Settings(BaseModel):
     gpu_room_for_blue_green: bool = Field(False, description="Size each vLLM engine so that a second one fits beside it (blue-green swaps on one GPU).")
     gpu_sample_interval_s: float = Field(5.0, gt=0, description="How often NVML is read (on its own thread).")
     idle_check_s: float = Field(1.0, gt=0, description="How often on-demand deployments are checked for idleness.")
+    config_file: Path | None = Field(None, description="The YAML file these settings came from; reloads read it again.")
 
     def all_keys(self) -> list[KeySpec]:
         """`keys`, with `api_key` and `admin_key` as keys of one scope each."""

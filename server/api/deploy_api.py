@@ -7,8 +7,16 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from contextlib import contextmanager
+from dataclasses import asdict
+
+from pydantic import ValidationError
+
+from models.errors import ConfigError, ConflictError, InvalidRequestError
 from server.api.admin_api import actor_change, require_admin
+from server.config_file import ConfigFile, load_config
 from server.deployments.health import HealthPolicy
+from server.deployments.reconcile import drift
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
@@ -93,7 +101,59 @@ async def status(request: Request) -> dict:
         "memory_budget_bytes": request.state.settings.memory_budget_bytes,
         "memory_in_use_bytes": manager.memory_in_use_bytes,
         "gpus": request.state.gpus.status(),
+        **_config_drift(request),
     }
+
+
+def _config_drift(request: Request) -> dict:
+    """With a config file: where what runs differs from it (an admin change since the last
+    reload, say), undone by the next reload unless the file changes."""
+    path = request.state.settings.config_file
+    if path is None:
+        return {}
+    try:
+        return {"config_file": str(path), "drift": drift(request.state.reconciler.plan(load_config(path)))}
+    except ConfigError as error:
+        return {"config_file": str(path), "drift": None, "config_error": str(error)}
+
+
+@router.post("/reload")
+async def reload(request: Request, body: _Body | None = None) -> dict:
+    """Read the config file again and converge on it through swaps; a file that does not
+    validate (or names an unknown version) is a 400 and changes nothing."""
+    path = request.state.settings.config_file
+    if path is None:
+        raise ConflictError("This server was started without a config file (baton serve --config FILE).", code="no_config_file")
+    change = actor_change(request, (body or _Body()).reason or "config reload")
+    with _config_errors_as_bad_requests():
+        return {"config_file": str(path), "changes": await request.state.reconciler.apply(load_config(path), change)}
+
+
+class PlanBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    deployments: dict = Field(description="the config file's deployments section")
+
+
+@router.post("/plan")
+async def plan(body: PlanBody, request: Request) -> dict:
+    """What a config with these deployments would change here, changing nothing."""
+    try:
+        config = ConfigFile.model_validate({"deployments": body.deployments})
+    except ValidationError as error:
+        raise InvalidRequestError(f"Invalid deployments: {error.errors()[0]['msg']} at {'.'.join(map(str, error.errors()[0]['loc']))}.", param="deployments") from error
+    with _config_errors_as_bad_requests():
+        changes = request.state.reconciler.plan(config)
+    return {"changes": [asdict(change) | {"text": change.describe()} for change in changes]}
+
+
+@contextmanager
+def _config_errors_as_bad_requests():
+    """The operator's file (or its unknown versions): a bad request, not a server fault."""
+    try:
+        yield
+    except ConfigError as error:
+        raise InvalidRequestError(str(error), code="invalid_config") from error
 
 
 @router.get("/swaps/{swap_id}")

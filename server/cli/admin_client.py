@@ -79,6 +79,12 @@ class AdminClient:
     def status(self) -> dict:
         return self._call("GET", "/status")
 
+    def plan(self, deployments: dict) -> dict:
+        return self._call("POST", "/plan", json={"deployments": deployments})
+
+    def reload(self, reason: str) -> dict:
+        return self._call("POST", "/reload", json={"reason": reason}, timeout=None)
+
     def swap_status(self, swap_id: str) -> dict:
         return self._call("GET", f"/swaps/{swap_id}")
 

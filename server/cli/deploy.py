@@ -6,8 +6,10 @@ from __future__ import annotations
 import getpass
 import os
 import time
+from pathlib import Path
 
 from server.cli.admin_client import AdminClient
+from server.config_file import load_config
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -43,8 +45,28 @@ def add_commands(commands) -> None:
 
     command("deployments", "list deployments: version, state, in-flight, canary, standby", _list)
 
+    plan = command("plan", "check a config file and print what it would change on the server, changing nothing", _plan)
+    plan.add_argument("--config", type=Path, required=True)
+
+    command("reload", "make the server read its config file again and converge on it (as SIGHUP does)", _reload)
+
     status = command("status", "deployments, memory and GPUs of a running server, as tables", _status)
     status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS", help="refresh every SECONDS (default 2) until Ctrl-C")
+
+
+def _plan(client: AdminClient, args) -> int:
+    config = load_config(args.config)  # errors name the field and its line, before the server is asked
+    for change in client.plan(config.model_dump(mode="json")["deployments"])["changes"]:
+        print(change["text"])
+    return 0
+
+
+def _reload(client: AdminClient, args) -> int:
+    result = client.reload(args.reason)
+    for change in result["changes"]:
+        detail = f" ({change['error']})" if change.get("error") else ""
+        print(f"{change['deployment']}: {change['action']} {change['status']}{detail}")
+    return 1 if any(change["status"] == "failed" for change in result["changes"]) else 0
 
 
 def _deploy(client: AdminClient, args) -> int:

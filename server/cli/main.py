@@ -14,6 +14,7 @@ from models.registry import Registry
 from server.cli import deploy as deploy_cli, models as models_cli
 from server.addresses import is_loopback
 from server.config import ModelSpec, Settings, default_home
+from server.config_file import load_config
 from server import logs
 from server.keys import load_key_file
 from models.errors import BatonError, ConfigError
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="serve models from the registry (the demo model when --model is not given)")
+    serve.add_argument("--config", type=Path, default=None, help="a YAML config file: server settings and deployments (other flags but --log-* are then ignored); SIGHUP reloads it")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model", action="append", help="a registry ref (chat, chat@2, chat@prod) or a local folder; repeatable")
@@ -88,6 +90,8 @@ def _serve(args) -> int:
     has_inference_key = args.api_key or any("inference" in k.scopes for k in keys)
     if not (has_inference_key or args.no_auth or is_loopback(args.host)):
         raise ConfigError(f"Listening on {args.host} would serve anyone unauthenticated: set --api-key (or BATON_API_KEY) or --keys-file, or pass --no-auth.")
+    if args.config is not None:
+        return _run_server(_settings_from_file(args), args)
     home = _home(args)
     registry = Registry(home)
     refs = args.model or [ensure_demo_model(registry).model]
@@ -117,6 +121,27 @@ def _serve(args) -> int:
         **({"memory_budget_bytes": int(args.memory_budget_gb * 1e9)} if args.memory_budget_gb else {}),
         **({"standby_host_budget_bytes": int(args.standby_host_budget_gb * 1e9)} if args.standby_host_budget_gb is not None else {}),
     )
+    return _run_server(settings, args)
+
+
+def _settings_from_file(args) -> Settings:
+    """Settings from `--config`: the file's server section, its keys read from the
+    environment, and its deployments as registry versions to serve."""
+    config = load_config(args.config)
+    server = {"home": _home(args), **config.server}
+    registry = Registry(Path(server["home"]))
+    specs = []
+    for name, wanted in config.deployments.items():
+        version = registry.resolve_for_serving(wanted.model)
+        specs.append(ModelSpec(name=name, path=version.path, version=version.ref, on_demand=wanted.on_demand, idle_ttl_s=wanted.idle_ttl_s, smoke_prompts=wanted.smoke_prompts, health=wanted.health, engine_options=wanted.engine_options))
+    settings = Settings(**server, **config.secrets(), models=specs, config_file=args.config.resolve())
+    has_inference_key = settings.api_key or any("inference" in k.scopes for k in settings.keys)
+    if not (has_inference_key or is_loopback(settings.host)):
+        raise ConfigError(f"Listening on {settings.host} would serve anyone unauthenticated: set api_key_env or keys_file in {args.config}.")
+    return settings
+
+
+def _run_server(settings: Settings, args) -> int:
     logs.configure(args.log_level, args.log_format)
     from server.app import create_app  # torch and transformers: seconds to import, so after the checks
     from server.lifecycle import GracefulServer, Lifecycle

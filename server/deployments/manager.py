@@ -142,7 +142,7 @@ class DeploymentManager:
     async def deploy_spec(self, spec: ModelSpec) -> Deployment:
         """Start-up: serve a configured model, a registry version (resolved as a swap would
         resolve it, with the spec's explicit engine settings on top) or a local folder."""
-        overrides = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS if name in spec.model_fields_set}
+        overrides = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS if name in spec.model_fields_set} | spec.engine_options
         if self._is_registry_version(spec):
             target = self._resolve(spec.version, overrides)
         else:
@@ -161,11 +161,12 @@ class DeploymentManager:
         idle_ttl_s: float = 300.0,
         smoke_prompts: list[str] | None = None,
         health: HealthPolicy | None = None,
+        engine_options: dict | None = None,
     ) -> Deployment:
         if name in self._deployments:
             raise ConflictError(f"Deployment {name} exists; swap it instead.")
-        target = self._resolve(ref)
-        deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None, smoke_prompts, health=health)
+        target = self._resolve(ref, engine_options)
+        deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None, smoke_prompts, engine_options, health)
         self._remember(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason, status="succeeded"))
         return deployment
 

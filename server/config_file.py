@@ -1,0 +1,137 @@
+"""The config file (`baton serve --config baton.yaml`): server settings and the desired
+deployments, in YAML, validated by pydantic. An error names the field and its line, and a
+bad file changes nothing. Secrets never sit in the file: keys come from the environment
+(`api_key_env`, `admin_key_env`) or a key file whose keys name environment variables.
+
+    server:            # any of Settings' fields, but keys and models
+      port: 8000
+      drain_timeout_s: 30
+    api_key_env: BATON_API_KEY
+    deployments:
+      chat:
+        model: chat@prod          # a registry ref or alias
+        strategy: auto            # how a reload swaps it
+        on_demand: false
+        engine_options: {engine: vllm, max_model_len: 8192}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from models.errors import ConfigError, InvalidRequestError
+from models.names import NAME_PATTERN
+from server.deployments.health import HealthPolicy
+from server.deployments.strategy import STRATEGIES
+from server.engines.options import check_engine_options
+from server.keys import load_key_file
+
+# Settings that the file may not hold (secrets, and what the file's own sections give).
+NOT_IN_SERVER_SECTION = {"api_key", "admin_key", "keys", "models", "config_file"}
+
+
+class DeploymentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="a registry ref or alias: chat, chat@2, chat@prod")
+    strategy: Literal[STRATEGIES] = "auto"  # type: ignore[valid-type]
+    on_demand: bool = False
+    idle_ttl_s: float = Field(300.0, gt=0)
+    smoke_prompts: list[str] | None = Field(None, min_length=1)
+    health: HealthPolicy = Field(default_factory=HealthPolicy)
+    engine_options: dict = Field(default_factory=dict, description="over the version's own: engine, dtype, max_model_len...")
+
+    @field_validator("engine_options")
+    @classmethod
+    def _known_options(cls, options: dict) -> dict:
+        try:
+            check_engine_options(options)
+        except InvalidRequestError as error:
+            raise ValueError(error.message) from error
+        return options
+
+
+class ConfigFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    server: dict = Field(default_factory=dict)
+    api_key_env: str | None = None
+    admin_key_env: str | None = None
+    keys_file: Path | None = None
+    deployments: dict[str, DeploymentConfig] = Field(default_factory=dict)
+
+    @field_validator("server")
+    @classmethod
+    def _no_secrets_or_models(cls, server: dict) -> dict:
+        if forbidden := sorted(NOT_IN_SERVER_SECTION & set(server)):
+            raise ValueError(f"{', '.join(forbidden)} cannot be set here: use api_key_env, admin_key_env, keys_file and deployments")
+        return server
+
+    @field_validator("deployments")
+    @classmethod
+    def _names_are_safe(cls, deployments: dict) -> dict:
+        import re
+
+        for name in deployments:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"deployment name {name!r} must match {NAME_PATTERN}")
+        return deployments
+
+    def secrets(self, environ: dict[str, str] = os.environ) -> dict:
+        """The keys the file points at, read from the environment now."""
+        found = {}
+        for field, setting in (("api_key_env", "api_key"), ("admin_key_env", "admin_key")):
+            if (variable := getattr(self, field)) is not None:
+                if not environ.get(variable):
+                    raise ConfigError(f"{field} names {variable}, which is not set in the environment.")
+                found[setting] = environ[variable]
+        if self.keys_file is not None:
+            found["keys"] = load_key_file(self.keys_file, environ)
+        return found
+
+
+def load_config(path: Path) -> ConfigFile:
+    """Read and validate `path`; ConfigError names the file, the line and the field."""
+    try:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+    except OSError as error:
+        raise ConfigError(f"Cannot read the config file {path}: {error.strerror}.") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (server, deployments, ...).")
+    try:
+        return ConfigFile.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(path, text, error)) from error
+
+
+def _describe(path: Path, text: str, error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    line = _line_of(yaml.compose(text), first["loc"])
+    return f"{path}:{line}: {where}: {first['msg']}" + (f" ({error.error_count() - 1} more)" if error.error_count() > 1 else "")
+
+
+def _line_of(node, loc: tuple) -> int:
+    """The 1-based line of the YAML node at `loc`, or of the nearest parent that exists."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            child = next((value for key, value in node.value if key.value == str(part)), None)
+            key = next((key for key, value in node.value if key.value == str(part)), None)
+            if child is None:
+                return line
+            line, node = key.start_mark.line + 1, child
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line

@@ -1,0 +1,138 @@
+"""The config file through a real `baton serve --config` process: it serves what the file
+names; a changed file converges through a swap (SIGHUP, or `baton reload`) with no failed
+request under streaming load; a bad file changes nothing; `baton plan` and /admin/status
+report the difference between the file and what runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.integration.test_cli import BATON, _free_port, _wait_healthy
+
+CONFIG = """\
+server:
+  port: {port}
+  drain_timeout_s: 30
+deployments:
+  chat:
+    model: {model}
+    strategy: {strategy}
+    engine_options: {{engine: transformers}}
+"""
+
+
+@pytest.fixture
+def served(two_versions_home, tmp_path):
+    """`baton serve --config` on chat@1 (the tiny model), and a way to rewrite its file."""
+    home, port = two_versions_home(), _free_port()
+    config = tmp_path / "baton.yaml"
+    write = lambda model, strategy="auto": config.write_text(CONFIG.format(port=port, model=model, strategy=strategy))  # noqa: E731
+    write("chat@1")
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "BATON_HOME": str(home)}
+    with log.open("w") as output, subprocess.Popen([*BATON, "serve", "--config", str(config)], stdout=output, stderr=subprocess.STDOUT, env=env) as process:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, process, log)
+        yield url, process, config, write, env
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def _version(url: str) -> str:
+    return httpx.get(f"{url}/admin/status").json()["deployments"][0]["version"]
+
+
+def _baton(env: dict, url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*BATON, *args, "--server", url], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _streams_during(url: str, action) -> tuple[list[str], list[str]]:
+    """Streaming clients in a loop while `action` runs: the versions that served, the errors."""
+    versions, errors, stop = [], [], threading.Event()
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": True}
+
+    def client():
+        while not stop.is_set():
+            try:
+                with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+                    text = "".join(response.iter_lines())
+                    if response.status_code != 200 or '"error"' in text or "[DONE]" not in text:
+                        errors.append(f"{response.status_code}: {text[:200]}")
+                    versions.append(response.headers.get("x-baton-version"))
+            except httpx.HTTPError as error:
+                errors.append(repr(error))
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    time.sleep(1.0)
+    action()
+    time.sleep(1.0)
+    stop.set()
+    for thread in clients:
+        thread.join()
+    return versions, errors
+
+
+def _wait_for_version(url: str, version: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while _version(url) != version:
+        assert time.monotonic() < deadline, f"still {_version(url)}"
+        time.sleep(0.2)
+
+
+def test_serves_the_file_and_a_sighup_converges_on_the_changed_file_with_no_failed_request(served):
+    url, process, _, write, _ = served
+    assert _version(url) == "chat@1"
+
+    def edit_and_signal():
+        write("chat@2", "reload")
+        process.send_signal(signal.SIGHUP)
+        _wait_for_version(url, "chat@2")
+
+    versions, errors = _streams_during(url, edit_and_signal)
+    assert errors == [] and {"chat@1", "chat@2"} <= set(versions)
+    history = httpx.get(f"{url}/admin/status").json()
+    assert history["drift"] == []
+
+
+def test_baton_reload_and_plan_and_drift(served):
+    url, _, config, write, env = served
+    write("chat@2")
+    planned = _baton(env, url, "plan", "--config", str(config))
+    assert planned.returncode == 0 and "~ chat: swap chat@1 -> chat@2" in planned.stdout, planned.stderr
+    assert httpx.get(f"{url}/admin/status").json()["drift"] == ["~ chat: swap chat@1 -> chat@2"]
+    reloaded = _baton(env, url, "reload")
+    assert reloaded.returncode == 0 and "chat: swap succeeded" in reloaded.stdout, reloaded.stderr
+    assert _version(url) == "chat@2"
+    # An admin change is allowed, shows as drift, and the next reload undoes it.
+    _baton(env, url, "swap", "chat", "--to", "chat@1")
+    _wait_for_version(url, "chat@1")
+    assert httpx.get(f"{url}/admin/status").json()["drift"] == ["~ chat: swap chat@1 -> chat@2"]
+    assert _baton(env, url, "reload").returncode == 0 and _version(url) == "chat@2"
+
+
+def test_a_bad_file_changes_nothing(served):
+    url, _, config, write, env = served
+    config.write_text(CONFIG.format(port=0, model="chat@2", strategy="teleport"))
+    refused = httpx.post(f"{url}/admin/reload", json={})
+    assert refused.status_code == 400 and ":7: deployments.chat.strategy" in refused.json()["error"]["message"]
+    write("chat@9")  # no such version: refused before anything changes
+    unknown = httpx.post(f"{url}/admin/reload", json={})
+    assert unknown.status_code == 400 and "deployments.chat.model" in unknown.json()["error"]["message"]
+    assert _version(url) == "chat@1"
+    plan = _baton(env, url, "plan", "--config", str(config))
+    assert plan.returncode == 1 and "deployments.chat.model" in plan.stderr
+
+
+def test_plan_names_an_unknown_version_as_a_bad_request(served):
+    url, *_ = served
+    response = httpx.post(f"{url}/admin/plan", json={"deployments": {"chat": {"model": "chat@9"}}})
+    assert response.status_code == 400 and "deployments.chat.model" in response.json()["error"]["message"]

@@ -1,0 +1,87 @@
+"""The config file alone: parsing, errors that name the field and the line, secrets from
+the environment, and the pure plan from what runs to what the file asks."""
+
+from pathlib import Path
+
+import pytest
+
+from models.errors import ConfigError
+from server.config_file import load_config
+from server.deployments.reconcile import PlannedChange, drift, plan_changes
+
+GOOD = """\
+server:
+  port: 9000
+  drain_timeout_s: 10
+api_key_env: TEST_BATON_KEY
+deployments:
+  chat:
+    model: chat@prod
+    strategy: reload
+  docs:
+    model: docs@2
+    on_demand: true
+    idle_ttl_s: 60
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "baton.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_file_parses_into_server_settings_and_deployments(tmp_path):
+    config = load_config(_write(tmp_path, GOOD))
+    assert config.server == {"port": 9000, "drain_timeout_s": 10}
+    assert config.deployments["chat"].model == "chat@prod" and config.deployments["chat"].strategy == "reload"
+    assert config.deployments["docs"].on_demand and config.deployments["docs"].idle_ttl_s == 60
+    assert config.secrets({"TEST_BATON_KEY": "s3cret"}) == {"api_key": "s3cret"}
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (GOOD.replace("strategy: reload", "strategy: teleport"), ":8: deployments.chat.strategy:"),
+        (GOOD.replace("idle_ttl_s: 60", "idle_ttl_s: -1"), ":12: deployments.docs.idle_ttl_s:"),
+        (GOOD.replace("    on_demand: true\n", "    on_demand: true\n    colour: red\n"), ":12: deployments.docs.colour: Extra inputs"),
+        (GOOD.replace("  port: 9000\n", "  port: 9000\n  api_key: plain-text\n"), ":1: server: Value error, api_key cannot be set here"),
+        (GOOD.replace("  chat:\n", "  Chat!:\n"), "deployment name 'Chat!'"),
+        ("deployments: [chat]\n", ":1: deployments: Input should be a valid dictionary"),
+        ("server: {port: 9000\n", "not valid YAML"),
+        ("- just\n- a list\n", "must be a mapping"),
+    ],
+)
+def test_a_bad_file_is_refused_naming_the_line_and_the_field(tmp_path, text, words):
+    with pytest.raises(ConfigError) as refused:
+        load_config(_write(tmp_path, text))
+    assert words in str(refused.value) and str(tmp_path / "baton.yaml") in str(refused.value)
+
+
+def test_a_missing_file_and_a_missing_secret_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="Cannot read"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="TEST_BATON_KEY, which is not set"):
+        load_config(_write(tmp_path, GOOD)).secrets({})
+
+
+def test_the_plan_deploys_swaps_keeps_and_leaves_unnamed_deployments_alone():
+    actual = {"chat": "chat@1", "docs": "docs@2", "old": "old@1"}
+    desired = {"chat": "chat@2", "docs": "docs@2", "new": "new@1"}
+    assert plan_changes(actual, desired) == [
+        PlannedChange("chat", "swap", "chat@1", "chat@2"),
+        PlannedChange("docs", "keep", "docs@2", "docs@2"),
+        PlannedChange("new", "deploy", None, "new@1"),
+        PlannedChange("old", "unmanaged", "old@1", None),
+    ]
+    assert drift(plan_changes(actual, desired)) == ["~ chat: swap chat@1 -> chat@2", "+ new: deploy new@1"]
+
+
+def test_nothing_to_do_is_no_drift():
+    assert drift(plan_changes({"chat": "chat@2"}, {"chat": "chat@2"})) == []
+
+
+def test_the_documented_example_loads():
+    example = load_config(Path(__file__).resolve().parents[2] / "docker" / "baton.example.yaml")
+    assert example.deployments["chat"].health.on_breach == "rollback"
+    assert example.deployments["docs"].on_demand and example.api_key_env == "BATON_API_KEY"
