@@ -31,6 +31,11 @@ CREATE TABLE IF NOT EXISTS aliases (
     number INTEGER NOT NULL,
     PRIMARY KEY (model, alias)
 );
+CREATE TABLE IF NOT EXISTS deployments (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at TEXT NOT NULL,
@@ -118,6 +123,15 @@ class Catalog:
     def record(self, change: Change, action: str, model: str, version: int | None, details: dict) -> None:
         with self._transaction() as db:
             _record(db, change, action, model, version, details)
+
+    def save_deployment(self, name: str, state: dict) -> None:
+        """What a server serves under `name` (version and settings), to restore after a restart."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO deployments (name, state, updated_at) VALUES (?, ?, ?)", (name, json.dumps(state), now()))
+
+    def saved_deployments(self) -> dict[str, dict]:
+        with self._read() as db:
+            return {row["name"]: json.loads(row["state"]) for row in db.execute("SELECT name, state FROM deployments ORDER BY name")}
 
     def history(self, model: str) -> list[dict]:
         with self._read() as db:

@@ -140,6 +140,13 @@ class Registry:
             raise self._unknown_model(name)
         return events
 
+    def saved_deployments(self) -> dict[str, dict]:
+        """Deployments a server saved (name -> version and settings), to restore on start."""
+        return self._catalog.saved_deployments()
+
+    def save_deployment(self, name: str, state: dict) -> None:
+        self._catalog.save_deployment(name, state)
+
     # -- changes ------------------------------------------------------------------------
 
     def set_alias(self, name: str, selector: str, alias: str, change: Change) -> Version:

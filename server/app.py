@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import time
 from contextlib import asynccontextmanager
 
@@ -13,9 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from models.catalog import Change
 from models.registry import Registry
-from server.config_file import load_config
+from server.config_reload import ConfigReloader
 from server.deployments.reconcile import Reconciler
 from server.api import admin_api, deploy_api, openai_api, status_api
 from server.api.body_limit import BodySizeLimit
@@ -56,9 +53,15 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
             for spec in settings.models:
                 await manager.deploy_spec(spec)
                 log.info("serving %s (%s) from %s", spec.name, spec.version, spec.path)
+            if settings.restore_state and settings.config_file is None:
+                await manager.restore(registry.saved_deployments())
             manager.start()
             reconciler = Reconciler(manager, registry)
-            _reload_on_sighup(settings, reconciler, manager)
+            if settings.config_file is not None:
+                reloader = ConfigReloader(settings.config_file, reconciler, manager.keep)
+                reloader.reload_on_sighup()
+                if settings.watch_config_s is not None:
+                    reloader.watch(settings.watch_config_s)
             yield {
                 "settings": settings,
                 "lifecycle": lifecycle,
@@ -84,25 +87,6 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)
     return app
-
-
-def _reload_on_sighup(settings: Settings, reconciler: Reconciler, manager: DeploymentManager) -> None:
-    """With a config file, SIGHUP reloads it (as POST /admin/reload does). Only where the
-    server runs on the main thread (`baton serve`), where signals arrive."""
-    if settings.config_file is None:
-        return
-
-    async def reload() -> None:
-        try:
-            changes = await reconciler.apply(load_config(settings.config_file), Change("sighup", "config reload"))
-            log.info("config reloaded on SIGHUP: %s", [(c["deployment"], c["action"], c["status"]) for c in changes])
-        except BatonError as error:
-            log.error("config reload on SIGHUP refused, nothing changed: %s", error)
-
-    try:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: manager.keep(asyncio.create_task(reload())))
-    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (tests), or no SIGHUP
-        log.debug("SIGHUP reloads are off: the server does not run on the main thread")
 
 
 def _map_errors(app: FastAPI) -> None:

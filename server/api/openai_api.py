@@ -7,10 +7,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
-from itertools import accumulate
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -18,6 +17,7 @@ from starlette.background import BackgroundTask
 
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelSwappedError, NotFoundError
 from server.api.generation import ChoiceChunk, build_requests, check_token_ids, read_tool_calls, stream_choices
+from server.api.shapes import ChatFormat, TextFormat
 from server.api.tools import ToolCall, ToolPlan
 from server.api.observation import RequestObservation, Unobserved
 from server.addresses import is_loopback
@@ -87,69 +87,6 @@ def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
         return engine.tokenize(prompt)
     check_token_ids(prompt, engine.vocab_size, "prompt")
     return prompt
-
-
-@dataclass(frozen=True)
-class ChatFormat:
-    wants_logprobs: bool
-    object = "chat.completion"
-    chunk_object = "chat.completion.chunk"
-    id_prefix = "chatcmpl-"
-
-    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob], tool_calls: Sequence[ToolCall] = ()) -> dict:
-        message = {"role": "assistant", "content": text or (None if tool_calls else "")}
-        if tool_calls:
-            message["tool_calls"] = [call.as_openai() for call in tool_calls]
-        return {"index": index, "message": message, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
-
-    def opening_delta(self, index: int) -> dict | None:
-        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-
-    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = (), tool_calls: Sequence[ToolCall] = ()) -> dict:
-        delta = {"content": text} if text else {}
-        if tool_calls:
-            delta["tool_calls"] = [call.as_openai(i) for i, call in enumerate(tool_calls)]
-        return {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs) if logprobs else None, "finish_reason": finish_reason}
-
-    def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> dict | None:
-        """OpenAI's chat shape: per token its text, bytes, logprob and the top alternatives."""
-        if not self.wants_logprobs:
-            return None
-        content = [{**_token(t.token, t.logprob), "top_logprobs": [_token(text, value) for text, value in t.top]} for t in logprobs]
-        return {"content": content, "refusal": None}
-
-
-@dataclass(frozen=True)
-class TextFormat:
-    wants_logprobs: bool
-    object = "text_completion"
-    chunk_object = "text_completion"
-    id_prefix = "cmpl-"
-
-    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = (), tool_calls: Sequence[ToolCall] = ()) -> dict:
-        """`tool_calls` is always empty: completions take no tools."""
-        return {"index": index, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
-
-    def opening_delta(self, index: int) -> dict | None:
-        return None
-
-    delta = choice
-
-    def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> dict | None:
-        """The legacy completions shape: parallel lists, top alternatives as {text: logprob}."""
-        if not self.wants_logprobs:
-            return None
-        offsets = list(accumulate((len(t.token) for t in logprobs), initial=0))[:-1]
-        return {
-            "tokens": [t.token for t in logprobs],
-            "token_logprobs": [t.logprob for t in logprobs],
-            "top_logprobs": [dict(t.top) for t in logprobs],
-            "text_offset": offsets,
-        }
-
-
-def _token(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
 async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | None = None):

@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=64, help="requests held per deployment during a replace swap")
     serve.add_argument("--max-wait", type=float, default=120.0, help="seconds a held request waits before a 503")
     serve.add_argument("--memory-budget-gb", type=float, default=None, help="model memory budget (default: 70%% of RAM)")
+    serve.add_argument("--no-restore", action="store_true", help="start from these flags alone, not from what the last run served")
     serve.add_argument("--no-standby", action="store_true", help="stop swapped-out versions instead of keeping them loaded")
     serve.add_argument("--standby-host-budget-gb", type=float, default=None, help="host memory for versions asleep on standby (default: half of RAM)")
     serve.add_argument("--gpu-headroom-gib", type=float, default=2.0, help="GPU memory left free when a vLLM engine's share is planned")
@@ -116,6 +117,7 @@ def _serve(args) -> int:
         max_waiting=args.max_waiting,
         max_wait_s=args.max_wait,
         keep_standby=not args.no_standby,
+        restore_state=not args.no_restore,
         gpu_headroom_gib=args.gpu_headroom_gib,
         gpu_room_for_blue_green=args.gpu_room_for_blue_green,
         **({"memory_budget_bytes": int(args.memory_budget_gb * 1e9)} if args.memory_budget_gb else {}),

@@ -57,6 +57,7 @@ class Deployment:
         self.standby: Slot | None = None
         self.previous_version: str | None = None  # what `rollback` returns to
         self.smoke_prompts: list[str] | None = None  # None: the server's default smoke prompts
+        self.started_as: str | None = None  # the version the server's start-up settings named, if they did
         self.swap_lock = asyncio.Lock()
         self._max_waiting = max_waiting
         self._max_wait_seconds = max_wait_seconds

@@ -37,7 +37,7 @@ from server.devices import GpuMemory, gpu_memory
 from server.metrics import Metrics
 from server.engines.base import Engine, GenerationRequest, SamplingParams, can_reload, can_sleep, engine_process_ids
 from server.engines.factory import engine_for, estimate_memory_bytes
-from models.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
+from models.errors import BatonError, ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,9 @@ class DeploymentManager:
             stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
             target = Target(spec.version, spec.path, options, estimate_memory_bytes(spec.path, options, stored_bytes), stored_bytes)
         on_demand = OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None
-        return await self._deploy(spec.name, target, on_demand, spec.smoke_prompts, overrides, spec.health)
+        deployment = await self._deploy(spec.name, target, on_demand, spec.smoke_prompts, overrides, spec.health)
+        deployment.started_as = spec.version
+        return deployment
 
     async def deploy(
         self,
@@ -168,7 +170,44 @@ class DeploymentManager:
         target = self._resolve(ref, engine_options)
         deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None, smoke_prompts, engine_options, health)
         self._remember(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason, status="succeeded"))
+        self._save(deployment)
         return deployment
+
+    async def restore(self, saved: dict[str, dict]) -> None:
+        """Start-up: bring back what a previous run saved, recorded in the history. Rules:
+        a deployment the start-up settings do not name comes back as it was; one they name
+        comes back at the version it served last, unless the settings now name another
+        version than when it was saved (the operator's new choice wins). One that cannot
+        come back (its version was deleted, say) is logged and skipped."""
+        change = Change("baton", "restored after a restart")
+        for name, state in saved.items():
+            running = self._deployments.get(name)
+            try:
+                if running is None:
+                    await self.deploy(name, state["version"], change, state["on_demand"], state["idle_ttl_s"], state["smoke_prompts"], HealthPolicy.model_validate(state["health"]), state["engine_overrides"])
+                elif state.get("started_as") == running.started_as and running.version not in (state["version"], None):
+                    await self.swap(name, state["version"], "auto", change)
+            except BatonError as error:
+                log.error("could not restore deployment %s (%s): %s", name, state.get("version"), error)
+
+    def _save(self, deployment: Deployment) -> None:
+        """What this deployment serves, for `restore` after a restart."""
+        version = deployment.version or (deployment.on_demand.target.version if deployment.on_demand else None)
+        if version is None or "@" not in version:  # a local folder is no registry version to come back to
+            return
+        state = {
+            "version": version,
+            "on_demand": deployment.on_demand is not None,
+            "idle_ttl_s": deployment.on_demand.idle_ttl_s if deployment.on_demand else 300.0,
+            "smoke_prompts": deployment.smoke_prompts,
+            "health": deployment.policy.model_dump(mode="json"),
+            "engine_overrides": deployment.engine_overrides,
+            "started_as": deployment.started_as,
+        }
+        try:
+            self._registry.save_deployment(deployment.name, state)
+        except Exception:  # saving must never turn a finished swap into a failed one
+            log.exception("could not save deployment %s", deployment.name)
 
     def _is_registry_version(self, spec: ModelSpec) -> bool:
         """The spec names a version of this server's registry, at the folder it stores (a
@@ -373,6 +412,7 @@ class DeploymentManager:
                     raise _as_swap_error(error, record) from error
             record.finish()
             self._record_outcome(record)
+            self._save(deployment)
             return record
 
         task = self.keep(asyncio.ensure_future(guarded()))

@@ -55,7 +55,7 @@ def home(tmp_path_factory, tokenizer_source):
 
 def _server(home, **settings) -> ServerThread:
     version = Registry(home).resolve("smol@1")
-    return ServerThread(Settings(home=home, models=[ModelSpec(name="chat", path=version.path, version=version.ref)], **settings))
+    return ServerThread(Settings(home=home, models=[ModelSpec(name="chat", path=version.path, version=version.ref)], restore_state=False, **settings))
 
 
 def _swap(server, expect: int = 200, **body) -> dict:

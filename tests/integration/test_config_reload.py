@@ -20,6 +20,7 @@ CONFIG = """\
 server:
   port: {port}
   drain_timeout_s: 30
+  watch_config_s: {watch}
 deployments:
   chat:
     model: {model}
@@ -29,11 +30,12 @@ deployments:
 
 
 @pytest.fixture
-def served(two_versions_home, tmp_path):
+def served(two_versions_home, tmp_path, request):
     """`baton serve --config` on chat@1 (the tiny model), and a way to rewrite its file."""
     home, port = two_versions_home(), _free_port()
     config = tmp_path / "baton.yaml"
-    write = lambda model, strategy="auto": config.write_text(CONFIG.format(port=port, model=model, strategy=strategy))  # noqa: E731
+    watch = getattr(request, "param", None) or "null"
+    write = lambda model, strategy="auto": config.write_text(CONFIG.format(port=port, model=model, strategy=strategy, watch=watch))  # noqa: E731
     write("chat@1")
     log = tmp_path / "serve.log"
     env = {**os.environ, "BATON_HOME": str(home)}
@@ -121,9 +123,9 @@ def test_baton_reload_and_plan_and_drift(served):
 
 def test_a_bad_file_changes_nothing(served):
     url, _, config, write, env = served
-    config.write_text(CONFIG.format(port=0, model="chat@2", strategy="teleport"))
+    config.write_text(CONFIG.format(port=0, model="chat@2", strategy="teleport", watch="null"))
     refused = httpx.post(f"{url}/admin/reload", json={})
-    assert refused.status_code == 400 and ":7: deployments.chat.strategy" in refused.json()["error"]["message"]
+    assert refused.status_code == 400 and ":8: deployments.chat.strategy" in refused.json()["error"]["message"]
     write("chat@9")  # no such version: refused before anything changes
     unknown = httpx.post(f"{url}/admin/reload", json={})
     assert unknown.status_code == 400 and "deployments.chat.model" in unknown.json()["error"]["message"]
@@ -136,3 +138,12 @@ def test_plan_names_an_unknown_version_as_a_bad_request(served):
     url, *_ = served
     response = httpx.post(f"{url}/admin/plan", json={"deployments": {"chat": {"model": "chat@9"}}})
     assert response.status_code == 400 and "deployments.chat.model" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("served", [0.2], indirect=True)
+def test_a_watched_file_reloads_when_it_changes(served):
+    """As a mounted ConfigMap does when it is edited: no signal, no request."""
+    url, _, _, write, _ = served
+    write("chat@2")
+    _wait_for_version(url, "chat@2", seconds=30)
+    assert httpx.get(f"{url}/admin/status").json()["drift"] == []

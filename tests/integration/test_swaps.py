@@ -41,7 +41,7 @@ def home(tmp_path_factory, tiny_model_path, demo_model_path) -> Path:
 def _server(home: Path, engine_factory=None, **settings) -> ServerThread:
     version = Registry(home).resolve("chat@1")
     spec = ModelSpec(name="chat", path=version.path, version=version.ref, engine="transformers")
-    return ServerThread(Settings(home=home, models=[spec], **settings), engine_factory=engine_factory)
+    return ServerThread(Settings(home=home, models=[spec], restore_state=False, **settings), engine_factory=engine_factory)
 
 
 def _admin(server, method: str, path: str, expect: int = 200, **body) -> dict:

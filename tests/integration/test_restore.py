@@ -1,0 +1,71 @@
+"""State that survives a restart, through real `baton serve` processes on one home: what the
+admin API and CLI changed (a swap, a new on-demand deployment) comes back after SIGTERM and
+a start with the same flags, recorded in the history; `--no-restore` starts from the flags."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from models.catalog import Change
+from models.registry import ImportOptions, Registry
+from tests.conftest import build_tiny_model
+from tests.integration.test_cli import BATON, _free_port, _wait_healthy
+
+
+@pytest.fixture
+def home(tmp_path, tiny_model_path, demo_model_path):
+    """chat@1, chat@2 and chat@3 (one layout, other weights), on the transformers engine."""
+    home = tmp_path / "home"
+    registry = Registry(home)
+    others = [build_tiny_model(tmp_path / f"v{seed}", demo_model_path, seed=seed) for seed in (1, 2)]
+    for folder in (tiny_model_path, *others):
+        registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(engine_options={"engine": "transformers"}), Change("tester"))
+    return home
+
+
+@contextmanager
+def _serving(home, tmp_path, model: str = "chat@1", *flags: str):
+    port = _free_port()
+    log = tmp_path / f"serve-{port}.log"
+    env = {**os.environ, "BATON_HOME": str(home)}
+    command = [*BATON, "serve", "--model", model, "--name", "chat", "--port", str(port), *flags]
+    with log.open("w") as output, subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env) as process:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, process, log)
+        yield url, env
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
+def _deployments(url: str) -> dict[str, dict]:
+    return {d["name"]: d for d in httpx.get(f"{url}/admin/status").json()["deployments"]}
+
+
+def test_admin_changes_come_back_after_a_restart(home, tmp_path):
+    with _serving(home, tmp_path) as (url, env):
+        swapped = subprocess.run([*BATON, "swap", "chat", "--to", "chat@2", "--server", url], capture_output=True, text=True, env=env, timeout=120)
+        assert swapped.returncode == 0, swapped.stderr
+        deployed = httpx.post(f"{url}/admin/deployments", json={"name": "docs", "model": "chat@1", "on_demand": True, "idle_ttl_s": 60}, timeout=60)
+        assert deployed.status_code == 201, deployed.text
+    with _serving(home, tmp_path) as (url, _):
+        running = _deployments(url)
+        assert running["chat"]["version"] == "chat@2"
+        assert running["docs"]["on_demand"] == {"idle_ttl_s": 60.0, "version": "chat@1"}
+    history = Registry(home).history("chat")
+    assert any(event["reason"] == "restored after a restart" for event in history)
+    with _serving(home, tmp_path, "chat@1", "--no-restore") as (url, _):
+        running = _deployments(url)
+        assert set(running) == {"chat"} and running["chat"]["version"] == "chat@1"
+
+
+def test_new_flags_win_over_what_was_saved_under_other_flags(home, tmp_path):
+    with _serving(home, tmp_path) as (url, env):
+        subprocess.run([*BATON, "swap", "chat", "--to", "chat@2", "--server", url], check=True, capture_output=True, env=env, timeout=120)
+    with _serving(home, tmp_path, "chat@3") as (url, _):  # the operator's new choice, not the saved chat@2
+        assert _deployments(url)["chat"]["version"] == "chat@3"
