@@ -95,6 +95,25 @@ class ConfigFile(BaseModel):
         return found
 
 
+def environment_overrides() -> dict:
+    """Server settings from `BATON_<FIELD>` environment variables (BATON_PORT=9000,
+    BATON_DRAIN_TIMEOUT_S=10; lists and maps as JSON), read by pydantic-settings; they win
+    over the file's `server` section. Keys are not read this way: they have their own
+    `*_env` fields. Each value is checked again, with its bounds, when Settings is built."""
+    from pydantic import create_model
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    from server.config import Settings
+
+    fields = {name: (info.annotation | None, None) for name, info in Settings.model_fields.items() if name not in NOT_IN_SERVER_SECTION}
+    base = type("EnvironmentBase", (BaseSettings,), {"model_config": SettingsConfigDict(env_prefix="BATON_", extra="ignore")})
+    try:
+        return create_model("EnvironmentSettings", __base__=base, **fields)().model_dump(exclude_none=True)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ConfigError(f"BATON_{str(first['loc'][0]).upper()}: {first['msg']}.") from error
+
+
 def load_config(path: Path) -> ConfigFile:
     """Read and validate `path`; ConfigError names the file, the line and the field."""
     try:

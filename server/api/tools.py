@@ -101,7 +101,8 @@ class OutputReader:
 
 
 class ArgumentsReader(OutputReader):
-    """The whole output is the named function's arguments."""
+    """The whole output is the named function's arguments. Output cut short (by max_tokens)
+    does not parse: it is returned as content, with no call."""
 
     def __init__(self, name: str):
         self._name, self._text = name, ""
@@ -111,6 +112,10 @@ class ArgumentsReader(OutputReader):
         return ""
 
     def finish(self) -> tuple[str, list[ToolCall]]:
+        try:
+            json.loads(self._text)
+        except ValueError:
+            return self._text, []
         return "", [new_call(self._name, self._text)]
 
 

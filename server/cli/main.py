@@ -14,7 +14,7 @@ from models.registry import Registry
 from server.cli import deploy as deploy_cli, models as models_cli
 from server.addresses import is_loopback
 from server.config import ModelSpec, Settings, default_home
-from server.config_file import load_config
+from server.config_file import environment_overrides, load_config
 from server import logs
 from server.keys import load_key_file
 from models.errors import BatonError, ConfigError
@@ -130,7 +130,7 @@ def _settings_from_file(args) -> Settings:
     """Settings from `--config`: the file's server section, its keys read from the
     environment, and its deployments as registry versions to serve."""
     config = load_config(args.config)
-    server = {"home": _home(args), **config.server}
+    server = {"home": _home(args), **config.server, **environment_overrides()}
     registry = Registry(Path(server["home"]))
     specs = []
     for name, wanted in config.deployments.items():

@@ -173,6 +173,15 @@ class DeploymentManager:
         self._save(deployment)
         return deployment
 
+    def configure(self, name: str, smoke_prompts: list[str] | None, health: HealthPolicy, idle_ttl_s: float) -> None:
+        """Settings that change in place: smoke prompts (the next swap's), the health policy
+        (the next check's), and an on-demand deployment's idle TTL."""
+        deployment = self.get(name)
+        deployment.smoke_prompts, deployment.policy = smoke_prompts, health
+        if deployment.on_demand is not None:
+            deployment.on_demand = replace(deployment.on_demand, idle_ttl_s=idle_ttl_s)
+        self._save(deployment)
+
     async def restore(self, saved: dict[str, dict]) -> None:
         """Start-up: bring back what a previous run saved, recorded in the history. Rules:
         a deployment the start-up settings do not name comes back as it was; one they name

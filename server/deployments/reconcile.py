@@ -3,20 +3,47 @@ applied through the swap machinery (draining and verification as for any swap).
 
 Rules: every ref is resolved before anything changes, so a file naming an unknown version
 changes nothing; a deployment the file does not name is left as it is (reported
-`unmanaged`); only the version is converged (on-demand and health settings of a running
-deployment change with a restart).
+`unmanaged`); a new version is swapped to; smoke prompts, the health policy and an
+on-demand idle TTL change in place; `on_demand` itself and engine options change how an
+engine is loaded, so they are reported and apply at the next restart.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 from models.catalog import Change
 from models.errors import BatonError, ConfigError
-from server.config_file import ConfigFile
+from server.config_file import ConfigFile, DeploymentConfig
 
-Action = Literal["deploy", "swap", "keep", "unmanaged"]
+Action = Literal["deploy", "swap", "update", "keep", "unmanaged"]
+IN_PLACE = ("smoke_prompts", "health", "idle_ttl_s")
+AT_RESTART = ("on_demand", "engine_options")
+
+
+@dataclass(frozen=True)
+class State:
+    """A deployment as the file asks for it, or as it runs: comparable field by field."""
+
+    version: str | None
+    on_demand: bool = False
+    idle_ttl_s: float | None = None  # only with on_demand
+    smoke_prompts: tuple[str, ...] | None = None
+    health: str = "{}"  # the policy as sorted JSON
+    engine_options: str = "{}"  # sorted JSON
+
+    @classmethod
+    def of(cls, version, on_demand, idle_ttl_s, smoke_prompts, health, engine_options) -> State:
+        return cls(
+            version,
+            on_demand,
+            idle_ttl_s if on_demand else None,
+            tuple(smoke_prompts) if smoke_prompts else None,
+            json.dumps(health.model_dump(mode="json"), sort_keys=True),
+            json.dumps(engine_options or {}, sort_keys=True),
+        )
 
 
 @dataclass(frozen=True)
@@ -25,31 +52,44 @@ class PlannedChange:
     action: Action
     current: str | None
     desired: str | None
+    settings: tuple[str, ...] = ()  # changed in place
+    at_restart: tuple[str, ...] = ()  # differ, and apply at the next restart
 
     def describe(self) -> str:
-        return {
+        text = {
             "deploy": f"+ {self.deployment}: deploy {self.desired}",
             "swap": f"~ {self.deployment}: swap {self.current} -> {self.desired}",
+            "update": f"~ {self.deployment}: {self.current}",
             "keep": f"= {self.deployment}: {self.current}",
             "unmanaged": f"? {self.deployment}: {self.current} (not in the config; left as it is)",
         }[self.action]
+        text += f"; set {', '.join(self.settings)}" if self.settings else ""
+        return text + (f"; {', '.join(self.at_restart)} at the next restart" if self.at_restart else "")
+
+    @property
+    def is_drift(self) -> bool:
+        return self.action in ("deploy", "swap", "update") or bool(self.at_restart)
 
 
-def plan_changes(actual: dict[str, str | None], desired: dict[str, str]) -> list[PlannedChange]:
-    """What makes `actual` (deployment -> version it serves) what `desired` asks."""
+def plan_changes(actual: dict[str, State], desired: dict[str, State]) -> list[PlannedChange]:
+    """What makes `actual` (what runs, per deployment) what `desired` asks."""
     changes = []
-    for name, version in sorted(desired.items()):
-        if name not in actual:
-            changes.append(PlannedChange(name, "deploy", None, version))
-        else:
-            changes.append(PlannedChange(name, "keep" if actual[name] == version else "swap", actual[name], version))
-    changes += [PlannedChange(name, "unmanaged", actual[name], None) for name in sorted(set(actual) - set(desired))]
+    for name, wanted in sorted(desired.items()):
+        running = actual.get(name)
+        if running is None:
+            changes.append(PlannedChange(name, "deploy", None, wanted.version))
+            continue
+        differ = [f.name for f in fields(State) if f.name != "version" and getattr(running, f.name) != getattr(wanted, f.name)]
+        settings = tuple(d for d in differ if d in IN_PLACE)
+        action = "swap" if running.version != wanted.version else ("update" if settings else "keep")
+        changes.append(PlannedChange(name, action, running.version, wanted.version, settings, tuple(d for d in differ if d in AT_RESTART)))
+    changes += [PlannedChange(name, "unmanaged", actual[name].version, None) for name in sorted(set(actual) - set(desired))]
     return changes
 
 
 def drift(changes: list[PlannedChange]) -> list[str]:
     """Where what runs differs from the file (an admin change since the last reload, say)."""
-    return [change.describe() for change in changes if change.action in ("deploy", "swap")]
+    return [change.describe() for change in changes if change.is_drift]
 
 
 class Reconciler:
@@ -57,9 +97,8 @@ class Reconciler:
         self._manager, self._registry = manager, registry
 
     def plan(self, config: ConfigFile) -> list[PlannedChange]:
-        desired = {name: self._resolve(name, deployment.model) for name, deployment in config.deployments.items()}
-        actual = {d.name: d.version or (d.on_demand.target.version if d.on_demand else None) for d in self._manager.deployments}
-        return plan_changes(actual, desired)
+        desired = {name: self._wanted(name, deployment) for name, deployment in config.deployments.items()}
+        return plan_changes({d.name: _running(d) for d in self._manager.deployments}, desired)
 
     async def apply(self, config: ConfigFile, change: Change) -> list[dict]:
         """Each change in turn; one that fails is reported and the others still run."""
@@ -67,26 +106,36 @@ class Reconciler:
         for planned in self.plan(config):
             result = asdict(planned) | {"status": "unchanged"}
             try:
-                result |= await self._apply_one(planned, config, change)
+                result |= await self._apply_one(planned, config.deployments.get(planned.deployment), change)
             except BatonError as error:
                 result |= {"status": "failed", "error": str(error)}
             results.append(result)
         return results
 
-    async def _apply_one(self, planned: PlannedChange, config: ConfigFile, change: Change) -> dict:
-        wanted = config.deployments.get(planned.deployment)
+    async def _apply_one(self, planned: PlannedChange, wanted: DeploymentConfig | None, change: Change) -> dict:
+        manager, name = self._manager, planned.deployment
         if planned.action == "deploy":
-            await self._manager.deploy(
-                planned.deployment, planned.desired, change, wanted.on_demand, wanted.idle_ttl_s, wanted.smoke_prompts, wanted.health, wanted.engine_options
-            )
+            await manager.deploy(name, planned.desired, change, wanted.on_demand, wanted.idle_ttl_s, wanted.smoke_prompts, wanted.health, wanted.engine_options)
             return {"status": "succeeded"}
+        outcome = {}
         if planned.action == "swap":
-            record = await self._manager.swap(planned.deployment, planned.desired, wanted.strategy, change)
-            return {"status": record.status, "swap": record.id, "strategy": record.strategy}
-        return {}
+            record = await manager.swap(name, planned.desired, wanted.strategy, change)
+            outcome = {"status": record.status, "swap": record.id, "strategy": record.strategy}
+        if planned.settings:
+            manager.configure(name, wanted.smoke_prompts, wanted.health, wanted.idle_ttl_s)
+            outcome = {"status": "succeeded"} | outcome
+        return outcome
 
-    def _resolve(self, deployment: str, ref: str) -> str:
+    def _wanted(self, deployment: str, wanted: DeploymentConfig) -> State:
         try:
-            return self._registry.resolve_for_serving(ref).ref
+            version = self._registry.resolve_for_serving(wanted.model).ref
         except BatonError as error:
             raise ConfigError(f"deployments.{deployment}.model: {error}") from error
+        return State.of(version, wanted.on_demand, wanted.idle_ttl_s, wanted.smoke_prompts, wanted.health, wanted.engine_options)
+
+
+def _running(deployment) -> State:
+    on_demand = deployment.on_demand
+    version = deployment.version or (on_demand.target.version if on_demand else None)
+    idle_ttl_s = on_demand.idle_ttl_s if on_demand else None
+    return State.of(version, on_demand is not None, idle_ttl_s, deployment.smoke_prompts, deployment.policy, deployment.engine_overrides)

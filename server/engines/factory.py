@@ -43,7 +43,7 @@ def estimate_memory_bytes(path: Path, options: dict, stored_bytes: int) -> int:
     vllm_options = options_for(VLLMOptions, options)
     gpus = gpu_memory_bytes()
     if gpus and vllm_options.gpu_memory_utilization is not None:
-        return int(vllm_options.gpu_memory_utilization * gpus[0] * vllm_options.tensor_parallel_size)
+        return int(vllm_options.gpu_memory_utilization * gpus[0] * vllm_options.tensor_parallel_size * vllm_options.pipeline_parallel_size)
     if gpus:
         return int(stored_bytes * LOAD_OVERHEAD)
     return int(stored_bytes * LOAD_OVERHEAD) + vllm_options.cpu_kv_cache_gib * 2**30

@@ -4,7 +4,7 @@ deployment. Checked when they are recorded, so a bad option fails the import, no
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import get_type_hints
+from typing import Literal, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -27,6 +27,8 @@ class VLLMOptions:
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None  # None: planned from the GPU's free memory (vLLM's 0.9 when built directly)
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: Literal["mp", "ray"] | None = None  # None: vLLM's choice; ray: across nodes
     quantization: str | None = None
     enforce_eager: bool | None = None  # None: eager on CPU (starts in 40 s, not 160 s), compiled on GPU
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, on CPU builds only

@@ -167,12 +167,17 @@ class VLLMEngine:
         else:  # this process has threads and may hold CUDA: a forked engine core cannot start
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         # Unset options stay vLLM's own defaults (max_num_seqs, gpu_memory_utilization).
-        chosen = {"gpu_memory_utilization": options.gpu_memory_utilization, "max_num_seqs": options.max_num_seqs}
+        chosen = {
+            "gpu_memory_utilization": options.gpu_memory_utilization,
+            "max_num_seqs": options.max_num_seqs,
+            "distributed_executor_backend": options.distributed_executor_backend,
+        }
         args = AsyncEngineArgs(
             model=str(self._path),
             dtype="float32" if on_cpu and options.dtype == "auto" else options.dtype,
             max_model_len=options.max_model_len,
             tensor_parallel_size=options.tensor_parallel_size,
+            pipeline_parallel_size=options.pipeline_parallel_size,
             quantization=options.quantization,
             enforce_eager=on_cpu if options.enforce_eager is None else options.enforce_eager,
             trust_remote_code=False,

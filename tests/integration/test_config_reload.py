@@ -147,3 +147,13 @@ def test_a_watched_file_reloads_when_it_changes(served):
     write("chat@2")
     _wait_for_version(url, "chat@2", seconds=30)
     assert httpx.get(f"{url}/admin/status").json()["drift"] == []
+
+
+def test_settings_change_in_place_without_a_swap(served):
+    url, _, config, _, env = served
+    config.write_text(config.read_text() + "    smoke_prompts: [Bonjour]\n    health: {on_breach: rollback}\n")
+    planned = _baton(env, url, "plan", "--config", str(config))
+    assert "~ chat: chat@1; set smoke_prompts, health" in planned.stdout, planned.stdout + planned.stderr
+    (change,) = httpx.post(f"{url}/admin/reload", json={}).json()["changes"]
+    assert (change["action"], change["status"]) == ("update", "succeeded")
+    assert httpx.get(f"{url}/admin/status").json()["drift"] == [] and _version(url) == "chat@1"

@@ -7,7 +7,8 @@ import pytest
 
 from models.errors import ConfigError
 from server.config_file import load_config
-from server.deployments.reconcile import PlannedChange, drift, plan_changes
+from server.deployments.health import HealthPolicy
+from server.deployments.reconcile import PlannedChange, State, drift, plan_changes
 
 GOOD = """\
 server:
@@ -65,9 +66,13 @@ def test_a_missing_file_and_a_missing_secret_are_config_errors(tmp_path):
         load_config(_write(tmp_path, GOOD)).secrets({})
 
 
+def _state(version: str | None, **settings) -> State:
+    return State.of(version, settings.get("on_demand", False), settings.get("idle_ttl_s", 300.0), settings.get("smoke_prompts"), settings.get("health", HealthPolicy()), settings.get("engine_options", {}))
+
+
 def test_the_plan_deploys_swaps_keeps_and_leaves_unnamed_deployments_alone():
-    actual = {"chat": "chat@1", "docs": "docs@2", "old": "old@1"}
-    desired = {"chat": "chat@2", "docs": "docs@2", "new": "new@1"}
+    actual = {"chat": _state("chat@1"), "docs": _state("docs@2"), "old": _state("old@1")}
+    desired = {"chat": _state("chat@2"), "docs": _state("docs@2"), "new": _state("new@1")}
     assert plan_changes(actual, desired) == [
         PlannedChange("chat", "swap", "chat@1", "chat@2"),
         PlannedChange("docs", "keep", "docs@2", "docs@2"),
@@ -77,11 +82,47 @@ def test_the_plan_deploys_swaps_keeps_and_leaves_unnamed_deployments_alone():
     assert drift(plan_changes(actual, desired)) == ["~ chat: swap chat@1 -> chat@2", "+ new: deploy new@1"]
 
 
+def test_settings_change_in_place_or_at_the_next_restart():
+    actual = {"chat": _state("chat@1", smoke_prompts=["Hi"]), "docs": _state("docs@1", on_demand=True, idle_ttl_s=60)}
+    desired = {
+        "chat": _state("chat@1", smoke_prompts=["Hello"], health=HealthPolicy(on_breach="rollback"), engine_options={"max_model_len": 512}),
+        "docs": _state("docs@2", on_demand=True, idle_ttl_s=600),
+    }
+    chat, docs = plan_changes(actual, desired)
+    assert (chat.action, chat.settings, chat.at_restart) == ("update", ("smoke_prompts", "health"), ("engine_options",))
+    assert (docs.action, docs.settings) == ("swap", ("idle_ttl_s",))
+    assert drift([chat]) == ["~ chat: chat@1; set smoke_prompts, health; engine_options at the next restart"]
+
+
+def test_an_idle_ttl_without_on_demand_is_no_difference():
+    assert plan_changes({"chat": _state("chat@1", idle_ttl_s=60)}, {"chat": _state("chat@1", idle_ttl_s=600)})[0].action == "keep"
+
+
 def test_nothing_to_do_is_no_drift():
-    assert drift(plan_changes({"chat": "chat@2"}, {"chat": "chat@2"})) == []
+    assert drift(plan_changes({"chat": _state("chat@2")}, {"chat": _state("chat@2")})) == []
 
 
 def test_the_documented_example_loads():
     example = load_config(Path(__file__).resolve().parents[2] / "docker" / "baton.example.yaml")
     assert example.deployments["chat"].health.on_breach == "rollback"
     assert example.deployments["docs"].on_demand and example.api_key_env == "BATON_API_KEY"
+
+
+def test_baton_environment_variables_override_the_server_section(monkeypatch):
+    from server.config_file import environment_overrides
+
+    monkeypatch.setenv("BATON_DRAIN_TIMEOUT_S", "7.5")
+    monkeypatch.setenv("BATON_SMOKE_PROMPTS", '["Hi", "Bonjour"]')
+    monkeypatch.setenv("BATON_API_KEY", "never-read-this-way")
+    monkeypatch.setenv("BATON_REQUIRE_VLLM", "1")  # not a setting: ignored
+    overrides = environment_overrides()
+    assert overrides["drain_timeout_s"] == 7.5 and overrides["smoke_prompts"] == ["Hi", "Bonjour"]
+    assert "api_key" not in overrides
+
+
+def test_a_bad_environment_value_names_its_variable(monkeypatch):
+    from server.config_file import environment_overrides
+
+    monkeypatch.setenv("BATON_PORT", "eighty")
+    with pytest.raises(ConfigError, match="BATON_PORT"):
+        environment_overrides()

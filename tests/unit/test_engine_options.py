@@ -22,3 +22,9 @@ def test_each_engine_sees_only_its_own_options():
     options = {"engine": "vllm", "max_batch_size": 4, "max_num_seqs": 8}
     assert options_for(TransformersOptions, options).max_batch_size == 4
     assert options_for(VLLMOptions, options).max_num_seqs == 8
+
+
+def test_multi_gpu_and_multi_node_options_are_vllms_own():
+    check_engine_options({"engine": "vllm", "tensor_parallel_size": 8, "pipeline_parallel_size": 2, "distributed_executor_backend": "ray"})
+    with pytest.raises(InvalidRequestError, match="distributed_executor_backend"):
+        check_engine_options({"distributed_executor_backend": "slurm"})

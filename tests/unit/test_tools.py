@@ -97,3 +97,8 @@ def test_a_template_with_tools_gets_them_as_they_are(demo_model_path):
     tokenizer.chat_template = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
     text = tokenizer.decode(chat_prompt_ids(tokenizer, [{"role": "user", "content": "hi"}], [WEATHER.as_tool()]))
     assert text == "[get_weather]hi"
+
+
+def test_a_named_call_cut_short_is_content_not_a_call():
+    items = _read(ToolPlan((WEATHER,), "get_weather"), ['{"city": "Os'], reason="length")
+    assert items[-1].tool_calls == () and items[-1].chunk.finish_reason == "length" and items[-1].chunk.text == '{"city": "Os'
