@@ -116,7 +116,8 @@ def test_memory_comes_back_after_stop(home):
 
 
 def _sampler_agrees_with_nvidia_smi(server) -> None:
-    """baton's NVML sampler (GET /metrics) reads the memory nvidia-smi reads, within 2%."""
+    """baton's NVML sampler (GET /metrics) reads the memory nvidia-smi reads, within 2%, and
+    maps the engine's processes' memory to the deployment."""
     if shutil.which("nvidia-smi") is None:
         return print("\nno nvidia-smi to compare the NVML sampler with")
     time.sleep(1.5)  # a fresh sample, taken with the engine up
@@ -126,6 +127,9 @@ def _sampler_agrees_with_nvidia_smi(server) -> None:
     used_mib, utilization, power = (float(v) for v in smi.stdout.split(","))
     print(f"\nGPU 0 memory used: baton_gpu_memory_used_bytes {sampled / 2**20:.0f} MiB, nvidia-smi {used_mib:.0f} MiB; nvidia-smi utilisation {utilization:.0f}%, power {power:.0f} W")
     assert abs(sampled / 2**20 - used_mib) <= 0.02 * used_mib
+    engine = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("baton_gpu_engine_memory_bytes{") and 'deployment="chat"' in line]
+    print(f"GPU memory of chat's engine processes: {[round(b / 2**20) for b in engine]} MiB")
+    assert engine and engine[0] > 2**30  # the engine's processes, mapped to the deployment
 
 
 def test_sleep_mode_is_on_by_default_and_an_operator_may_turn_it_off(home):
