@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from server.engines.base import Chunk, Engine, GenerationRequest, SamplingParams
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
-from server.api.tools import ToolCall, ToolPlan
+from server.api.tools import ToolCall, ToolCallPiece, ToolPlan
 
 
 MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM draws the same line)
@@ -23,22 +23,25 @@ class ChoiceChunk:
     index: int
     chunk: Chunk
     tool_calls: tuple[ToolCall, ...] = ()  # read from the choice's output, with its last chunk
+    call_pieces: tuple[ToolCallPiece, ...] = ()  # calls streamed as they are generated
 
 
 async def read_tool_calls(choices: AsyncIterator[ChoiceChunk], plan: ToolPlan, num_choices: int) -> AsyncIterator[ChoiceChunk]:
-    """Each choice's output read through the plan's reader: content passes (or is held), and
-    the calls found come with the last chunk, whose finish reason becomes `tool_calls`."""
+    """Each choice's output read through the plan's reader: content passes (or is held),
+    call pieces stream where the reader has them, and the calls found come with the last
+    chunk, whose finish reason becomes `tool_calls` when the model stopped on its own."""
     readers = [plan.reader() for _ in range(num_choices)]
     async with aclosing(choices) as stream:
         async for item in stream:
             reader, chunk = readers[item.index], item.chunk
             text = reader.feed(chunk.text)
+            pieces = tuple(reader.pieces())
             if not chunk.finish_reason:
-                yield ChoiceChunk(item.index, replace(chunk, text=text))
+                yield ChoiceChunk(item.index, replace(chunk, text=text), (), pieces)
                 continue
             rest, calls = reader.finish()
-            reason = "tool_calls" if calls else chunk.finish_reason
-            yield ChoiceChunk(item.index, replace(chunk, text=text + rest, finish_reason=reason), tuple(calls))
+            reason = "tool_calls" if calls and chunk.finish_reason == "stop" else chunk.finish_reason
+            yield ChoiceChunk(item.index, replace(chunk, text=text + rest, finish_reason=reason), tuple(calls), pieces)
 
 
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, prompt_param: str) -> int:

@@ -27,10 +27,11 @@ class ChatFormat:
     def opening_delta(self, index: int) -> dict | None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = (), tool_calls: Sequence[ToolCall] = ()) -> dict:
+    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = (), tool_call_deltas: Sequence[dict] = ()) -> dict:
+        """`tool_call_deltas`: whole calls or pieces of them, in OpenAI's delta shape."""
         delta = {"content": text} if text else {}
-        if tool_calls:
-            delta["tool_calls"] = [call.as_openai(i) for i, call in enumerate(tool_calls)]
+        if tool_call_deltas:
+            delta["tool_calls"] = list(tool_call_deltas)
         return {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs) if logprobs else None, "finish_reason": finish_reason}
 
     def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> dict | None:

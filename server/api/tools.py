@@ -89,6 +89,21 @@ def calls_schema(functions: tuple[Function, ...]) -> dict:
     return {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
 
 
+@dataclass(frozen=True)
+class ToolCallPiece:
+    """Part of a call, streamed while it is generated: the first piece of a call names it."""
+
+    index: int  # the call's place among the choice's calls
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+
+    def as_openai(self) -> dict:
+        head = {"id": self.id, "type": "function"} if self.id else {}
+        function = {"name": self.name} if self.name else {}
+        return {"index": self.index, **head, "function": {**function, "arguments": self.arguments}}
+
+
 class OutputReader:
     """Reads one choice's text as it streams: `feed` returns the text that is content and
     may be sent now; `finish` returns the content held back and the calls found."""
@@ -96,27 +111,37 @@ class OutputReader:
     def feed(self, text: str) -> str:
         raise NotImplementedError
 
+    def pieces(self) -> list[ToolCallPiece]:
+        """Call pieces ready to stream since the last look; readers that read calls only
+        at the end have none."""
+        return []
+
     def finish(self) -> tuple[str, list[ToolCall]]:
         raise NotImplementedError
 
 
 class ArgumentsReader(OutputReader):
-    """The whole output is the named function's arguments. Output cut short (by max_tokens)
-    does not parse: it is returned as content, with no call."""
+    """The whole output is the named function's arguments, streamed as they come. Output
+    cut short (by max_tokens) is still the call, with the arguments so far, as OpenAI does."""
 
     def __init__(self, name: str):
-        self._name, self._text = name, ""
+        self._call = new_call(name, "")
+        self._text, self._num_streamed = "", 0
 
     def feed(self, text: str) -> str:
         self._text += text
         return ""
 
+    def pieces(self) -> list[ToolCallPiece]:
+        piece = self._text[self._num_streamed :]
+        if not piece and self._num_streamed:
+            return []
+        is_first = self._num_streamed == 0
+        self._num_streamed = len(self._text)
+        return [ToolCallPiece(0, piece, self._call.id if is_first else None, self._call.name if is_first else None)]
+
     def finish(self) -> tuple[str, list[ToolCall]]:
-        try:
-            json.loads(self._text)
-        except ValueError:
-            return self._text, []
-        return "", [new_call(self._name, self._text)]
+        return "", [ToolCall(self._call.id, self._call.name, self._text)]
 
 
 class CallListReader(OutputReader):

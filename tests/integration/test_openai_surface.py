@@ -226,10 +226,23 @@ def forced_tool_calls(client, model: str) -> dict[str, list]:
         assert answer.finish_reason == "tool_calls" and answer.message.content is None
         found[name] = answer.message.tool_calls
         chunks = list(client.chat.completions.create(**request, tool_choice=choice, stream=True))
-        streamed = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
-        assert [(c.function.name, c.function.arguments) for c in streamed] == [(c.function.name, c.function.arguments) for c in found[name]]
+        streamed = _streamed_calls(chunks)
+        assert [(name_, arguments) for _, name_, arguments in streamed] == [(c.function.name, c.function.arguments) for c in found[name]]
+        assert all(call_id.startswith("call_") for call_id, _, _ in streamed)
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        if name == "named":  # the arguments stream as they are generated, not in one piece
+            assert sum(bool(c.choices and c.choices[0].delta.tool_calls) for c in chunks) > 1
     return found
+
+
+def _streamed_calls(chunks) -> list[tuple[str, str, str]]:
+    """Calls put together from their deltas, as a client does: (id, name, arguments)."""
+    calls: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = calls.setdefault(delta.index, [delta.id, delta.function.name, ""])
+            call[2] += delta.function.arguments or ""
+    return [tuple(call) for _, call in sorted(calls.items())]
 
 
 def assert_valid_calls(calls) -> None:

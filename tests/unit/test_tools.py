@@ -76,6 +76,7 @@ def test_a_named_call_carries_the_whole_output_as_arguments():
     items = _read(ToolPlan((WEATHER,), "get_weather"), ['{"city": ', '"Oslo"}'])
     (call,) = items[-1].tool_calls
     assert call.arguments == '{"city": "Oslo"}' and "".join(i.chunk.text for i in items) == ""
+    assert items[-1].chunk.finish_reason == "tool_calls"
 
 
 def test_a_template_without_tools_gets_them_described_and_earlier_calls_as_text(demo_model_path):
@@ -99,6 +100,10 @@ def test_a_template_with_tools_gets_them_as_they_are(demo_model_path):
     assert text == "[get_weather]hi"
 
 
-def test_a_named_call_cut_short_is_content_not_a_call():
-    items = _read(ToolPlan((WEATHER,), "get_weather"), ['{"city": "Os'], reason="length")
-    assert items[-1].tool_calls == () and items[-1].chunk.finish_reason == "length" and items[-1].chunk.text == '{"city": "Os'
+def test_a_named_call_streams_its_arguments_and_cut_short_keeps_them_as_openai_does():
+    items = _read(ToolPlan((WEATHER,), "get_weather"), ['{"city": ', '"Os'], reason="length")
+    first, second = (piece for item in items for piece in item.call_pieces)
+    assert (first.name, first.arguments, second.name, second.arguments) == ("get_weather", '{"city": ', None, '"Os')
+    assert first.id and second.id is None and second.as_openai() == {"index": 0, "function": {"arguments": '"Os'}}
+    (call,) = items[-1].tool_calls
+    assert (call.id, call.arguments, items[-1].chunk.finish_reason) == (first.id, '{"city": "Os', "length")
