@@ -11,7 +11,6 @@ Writes benchmarks/results/metrics_overhead.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -21,20 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.cpu_throughput import BIN, _demo_model, _load, _measured, _prompts, _running  # noqa: E402
-from benchmarks.serving import results_dir  # noqa: E402
+from benchmarks.serving import parse_ab_arguments, results_dir  # noqa: E402
 
 import asyncio  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm", "auto"])
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=4, help="each variant runs this many times, alternating")
-    args = parser.parse_args()
+    args = parse_ab_arguments(__doc__, rounds=4)
     model = args.model or _demo_model()
     prompts = _prompts(args.requests, seed=0)
     runs: dict[str, list[dict]] = {"with": [], "without": []}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import time
@@ -16,6 +17,19 @@ def results_dir() -> Path:
     """benchmarks/results/, made on first use: a fresh clone has none (it is git-ignored)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS
+
+
+def parse_ab_arguments(description: str, rounds: int) -> argparse.Namespace:
+    """The options of the benchmarks that compare two variants of one server in one run:
+    the model, the engine, the load (streaming chat at a concurrency) and the rounds."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="a Hugging Face folder (default: the demo model)")
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm", "auto"])
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=rounds, help="each variant runs this many times, alternating")
+    return parser.parse_args()
 
 
 def free_port() -> int:

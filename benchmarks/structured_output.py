@@ -10,7 +10,6 @@ benchmarks/results/structured_output.json.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.cpu_throughput import BIN, _demo_model, _load, _prompts, _running  # noqa: E402
-from benchmarks.serving import results_dir  # noqa: E402
+from benchmarks.serving import parse_ab_arguments, results_dir  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -36,14 +35,7 @@ VARIANTS = {"plain": {}, "json_schema": {"response_format": {"type": "json_schem
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm", "auto"])
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="each variant runs this many times, alternating")
-    args = parser.parse_args()
+    args = parse_ab_arguments(__doc__, rounds=3)
     prompts = _prompts(args.requests, seed=0)
     command = [str(BIN / "baton"), "serve", "--model", str(args.model or _demo_model()), "--name", "bench", "--port", "{port}", "--engine", args.engine, "--log-level", "warning"]
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}

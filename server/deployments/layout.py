@@ -14,12 +14,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.manifest import TOKENIZER_FILES  # the files whose hash the manifest records
+
 # config.json keys that describe where a file came from, not the network it builds.
 PROVENANCE_KEYS = frozenset({"_name_or_path", "transformers_version"})
 # generation_config.json keys an engine bakes in at start (stop tokens); the rest are defaults
 # baton does not apply, since every request carries its own sampling.
 STOP_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 @dataclass(frozen=True)
