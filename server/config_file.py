@@ -35,15 +35,16 @@ from server.keys import load_key_file
 NOT_IN_SERVER_SECTION = {"api_key", "admin_key", "keys", "models", "config_file"}
 
 
-class DeploymentConfig(BaseModel):
+class DeploymentSettings(BaseModel):
+    """One deployment as an operator asks for it: in the config file, or `POST /admin/deployments`."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, description="a registry ref or alias: chat, chat@2, chat@prod")
-    strategy: Literal[STRATEGIES] = "auto"  # type: ignore[valid-type]
-    on_demand: bool = False
+    on_demand: bool = Field(False, description="load on the first request, unload when idle")
     idle_ttl_s: float = Field(300.0, gt=0)
-    smoke_prompts: list[str] | None = Field(None, min_length=1)
-    health: HealthPolicy = Field(default_factory=HealthPolicy)
+    smoke_prompts: list[str] | None = Field(None, min_length=1, description="each must produce a token before a flip")
+    health: HealthPolicy = Field(default_factory=HealthPolicy, description="objectives, golden prompts, fallbacks, on_breach")
     engine_options: dict = Field(default_factory=dict, description="over the version's own: engine, dtype, max_model_len...")
 
     @field_validator("engine_options")
@@ -54,6 +55,10 @@ class DeploymentConfig(BaseModel):
         except InvalidRequestError as error:
             raise ValueError(error.message) from error
         return options
+
+
+class DeploymentConfig(DeploymentSettings):
+    strategy: Literal[STRATEGIES] = "auto"  # type: ignore[valid-type]  # how a reload swaps it
 
 
 class ConfigFile(BaseModel):

@@ -14,8 +14,7 @@ from pydantic import ValidationError
 
 from models.errors import ConfigError, ConflictError, InvalidRequestError
 from server.api.admin_api import actor_change, require_admin
-from server.config_file import ConfigFile, load_config
-from server.deployments.health import HealthPolicy
+from server.config_file import ConfigFile, DeploymentSettings, load_config
 from server.deployments.reconcile import drift
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -27,13 +26,8 @@ class _Body(BaseModel):
     reason: str = ""
 
 
-class DeployBody(_Body):
+class DeployBody(DeploymentSettings, _Body):
     name: str
-    model: str = Field(description="a registry ref: chat, chat@2, chat@prod")
-    on_demand: bool = Field(False, description="load on the first request, unload when idle")
-    idle_ttl_s: float = Field(300.0, gt=0)
-    smoke_prompts: list[str] | None = Field(None, min_length=1, description="each must produce a token before a flip")
-    health: HealthPolicy = Field(default_factory=HealthPolicy, description="objectives, golden prompts, fallbacks, on_breach")
 
 
 class SwapBody(_Body):
@@ -59,7 +53,9 @@ async def list_deployments(request: Request) -> list[dict]:
 @router.post("/deployments", status_code=201)
 async def deploy(body: DeployBody, request: Request) -> dict:
     change = actor_change(request, body.reason)
-    deployment = await request.state.deployments.deploy(body.name, body.model, change, body.on_demand, body.idle_ttl_s, body.smoke_prompts, body.health)
+    deployment = await request.state.deployments.deploy(
+        body.name, body.model, change, body.on_demand, body.idle_ttl_s, body.smoke_prompts, body.health, body.engine_options
+    )
     return deployment.describe()
 
 

@@ -80,8 +80,8 @@ def build_requests(
 ) -> list[GenerationRequest]:
     """n generations per prompt, indexed prompt-major as OpenAI does. A seed gives choice i
     the seed + i, so that choices differ yet the whole answer is reproducible."""
-    if vocab_size is not None:
-        check_token_ids([token_id for token_id, _ in body.logit_bias_pairs], vocab_size, "logit_bias")
+    if vocab_size is not None and body.logit_bias:
+        check_token_ids([int(token) for token in body.logit_bias], vocab_size, "logit_bias")
     if body.n > max_n:
         raise InvalidRequestError(f"n must be at most {max_n}.", param="n")
     if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
@@ -89,6 +89,19 @@ def build_requests(
     # A temperature this small is greedy in all but name; dividing logits by it overflows.
     temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
     prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    # What every choice shares, read from the body once; each choice sets its length and seed.
+    shared = SamplingParams(
+        0,
+        temperature,
+        body.top_p,
+        None,
+        body.stop_sequences,
+        body.presence_penalty,
+        body.frequency_penalty,
+        body.logit_bias_pairs,
+        body.num_top_logprobs,
+        body.json_format,
+    )
     requests = []
     requested = body.requested_max_tokens
     if max_completion_tokens is not None and requested is not None and requested > max_completion_tokens:
@@ -103,19 +116,7 @@ def build_requests(
             max_tokens = min(max_tokens, max_completion_tokens)
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
-            sampling = SamplingParams(
-                max_tokens,
-                temperature,
-                body.top_p,
-                seed,
-                body.stop_sequences,
-                body.presence_penalty,
-                body.frequency_penalty,
-                body.logit_bias_pairs,
-                body.num_top_logprobs,
-                body.json_format,
-            )
-            requests.append(GenerationRequest(uuid.uuid4().hex, prompt, sampling))
+            requests.append(GenerationRequest(uuid.uuid4().hex, prompt, replace(shared, max_tokens=max_tokens, seed=seed)))
     return requests
 
 

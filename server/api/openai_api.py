@@ -201,6 +201,9 @@ async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_cho
     }
 
 
+_NULL_USAGE, _NO_USAGE = {"usage": None}, {}  # never mutated: merged into each event's dict
+
+
 @dataclass
 class _UsagePolicy:
     """Rule: with include_usage every chunk carries `usage: null` and one last chunk with no
@@ -214,7 +217,7 @@ class _UsagePolicy:
     def on_chunk(self) -> dict:
         if self.is_continuous:
             return {"usage": _usage(self.num_prompt_tokens, self.num_completion_tokens)}
-        return {"usage": None} if self.include_usage else {}
+        return _NULL_USAGE if self.include_usage else _NO_USAGE
 
     def final(self) -> dict:
         return _usage(self.num_prompt_tokens, self.num_completion_tokens)

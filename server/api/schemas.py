@@ -9,6 +9,7 @@ null`, `response_format: {"type": "text"}`, `echo: false`): clients send their d
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -233,7 +234,7 @@ class ChatCompletionRequest(_GenerationBody):
             raise ValueError("a forced tool call (tool_choice required or a function) cannot be combined with a JSON response_format")
         return self
 
-    @property
+    @cached_property
     def tool_plan(self) -> ToolPlan | None:
         """None: no tools, or tool_choice none (the model answers in text)."""
         if not self.tools or self.tool_choice == "none":

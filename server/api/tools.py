@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 
 from server.engines.base import JsonFormat
+from server.engines.detokenizer import held_back_length
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _TOOL_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
@@ -178,8 +179,7 @@ class HermesReader(OutputReader):
         if start != -1:
             self._in_calls = True
             return self._take(start)
-        held = max((n for n in range(1, len(TOOL_CALL_OPEN)) if self._text.endswith(TOOL_CALL_OPEN[:n])), default=0)
-        return self._take(len(self._text) - held)
+        return self._take(len(self._text) - held_back_length(self._text, (TOOL_CALL_OPEN,)))
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         rest, calls = self._text[self._num_sent :], []

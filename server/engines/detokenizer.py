@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+def held_back_length(text: str, markers: tuple[str, ...]) -> int:
+    """How much of `text`'s end could be the start of one of `markers`: to hold back until
+    the next text says whether it is."""
+    return max((n for marker in markers for n in range(1, len(marker)) if text.endswith(marker[:n])), default=0)
+
+
 class IncrementalDetokenizer:
     """Turns generated token ids into text deltas.
 
@@ -60,8 +66,7 @@ class IncrementalDetokenizer:
     def _num_sendable_chars(self) -> int:
         if self.is_stopped:
             return len(self._text)
-        held = max((n for s in self._stop for n in range(1, len(s)) if self._text.endswith(s[:n])), default=0)
-        return len(self._text) - held
+        return len(self._text) - held_back_length(self._text, self._stop)
 
     def _take(self, end: int) -> str:
         end = max(end, self._num_chars_sent)

@@ -157,3 +157,12 @@ def test_settings_change_in_place_without_a_swap(served):
     (change,) = httpx.post(f"{url}/admin/reload", json={}).json()["changes"]
     assert (change["action"], change["status"]) == ("update", "succeeded")
     assert httpx.get(f"{url}/admin/status").json()["drift"] == [] and _version(url) == "chat@1"
+
+
+def test_the_admin_api_deploys_with_the_config_files_deployment_fields(served):
+    url, *_ = served
+    refused = httpx.post(f"{url}/admin/deployments", json={"name": "docs", "model": "chat@1", "engine_options": {"colour": 1}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "engine_options"
+    body = {"name": "docs", "model": "chat@2", "on_demand": True, "engine_options": {"engine": "transformers"}, "smoke_prompts": ["Hi"]}
+    assert httpx.post(f"{url}/admin/deployments", json=body).status_code == 201
+    assert httpx.get(f"{url}/admin/status").json()["drift"] == []  # docs is not in the file: left as it is
