@@ -8,13 +8,12 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
-from server.engines.base import Chunk, Engine, GenerationRequest, SamplingParams
+from server.engines.base import MIN_TEMPERATURE, Chunk, Engine, GenerationRequest, SamplingParams
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.tools import ToolCall, ToolCallPiece, ToolPlan
 
 
-MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM draws the same line)
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit in torch and vLLM
 
 

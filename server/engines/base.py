@@ -13,6 +13,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "tool_calls"]  # tool_calls: set by the API, never by an engine
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM draws the same line)
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class JsonFormat:
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below MIN_TEMPERATURE (0 included): greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -38,7 +39,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def adjusts_logits(self) -> bool:

@@ -18,7 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from server.engines.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.grammar import TokenMask
-from server.engines.sampler import adjusted_logits, sample_token, token_logprobs
+from server.engines.sampler import adjusted_logits, choose_tokens, token_logprobs
 from models.errors import EngineError
 
 
@@ -28,7 +28,7 @@ class Sequence:
 
     request: GenerationRequest
     detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
+    seed: int  # with the step, fixes each draw (`kernels/sampling.py`)
     emit: Callable[[Chunk | BaseException], None]
     token_mask: TokenMask | None = None  # JSON output: which tokens may come next
     output_token_ids: list[int] = field(default_factory=list)
@@ -94,32 +94,47 @@ class ContinuousBatch:
         )
         return output.logits[:, -1, :]
 
+    @torch.inference_mode()  # rows of the model's logits are shaped in place
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Sample, then cut finished rows, then emit: a client that has its last chunk
-        never sees its row still in the batch."""
-        chunks = [self._next_chunk(s, row) for s, row in zip(sequences, logits, strict=True)]
+        never sees its row still in the batch. Rule: a row that fails (its own sampling
+        parameters, its own text) fails alone; the rest of the batch goes on."""
+        logits = logits.float()
+        errors = [self._shape_row(s, logits, row) for row, s in enumerate(sequences)]
+        steps = [len(s.output_token_ids) for s in sequences]
+        token_ids = choose_tokens(logits, [s.request.sampling for s in sequences], [s.seed for s in sequences], steps)
+        chunks = [
+            error or self._next_chunk(s, logits[row], token_id)
+            for row, (s, token_id, error) in enumerate(zip(sequences, token_ids, errors, strict=True))
+        ]
         self._keep([s for s in self.sequences if s.finish_reason is None and not s.has_failed])
         for sequence, chunk in zip(sequences, chunks, strict=True):
             if chunk is not None:
                 sequence.emit(chunk)
 
-    def _next_chunk(self, sequence: Sequence, logits: torch.Tensor) -> Chunk | BaseException | None:
-        """Rule: a row that fails (its own sampling parameters, its own text) fails alone;
-        the rest of the batch goes on."""
+    @staticmethod
+    def _shape_row(sequence: Sequence, logits: torch.Tensor, row: int) -> BaseException | None:
+        """The request's penalties and bias, then its JSON mask (last, so that no bias can
+        force a token it forbids), written into its row of `logits`."""
         try:
             sampling = sequence.request.sampling
-            logits = adjusted_logits(logits, sampling, sequence.output_token_ids)
-            if sequence.token_mask is not None:  # last, so that no bias can force a token it forbids
-                logits = sequence.token_mask.masked(logits)
-            token_id = sample_token(logits, sampling, sequence.generator)
+            if sampling.adjusts_logits:
+                logits[row] = adjusted_logits(logits[row], sampling, sequence.output_token_ids)
+            if sequence.token_mask is not None:
+                logits[row] = sequence.token_mask.masked(logits[row])
+            return None
+        except Exception as error:
+            return _failed(sequence, error)
+
+    def _next_chunk(self, sequence: Sequence, logits: torch.Tensor, token_id: int) -> Chunk | BaseException | None:
+        try:
             if sequence.token_mask is not None:
                 sequence.token_mask.accept(token_id)
-            if sampling.logprobs is not None:
+            if sequence.request.sampling.logprobs is not None:
                 sequence.unreported_logprobs.append(self._logprob(sequence, logits, token_id))
             return self._append(sequence, token_id)
         except Exception as error:
-            sequence.has_failed = True
-            return EngineError(f"Generation failed: {error}")
+            return _failed(sequence, error)
 
     @staticmethod
     def _logprob(sequence: Sequence, logits: torch.Tensor, token_id: int) -> TokenLogprob:
@@ -190,6 +205,11 @@ class ContinuousBatch:
             input_ids[row, length - len(prompt) :] = torch.tensor(list(prompt))
             attention_mask[row, length - len(prompt) :] = 1
         return input_ids.to(self._device), attention_mask.to(self._device)
+
+
+def _failed(sequence: Sequence, error: Exception) -> EngineError:
+    sequence.has_failed = True
+    return EngineError(f"Generation failed: {error}")
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,25 +1,31 @@
-"""Next-token choice for one row of logits: penalties and biases, then greedy, or
-temperature and nucleus sampling; and the chosen token's log-probability when asked."""
+"""Next-token choice for a batch: each row's penalties and biases, then one draw for every
+row at once (`kernels/sampling.py`); and a chosen token's log-probability when asked."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 import torch
 
+from kernels.sampling import sample
 from server.engines.base import SamplingParams
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """Greedy rows need no randomness; a seeded row gets its own reproducible stream."""
-    if params.is_greedy:
-        return None
-    generator = torch.Generator(device=device)
-    if params.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(params.seed)
-    return generator
+def row_seed(params: SamplingParams) -> int:
+    """The seed a generation draws with: the request's, else a fresh random one."""
+    return params.seed if params.seed is not None else secrets.randbits(63)
+
+
+def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> list[int]:
+    """One token id per row of (adjusted) logits, in one sampling call and one copy to the
+    host. `steps[i]` counts the tokens row i has generated: with its seed, it fixes the draw."""
+    device = logits.device
+    temperatures = torch.tensor([0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32)
+    top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    seeds_and_steps = torch.tensor([list(seeds), list(steps)], dtype=torch.int64).to(device)
+    chosen = sample(logits, temperatures.to(device), top_ps.to(device), seeds_and_steps[0], seeds_and_steps[1])
+    return chosen.tolist()
 
 
 def adjusted_logits(logits: torch.Tensor, params: SamplingParams, output_token_ids: Sequence[int]) -> torch.Tensor:
@@ -38,16 +44,6 @@ def adjusted_logits(logits: torch.Tensor, params: SamplingParams, output_token_i
     return logits
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Choose one token id from a 1-D row of (adjusted) logits."""
-    if params.is_greedy:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        probs = _nucleus(probs, params.top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def token_logprobs(logits: torch.Tensor, params: SamplingParams, token_id: int, num_top: int) -> tuple[float, list[tuple[int, float]]]:
     """The chosen token's log-probability and the `num_top` most likely tokens', from the
     distribution it was drawn from: log-softmax after temperature (greedy: of the logits)."""
@@ -56,11 +52,3 @@ def token_logprobs(logits: torch.Tensor, params: SamplingParams, token_id: int, 
     top = torch.topk(logprobs, num_top) if num_top else None
     best = [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
     return float(logprobs[token_id]), best
-
-
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
-    sorted_probs, order = probs.sort(descending=True)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    sorted_probs[mass_before >= top_p] = 0.0
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)

@@ -28,7 +28,7 @@ from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.model_folder import check_model_folder
 from server.engines.options import TransformersOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
-from server.engines.sampler import make_generator
+from server.engines.sampler import row_seed
 from models.errors import EngineError, EngineStoppedError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class TransformersEngine:
         sequence = Sequence(
             request=request,
             detokenizer=IncrementalDetokenizer(self._tokenizer, request.sampling.stop),
-            generator=make_generator(request.sampling, self._device),
+            seed=row_seed(request.sampling),
             emit=partial(_put_threadsafe, asyncio.get_running_loop(), queue),
             token_mask=await self._token_mask(request.sampling.json_format),
         )

@@ -6,7 +6,6 @@ downloaded. Timings are printed, not asserted (benchmarks/ checks targets)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -32,13 +31,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 # max_num_seqs 32: fewer CUDA graphs to capture, so each engine starts sooner.
 ENGINE_OPTIONS = {"engine": "vllm", "max_model_len": 2048, "max_num_seqs": 32}
 HELLO = [{"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_source(request) -> Path:
-    """SmolLM2's tokenizer: $BATON_GPU_TOKENIZER (the offline bundle's node/tok), else the demo model."""
-    folder = os.environ.get("BATON_GPU_TOKENIZER")
-    return Path(folder) if folder else request.getfixturevalue("demo_model_path")
 
 
 @pytest.fixture(scope="module")

@@ -78,17 +78,37 @@ async def _outcome(engine, request: GenerationRequest):
 
 
 def test_a_request_that_fails_inside_a_shared_batch_fails_alone(engine):
-    """Requests that reach the engine unvalidated: a temperature that overflows the softmax
-    (it fails at sampling, inside the batch) and an empty prompt (it fails at prefill)."""
+    """Requests that reach the engine unvalidated: a logit bias for a token the vocabulary
+    lacks (it fails at sampling, inside the batch) and an empty prompt (it fails at prefill)."""
     async def scenario(bad: GenerationRequest):
         good = [asyncio.create_task(_generate(engine, p, 40)) for p in PROMPTS]
         await asyncio.sleep(0.05)  # the good ones are decoding together
         return await asyncio.gather(*good), await _outcome(engine, bad)
 
     alone = [asyncio.run(_generate(engine, p, 40)) for p in PROMPTS]
-    overflowing = GenerationRequest("overflow", engine.tokenize("short"), SamplingParams(max_tokens=5, temperature=1e-40))
+    biased_out_of_vocabulary = GenerationRequest(
+        "bias", engine.tokenize("short"), SamplingParams(max_tokens=5, temperature=0.8, logit_bias=((10**9, 1.0),))
+    )
     empty = GenerationRequest("empty", [], SamplingParams(max_tokens=3, temperature=0))
-    for bad in (overflowing, empty):
+    for bad in (biased_out_of_vocabulary, empty):
         good, outcome = asyncio.run(scenario(bad))
         assert good == alone, f"a good request changed or failed next to {bad.request_id}"
         assert isinstance(outcome, EngineError), outcome
+
+
+def test_a_seeded_request_draws_the_same_tokens_alone_or_in_a_batch(engine):
+    sampled = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=31)
+
+    async def seeded() -> str:
+        request = GenerationRequest("seeded", engine.tokenize("Once upon a time"), sampled)
+        return "".join([chunk.text async for chunk in engine.generate(request)])
+
+    async def in_a_batch() -> str:
+        others = [asyncio.create_task(_generate(engine, p, 30)) for p in PROMPTS]
+        await asyncio.sleep(0.05)
+        text = await seeded()
+        await asyncio.gather(*others)
+        return text
+
+    alone = asyncio.run(seeded())
+    assert asyncio.run(in_a_batch()) == alone == asyncio.run(seeded())

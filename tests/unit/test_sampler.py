@@ -3,41 +3,47 @@ from __future__ import annotations
 import torch
 
 from server.engines.base import SamplingParams
-from server.engines.sampler import make_generator, sample_token
+from server.engines.sampler import adjusted_logits, choose_tokens, row_seed, token_logprobs
 
-CPU = torch.device("cpu")
-
-
-def test_sampler_greedy_takes_the_argmax():
-    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
-    params = SamplingParams(max_tokens=1, temperature=0)
-    assert make_generator(params, CPU) is None
-    assert sample_token(logits, params, None) == 1
+GREEDY = SamplingParams(max_tokens=1, temperature=0)
 
 
-def test_sampler_same_seed_same_tokens():
-    logits = torch.zeros(1000)
-    params = SamplingParams(max_tokens=1, temperature=1.0, seed=42)
-
-    def draw():
-        generator = make_generator(params, CPU)
-        return [sample_token(logits, params, generator) for _ in range(20)]
-
-    assert draw() == draw()
-    assert len(set(draw())) > 1
+def test_greedy_rows_take_the_argmax_and_tiny_temperatures_are_greedy():
+    logits = torch.tensor([[0.1, 3.0, 2.9, -1.0], [4.0, 0.0, 0.0, 0.0]])
+    tiny = SamplingParams(max_tokens=1, temperature=1e-40)  # would overflow a softmax
+    assert tiny.is_greedy
+    assert choose_tokens(logits, [GREEDY, tiny], [0, 0], [0, 0]) == [1, 0]
 
 
-def test_sampler_top_p_keeps_only_the_nucleus():
-    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two tokens only
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.7, seed=0)
-    generator = make_generator(params, CPU)
-    drawn = {sample_token(logits, params, generator) for _ in range(300)}
-    assert drawn == {0, 1}
+def test_a_seed_and_a_step_fix_the_draw_whatever_else_is_in_the_batch():
+    row = torch.zeros(1, 1000)
+    sampled = SamplingParams(max_tokens=1, temperature=1.0, seed=42)
+
+    def draws(batch_size: int) -> list[int]:
+        logits = torch.cat([row, torch.randn(batch_size - 1, 1000)])
+        params = [sampled] + [SamplingParams(max_tokens=1, temperature=0.8)] * (batch_size - 1)
+        return [choose_tokens(logits, params, [42] + [7] * (batch_size - 1), [step] * batch_size)[0] for step in range(20)]
+
+    assert draws(1) == draws(3) == draws(5)
+    assert len(set(draws(1))) > 1
 
 
-def test_sampler_tiny_top_p_still_keeps_one_token():
-    logits = torch.tensor([1.0, 5.0, 2.0])
-    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-6, seed=0)
-    generator = make_generator(params, CPU)
-    assert {sample_token(logits, params, generator) for _ in range(50)} == {1}
+def test_unseeded_rows_get_different_seeds():
+    params = SamplingParams(max_tokens=1)
+    assert row_seed(SamplingParams(max_tokens=1, seed=5)) == 5
+    assert len({row_seed(params) for _ in range(10)}) == 10
+
+
+def test_penalties_count_generated_tokens_and_bias_adds():
+    params = SamplingParams(max_tokens=1, presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((3, 2.0),))
+    adjusted = adjusted_logits(torch.zeros(4), params, [1, 1, 2])
+    assert adjusted.tolist() == [0.0, -1.0, -0.75, 2.0]
+
+
+def test_logprobs_come_from_the_scaled_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    params = SamplingParams(max_tokens=1, temperature=0.5, logprobs=2)
+    logprob, top = token_logprobs(logits, params, 1, 2)
+    expected = torch.log_softmax(logits / 0.5, dim=-1)
+    assert abs(logprob - float(expected[1])) < 1e-6
+    assert [token for token, _ in top] == [0, 1]
