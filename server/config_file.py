@@ -28,6 +28,7 @@ from models.errors import ConfigError, InvalidRequestError
 from models.names import NAME_PATTERN
 from server.deployments.health import HealthPolicy
 from server.deployments.strategy import STRATEGIES
+from server.api.tools import check_tool_parser
 from server.engines.options import check_engine_options
 from server.keys import load_key_file
 
@@ -52,6 +53,7 @@ class DeploymentSettings(BaseModel):
     def _known_options(cls, options: dict) -> dict:
         try:
             check_engine_options(options)
+            check_tool_parser(options.get("tool_parser"))
         except InvalidRequestError as error:
             raise ValueError(error.message) from error
         return options

@@ -43,6 +43,10 @@ class FakeEngine:
     def vocab_size(self) -> int:
         return 1000
 
+    @property
+    def tokenizer(self):
+        return None  # it reads text as words: no tool parser of vLLM's runs on it
+
     async def start(self) -> None:
         await asyncio.sleep(self._behaviour.start_seconds)
         if self._behaviour.fails_to_start:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from server.engines.base import MIN_TEMPERATURE, Chunk, Engine, GenerationRequest, SamplingParams
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
-from server.api.tools import ToolCall, ToolCallPiece, ToolPlan
+from server.api.tools import OutputReader, ToolCall, ToolCallPiece
 
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit in torch and vLLM
@@ -25,11 +25,12 @@ class ChoiceChunk:
     call_pieces: tuple[ToolCallPiece, ...] = ()  # calls streamed as they are generated
 
 
-async def read_tool_calls(choices: AsyncIterator[ChoiceChunk], plan: ToolPlan, num_choices: int) -> AsyncIterator[ChoiceChunk]:
-    """Each choice's output read through the plan's reader: content passes (or is held),
-    call pieces stream where the reader has them, and the calls found come with the last
-    chunk, whose finish reason becomes `tool_calls` when the model stopped on its own."""
-    readers = [plan.reader() for _ in range(num_choices)]
+async def read_tool_calls(choices: AsyncIterator[ChoiceChunk], new_reader: Callable[[], OutputReader], num_choices: int) -> AsyncIterator[ChoiceChunk]:
+    """Each choice's output read through a reader of its own (`ToolPlan.reader`): content
+    passes (or is held), call pieces stream where the reader has them, and the calls found
+    come with the last chunk, whose finish reason becomes `tool_calls` when the model
+    stopped on its own."""
+    readers = [new_reader() for _ in range(num_choices)]
     async with aclosing(choices) as stream:
         async for item in stream:
             reader, chunk = readers[item.index], item.chunk

@@ -3,27 +3,29 @@ back into OpenAI's `tool_calls`. Pure functions and small readers, no engine, no
 
   tool_choice   generation                                  output read as
   none          free text, tools not shown to the template  text
-  auto          free text                                   text and any `<tool_call>{...}</tool_call>` blocks (Hermes format)
-  required      JSON: a list of {"name", "arguments"}        those calls
-  {function}    JSON: that function's arguments              one call of it
+  auto          free text                                   text and calls in the version's `tool_parser` format
+  required      JSON: a list of {"name", "arguments"}        those calls, each streamed as it is written
+  {function}    JSON: that function's arguments              one call of it, streamed
 
 `required` and a named function are forced through structured output, so they work on any
-model; `auto` relies on the model writing the Hermes format (what Qwen and Hermes models
-write, and what baton asks for where a chat template cannot show tools itself).
+model; `auto` relies on the model writing its own call format: `tool_parser` names it
+(`server/api/tool_formats.py`: hermes, the default and what baton asks for where a chat
+template cannot show tools itself; mistral; llama3_json; pythonic), or names one of vLLM's
+parsers where vLLM is installed (`server/api/vllm_tool_parsers.py`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 
+from models.errors import InvalidRequestError
+from server.api.tool_formats import CALL_FORMATS, CallFormat
 from server.engines.base import JsonFormat
 from server.engines.detokenizer import held_back_length
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-_TOOL_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+DEFAULT_TOOL_PARSER = "hermes"
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,29 @@ class ToolPlan:
             return JsonFormat(json.dumps(calls_schema(self.functions)))
         return JsonFormat(json.dumps(self._function(self.choice).parameters))
 
-    def reader(self) -> OutputReader:
-        if self.choice == "auto":
-            return HermesReader()
+    def reader(self, tool_parser: str = DEFAULT_TOOL_PARSER, tokenizer=None) -> OutputReader:
+        """`tool_parser` and `tokenizer` (the version's) read `auto` output."""
         if self.choice == "required":
             return CallListReader()
-        return ArgumentsReader(self.choice)
+        if self.choice != "auto":
+            return ArgumentsReader(self.choice)
+        if tool_parser in CALL_FORMATS:
+            return FormatReader(CALL_FORMATS[tool_parser])
+        from server.api.vllm_tool_parsers import VLLMReader  # imports vLLM: only versions naming its parsers pay
+
+        return VLLMReader(tool_parser, tokenizer, self.template_tools())
 
     def _function(self, name: str) -> Function:
         return next(f for f in self.functions if f.name == name)
+
+
+def check_tool_parser(name: str | None) -> None:
+    """A version's `tool_parser` must be one baton or the installed vLLM can read."""
+    from server.api import vllm_tool_parsers
+
+    if name is not None and name not in CALL_FORMATS and name not in vllm_tool_parsers.names():
+        known = ", ".join(sorted(set(CALL_FORMATS) | set(vllm_tool_parsers.names())))
+        raise InvalidRequestError(f"Unknown tool_parser {name!r}; known here: {known}.", param="engine_options.tool_parser")
 
 
 def calls_schema(functions: tuple[Function, ...]) -> dict:
@@ -145,53 +161,160 @@ class ArgumentsReader(OutputReader):
         return "", [ToolCall(self._call.id, self._call.name, self._text)]
 
 
+@dataclass
+class _CallSoFar:
+    id: str
+    name: str | None = None
+    arguments_at: int | None = None  # where its arguments' text starts in the output
+    arguments_end: int | None = None  # where it ends, once written
+    num_streamed: int = 0  # of its arguments' characters
+    is_announced: bool = False  # its first piece (id and name) went out
+
+
 class CallListReader(OutputReader):
-    """The whole output is a JSON list of {"name", "arguments"}. Output cut short (by
-    max_tokens) does not parse: it is returned as content, with no calls."""
+    """The whole output is a JSON list of {"name", "arguments"} (forced by the grammar).
+    Each call streams as it is written: a first piece with its id and name once the name is
+    read, then its arguments' text as it comes. Output cut short (by max_tokens) keeps the
+    calls begun, the last with its arguments so far, as a named call does; output cut
+    before any name is content.
+
+    A small scanner follows the JSON: depth 1 is the list, depth 2 a call's object; only
+    strings and brackets change its state."""
 
     def __init__(self):
-        self._text = ""
+        self._text, self._scanned = "", 0
+        self._depth, self._in_string, self._is_escaped = 0, False, False
+        self._string_at = 0
+        self._key: str | None = None  # the call's key whose value comes next, or last came
+        self._value_pending = False  # after a key's colon, before its value's first character
+        self._calls: list[_CallSoFar] = []
 
     def feed(self, text: str) -> str:
         self._text += text
+        for at in range(self._scanned, len(self._text)):
+            self._scan(at, self._text[at])
+        self._scanned = len(self._text)
         return ""
 
+    def pieces(self) -> list[ToolCallPiece]:
+        ready = []
+        for index, call in enumerate(self._calls):
+            if call.name is None:
+                continue
+            start = call.arguments_at
+            end = len(self._text) if call.arguments_end is None else call.arguments_end
+            new = "" if start is None else self._text[start + call.num_streamed : end]
+            if new or not call.is_announced:
+                head = (call.id, call.name) if not call.is_announced else (None, None)
+                ready.append(ToolCallPiece(index, new, *head))
+                call.is_announced, call.num_streamed = True, call.num_streamed + len(new)
+        return ready
+
     def finish(self) -> tuple[str, list[ToolCall]]:
-        try:
-            calls = json.loads(self._text)
-            return "", [new_call(call["name"], call["arguments"]) for call in calls]
-        except (ValueError, TypeError, KeyError):
+        named = [call for call in self._calls if call.name is not None]
+        if not named:
             return self._text, []
+        return "", [ToolCall(call.id, call.name, self._arguments_of(call)) for call in named]
+
+    def _arguments_of(self, call: _CallSoFar) -> str:
+        if call.arguments_at is None:
+            return ""
+        return self._text[call.arguments_at : call.arguments_end]
+
+    def _scan(self, at: int, char: str) -> None:
+        if self._in_string:
+            if self._is_escaped:
+                self._is_escaped = False
+            elif char == "\\":
+                self._is_escaped = True
+            elif char == '"':
+                self._in_string = False
+                self._string_ended(at)
+            return
+        if char.isspace():
+            return
+        if self._value_pending and self._depth == 2:
+            self._value_pending = False
+            if self._key == "arguments" and self._calls:
+                self._calls[-1].arguments_at = at
+        if char == '"':
+            self._in_string, self._string_at = True, at
+        elif char in "[{":
+            self._depth += 1
+            if self._depth == 2:
+                self._calls.append(_CallSoFar(new_call("", "").id))
+                self._key = None
+        elif char in "]}":
+            self._depth -= 1
+            if self._depth == 2:
+                self._value_ended(at + 1)
+            elif self._depth == 1:
+                self._value_ended(at)
+        elif char == ":" and self._depth == 2:
+            self._value_pending = True
+        elif char == "," and self._depth == 2:
+            self._value_ended(at)
+            self._key = None
+
+    def _string_ended(self, at: int) -> None:
+        if self._depth != 2 or not self._calls:
+            return
+        text = self._text[self._string_at : at + 1]
+        if self._key is None:
+            self._key = json.loads(text)
+        elif self._key == "name" and self._calls[-1].name is None:
+            self._calls[-1].name = json.loads(text)
+        else:
+            self._value_ended(at + 1)
+
+    def _value_ended(self, end: int) -> None:
+        """The call's current value ends at `end`: if it was the arguments, they are whole."""
+        call = self._calls[-1] if self._calls else None
+        if call is not None and self._key == "arguments" and call.arguments_at is not None and call.arguments_end is None:
+            call.arguments_end = end
 
 
-class HermesReader(OutputReader):
-    """Content until a `<tool_call>` tag; from there on, held back and read at the end.
-    Text that could be the start of the tag is held until it is known not to be."""
+class FormatReader(OutputReader):
+    """Content until the format's calls start; from there on, held back and read at the end.
+    Text that could be the start of a marker is held until it is known not to be; so are
+    leading blanks, while the answer could still open with a call."""
 
-    def __init__(self):
-        self._text, self._num_sent, self._in_calls = "", 0, False
+    def __init__(self, call_format: CallFormat):
+        self._format = call_format
+        self._text, self._num_sent = "", 0
+        self._calls_at: int | None = None
+        self._may_lead = bool(call_format.leading)
 
     def feed(self, text: str) -> str:
         self._text += text
-        if self._in_calls:
+        if self._calls_at is not None or self._opens_with_calls():
             return ""
-        start = self._text.find(TOOL_CALL_OPEN, self._num_sent)
-        if start != -1:
-            self._in_calls = True
-            return self._take(start)
-        return self._take(len(self._text) - held_back_length(self._text, (TOOL_CALL_OPEN,)))
+        markers = self._format.markers
+        starts = [at for marker in markers if (at := self._text.find(marker, self._num_sent)) != -1]
+        if starts:
+            self._calls_at = min(starts)
+            return self._take(self._calls_at)
+        return self._take(len(self._text) - held_back_length(self._text, markers))
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        rest, calls = self._text[self._num_sent :], []
-        for block in _TOOL_CALL_BLOCK.findall(rest):
-            try:
-                call = json.loads(block)
-                calls.append(new_call(call["name"], call.get("arguments", call.get("parameters", {}))))
-            except (ValueError, TypeError, KeyError):
-                return rest, []  # not a call after all: the model's own text
-        if not calls:
-            return rest, []
-        return _TOOL_CALL_BLOCK.sub("", rest).strip(), calls
+        if self._calls_at is None:
+            return self._take(len(self._text)), []
+        parsed = self._format.parse(self._text[self._calls_at :])
+        if parsed is None:  # not calls after all: the model's own text
+            return self._take(len(self._text)), []
+        calls, content = parsed
+        return content, [new_call(name, arguments) for name, arguments in calls]
+
+    def _opens_with_calls(self) -> bool:
+        """While nothing but blanks was sent: whether the answer opens with calls, or may."""
+        if not self._may_lead:
+            return False
+        head = self._text.lstrip()
+        if head and any(head.startswith(lead) for lead in self._format.leading):
+            self._calls_at = len(self._text) - len(head)
+            return True
+        self._may_lead = not head or any(lead.startswith(head) for lead in self._format.leading)
+        return self._may_lead
 
     def _take(self, end: int) -> str:
         delta = self._text[self._num_sent : end]

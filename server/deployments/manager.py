@@ -146,7 +146,7 @@ class DeploymentManager:
         if self._is_registry_version(spec):
             target = self._resolve(spec.version, overrides)
         else:
-            options = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS} | {"allow_pickle": spec.allow_pickle}
+            options = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS} | spec.engine_options | {"allow_pickle": spec.allow_pickle}
             stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
             target = Target(spec.version, spec.path, options, estimate_memory_bytes(spec.path, options, stored_bytes), stored_bytes)
         on_demand = OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None

@@ -97,6 +97,9 @@ class Engine(Protocol):
     @property
     def vocab_size(self) -> int: ...  # token ids a request may name (logit_bias) are below it
 
+    @property
+    def tokenizer(self): ...  # the Hugging Face tokenizer prompts are read with (tool parsers look up markers in it)
+
     async def start(self) -> None: ...
 
     def tokenize(self, text: str) -> list[int]: ...

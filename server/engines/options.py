@@ -39,8 +39,15 @@ class VLLMOptions:
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """How the API reads a version's output, whatever engine serves it."""
+
+    tool_parser: str | None = None  # None: hermes (server/api/tools.py checks the name)
+
+
 ENGINES = ("auto", "vllm", "transformers")
-OPTION_TYPES = (TransformersOptions, VLLMOptions)
+OPTION_TYPES = (TransformersOptions, VLLMOptions, OutputOptions)
 # allow_pickle comes from the import's own check (the manifest), never from engine_options.
 KNOWN = {"engine"} | {f.name for option_type in OPTION_TYPES for f in fields(option_type)} - {"allow_pickle"}
 

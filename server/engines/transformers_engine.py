@@ -52,6 +52,10 @@ class TransformersEngine:
         self._grammars: JsonGrammars | None = None  # built on the first JSON request
 
     @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
     def vocab_size(self) -> int:
         return len(self._tokenizer)
 

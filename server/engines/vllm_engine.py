@@ -47,6 +47,10 @@ class VLLMEngine:
         self._in_flight: set[str] = set()
 
     @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
     def vocab_size(self) -> int:
         return len(self._tokenizer)
 

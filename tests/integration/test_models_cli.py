@@ -142,7 +142,11 @@ def test_engine_options_are_checked_before_they_reach_a_manifest(tmp_path, folde
     assert wrong_type.returncode == 1 and "Invalid engine option max_num_seqs" in wrong_type.stderr
     smuggled = baton(home, "models", "import", str(folder), "--name", "other", "--engine-option", "allow_pickle=true", check=False)
     assert smuggled.returncode == 1 and "Unknown engine option(s) allow_pickle" in smuggled.stderr
-    assert Registry(home).model_names() == ["chat"]
+    unreadable = baton(home, "models", "import", str(folder), "--name", "other", "--engine-option", "tool_parser=klingon", check=False)
+    assert unreadable.returncode == 1 and "Unknown tool_parser 'klingon'" in unreadable.stderr
+    baton(home, "models", "import", str(folder), "--name", "mistral", "--engine-option", "tool_parser=mistral")
+    assert Registry(home).resolve("mistral@1").manifest.engine_options == {"tool_parser": "mistral"}
+    assert Registry(home).model_names() == ["chat", "mistral"]
 
 
 def test_admin_api_refuses_bad_engine_options_as_openai_errors(tmp_path, folder, tiny_model_path):

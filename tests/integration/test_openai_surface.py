@@ -230,8 +230,8 @@ def forced_tool_calls(client, model: str) -> dict[str, list]:
         assert [(name_, arguments) for _, name_, arguments in streamed] == [(c.function.name, c.function.arguments) for c in found[name]]
         assert all(call_id.startswith("call_") for call_id, _, _ in streamed)
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
-        if name == "named":  # the arguments stream as they are generated, not in one piece
-            assert sum(bool(c.choices and c.choices[0].delta.tool_calls) for c in chunks) > 1
+        # both stream their arguments as they are generated, not in one piece
+        assert sum(bool(c.choices and c.choices[0].delta.tool_calls) for c in chunks) > 1
     return found
 
 
@@ -286,3 +286,29 @@ def test_bad_tool_fields_are_400s_naming_them(client, fields, param):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="tiny", messages=HI, max_tokens=2, **fields)
     assert refused.value.body["param"] == param
+
+
+def test_a_versions_tool_parser_reads_its_auto_answers(tiny_model_path, tokenizer, tmp_path):
+    """Two deployments of one model, forced to answer `{{{{{{` (logit_bias): read as hermes
+    (the default) the braces stream as they come; read as llama3_json, an answer opening
+    with `{` may be a call, so it is held, and given back whole when it turns out not to be."""
+    from server.config import ModelSpec, Settings
+    from tests.conftest import ServerThread
+
+    (brace,) = tokenizer.encode("{", add_special_tokens=False)
+    specs = [
+        ModelSpec(name="hermes", path=tiny_model_path, engine="transformers"),
+        ModelSpec(name="llama", path=tiny_model_path, engine="transformers", engine_options={"tool_parser": "llama3_json"}),
+    ]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    with ServerThread(Settings(home=tmp_path, models=specs)) as server:
+        client = server.client()
+
+        def contents(model: str) -> list[str]:
+            stream = client.chat.completions.create(
+                model=model, messages=HI, tools=tools, max_tokens=6, temperature=0, logit_bias={str(brace): 100}, stream=True
+            )
+            return [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+
+        assert contents("hermes") == ["{"] * 6
+        assert contents("llama") == ["{" * 6]

@@ -9,7 +9,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from server.api.generation import ChoiceChunk, read_tool_calls
-from server.api.tools import Function, HermesReader, ToolPlan, calls_schema
+from models.errors import InvalidRequestError
+from server.api.tool_formats import CALL_FORMATS
+from server.api.tools import FormatReader, Function, ToolPlan, calls_schema, check_tool_parser
 from server.engines.base import Chunk
 from server.engines.prompt import chat_prompt_ids
 
@@ -34,13 +36,13 @@ def test_auto_forces_nothing():
     assert ToolPlan((WEATHER,), "auto").json_format() is None
 
 
-def _read(plan: ToolPlan, pieces: list[str], reason: str = "stop") -> list[ChoiceChunk]:
+def _read(plan: ToolPlan, pieces: list[str], reason: str = "stop", tool_parser: str = "hermes") -> list[ChoiceChunk]:
     async def chunks():
         for i, piece in enumerate(pieces):
             yield ChoiceChunk(0, Chunk(piece, 1, reason if i == len(pieces) - 1 else None))
 
     async def collect():
-        return [item async for item in read_tool_calls(chunks(), plan, 1)]
+        return [item async for item in read_tool_calls(chunks(), lambda: plan.reader(tool_parser), 1)]
 
     return asyncio.run(collect())
 
@@ -62,14 +64,36 @@ def test_text_without_calls_passes_through_with_its_finish_reason():
 
 
 def test_a_broken_block_stays_text():
-    reader = HermesReader()
+    reader = FormatReader(CALL_FORMATS["hermes"])
     assert reader.feed("<tool_call>{not json}</tool_call>") == ""
     assert reader.finish() == ("<tool_call>{not json}</tool_call>", [])
 
 
-def test_a_required_list_cut_short_is_content_not_calls():
-    items = _read(ToolPlan((WEATHER,), "required"), ['[{"name": "get_weather", "argu'], reason="length")
-    assert items[-1].tool_calls == () and items[-1].chunk.text == '[{"name": "get_weather", "argu'
+def test_required_calls_stream_piece_by_piece_as_they_are_written():
+    output = '[{"name": "get_weather", "arguments": {"city": "Oslo, \\"NO\\"", "days": [1, {"x": "}"}]}}, {"arguments": {}, "name": "get_time"}]'
+    items = _read(ToolPlan((WEATHER, TIME), "required"), [output[i : i + 5] for i in range(0, len(output), 5)])
+    pieces = [p for item in items for p in item.call_pieces]
+    firsts = [p for p in pieces if p.id]
+    assert [(p.index, p.name) for p in firsts] == [(0, "get_weather"), (1, "get_time")]
+    for index, call in enumerate(items[-1].tool_calls):
+        assert "".join(p.arguments for p in pieces if p.index == index) == call.arguments
+        assert call.id == firsts[index].id
+    weather, time_ = items[-1].tool_calls
+    assert json.loads(weather.arguments) == {"city": 'Oslo, "NO"', "days": [1, {"x": "}"}]} and json.loads(time_.arguments) == {}
+    assert sum(1 for p in pieces if p.index == 0) > 3  # the arguments came in several pieces
+    assert items[-1].chunk.finish_reason == "tool_calls" and "".join(i.chunk.text for i in items) == ""
+
+
+def test_a_required_list_cut_short_keeps_the_calls_begun():
+    items = _read(ToolPlan((WEATHER,), "required"), ['[{"name": "get_weather", "arguments": {"ci'], reason="length")
+    (call,) = items[-1].tool_calls
+    assert (call.name, call.arguments) == ("get_weather", '{"ci')
+    assert items[-1].chunk.finish_reason == "length" and items[-1].chunk.text == ""
+
+
+def test_a_required_list_cut_before_a_name_is_content():
+    items = _read(ToolPlan((WEATHER,), "required"), ['[{"na'], reason="length")
+    assert items[-1].tool_calls == () and items[-1].chunk.text == '[{"na'
 
 
 def test_a_named_call_carries_the_whole_output_as_arguments():
@@ -107,3 +131,62 @@ def test_a_named_call_streams_its_arguments_and_cut_short_keeps_them_as_openai_d
     assert first.id and second.id is None and second.as_openai() == {"index": 0, "function": {"arguments": '"Os'}}
     (call,) = items[-1].tool_calls
     assert (call.id, call.arguments, items[-1].chunk.finish_reason) == (first.id, '{"city": "Os', "length")
+
+
+def _calls(items: list[ChoiceChunk]) -> list[tuple[str, dict]]:
+    return [(call.name, json.loads(call.arguments)) for call in items[-1].tool_calls]
+
+
+@pytest.mark.parametrize(
+    ("tool_parser", "pieces", "content"),
+    [
+        ("hermes", ["Sure. <tool_call>", '{"name": "get_weather", "arguments": {"city": "Oslo"}}', "</tool_call>"], "Sure. "),
+        ("mistral", ["Sure. [TOOL", '_CALLS][{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}]'], "Sure. "),
+        ("mistral", ["[TOOL_CALLS]get_weather[ARGS]", '{"city": "Oslo"}'], ""),
+        ("llama3_json", ["  ", '{"name": "get_weather", "parameters": {"city": "Oslo"}}'], ""),
+        ("llama3_json", ["<|python_tag|>", '{"name": "get_weather", "parameters": {"city": "Oslo"}}'], ""),
+        ("pythonic", ['[get_weather(city="Oslo")]'], ""),
+    ],
+)
+def test_each_call_format_is_read(tool_parser, pieces, content):
+    items = _read(ToolPlan((WEATHER,), "auto"), pieces, tool_parser=tool_parser)
+    assert _calls(items) == [("get_weather", {"city": "Oslo"})]
+    assert "".join(i.chunk.text for i in items) == content
+    assert items[-1].chunk.finish_reason == "tool_calls"
+
+
+def test_formats_read_several_calls():
+    both = '[get_weather(city="Oslo"), get_time()]'
+    assert _calls(_read(ToolPlan((WEATHER, TIME), "auto"), [both], tool_parser="pythonic")) == [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    two = '{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "get_time", "parameters": {}}'
+    assert [name for name, _ in _calls(_read(ToolPlan((WEATHER, TIME), "auto"), [two], tool_parser="llama3_json"))] == ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize(
+    ("tool_parser", "text"),
+    [
+        ("llama3_json", "Oslo is in Norway; {it} is cold."),  # a brace later on is text
+        ("llama3_json", "{not a call}"),
+        ("pythonic", "[1, 2] are numbers"),
+        ("pythonic", "[__import__('os').system('true')]"),  # read, never run: not a call
+        ("mistral", "[TOOL_CALLS] no json here"),
+    ],
+)
+def test_text_that_is_not_calls_stays_content_whole(tool_parser, text):
+    items = _read(ToolPlan((WEATHER,), "auto"), [text[:7], text[7:]], tool_parser=tool_parser)
+    assert "".join(i.chunk.text for i in items) == text
+    assert items[-1].tool_calls == () and items[-1].chunk.finish_reason == "stop"
+
+
+def test_plain_answers_stream_at_once_once_they_cannot_open_with_a_call():
+    reader = FormatReader(CALL_FORMATS["llama3_json"])
+    assert reader.feed("  ") == ""  # could still open with a call
+    assert reader.feed("Hello") == "  Hello"
+
+
+def test_an_unknown_tool_parser_is_refused_naming_the_known_ones():
+    check_tool_parser("mistral")
+    check_tool_parser(None)
+    with pytest.raises(InvalidRequestError, match="hermes.*pythonic") as error:
+        check_tool_parser("no-such-format")
+    assert error.value.param == "engine_options.tool_parser"

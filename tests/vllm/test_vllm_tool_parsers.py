@@ -1,0 +1,44 @@
+"""`tool_parser` naming one of vLLM's parsers: the answer is read by vLLM's own code, with
+the version's tokenizer. No engine starts here; `make test` requires vLLM for this tier."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from transformers import AutoTokenizer
+
+try:  # a submodule, not `vllm` itself: with tests/ on sys.path, this folder would pass for `vllm`
+    import vllm.tool_parsers  # noqa: F401
+except ImportError:
+    if os.environ.get("BATON_REQUIRE_VLLM"):
+        raise
+    pytest.skip("vLLM is not installed", allow_module_level=True)
+
+from server.api.tools import Function, ToolPlan, check_tool_parser  # noqa: E402
+
+WEATHER = Function("get_weather", None, {"type": "object", "properties": {"city": {"type": "string"}}})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+def test_a_vllm_parser_reads_its_format_at_the_end(tokenizer):
+    check_tool_parser("granite")  # vLLM's, not one baton reads itself
+    reader = ToolPlan((WEATHER,), "auto").reader("granite", tokenizer)
+    assert reader.feed("Let me look. <|tool_call|>") == ""  # held: vLLM's parsers read whole answers
+    assert reader.feed('[{"name": "get_weather", "arguments": {"city": "Oslo"}}]') == ""
+    content, (call,) = reader.finish()
+    assert content == "Let me look."
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})
+    assert call.id.startswith("call_")
+
+
+def test_a_vllm_parser_that_finds_no_call_returns_the_text(tokenizer):
+    reader = ToolPlan((WEATHER,), "auto").reader("granite", tokenizer)
+    reader.feed("Just words, ")
+    reader.feed("no call.")
+    assert reader.finish() == ("Just words, no call.", [])
