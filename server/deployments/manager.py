@@ -92,10 +92,8 @@ class DeploymentManager:
         name = deployment.name
         await deployment.admission.enter()
         try:
-            if deployment.needs_load and name not in self._loading:
-                deployment.begin_load()
-                self._loading[name] = self.keep(asyncio.ensure_future(self._load_on_demand(deployment)))
-                self._loading[name].add_done_callback(lambda _: self._loading.pop(name, None))
+            if deployment.needs_load:
+                self._start_on_demand_load(deployment)
             lease = await deployment.lease()
         except BaseException:
             deployment.admission.leave()
@@ -251,23 +249,28 @@ class DeploymentManager:
 
     # -- swaps ----------------------------------------------------------------------------
 
-    async def swap(self, name: str, ref: str, strategy: str, change: Change, wait: bool = True) -> SwapRecord:
+    async def swap(self, name: str, ref: str, strategy: str, change: Change, wait: bool = True, engine_options: dict | None = None) -> SwapRecord:
         """Refused before anything stops (unknown, corrupt or mid-import version; a strategy
-        that cannot apply); else runs, and answers when it ends unless `wait` is false."""
+        that cannot apply); else runs, and answers when it ends unless `wait` is false.
+        `engine_options` replace the deployment's overrides: with them, a swap to the version
+        it serves restarts that version's engine with the new options."""
         deployment = self._lock_free(name)
         if strategy not in STRATEGIES:
             raise InvalidRequestError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.", param="strategy")
-        target, choice = self._plan_swap(deployment, ref, strategy)
+        overrides = deployment.engine_overrides if engine_options is None else engine_options
+        if deployment.active is None and deployment.on_demand is not None and not deployment.is_failed:
+            return self._retarget_unloaded(deployment, ref, overrides, change)
+        target, choice = self._plan_swap(deployment, ref, strategy, overrides)
         record = SwapRecord(name, "swap", deployment.version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
-        return await self._run(deployment, record, self._swap(deployment, record, target, choice), wait)
+        return await self._run(deployment, record, self._swap(deployment, record, target, choice, overrides), wait)
 
     async def rollback(self, name: str, change: Change, wait: bool = True) -> SwapRecord:
         deployment = self._lock_free(name)
         if deployment.previous_version is None:
             raise ConflictError(f"Deployment {name} has no previous version to roll back to.")
-        target, choice = self._plan_swap(deployment, deployment.previous_version, "auto")
+        target, choice = self._plan_swap(deployment, deployment.previous_version, "auto", deployment.engine_overrides)
         record = SwapRecord(name, "rollback", deployment.version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
-        return await self._run(deployment, record, self._swap(deployment, record, target, choice), wait)
+        return await self._run(deployment, record, self._swap(deployment, record, target, choice, deployment.engine_overrides), wait)
 
     async def start_canary(self, name: str, ref: str, weight: int, change: Change) -> SwapRecord:
         deployment = self._lock_free(name)
@@ -296,7 +299,45 @@ class DeploymentManager:
             for slot in deployment.slots():
                 await self._stop(slot)
 
+    async def set_on_demand(self, name: str, on_demand: bool, idle_ttl_s: float) -> None:
+        """Switched in place. An always-on deployment becomes on-demand (the idle check unloads
+        it later); an unloaded on-demand one that becomes always-on is loaded now."""
+        deployment = self.get(name)
+        if on_demand and deployment.on_demand is None:
+            if deployment.active is None:
+                raise ConflictError(f"Deployment {name} has no version loaded; swap it first.")
+            deployment.on_demand = OnDemand(deployment.active.target, idle_ttl_s)
+        elif not on_demand and deployment.on_demand is not None:
+            if deployment.active is None:
+                await self._start_on_demand_load(deployment)
+                if deployment.active is None:
+                    raise SwapFailedError(f"Deployment {name} could not be loaded; it stays on demand.")
+            deployment.on_demand = None
+        self._save(deployment)
+
     # -- on demand --------------------------------------------------------------------------
+
+    def _start_on_demand_load(self, deployment: Deployment) -> asyncio.Future:
+        """The one load of an unloaded on-demand deployment, however many ask for it."""
+        name = deployment.name
+        if name not in self._loading:
+            deployment.begin_load()
+            self._loading[name] = self.keep(asyncio.ensure_future(self._load_on_demand(deployment)))
+            self._loading[name].add_done_callback(lambda _: self._loading.pop(name, None))
+        return self._loading[name]
+
+    def _retarget_unloaded(self, deployment: Deployment, ref: str, overrides: dict, change: Change) -> SwapRecord:
+        """An on-demand deployment with nothing loaded: its next load takes the new target."""
+        target = self._resolve(ref, overrides)
+        record = SwapRecord(deployment.name, "swap", deployment.on_demand.target.version, target.version, "on-demand", change.actor, change.reason)
+        record.strategy_reason = "nothing is loaded: the next request loads the new version"
+        deployment.on_demand = OnDemand(target, deployment.on_demand.idle_ttl_s)
+        deployment.engine_overrides = overrides
+        self._remember(record)
+        record.finish()
+        self._record_outcome(record)
+        self._save(deployment)
+        return record
 
     async def _load_on_demand(self, deployment: Deployment) -> None:
         target = deployment.on_demand.target
@@ -431,9 +472,9 @@ class DeploymentManager:
             return record
         return await asyncio.shield(task)
 
-    def _plan_swap(self, deployment: Deployment, ref: str, strategy: str) -> tuple[Target, Choice]:
-        target = self._resolve(ref, deployment.engine_overrides)
-        if target.version == deployment.version:
+    def _plan_swap(self, deployment: Deployment, ref: str, strategy: str, overrides: dict) -> tuple[Target, Choice]:
+        target = self._resolve(ref, overrides)
+        if target.version == deployment.version and overrides == deployment.engine_overrides:
             raise ConflictError(f"{deployment.name} already serves {target.version}.")
         if deployment.active is None and not deployment.is_failed:
             raise ConflictError(f"{deployment.name} has no version loaded; deploy it again instead.")
@@ -443,7 +484,7 @@ class DeploymentManager:
         standby, active = deployment.standby, deployment.active
         return SwapFacts(
             is_down=active is None,
-            is_on_standby=standby is not None and standby.version == target.version,
+            is_on_standby=standby is not None and (standby.version, standby.target.options) == (target.version, target.options),
             reload_blocker=_reload_blocker(active, target) if active is not None else "nothing is loaded",
             needed_bytes=target.memory_bytes,
             **self._room_beside(target),
@@ -457,7 +498,7 @@ class DeploymentManager:
         usable = usable_gpu_bytes(gpu.total_bytes, gpu.free_bytes, self._gpu_headroom_bytes, self._engines_per_gpu)
         return {"free_bytes": usable, "free_in": "the GPU after its headroom"}
 
-    async def _swap(self, deployment: Deployment, record: SwapRecord, target: Target, choice: Choice) -> None:
+    async def _swap(self, deployment: Deployment, record: SwapRecord, target: Target, choice: Choice, overrides: dict) -> None:
         swaps = {
             "standby": self._swap_to_standby,
             "reload": self._swap_reload,
@@ -466,6 +507,7 @@ class DeploymentManager:
             "load": self._swap_into_down,
         }
         await swaps[choice.strategy](deployment, record, target)
+        deployment.engine_overrides = overrides
 
     async def _swap_into_down(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
         """A deployment left down by a dead engine: load the target; requests resume on it."""

@@ -3,15 +3,14 @@ applied through the swap machinery (draining and verification as for any swap).
 
 Rules: every ref is resolved before anything changes, so a file naming an unknown version
 changes nothing; a deployment the file does not name is left as it is (reported
-`unmanaged`); a new version is swapped to; smoke prompts, the health policy and an
-on-demand idle TTL change in place; `on_demand` itself and engine options change how an
-engine is loaded, so they are reported and apply at the next restart.
+`unmanaged`); a new version, or new engine options (which need a new engine), is swapped
+to; smoke prompts, the health policy, `on_demand` and its idle TTL change in place.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from models.catalog import Change
@@ -19,8 +18,7 @@ from models.errors import BatonError, ConfigError
 from server.config_file import ConfigFile, DeploymentConfig
 
 Action = Literal["deploy", "swap", "update", "keep", "unmanaged"]
-IN_PLACE = ("smoke_prompts", "health", "idle_ttl_s")
-AT_RESTART = ("on_demand", "engine_options")
+IN_PLACE = ("smoke_prompts", "health", "on_demand", "idle_ttl_s")
 
 
 @dataclass(frozen=True)
@@ -53,22 +51,22 @@ class PlannedChange:
     current: str | None
     desired: str | None
     settings: tuple[str, ...] = ()  # changed in place
-    at_restart: tuple[str, ...] = ()  # differ, and apply at the next restart
+    new_engine_options: bool = False  # the swap restarts the engine with them
 
     def describe(self) -> str:
+        options = " with new engine options" if self.new_engine_options else ""
         text = {
             "deploy": f"+ {self.deployment}: deploy {self.desired}",
-            "swap": f"~ {self.deployment}: swap {self.current} -> {self.desired}",
+            "swap": f"~ {self.deployment}: swap {self.current} -> {self.desired}{options}",
             "update": f"~ {self.deployment}: {self.current}",
             "keep": f"= {self.deployment}: {self.current}",
             "unmanaged": f"? {self.deployment}: {self.current} (not in the config; left as it is)",
         }[self.action]
-        text += f"; set {', '.join(self.settings)}" if self.settings else ""
-        return text + (f"; {', '.join(self.at_restart)} at the next restart" if self.at_restart else "")
+        return text + (f"; set {', '.join(self.settings)}" if self.settings else "")
 
     @property
     def is_drift(self) -> bool:
-        return self.action in ("deploy", "swap", "update") or bool(self.at_restart)
+        return self.action in ("deploy", "swap", "update")
 
 
 def plan_changes(actual: dict[str, State], desired: dict[str, State]) -> list[PlannedChange]:
@@ -79,10 +77,10 @@ def plan_changes(actual: dict[str, State], desired: dict[str, State]) -> list[Pl
         if running is None:
             changes.append(PlannedChange(name, "deploy", None, wanted.version))
             continue
-        differ = [f.name for f in fields(State) if f.name != "version" and getattr(running, f.name) != getattr(wanted, f.name)]
-        settings = tuple(d for d in differ if d in IN_PLACE)
-        action = "swap" if running.version != wanted.version else ("update" if settings else "keep")
-        changes.append(PlannedChange(name, action, running.version, wanted.version, settings, tuple(d for d in differ if d in AT_RESTART)))
+        settings = tuple(f for f in IN_PLACE if getattr(running, f) != getattr(wanted, f))
+        new_options = running.engine_options != wanted.engine_options
+        action = "swap" if running.version != wanted.version or new_options else ("update" if settings else "keep")
+        changes.append(PlannedChange(name, action, running.version, wanted.version, settings, new_options))
     changes += [PlannedChange(name, "unmanaged", actual[name].version, None) for name in sorted(set(actual) - set(desired))]
     return changes
 
@@ -119,8 +117,10 @@ class Reconciler:
             return {"status": "succeeded"}
         outcome = {}
         if planned.action == "swap":
-            record = await manager.swap(name, planned.desired, wanted.strategy, change)
+            record = await manager.swap(name, planned.desired, wanted.strategy, change, engine_options=wanted.engine_options)
             outcome = {"status": record.status, "swap": record.id, "strategy": record.strategy}
+        if "on_demand" in planned.settings:
+            await manager.set_on_demand(name, wanted.on_demand, wanted.idle_ttl_s)
         if planned.settings:
             manager.configure(name, wanted.smoke_prompts, wanted.health, wanted.idle_ttl_s)
             outcome = {"status": "succeeded"} | outcome

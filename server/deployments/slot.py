@@ -133,7 +133,14 @@ class Slot:
         return True
 
     def describe(self) -> dict:
-        described = {"version": self.version, "state": self.state.value, "in_flight": self.num_leases, "engine": self.engine.name, "memory_bytes": self.memory_bytes}
+        described = {
+            "version": self.version,
+            "state": self.state.value,
+            "in_flight": self.num_leases,
+            "engine": self.engine.name,
+            "options": self.target.options,
+            "memory_bytes": self.memory_bytes,
+        }
         return described | ({"memory_plan": self.plan} if self.plan else {})
 
 

@@ -46,6 +46,7 @@ class OutputOptions:
     tool_parser: str | None = None  # None: hermes (server/api/tools.py checks the name)
 
 
+OUTPUT_OPTIONS = frozenset(f.name for f in fields(OutputOptions))
 ENGINES = ("auto", "vllm", "transformers")
 OPTION_TYPES = (TransformersOptions, VLLMOptions, OutputOptions)
 # allow_pickle comes from the import's own check (the manifest), never from engine_options.

@@ -166,3 +166,41 @@ def test_the_admin_api_deploys_with_the_config_files_deployment_fields(served):
     body = {"name": "docs", "model": "chat@2", "on_demand": True, "engine_options": {"engine": "transformers"}, "smoke_prompts": ["Hi"]}
     assert httpx.post(f"{url}/admin/deployments", json=body).status_code == 201
     assert httpx.get(f"{url}/admin/status").json()["drift"] == []  # docs is not in the file: left as it is
+
+
+def _state(url: str) -> dict:
+    return httpx.get(f"{url}/admin/status").json()["deployments"][0]
+
+
+def _long_answer_status(url: str) -> int:
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code
+
+
+def test_new_engine_options_and_on_demand_apply_live(served):
+    """New engine options restart the version's engine through a swap (no failed request
+    under load); on_demand switches in place, and back, loading at once."""
+    url, _, config, _, _ = served
+    assert _long_answer_status(url) == 200
+
+    def narrow_the_context():
+        config.write_text(config.read_text().replace("{engine: transformers}", "{engine: transformers, max_model_len: 64}"))
+        (change,) = httpx.post(f"{url}/admin/reload", json={}, timeout=120).json()["changes"]
+        assert (change["action"], change["status"], change["new_engine_options"]) == ("swap", "succeeded", True), change
+
+    versions, errors = _streams_during(url, narrow_the_context)
+    assert errors == [] and set(versions) == {"chat@1"}
+    assert _long_answer_status(url) == 400  # the new engine's context: 64 tokens
+    assert _state(url)["active"]["options"]["max_model_len"] == 64 and httpx.get(f"{url}/admin/status").json()["drift"] == []
+
+    config.write_text(config.read_text() + "    on_demand: true\n    idle_ttl_s: 0.5\n")
+    (change,) = httpx.post(f"{url}/admin/reload", json={}).json()["changes"]
+    assert (change["action"], change["settings"]) == ("update", ["on_demand", "idle_ttl_s"])
+    deadline = time.monotonic() + 30
+    while _state(url)["state"] != "unloaded":  # idle past its TTL: unloaded
+        assert time.monotonic() < deadline, _state(url)
+        time.sleep(0.2)
+
+    config.write_text(config.read_text().replace("    on_demand: true\n", ""))
+    (change,) = httpx.post(f"{url}/admin/reload", json={}, timeout=120).json()["changes"]
+    assert change["status"] == "succeeded" and _state(url)["state"] == "ready" and _state(url)["on_demand"] is None

@@ -82,16 +82,21 @@ def test_the_plan_deploys_swaps_keeps_and_leaves_unnamed_deployments_alone():
     assert drift(plan_changes(actual, desired)) == ["~ chat: swap chat@1 -> chat@2", "+ new: deploy new@1"]
 
 
-def test_settings_change_in_place_or_at_the_next_restart():
-    actual = {"chat": _state("chat@1", smoke_prompts=["Hi"]), "docs": _state("docs@1", on_demand=True, idle_ttl_s=60)}
+def test_settings_change_in_place_and_new_engine_options_swap():
+    actual = {"chat": _state("chat@1", smoke_prompts=["Hi"]), "docs": _state("docs@1", on_demand=True, idle_ttl_s=60), "code": _state("code@1")}
     desired = {
         "chat": _state("chat@1", smoke_prompts=["Hello"], health=HealthPolicy(on_breach="rollback"), engine_options={"max_model_len": 512}),
         "docs": _state("docs@2", on_demand=True, idle_ttl_s=600),
+        "code": _state("code@1", on_demand=True),
     }
-    chat, docs = plan_changes(actual, desired)
-    assert (chat.action, chat.settings, chat.at_restart) == ("update", ("smoke_prompts", "health"), ("engine_options",))
-    assert (docs.action, docs.settings) == ("swap", ("idle_ttl_s",))
-    assert drift([chat]) == ["~ chat: chat@1; set smoke_prompts, health; engine_options at the next restart"]
+    chat, code, docs = plan_changes(actual, desired)
+    assert (chat.action, chat.settings, chat.new_engine_options) == ("swap", ("smoke_prompts", "health"), True)
+    assert (docs.action, docs.settings, docs.new_engine_options) == ("swap", ("idle_ttl_s",), False)
+    assert (code.action, code.settings) == ("update", ("on_demand", "idle_ttl_s"))
+    assert drift([chat, code]) == [
+        "~ chat: swap chat@1 -> chat@1 with new engine options; set smoke_prompts, health",
+        "~ code: code@1; set on_demand, idle_ttl_s",
+    ]
 
 
 def test_an_idle_ttl_without_on_demand_is_no_difference():

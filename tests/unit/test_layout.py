@@ -70,6 +70,7 @@ def test_other_engine_options_block(folders):
     layout_a, layout_b = ModelLayout.read(folders["a"]), ModelLayout.read(folders["b"])
     reason = reload_blocker(layout_a, layout_b, {"engine": "vllm"}, {"engine": "vllm", "max_model_len": 512})
     assert reason == "engine option max_model_len: absent -> 512"
+    assert reload_blocker(layout_a, layout_b, {"tool_parser": "hermes"}, {"tool_parser": "mistral"}) is None  # read by the API, not the engine
 
 
 def test_a_folder_without_safetensors_never_reloads(folders, tmp_path):
