@@ -1,9 +1,9 @@
 """Continuous batching on a transformers model: sequences join and leave between steps.
 
-Every running sequence is one row of a left-padded KV cache. New sequences are prefilled
-together, then their cache rows are padded to the running length and joined; finished or
-aborted rows are cut out, and padding columns no row needs any more are trimmed. All of
-this runs on the engine's worker thread only.
+Every running sequence is one row of a left-padded KV cache (`kv_cache.py`: decode steps
+write into spare columns). New sequences are prefilled together, then their cache rows are
+padded to the running length and joined; finished or aborted rows are cut out, and padding
+columns no row needs any more are trimmed. All of this runs on the engine's worker thread only.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from server.engines.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.grammar import TokenMask
+from server.engines.kv_cache import new_cache
 from server.engines.sampler import adjusted_logits, choose_tokens, token_logprobs
 from models.errors import EngineError
 
@@ -54,7 +55,7 @@ class ContinuousBatch:
     def admit(self, new: list[Sequence]) -> None:
         """Prefill `new` together, emit their first tokens, and join them to the batch."""
         input_ids, attention_mask = self._left_padded([s.request.prompt_token_ids for s in new])
-        cache = DynamicCache(config=self._model.config)
+        cache = new_cache(self._model.config)
         logits = self._forward(input_ids, attention_mask, _positions(attention_mask), cache)
         if self.sequences:
             self._join(cache, attention_mask)
