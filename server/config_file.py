@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from models.errors import ConfigError, InvalidRequestError
 from models.names import NAME_PATTERN
@@ -36,6 +36,18 @@ from server.keys import load_key_file
 NOT_IN_SERVER_SECTION = {"api_key", "admin_key", "keys", "models", "config_file"}
 
 
+def _checked_engine_options(options: dict) -> dict:
+    try:
+        check_engine_options(options)
+        check_tool_parser(options.get("tool_parser"))
+    except InvalidRequestError as error:
+        raise ValueError(error.message) from error
+    return options
+
+
+EngineOptions = Annotated[dict, AfterValidator(_checked_engine_options)]
+
+
 class DeploymentSettings(BaseModel):
     """One deployment as an operator asks for it: in the config file, or `POST /admin/deployments`."""
 
@@ -46,17 +58,7 @@ class DeploymentSettings(BaseModel):
     idle_ttl_s: float = Field(300.0, gt=0)
     smoke_prompts: list[str] | None = Field(None, min_length=1, description="each must produce a token before a flip")
     health: HealthPolicy = Field(default_factory=HealthPolicy, description="objectives, golden prompts, fallbacks, on_breach")
-    engine_options: dict = Field(default_factory=dict, description="over the version's own: engine, dtype, max_model_len...")
-
-    @field_validator("engine_options")
-    @classmethod
-    def _known_options(cls, options: dict) -> dict:
-        try:
-            check_engine_options(options)
-            check_tool_parser(options.get("tool_parser"))
-        except InvalidRequestError as error:
-            raise ValueError(error.message) from error
-        return options
+    engine_options: EngineOptions = Field(default_factory=dict, description="over the version's own: engine, dtype, max_model_len...")
 
 
 class DeploymentConfig(DeploymentSettings):

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from models.errors import ConfigError, ConflictError, InvalidRequestError
 from server.api.admin_api import actor_change, require_admin
-from server.config_file import ConfigFile, DeploymentSettings, load_config
+from server.config_file import ConfigFile, DeploymentSettings, EngineOptions, load_config
 from server.deployments.reconcile import drift
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -33,6 +33,7 @@ class DeployBody(DeploymentSettings, _Body):
 class SwapBody(_Body):
     to: str
     strategy: Literal["auto", "standby", "reload", "blue-green", "replace"] = Field("auto", description="auto: the fastest that is safe, and the record says why")
+    engine_options: EngineOptions | None = Field(None, description="the deployment's new engine options; with them, a swap to the version it serves restarts its engine")
     wait: bool = Field(True, description="false: answer at once with the swap's id, and poll /admin/swaps/{id}")
 
 
@@ -66,7 +67,8 @@ async def show(name: str, request: Request) -> dict:
 
 @router.post("/deployments/{name}/swap")
 async def swap(name: str, body: SwapBody, request: Request) -> dict:
-    record = await request.state.deployments.swap(name, body.to, body.strategy, actor_change(request, body.reason), wait=body.wait)
+    change = actor_change(request, body.reason)
+    record = await request.state.deployments.swap(name, body.to, body.strategy, change, wait=body.wait, engine_options=body.engine_options)
     return record.to_dict()
 
 

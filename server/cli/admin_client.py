@@ -63,8 +63,8 @@ class AdminClient:
         body = {"name": name, "model": ref, "reason": reason, "on_demand": on_demand, "idle_ttl_s": idle_ttl_s}
         return self._call("POST", "/deployments", json=body)
 
-    def swap(self, name: str, to: str, strategy: str, reason: str) -> dict:
-        body = {"to": to, "strategy": strategy, "reason": reason, "wait": False}
+    def swap(self, name: str, to: str, strategy: str, reason: str, engine_options: dict | None = None) -> dict:
+        body = {"to": to, "strategy": strategy, "reason": reason, "wait": False, "engine_options": engine_options}
         return self._call("POST", f"/deployments/{name}/swap", json=body)
 
     def rollback(self, name: str, reason: str) -> dict:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from server.cli.admin_client import AdminClient
+from server.cli.models import engine_option_pairs
 from server.config_file import load_config
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -33,6 +34,10 @@ def add_commands(commands) -> None:
     swap.add_argument("name")
     swap.add_argument("--to", required=True)
     swap.add_argument("--strategy", default="auto", choices=["auto", "standby", "reload", "blue-green", "replace"], help="default auto: the fastest that is safe")
+    swap.add_argument(
+        "--engine-option", action="append", default=None, metavar="KEY=VALUE",
+        help="the deployment's engine options from now on (values are JSON); to --to its own version, this restarts its engine with them",
+    )  # fmt: skip
 
     rollback = command("rollback", "go back to the previous version", lambda client, args: _follow(client, client.rollback(args.name, args.reason)))
     rollback.add_argument("name")
@@ -79,7 +84,8 @@ def _deploy(client: AdminClient, args) -> int:
 
 
 def _swap(client: AdminClient, args) -> int:
-    return _follow(client, client.swap(args.name, args.to, args.strategy, args.reason))
+    engine_options = None if args.engine_option is None else engine_option_pairs(args.engine_option)
+    return _follow(client, client.swap(args.name, args.to, args.strategy, args.reason, engine_options))
 
 
 def _canary(client: AdminClient, args) -> int:

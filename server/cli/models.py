@@ -75,7 +75,7 @@ def _run(args, home: Path) -> int:
 
 def _import(admin, args) -> int:
     chosen = (("engine", args.engine), ("dtype", args.dtype), ("max_model_len", args.max_model_len))
-    engine_options = {k: _json_or_text(v) for k, v in _pairs(args.engine_option, "engine-option").items()}
+    engine_options = engine_option_pairs(args.engine_option)
     engine_options |= {k: v for k, v in chosen if v is not None}
     labels = _pairs(args.label, "label")
     options = ImportOptions(args.allow_pickle, args.trust_remote_code, engine_options, labels, args.notes, show_progress=True)
@@ -83,6 +83,11 @@ def _import(admin, args) -> int:
     verb = "imported" if result["created"] else "already present as"
     print(f"{verb} {result['ref']} ({result['digest'][:19]}, {_size(result['total_bytes'])})")
     return 0
+
+
+def engine_option_pairs(items: list[str]) -> dict:
+    """--engine-option KEY=VALUE, each VALUE read as JSON where it parses."""
+    return {key: _json_or_text(value) for key, value in _pairs(items, "engine-option").items()}
 
 
 def _pairs(items: list[str], param: str) -> dict[str, str]:

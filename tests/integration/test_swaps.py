@@ -550,3 +550,26 @@ def test_a_version_that_cannot_restart_leaves_the_deployment_down_until_a_swap(h
 
 def _history_records(home: Path) -> list[dict]:
     return [e["details"] for e in Registry(home).history("chat") if "status" in e.get("details", {})]
+
+
+def test_new_engine_options_restart_the_version_it_serves_through_a_swap(home):
+    """The admin API and the CLI: a swap to the version a deployment serves, with new engine
+    options, starts an engine with them beside the old (never a reload: that keeps the
+    engine); the same options again are a 409."""
+    import subprocess
+    import sys
+
+    with _server(home) as server:
+        client = server.client()
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@1", engine_options={"engine": "transformers", "max_batch_size": 3})
+        assert (record["status"], record["strategy"]) == ("succeeded", "blue-green"), record
+        health = httpx.get(f"{server.url}/health").json()["models"]["chat"]
+        assert health["details"]["max_batch_size"] == 3 and _ask(client)[0] == "chat@1"
+        again = _admin(server, "POST", "/deployments/chat/swap", expect=409, to="chat@1", engine_options={"engine": "transformers", "max_batch_size": 3})
+        assert "already serves chat@1" in again["error"]["message"]
+        bad = _admin(server, "POST", "/deployments/chat/swap", expect=400, to="chat@1", engine_options={"max_batch_size": "lots"})
+        assert bad["error"]["param"] == "engine_options"
+        cli = [sys.executable, "-m", "server.cli.main", "swap", "chat", "--to", "chat@1", "--engine-option", "engine=transformers", "--engine-option", "max_batch_size=5", "--server", server.url]
+        swapped = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+        assert swapped.returncode == 0 and "succeeded: chat serves chat@1" in swapped.stdout, swapped.stdout + swapped.stderr
+        assert httpx.get(f"{server.url}/health").json()["models"]["chat"]["details"]["max_batch_size"] == 5
