@@ -302,7 +302,7 @@ class DeploymentManager:
     async def set_on_demand(self, name: str, on_demand: bool, idle_ttl_s: float) -> None:
         """Switched in place. An always-on deployment becomes on-demand (the idle check unloads
         it later); an unloaded on-demand one that becomes always-on is loaded now."""
-        deployment = self.get(name)
+        deployment = self._lock_free(name)
         if on_demand and deployment.on_demand is None:
             if deployment.active is None:
                 raise ConflictError(f"Deployment {name} has no version loaded; swap it first.")
@@ -329,6 +329,8 @@ class DeploymentManager:
     def _retarget_unloaded(self, deployment: Deployment, ref: str, overrides: dict, change: Change) -> SwapRecord:
         """An on-demand deployment with nothing loaded: its next load takes the new target."""
         target = self._resolve(ref, overrides)
+        if target.version == deployment.on_demand.target.version and overrides == deployment.engine_overrides:
+            raise ConflictError(f"{deployment.name} already serves {target.version} (on demand).")
         record = SwapRecord(deployment.name, "swap", deployment.on_demand.target.version, target.version, "on-demand", change.actor, change.reason)
         record.strategy_reason = "nothing is loaded: the next request loads the new version"
         deployment.on_demand = OnDemand(target, deployment.on_demand.idle_ttl_s)

@@ -7,6 +7,8 @@
 #   bash tests/gpu/run_on_node.sh tests      # tests/gpu (about 6 minutes)
 #   bash tests/gpu/run_on_node.sh swaps      # swap_under_load.py, reload and replace, 1B model (about 5)
 #   bash tests/gpu/run_on_node.sh overhead   # overhead_vs_vllm.py, c=1/16/64, 1B model (about 4)
+#   bash tests/gpu/run_on_node.sh transformers  # the transformers engine on CUDA against vLLM's server,
+#                                               # SmolLM2-135M's shape, c=1/8/32 (about 4; issue 13's targets)
 #
 # Logs and JSON go to $OUT (the device tool's folder that comes back), else /tmp/baton-gpu-out.
 set -uo pipefail
@@ -16,11 +18,13 @@ mkdir -p "$out"
 export BATON_GPU_TOKENIZER=$PWD/.gpu-bundle/node/tok BATON_HOME=/tmp/baton-home
 quiet='EngineCore|^INFO|^WARNING|^\[W|^\(APIServer'
 model() { [ -d /tmp/m1b ] || python3 benchmarks/random_model.py /tmp/m1b --shape 1b --tokenizer "$BATON_GPU_TOKENIZER" >/dev/null 2>&1; }
+smol() { [ -d /tmp/smol ] || python3 benchmarks/random_model.py /tmp/smol --shape smol --tokenizer "$BATON_GPU_TOKENIZER" >/dev/null 2>&1; }
 case ${1:-tests} in
   tests) timeout 540 python3 -m pytest tests/gpu -s -W default -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | grep -Ev "$quiet" ;;
   swaps) model; timeout 500 python3 benchmarks/swap_under_load.py --engine vllm --model /tmp/m1b --strategies reload replace --seconds 25 --swap-at 8 --rate 4 2>&1 | grep -Ev "$quiet"
          cp benchmarks/results/swap_under_load.json benchmarks/results/swap_*.log "$out/" 2>/dev/null ;;
   overhead) model; timeout 500 python3 benchmarks/overhead_vs_vllm.py --model /tmp/m1b --concurrency 1 16 64 --requests 64 --max-tokens 128 2>&1 | grep -Ev "$quiet"
             cp benchmarks/results/overhead_vs_vllm.json "$out/" 2>/dev/null ;;
-  *) echo "usage: $0 tests|swaps|overhead" >&2; exit 2 ;;
+  transformers) smol; timeout 500 python3 benchmarks/cpu_throughput.py --model /tmp/smol --engine transformers --anchor vllm-server --concurrency 1 8 32 --requests 64 --max-tokens 128 --out "$out/transformers_cuda.json" 2>&1 | grep -Ev "$quiet" ;;
+  *) echo "usage: $0 tests|swaps|overhead|transformers" >&2; exit 2 ;;
 esac

@@ -359,6 +359,16 @@ def test_on_demand_loads_on_first_request_and_unloads_when_idle(home):
         assert _ask_model(server, "lazy") == "chat@2"  # loads again
 
 
+def test_swapping_an_unloaded_on_demand_deployment_retargets_its_next_load(home):
+    with _server(home, FakeEngineFactory()) as server:
+        _deploy_on_demand(server, "lazy", "chat@2")
+        record = _admin(server, "POST", "/deployments/lazy/swap", to="chat@1")
+        assert (record["status"], record["strategy"], record["from_version"]) == ("succeeded", "on-demand", "chat@2")
+        assert _admin(server, "GET", "/deployments/lazy")["state"] == "unloaded"  # nothing loaded for it
+        assert _ask_model(server, "lazy") == "chat@1"
+        _admin(server, "POST", "/deployments/lazy/swap", expect=409, to="chat@1")
+
+
 def test_on_demand_evicts_the_least_recently_used_idle_deployment(home):
     one_version = Registry(home).resolve("chat@1").manifest.total_bytes
     with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 2.5)) as server:
