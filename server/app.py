@@ -50,11 +50,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         gpus.start()
         lifecycle.track(manager.num_in_flight)
         try:
+            saved = registry.saved_deployments() if settings.restore_state and settings.config_file is None else {}
             for spec in settings.models:
-                await manager.deploy_spec(spec)
-                log.info("serving %s (%s) from %s", spec.name, spec.version, spec.path)
-            if settings.restore_state and settings.config_file is None:
-                await manager.restore(registry.saved_deployments())
+                deployment = await manager.deploy_spec(spec, saved.get(spec.name))
+                log.info("serving %s (%s) from %s", spec.name, deployment.version, spec.path)
+            await manager.restore(saved)
             manager.start()
             reconciler = Reconciler(manager, registry)
             if settings.config_file is not None:

@@ -137,12 +137,14 @@ class DeploymentManager:
 
     # -- deploy ---------------------------------------------------------------------------
 
-    async def deploy_spec(self, spec: ModelSpec) -> Deployment:
+    async def deploy_spec(self, spec: ModelSpec, saved: dict | None = None) -> Deployment:
         """Start-up: serve a configured model, a registry version (resolved as a swap would
-        resolve it, with the spec's explicit engine settings on top) or a local folder."""
+        resolve it, with the spec's explicit engine settings on top) or a local folder. With
+        `saved` (what this deployment served before a restart), a registry version starts
+        where `start_point` says: loaded once, not loaded and then swapped."""
         overrides = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS if name in spec.model_fields_set} | spec.engine_options
         if self._is_registry_version(spec):
-            target = self._resolve(spec.version, overrides)
+            target, overrides = self._resolve_for_start(spec, overrides, saved)
         else:
             options = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS} | spec.engine_options | {"allow_pickle": spec.allow_pickle}
             stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
@@ -167,7 +169,7 @@ class DeploymentManager:
             raise ConflictError(f"Deployment {name} exists; swap it instead.")
         target = self._resolve(ref, engine_options)
         deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None, smoke_prompts, engine_options, health)
-        self._remember(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason, status="succeeded"))
+        self._remember_finished(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason))
         self._save(deployment)
         return deployment
 
@@ -181,19 +183,14 @@ class DeploymentManager:
         self._save(deployment)
 
     async def restore(self, saved: dict[str, dict]) -> None:
-        """Start-up: bring back what a previous run saved, recorded in the history. Rules:
-        a deployment the start-up settings do not name comes back as it was; one they name
-        comes back at the version it served last, unless the settings now name another
-        version than when it was saved (the operator's new choice wins). One that cannot
-        come back (its version was deleted, say) is logged and skipped."""
+        """Start-up, after `deploy_spec`: bring back the deployments the start-up settings do
+        not name (those they name started where `start_point` said), recorded in the history."""
         change = Change("baton", "restored after a restart")
         for name, state in saved.items():
-            running = self._deployments.get(name)
+            if name in self._deployments:
+                continue
             try:
-                if running is None:
-                    await self.deploy(name, state["version"], change, state["on_demand"], state["idle_ttl_s"], state["smoke_prompts"], HealthPolicy.model_validate(state["health"]), state["engine_overrides"])
-                elif state.get("started_as") == running.started_as and running.version not in (state["version"], None):
-                    await self.swap(name, state["version"], "auto", change)
+                await self.deploy(name, state["version"], change, state["on_demand"], state["idle_ttl_s"], state["smoke_prompts"], HealthPolicy.model_validate(state["health"]), state["engine_overrides"])
             except BatonError as error:
                 log.error("could not restore deployment %s (%s): %s", name, state.get("version"), error)
 
@@ -335,9 +332,7 @@ class DeploymentManager:
         record.strategy_reason = "nothing is loaded: the next request loads the new version"
         deployment.on_demand = OnDemand(target, deployment.on_demand.idle_ttl_s)
         deployment.engine_overrides = overrides
-        self._remember(record)
-        record.finish()
-        self._record_outcome(record)
+        self._remember_finished(record)
         self._save(deployment)
         return record
 
@@ -785,6 +780,19 @@ class DeploymentManager:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _resolve_for_start(self, spec: ModelSpec, overrides: dict, saved: dict | None) -> tuple[Target, dict]:
+        """The target and engine overrides a named registry version starts with."""
+        version, options = start_point(spec.version, overrides, saved)
+        if (version, options) != (spec.version, overrides):
+            try:
+                target = self._resolve(version, options)
+            except BatonError as error:  # deleted since, say: the flags' version it is
+                log.error("could not restore deployment %s (%s): %s", spec.name, version, error)
+            else:
+                self._remember_finished(SwapRecord(spec.name, "deploy", None, target.version, "load", "baton", "restored after a restart"))
+                return target, options
+        return self._resolve(spec.version, overrides), overrides
+
     def _resolve(self, ref: str, overrides: dict | None = None) -> Target:
         """The one way from a registry version to a Target: its manifest's engine options,
         the deployment's overrides on top; pickle only where the import allowed it."""
@@ -830,6 +838,12 @@ class DeploymentManager:
         while len(self._records) > MAX_RECORDS:
             self._records.pop(next(iter(self._records)))
 
+    def _remember_finished(self, record: SwapRecord) -> None:
+        """A change that happened at once (a deploy, a retarget): kept, and in the history."""
+        record.finish()
+        self._remember(record)
+        self._record_outcome(record)
+
     def _record_outcome(self, record: SwapRecord) -> None:
         """A finished swap (or load, unload, recovery): its metrics, its JSON log line, and
         its entry in the registry's history."""
@@ -868,6 +882,15 @@ def _read_into_page_cache(folder: Path) -> int:
             while chunk := weights.read(16 << 20):
                 num_bytes += len(chunk)
     return num_bytes
+
+
+def start_point(named: str, overrides: dict, saved: dict | None) -> tuple[str, dict]:
+    """The version and engine overrides a deployment named at start-up starts with. Rule:
+    what it served before the restart, unless the start-up settings now name another
+    version than when that was saved (the operator's new choice wins)."""
+    if saved and saved.get("started_as") == named and saved.get("version"):
+        return saved["version"], saved.get("engine_overrides") or {}
+    return named, overrides
 
 
 def _reload_blocker(active: Slot, target: Target) -> str | None:
