@@ -87,9 +87,14 @@ def _as_object(arguments: str):
         return arguments
 
 
+MAX_SCHEMA_CHARS = 32_768  # a grammar is compiled from it per new schema: bounded work per request
+
+
 def _check_json_schema(schema: dict) -> dict:
     from jsonschema import Draft202012Validator, SchemaError
 
+    if (size := len(json.dumps(schema))) > MAX_SCHEMA_CHARS:
+        raise ValueError(f"the schema is {size} characters of JSON; at most {MAX_SCHEMA_CHARS} are accepted")
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:

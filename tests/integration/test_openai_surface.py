@@ -187,6 +187,10 @@ def test_a_malformed_schema_is_a_400_naming_it(client):
         client.chat.completions.create(model="tiny", messages=HI, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
     assert refused.value.body["param"] == "response_format.json_schema.schema"
     assert "not a valid JSON schema" in refused.value.body["message"]
+    huge = {"type": "object", "properties": {f"field_{i}": {"type": "string", "description": "x" * 100} for i in range(400)}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=HI, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": huge}})
+    assert refused.value.body["param"] == "response_format.json_schema.schema" and "at most 32768" in refused.value.body["message"]
 
 
 def test_the_grammar_holds_against_a_bias_toward_a_forbidden_token(client, tokenizer):
