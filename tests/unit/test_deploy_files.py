@@ -97,3 +97,28 @@ def _merge(base, patch):
         patched = {item["name"]: item for item in patch}
         return [_merge(item, patched.get(item["name"], {})) for item in base]
     return patch
+
+
+def _multinode() -> dict[str, dict]:
+    kustomization = yaml.safe_load((K8S / "multinode" / "kustomization.yaml").read_text())
+    return {file: yaml.safe_load((K8S / "multinode" / file).read_text()) for file in kustomization["resources"]}
+
+
+def test_the_multinode_group_runs_baton_on_rays_head_and_workers_join_it(tmp_path):
+    """A LeaderWorkerSet (a CRD: checked by shape); its Service, ConfigMap and PVC strictly."""
+    files = _multinode()
+    for name in ("service.yaml", "configmap.yaml", "pvc.yaml"):
+        kubernetes_validate.validate(files[name], KUBERNETES, strict=True)
+    template = files["leaderworkerset.yaml"]["spec"]["leaderWorkerTemplate"]
+    (leader,) = template["leaderTemplate"]["spec"]["containers"]
+    (worker,) = template["workerTemplate"]["spec"]["containers"]
+    assert leader["args"][0].startswith("ray start --head --port=6379") and "exec baton serve --config /etc/baton/baton.yaml" in leader["args"][0]
+    assert "ray start --address=$(LWS_LEADER_ADDRESS):6379" in worker["args"][0] and "--block" in worker["args"][0]
+    assert files["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteMany"]  # every node reads the weights at one path
+    for container in (leader, worker):
+        assert {"name": "registry", "mountPath": "/data"}.items() <= next(m for m in container["volumeMounts"] if m["name"] == "registry").items()
+    path = tmp_path / "baton.yaml"
+    path.write_text(files["configmap.yaml"]["data"]["baton.yaml"])
+    options = load_config(path).deployments["big"].engine_options  # engine options checked as at import
+    assert options["distributed_executor_backend"] == "ray" and options["pipeline_parallel_size"] == template["size"]
+    assert files["service.yaml"]["spec"]["selector"]["leaderworkerset.sigs.k8s.io/role"] == "leader"
