@@ -146,7 +146,7 @@ class DeploymentManager:
         if self._is_registry_version(spec):
             target, overrides = self._resolve_for_start(spec, overrides, saved)
         else:
-            options = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS} | spec.engine_options | {"allow_pickle": spec.allow_pickle}
+            options = self._engine_defaults | {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS} | spec.engine_options | {"allow_pickle": spec.allow_pickle}
             stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
             target = Target(spec.version, spec.path, options, estimate_memory_bytes(spec.path, options, stored_bytes), stored_bytes)
         on_demand = OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None
@@ -794,12 +794,19 @@ class DeploymentManager:
         return self._resolve(spec.version, overrides), overrides
 
     def _resolve(self, ref: str, overrides: dict | None = None) -> Target:
-        """The one way from a registry version to a Target: its manifest's engine options,
-        the deployment's overrides on top; pickle only where the import allowed it."""
+        """The one way from a registry version to a Target: the server's engine defaults, its
+        manifest's engine options, the deployment's overrides on top; pickle only where the
+        import allowed it."""
         version = self._registry.resolve_for_serving(ref)
-        options = {**version.manifest.engine_options, **(overrides or {}), "allow_pickle": version.manifest.allows_pickle}
+        options = {**self._engine_defaults, **version.manifest.engine_options, **(overrides or {}), "allow_pickle": version.manifest.allows_pickle}
         stored_bytes = version.manifest.total_bytes
         return Target(version.ref, version.path, options, estimate_memory_bytes(version.path, options, stored_bytes), stored_bytes)
+
+    @property
+    def _engine_defaults(self) -> dict:
+        """Rule: vLLM's sleep mode (its own allocator, slower first tokens under load) only
+        where swapped-out versions may be kept asleep on standby."""
+        return {} if self._settings.keep_standby else {"sleep_mode": False}
 
     @property
     def memory_in_use_bytes(self) -> int:

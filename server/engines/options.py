@@ -34,7 +34,8 @@ class VLLMOptions:
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, on CPU builds only
     max_num_seqs: int | None = None  # None: vLLM's own default
     # GPU only. On: swapped-out versions sleep on standby (rollback in seconds), at a cost at
-    # high concurrency (vLLM's sleep allocator). Off: they are stopped instead.
+    # high concurrency (vLLM's sleep allocator). Off: they are stopped instead. The server
+    # turns it off by default where it keeps no standby (`--no-standby`).
     sleep_mode: bool = True
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
 

@@ -583,3 +583,14 @@ def test_new_engine_options_restart_the_version_it_serves_through_a_swap(home):
         swapped = subprocess.run(cli, capture_output=True, text=True, timeout=120)
         assert swapped.returncode == 0 and "succeeded: chat serves chat@1" in swapped.stdout, swapped.stdout + swapped.stderr
         assert httpx.get(f"{server.url}/health").json()["models"]["chat"]["details"]["max_batch_size"] == 5
+
+
+def test_a_server_without_standby_starts_engines_without_sleep_mode(home):
+    """Nothing is parked, so vLLM keeps its own allocator; a version's own choice still wins."""
+    with _server(home, FakeEngineFactory(), keep_standby=False) as server:
+        assert _admin(server, "GET", "/deployments/chat")["active"]["options"]["sleep_mode"] is False
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", engine_options={"engine": "transformers", "sleep_mode": True})
+        assert record["status"] == "succeeded"
+        assert _admin(server, "GET", "/deployments/chat")["active"]["options"]["sleep_mode"] is True
+    with _server(home, FakeEngineFactory()) as server:
+        assert "sleep_mode" not in _admin(server, "GET", "/deployments/chat")["active"]["options"]  # vLLM's option default: on
