@@ -27,19 +27,28 @@ def names() -> tuple[str, ...]:
 
 
 class VLLMReader(OutputReader):
-    def __init__(self, name: str, tokenizer, tools: list[dict]):
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.tool_parsers import ToolParserManager
+    """Rule: a parser that cannot be built here (vLLM gone since the import, a tokenizer
+    without the parser's markers) or that fails never fails the request: the answer is
+    returned as content, and the log says why."""
 
-        self._request = ChatCompletionRequest(model="baton", messages=[], tools=tools)
-        self._parser = ToolParserManager.get_tool_parser(name)(tokenizer, self._request.tools)
-        self._text = ""
+    def __init__(self, name: str, tokenizer, tools: list[dict]):
+        self._text, self._parser = "", None
+        try:
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+            from vllm.tool_parsers import ToolParserManager
+
+            self._request = ChatCompletionRequest(model="baton", messages=[], tools=tools)
+            self._parser = ToolParserManager.get_tool_parser(name)(tokenizer, self._request.tools)
+        except Exception:
+            log.exception("vLLM's tool parser %r cannot read this version's answers; they are returned as content", name)
 
     def feed(self, text: str) -> str:
         self._text += text
         return ""
 
     def finish(self) -> tuple[str, list[ToolCall]]:
+        if self._parser is None:
+            return self._text, []
         try:
             found = self._parser.extract_tool_calls(self._text, self._request)
         except Exception:  # a parser's failure must not lose the answer

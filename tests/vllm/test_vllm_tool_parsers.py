@@ -37,6 +37,18 @@ def test_a_vllm_parser_reads_its_format_at_the_end(tokenizer):
     assert call.id.startswith("call_")
 
 
+def test_a_vllm_parser_that_cannot_run_here_returns_the_answer_as_content(tokenizer, caplog):
+    """vLLM's own llama3_json parser needs Llama's <|python_tag|> token, which SmolLM2's
+    tokenizer lacks: building it fails, and the answer still comes back, as content."""
+    from server.api.vllm_tool_parsers import VLLMReader
+
+    reader = VLLMReader("llama3_json", tokenizer, [WEATHER.as_tool()])
+    answer = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    assert reader.feed(answer) == ""
+    assert reader.finish() == (answer, [])
+    assert "cannot read this version's answers" in caplog.text
+
+
 def test_a_vllm_parser_that_finds_no_call_returns_the_text(tokenizer):
     reader = ToolPlan((WEATHER,), "auto").reader("granite", tokenizer)
     reader.feed("Just words, ")
