@@ -21,10 +21,9 @@ def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], seeds:
     """One token id per row of (adjusted) logits, in one sampling call and one copy to the
     host. `steps[i]` counts the tokens row i has generated: with its seed, it fixes the draw."""
     device = logits.device
-    temperatures = torch.tensor([0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32)
-    top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    temperatures_and_top_ps = torch.tensor([[0.0 if p.is_greedy else p.temperature for p in params], [p.top_p for p in params]]).to(device)
     seeds_and_steps = torch.tensor([list(seeds), list(steps)], dtype=torch.int64).to(device)
-    chosen = sample(logits, temperatures.to(device), top_ps.to(device), seeds_and_steps[0], seeds_and_steps[1])
+    chosen = sample(logits, *temperatures_and_top_ps, *seeds_and_steps)
     return chosen.tolist()
 
 
