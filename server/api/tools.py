@@ -51,9 +51,13 @@ class ToolCall:
         return call if index is None else {"index": index, **call}
 
 
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
 def new_call(name: str, arguments: object) -> ToolCall:
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return ToolCall("call_" + uuid.uuid4().hex[:24], name, text)
+    return ToolCall(new_call_id(), name, text)
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,7 @@ class CallListReader(OutputReader):
         elif char in "[{":
             self._depth += 1
             if self._depth == 2:
-                self._calls.append(_CallSoFar(new_call("", "").id))
+                self._calls.append(_CallSoFar(new_call_id()))
                 self._key = None
         elif char in "]}":
             self._depth -= 1
