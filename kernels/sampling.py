@@ -21,6 +21,7 @@ import torch
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # Linux wheels; elsewhere the reference serves
 
 _UINT64 = 2**64
+NUCLEUS_CANDIDATES = 1024  # the reference looks for a row's nucleus among these first
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -37,9 +38,12 @@ def sample_reference(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: t
     if not rows:
         return chosen
     scaled = logits[rows] / temperatures[rows, None].float()
-    in_nucleus = _nucleus_mask(torch.softmax(scaled, dim=-1), top_ps[rows].float())
     noise = torch.stack([_gumbel_noise(logits.shape[-1], int(seeds[i]), int(steps[i])) for i in rows]).to(logits.device)
-    chosen[rows] = torch.where(in_nucleus, scaled + noise, -torch.inf).argmax(dim=-1)
+    scores = scaled + noise
+    if (top_ps[rows] < 1.0).any():  # top_p 1 keeps every token: no nucleus to find
+        in_nucleus = _nucleus_mask(torch.softmax(scaled, dim=-1), top_ps[rows].float())
+        scores = torch.where(in_nucleus, scores, -torch.inf)
+    chosen[rows] = scores.argmax(dim=-1)
     return chosen
 
 
@@ -55,8 +59,12 @@ def sample_triton(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torc
 
 
 def _nucleus_mask(probs: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
-    """True for the tokens of each row's nucleus (see the module's contract)."""
-    sorted_probs, _ = probs.sort(dim=-1, descending=True)
+    """True for the tokens of each row's nucleus (see the module's contract). Rule: the
+    most likely NUCLEUS_CANDIDATES tokens are sorted first (a top-k, far cheaper than sorting
+    the vocabulary); only a row whose nucleus reaches past them sorts the whole row."""
+    sorted_probs = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1).values
+    if (sorted_probs.sum(dim=-1) < top_ps).any():
+        sorted_probs, _ = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     kept = torch.where(mass_before < top_ps[:, None], sorted_probs, torch.inf)
     kept[:, 0] = sorted_probs[:, 0]  # at least the most likely token, whatever top_p

@@ -127,3 +127,16 @@ def test_the_kernel_and_the_reference_agree_on_distribution(kernel):
     expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / counts.sum()
     statistic = float(((counts - expected) ** 2 / expected).sum())
     assert statistic < {2: 13.82, 3: 16.27, 4: 18.47}[counts.shape[1] - 1]
+
+
+@pytest.mark.parametrize("scale", [0.5, 5.0])  # a flat row (the nucleus is most of it) and a peaked one
+def test_the_references_nucleus_shortcut_keeps_what_a_full_sort_keeps(scale):
+    from kernels.sampling import NUCLEUS_CANDIDATES, _nucleus_mask
+
+    torch.manual_seed(3)
+    probs = torch.softmax(torch.randn(3, 8 * NUCLEUS_CANDIDATES) * scale, dim=-1)
+    top_ps = torch.tensor([0.5, 0.9, 0.99])
+    ordered = probs.sort(dim=-1, descending=True).values
+    mass_before = ordered.cumsum(dim=-1) - ordered
+    edge = torch.where(mass_before < top_ps[:, None], ordered, torch.inf).min(dim=-1, keepdim=True).values
+    assert torch.equal(_nucleus_mask(probs, top_ps), probs >= edge)
