@@ -19,7 +19,8 @@ from starlette.background import BackgroundTask
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelSwappedError, NotFoundError
 from server.api.generation import ChoiceChunk, build_requests, check_token_ids, read_tool_calls, stream_choices
 from server.api.shapes import ChatFormat, TextFormat
-from server.api.tools import DEFAULT_TOOL_PARSER, ToolCall, ToolPlan
+from server.api.tool_formats import format_taught_by
+from server.api.tools import ToolCall, ToolPlan
 from server.api.observation import RequestObservation, Unobserved
 from server.addresses import is_loopback
 from server.deployments.slot import Lease
@@ -117,8 +118,9 @@ async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | 
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = stream_choices(lease.engine, requests)
     if tool_plan is not None:
-        tool_parser = lease.slot.target.options.get("tool_parser") or DEFAULT_TOOL_PARSER
-        choices = read_tool_calls(choices, partial(tool_plan.reader, tool_parser, lease.engine.tokenizer), len(requests))
+        tokenizer = lease.engine.tokenizer
+        tool_parser = lease.slot.target.options.get("tool_parser") or format_taught_by(getattr(tokenizer, "chat_template", None))
+        choices = read_tool_calls(choices, partial(tool_plan.reader, tool_parser, tokenizer), len(requests))
     choices = _on_lease(choices, lease, observation)
     headers = {"x-baton-deployment": lease.deployment, "x-baton-version": lease.slot.version}
     if lease.fallback_from is not None:

@@ -8,6 +8,8 @@ its format with the `tool_parser` option (default `hermes`). Pure: text in, call
 
 Each format says where calls begin: at a marker anywhere in the text, or (for formats whose
 calls are the whole answer) at its very start. Text before that point is content.
+
+A version without a `tool_parser` gets the format its chat template teaches (`format_taught_by`).
 """
 
 from __future__ import annotations
@@ -111,3 +113,16 @@ CALL_FORMATS = {
         CallFormat("pythonic", ("<|python_start|>",), ("[",), _parse_pythonic),
     )
 }
+
+
+# What a chat template writes when it teaches its model a call format, first match wins.
+_TAUGHT = (("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"), ("<|python_start|>", "pythonic"), ("<|python_tag|>", "llama3_json"))
+
+
+def format_taught_by(chat_template: str | None) -> str:
+    """The call format a chat template teaches; hermes where it teaches none (baton then
+    describes the tools itself, in the Hermes format)."""
+    for marker, name in _TAUGHT:
+        if chat_template and marker in chat_template:
+            return name
+    return "hermes"

@@ -8,10 +8,11 @@ back into OpenAI's `tool_calls`. Pure functions and small readers, no engine, no
   {function}    JSON: that function's arguments              one call of it, streamed
 
 `required` and a named function are forced through structured output, so they work on any
-model; `auto` relies on the model writing its own call format: `tool_parser` names it
-(`server/api/tool_formats.py`: hermes, the default and what baton asks for where a chat
-template cannot show tools itself; mistral; llama3_json; pythonic), or names one of vLLM's
-parsers where vLLM is installed (`server/api/vllm_tool_parsers.py`).
+model; `auto` relies on the model writing its own call format: the one its chat template
+teaches, or the one a version's `tool_parser` names (`server/api/tool_formats.py`: hermes,
+also what baton asks for where a chat template cannot show tools itself; mistral;
+llama3_json; pythonic), or one of vLLM's parsers where vLLM is installed
+(`server/api/vllm_tool_parsers.py`).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class VLLMOptions:
 class OutputOptions:
     """How the API reads a version's output, whatever engine serves it."""
 
-    tool_parser: str | None = None  # None: hermes (server/api/tools.py checks the name)
+    tool_parser: str | None = None  # None: the format the chat template teaches, else hermes (server/api/tools.py checks the name)
 
 
 OUTPUT_OPTIONS = frozenset(f.name for f in fields(OutputOptions))

@@ -293,16 +293,23 @@ def test_bad_tool_fields_are_400s_naming_them(client, fields, param):
 
 
 def test_a_versions_tool_parser_reads_its_auto_answers(tiny_model_path, tokenizer, tmp_path):
-    """Two deployments of one model, forced to answer `{{{{{{` (logit_bias): read as hermes
-    (the default) the braces stream as they come; read as llama3_json, an answer opening
-    with `{` may be a call, so it is held, and given back whole when it turns out not to be."""
+    """Deployments of one model, forced to answer `{{{{{{` (logit_bias): read as hermes (what
+    SmolLM2's template leaves) the braces stream as they come; read as llama3_json, named by
+    `tool_parser` or taught by the chat template (Llama 3's marks <|python_tag|>), an answer
+    opening with `{` may be a call, so it is held, and given back whole when it is not one."""
+    import shutil
+
     from server.config import ModelSpec, Settings
     from tests.conftest import ServerThread
 
+    taught = shutil.copytree(tiny_model_path, tmp_path / "taught")
+    template = taught / "chat_template.jinja"
+    template.write_text(template.read_text() + "{#- tools are called after <|python_tag|> -#}")
     (brace,) = tokenizer.encode("{", add_special_tokens=False)
     specs = [
         ModelSpec(name="hermes", path=tiny_model_path, engine="transformers"),
         ModelSpec(name="llama", path=tiny_model_path, engine="transformers", engine_options={"tool_parser": "llama3_json"}),
+        ModelSpec(name="taught", path=taught, engine="transformers"),
     ]
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
     with ServerThread(Settings(home=tmp_path, models=specs)) as server:
@@ -315,4 +322,4 @@ def test_a_versions_tool_parser_reads_its_auto_answers(tiny_model_path, tokenize
             return [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
 
         assert contents("hermes") == ["{"] * 6
-        assert contents("llama") == ["{" * 6]
+        assert contents("llama") == contents("taught") == ["{" * 6]

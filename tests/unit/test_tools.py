@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from server.api.generation import ChoiceChunk, read_tool_calls
 from models.errors import InvalidRequestError
-from server.api.tool_formats import CALL_FORMATS
+from server.api.tool_formats import CALL_FORMATS, format_taught_by
 from server.api.tools import FormatReader, Function, ToolPlan, calls_schema, check_tool_parser
 from server.engines.base import Chunk
 from server.engines.prompt import chat_prompt_ids
@@ -190,3 +190,18 @@ def test_an_unknown_tool_parser_is_refused_naming_the_known_ones():
     with pytest.raises(InvalidRequestError, match="hermes.*pythonic") as error:
         check_tool_parser("no-such-format")
     assert error.value.param == "engine_options.tool_parser"
+
+
+@pytest.mark.parametrize(
+    ("template", "taught"),
+    [
+        ("{%- if tools %}<tool_call>{{ tool }}</tool_call>{% endif %}", "hermes"),  # Qwen
+        ("{%- if message.tool_calls %}[TOOL_CALLS]{{ calls }}{% endif %}", "mistral"),
+        ('{{- "<|python_tag|>" + tool_call.function.name }}', "llama3_json"),  # Llama 3.1
+        ("<|python_start|>{{ calls }}<|python_end|>", "pythonic"),  # Llama 4
+        ("{{ messages }}", "hermes"),  # teaches nothing: baton describes tools in Hermes' format
+        (None, "hermes"),
+    ],
+)
+def test_a_chat_template_says_which_call_format_it_teaches(template, taught):
+    assert format_taught_by(template) == taught
