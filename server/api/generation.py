@@ -21,27 +21,26 @@ MAX_SEED = 2**63 - 1  # seeds are signed 64-bit in torch and vLLM
 class ChoiceChunk:
     index: int
     chunk: Chunk
-    tool_calls: tuple[ToolCall, ...] = ()  # read from the choice's output, with its last chunk
-    call_pieces: tuple[ToolCallPiece, ...] = ()  # calls streamed as they are generated
+    tool_calls: tuple[ToolCall, ...] = ()  # read from the choice's output, whole, with its last chunk
+    call_pieces: tuple[ToolCallPiece, ...] = ()  # the same calls, as they stream
 
 
 async def read_tool_calls(choices: AsyncIterator[ChoiceChunk], new_reader: Callable[[], OutputReader], num_choices: int) -> AsyncIterator[ChoiceChunk]:
     """Each choice's output read through a reader of its own (`ToolPlan.reader`): content
-    passes (or is held), call pieces stream where the reader has them, and the calls found
-    come with the last chunk, whose finish reason becomes `tool_calls` when the model
+    passes (or is held), call pieces stream as the reader has them, and the calls found
+    come whole with the last chunk, whose finish reason becomes `tool_calls` when the model
     stopped on its own."""
     readers = [new_reader() for _ in range(num_choices)]
     async with aclosing(choices) as stream:
         async for item in stream:
             reader, chunk = readers[item.index], item.chunk
             text = reader.feed(chunk.text)
-            pieces = tuple(reader.pieces())
             if not chunk.finish_reason:
-                yield ChoiceChunk(item.index, replace(chunk, text=text), (), pieces)
+                yield ChoiceChunk(item.index, replace(chunk, text=text), (), tuple(reader.pieces()))
                 continue
             rest, calls = reader.finish()
             reason = "tool_calls" if calls and chunk.finish_reason == "stop" else chunk.finish_reason
-            yield ChoiceChunk(item.index, replace(chunk, text=text + rest, finish_reason=reason), tuple(calls), pieces)
+            yield ChoiceChunk(item.index, replace(chunk, text=text + rest, finish_reason=reason), tuple(calls), tuple(reader.pieces()))
 
 
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, prompt_param: str) -> int:

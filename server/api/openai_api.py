@@ -229,7 +229,6 @@ class _UsagePolicy:
 
 async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy):
     """SSE chunks, then `data: [DONE]`."""
-    streamed_calls: set[int] = set()  # choices whose calls streamed piece by piece
     for index in range(num_choices):
         if (opening := fmt.opening_delta(index)) is not None:
             yield _event({**head, "choices": [opening], **usage.on_chunk()})
@@ -241,11 +240,7 @@ async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy):
                 if chunk.text or chunk.logprobs:
                     yield _event({**head, "choices": [fmt.delta(item.index, chunk.text, None, chunk.logprobs)], **usage.on_chunk()})
                 if item.call_pieces:
-                    streamed_calls.add(item.index)
                     yield _event({**head, "choices": [fmt.delta(item.index, "", None, (), [p.as_openai() for p in item.call_pieces])], **usage.on_chunk()})
-                if item.tool_calls and item.index not in streamed_calls:  # calls read only at the end come whole
-                    calls = [call.as_openai(i) for i, call in enumerate(item.tool_calls)]
-                    yield _event({**head, "choices": [fmt.delta(item.index, "", None, (), calls)], **usage.on_chunk()})
                 if chunk.finish_reason:
                     yield _event({**head, "choices": [fmt.delta(item.index, "", chunk.finish_reason)], **usage.on_chunk()})
     except Exception as error:  # headers are sent: the error can only travel in the stream

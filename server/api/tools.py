@@ -47,9 +47,8 @@ class ToolCall:
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
-    def as_openai(self, index: int | None = None) -> dict:
-        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-        return call if index is None else {"index": index, **call}
+    def as_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 def new_call_id() -> str:
@@ -128,18 +127,25 @@ class ToolCallPiece:
 
 class OutputReader:
     """Reads one choice's text as it streams: `feed` returns the text that is content and
-    may be sent now; `finish` returns the content held back and the calls found."""
+    may be sent now; `pieces` the call pieces ready to stream; `finish` the content held
+    back and the calls found. Rule: every call streams as pieces; a reader that reads calls
+    only at the end (`_read_at_the_end`) streams each whole, as one piece, after `finish`."""
+
+    _unstreamed: tuple[ToolCall, ...] = ()
 
     def feed(self, text: str) -> str:
         raise NotImplementedError
 
     def pieces(self) -> list[ToolCallPiece]:
-        """Call pieces ready to stream since the last look; readers that read calls only
-        at the end have none."""
-        return []
+        calls, self._unstreamed = self._unstreamed, ()
+        return [ToolCallPiece(index, call.arguments, call.id, call.name) for index, call in enumerate(calls)]
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         raise NotImplementedError
+
+    def _read_at_the_end(self, content: str, calls: list[ToolCall]) -> tuple[str, list[ToolCall]]:
+        self._unstreamed = tuple(calls)
+        return content, calls
 
 
 class ArgumentsReader(OutputReader):
@@ -308,7 +314,7 @@ class FormatReader(OutputReader):
         if parsed is None:  # not calls after all: the model's own text
             return self._take(len(self._text)), []
         calls, content = parsed
-        return content, [new_call(name, arguments) for name, arguments in calls]
+        return self._read_at_the_end(content, [new_call(name, arguments) for name, arguments in calls])
 
     def _opens_with_calls(self) -> bool:
         """While nothing but blanks was sent: whether the answer opens with calls, or may."""

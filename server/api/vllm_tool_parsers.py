@@ -56,5 +56,4 @@ class VLLMReader(OutputReader):
             return self._text, []
         if not found.tools_called:
             return self._text, []
-        calls = [new_call(call.function.name, call.function.arguments) for call in found.tool_calls]
-        return found.content or "", calls
+        return self._read_at_the_end(found.content or "", [new_call(call.function.name, call.function.arguments) for call in found.tool_calls])

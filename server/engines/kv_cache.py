@@ -26,7 +26,8 @@ class SpareColumnsLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        used, total = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        used = self.get_seq_length()
+        total = used + key_states.shape[-2]
         if not self._views_own_buffers(key_states) or total > self._key_buffer.shape[-2]:
             self._key_buffer, self._value_buffer = _grown(self.keys, key_states, total), _grown(self.values, value_states, total)
         self._key_buffer[..., used:total, :] = key_states
