@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 from models.registry import Registry
 from server.cli import deploy as deploy_cli, models as models_cli
+from server.cli.models import engine_option_pairs
+from server.engines.options import check_engine_options
 from server.addresses import is_loopback
 from server.config import ModelSpec, Settings, default_home
 from server.config_file import environment_overrides, load_config
@@ -48,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"], help="default: the version's, else auto")
     serve.add_argument("--max-batch-size", type=int, default=None, help="generations decoded together (default: the version's, else 16)")
     serve.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    serve.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE", help="any other engine option for the served model (cuda_graphs=false); values are JSON; repeatable")
     serve.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights in a local folder (they can run code)")
     serve.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"), help="require this bearer key on /v1 (default: $BATON_API_KEY)")
     serve.add_argument("--no-auth", action="store_true", help="allow serving /v1 without an API key beyond loopback")
@@ -163,6 +166,9 @@ def _model_spec(registry: Registry, ref: str, args) -> ModelSpec:
 
     given = {"engine": args.engine, "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_model_len": args.max_model_len}
     given = {name: value for name, value in given.items() if value is not None}  # the rest: the version's own
+    if args.engine_option:
+        given["engine_options"] = engine_option_pairs(args.engine_option)
+        check_engine_options(given["engine_options"])
     if os.sep in ref or Path(ref).is_dir():
         path = Path(ref)
         check_model_folder(path, allow_pickle=args.allow_pickle)

@@ -1,26 +1,36 @@
 """Continuous batching on a transformers model: sequences join and leave between steps.
 
-Every running sequence is one row of a left-padded KV cache (`kv_cache.py`: decode steps
-write into spare columns). New sequences are prefilled together, then their cache rows are
-padded to the running length and joined; finished or aborted rows are cut out, and padding
-columns no row needs any more are trimmed. All of this runs on the engine's worker thread only.
+Every running sequence is one row of a row cache (`kv_cache.PaddedRows`, or
+`static_rows.StaticRows` whose decode steps are CUDA graphs): new sequences are prefilled
+together, then joined to the running rows; finished or aborted rows are cut out. All of
+this runs on the engine's worker thread only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from server.engines.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.grammar import TokenMask
-from server.engines.kv_cache import new_cache
+from server.engines.kv_cache import forward, new_cache
 from server.engines.sampler import adjusted_logits, choose_tokens, token_logprobs
 from models.errors import EngineError
+
+
+class RowCache(Protocol):
+    """The running sequences' KV cache, a row each (see `kv_cache.py`)."""
+
+    can_join_running: bool
+
+    def join(self, cache, attention_mask: torch.Tensor) -> None: ...
+    def decode(self, token_ids: list[int]) -> torch.Tensor: ...
+    def keep(self, rows: list[int]) -> None: ...
+    def describe(self) -> str: ...
 
 
 @dataclass(eq=False)
@@ -41,36 +51,28 @@ class Sequence:
 
 
 class ContinuousBatch:
-    def __init__(self, model, eos_token_ids: set[int], pad_token_id: int):
+    def __init__(self, model, rows: RowCache, eos_token_ids: set[int], pad_token_id: int):
         self._model = model
+        self.rows = rows
         self._eos_token_ids = eos_token_ids
         self._pad_token_id = pad_token_id
         self._device = model.device
         self.sequences: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._attention_mask: torch.Tensor | None = None  # (rows, cached length)
-        self.can_join_running = _has_plain_layers(DynamicCache(config=model.config))
+        self.can_join_running = rows.can_join_running
         self.num_aborted = 0
 
     def admit(self, new: list[Sequence]) -> None:
         """Prefill `new` together, emit their first tokens, and join them to the batch."""
         input_ids, attention_mask = self._left_padded([s.request.prompt_token_ids for s in new])
         cache = new_cache(self._model.config)
-        logits = self._forward(input_ids, attention_mask, _positions(attention_mask), cache)
-        if self.sequences:
-            self._join(cache, attention_mask)
-        else:
-            self._cache, self._attention_mask = cache, attention_mask
+        logits = forward(self._model, input_ids, attention_mask, _positions(attention_mask), cache)
+        self.rows.join(cache, attention_mask)
         self.sequences.extend(new)
         self._advance(new, logits)
 
     def step(self) -> None:
         """Decode one token for every running sequence."""
-        input_ids = torch.tensor([[s.output_token_ids[-1]] for s in self.sequences], device=self._device)
-        ones = torch.ones((len(self.sequences), 1), dtype=self._attention_mask.dtype, device=self._device)
-        self._attention_mask = torch.cat([self._attention_mask, ones], dim=-1)
-        positions = self._attention_mask.sum(-1, keepdim=True) - 1
-        logits = self._forward(input_ids, self._attention_mask, positions, self._cache)
+        logits = self.rows.decode([s.output_token_ids[-1] for s in self.sequences])
         self._advance(self.sequences, logits)
 
     def drop_aborted(self) -> None:
@@ -82,18 +84,6 @@ class ContinuousBatch:
         for sequence in self.sequences:
             sequence.emit(error)
         self._keep([])
-
-    @torch.inference_mode()
-    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        output = self._model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return output.logits[:, -1, :]
 
     @torch.inference_mode()  # rows of the model's logits are shaped in place
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
@@ -169,34 +159,8 @@ class ContinuousBatch:
     def _keep(self, kept: list[Sequence]) -> None:
         if len(kept) == len(self.sequences):
             return
-        if not kept:
-            self.sequences, self._cache, self._attention_mask = [], None, None
-            return
-        rows = torch.tensor([self.sequences.index(s) for s in kept], device=self._device)
-        for layer in self._cache.layers:
-            layer.batch_select_indices(rows)
-        self._attention_mask = self._attention_mask[rows]
+        self.rows.keep([self.sequences.index(s) for s in kept])
         self.sequences = kept
-        self._trim_padding()
-
-    def _trim_padding(self) -> None:
-        """Drop leading cache columns that are padding in every remaining row."""
-        if not self.can_join_running:
-            return
-        num_unused = int(self._attention_mask.any(dim=0).int().argmax())
-        if num_unused:
-            self._attention_mask = self._attention_mask[:, num_unused:]
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, num_unused:], layer.values[:, :, num_unused:]
-
-    def _join(self, cache: DynamicCache, attention_mask: torch.Tensor) -> None:
-        length = max(self._attention_mask.shape[-1], attention_mask.shape[-1])
-        self._attention_mask = torch.cat(
-            [_pad_left(self._attention_mask, length), _pad_left(attention_mask, length)], dim=0
-        )
-        for running, joining in zip(self._cache.layers, cache.layers, strict=True):
-            running.keys = torch.cat([_pad_left(running.keys, length, -2), _pad_left(joining.keys, length, -2)])
-            running.values = torch.cat([_pad_left(running.values, length, -2), _pad_left(joining.values, length, -2)])
 
     def _left_padded(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
         length = max(len(p) for p in prompts)
@@ -215,17 +179,3 @@ def _failed(sequence: Sequence, error: Exception) -> EngineError:
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _pad_left(tensor: torch.Tensor, length: int, dim: int = -1) -> torch.Tensor:
-    missing = length - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _has_plain_layers(cache: DynamicCache) -> bool:
-    """Rows can be joined only where every cache layer is a plain, unbounded one."""
-    return all(type(layer) is DynamicLayer for layer in cache.layers)

@@ -1,7 +1,12 @@
-"""The transformers engine's KV cache: transformers' `DynamicCache`, whose plain layers keep
-spare columns. A decode step writes its one new column in place, where `DynamicLayer`
-copies the layer's whole cache to append it (every step, every layer: at batch 8 and 500
-tokens of SmolLM2-135M in float32, 120 MB a step).
+"""The transformers engine's KV cache where shapes may change every step (CPU, and CUDA
+without graphs): `PaddedRows`, transformers' `DynamicCache` with a row per running sequence,
+left-padded to one length, whose plain layers keep spare columns. A decode step writes its
+one new column in place, where `DynamicLayer` copies the layer's whole cache to append it
+(every step, every layer: at batch 8 and 500 tokens of SmolLM2-135M in float32, 120 MB a step).
+
+A row cache (this one, or `static_rows.StaticRows` on CUDA) is driven by `ContinuousBatch`
+on the engine's worker thread: `join` the prefilled rows of new sequences, `decode` one
+token for every row, `keep` the rows still running (in order).
 """
 
 from __future__ import annotations
@@ -11,6 +16,86 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 MIN_SPARE_COLUMNS = 64
+
+
+class PaddedRows:
+    def __init__(self, model):
+        self._model = model
+        self._cache: DynamicCache | None = None
+        self._attention_mask: torch.Tensor | None = None  # (rows, cached length)
+        self.can_join_running = has_plain_layers(DynamicCache(config=model.config))
+
+    def join(self, cache: DynamicCache, attention_mask: torch.Tensor) -> None:
+        """Add the prefilled rows of `cache` (their mask: `attention_mask`) after the running ones."""
+        if self._cache is None:
+            self._cache, self._attention_mask = cache, attention_mask
+            return
+        length = max(self._attention_mask.shape[-1], attention_mask.shape[-1])
+        self._attention_mask = torch.cat([pad_left(self._attention_mask, length), pad_left(attention_mask, length)], dim=0)
+        for running, joining in zip(self._cache.layers, cache.layers, strict=True):
+            running.keys = torch.cat([pad_left(running.keys, length, -2), pad_left(joining.keys, length, -2)])
+            running.values = torch.cat([pad_left(running.values, length, -2), pad_left(joining.values, length, -2)])
+
+    def decode(self, token_ids: list[int]) -> torch.Tensor:
+        """The next-token logits of every row, each fed its `token_ids` entry."""
+        device = self._attention_mask.device
+        input_ids = torch.tensor([[token_id] for token_id in token_ids], device=device)
+        ones = torch.ones((len(token_ids), 1), dtype=self._attention_mask.dtype, device=device)
+        self._attention_mask = torch.cat([self._attention_mask, ones], dim=-1)
+        positions = self._attention_mask.sum(-1, keepdim=True) - 1
+        return forward(self._model, input_ids, self._attention_mask, positions, self._cache)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (ascending indices), in that order."""
+        if not rows:
+            self._cache, self._attention_mask = None, None
+            return
+        selected = torch.tensor(rows, device=self._attention_mask.device)
+        for layer in self._cache.layers:
+            layer.batch_select_indices(selected)
+        self._attention_mask = self._attention_mask[selected]
+        self._trim_padding()
+
+    def describe(self) -> str:
+        return "eager steps, padded cache"
+
+    def _trim_padding(self) -> None:
+        """Drop leading cache columns that are padding in every remaining row."""
+        if not self.can_join_running:
+            return
+        num_unused = int(self._attention_mask.any(dim=0).int().argmax())
+        if num_unused:
+            self._attention_mask = self._attention_mask[:, num_unused:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, num_unused:], layer.values[:, :, num_unused:]
+
+
+@torch.inference_mode()
+def forward(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    """The logits of each row's last position."""
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return output.logits[:, -1, :]
+
+
+def pad_left(tensor: torch.Tensor, length: int, dim: int = -1) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def has_plain_layers(cache: DynamicCache) -> bool:
+    """Rows can be joined only where every cache layer is a plain, unbounded one."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 class SpareColumnsLayer(DynamicLayer):

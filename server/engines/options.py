@@ -18,6 +18,7 @@ class TransformersOptions:
     device: str = "auto"  # "auto" takes CUDA when present
     max_batch_size: int = 16
     max_model_len: int | None = None  # None: the model's own context length
+    cuda_graphs: bool = True  # CUDA only: decode steps replayed as graphs over a preallocated cache
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
 
 

@@ -23,7 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.engines.base import Chunk, EngineHealth, GenerationRequest, JsonFormat
 from server.engines.grammar import JsonGrammars, TokenMask
-from server.engines.batch import ContinuousBatch, Sequence
+from server.engines.batch import ContinuousBatch, RowCache, Sequence
+from server.engines.kv_cache import PaddedRows
+from server.engines.static_rows import StaticRows, can_use_static_rows
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.model_folder import check_model_folder
 from server.engines.options import TransformersOptions
@@ -104,6 +106,7 @@ class TransformersEngine:
             "device": str(self._device),
             "dtype": str(self._model.dtype).removeprefix("torch.") if self._model else None,
             "max_batch_size": self._options.max_batch_size,
+            "decode": batch.rows.describe() if batch else None,
             "num_aborted": batch.num_aborted if batch else 0,
         }
         return EngineHealth(is_ready, len(batch.sequences) if batch else 0, len(self._waiting), details)
@@ -301,8 +304,15 @@ class TransformersEngine:
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"Cannot load the model at {self._path}: {error}") from error
         self._model.eval()
-        self._batch = ContinuousBatch(self._model, self._eos_token_ids(), self._pad_token_id())
+        self._batch = ContinuousBatch(self._model, self._row_cache(), self._eos_token_ids(), self._pad_token_id())
         self._warm_up()
+
+    def _row_cache(self) -> RowCache:
+        """On CUDA, a static cache whose decode steps are CUDA graphs (unless turned off);
+        elsewhere, and for models it cannot hold, a padded dynamic one."""
+        if self._device.type == "cuda" and self._options.cuda_graphs and can_use_static_rows(self._model):
+            return StaticRows(self._model, self._options.max_batch_size, use_graphs=True)
+        return PaddedRows(self._model)
 
     def _torch_dtype(self):
         if self._options.dtype != "auto":

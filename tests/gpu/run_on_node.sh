@@ -7,9 +7,9 @@
 #   bash tests/gpu/run_on_node.sh tests      # tests/gpu (about 6 minutes)
 #   bash tests/gpu/run_on_node.sh swaps      # swap_under_load.py, reload and replace, 1B model (about 5)
 #   bash tests/gpu/run_on_node.sh overhead   # overhead_vs_vllm.py, c=1/16/64, 1B model (about 4)
-#   bash tests/gpu/run_on_node.sh transformers  # sampling_kernel.py (the kernel against its reference),
-#                                               # then the transformers engine on CUDA against vLLM's server,
-#                                               # SmolLM2-135M's shape, c=1/8/32 (about 5; issue 13's targets)
+#   bash tests/gpu/run_on_node.sh transformers  # sampling_kernel.py (the kernel against its reference), then
+#                                               # transformers_cuda.py: the engine with CUDA graphs, without, and
+#                                               # vLLM's server, SmolLM2-135M's shape, c=1/8/32 (about 5)
 #
 # Logs and JSON go to $OUT (the device tool's folder that comes back), else /tmp/baton-gpu-out.
 set -uo pipefail
@@ -27,6 +27,6 @@ case ${1:-tests} in
   overhead) model; timeout 500 python3 benchmarks/overhead_vs_vllm.py --model /tmp/m1b --concurrency 1 16 64 --requests 64 --max-tokens 128 2>&1 | grep -Ev "$quiet"
             cp benchmarks/results/overhead_vs_vllm.json "$out/" 2>/dev/null ;;
   transformers) smol; timeout 60 python3 benchmarks/sampling_kernel.py 2>&1 | tee "$out/sampling_kernel.log"
-                timeout 440 python3 benchmarks/cpu_throughput.py --model /tmp/smol --engine transformers --anchor vllm-server --concurrency 1 8 32 --requests 64 --max-tokens 128 --out "$out/transformers_cuda.json" 2>&1 | grep -Ev "$quiet" ;;
+                timeout 480 python3 benchmarks/transformers_cuda.py --model /tmp/smol --concurrency 1 8 32 --max-tokens 128 --out "$out/transformers_cuda.json" 2>&1 | grep -Ev "$quiet" ;;
   *) echo "usage: $0 tests|swaps|overhead|transformers" >&2; exit 2 ;;
 esac
