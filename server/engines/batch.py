@@ -30,6 +30,7 @@ class RowCache(Protocol):
     def join(self, cache, attention_mask: torch.Tensor) -> None: ...
     def decode(self, token_ids: list[int]) -> torch.Tensor: ...
     def keep(self, rows: list[int]) -> None: ...
+    def prepare(self, cache) -> None: ...  # once loaded, with a prefill's cache
     def describe(self) -> str: ...
 
 
@@ -69,6 +70,13 @@ class ContinuousBatch:
         self.rows.join(cache, attention_mask)
         self.sequences.extend(new)
         self._advance(new, logits)
+
+    def warm_up(self) -> None:
+        """A one-token prefill, and the row cache set up with its cache (CUDA graphs captured)."""
+        input_ids = torch.tensor([[self._pad_token_id]], device=self._device)
+        cache = new_cache(self._model.config)
+        forward(self._model, input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids), cache)
+        self.rows.prepare(cache)
 
     def step(self) -> None:
         """Decode one token for every running sequence."""

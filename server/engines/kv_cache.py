@@ -56,6 +56,9 @@ class PaddedRows:
         self._attention_mask = self._attention_mask[selected]
         self._trim_padding()
 
+    def prepare(self, cache: DynamicCache) -> None:
+        """Nothing to set up: the cache is made per batch."""
+
     def describe(self) -> str:
         return "eager steps, padded cache"
 

@@ -122,6 +122,17 @@ class StaticRows:
             self._positions[to] = self._positions[source]
         self._starts = [self._starts[row] for row in rows]
 
+    def prepare(self, cache: DynamicCache) -> None:
+        """Allocate the buffers (shaped as `cache`'s layers, a prefill's) and capture the
+        first window's graph for every batch size, so that no request waits for a capture
+        there. Only while no row runs: the captures write column 0 of idle rows."""
+        if not self._keys:
+            self._allocate(cache, MIN_WINDOW)
+        if self._use_graphs:
+            self._column.fill_(0)
+            for batch in sorted({batch_bucket(n, self._max_rows) for n in range(1, self._max_rows + 1)}):
+                self._run(batch, MIN_WINDOW)
+
     def describe(self) -> str:
         steps = f"CUDA graphs ({len(self._graphs)} captured)" if self._use_graphs else "eager steps"
         return f"{steps}, static cache of {self.capacity} columns"

@@ -280,7 +280,7 @@ class TransformersEngine:
             for f in files:
                 for name in f.keys():
                     params[name].copy_(f.get_tensor(name))
-        self._warm_up()
+        self._batch.warm_up()
 
     # -- loading ------------------------------------------------------------------------
 
@@ -305,7 +305,7 @@ class TransformersEngine:
             raise ModelLoadError(f"Cannot load the model at {self._path}: {error}") from error
         self._model.eval()
         self._batch = ContinuousBatch(self._model, self._row_cache(), self._eos_token_ids(), self._pad_token_id())
-        self._warm_up()
+        self._batch.warm_up()
 
     def _row_cache(self) -> RowCache:
         """On CUDA, a static cache whose decode steps are CUDA graphs (unless turned off);
@@ -332,10 +332,6 @@ class TransformersEngine:
     def _pad_token_id(self) -> int:
         pad = self._tokenizer.pad_token_id
         return pad if pad is not None else min(self._eos_token_ids(), default=0)
-
-    def _warm_up(self) -> None:
-        with torch.inference_mode():
-            self._model(input_ids=torch.tensor([[self._pad_token_id()]], device=self._device))
 
 
 def _check_same_tensors(params: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:

@@ -54,6 +54,8 @@ def test_static_rows_give_the_padded_rows_logits_through_joins_and_departures(mo
     torch.manual_seed(0)
     padded, static = PaddedRows(model), StaticRows(model, max_rows=6, use_graphs=False)
     last: list[int] = []
+    static.prepare(_prefill(model, [[0]])[0])  # what the engine does once loaded
+    assert static.capacity == MIN_WINDOW and static.describe() == f"eager steps, static cache of {MIN_WINDOW} columns"
 
     def join(prompts):
         for rows in (padded, static):
