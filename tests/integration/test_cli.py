@@ -39,6 +39,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, seconds: float
 def test_cli_serve_answers_the_openai_client(tiny_model_path, tmp_path):
     port = _free_port()
     command = [*BATON, "--home", str(tmp_path), "serve", "--model", str(tiny_model_path), "--name", "tiny", "--port", str(port), "--engine", "transformers"]
+    command += ["--engine-option", "max_batch_size=3", "--engine-option", "cuda_graphs=false"]
     log = tmp_path / "serve.log"
     with log.open("w") as output, subprocess.Popen([*command, "--log-format", "json"], stdout=output, stderr=subprocess.STDOUT) as process:
         try:
@@ -57,6 +58,8 @@ def _serve_and_ask(url: str, process: subprocess.Popen, log: Path) -> None:
     with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
         reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert reply.usage.completion_tokens <= 3 and reply.model == "tiny"
+    details = httpx.get(f"{url}/health").json()["models"]["tiny"]["details"]
+    assert details["max_batch_size"] == 3 and details["decode"] == "eager steps, padded cache"  # --engine-option
 
 
 def test_cli_serve_missing_folder_is_a_clear_error(tmp_path):
@@ -73,6 +76,12 @@ def test_cli_serve_refuses_pickle_weights_by_default(tiny_model_path, tmp_path):
     result = subprocess.run([*BATON, "serve", "--model", str(folder)], capture_output=True, text=True)
     assert result.returncode == 1
     assert "--allow-pickle" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_serve_refuses_unknown_or_mistyped_engine_options(tiny_model_path):
+    for option, named in (("cuda_graph=false", "Unknown engine option(s) cuda_graph"), ("cuda_graphs=maybe", "cuda_graphs")):
+        result = subprocess.run([*BATON, "serve", "--model", str(tiny_model_path), "--engine-option", option], capture_output=True, text=True)
+        assert result.returncode == 1 and named in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_rejects_a_bad_model_name(tiny_model_path):
