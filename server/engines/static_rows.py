@@ -5,8 +5,8 @@ addresses and runs as a CUDA graph, captured on first use for each (batch size, 
 Layout, as in `kv_cache.PaddedRows`: rows are left-padded, and every row writes its next
 token into the same column, `next_column`. A step attends to the first `window` columns (a
 power of two, at least MIN_WINDOW) through an additive mask; rows are padded to a
-power of two (`batch_bucket`). The buffers grow to the largest window used so far, and
-every graph is dropped when they do (a graph holds their addresses).
+power of two (`batch_bucket`). The buffers start at `initial_columns` and grow to the
+largest window used, and every graph is dropped when they do (a graph holds their addresses).
 
 Rules: a graph's output is read before any other graph runs (they share one memory pool);
 weights may change only in place (`copy_`), which keeps the graphs valid.
@@ -25,6 +25,7 @@ from server.engines.kv_cache import forward, has_plain_layers
 log = logging.getLogger(__name__)
 
 MIN_WINDOW = 256
+INITIAL_COLUMNS = 1024  # the buffers' first size: growing them drops every graph, so start past most answers
 GRAPH_WARMUP_RUNS = 2  # eager runs on a side stream before a capture, as torch advises
 
 
@@ -46,6 +47,11 @@ def columns_to_drop(first_used: int, next_column: int) -> int:
     return 0
 
 
+def initial_columns(max_model_len: int) -> int:
+    """The columns allocated when the engine loads: INITIAL_COLUMNS, or fewer for a short context."""
+    return min(INITIAL_COLUMNS, window_for(max_model_len))
+
+
 def can_use_static_rows(model) -> bool:
     """Plain attention layers that take a prepared 4-D mask (sdpa or eager attention)."""
     plain = has_plain_layers(DynamicCache(config=model.config))
@@ -55,9 +61,10 @@ def can_use_static_rows(model) -> bool:
 class StaticRows:
     can_join_running = True
 
-    def __init__(self, model, max_rows: int, use_graphs: bool):
+    def __init__(self, model, max_rows: int, use_graphs: bool, first_columns: int = MIN_WINDOW):
         self._model = model
         self._max_rows = max_rows
+        self._first_columns = first_columns  # what `prepare` allocates
         self._use_graphs = use_graphs
         device = model.device
         self._input_ids = torch.zeros((max_rows, 1), dtype=torch.long, device=device)
@@ -127,7 +134,7 @@ class StaticRows:
         first window's graph for every batch size, so that no request waits for a capture
         there. Only while no row runs: the captures write column 0 of idle rows."""
         if not self._keys:
-            self._allocate(cache, MIN_WINDOW)
+            self._allocate(cache, self._first_columns)
         if self._use_graphs:
             self._column.fill_(0)
             for batch in sorted({batch_bucket(n, self._max_rows) for n in range(1, self._max_rows + 1)}):

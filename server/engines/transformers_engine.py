@@ -25,7 +25,7 @@ from server.engines.base import Chunk, EngineHealth, GenerationRequest, JsonForm
 from server.engines.grammar import JsonGrammars, TokenMask
 from server.engines.batch import ContinuousBatch, RowCache, Sequence
 from server.engines.kv_cache import PaddedRows
-from server.engines.static_rows import StaticRows, can_use_static_rows
+from server.engines.static_rows import StaticRows, can_use_static_rows, initial_columns
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.model_folder import check_model_folder
 from server.engines.options import TransformersOptions
@@ -311,7 +311,7 @@ class TransformersEngine:
         """On CUDA, a static cache whose decode steps are CUDA graphs (unless turned off);
         elsewhere, and for models it cannot hold, a padded dynamic one."""
         if self._device.type == "cuda" and self._options.cuda_graphs and can_use_static_rows(self._model):
-            return StaticRows(self._model, self._options.max_batch_size, use_graphs=True)
+            return StaticRows(self._model, self._options.max_batch_size, use_graphs=True, first_columns=initial_columns(self.max_model_len))
         return PaddedRows(self._model)
 
     def _torch_dtype(self):

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from server.engines.kv_cache import PaddedRows, forward, new_cache
-from server.engines.static_rows import MIN_WINDOW, StaticRows, batch_bucket, can_use_static_rows, columns_to_drop, window_for
+from server.engines.static_rows import MIN_WINDOW, StaticRows, batch_bucket, can_use_static_rows, columns_to_drop, initial_columns, window_for
 
 
 def test_batch_buckets_are_powers_of_two_up_to_the_row_limit():
@@ -20,6 +20,10 @@ def test_windows_are_powers_of_two_of_at_least_the_minimum():
     assert window_for(1) == window_for(MIN_WINDOW) == MIN_WINDOW
     assert window_for(MIN_WINDOW + 1) == 2 * MIN_WINDOW
     assert window_for(5000) == 8192
+
+
+def test_the_first_buffers_hold_most_answers_or_the_whole_context():
+    assert initial_columns(8192) == 1024 and initial_columns(300) == 512 and initial_columns(100) == MIN_WINDOW
 
 
 def test_unused_columns_are_dropped_only_when_that_shrinks_the_window():
