@@ -31,7 +31,8 @@ from models.errors import (
     UnsupportedParameterError,
 )
 from server.api.model_admin import ModelAdmin
-from server.deployments.manager import DeploymentManager, EngineFactory
+from server.deployments.manager import DeploymentManager
+from server.deployments.slot_lifecycle import EngineFactory
 
 log = logging.getLogger(__name__)
 

@@ -6,17 +6,15 @@ resume | blue-green: load beside, verify, flip | replace: hold, drain, sleep or 
 old, load, verify, flip -> drain the old slot (until its leases reach zero or the drain
 deadline) -> park it as standby (loaded or asleep) or stop it. Any failure before the flip
 leaves the old version serving; every swap, success or failure, lands in the registry's
-history with its phases. The decisions themselves are pure functions in strategy.py,
-layout.py, memory_plan.py and drain.py.
+history with its phases. The steps a slot goes through (load, verify, drain, park, wake,
+stop) are slot_lifecycle.py's; the decisions are pure functions in strategy.py, layout.py,
+memory_plan.py and drain.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,24 +22,21 @@ from models.catalog import Change
 from models.registry import Registry
 from server.config import ModelSpec, Settings
 from server.deployments.deployment import Deployment, OnDemand
-from server.deployments.drain import StopDecision, decide_stop
 from server.deployments.health import HealthPolicy
 from server.deployments.health_watch import HealthWatch
 from server.deployments.layout import ModelLayout, reload_blocker
-from server.deployments.memory_plan import fits, plan_gpu_share, usable_gpu_bytes
 from server.deployments.recovery import restart_delay_s
 from server.deployments.slot import Lease, Slot, SlotState, Target
 from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy
+from server.deployments.slot_lifecycle import EngineFactory, SlotLifecycle
 from server.deployments.swap_record import SwapRecord
-from server.devices import GpuMemory, gpu_memory
 from server.metrics import Metrics
-from server.engines.base import Engine, GenerationRequest, SamplingParams, can_reload, can_sleep, engine_process_ids
-from server.engines.factory import engine_for, estimate_memory_bytes
+from server.engines.base import can_reload, engine_process_ids
+from server.engines.factory import estimate_memory_bytes
 from models.errors import BatonError, ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Path, dict], Engine]
 MAX_RECORDS = 200
 # ModelSpec fields that, set explicitly, override every version's own engine options.
 SPEC_ENGINE_FIELDS = ("engine", "dtype", "max_batch_size", "max_model_len")
@@ -54,7 +49,7 @@ class DeploymentManager:
         self._settings = settings
         self._metrics = metrics or Metrics()
         self._registry = registry
-        self._engine_factory = engine_factory
+        self._slots = SlotLifecycle(settings, engine_factory, self._metrics, lambda: self.deployments)
         self._deployments: dict[str, Deployment] = {}
         self._records: dict[str, SwapRecord] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -235,7 +230,7 @@ class DeploymentManager:
         """An on-demand deployment starts unloaded; its first request loads it."""
         slot = None
         if on_demand is None:
-            slot = await self._load(target)
+            slot = await self._slots.load(target)
             slot.move_to(SlotState.READY, f"serving {name}")
         settings = self._settings
         deployment = Deployment(name, slot, settings.max_waiting, settings.max_wait_s, on_demand, overrides, settings.max_running_per_deployment)
@@ -294,7 +289,7 @@ class DeploymentManager:
             task.cancel()
         for deployment in self.deployments:
             for slot in deployment.slots():
-                await self._stop(slot)
+                await self._slots.stop(slot)
 
     async def set_on_demand(self, name: str, on_demand: bool, idle_ttl_s: float) -> None:
         """Switched in place. An always-on deployment becomes on-demand (the idle check unloads
@@ -344,7 +339,7 @@ class DeploymentManager:
             async with deployment.swap_lock:
                 async with record.phase("evict"):
                     await self._make_room(target.memory_bytes, deployment)
-                slot = await self._load_and_verify(record, target, deployment)
+                slot = await self._slots.load_and_verify(record, target, deployment)
                 async with record.phase("flip"):
                     deployment.flip_to(slot)
             record.finish()
@@ -356,7 +351,7 @@ class DeploymentManager:
     async def _make_room(self, memory_bytes: int, loading: Deployment) -> None:
         """Unload idle on-demand deployments, least recently used first, until `memory_bytes`
         fit the budget. Never one with requests in flight."""
-        while not self._fits(memory_bytes):
+        while not self._slots.fits_in_budget(memory_bytes):
             idle = [d for d in self.deployments if d is not loading and d.on_demand and d.active and d.active.num_leases == 0 and not d.swap_lock.locked()]
             if not idle:
                 raise OverloadedError(f"No room in the memory budget to load {loading.on_demand.target.version}: every loaded model is busy or always-on.")
@@ -397,7 +392,7 @@ class DeploymentManager:
             deployment.hold_requests()
             dead.move_to(SlotState.FAILED, "engine died")
             async with record.phase("stop"):
-                await self._stop(dead)
+                await self._slots.stop(dead)
             try:
                 slot = await self._bring_up_after_failure(deployment, record, dead.target)
             except Exception as error:
@@ -414,7 +409,7 @@ class DeploymentManager:
         if standby is not None:
             try:
                 if standby.state is SlotState.ASLEEP:
-                    await self._wake_or_stop(record, standby)
+                    await self._slots.wake_or_stop(record, standby)
             except Exception:
                 log.exception("the standby %s could not take over; restarting %s", standby.version, target.version)
             else:
@@ -423,7 +418,7 @@ class DeploymentManager:
         for num_failed in range(MAX_RESTARTS):
             await asyncio.sleep(restart_delay_s(num_failed))
             try:
-                return await self._load_and_verify(record, target, deployment)
+                return await self._slots.load_and_verify(record, target, deployment)
             except Exception as error:
                 log.warning("restart %d of %s failed: %s", num_failed + 1, target.version, error)
                 deployment.fail_waiting(OverloadedError(f"Deployment {deployment.name} lost its engine and is restarting it; retry shortly."))
@@ -434,8 +429,8 @@ class DeploymentManager:
     async def _unload(self, deployment: Deployment, reason: str) -> None:
         record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
         async with record.phase("unload"):
-            await self._drop_standby(deployment)
-            await self._stop(deployment.unload())
+            await self._slots.drop_standby(deployment)
+            await self._slots.stop(deployment.unload())
         record.finish()
         self._remember(record)
         self._record_outcome(record)
@@ -484,16 +479,8 @@ class DeploymentManager:
             is_on_standby=standby is not None and (standby.version, standby.target.options) == (target.version, target.options),
             reload_blocker=_reload_blocker(active, target) if active is not None else "nothing is loaded",
             needed_bytes=target.memory_bytes,
-            **self._room_beside(target),
+            **self._slots.room_beside(target),
         )
-
-    def _room_beside(self, target: Target) -> dict:
-        """Room to load `target` beside what runs: on a GPU, for a vLLM engine whose share is
-        planned, what the plan would give it (vLLM's memory is the GPU's, not the budget's)."""
-        if (gpu := self._gpu_to_plan(target)) is None:
-            return {"free_bytes": self._settings.memory_budget_bytes - self.memory_in_use_bytes, "free_in": "the memory budget"}
-        usable = usable_gpu_bytes(gpu.total_bytes, gpu.free_bytes, self._gpu_headroom_bytes, self._engines_per_gpu)
-        return {"free_bytes": usable, "free_in": "the GPU after its headroom"}
 
     async def _swap(self, deployment: Deployment, record: SwapRecord, target: Target, choice: Choice, overrides: dict) -> None:
         swaps = {
@@ -508,12 +495,12 @@ class DeploymentManager:
 
     async def _swap_into_down(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
         """A deployment left down by a dead engine: load the target; requests resume on it."""
-        new = await self._load_and_verify(record, target, deployment)
+        new = await self._slots.load_and_verify(record, target, deployment)
         async with record.phase("flip"):
             deployment.flip_to(new)
 
     async def _swap_blue_green(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
-        new = await self._load_and_verify(record, target, deployment)
+        new = await self._slots.load_and_verify(record, target, deployment)
         async with record.phase("flip"):
             old = deployment.flip_to(new)
         await self._retire(deployment, record, old)
@@ -522,14 +509,14 @@ class DeploymentManager:
         standby = deployment.standby
         if standby is None or standby.version != target.version:
             raise ConflictError(f"{target.version} is not on standby for {deployment.name}; use blue-green or replace.")
-        if standby.state is SlotState.ASLEEP and not self._fits(standby.memory_bytes):
+        if standby.state is SlotState.ASLEEP and not self._slots.fits_in_budget(standby.memory_bytes):
             await self._swap_to_standby_in_turn(deployment, record, standby)
             return
         if standby.state is SlotState.ASLEEP:
             try:
-                await self._wake(record, standby)
+                await self._slots.wake(record, standby)
             except BaseException:
-                await self._drop_standby(deployment)  # half awake is no standby
+                await self._slots.drop_standby(deployment)  # half awake is no standby
                 raise
         async with record.phase("flip"):
             deployment.standby = None
@@ -543,20 +530,7 @@ class DeploymentManager:
         deployment.standby = None
         old = deployment.hold_requests()
         await self._retire(deployment, record, old)
-        await self._take_over(deployment, record, old, self._wake_or_stop(record, standby))
-
-    async def _wake(self, record: SwapRecord, slot: Slot) -> None:
-        async with record.phase("wake"):
-            await slot.engine.wake_up()
-            slot.move_to(SlotState.STANDBY, "woken")
-
-    async def _wake_or_stop(self, record: SwapRecord, slot: Slot) -> Slot:
-        try:
-            await self._wake(record, slot)
-        except BaseException:
-            await self._stop(slot)
-            raise
-        return slot
+        await self._take_over(deployment, record, old, self._slots.wake_or_stop(record, standby))
 
     async def _take_over(self, deployment: Deployment, record: SwapRecord, old: Slot, bring_up) -> None:
         """The end of an in-turn swap, with requests held and `old` unloaded or asleep: the
@@ -577,7 +551,7 @@ class DeploymentManager:
             deployment.standby = None
             await old.engine.wake_up()
             return old
-        return await self._load(old.target)
+        return await self._slots.load(old.target)
 
     async def _swap_reload(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
         """Same layout: new requests wait while the active slot drains, its engine loads the
@@ -589,14 +563,14 @@ class DeploymentManager:
         slot = deployment.hold_requests()
         old_target, is_reloading = slot.target, False
         try:
-            await self._drain(record, slot)
+            await self._slots.drain(record, slot)
             async with record.phase("reload") as phase:
                 is_reloading = True
                 await slot.engine.reload_weights(target.path)  # ends requests cut off at the deadline
                 await slot.wait_drained(SECONDS_FOR_CUT_OFF_REQUESTS)
                 slot.retarget(replace(target, memory_bytes=slot.memory_bytes))
                 phase.detail = "weights swapped in the running engine"
-            await self._verify_phase(record, slot, deployment)
+            await self._slots.verify_phase(record, slot, deployment)
         except BaseException:
             async with record.phase("restore"):
                 deployment.restore(await self._with_old_weights(slot, old_target) if is_reloading else slot)
@@ -612,8 +586,8 @@ class DeploymentManager:
             await slot.engine.reload_weights(old_target.path)
         except Exception:
             log.exception("%s could not reload its old weights; starting it afresh", old_target.version)
-            await self._stop(slot)
-            return await self._load(old_target)
+            await self._slots.stop(slot)
+            return await self._slots.load(old_target)
         slot.retarget(old_target)
         return slot
 
@@ -621,15 +595,15 @@ class DeploymentManager:
         """Both do not fit: the old version sleeps (where its engine can: a failed load
         wakes it in under a second, and it stays on standby for rollback) or unloads; new
         requests wait in the bounded queue until the new one answers."""
-        await self._drop_standby(deployment)
+        await self._slots.drop_standby(deployment)
         old = deployment.hold_requests()
-        is_cut_off = await self._drain(record, old)
+        is_cut_off = await self._slots.drain(record, old)
         async with record.phase("unload") as phase:
-            phase.detail = await self._stop_cut_off(old) if is_cut_off else await self._park(deployment, old, may_stay_loaded=False)
-        await self._take_over(deployment, record, old, self._load_and_verify(record, target, deployment))
+            phase.detail = await self._slots.stop_cut_off(old) if is_cut_off else await self._slots.park(deployment, old, may_stay_loaded=False)
+        await self._take_over(deployment, record, old, self._slots.load_and_verify(record, target, deployment))
 
     async def _canary(self, deployment: Deployment, record: SwapRecord, target: Target, weight: int) -> None:
-        slot = await self._load_and_verify(record, target, deployment)
+        slot = await self._slots.load_and_verify(record, target, deployment)
         async with record.phase("route"):
             deployment.set_canary(slot, weight)
 
@@ -642,143 +616,25 @@ class DeploymentManager:
     async def _abort_canary(self, deployment: Deployment, record: SwapRecord) -> None:
         async with record.phase("unroute"):
             canary = deployment.set_canary(None, 0)
-        await self._drain(record, canary)
+        await self._slots.drain(record, canary)
         async with record.phase("stop"):
-            await self._stop(canary)
+            await self._slots.stop(canary)
 
     async def _retire(self, deployment: Deployment, record: SwapRecord, old: Slot) -> None:
         """Drain the slot that stopped taking requests, then keep it on standby or stop it."""
-        is_cut_off = await self._drain(record, old)
+        is_cut_off = await self._slots.drain(record, old)
         async with record.phase("park") as phase:
             if is_cut_off:
-                phase.detail = await self._stop_cut_off(old)
+                phase.detail = await self._slots.stop_cut_off(old)
                 return
-            await self._drop_standby(deployment)  # one standby per deployment: the newest
-            phase.detail = await self._park(deployment, old, may_stay_loaded=True)
-
-    async def _park(self, deployment: Deployment, slot: Slot, may_stay_loaded: bool) -> str:
-        """Make `slot` the deployment's standby: asleep where its engine sleeps, else loaded
-        where that is allowed and the budget fits, else stopped. Says which."""
-        if self._settings.keep_standby and can_sleep(slot.engine) and self._fits_asleep(slot) and await self._put_to_sleep(slot):
-            slot.move_to(SlotState.ASLEEP, "parked")
-            deployment.standby = slot
-            return "asleep on standby: weights offloaded, accelerator memory freed"
-        if may_stay_loaded and self._settings.keep_standby and self._fits(0):
-            slot.move_to(SlotState.STANDBY, "parked")
-            deployment.standby = slot
-            return "kept loaded on standby"
-        await self._stop(slot)
-        return "stopped; memory freed"
-
-    async def _stop_cut_off(self, slot: Slot) -> str:
-        await self._stop(slot)  # ends what the drain deadline cut off, with model_swapped
-        return "stopped at the drain deadline"
-
-    async def _put_to_sleep(self, slot: Slot) -> bool:
-        """False when the engine could not sleep: the new version serves anyway, so a failed
-        sleep costs the standby, never the swap."""
-        try:
-            await slot.engine.sleep()
-        except Exception:
-            log.exception("%s could not go to sleep; stopping it instead", slot.version)
-            return False
-        return True
-
-    async def _drain(self, record: SwapRecord, slot: Slot) -> bool:
-        """Wait for the slot's requests to finish, until the drain deadline. True when some
-        were still running then: they are marked cut off, and the caller stops (or reloads)
-        the engine under them, which ends them with model_swapped."""
-        async with record.phase("drain") as phase:
-            slot.move_to(SlotState.DRAINING)
-            started = time.monotonic()
-            while (decision := decide_stop(slot.num_leases, time.monotonic() - started, self._settings.drain_timeout_s)) is StopDecision.WAIT:
-                await slot.wait_drained(self._settings.drain_timeout_s - (time.monotonic() - started))
-            if decision is StopDecision.CUT_OFF:
-                num_cut_off = slot.cut_off()
-                record.num_cut_off += num_cut_off
-                phase.detail = f"deadline passed: {num_cut_off} request(s) ended with model_swapped"
-                return True
-        return False
-
-    async def _load_and_verify(self, record: SwapRecord, target: Target, deployment: Deployment) -> Slot:
-        async with record.phase("load") as phase:
-            slot = await self._load(target)
-            phase.detail = slot.plan
-        try:
-            await self._verify_phase(record, slot, deployment)
-        except BaseException:
-            await self._stop(slot)
-            raise
-        return slot
-
-    async def _verify_phase(self, record: SwapRecord, slot: Slot, deployment: Deployment) -> None:
-        async with record.phase("verify") as phase:
-            prompts = deployment.smoke_prompts or self._settings.smoke_prompts
-            await self._verify(slot, prompts)
-            phase.detail = f"{len(prompts)} smoke prompt(s) answered"
-
-    async def _load(self, target: Target) -> Slot:
-        options, target, plan = self._planned(target)
-        slot = Slot(target, self._engine_factory(target.path, options), plan=plan)
-        try:
-            await slot.engine.start()
-        except BaseException:
-            self._metrics.engine_starts.labels(slot.engine.name, "failed").inc()
-            slot.move_to(SlotState.FAILED)
-            await slot.engine.stop()
-            raise
-        self._metrics.engine_starts.labels(slot.engine.name, "started").inc()
-        return slot
-
-    def _planned(self, target: Target) -> tuple[dict, Target, str]:
-        """The options an engine starts with: on a GPU, a vLLM engine with no explicit
-        `gpu_memory_utilization` gets one planned from the device's free memory now."""
-        if (gpu := self._gpu_to_plan(target)) is None:
-            return target.options, target, ""
-        headroom = self._gpu_headroom_bytes
-        share = plan_gpu_share(gpu.total_bytes, gpu.free_bytes, headroom, self._engines_per_gpu, target.memory_bytes)
-        plan = f"gpu_memory_utilization {share:.2f} planned: {gpu.free_bytes >> 20} MiB free of {gpu.total_bytes >> 20} MiB, {headroom >> 20} MiB headroom"
-        return {**target.options, "gpu_memory_utilization": share}, replace(target, memory_bytes=int(share * gpu.total_bytes)), plan
-
-    def _gpu_to_plan(self, target: Target) -> GpuMemory | None:
-        """The GPU whose free memory sizes `target`: a vLLM engine with no explicit share."""
-        options = target.options
-        if options.get("gpu_memory_utilization") is not None or engine_for(target.path, options.get("engine") or "auto") != "vllm":
-            return None
-        gpus = gpu_memory()
-        return gpus[0] if gpus else None
-
-    @property
-    def _gpu_headroom_bytes(self) -> int:
-        return int(self._settings.gpu_headroom_gib * 2**30)
-
-    @property
-    def _engines_per_gpu(self) -> int:
-        return 2 if self._settings.gpu_room_for_blue_green else 1
-
-    async def _verify(self, slot: Slot, prompts: list[str]) -> None:
-        """Every smoke prompt must produce at least one token, greedily, within the timeout."""
-        async with asyncio.timeout(self._settings.verify_timeout_s):
-            for prompt in prompts:
-                request = GenerationRequest("smoke-" + uuid.uuid4().hex, slot.engine.tokenize(prompt), SamplingParams(max_tokens=4, temperature=0))
-                num_tokens = 0
-                async for chunk in slot.engine.generate(request):
-                    num_tokens += chunk.num_tokens
-                if num_tokens < 1:
-                    raise SwapFailedError(f"Smoke prompt {prompt!r} produced no tokens on {slot.version}.")
-
-
-    async def _stop(self, slot: Slot) -> None:
-        if slot.state is not SlotState.STOPPED:
-            slot.move_to(SlotState.STOPPED)
-            await slot.engine.stop()
-
-    async def _drop_standby(self, deployment: Deployment) -> None:
-        if deployment.standby is not None:
-            standby, deployment.standby = deployment.standby, None
-            await self._stop(standby)
+            await self._slots.drop_standby(deployment)  # one standby per deployment: the newest
+            phase.detail = await self._slots.park(deployment, old, may_stay_loaded=True)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    @property
+    def memory_in_use_bytes(self) -> int:
+        return self._slots.memory_in_use_bytes
 
     def _resolve_for_start(self, spec: ModelSpec, overrides: dict, saved: dict | None) -> tuple[Target, dict]:
         """The target and engine overrides a named registry version starts with."""
@@ -807,20 +663,6 @@ class DeploymentManager:
         """Rule: vLLM's sleep mode (its own allocator, slower first tokens under load) only
         where swapped-out versions may be kept asleep on standby."""
         return {} if self._settings.keep_standby else {"sleep_mode": False}
-
-    @property
-    def memory_in_use_bytes(self) -> int:
-        """The budget's measure: the estimated device memory of loaded slots. A sleeping slot
-        holds none (its weights wait in host memory)."""
-        return sum(s.memory_bytes for d in self.deployments for s in d.slots() if s.state not in (SlotState.STOPPED, SlotState.ASLEEP))
-
-    def _fits_asleep(self, slot: Slot) -> bool:
-        """Sleeping versions keep their weights in host memory, within their own budget."""
-        asleep = sum(s.target.stored_bytes for d in self.deployments for s in d.slots() if s.state is SlotState.ASLEEP)
-        return fits(asleep, slot.target.stored_bytes, self._settings.standby_host_budget_bytes)
-
-    def _fits(self, extra_bytes: int) -> bool:
-        return fits(self.memory_in_use_bytes, extra_bytes, self._settings.memory_budget_bytes)
 
     def _lock_free(self, name: str) -> Deployment:
         deployment = self.get(name)
