@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.manifest import TOKENIZER_FILES  # the files whose hash the manifest records
-from server.engines.options import OUTPUT_OPTIONS
+from server.engines.options import engine_only
 
 # config.json keys that describe where a file came from, not the network it builds.
 PROVENANCE_KEYS = frozenset({"_name_or_path", "transformers_version"})
@@ -61,14 +61,9 @@ def reload_blocker(active: ModelLayout, target: ModelLayout, active_options: dic
         return "the tokenizer differs"
     if key := _first_difference(dict(active.stop_tokens), dict(target.stop_tokens)):
         return f"generation_config.json {key}"
-    if key := _first_difference(_engine_only(active_options), _engine_only(target_options)):
+    if key := _first_difference(engine_only(active_options), engine_only(target_options)):
         return f"engine option {key}"
     return None
-
-
-def _engine_only(options: dict) -> dict:
-    """Options that shape the engine; how the API reads output (tool_parser) does not."""
-    return {key: value for key, value in options.items() if key not in OUTPUT_OPTIONS}
 
 
 def _first_difference(old: dict, new: dict) -> str | None:

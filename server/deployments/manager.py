@@ -33,6 +33,7 @@ from server.deployments.swap_record import SwapRecord
 from server.metrics import Metrics
 from server.engines.base import can_reload, engine_process_ids
 from server.engines.factory import estimate_memory_bytes
+from server.engines.options import engine_only
 from models.errors import BatonError, ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
 
 log = logging.getLogger(__name__)
@@ -478,6 +479,7 @@ class DeploymentManager:
             is_down=active is None,
             is_on_standby=standby is not None and (standby.version, standby.target.options) == (target.version, target.options),
             reload_blocker=_reload_blocker(active, target) if active is not None else "nothing is loaded",
+            changes_output_only=active is not None and _changes_output_only(active.target, target),
             needed_bytes=target.memory_bytes,
             **self._slots.room_beside(target),
         )
@@ -489,9 +491,15 @@ class DeploymentManager:
             "replace": self._swap_replace,
             "blue-green": self._swap_blue_green,
             "load": self._swap_into_down,
+            "in-place": self._swap_in_place,
         }
         await swaps[choice.strategy](deployment, record, target)
         deployment.engine_overrides = overrides
+
+    async def _swap_in_place(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
+        async with record.phase("retarget") as phase:
+            deployment.active.read_output_with(target.options)
+            phase.detail = "new output options on the running engine"
 
     async def _swap_into_down(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
         """A deployment left down by a dead engine: load the target; requests resume on it."""
@@ -740,6 +748,10 @@ def start_point(named: str, overrides: dict, saved: dict | None) -> tuple[str, d
     if saved and saved.get("started_as") == named and saved.get("version"):
         return saved["version"], saved.get("engine_overrides") or {}
     return named, overrides
+
+
+def _changes_output_only(active: Target, target: Target) -> bool:
+    return active.version == target.version and active.options != target.options and engine_only(active.options) == engine_only(target.options)
 
 
 def _reload_blocker(active: Slot, target: Target) -> str | None:

@@ -12,10 +12,11 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.engines.base import Engine
+from server.engines.options import OUTPUT_OPTIONS, engine_only
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,14 @@ class Slot:
             raise InvalidTransitionError(f"slot {self.version} can change version only while drained")
         log.info("slot %s: now serves %s", self.version, target.version)
         self.target = target
+
+    def read_output_with(self, options: dict) -> None:
+        """How the API reads this slot's output (tool_parser) changes at once, while it
+        serves. Rule: nothing else may change this way; the engine runs on as it is."""
+        if engine_only(options) != engine_only(self.target.options):
+            raise InvalidTransitionError(f"slot {self.version}: only output options change in place")
+        log.info("slot %s: output options now %s", self.version, {k: v for k, v in options.items() if k in OUTPUT_OPTIONS})
+        self.target = replace(self.target, options=options)
 
     def take_lease(self) -> "Lease":
         lease = Lease(self)

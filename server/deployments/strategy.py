@@ -7,6 +7,8 @@ unit test (nano-vllm's scheduler: policy without I/O).
   blue-green  the memory plan fits both: load beside, flip, drain (no request waits)
   replace     the last resort: the old version sleeps or unloads, new requests wait in a queue
 A deployment left down by a dead engine is simply loaded (`load`), whatever was asked.
+Under `auto`, a swap that changes only how output is read (`tool_parser`) is `in-place`:
+the running slot takes the new options, no engine starts or reloads, nothing waits.
 An explicit strategy that cannot apply is refused before anything stops, with the reason.
 """
 
@@ -27,6 +29,7 @@ class SwapFacts:
     needed_bytes: int  # what the target would hold of the memory budget, loaded beside
     free_bytes: int  # what is left now where it would load
     free_in: str = "the memory budget"  # where that is, for the reason given
+    changes_output_only: bool = False  # the active version, only its output options (tool_parser) new
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ def choose_strategy(requested: str, facts: SwapFacts) -> Choice:
         raise InvalidRequestError(f"Unknown strategy {requested!r}; use one of {', '.join(STRATEGIES)}.", param="strategy")
     if facts.is_down:  # there is nothing to drain, keep or reload into: any strategy is a load
         return Choice("load", "the deployment is down: its engine died and did not restart")
+    if requested == "auto" and facts.changes_output_only:
+        return Choice("in-place", "only how output is read changes: the engine stays as it is")
     if requested == "auto":
         return _fastest(facts)
     if refusal := _refusal(requested, facts):

@@ -585,6 +585,26 @@ def test_new_engine_options_restart_the_version_it_serves_through_a_swap(home):
         assert httpx.get(f"{server.url}/health").json()["models"]["chat"]["details"]["max_batch_size"] == 5
 
 
+def test_a_new_tool_parser_applies_in_place_without_starting_an_engine(home):
+    """Only how output is read changes: the running engine takes the option at once (no
+    engine starts, nothing is held)."""
+    with _server(home) as server:
+        started = _engine_starts(server)
+        assert started >= 1  # the engine serving chat@1
+        record = _admin(server, "POST", "/deployments/chat/swap", to="chat@1", engine_options={"tool_parser": "mistral"})
+        assert (record["status"], record["strategy"]) == ("succeeded", "in-place"), record
+        assert [phase["name"] for phase in record["phases"]] == ["retarget"] and _engine_starts(server) == started
+        assert _admin(server, "GET", "/deployments/chat")["active"]["options"]["tool_parser"] == "mistral"
+        assert _ask(server.client())[0] == "chat@1"
+        again = _admin(server, "POST", "/deployments/chat/swap", expect=409, to="chat@1", engine_options={"tool_parser": "mistral"})
+        assert "already serves chat@1" in again["error"]["message"]
+
+
+def _engine_starts(server) -> float:
+    metrics = httpx.get(f"{server.url}/metrics").text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("baton_engine_starts_total{") and 'outcome="started"' in line)
+
+
 def test_a_server_without_standby_starts_engines_without_sleep_mode(home):
     """Nothing is parked, so vLLM keeps its own allocator; a version's own choice still wins."""
     with _server(home, FakeEngineFactory(), keep_standby=False) as server:

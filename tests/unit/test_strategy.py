@@ -33,6 +33,13 @@ def test_auto_falls_back_to_replace_and_says_how_much_was_missing():
     assert f"needs {30 * GIB} bytes and the memory budget has {20 * GIB} free" in choice.reason
 
 
+def test_auto_changes_output_options_in_place_and_an_explicit_strategy_is_obeyed():
+    only_output = SwapFacts(False, False, None, 10 * GIB, 20 * GIB, changes_output_only=True)
+    choice = choose_strategy("auto", only_output)
+    assert choice.strategy == "in-place" and "engine stays" in choice.reason
+    assert choose_strategy("reload", only_output).strategy == "reload"
+
+
 def test_auto_fits_exactly_at_the_budget():
     assert choose_strategy("auto", facts(needed=20 * GIB)).strategy == "blue-green"
 
