@@ -1,6 +1,7 @@
 """The transformers engine's KV cache on CUDA: `StaticRows`, preallocated buffers with a row
 per running sequence and a column per position, so that a decode step has fixed shapes and
-addresses and runs as a CUDA graph, captured on first use for each (batch size, window).
+addresses and runs as a CUDA graph: one per (batch size, window), captured on first use,
+those of the first window for every batch size when the engine loads (`prepare`).
 
 Layout, as in `kv_cache.PaddedRows`: rows are left-padded, and every row writes its next
 token into the same column, `next_column`. A step attends to the first `window` columns (a
