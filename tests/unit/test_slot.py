@@ -51,6 +51,16 @@ def test_retarget_only_while_drained():
     assert slot.version == "chat@2"
 
 
+def test_only_output_options_change_on_a_serving_slot():
+    slot = _slot()
+    slot.move_to(SlotState.READY)
+    slot.read_output_with({"tool_parser": "mistral"})
+    assert slot.target.options == {"tool_parser": "mistral"} and slot.version == "chat@1"
+    with pytest.raises(InvalidTransitionError):
+        slot.read_output_with({"tool_parser": "mistral", "max_batch_size": 2})
+    assert slot.target.options == {"tool_parser": "mistral"}
+
+
 def test_leases_come_back_once_each():
     slot = _slot()
     lease = slot.take_lease()
