@@ -2,7 +2,8 @@
 # The GPU checks in one go, on a GPU node without a network (see the README's "GPU test loop").
 # Before: the offline bundle's parts copied to /tmp/baton-bundle (device runs carry at most
 # 64 MiB: carry .gpu-bundle/p1 in one run and copy it there, then .gpu-bundle/p2 and
-# .gpu-bundle/node in the next). From the checkout's root:
+# .gpu-bundle/node in the next; carry .gpu-bundle/node on every later run too: a path not
+# carried is removed on the node). From the checkout's root:
 #
 #   bash tests/gpu/run_on_node.sh tests      # tests/gpu (about 6 minutes)
 #   bash tests/gpu/run_on_node.sh swaps      # swap_under_load.py, reload and replace, 1B model (about 5)
