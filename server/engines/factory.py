@@ -13,10 +13,12 @@ from server.devices import gpu_memory_bytes
 from server.engines import vllm_engine
 from server.engines.base import Engine
 from server.engines.options import ENGINES, TransformersOptions, VLLMOptions, options_for
-from server.engines.transformers_engine import TransformersEngine
+from server.engines.static_rows import static_cache_bytes
+from server.engines.transformers_engine import DEFAULT_CONTEXT, TransformersEngine
 from models.errors import ConfigError
 
 LOAD_OVERHEAD = 1.2  # loaded bytes per stored byte: runtime buffers, activations
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def build_engine(path: Path, options: dict) -> Engine:
@@ -39,7 +41,7 @@ def estimate_memory_bytes(path: Path, options: dict, stored_bytes: int) -> int:
     its share of each device it runs on (`gpu_memory_utilization`, weights included; before
     the memory plan sets that share, the least it needs: its weights)."""
     if engine_for(path, options.get("engine") or "auto") != "vllm":
-        return int(stored_bytes * LOAD_OVERHEAD)
+        return int(stored_bytes * LOAD_OVERHEAD) + _static_cache_bytes(path, options_for(TransformersOptions, options))
     vllm_options = options_for(VLLMOptions, options)
     gpus = gpu_memory_bytes()
     if gpus and vllm_options.gpu_memory_utilization is not None:
@@ -49,9 +51,24 @@ def estimate_memory_bytes(path: Path, options: dict, stored_bytes: int) -> int:
     return int(stored_bytes * LOAD_OVERHEAD) + vllm_options.cpu_kv_cache_gib * 2**30
 
 
-def _architecture(path: Path) -> str | None:
+def _static_cache_bytes(path: Path, options: TransformersOptions) -> int:
+    """The transformers engine's static KV cache, where it will decode with CUDA graphs."""
+    on_gpu = options.device.startswith("cuda") or (options.device == "auto" and gpu_memory_bytes())
+    if not (on_gpu and options.cuda_graphs):
+        return 0
+    config = _config(path)
+    own_length = config.get("max_position_embeddings") or DEFAULT_CONTEXT
+    dtype = (config.get("dtype") or config.get("torch_dtype")) if options.dtype == "auto" else options.dtype
+    return static_cache_bytes(config, options.max_batch_size, min(own_length, options.max_model_len or own_length), DTYPE_BYTES.get(dtype, 2))
+
+
+def _config(path: Path) -> dict:
     try:
-        architectures = json.loads((path / "config.json").read_text()).get("architectures")
+        return json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
-        return None  # the engine that loads it will say what is wrong
+        return {}  # the engine that loads it will say what is wrong
+
+
+def _architecture(path: Path) -> str | None:
+    architectures = _config(path).get("architectures")
     return architectures[0] if architectures else None

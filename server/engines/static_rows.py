@@ -53,6 +53,17 @@ def initial_columns(max_model_len: int) -> int:
     return min(INITIAL_COLUMNS, window_for(max_model_len))
 
 
+def static_cache_bytes(config: dict, max_rows: int, max_model_len: int, dtype_bytes: int) -> int:
+    """What the static cache holds once loaded (for the memory budget): keys and values of
+    every layer for `max_rows` rows and `initial_columns` columns. 0 where `config` (a
+    config.json) does not say its attention's shape."""
+    layers, heads, hidden = (config.get(key) for key in ("num_hidden_layers", "num_attention_heads", "hidden_size"))
+    if not (layers and heads and hidden):
+        return 0
+    kv_heads, head_dim = config.get("num_key_value_heads") or heads, config.get("head_dim") or hidden // heads
+    return 2 * layers * kv_heads * head_dim * max_rows * initial_columns(max_model_len) * dtype_bytes
+
+
 def can_use_static_rows(model) -> bool:
     """Plain attention layers that take a prepared 4-D mask (sdpa or eager attention)."""
     plain = has_plain_layers(DynamicCache(config=model.config))

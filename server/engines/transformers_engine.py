@@ -35,6 +35,8 @@ from models.errors import EngineError, EngineStoppedError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CONTEXT = 2048  # tokens, for a config that does not say
+
 
 class TransformersEngine:
     name = "transformers"
@@ -63,7 +65,7 @@ class TransformersEngine:
 
     @property
     def max_model_len(self) -> int:
-        own = getattr(self._model.config, "max_position_embeddings", None) or 2048
+        own = getattr(self._model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
         return min(own, self._options.max_model_len or own)
 
     async def start(self) -> None:

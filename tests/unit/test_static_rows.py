@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from server.engines.factory import LOAD_OVERHEAD, estimate_memory_bytes
 from server.engines.kv_cache import PaddedRows, forward, new_cache
-from server.engines.static_rows import MIN_WINDOW, StaticRows, batch_bucket, can_use_static_rows, columns_to_drop, initial_columns, window_for
+from server.engines.static_rows import MIN_WINDOW, StaticRows, batch_bucket, can_use_static_rows, columns_to_drop, initial_columns, static_cache_bytes, window_for
 
 
 def test_batch_buckets_are_powers_of_two_up_to_the_row_limit():
@@ -24,6 +25,17 @@ def test_windows_are_powers_of_two_of_at_least_the_minimum():
 
 def test_the_first_buffers_hold_most_answers_or_the_whole_context():
     assert initial_columns(8192) == 1024 and initial_columns(300) == 512 and initial_columns(100) == MIN_WINDOW
+
+
+def test_the_memory_budget_counts_the_static_cache_where_graphs_will_run(tiny_model_path):
+    smol = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    assert static_cache_bytes(smol, max_rows=16, max_model_len=8192, dtype_bytes=2) == 2 * 30 * 3 * 64 * 16 * 1024 * 2  # 360 MiB
+    assert static_cache_bytes({"model_type": "unknown"}, 16, 8192, 2) == 0
+    stored, tiny_cache = 1000, 2 * 2 * 2 * 16 * 16 * 1024 * 4  # 2 layers, 2 of 4 heads kept, head 16, float32
+    on_cuda = estimate_memory_bytes(tiny_model_path, {"engine": "transformers", "device": "cuda"}, stored)
+    assert on_cuda == int(stored * LOAD_OVERHEAD) + tiny_cache
+    for off in ({"device": "cpu"}, {"device": "cuda", "cuda_graphs": False}):
+        assert estimate_memory_bytes(tiny_model_path, {"engine": "transformers", **off}, stored) == int(stored * LOAD_OVERHEAD)
 
 
 def test_unused_columns_are_dropped_only_when_that_shrinks_the_window():
