@@ -36,10 +36,17 @@ from server.keys import load_key_file
 NOT_IN_SERVER_SECTION = {"api_key", "admin_key", "keys", "models", "config_file"}
 
 
+def check_options(options: dict) -> None:
+    """Engine options known and well-typed, and a tool_parser baton or vLLM can read. Rule:
+    every way options arrive (an import, a config file, the admin API, `baton serve`) checks
+    them here."""
+    check_engine_options(options)
+    check_tool_parser(options.get("tool_parser"))
+
+
 def _checked_engine_options(options: dict) -> dict:
     try:
-        check_engine_options(options)
-        check_tool_parser(options.get("tool_parser"))
+        check_options(options)
     except InvalidRequestError as error:
         raise ValueError(error.message) from error
     return options

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from models.catalog import Change
 from models.importers import import_source
 from models.registry import ImportOptions, Registry, Version
-from server.api.tools import check_tool_parser
-from server.engines.options import check_engine_options
+from server.config_file import check_options
 
 
 class ModelAdmin:
@@ -19,8 +18,7 @@ class ModelAdmin:
         self._holders = holders
 
     def import_model(self, source: str, name: str, options: ImportOptions, change: Change) -> dict:
-        check_engine_options(options.engine_options or {})
-        check_tool_parser((options.engine_options or {}).get("tool_parser"))
+        check_options(options.engine_options or {})
         version, is_new = import_source(self._registry, source, name, options, change)
         return {**_summary(version), "created": is_new}
 

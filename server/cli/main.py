@@ -13,10 +13,9 @@ from pydantic import ValidationError
 from models.registry import Registry
 from server.cli import deploy as deploy_cli, models as models_cli
 from server.cli.models import engine_option_pairs
-from server.engines.options import check_engine_options
 from server.addresses import is_loopback
 from server.config import ModelSpec, Settings, default_home
-from server.config_file import environment_overrides, load_config
+from server.config_file import check_options, environment_overrides, load_config
 from server import logs
 from server.keys import load_key_file
 from models.errors import BatonError, ConfigError
@@ -168,7 +167,7 @@ def _model_spec(registry: Registry, ref: str, args) -> ModelSpec:
     given = {name: value for name, value in given.items() if value is not None}  # the rest: the version's own
     if args.engine_option:
         given["engine_options"] = engine_option_pairs(args.engine_option)
-        check_engine_options(given["engine_options"])
+        check_options(given["engine_options"])
     if os.sep in ref or Path(ref).is_dir():
         path = Path(ref)
         check_model_folder(path, allow_pickle=args.allow_pickle)

@@ -59,8 +59,11 @@ class ContinuousBatch:
         self._pad_token_id = pad_token_id
         self._device = model.device
         self.sequences: list[Sequence] = []
-        self.can_join_running = rows.can_join_running
         self.num_aborted = 0
+
+    @property
+    def can_join_running(self) -> bool:
+        return self.rows.can_join_running
 
     def admit(self, new: list[Sequence]) -> None:
         """Prefill `new` together, emit their first tokens, and join them to the batch."""

@@ -14,7 +14,7 @@ from server.engines import vllm_engine
 from server.engines.base import Engine
 from server.engines.options import ENGINES, TransformersOptions, VLLMOptions, options_for
 from server.engines.static_rows import static_cache_bytes
-from server.engines.transformers_engine import DEFAULT_CONTEXT, TransformersEngine
+from server.engines.transformers_engine import TransformersEngine, config_dtype, context_length
 from models.errors import ConfigError
 
 LOAD_OVERHEAD = 1.2  # loaded bytes per stored byte: runtime buffers, activations
@@ -57,9 +57,9 @@ def _static_cache_bytes(path: Path, options: TransformersOptions) -> int:
     if not (on_gpu and options.cuda_graphs):
         return 0
     config = _config(path)
-    own_length = config.get("max_position_embeddings") or DEFAULT_CONTEXT
-    dtype = (config.get("dtype") or config.get("torch_dtype")) if options.dtype == "auto" else options.dtype
-    return static_cache_bytes(config, options.max_batch_size, min(own_length, options.max_model_len or own_length), DTYPE_BYTES.get(dtype, 2))
+    dtype = config_dtype(config) if options.dtype == "auto" else options.dtype
+    max_model_len = context_length(config.get("max_position_embeddings"), options.max_model_len)
+    return static_cache_bytes(config, options.max_batch_size, max_model_len, DTYPE_BYTES.get(dtype, 2))
 
 
 def _config(path: Path) -> dict:

@@ -54,6 +54,8 @@ OUTPUT_OPTIONS = frozenset(f.name for f in fields(OutputOptions))
 def engine_only(options: dict) -> dict:
     """Options that shape the engine; how the API reads output (tool_parser) does not."""
     return {key: value for key, value in options.items() if key not in OUTPUT_OPTIONS}
+
+
 ENGINES = ("auto", "vllm", "transformers")
 OPTION_TYPES = (TransformersOptions, VLLMOptions, OutputOptions)
 # allow_pickle comes from the import's own check (the manifest), never from engine_options.

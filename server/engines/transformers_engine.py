@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 2048  # tokens, for a config that does not say
 
 
+def context_length(max_position_embeddings: int | None, max_model_len: int | None) -> int:
+    """The longest sequence the engine serves: the model's own, capped by `max_model_len`."""
+    own = max_position_embeddings or DEFAULT_CONTEXT
+    return min(own, max_model_len or own)
+
+
+def config_dtype(config: dict) -> str | None:
+    """The dtype a config.json says its weights are in (newer and older key)."""
+    return config.get("dtype") or config.get("torch_dtype")
+
+
 class TransformersEngine:
     name = "transformers"
 
@@ -65,8 +76,7 @@ class TransformersEngine:
 
     @property
     def max_model_len(self) -> int:
-        own = getattr(self._model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
-        return min(own, self._options.max_model_len or own)
+        return context_length(getattr(self._model.config, "max_position_embeddings", None), self._options.max_model_len)
 
     async def start(self) -> None:
         loaded: Future = Future()
@@ -320,11 +330,8 @@ class TransformersEngine:
         if self._options.dtype != "auto":
             return getattr(torch, self._options.dtype)
         # float16 matmuls are slow on CPU; bfloat16 and float32 are fine.
-        return torch.float32 if self._device.type == "cpu" and self._config_dtype() == "float16" else "auto"
-
-    def _config_dtype(self) -> str | None:
-        config = json.loads((self._path / "config.json").read_text())
-        return config.get("dtype") or config.get("torch_dtype")
+        on_cpu_in_float16 = self._device.type == "cpu" and config_dtype(json.loads((self._path / "config.json").read_text())) == "float16"
+        return torch.float32 if on_cpu_in_float16 else "auto"
 
     def _eos_token_ids(self) -> set[int]:
         ids = self._model.generation_config.eos_token_id

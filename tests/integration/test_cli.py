@@ -79,7 +79,7 @@ def test_cli_serve_refuses_pickle_weights_by_default(tiny_model_path, tmp_path):
 
 
 def test_cli_serve_refuses_unknown_or_mistyped_engine_options(tiny_model_path):
-    for option, named in (("cuda_graph=false", "Unknown engine option(s) cuda_graph"), ("cuda_graphs=maybe", "cuda_graphs")):
+    for option, named in (("cuda_graph=false", "Unknown engine option(s) cuda_graph"), ("cuda_graphs=maybe", "cuda_graphs"), ("tool_parser=bogus", "Unknown tool_parser 'bogus'")):
         result = subprocess.run([*BATON, "serve", "--model", str(tiny_model_path), "--engine-option", option], capture_output=True, text=True)
         assert result.returncode == 1 and named in result.stderr and "Traceback" not in result.stderr
 
