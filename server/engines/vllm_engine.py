@@ -64,7 +64,7 @@ class VLLMEngine:
         check_model_folder(self._path, self._options.allow_pickle)
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self._path, local_files_only=True)
-            self._engine = await asyncio.to_thread(self._build)
+            await asyncio.to_thread(self._build)
         except (OSError, ValueError, RuntimeError) as error:
             raise ModelLoadError(f"vLLM cannot load {self._path}: {error}") from error
 
@@ -159,7 +159,9 @@ class VLLMEngine:
     async def wake_up(self) -> None:
         await self._engine.wake_up()
 
-    def _build(self):
+    def _build(self) -> None:
+        """Sets `self._engine` rather than returning it: a thread's returned value stays
+        referenced by its futures, and an AsyncLLM alive at interpreter exit fails in __del__."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -191,7 +193,7 @@ class VLLMEngine:
         )
         # As an OpenAI server, vLLM's defaults are `vllm serve`'s (on an H100: 8192 batched
         # tokens and 1024 sequences, not the library's 2048 and 256).
-        return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        self._engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
 
     def _sampling(self, request: GenerationRequest):
         from vllm import SamplingParams
