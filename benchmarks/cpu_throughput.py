@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import openai
@@ -39,12 +39,45 @@ def main() -> None:
     args = _parse()
     model = args.model or _demo_model()
     prompts = _prompts(args.requests, seed=args.seed)
+    servers = _servers(model, args)
+    rounds = _side_by_side(servers, prompts, args) if args.rounds > 1 else [_one_after_another(servers, prompts, args)]
+    _report(rounds, args)
+
+
+def _one_after_another(servers, prompts: list[str], args) -> dict:
+    """One server at a time, each with the machine to itself: {server: {concurrency: figures}}."""
     results = {}
-    for name, command, served_as in _servers(model, args):
-        with _running(command, name) as (url, server):
-            asyncio.run(_load(url, served_as, prompts[:2], args.max_tokens, concurrency=2))  # warm-up
-            results[name] = {str(c): _measured(server, url, served_as, prompts, args.max_tokens, c) for c in args.concurrency}
-    _report(results, args)
+    for name, command, served_as in servers:
+        with _running(command, name) as (url, process):
+            _warm_up(url, served_as, prompts, args)
+            results[name] = {str(c): _measured(process, url, served_as, prompts, args.max_tokens, c) for c in args.concurrency}
+    return results
+
+
+def _side_by_side(servers, prompts: list[str], args) -> list[dict]:
+    """Every server up at once, measured in turn, `args.rounds` times, the order reversed
+    each round: a machine whose speed drifts (these do, by 10 to 30% between runs) moves
+    both sides of each round's ratio alike. The anchor starts first, so that on a GPU baton
+    plans its engine from the memory the anchor left (`ANCHOR_GPU_SHARE`)."""
+    with ExitStack() as stack:
+        running = {}
+        for name, command, served_as in reversed(servers):
+            running[name] = (*stack.enter_context(_running(command, name)), served_as)
+        for url, _, served_as in running.values():
+            _warm_up(url, served_as, prompts, args)
+        rounds = []
+        for index in range(args.rounds):
+            order = list(running) if index % 2 == 0 else list(reversed(running))
+            rounds.append({name: {} for name in running})
+            for concurrency in args.concurrency:
+                for name in order:
+                    url, process, served_as = running[name]
+                    rounds[-1][name][str(concurrency)] = _measured(process, url, served_as, prompts, args.max_tokens, concurrency)
+        return rounds
+
+
+def _warm_up(url: str, served_as: str, prompts: list[str], args) -> None:
+    asyncio.run(_load(url, served_as, prompts[:2], args.max_tokens, concurrency=2))
 
 
 def _parse() -> argparse.Namespace:
@@ -58,6 +91,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--anchor", default="transformers-serve", choices=["transformers-serve", "vllm-server"])
     parser.add_argument("--anchor-arg", action="append", default=[], help="an extra argument for the anchor's command line; repeatable")
     parser.add_argument("--only", choices=["baton", "transformers-serve", "vllm-server"], help="run one server only")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="above 1: both servers up at once, measured in turn this many times; the median of each round's ratios"
+    )
     parser.add_argument("--out", type=Path, default=results_dir() / "cpu_throughput.json")
     return parser.parse_args()
 
@@ -85,7 +121,7 @@ def _servers(model: Path, args) -> list[tuple[str, list[str], str]]:
         "transformers-serve": [str(BIN / "transformers"), "serve", str(model), "--port", "{port}", "--device", "cpu"],
         "vllm-server": [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", "bench",
-            "--port", "{port}", *_vllm_cpu_defaults(),
+            "--port", "{port}", *_vllm_anchor_settings(side_by_side=args.rounds > 1),
         ],
     }
     anchors = {name: [*command, *args.anchor_arg] for name, command in anchors.items()}
@@ -94,11 +130,18 @@ def _servers(model: Path, args) -> list[tuple[str, list[str], str]]:
     return [s for s in servers if args.only in (None, s[0])]
 
 
-def _vllm_cpu_defaults() -> list[str]:
-    """What baton's vLLM engine does on CPU (float32, eager); on GPU both keep vLLM's defaults."""
+ANCHOR_GPU_SHARE = "0.45"  # side by side on one GPU: vLLM's server takes this, baton plans from the rest
+
+
+def _vllm_anchor_settings(side_by_side: bool) -> list[str]:
+    """What baton's vLLM engine does on CPU (float32, eager); on GPU vLLM's defaults, but
+    for the memory share when both servers share the device (KV cache room only: far more
+    than these loads use, on both sides)."""
     import torch
 
-    return [] if torch.cuda.is_available() else ["--dtype", "float32", "--enforce-eager"]
+    if not torch.cuda.is_available():
+        return ["--dtype", "float32", "--enforce-eager"]
+    return ["--gpu-memory-utilization", ANCHOR_GPU_SHARE] if side_by_side else []
 
 
 @contextmanager
@@ -151,8 +194,8 @@ async def _load(url: str, model: str, prompts: list[str], max_tokens: int, concu
         "completion_tokens": num_tokens,
         "seconds": round(elapsed, 2),
         "tokens_per_s": round(num_tokens / elapsed, 2),
-        "ttft_p50_s": round(statistics.median(ttfts), 3),
-        "ttft_p99_s": round(_percentile(ttfts, 0.99), 3),
+        "ttft_p50_s": round(statistics.median(ttfts), 4),
+        "ttft_p99_s": round(_percentile(ttfts, 0.99), 4),
     }
 
 
@@ -173,27 +216,46 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def _report(results: dict, args) -> None:
-    for name, by_concurrency in results.items():
-        for concurrency, r in by_concurrency.items():
-            print(
-                f"{name:>20} c={concurrency:<2} {r['tokens_per_s']:7.1f} tok/s  "
-                f"TTFT p50 {r['ttft_p50_s']:6.2f}s p99 {r['ttft_p99_s']:6.2f}s  ({r['completion_tokens']} tokens, "
-                f"server process {r['main_process_cpu_ms_per_token']:.2f} CPU ms/token)"
-            )
-    if {"baton", args.anchor} <= results.keys():
-        for concurrency in map(str, args.concurrency):
-            ours, anchor = results["baton"][concurrency], results[args.anchor][concurrency]
-            print(
-                f"ratio c={concurrency}: tokens/s x{ours['tokens_per_s'] / anchor['tokens_per_s']:.2f}, "
-                f"TTFT p50 x{ours['ttft_p50_s'] / anchor['ttft_p50_s']:.2f}, "
-                f"TTFT p50 {1000 * (ours['ttft_p50_s'] - anchor['ttft_p50_s']):+.0f} ms, "
-                f"server-process CPU per token x{ours['main_process_cpu_ms_per_token'] / max(anchor['main_process_cpu_ms_per_token'], 1e-9):.2f} "
-                f"(baton on {args.engine} / {args.anchor})"
-            )
+def _report(rounds: list[dict], args) -> None:
+    """Each round's figures and ratios; over several rounds, the median of each ratio."""
+    ratios = []
+    for index, results in enumerate(rounds):
+        if len(rounds) > 1:
+            print(f"round {index + 1} of {len(rounds)}")
+        for name, by_concurrency in results.items():
+            for concurrency, r in by_concurrency.items():
+                print(
+                    f"{name:>20} c={concurrency:<2} {r['tokens_per_s']:7.1f} tok/s  "
+                    f"TTFT p50 {r['ttft_p50_s']:6.3f}s p99 {r['ttft_p99_s']:6.3f}s  ({r['completion_tokens']} tokens, "
+                    f"server process {r['main_process_cpu_ms_per_token']:.2f} CPU ms/token)"
+                )
+        if {"baton", args.anchor} <= results.keys():
+            ratios.append({c: _ratios(results["baton"][c], results[args.anchor][c]) for c in map(str, args.concurrency)})
+            for concurrency, ratio in ratios[-1].items():
+                print(f"ratio c={concurrency}: {_describe(ratio)} (baton on {args.engine} / {args.anchor})")
+    medians = {c: {k: statistics.median(r[c][k] for r in ratios) for k in ratios[0][c]} for c in ratios[0]} if len(ratios) > 1 else {}
+    for concurrency, ratio in medians.items():
+        print(f"median of {len(ratios)} rounds, c={concurrency}: {_describe(ratio)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds, "ratios": ratios, "median_ratios": medians}
+    args.out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {args.out}")
+
+
+def _ratios(ours: dict, anchor: dict) -> dict:
+    return {
+        "tokens_per_s": ours["tokens_per_s"] / anchor["tokens_per_s"],
+        "ttft_p50": ours["ttft_p50_s"] / anchor["ttft_p50_s"],
+        "ttft_p50_ms_more": 1000 * (ours["ttft_p50_s"] - anchor["ttft_p50_s"]),
+        "cpu_per_token": ours["main_process_cpu_ms_per_token"] / max(anchor["main_process_cpu_ms_per_token"], 1e-9),
+    }
+
+
+def _describe(ratio: dict) -> str:
+    return (
+        f"tokens/s x{ratio['tokens_per_s']:.2f}, TTFT p50 x{ratio['ttft_p50']:.2f}, TTFT p50 {ratio['ttft_p50_ms_more']:+.0f} ms, "
+        f"server-process CPU per token x{ratio['cpu_per_token']:.2f}"
+    )
 
 
 if __name__ == "__main__":
