@@ -21,7 +21,8 @@ from server.keys import authorize, bearer_token
 from models.errors import ForbiddenError
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
+    """Async so that it runs on the event loop, not on a worker thread (see `openai_api.admit`)."""
     token = bearer_token(request.headers.get("authorization", ""))
     request.state.key = authorize(request.state.keys, "admin", token, is_loopback(request.client.host if request.client else ""))
 

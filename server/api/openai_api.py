@@ -32,9 +32,11 @@ log = logging.getLogger(__name__)
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
-def admit(request: Request) -> None:
+async def admit(request: Request) -> None:
     """Admission for /v1: none while shutting down, then a key with the inference scope
-    (where any key has it), within its rate; the key is kept for the deployment check."""
+    (where any key has it), within its rate; the key is kept for the deployment check.
+    Async though it awaits nothing: FastAPI runs a plain function on a worker thread, and the
+    rate buckets must change on the event loop only (and a thread hop costs every request)."""
     request.state.lifecycle.refuse_new_requests()
     token = bearer_token(request.headers.get("authorization", ""))
     request.state.key = authorize(request.state.keys, "inference", token, is_loopback(request.client.host if request.client else ""))
@@ -128,12 +130,17 @@ async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | 
     if body.stream:
         usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage)
         events = _sse(choices, fmt, {**head, "object": fmt.chunk_object}, len(requests), usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(lease.release))
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(_release, lease))
     try:
         body = await _unless_disconnected(request, _collect(choices, fmt, head, len(requests), num_prompt_tokens))
         return JSONResponse(body, headers=headers)
     finally:
         lease.release()
+
+
+async def _release(lease: Lease) -> None:
+    """The response's last step, on the event loop (a plain function would run on a worker thread)."""
+    lease.release()
 
 
 def _observation(request: Request, deployment: str) -> RequestObservation | Unobserved:

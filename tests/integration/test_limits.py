@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
 
+from server.api.rate_limits import RateLimits
 from server.config import ModelSpec, Settings
+from server.deployments.slot import Lease
 from server.keys import key
 from tests.conftest import ServerThread
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory
@@ -58,3 +61,31 @@ def test_a_key_in_token_debt_gets_429_until_it_has_paid(tiny_model_path, tmp_pat
         limited = ask()
     assert limited.status_code == 429 and "10 tokens a minute" in limited.json()["error"]["message"]
     assert int(limited.headers["retry-after"]) >= 1
+
+
+def test_rates_and_leases_change_on_the_event_loop_only(tiny_model_path, tmp_path, monkeypatch):
+    """Admission (the rate buckets) and the lease's release run on the server's event loop,
+    never on a worker thread where two requests could race on a bucket: 30 requests at once
+    against 10 a minute get exactly 10 answers."""
+    threads: set[int] = set()
+
+    def on_thread(method):
+        def noted(self, *args):
+            threads.add(threading.get_ident())
+            return method(self, *args)
+
+        return noted
+
+    monkeypatch.setattr(RateLimits, "admit", on_thread(RateLimits.admit))
+    monkeypatch.setattr(Lease, "release", on_thread(Lease.release))
+    keys = [key("ten", "ten-secret", {"inference"}, requests_per_minute=10)]
+    settings = Settings(home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path)], keys=keys)
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        headers = {"authorization": "Bearer ten-secret"}
+        streamed = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **HI, "stream": True}, headers=headers)
+        assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+        with ThreadPoolExecutor(30) as pool:
+            ask = lambda _: httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **HI}, headers=headers, timeout=30)  # noqa: E731
+            codes = sorted(r.status_code for r in pool.map(ask, range(30)))
+    assert codes == [200] * 9 + [429] * 21
+    assert len(threads) == 1, "admission or a release ran off the event loop"
