@@ -79,10 +79,12 @@ class VLLMEngine:
 
         if self._engine is None or self._engine.errored:
             raise EngineStoppedError("The engine is not running.")
-        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
         self._in_flight.add(request.request_id)
         is_finished = False
         try:
+            # The prompt goes through vLLM's renderer, as vLLM's own server sends it (a raw
+            # prompt is deprecated); its ids are baton's rendering of the chat template.
+            (prompt,) = await self._engine.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))])
             async for output in self._engine.generate(prompt, self._sampling(request), request.request_id):
                 completion = output.outputs[0]
                 is_finished = output.finished
