@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 EngineFactory = Callable[[Path, dict], Engine]
 
 
+def served_name(target: Target) -> str:
+    """What an engine calls its model where it names it (vLLM's metrics): the registry ref, or
+    the folder's name for a local folder (never the server's paths)."""
+    return target.version if "@" in target.version else target.path.name
+
+
 class SlotLifecycle:
     def __init__(self, settings: Settings, engine_factory: EngineFactory, metrics: Metrics, deployments: Callable[[], list[Deployment]]):
         self._settings = settings
@@ -40,7 +46,7 @@ class SlotLifecycle:
 
     async def load(self, target: Target) -> Slot:
         options, target, plan = self._planned(target)
-        slot = Slot(target, self._engine_factory(target.path, options), plan=plan)
+        slot = Slot(target, self._engine_factory(target.path, {**options, "served_name": served_name(target)}), plan=plan)
         try:
             await slot.engine.start()
         except BaseException:

@@ -39,6 +39,7 @@ class VLLMOptions:
     # turns it off by default where it keeps no standby (`--no-standby`).
     sleep_mode: bool = True
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
+    served_name: str | None = None  # the model_name of vLLM's own metrics: the version (set by baton)
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ def engine_only(options: dict) -> dict:
 
 ENGINES = ("auto", "vllm", "transformers")
 OPTION_TYPES = (TransformersOptions, VLLMOptions, OutputOptions)
-# allow_pickle comes from the import's own check (the manifest), never from engine_options.
-KNOWN = {"engine"} | {f.name for option_type in OPTION_TYPES for f in fields(option_type)} - {"allow_pickle"}
+# allow_pickle comes from the import's own check (the manifest), served_name from the slot's
+# version: never from engine_options.
+KNOWN = {"engine"} | {f.name for option_type in OPTION_TYPES for f in fields(option_type)} - {"allow_pickle", "served_name"}
 
 
 def options_for(option_type, options: dict):

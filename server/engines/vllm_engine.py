@@ -191,6 +191,7 @@ class VLLMEngine:
             trust_remote_code=False,
             load_format="auto" if options.allow_pickle else "safetensors",
             enable_sleep_mode=self.can_sleep,
+            served_model_name=options.served_name,
             **{name: value for name, value in chosen.items() if value is not None},
         )
         # As an OpenAI server, vLLM's defaults are `vllm serve`'s (on an H100: 8192 batched

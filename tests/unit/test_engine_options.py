@@ -1,8 +1,12 @@
 """Engine options as a version records them: known names, strict types, per-engine views."""
 
+from pathlib import Path
+
 import pytest
 
 from models.errors import InvalidRequestError
+from server.deployments.slot import Target
+from server.deployments.slot_lifecycle import served_name
 from server.engines.options import TransformersOptions, VLLMOptions, check_engine_options, options_for
 
 
@@ -28,3 +32,14 @@ def test_multi_gpu_and_multi_node_options_are_vllms_own():
     check_engine_options({"engine": "vllm", "tensor_parallel_size": 8, "pipeline_parallel_size": 2, "distributed_executor_backend": "ray"})
     with pytest.raises(InvalidRequestError, match="distributed_executor_backend"):
         check_engine_options({"distributed_executor_backend": "slurm"})
+
+
+@pytest.mark.parametrize("name", ["allow_pickle", "served_name"])
+def test_what_baton_sets_itself_is_no_engine_option(name):
+    with pytest.raises(InvalidRequestError, match=name):
+        check_engine_options({name: "x"})
+
+
+def test_an_engine_names_its_model_by_version_or_folder_never_by_path():
+    assert served_name(Target("chat@2", Path("/home/baton/store/trees/ab12"), {}, 0)) == "chat@2"
+    assert served_name(Target("local", Path("/models/my-tune"), {}, 0)) == "my-tune"

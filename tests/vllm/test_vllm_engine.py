@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -191,6 +192,15 @@ def test_vllm_reload_swaps_weights_in_place_under_load_and_back(tiny_server):
     back = httpx.post(f"{tiny_server.url}/admin/deployments/tiny/rollback", json={}, timeout=600).json()
     assert (back["status"], back["strategy"]) == ("succeeded", "reload"), back
     assert greedy() == before  # byte-identical after swapping back
+
+
+def test_vllm_metrics_name_the_version_never_a_server_path(tiny_server):
+    """vLLM's own series pass through /metrics labelled with the version the engine started
+    with (an in-place reload keeps the engine, and so the label), never the store's path."""
+    tiny_server.client().chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+    text = httpx.get(f"{tiny_server.url}/metrics").text
+    assert set(re.findall(r'^vllm:[^{]+\{[^}]*model_name="([^"]*)"', text, re.MULTILINE)) == {"tiny@1"}
+    assert str(tiny_server.settings.home) not in text
 
 
 def _num_running(server) -> int:
