@@ -288,9 +288,7 @@ class DeploymentManager:
     async def stop_all(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for deployment in self.deployments:
-            for slot in deployment.slots():
-                await self._slots.stop(slot)
+        await self._slots.stop_for_good([slot for deployment in self.deployments for slot in deployment.slots()])
 
     async def set_on_demand(self, name: str, on_demand: bool, idle_ttl_s: float) -> None:
         """Switched in place. An always-on deployment becomes on-demand (the idle check unloads

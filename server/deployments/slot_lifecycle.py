@@ -17,6 +17,7 @@ from pathlib import Path
 from server.config import Settings
 from server.deployments.deployment import Deployment
 from server.deployments.drain import StopDecision, decide_stop
+from server.deployments.heap import Heap
 from server.deployments.memory_plan import fits, plan_gpu_share, usable_gpu_bytes
 from server.deployments.slot import Slot, SlotState, Target
 from server.deployments.swap_record import SwapRecord
@@ -43,6 +44,7 @@ class SlotLifecycle:
         self._engine_factory = engine_factory
         self._metrics = metrics
         self._deployments = deployments  # every deployment, for the budget's measures
+        self._heap = Heap()
 
     async def load(self, target: Target) -> Slot:
         options, target, plan = self._planned(target)
@@ -52,9 +54,10 @@ class SlotLifecycle:
         except BaseException:
             self._metrics.engine_starts.labels(slot.engine.name, "failed").inc()
             slot.move_to(SlotState.FAILED)
-            await slot.engine.stop()
+            await self._stop_engine(slot)
             raise
         self._metrics.engine_starts.labels(slot.engine.name, "started").inc()
+        self._heap.freeze()
         return slot
 
     async def load_and_verify(self, record: SwapRecord, target: Target, deployment: Deployment) -> Slot:
@@ -124,7 +127,17 @@ class SlotLifecycle:
     async def stop(self, slot: Slot) -> None:
         if slot.state is not SlotState.STOPPED:
             slot.move_to(SlotState.STOPPED)
+            await self._stop_engine(slot)
+
+    async def _stop_engine(self, slot: Slot) -> None:
+        with self._heap.thawed():
             await slot.engine.stop()
+
+    async def stop_for_good(self, slots: list[Slot]) -> None:
+        """At shutdown: every slot stops, and the heap stays thawed (see heap.py)."""
+        self._heap.thaw_for_good()
+        for slot in slots:
+            await self.stop(slot)
 
     async def drop_standby(self, deployment: Deployment) -> None:
         if deployment.standby is not None:
