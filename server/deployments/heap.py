@@ -7,11 +7,12 @@ such pause took a burst's TTFT p99 from 0.1 to 0.77 s). vLLM's own server freeze
 startup heap for the same reason.
 
 Rules: once an engine has started, everything alive is frozen (moved where collections never
-look). While an engine stops, the heap is thawed, so the engine's own collection frees what
-it held in cycles (device memory included); when the last stop ends, one full collection
-runs and what remains is frozen again. A freeze asked for during a stop waits for its end.
-At shutdown the heap is thawed for good: the process ends with an ordinary heap, whose
-objects are finalized (frozen ones are not, and native extensions report them as leaks).
+look). While an engine stops, the heap is thawed, so that what the engine held in cycles can
+be freed (the transformers engine collects before it empties the CUDA cache); when the last
+stop ends, one full collection runs and what remains is frozen again. A freeze asked for
+during a stop waits for its end. At shutdown the heap is thawed for good: the process ends
+with an ordinary heap, whose objects are finalized (frozen ones are not, and native
+extensions report them as leaks).
 """
 
 from __future__ import annotations

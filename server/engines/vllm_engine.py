@@ -8,7 +8,6 @@ vLLM engines see the same prompt tokens.
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib.util
 import os
 from collections.abc import AsyncIterator
@@ -130,7 +129,6 @@ class VLLMEngine:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()  # ends its engine processes and frees their memory
-        gc.collect()
 
     def process_ids(self) -> list[int]:
         """The processes that hold this engine's GPU memory: vLLM's engine cores and their
