@@ -115,7 +115,7 @@ async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | 
         lease.release()
         observation.finish(_status_of(error))
         raise
-    served_as = lease.slot.version if "@" in lease.slot.version else body.model  # chat@2, or the name for a local folder
+    served_as = lease.slot.version if lease.slot.target.is_from_registry else body.model  # chat@2, or the name for a local folder
     head = {"id": fmt.id_prefix + uuid.uuid4().hex, "object": fmt.object, "created": int(time.time()), "model": served_as}
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = stream_choices(lease.engine, requests)

@@ -31,6 +31,11 @@ class Target:
     memory_bytes: int  # what it will hold of the memory budget once loaded (an estimate)
     stored_bytes: int = 0  # its weights on disk: what it holds of host memory when asleep
 
+    @property
+    def is_from_registry(self) -> bool:
+        """A registry version (chat@2), not a local folder served as is."""
+        return "@" in self.version
+
 
 class SlotState(enum.Enum):
     LOADING = "loading"

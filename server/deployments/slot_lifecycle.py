@@ -35,7 +35,7 @@ EngineFactory = Callable[[Path, dict], Engine]
 def served_name(target: Target) -> str:
     """What an engine calls its model where it names it (vLLM's metrics): the registry ref, or
     the folder's name for a local folder (never the server's paths)."""
-    return target.version if "@" in target.version else target.path.name
+    return target.version if target.is_from_registry else target.path.name
 
 
 class SlotLifecycle:

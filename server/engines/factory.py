@@ -6,12 +6,12 @@ supports the folder's architecture, else transformers. Each engine gets the opti
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from server.devices import gpu_memory_bytes
 from server.engines import vllm_engine
 from server.engines.base import Engine
+from server.engines.model_folder import read_config
 from server.engines.options import ENGINES, TransformersOptions, VLLMOptions, options_for
 from server.engines.static_rows import static_cache_bytes
 from server.engines.transformers_engine import TransformersEngine, config_dtype, context_length
@@ -56,19 +56,12 @@ def _static_cache_bytes(path: Path, options: TransformersOptions) -> int:
     on_gpu = options.device.startswith("cuda") or (options.device == "auto" and gpu_memory_bytes())
     if not (on_gpu and options.cuda_graphs):
         return 0
-    config = _config(path)
+    config = read_config(path)
     dtype = config_dtype(config) if options.dtype == "auto" else options.dtype
     max_model_len = context_length(config.get("max_position_embeddings"), options.max_model_len)
     return static_cache_bytes(config, options.max_batch_size, max_model_len, DTYPE_BYTES.get(dtype, 2))
 
 
-def _config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}  # the engine that loads it will say what is wrong
-
-
 def _architecture(path: Path) -> str | None:
-    architectures = _config(path).get("architectures")
+    architectures = read_config(path).get("architectures")
     return architectures[0] if architectures else None

@@ -3,10 +3,20 @@ weights cannot run code unless the operator said so."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from models.manifest import PICKLE_SUFFIXES
 from models.errors import ModelLoadError
+
+
+def read_config(path: Path) -> dict:
+    """The folder's config.json; empty where it cannot be read (the engine that loads the
+    folder says what is wrong)."""
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def check_model_folder(path: Path, allow_pickle: bool) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import os
 import threading
@@ -27,7 +26,7 @@ from server.engines.batch import ContinuousBatch, RowCache, Sequence
 from server.engines.kv_cache import PaddedRows
 from server.engines.static_rows import StaticRows, can_use_static_rows, initial_columns
 from server.engines.detokenizer import IncrementalDetokenizer
-from server.engines.model_folder import check_model_folder
+from server.engines.model_folder import check_model_folder, read_config
 from server.engines.options import TransformersOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
 from server.engines.sampler import row_seed
@@ -330,7 +329,7 @@ class TransformersEngine:
         if self._options.dtype != "auto":
             return getattr(torch, self._options.dtype)
         # float16 matmuls are slow on CPU; bfloat16 and float32 are fine.
-        on_cpu_in_float16 = self._device.type == "cpu" and config_dtype(json.loads((self._path / "config.json").read_text())) == "float16"
+        on_cpu_in_float16 = self._device.type == "cpu" and config_dtype(read_config(self._path)) == "float16"
         return torch.float32 if on_cpu_in_float16 else "auto"
 
     def _eos_token_ids(self) -> set[int]:
