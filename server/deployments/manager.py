@@ -1,14 +1,10 @@
-"""The deployment manager: the one owner of deployments, slots and swaps.
-
-A swap: resolve the target and choose the strategy (both may refuse, before anything stops)
--> standby: wake and flip | reload: hold, drain, new weights in the running engine, verify,
-resume | blue-green: load beside, verify, flip | replace: hold, drain, sleep or unload the
-old, load, verify, flip -> drain the old slot (until its leases reach zero or the drain
-deadline) -> park it as standby (loaded or asleep) or stop it. Any failure before the flip
-leaves the old version serving; every swap, success or failure, lands in the registry's
-history with its phases. The steps a slot goes through (load, verify, drain, park, wake,
-stop) are slot_lifecycle.py's; the decisions are pure functions in strategy.py, layout.py,
-memory_plan.py and drain.py.
+"""The deployment manager: the one owner of deployments and the entry to every change of
+what they serve. Requests lease a slot here; deploys, swaps, rollbacks, canaries and
+on-demand loads are resolved and planned here (refused before anything stops), then run
+under the deployment's swap lock: swaps.py carries each strategy out, slot_lifecycle.py
+each slot's steps, swap_history.py keeps what happened. The decisions are pure functions in
+strategy.py, layout.py, memory_plan.py and drain.py. Background: idle on-demand deployments
+are unloaded here; engine_watch.py and health_watch.py watch the serving ones.
 """
 
 from __future__ import annotations
@@ -16,20 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 from models.catalog import Change
 from models.registry import Registry
 from server.config import ModelSpec, Settings
 from server.deployments.deployment import Deployment, OnDemand
+from server.deployments.engine_watch import EngineWatch
 from server.deployments.health import HealthPolicy
 from server.deployments.health_watch import HealthWatch
 from server.deployments.layout import ModelLayout, reload_blocker
-from server.deployments.recovery import restart_delay_s
 from server.deployments.slot import Lease, Slot, SlotState, Target
-from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy
 from server.deployments.slot_lifecycle import EngineFactory, SlotLifecycle
+from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy
+from server.deployments.swap_history import SwapHistory
 from server.deployments.swap_record import SwapRecord
+from server.deployments.swaps import Swaps
 from server.metrics import Metrics
 from server.engines.base import can_reload, engine_process_ids
 from server.engines.factory import estimate_memory_bytes
@@ -38,11 +35,8 @@ from models.errors import BatonError, ConflictError, InvalidRequestError, ModelN
 
 log = logging.getLogger(__name__)
 
-MAX_RECORDS = 200
 # ModelSpec fields that, set explicitly, override every version's own engine options.
 SPEC_ENGINE_FIELDS = ("engine", "dtype", "max_batch_size", "max_model_len")
-SECONDS_FOR_CUT_OFF_REQUESTS = 10.0  # after a reload aborts them, for their leases to come back
-MAX_RESTARTS = 6  # of a dead engine's version, with backoff: about half a minute of trying
 
 
 class DeploymentManager:
@@ -51,8 +45,9 @@ class DeploymentManager:
         self._metrics = metrics or Metrics()
         self._registry = registry
         self._slots = SlotLifecycle(settings, engine_factory, self._metrics, lambda: self.deployments)
+        self._swaps = Swaps(self._slots)
+        self._history = SwapHistory(registry, self._metrics)
         self._deployments: dict[str, Deployment] = {}
-        self._records: dict[str, SwapRecord] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loading: dict[str, asyncio.Task] = {}  # on-demand loads under way, by deployment
 
@@ -60,7 +55,7 @@ class DeploymentManager:
         """Background work: unloading on-demand deployments that sat idle past their TTL,
         bringing back deployments whose engine died, watching deployments' health."""
         self.keep(asyncio.ensure_future(self._reap_idle_forever()))
-        self.keep(asyncio.ensure_future(self._recover_dead_forever()))
+        self.keep(asyncio.ensure_future(EngineWatch(lambda: self.deployments, self._slots, self._history, self._metrics, self._settings).run_forever()))
         self.keep(asyncio.ensure_future(HealthWatch(self, self._metrics, self._settings).run_forever()))
 
     # -- requests -------------------------------------------------------------------------
@@ -127,9 +122,7 @@ class DeploymentManager:
         ]
 
     def record(self, swap_id: str) -> SwapRecord:
-        if swap_id not in self._records:
-            raise NotFoundError(f"No swap {swap_id}.", param="swap_id")
-        return self._records[swap_id]
+        return self._history.get(swap_id)
 
     # -- deploy ---------------------------------------------------------------------------
 
@@ -165,7 +158,7 @@ class DeploymentManager:
             raise ConflictError(f"Deployment {name} exists; swap it instead.")
         target = self._resolve(ref, engine_options)
         deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None, smoke_prompts, engine_options, health)
-        self._remember_finished(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason))
+        self._history.add_finished(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason))
         self._save(deployment)
         return deployment
 
@@ -273,17 +266,17 @@ class DeploymentManager:
             raise ConflictError(f"Deployment {name} has a canary already ({deployment.canary.version}); promote or abort it first.")
         target = self._resolve(ref, deployment.engine_overrides)  # an unknown or corrupt version: refused now
         record = SwapRecord(name, "canary", deployment.version, target.version, f"canary {weight}%", change.actor, change.reason)
-        return await self._run(deployment, record, self._canary(deployment, record, target, weight), wait=True)
+        return await self._run(deployment, record, self._swaps.canary(deployment, record, target, weight), wait=True)
 
     async def promote_canary(self, name: str, change: Change) -> SwapRecord:
         deployment = self._with_canary(name)
         record = SwapRecord(name, "promote", deployment.version, deployment.canary.version, "canary", change.actor, change.reason)
-        return await self._run(deployment, record, self._promote(deployment, record), wait=True)
+        return await self._run(deployment, record, self._swaps.promote(deployment, record), wait=True)
 
     async def abort_canary(self, name: str, change: Change) -> SwapRecord:
         deployment = self._with_canary(name)
         record = SwapRecord(name, "abort", deployment.canary.version, deployment.version, "canary", change.actor, change.reason)
-        return await self._run(deployment, record, self._abort_canary(deployment, record), wait=True)
+        return await self._run(deployment, record, self._swaps.abort_canary(deployment, record), wait=True)
 
     async def stop_all(self) -> None:
         for task in list(self._tasks):
@@ -326,14 +319,14 @@ class DeploymentManager:
         record.strategy_reason = "nothing is loaded: the next request loads the new version"
         deployment.on_demand = OnDemand(target, deployment.on_demand.idle_ttl_s)
         deployment.engine_overrides = overrides
-        self._remember_finished(record)
+        self._history.add_finished(record)
         self._save(deployment)
         return record
 
     async def _load_on_demand(self, deployment: Deployment) -> None:
         target = deployment.on_demand.target
         record = SwapRecord(deployment.name, "load", None, target.version, "on-demand", "baton", "first request")
-        self._remember(record)
+        self._history.add(record)
         try:
             async with deployment.swap_lock:
                 async with record.phase("evict"):
@@ -345,7 +338,7 @@ class DeploymentManager:
         except Exception as error:
             record.finish(error)
             deployment.fail_waiting(error if isinstance(error, OverloadedError) else _as_swap_error(error, record))
-        self._record_outcome(record)
+        self._history.close(record)
 
     async def _make_room(self, memory_bytes: int, loading: Deployment) -> None:
         """Unload idle on-demand deployments, least recently used first, until `memory_bytes`
@@ -365,80 +358,18 @@ class DeploymentManager:
                 except Exception:  # one engine that fails to stop must not end idle unloading for all
                     log.exception("could not unload idle deployment %s", deployment.name)
 
-    # -- engine failure ---------------------------------------------------------------------
-
-    async def _recover_dead_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.idle_check_s)
-            for deployment in filter(_has_dead_engine, self.deployments):
-                try:
-                    await self._recover(deployment)
-                except Exception:  # one deployment that cannot recover must not stop the others'
-                    log.exception("could not recover deployment %s", deployment.name)
-
-    async def _recover(self, deployment: Deployment) -> None:
-        """The active engine died: its requests have ended with an error. New ones wait while
-        the standby takes over (if there is one) or the same version starts again, with
-        backoff; after a failed start, waiting requests get a 503 at once instead of waiting.
-        After MAX_RESTARTS failed starts the deployment stays down (503s, or its fallbacks)
-        until an operator swaps it to a version that starts."""
-        dead = deployment.active
-        self._metrics.engine_failures.labels(deployment.name, dead.version).inc()
-        record = SwapRecord(deployment.name, "recover", dead.version, dead.version, "restart", "baton", "the engine died")
-        self._remember(record)
-        async with deployment.swap_lock:
-            deployment.is_failed = True  # its fallbacks serve meanwhile, where it has some
-            deployment.hold_requests()
-            dead.move_to(SlotState.FAILED, "engine died")
-            async with record.phase("stop"):
-                await self._slots.stop(dead)
-            try:
-                slot = await self._bring_up_after_failure(deployment, record, dead.target)
-            except Exception as error:
-                record.finish(error)
-                self._record_outcome(record)
-                return
-            async with record.phase("flip"):
-                deployment.flip_to(slot)
-        record.finish()
-        self._record_outcome(record)
-
-    async def _bring_up_after_failure(self, deployment: Deployment, record: SwapRecord, target: Target) -> Slot:
-        standby, deployment.standby = deployment.standby, None
-        if standby is not None:
-            try:
-                if standby.state is SlotState.ASLEEP:
-                    await self._slots.wake_or_stop(record, standby)
-            except Exception:
-                log.exception("the standby %s could not take over; restarting %s", standby.version, target.version)
-            else:
-                record.strategy, record.to_version = "standby", standby.version
-                return standby
-        for num_failed in range(MAX_RESTARTS):
-            await asyncio.sleep(restart_delay_s(num_failed))
-            try:
-                return await self._slots.load_and_verify(record, target, deployment)
-            except Exception as error:
-                log.warning("restart %d of %s failed: %s", num_failed + 1, target.version, error)
-                deployment.fail_waiting(OverloadedError(f"Deployment {deployment.name} lost its engine and is restarting it; retry shortly."))
-        down = f"Deployment {deployment.name} lost its engine and {target.version} failed to start {MAX_RESTARTS} times; an operator must swap it to a version that starts."
-        deployment.fail_waiting(OverloadedError(down))
-        raise SwapFailedError(down)
-
     async def _unload(self, deployment: Deployment, reason: str) -> None:
         record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
         async with record.phase("unload"):
             await self._slots.drop_standby(deployment)
             await self._slots.stop(deployment.unload())
-        record.finish()
-        self._remember(record)
-        self._record_outcome(record)
+        self._history.add_finished(record)
 
-    # -- the state machine ------------------------------------------------------------------
+    # -- running a change under the swap lock ------------------------------------------------
 
     async def _run(self, deployment: Deployment, record: SwapRecord, work, wait: bool) -> SwapRecord:
         """Run `work` under the deployment's swap lock; record the outcome either way."""
-        self._remember(record)
+        self._history.add(record)
 
         async def guarded() -> SwapRecord:
             async with deployment.swap_lock:
@@ -449,10 +380,10 @@ class DeploymentManager:
                     raise
                 except Exception as error:
                     record.finish(error)
-                    self._record_outcome(record)
+                    self._history.close(record)
                     raise _as_swap_error(error, record) from error
             record.finish()
-            self._record_outcome(record)
+            self._history.close(record)
             self._save(deployment)
             return record
 
@@ -483,158 +414,8 @@ class DeploymentManager:
         )
 
     async def _swap(self, deployment: Deployment, record: SwapRecord, target: Target, choice: Choice, overrides: dict) -> None:
-        swaps = {
-            "standby": self._swap_to_standby,
-            "reload": self._swap_reload,
-            "replace": self._swap_replace,
-            "blue-green": self._swap_blue_green,
-            "load": self._swap_into_down,
-            "in-place": self._swap_in_place,
-        }
-        await swaps[choice.strategy](deployment, record, target)
+        await self._swaps.run(choice.strategy, deployment, record, target)
         deployment.engine_overrides = overrides
-
-    async def _swap_in_place(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
-        async with record.phase("retarget") as phase:
-            deployment.active.read_output_with(target.options)
-            phase.detail = "new output options on the running engine"
-
-    async def _swap_into_down(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
-        """A deployment left down by a dead engine: load the target; requests resume on it."""
-        new = await self._slots.load_and_verify(record, target, deployment)
-        async with record.phase("flip"):
-            deployment.flip_to(new)
-
-    async def _swap_blue_green(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
-        new = await self._slots.load_and_verify(record, target, deployment)
-        async with record.phase("flip"):
-            old = deployment.flip_to(new)
-        await self._retire(deployment, record, old)
-
-    async def _swap_to_standby(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
-        standby = deployment.standby
-        if standby is None or standby.version != target.version:
-            raise ConflictError(f"{target.version} is not on standby for {deployment.name}; use blue-green or replace.")
-        if standby.state is SlotState.ASLEEP and not self._slots.fits_in_budget(standby.memory_bytes):
-            await self._swap_to_standby_in_turn(deployment, record, standby)
-            return
-        if standby.state is SlotState.ASLEEP:
-            try:
-                await self._slots.wake(record, standby)
-            except BaseException:
-                await self._slots.drop_standby(deployment)  # half awake is no standby
-                raise
-        async with record.phase("flip"):
-            deployment.standby = None
-            old = deployment.flip_to(standby)
-        await self._retire(deployment, record, old)
-
-    async def _swap_to_standby_in_turn(self, deployment: Deployment, record: SwapRecord, standby: Slot) -> None:
-        """Both awake do not fit (vLLM on GPU reserves most of the device): new requests wait
-        in the bounded queue while the active version drains and falls asleep, then the
-        standby wakes. If it cannot, the old version comes back."""
-        deployment.standby = None
-        old = deployment.hold_requests()
-        await self._retire(deployment, record, old)
-        await self._take_over(deployment, record, old, self._slots.wake_or_stop(record, standby))
-
-    async def _take_over(self, deployment: Deployment, record: SwapRecord, old: Slot, bring_up) -> None:
-        """The end of an in-turn swap, with requests held and `old` unloaded or asleep: the
-        slot `bring_up` yields takes the traffic; if it fails, `old` serves again."""
-        try:
-            new = await bring_up
-        except BaseException:
-            async with record.phase("restore"):
-                deployment.restore(await self._bring_back(deployment, old))
-            raise
-        async with record.phase("flip"):
-            deployment.flip_to(new)
-            deployment.previous_version = old.version
-
-    async def _bring_back(self, deployment: Deployment, old: Slot) -> Slot:
-        """The version a failed swap unloaded or put to sleep, serving again."""
-        if deployment.standby is old:
-            deployment.standby = None
-            await old.engine.wake_up()
-            return old
-        return await self._slots.load(old.target)
-
-    async def _swap_reload(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
-        """Same layout: new requests wait while the active slot drains, its engine loads the
-        new weights in place and answers the smoke prompts; then they resume on it. Nothing
-        else is loaded. If any step fails, the old weights go back and the old version serves."""
-        async with record.phase("prefetch") as phase:
-            num_bytes = await asyncio.to_thread(_read_into_page_cache, target.path)
-            phase.detail = f"{num_bytes >> 20} MiB read ahead, before requests are held"
-        slot = deployment.hold_requests()
-        old_target, is_reloading = slot.target, False
-        try:
-            await self._slots.drain(record, slot)
-            async with record.phase("reload") as phase:
-                is_reloading = True
-                await slot.engine.reload_weights(target.path)  # ends requests cut off at the deadline
-                await slot.wait_drained(SECONDS_FOR_CUT_OFF_REQUESTS)
-                slot.retarget(replace(target, memory_bytes=slot.memory_bytes))
-                phase.detail = "weights swapped in the running engine"
-            await self._slots.verify_phase(record, slot, deployment)
-        except BaseException:
-            async with record.phase("restore"):
-                deployment.restore(await self._with_old_weights(slot, old_target) if is_reloading else slot)
-            raise
-        async with record.phase("flip"):
-            deployment.flip_to(slot)
-            deployment.previous_version = old_target.version
-
-    async def _with_old_weights(self, slot: Slot, old_target: Target) -> Slot:
-        """After a failed reload: the old weights back in the same engine, or, if even that
-        fails, the old version in a fresh one."""
-        try:
-            await slot.engine.reload_weights(old_target.path)
-        except Exception:
-            log.exception("%s could not reload its old weights; starting it afresh", old_target.version)
-            await self._slots.stop(slot)
-            return await self._slots.load(old_target)
-        slot.retarget(old_target)
-        return slot
-
-    async def _swap_replace(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
-        """Both do not fit: the old version sleeps (where its engine can: a failed load
-        wakes it in under a second, and it stays on standby for rollback) or unloads; new
-        requests wait in the bounded queue until the new one answers."""
-        await self._slots.drop_standby(deployment)
-        old = deployment.hold_requests()
-        is_cut_off = await self._slots.drain(record, old)
-        async with record.phase("unload") as phase:
-            phase.detail = await self._slots.stop_cut_off(old) if is_cut_off else await self._slots.park(deployment, old, may_stay_loaded=False)
-        await self._take_over(deployment, record, old, self._slots.load_and_verify(record, target, deployment))
-
-    async def _canary(self, deployment: Deployment, record: SwapRecord, target: Target, weight: int) -> None:
-        slot = await self._slots.load_and_verify(record, target, deployment)
-        async with record.phase("route"):
-            deployment.set_canary(slot, weight)
-
-    async def _promote(self, deployment: Deployment, record: SwapRecord) -> None:
-        async with record.phase("flip"):
-            canary = deployment.set_canary(None, 0)
-            old = deployment.flip_to(canary)
-        await self._retire(deployment, record, old)
-
-    async def _abort_canary(self, deployment: Deployment, record: SwapRecord) -> None:
-        async with record.phase("unroute"):
-            canary = deployment.set_canary(None, 0)
-        await self._slots.drain(record, canary)
-        async with record.phase("stop"):
-            await self._slots.stop(canary)
-
-    async def _retire(self, deployment: Deployment, record: SwapRecord, old: Slot) -> None:
-        """Drain the slot that stopped taking requests, then keep it on standby or stop it."""
-        is_cut_off = await self._slots.drain(record, old)
-        async with record.phase("park") as phase:
-            if is_cut_off:
-                phase.detail = await self._slots.stop_cut_off(old)
-                return
-            await self._slots.drop_standby(deployment)  # one standby per deployment: the newest
-            phase.detail = await self._slots.park(deployment, old, may_stay_loaded=True)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -651,7 +432,7 @@ class DeploymentManager:
             except BatonError as error:  # deleted since, say: the flags' version it is
                 log.error("could not restore deployment %s (%s): %s", spec.name, version, error)
             else:
-                self._remember_finished(SwapRecord(spec.name, "deploy", None, target.version, "load", "baton", "restored after a restart"))
+                self._history.add_finished(SwapRecord(spec.name, "deploy", None, target.version, "load", "baton", "restored after a restart"))
                 return target, options
         return self._resolve(spec.version, overrides), overrides
 
@@ -688,37 +469,6 @@ class DeploymentManager:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _remember(self, record: SwapRecord) -> None:
-        self._records[record.id] = record
-        while len(self._records) > MAX_RECORDS:
-            self._records.pop(next(iter(self._records)))
-
-    def _remember_finished(self, record: SwapRecord) -> None:
-        """A change that happened at once (a deploy, a retarget): kept, and in the history."""
-        record.finish()
-        self._remember(record)
-        self._record_outcome(record)
-
-    def _record_outcome(self, record: SwapRecord) -> None:
-        """A finished swap (or load, unload, recovery): its metrics, its JSON log line, and
-        its entry in the registry's history."""
-        self._metrics.record_swap(record)
-        log.info({"event": "swap", **record.to_dict()})
-        model, _, number = (record.to_version or record.from_version or record.deployment).partition("@")
-        try:
-            self._registry.record(Change(record.actor, record.reason), record.action, model, int(number) if number.isdigit() else None, record.to_dict())
-        except Exception:  # history must never turn a finished swap into a failed request
-            log.exception("could not record %s in the history", record.id)
-
-
-def _has_dead_engine(deployment: Deployment) -> bool:
-    """Serving, not swapping, and its engine says it cannot serve any more."""
-    active = deployment.active
-    if active is None or active.state is not SlotState.READY or deployment.swap_lock.locked():
-        return False
-    return not active.engine.health().is_ready
-
-
 def _is_idle_past_ttl(deployment: Deployment) -> bool:
     active = deployment.active
     if not deployment.on_demand or active is None or deployment.canary is not None or deployment.swap_lock.locked():
@@ -726,17 +476,6 @@ def _is_idle_past_ttl(deployment: Deployment) -> bool:
     if deployment.num_waiting:  # woken by a load, not yet leased
         return False
     return active.idle_seconds() > deployment.on_demand.idle_ttl_s
-
-
-def _read_into_page_cache(folder: Path) -> int:
-    """Read a version's weights once so that the reload, with requests held, copies from
-    memory instead of waiting on the disk. Returns the bytes read."""
-    num_bytes = 0
-    for path in folder.glob("*.safetensors"):
-        with open(path, "rb", buffering=0) as weights:
-            while chunk := weights.read(16 << 20):
-                num_bytes += len(chunk)
-    return num_bytes
 
 
 def start_point(named: str, overrides: dict, saved: dict | None) -> tuple[str, dict]:

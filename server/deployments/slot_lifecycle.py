@@ -1,6 +1,6 @@
 """How a slot comes up and goes down: loaded (with the GPU memory plan), verified with smoke
 prompts, drained, parked on standby (asleep or loaded) or stopped, woken; and the memory
-budget's measures over every deployment's slots. The strategies in manager.py compose these
+budget's measures over every deployment's slots. The strategies in swaps.py compose these
 steps; the decisions they take are pure functions (drain.py, memory_plan.py).
 """
 

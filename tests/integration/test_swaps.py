@@ -542,9 +542,9 @@ def test_a_transformers_engine_whose_worker_dies_ends_its_stream_and_is_restarte
 
 
 def test_a_version_that_cannot_restart_leaves_the_deployment_down_until_a_swap(home, monkeypatch):
-    from server.deployments import manager as manager_module
+    from server.deployments import engine_watch
 
-    monkeypatch.setattr(manager_module, "MAX_RESTARTS", 2)
+    monkeypatch.setattr(engine_watch, "MAX_RESTARTS", 2)
     first = Registry(home).resolve("chat@1").path.name
     factory = FakeEngineFactory()
     with _server(home, factory, idle_check_s=0.1) as server:

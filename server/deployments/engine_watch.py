@@ -1,0 +1,99 @@
+"""The engine watch: every idle_check_s, each serving deployment's engine is asked whether it
+can still serve; one that died is replaced by the deployment's standby, or its version starts
+again with backoff (recovery.py's delays). The backoff is pure; this is the loop and its side
+effects."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from models.errors import OverloadedError, SwapFailedError
+from server.config import Settings
+from server.deployments.deployment import Deployment
+from server.deployments.recovery import restart_delay_s
+from server.deployments.slot import Slot, SlotState, Target
+from server.deployments.slot_lifecycle import SlotLifecycle
+from server.deployments.swap_history import SwapHistory
+from server.deployments.swap_record import SwapRecord
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 6  # of a dead engine's version, with backoff: about half a minute of trying
+
+
+class EngineWatch:
+    def __init__(self, deployments: Callable[[], list[Deployment]], slots: SlotLifecycle, history: SwapHistory, metrics: Metrics, settings: Settings):
+        self._deployments = deployments
+        self._slots = slots
+        self._history = history
+        self._metrics = metrics
+        self._settings = settings
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.idle_check_s)
+            for deployment in filter(_has_dead_engine, self._deployments()):
+                try:
+                    await self.recover(deployment)
+                except Exception:  # one deployment that cannot recover must not stop the others'
+                    log.exception("could not recover deployment %s", deployment.name)
+
+    async def recover(self, deployment: Deployment) -> None:
+        """The active engine died: its requests have ended with an error. New ones wait while
+        the standby takes over (if there is one) or the same version starts again, with
+        backoff; after a failed start, waiting requests get a 503 at once instead of waiting.
+        After MAX_RESTARTS failed starts the deployment stays down (503s, or its fallbacks)
+        until an operator swaps it to a version that starts."""
+        dead = deployment.active
+        self._metrics.engine_failures.labels(deployment.name, dead.version).inc()
+        record = SwapRecord(deployment.name, "recover", dead.version, dead.version, "restart", "baton", "the engine died")
+        self._history.add(record)
+        async with deployment.swap_lock:
+            deployment.is_failed = True  # its fallbacks serve meanwhile, where it has some
+            deployment.hold_requests()
+            dead.move_to(SlotState.FAILED, "engine died")
+            async with record.phase("stop"):
+                await self._slots.stop(dead)
+            try:
+                slot = await self._bring_up(deployment, record, dead.target)
+            except Exception as error:
+                record.finish(error)
+                self._history.close(record)
+                return
+            async with record.phase("flip"):
+                deployment.flip_to(slot)
+        record.finish()
+        self._history.close(record)
+
+    async def _bring_up(self, deployment: Deployment, record: SwapRecord, target: Target) -> Slot:
+        standby, deployment.standby = deployment.standby, None
+        if standby is not None:
+            try:
+                if standby.state is SlotState.ASLEEP:
+                    await self._slots.wake_or_stop(record, standby)
+            except Exception:
+                log.exception("the standby %s could not take over; restarting %s", standby.version, target.version)
+            else:
+                record.strategy, record.to_version = "standby", standby.version
+                return standby
+        for num_failed in range(MAX_RESTARTS):
+            await asyncio.sleep(restart_delay_s(num_failed))
+            try:
+                return await self._slots.load_and_verify(record, target, deployment)
+            except Exception as error:
+                log.warning("restart %d of %s failed: %s", num_failed + 1, target.version, error)
+                deployment.fail_waiting(OverloadedError(f"Deployment {deployment.name} lost its engine and is restarting it; retry shortly."))
+        down = f"Deployment {deployment.name} lost its engine and {target.version} failed to start {MAX_RESTARTS} times; an operator must swap it to a version that starts."
+        deployment.fail_waiting(OverloadedError(down))
+        raise SwapFailedError(down)
+
+
+def _has_dead_engine(deployment: Deployment) -> bool:
+    """Serving, not swapping, and its engine says it cannot serve any more."""
+    active = deployment.active
+    if active is None or active.state is not SlotState.READY or deployment.swap_lock.locked():
+        return False
+    return not active.engine.health().is_ready
