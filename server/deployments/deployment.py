@@ -73,6 +73,14 @@ class Deployment:
         return self.active.version if self.active else None
 
     @property
+    def target(self) -> Target | None:
+        """What it serves: the active slot's target or, unloaded on demand, what its next
+        request loads."""
+        if self.active is not None:
+            return self.active.target
+        return self.on_demand.target if self.on_demand is not None else None
+
+    @property
     def num_waiting(self) -> int:
         return self._num_waiting
 
@@ -125,6 +133,11 @@ class Deployment:
         previous, self.active = self.active, None
         self.on_demand = OnDemand(previous.target, self.on_demand.idle_ttl_s)
         return previous
+
+    def retarget(self, target: Target) -> None:
+        """On demand with nothing loaded: the next request loads `target` instead."""
+        self.previous_version = self.on_demand.target.version
+        self.on_demand = OnDemand(target, self.on_demand.idle_ttl_s)
 
     def begin_load(self) -> None:
         """An on-demand load starts: requests wait for it, not for an older outcome."""

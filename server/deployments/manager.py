@@ -185,7 +185,7 @@ class DeploymentManager:
 
     def _save(self, deployment: Deployment) -> None:
         """What this deployment serves, for `restore` after a restart."""
-        version = deployment.version or (deployment.on_demand.target.version if deployment.on_demand else None)
+        version = _serving_version(deployment)
         if version is None or "@" not in version:  # a local folder is no registry version to come back to
             return
         state = {
@@ -244,10 +244,8 @@ class DeploymentManager:
         if strategy not in STRATEGIES:
             raise InvalidRequestError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.", param="strategy")
         overrides = deployment.engine_overrides if engine_options is None else engine_options
-        if deployment.active is None and deployment.on_demand is not None and not deployment.is_failed:
-            return self._retarget_unloaded(deployment, ref, overrides, change)
         target, choice = self._plan_swap(deployment, ref, strategy, overrides)
-        record = SwapRecord(name, "swap", deployment.version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
+        record = SwapRecord(name, "swap", _serving_version(deployment), target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
         return await self._run(deployment, record, self._swap(deployment, record, target, choice, overrides), wait)
 
     async def rollback(self, name: str, change: Change, wait: bool = True) -> SwapRecord:
@@ -255,7 +253,7 @@ class DeploymentManager:
         if deployment.previous_version is None:
             raise ConflictError(f"Deployment {name} has no previous version to roll back to.")
         target, choice = self._plan_swap(deployment, deployment.previous_version, "auto", deployment.engine_overrides)
-        record = SwapRecord(name, "rollback", deployment.version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
+        record = SwapRecord(name, "rollback", _serving_version(deployment), target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
         return await self._run(deployment, record, self._swap(deployment, record, target, choice, deployment.engine_overrides), wait)
 
     async def start_canary(self, name: str, ref: str, weight: int, change: Change) -> SwapRecord:
@@ -309,19 +307,6 @@ class DeploymentManager:
             self._loading[name] = self.keep(asyncio.ensure_future(self._load_on_demand(deployment)))
             self._loading[name].add_done_callback(lambda _: self._loading.pop(name, None))
         return self._loading[name]
-
-    def _retarget_unloaded(self, deployment: Deployment, ref: str, overrides: dict, change: Change) -> SwapRecord:
-        """An on-demand deployment with nothing loaded: its next load takes the new target."""
-        target = self._resolve(ref, overrides)
-        if target.version == deployment.on_demand.target.version and overrides == deployment.engine_overrides:
-            raise ConflictError(f"{deployment.name} already serves {target.version} (on demand).")
-        record = SwapRecord(deployment.name, "swap", deployment.on_demand.target.version, target.version, "on-demand", change.actor, change.reason)
-        record.strategy_reason = "nothing is loaded: the next request loads the new version"
-        deployment.on_demand = OnDemand(target, deployment.on_demand.idle_ttl_s)
-        deployment.engine_overrides = overrides
-        self._history.add_finished(record)
-        self._save(deployment)
-        return record
 
     async def _load_on_demand(self, deployment: Deployment) -> None:
         target = deployment.on_demand.target
@@ -396,16 +381,16 @@ class DeploymentManager:
 
     def _plan_swap(self, deployment: Deployment, ref: str, strategy: str, overrides: dict) -> tuple[Target, Choice]:
         target = self._resolve(ref, overrides)
-        if target.version == deployment.version and overrides == deployment.engine_overrides:
-            raise ConflictError(f"{deployment.name} already serves {target.version}.")
-        if deployment.active is None and not deployment.is_failed:
-            raise ConflictError(f"{deployment.name} has no version loaded; deploy it again instead.")
+        if target.version == _serving_version(deployment) and overrides == deployment.engine_overrides:
+            raise ConflictError(f"{deployment.name} already serves {target.version}{'' if deployment.active else ' (on demand)'}.")
         return target, choose_strategy(strategy, self._swap_facts(deployment, target))
 
     def _swap_facts(self, deployment: Deployment, target: Target) -> SwapFacts:
         standby, active = deployment.standby, deployment.active
+        is_unloaded = active is None and deployment.on_demand is not None and not deployment.is_failed
         return SwapFacts(
-            is_down=active is None,
+            is_down=active is None and not is_unloaded,
+            is_unloaded=is_unloaded,
             is_on_standby=standby is not None and (standby.version, standby.target.options) == (target.version, target.options),
             reload_blocker=_reload_blocker(active, target) if active is not None else "nothing is loaded",
             changes_output_only=active is not None and _changes_output_only(active.target, target),
@@ -485,6 +470,10 @@ def start_point(named: str, overrides: dict, saved: dict | None) -> tuple[str, d
     if saved and saved.get("started_as") == named and saved.get("version"):
         return saved["version"], saved.get("engine_overrides") or {}
     return named, overrides
+
+
+def _serving_version(deployment: Deployment) -> str | None:
+    return deployment.target.version if deployment.target else None
 
 
 def _changes_output_only(active: Target, target: Target) -> bool:

@@ -6,7 +6,9 @@ unit test (nano-vllm's scheduler: policy without I/O).
   reload      same layout, and the engine reloads in place: hold, drain, swap weights, resume
   blue-green  the memory plan fits both: load beside, flip, drain (no request waits)
   replace     the last resort: the old version sleeps or unloads, new requests wait in a queue
-A deployment left down by a dead engine is simply loaded (`load`), whatever was asked.
+A deployment left down by a dead engine is simply loaded (`load`), whatever was asked; an
+on-demand one with nothing loaded is retargeted (`on-demand`): its next request loads the
+target, and nothing is loaded now.
 Under `auto`, a swap that changes only how output is read (`tool_parser`) is `in-place`:
 the running slot takes the new options, no engine starts or reloads, nothing waits.
 An explicit strategy that cannot apply is refused before anything stops, with the reason.
@@ -30,6 +32,7 @@ class SwapFacts:
     free_bytes: int  # what is left now where it would load
     free_in: str = "the memory budget"  # where that is, for the reason given
     changes_output_only: bool = False  # the active version, only its output options (tool_parser) new
+    is_unloaded: bool = False  # on demand, nothing loaded: its next request loads what it serves
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class Choice:
 def choose_strategy(requested: str, facts: SwapFacts) -> Choice:
     if requested not in STRATEGIES:
         raise InvalidRequestError(f"Unknown strategy {requested!r}; use one of {', '.join(STRATEGIES)}.", param="strategy")
+    if facts.is_unloaded:  # nothing to swap out: any strategy is a change of what loads next
+        return Choice("on-demand", "nothing is loaded: the next request loads the new version")
     if facts.is_down:  # there is nothing to drain, keep or reload into: any strategy is a load
         return Choice("load", "the deployment is down: its engine died and did not restart")
     if requested == "auto" and facts.changes_output_only:

@@ -37,6 +37,7 @@ class Swaps:
             "blue-green": self._blue_green,
             "load": self._into_down,
             "in-place": self._in_place,
+            "on-demand": self._retarget,
         }
         await steps[strategy](deployment, record, target)
 
@@ -44,6 +45,11 @@ class Swaps:
         async with record.phase("retarget") as phase:
             deployment.active.read_output_with(target.options)
             phase.detail = "new output options on the running engine"
+
+    async def _retarget(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
+        async with record.phase("retarget") as phase:
+            deployment.retarget(target)
+            phase.detail = "the next request loads it"
 
     async def _into_down(self, deployment: Deployment, record: SwapRecord, target: Target) -> None:
         """A deployment left down by a dead engine: load the target; requests resume on it."""

@@ -369,6 +369,18 @@ def test_swapping_an_unloaded_on_demand_deployment_retargets_its_next_load(home)
         _admin(server, "POST", "/deployments/lazy/swap", expect=409, to="chat@1")
 
 
+def test_rolling_back_an_unloaded_on_demand_deployment_retargets_its_next_load(home):
+    with _server(home, FakeEngineFactory(), idle_check_s=0.1) as server:
+        _deploy_on_demand(server, "lazy", "chat@2", idle_ttl_s=0.3)
+        assert _ask_model(server, "lazy") == "chat@2"
+        _admin(server, "POST", "/deployments/lazy/swap", to="chat@1")  # loaded: a real swap
+        _wait_for(lambda: _admin(server, "GET", "/deployments/lazy")["state"] == "unloaded")
+        record = _admin(server, "POST", "/deployments/lazy/rollback")
+        assert (record["status"], record["strategy"], record["to_version"]) == ("succeeded", "on-demand", "chat@2")
+        assert _admin(server, "GET", "/deployments/lazy")["previous_version"] == "chat@1"
+        assert _ask_model(server, "lazy") == "chat@2"
+
+
 def test_on_demand_evicts_the_least_recently_used_idle_deployment(home):
     one_version = Registry(home).resolve("chat@1").manifest.total_bytes
     with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 2.5)) as server:

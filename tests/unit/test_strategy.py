@@ -85,3 +85,10 @@ def test_on_a_gpu_the_refusal_names_the_gpu_not_the_budget():
     with pytest.raises(ConflictError, match=f"needs {3 * GIB} bytes and the GPU after its headroom has {GIB} free"):
         choose_strategy("blue-green", on_gpu)
     assert choose_strategy("auto", on_gpu).strategy == "replace"
+
+
+@pytest.mark.parametrize("strategy", ["auto", "standby", "reload", "blue-green", "replace"])
+def test_an_unloaded_on_demand_deployment_is_retargeted_whatever_was_asked(strategy):
+    unloaded = SwapFacts(False, False, "nothing is loaded", 100 * GIB, 0, is_unloaded=True)
+    choice = choose_strategy(strategy, unloaded)
+    assert choice.strategy == "on-demand" and "next request loads" in choice.reason
