@@ -21,7 +21,8 @@ from server.deployments.slot import Lease, Slot, SlotState, Target
 
 @dataclass(frozen=True)
 class OnDemand:
-    """Loaded by its first request, unloaded after `idle_ttl_s` with nothing in flight."""
+    """Loaded by its first request, unloaded after `idle_ttl_s` with nothing in flight.
+    `target` is what the next load loads: read it only while nothing is loaded."""
 
     target: Target
     idle_ttl_s: float
@@ -79,6 +80,10 @@ class Deployment:
         if self.active is not None:
             return self.active.target
         return self.on_demand.target if self.on_demand is not None else None
+
+    @property
+    def target_version(self) -> str | None:
+        return self.target.version if self.target is not None else None
 
     @property
     def num_waiting(self) -> int:
@@ -171,7 +176,7 @@ class Deployment:
             "name": self.name,
             "version": self.version,
             "state": self.active.state.value if self.active else ("unloaded" if self.needs_load else "swapping"),
-            "on_demand": {"idle_ttl_s": self.on_demand.idle_ttl_s, "version": self.on_demand.target.version} if self.on_demand else None,
+            "on_demand": {"idle_ttl_s": self.on_demand.idle_ttl_s, "version": self.target_version} if self.on_demand else None,
             "in_flight": sum(s.num_leases for s in self.slots()),
             "waiting": self.num_waiting + self.admission.num_waiting,
             "is_swapping": self.swap_lock.locked(),

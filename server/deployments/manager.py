@@ -185,7 +185,7 @@ class DeploymentManager:
 
     def _save(self, deployment: Deployment) -> None:
         """What this deployment serves, for `restore` after a restart."""
-        version = _serving_version(deployment)
+        version = deployment.target_version
         if version is None or "@" not in version:  # a local folder is no registry version to come back to
             return
         state = {
@@ -245,7 +245,7 @@ class DeploymentManager:
             raise InvalidRequestError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.", param="strategy")
         overrides = deployment.engine_overrides if engine_options is None else engine_options
         target, choice = self._plan_swap(deployment, ref, strategy, overrides)
-        record = SwapRecord(name, "swap", _serving_version(deployment), target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
+        record = SwapRecord(name, "swap", deployment.target_version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
         return await self._run(deployment, record, self._swap(deployment, record, target, choice, overrides), wait)
 
     async def rollback(self, name: str, change: Change, wait: bool = True) -> SwapRecord:
@@ -253,7 +253,7 @@ class DeploymentManager:
         if deployment.previous_version is None:
             raise ConflictError(f"Deployment {name} has no previous version to roll back to.")
         target, choice = self._plan_swap(deployment, deployment.previous_version, "auto", deployment.engine_overrides)
-        record = SwapRecord(name, "rollback", _serving_version(deployment), target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
+        record = SwapRecord(name, "rollback", deployment.target_version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
         return await self._run(deployment, record, self._swap(deployment, record, target, choice, deployment.engine_overrides), wait)
 
     async def start_canary(self, name: str, ref: str, weight: int, change: Change) -> SwapRecord:
@@ -381,7 +381,7 @@ class DeploymentManager:
 
     def _plan_swap(self, deployment: Deployment, ref: str, strategy: str, overrides: dict) -> tuple[Target, Choice]:
         target = self._resolve(ref, overrides)
-        if target.version == _serving_version(deployment) and overrides == deployment.engine_overrides:
+        if not deployment.is_failed and target.version == deployment.target_version and overrides == deployment.engine_overrides:
             raise ConflictError(f"{deployment.name} already serves {target.version}{'' if deployment.active else ' (on demand)'}.")
         return target, choose_strategy(strategy, self._swap_facts(deployment, target))
 
@@ -470,10 +470,6 @@ def start_point(named: str, overrides: dict, saved: dict | None) -> tuple[str, d
     if saved and saved.get("started_as") == named and saved.get("version"):
         return saved["version"], saved.get("engine_overrides") or {}
     return named, overrides
-
-
-def _serving_version(deployment: Deployment) -> str | None:
-    return deployment.target.version if deployment.target else None
 
 
 def _changes_output_only(active: Target, target: Target) -> bool:

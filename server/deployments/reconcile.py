@@ -136,6 +136,6 @@ class Reconciler:
 
 def _running(deployment) -> State:
     on_demand = deployment.on_demand
-    version = deployment.version or (on_demand.target.version if on_demand else None)
+    version = deployment.target_version
     idle_ttl_s = on_demand.idle_ttl_s if on_demand else None
     return State.of(version, on_demand is not None, idle_ttl_s, deployment.smoke_prompts, deployment.policy, deployment.engine_overrides)

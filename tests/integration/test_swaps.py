@@ -374,6 +374,7 @@ def test_rolling_back_an_unloaded_on_demand_deployment_retargets_its_next_load(h
         _deploy_on_demand(server, "lazy", "chat@2", idle_ttl_s=0.3)
         assert _ask_model(server, "lazy") == "chat@2"
         _admin(server, "POST", "/deployments/lazy/swap", to="chat@1")  # loaded: a real swap
+        assert _admin(server, "GET", "/deployments/lazy")["on_demand"]["version"] == "chat@1"
         _wait_for(lambda: _admin(server, "GET", "/deployments/lazy")["state"] == "unloaded")
         record = _admin(server, "POST", "/deployments/lazy/rollback")
         assert (record["status"], record["strategy"], record["to_version"]) == ("succeeded", "on-demand", "chat@2")
