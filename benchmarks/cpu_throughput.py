@@ -116,7 +116,7 @@ def _servers(model: Path, args) -> list[tuple[str, list[str], str]]:
     transformers serve preloads the model given on its command line and answers to that path;
     vLLM's own server runs with the settings baton's vLLM engine uses on CPU, else both on
     vLLM's defaults (max_num_seqs included)."""
-    baton = [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}", "--engine", args.engine]
+    baton = [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}", "--engine", args.engine, "--no-restore"]
     anchors = {
         "transformers-serve": [str(BIN / "transformers"), "serve", str(model), "--port", "{port}", "--device", "cpu"],
         "vllm-server": [

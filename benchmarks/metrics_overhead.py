@@ -32,7 +32,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"with": [], "without": []}
     for _ in range(args.rounds):
         for variant in runs:
-            command = [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}", "--engine", args.engine, "--log-level", "warning"]
+            command = [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}", "--engine", args.engine, "--log-level", "warning", "--no-restore"]
             command += ["--no-request-metrics"] if variant == "without" else []
             with _running(command, f"metrics_{variant}") as (url, server):
                 asyncio.run(_load(url, "bench", prompts[:2], args.max_tokens, concurrency=2))  # warm-up

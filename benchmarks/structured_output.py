@@ -37,7 +37,7 @@ VARIANTS = {"plain": {}, "json_schema": {"response_format": {"type": "json_schem
 def main() -> None:
     args = parse_ab_arguments(__doc__, rounds=3)
     prompts = _prompts(args.requests, seed=0)
-    command = [str(BIN / "baton"), "serve", "--model", str(args.model or _demo_model()), "--name", "bench", "--port", "{port}", "--engine", args.engine, "--log-level", "warning"]
+    command = [str(BIN / "baton"), "serve", "--model", str(args.model or _demo_model()), "--name", "bench", "--port", "{port}", "--engine", args.engine, "--log-level", "warning", "--no-restore"]
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     with _running(command, "structured_output") as (url, _):
         for variant, extra in VARIANTS.items():  # warm-up: the first grammar compiles here

@@ -86,7 +86,7 @@ def _two_versions(scratch: Path, model: Path | None, engine: str) -> Path:
 def _run(home: Path, strategy: str, args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [str(Path(sys.executable).parent / "baton"), "--home", str(home), "serve", "--model", "chat@1", "--name", "chat", "--port", str(port), "--log-level", "warning"]
+    command = [str(Path(sys.executable).parent / "baton"), "--home", str(home), "serve", "--model", "chat@1", "--name", "chat", "--port", str(port), "--log-level", "warning", "--no-restore"]
     log = open(RESULTS / f"swap_{strategy}.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -218,7 +218,8 @@ def _percentiles(values: list[float]) -> dict:
 def _report(runs: dict, args) -> None:
     for strategy, run in runs.items():
         t = run["ttft"]
-        ratio = (t["during"]["p99_s"] / t["before"]["p99_s"]) if t["during"]["p99_s"] and t["before"]["p99_s"] else float("nan")
+        during = f"during {t['during']['p50_s']}/{t['during']['p99_s']} s" if t["during"]["n"] else "none sent during the swap"
+        ratio = f"; p99 during / steady state x{t['during']['p99_s'] / t['before']['p99_s']:.2f}" if t["during"]["n"] and t["before"]["p99_s"] else ""
         print(
             f"{strategy:>10}: {run['requests']} requests, {run['failed']} failed, swap {run['swap_status']} in {run['swap_seconds']} s, "
             f"new requests held {run['hold_s']} s "
@@ -226,8 +227,8 @@ def _report(runs: dict, args) -> None:
             f"longest gap without an in-SLO first token {run['longest_gap_without_slo_first_token_s']} s, peak RSS {run['peak_rss_mb']} MB"
         )
         print(
-            f"{'':>10}  TTFT p50/p99 before {t['before']['p50_s']}/{t['before']['p99_s']} s, during {t['during']['p50_s']}/{t['during']['p99_s']} s, "
-            f"after {t['after']['p50_s']}/{t['after']['p99_s']} s; p99 during / steady state x{ratio:.2f}"
+            f"{'':>10}  TTFT p50/p99 before {t['before']['p50_s']}/{t['before']['p99_s']} s, {during}, "
+            f"after {t['after']['p50_s']}/{t['after']['p99_s']} s{ratio}"
         )
         if run["swap_error"]:
             print(f"{'':>10}  swap failed: {run['swap_error']}")
@@ -303,7 +304,8 @@ def _swap(url: str, to: str, strategy: str, fallback: str | None = None) -> None
     response = httpx.post(f"{url}/admin/deployments/chat/swap", json={"to": to, "strategy": strategy}, timeout=600)
     if response.status_code == 409 and fallback:  # the memory plan does not fit both
         return _swap(url, to, fallback)
-    response.raise_for_status()
+    if response.is_error:
+        raise SystemExit(f"swap to {to} ({strategy}) refused: {response.status_code} {response.text}")
 
 
 

@@ -52,7 +52,7 @@ def _parse() -> argparse.Namespace:
 
 def _servers(args) -> list[tuple[str, list[str]]]:
     rows = str(max(args.concurrency))
-    baton = [str(BIN / "baton"), "serve", "--model", str(args.model), "--name", "bench", "--port", "{port}", "--engine", "transformers", "--max-batch-size", rows]
+    baton = [str(BIN / "baton"), "serve", "--model", str(args.model), "--name", "bench", "--port", "{port}", "--engine", "transformers", "--max-batch-size", rows, "--no-restore"]
     servers = [
         ("baton", baton),
         ("baton-eager", [*baton, "--engine-option", "cuda_graphs=false"]),
