@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelSwappedError, NotFoundError
+from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelNotFoundError, ModelSwappedError, NotFoundError
 from server.api.generation import ChoiceChunk, build_requests, check_token_ids, read_tool_calls, stream_choices
 from server.api.shapes import ChatFormat, TextFormat
 from server.api.tool_formats import format_taught_by
@@ -49,6 +49,19 @@ def _check_deployment(request: Request, name: str) -> None:
         raise ForbiddenError(f"The key {key.name!r} may not call the model '{name}'.", param="model", code="model_not_allowed")
 
 
+def _route(request: Request, model: str) -> tuple[str, str | None]:
+    """The deployment and pinned version `model` names (DeploymentManager.route), if the key
+    may call that deployment. Rule: a key limited to some deployments learns nothing of
+    the others: whatever it names outside them, known or not, is a 403."""
+    try:
+        deployment, version = request.state.deployments.route(model)
+    except ModelNotFoundError:
+        _check_deployment(request, model)
+        raise
+    _check_deployment(request, deployment)
+    return deployment, version
+
+
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
 
 
@@ -68,8 +81,11 @@ async def list_models(request: Request) -> dict:
 
 @router.get("/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict:
-    if model not in _callable_names(request):
-        raise NotFoundError(f"The model '{model}' does not exist.", param="model", code="model_not_found")
+    """A deployment's card, or a pinnable version's (`chat@3`) while it is served."""
+    try:
+        _route(request, model)
+    except (ModelNotFoundError, ForbiddenError) as error:
+        raise NotFoundError(f"The model '{model}' does not exist.", param="model", code="model_not_found") from error
     return _model_card(request, model)
 
 
@@ -96,11 +112,10 @@ def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
 async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | None = None):
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
     out of here returns the lease exactly once (Lease.release is idempotent)."""
-    _check_deployment(request, body.model)
-    request.state.deployments.get(body.model)  # an unknown model: 404, and no metric labelled with it
-    observation = _observation(request, body.model)
+    deployment, pinned = _route(request, body.model)  # an unknown model: 404, and no metric labelled with it
+    observation = _observation(request, deployment)
     try:
-        lease = await request.state.deployments.lease(body.model)
+        lease = await request.state.deployments.lease(deployment, pinned)
     except BaseException as error:
         observation.finish(_status_of(error))
         raise

@@ -13,7 +13,7 @@ import time
 
 from dataclasses import dataclass
 
-from models.errors import OverloadedError
+from models.errors import ModelNotFoundError, OverloadedError
 from server.deployments.admission import Admission
 from server.deployments.health import HealthPolicy, Slo, Window
 from server.deployments.slot import Lease, Slot, SlotState, Target
@@ -86,6 +86,12 @@ class Deployment:
         return self.target.version if self.target is not None else None
 
     @property
+    def pinnable_versions(self) -> set[str]:
+        """The versions a request may name instead of the deployment: the one it serves (or,
+        unloaded on demand, loads next) and its canary's."""
+        return {version for version in (self.target_version, self.canary.version if self.canary else None) if version}
+
+    @property
     def num_waiting(self) -> int:
         return self._num_waiting
 
@@ -94,14 +100,24 @@ class Deployment:
         """An on-demand deployment with nothing loaded and no swap or load under way."""
         return self.on_demand is not None and self.active is None and not self.swap_lock.locked()
 
-    async def lease(self) -> Lease:
+    async def lease(self, version: str | None = None) -> Lease:
+        """A lease on the active slot, or the canary by weight; with `version`, on the slot
+        that serves it (404 if neither does by then: a swap took it away)."""
         if not self._serving.is_set():
             await self._wait_for_serving()
         if self.active is None:  # woken by a failed on-demand load
             raise self._load_error or OverloadedError(f"Deployment {self.name} has no version loaded; retry shortly.")
+        if version is not None:
+            return self._slot_serving(version).take_lease()
         if self.canary is not None and self._random.uniform(0, 100) < self.canary_weight:
             return self.canary.take_lease()
         return self.active.take_lease()
+
+    def _slot_serving(self, version: str) -> Slot:
+        for slot in (self.active, self.canary):
+            if slot is not None and slot.version == version:
+                return slot
+        raise ModelNotFoundError(f"The model '{version}' is not served by {self.name} now; it serves {self.version}.", param="model")
 
     def flip_to(self, slot: Slot) -> Slot | None:
         """Send new requests to `slot`; return the slot that served until now."""

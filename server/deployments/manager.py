@@ -60,17 +60,42 @@ class DeploymentManager:
 
     # -- requests -------------------------------------------------------------------------
 
-    async def lease(self, name: str) -> Lease:
+    def route(self, model: str) -> tuple[str, str | None]:
+        """The deployment a request's `model` names, and the version it pins (None: the
+        deployment's choice). A deployment's name pins nothing; a registry ref (`chat@3`,
+        `chat@prod`) pins that version, on a deployment whose active or canary slot serves it
+        (or that loads it next on demand), the one named like the model first."""
+        if "@" not in model:
+            return self.get(model).name, None
+        version = self._ref_of(model)
+        serving = sorted((d for d in self.deployments if version in d.pinnable_versions), key=lambda d: d.name != version.partition("@")[0])
+        if not serving:
+            served = ", ".join(sorted(set().union(*(d.pinnable_versions for d in self.deployments)))) or "none"
+            raise ModelNotFoundError(f"The model '{model}' ({version}) is not served now. Versions served: {served}.", param="model")
+        return serving[0].name, version
+
+    async def lease(self, name: str, version: str | None = None) -> Lease:
         """A place in the deployment's admission queue, then a lease on the slot that serves
-        it; the place is given back with the lease. A deployment that is failed or breaching
-        its objectives sends the request to its first healthy fallback instead."""
+        it (`version`'s, if pinned); the place is given back with the lease. A deployment that
+        is failed or breaching its objectives sends an unpinned request to its first healthy
+        fallback instead."""
         deployment = self.get(name)
-        fallback = self._healthy_fallback(deployment) if deployment.needs_fallback else None
+        fallback = self._healthy_fallback(deployment) if deployment.needs_fallback and version is None else None
         if fallback is not None:
             lease = await self._lease_on(fallback)
             lease.fallback_from = name
             return lease
-        return await self._lease_on(deployment)
+        return await self._lease_on(deployment, version)
+
+    def _ref_of(self, model: str) -> str:
+        """`chat@3` as it is; an alias (`chat@prod`) resolved in the registry."""
+        name, _, selector = model.partition("@")
+        if selector.isdigit():
+            return f"{name}@{int(selector)}"
+        try:
+            return self._registry.resolve(model).ref
+        except (NotFoundError, InvalidRequestError) as error:
+            raise ModelNotFoundError(f"The model '{model}' does not exist: {error}", param="model") from error
 
     def _healthy_fallback(self, deployment: Deployment) -> Deployment | None:
         for name in deployment.policy.fallbacks:
@@ -79,13 +104,13 @@ class DeploymentManager:
                 return candidate
         return None
 
-    async def _lease_on(self, deployment: Deployment) -> Lease:
+    async def _lease_on(self, deployment: Deployment, version: str | None = None) -> Lease:
         name = deployment.name
         await deployment.admission.enter()
         try:
             if deployment.needs_load:
                 self._start_on_demand_load(deployment)
-            lease = await deployment.lease()
+            lease = await deployment.lease(version)
         except BaseException:
             deployment.admission.leave()
             raise

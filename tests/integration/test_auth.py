@@ -27,17 +27,21 @@ ROUTES = {  # name: (method, path, body)
     "models": ("GET", "/v1/models", None),
     "chat": ("POST", "/v1/chat/completions", {"model": "chat", **HI}),
     "completion": ("POST", "/v1/completions", {"model": "chat", "prompt": "hi", "max_tokens": 2}),
+    "pinned": ("POST", "/v1/chat/completions", {"model": "chat@1", **HI}),
     "admin-status": ("GET", "/admin/status", None),
     "admin-models": ("GET", "/admin/models", None),
     "admin-swap": ("POST", "/admin/deployments/chat/swap", {"to": "nosuch@1"}),
 }
 # What each caller gets on each route; admin-swap's 404 is the unknown version: it got past auth.
+# `pinned` names a version nothing serves: 404 for a key that may call every deployment, 403
+# for one limited to others (it learns nothing of what is served beyond its own).
 EXPECTED = {
     "health": {"none": 200, "wrong": 200, "inference": 200, "admin": 200, "other-deployment": 200},
     "ready": {"none": 200, "wrong": 200, "inference": 200, "admin": 200, "other-deployment": 200},
     "models": {"none": 401, "wrong": 401, "inference": 200, "admin": 403, "other-deployment": 200},
     "chat": {"none": 401, "wrong": 401, "inference": 200, "admin": 403, "other-deployment": 403},
     "completion": {"none": 401, "wrong": 401, "inference": 200, "admin": 403, "other-deployment": 403},
+    "pinned": {"none": 401, "wrong": 401, "inference": 404, "admin": 403, "other-deployment": 403},
     "admin-status": {"none": 401, "wrong": 401, "inference": 403, "admin": 200, "other-deployment": 403},
     "admin-models": {"none": 401, "wrong": 401, "inference": 403, "admin": 200, "other-deployment": 403},
     "admin-swap": {"none": 401, "wrong": 401, "inference": 403, "admin": 404, "other-deployment": 403},

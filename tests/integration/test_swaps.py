@@ -382,6 +382,33 @@ def test_rolling_back_an_unloaded_on_demand_deployment_retargets_its_next_load(h
         assert _ask_model(server, "lazy") == "chat@2"
 
 
+def test_a_request_naming_a_version_is_served_by_that_version(home):
+    Registry(home).set_alias("chat", "2", "beta", Change("tester"))
+    with _server(home, FakeEngineFactory()) as server:
+        _admin(server, "POST", "/deployments/chat/canary", to="chat@2", weight=1)
+        client = server.client()
+        for model in ("chat@2", "chat@beta", "chat@1"):
+            raw = client.chat.completions.with_raw_response.create(model=model, messages=HI, max_tokens=2)
+            served = "chat@1" if model == "chat@1" else "chat@2"
+            assert (raw.headers["x-baton-version"], raw.headers["x-baton-deployment"], raw.parse().model) == (served, "chat", served)
+        assert client.models.retrieve("chat@beta").id == "chat@beta"
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.chat.completions.create(model="chat@3", messages=HI, max_tokens=2)
+        assert "not served now" in str(refused.value) and "chat@1, chat@2" in str(refused.value)
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.chat.completions.create(model="chat@nosuch", messages=HI, max_tokens=2)
+        _admin(server, "POST", "/deployments/chat/canary/abort")
+        with pytest.raises(openai.NotFoundError, match="not served now"):
+            client.chat.completions.create(model="chat@2", messages=HI, max_tokens=2)
+
+
+def test_a_request_naming_the_version_an_unloaded_on_demand_deployment_serves_loads_it(home):
+    with _server(home, FakeEngineFactory()) as server:
+        _deploy_on_demand(server, "lazy", "chat@2")
+        assert _ask_model(server, "chat@2") == "chat@2"
+        assert _admin(server, "GET", "/deployments/lazy")["state"] == "ready"
+
+
 def test_on_demand_evicts_the_least_recently_used_idle_deployment(home):
     one_version = Registry(home).resolve("chat@1").manifest.total_bytes
     with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 2.5)) as server:
