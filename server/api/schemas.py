@@ -177,6 +177,13 @@ class _GenerationBody(_Strict):
 
     _stop_as_list = field_validator("stop", mode="before")(_as_list)
 
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop):
+        if stop and "" in stop:
+            raise ValueError("a stop sequence cannot be empty")
+        return stop
+
     @field_validator("logit_bias")
     @classmethod
     def _check_logit_bias(cls, bias):

@@ -17,7 +17,7 @@ from server.engines.base import Chunk, EngineHealth, GenerationRequest, JsonForm
 from server.engines.model_folder import check_model_folder
 from server.engines.options import VLLMOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
-from models.errors import EngineError, EngineStoppedError, ModelLoadError
+from models.errors import EngineError, EngineStoppedError, InvalidRequestError, ModelLoadError
 
 
 def is_available() -> bool:
@@ -79,12 +79,13 @@ class VLLMEngine:
         if self._engine is None or self._engine.errored:
             raise EngineStoppedError("The engine is not running.")
         self._in_flight.add(request.request_id)
-        is_finished = False
+        is_started, is_finished = False, False
         try:
             # The prompt goes through vLLM's renderer, as vLLM's own server sends it (a raw
             # prompt is deprecated); its ids are baton's rendering of the chat template.
             (prompt,) = await self._engine.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))])
             async for output in self._engine.generate(prompt, self._sampling(request), request.request_id):
+                is_started = True
                 completion = output.outputs[0]
                 is_finished = output.finished
                 if completion.finish_reason == "abort":  # not ours: a reload (or vLLM) ended it
@@ -94,6 +95,13 @@ class VLLMEngine:
                     yield Chunk(completion.text, len(completion.token_ids), reason, _logprobs(completion, request.sampling.logprobs))
         except EngineStoppedError:
             raise
+        except _request_errors() as error:
+            if is_started:
+                raise EngineError(f"vLLM failed: {error}") from error
+            # vLLM checks a request as it is added (its grammar is compiled then); what it
+            # refuses, its own server answers with a 400, and so does baton.
+            param = getattr(error, "parameter", None) or ("response_format" if request.sampling.json_format else None)
+            raise InvalidRequestError(f"vLLM cannot serve this request: {error}", param=param) from error
         except Exception as error:
             if self._engine is None:
                 raise EngineStoppedError("The engine stopped before this generation finished.") from error
@@ -242,6 +250,15 @@ def _logprobs(completion, num_top: int | None) -> tuple[TokenLogprob, ...]:
         best = sorted((c for c in candidates.values() if c.rank is not None and c.rank <= num_top), key=lambda c: c.rank)
         entries.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob, tuple((c.decoded_token or "", c.logprob) for c in best)))
     return tuple(entries)
+
+
+def _request_errors() -> tuple[type[Exception], ...]:
+    """How vLLM says a request is at fault: a ValueError, or (from 0.32) a VLLMClientError."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
 
 
 def _finish_reason(reason: str | None) -> str:

@@ -18,6 +18,9 @@ def _chat(**fields) -> dict:
     return {"model": "tiny", "messages": HI, **fields}
 
 
+UNCOMPILABLE_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?<=a)b"}}}
+
+
 def _assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -42,6 +45,7 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         (_chat(seed=-(2**63) - 1), "seed"),
         (_chat(seed=2**63 - 1, n=2), "seed"),  # choice 1 would use seed + 1
         (_chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+        (_chat(stop=["a", ""]), "stop"),
         (_chat(stream_options={"include_usage": True}), None),
         ({"model": "tiny", "messages": []}, "messages"),
         ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
@@ -55,6 +59,7 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         (_chat(top_logprobs=21, logprobs=True), "top_logprobs"),
         (_chat(top_logprobs=2), None),  # needs logprobs: true
         (_chat(response_format={"type": "xml"}), "response_format.type"),
+        (_chat(response_format=UNCOMPILABLE_SCHEMA), "response_format"),  # valid JSON Schema; no grammar has look-behind
     ],
 )
 def test_invalid_values_get_400_naming_the_field(tiny_server, body, param):

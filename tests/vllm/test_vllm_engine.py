@@ -241,6 +241,22 @@ def test_vllm_odd_inputs_beside_good_streams_all_answer(tiny_server):
     assert all(r.json()["choices"][0]["finish_reason"] in ("stop", "length") for r in responses[:4])
 
 
+def test_vllm_refuses_a_schema_its_grammar_cannot_compile_with_a_400_beside_good_requests(tiny_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.integration.test_errors import UNCOMPILABLE_SCHEMA
+
+    url = f"{tiny_server.url}/v1/chat/completions"
+    good = {"model": "tiny", "messages": HELLO, "max_tokens": 16, "temperature": 0}
+    with ThreadPoolExecutor(4) as pool:
+        goods = [pool.submit(httpx.post, url, json=good, timeout=120) for _ in range(3)]
+        refused = pool.submit(httpx.post, url, json={**good, "response_format": UNCOMPILABLE_SCHEMA}, timeout=120).result()
+        assert [f.result().status_code for f in goods] == [200] * 3
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "response_format") and "look" in error["message"]
+
+
 def test_vllm_engine_killed_mid_stream_ends_the_stream_and_the_deployment_comes_back(tiny_server):
     """Kill vLLM's engine-core process under a stream: a clean error event within seconds,
     then baton restarts the version and serves the next request."""
