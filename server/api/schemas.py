@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -272,8 +272,15 @@ class ChatCompletionRequest(_GenerationBody):
         return self.response_format.json_format if self.response_format else None
 
 
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a non-empty list of such lists"
+
+
+def _is_token_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
 class CompletionRequest(_GenerationBody):
-    prompt: list[str] | list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]] = Field(min_length=1)
+    prompt: list[str] | list[list[int]]  # token ids are checked against the vocabulary later
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions; null: the context's room
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: Literal[False] = False
@@ -282,11 +289,14 @@ class CompletionRequest(_GenerationBody):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_as_list(cls, prompt):
-        """A string, a list of strings, a list of token ids, or a list of such lists."""
-        if isinstance(prompt, str):
-            return [prompt]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return [prompt]
+        """One of PROMPT_SHAPES, as a list of prompts. Checked here, whole, so that a wrong
+        shape is named as such, not as the first of the union's failed branches."""
+        if isinstance(prompt, str) or _is_token_ids(prompt):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt or not (all(isinstance(p, str) for p in prompt) or all(map(_is_token_ids, prompt))):
+            raise ValueError(f"a prompt is {PROMPT_SHAPES}")
+        if [] in prompt:
+            raise ValueError("a prompt of token ids cannot be empty")
         return prompt
 
     @property

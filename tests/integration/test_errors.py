@@ -68,6 +68,22 @@ def test_invalid_values_get_400_naming_the_field(tiny_server, body, param):
     assert error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    ("prompt", "words"),
+    [
+        ([], "cannot be empty"),
+        ([[]], "cannot be empty"),
+        (["a", [1, 2]], "a list of strings, a list of token ids"),
+        ([-1, 5], "Token id -1 in prompt"),
+        ([[5], [10**9]], "Token id 1000000000 in prompt"),
+        ({"text": "hi"}, "a list of strings, a list of token ids"),
+    ],
+)
+def test_a_completion_prompt_of_the_wrong_shape_is_a_400_naming_prompt(tiny_server, prompt, words):
+    response = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2})
+    assert words in _assert_openai_error(response, 400, "prompt")["message"]
+
+
 def test_unimplemented_field_is_named_in_the_message(tiny_server):
     response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(audio={"voice": "alloy"}))
     assert "audio" in _assert_openai_error(response, 400, "audio")["message"]
