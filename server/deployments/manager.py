@@ -14,6 +14,7 @@ import logging
 from dataclasses import replace
 
 from models.catalog import Change
+from models.names import check_name
 from models.registry import Registry
 from server.config import ModelSpec, Settings
 from server.deployments.deployment import Deployment, OnDemand
@@ -179,6 +180,7 @@ class DeploymentManager:
         health: HealthPolicy | None = None,
         engine_options: dict | None = None,
     ) -> Deployment:
+        check_name(name, "deployment name")  # clients send it as `model`; it is in URLs and logs
         if name in self._deployments:
             raise ConflictError(f"Deployment {name} exists; swap it instead.")
         target = self._resolve(ref, engine_options)

@@ -210,6 +210,9 @@ def test_unknown_version_and_strategy_are_clear_errors(home):
         assert _admin(server, "POST", "/deployments/chat/swap", expect=400, to="")["error"]["param"] == "name"
         assert _admin(server, "POST", "/deployments/chat/canary", expect=400, to="", weight=10)["error"]["param"] == "name"
         assert _admin(server, "POST", "/models", expect=400, source="/tmp/a\x00b", name="x")["error"]["param"] == "source"
+        for name in ("../x", "Chat", "a b", ""):
+            assert _admin(server, "POST", "/deployments", expect=400, name=name, model="chat@2")["error"]["param"] == "name"
+        assert [d["name"] for d in _admin(server, "GET", "/deployments")] == ["chat"]
         with pytest.raises(openai.NotFoundError):
             server.client().chat.completions.create(model="nope", messages=HI)
 
