@@ -410,6 +410,8 @@ class DeploymentManager:
         target = self._resolve(ref, overrides)
         if not deployment.is_failed and target.version == deployment.target_version and overrides == deployment.engine_overrides:
             raise ConflictError(f"{deployment.name} already serves {target.version}{'' if deployment.active else ' (on demand)'}.")
+        if deployment.canary is not None and target.version == deployment.canary.version:  # else two engines of one version
+            raise ConflictError(f"{target.version} is {deployment.name}'s canary; promote it (or abort it and swap).")
         return target, choose_strategy(strategy, self._swap_facts(deployment, target))
 
     def _swap_facts(self, deployment: Deployment, target: Target) -> SwapFacts:

@@ -194,6 +194,17 @@ def test_a_second_swap_while_swapping_gets_409(home):
         assert conflict["error"]["code"] == "swap_in_progress"
 
 
+def test_a_swap_to_the_canarys_version_is_refused_and_promotion_keeps_the_old_version_for_rollback(home):
+    with _server(home, FakeEngineFactory()) as server:
+        _admin(server, "POST", "/deployments/chat/canary", to="chat@2", weight=10)
+        refused = _admin(server, "POST", "/deployments/chat/swap", expect=409, to="chat@2")["error"]["message"]
+        assert "canary; promote it" in refused
+        _admin(server, "POST", "/deployments/chat/canary/promote")
+        deployment = _admin(server, "GET", "/deployments/chat")
+        assert (deployment["version"], deployment["standby"]["version"], deployment["previous_version"]) == ("chat@2", "chat@1", "chat@1")
+        assert _admin(server, "POST", "/deployments/chat/rollback")["to_version"] == "chat@1"
+
+
 def test_canary_abort_routes_everything_back(home):
     with _server(home, FakeEngineFactory()) as server:
         _admin(server, "POST", "/deployments/chat/canary", to="chat@2", weight=50)
