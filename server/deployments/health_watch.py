@@ -13,6 +13,7 @@ import uuid
 import httpx
 
 from models.catalog import Change
+from models.errors import BatonError
 from server.config import Settings
 from server.deployments.deployment import Deployment
 from server.deployments.health import Breach, Slo, breaches, slo_from_baseline
@@ -98,7 +99,13 @@ class HealthWatch:
         deployment.breaching.add(source)
         if action == "rollback":
             reason = "degradation: " + "; ".join(b.text for b in found)
-            self._manager.keep(asyncio.ensure_future(self._manager.rollback(deployment.name, Change("baton", reason))))
+            self._manager.keep(asyncio.ensure_future(self._roll_back(deployment.name, reason)))
+
+    async def _roll_back(self, name: str, reason: str) -> None:
+        try:
+            await self._manager.rollback(name, Change("baton", reason))
+        except BatonError as error:  # the version serves on; its swap record (if any) says why too
+            log.error("automatic rollback of %s failed: %s", name, error)
 
     async def _answer(self, slot: Slot, prompt: str, max_tokens: int = 64) -> str:
         """A greedy chat answer straight from a slot's engine."""

@@ -58,6 +58,20 @@ def test_a_version_that_slows_down_is_rolled_back_without_losing_a_request(home)
     assert rollbacks and rollbacks[-1]["reason"].startswith("degradation: TTFT p95")
 
 
+def test_an_automatic_rollback_that_fails_is_logged_and_the_version_serves_on(two_versions_home, caplog):
+    home = two_versions_home()  # its own: the version it ends on is saved, and would be restored by the next test
+    slow = Registry(home).resolve("chat@2").path.name
+    factory = FakeEngineFactory({slow: FakeBehaviour(token_seconds=0.1, fails_to_reload=True)})
+    policy = HealthPolicy(slo=Slo(max_ttft_p95_s=0.05, min_requests=5), on_breach="rollback")
+    settings = Settings(home=home, models=[_spec(home, "chat", "chat@1", policy)], idle_check_s=0.1, keep_standby=False)
+    with ServerThread(settings, engine_factory=factory) as server:
+        httpx.post(f"{server.url}/admin/deployments/chat/swap", json={"to": "chat@2", "strategy": "blue-green"}, timeout=60).raise_for_status()
+        for _ in range(8):
+            httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK}, timeout=30)
+        _wait_for(lambda: any("automatic rollback of chat failed" in record.getMessage() for record in caplog.records))
+        assert httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK}, timeout=30).headers["x-baton-version"] == "chat@2"
+
+
 class _Hook(BaseHTTPRequestHandler):
     received: list[dict] = []
 
