@@ -9,6 +9,7 @@ null`, `response_format: {"type": "text"}`, `echo: false`): clients send their d
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 from typing import Literal
 
@@ -87,7 +88,14 @@ def _as_object(arguments: str):
         return arguments
 
 
-MAX_SCHEMA_CHARS = 32_768  # a grammar is compiled from it per new schema: bounded work per request
+# Rule: a grammar is compiled from each new schema, so the work a schema can ask for is
+# bounded: its size, and the counts a grammar grows with. vLLM checks a schema in the event
+# loop (a minItems of 10^8 held every request for 28 s); xgrammar took 5 s for a{10000}.
+MAX_SCHEMA_CHARS = 32_768
+MAX_SCHEMA_COUNT = 10_000  # minItems, maxLength and the like
+MAX_PATTERN_REPEAT = 1_000  # n and m in a pattern's {n}, {n,}, {n,m}
+COUNT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains", "maxContains")
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 
 def _check_json_schema(schema: dict) -> dict:
@@ -99,7 +107,27 @@ def _check_json_schema(schema: dict) -> dict:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:
         raise ValueError(f"not a valid JSON schema: {error.message}") from error
+    if problem := _unbounded_work(schema):
+        raise ValueError(problem)
     return schema
+
+
+def _unbounded_work(node) -> str | None:
+    """The first count or pattern repetition in a schema over its bound, said plainly."""
+    if isinstance(node, list):
+        return next(filter(None, map(_unbounded_work, node)), None)
+    if not isinstance(node, dict):
+        return None
+    for keyword in COUNT_KEYWORDS:
+        if isinstance(count := node.get(keyword), int) and count > MAX_SCHEMA_COUNT:
+            return f"{keyword} is {count}; at most {MAX_SCHEMA_COUNT} is accepted"
+    patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+    patterns += list(node["patternProperties"]) if isinstance(node.get("patternProperties"), dict) else []
+    for pattern in patterns:
+        repeats = [int(n) for match in _REPEAT.finditer(pattern) for n in match.groups() if n]
+        if repeats and max(repeats) > MAX_PATTERN_REPEAT:
+            return f"the pattern {pattern[:40]!r} repeats {max(repeats)} times; at most {MAX_PATTERN_REPEAT} is accepted"
+    return next(filter(None, map(_unbounded_work, node.values())), None)
 
 
 class FunctionDef(_Strict):

@@ -193,6 +193,30 @@ def test_a_malformed_schema_is_a_400_naming_it(client):
     assert refused.value.body["param"] == "response_format.json_schema.schema" and "at most 32768" in refused.value.body["message"]
 
 
+@pytest.mark.parametrize(
+    ("schema", "words"),
+    [
+        ({"type": "array", "items": {"type": "integer"}, "minItems": 10**8}, "minItems is 100000000; at most 10000"),
+        ({"type": "object", "properties": {"code": {"type": "string", "pattern": "^a{100000}$"}}}, "repeats 100000 times; at most 1000"),
+        ({"type": "object", "properties": {"maxLength": {"type": "string", "maxLength": 80}}}, None),  # a property named like a keyword
+    ],
+)
+def test_a_schema_whose_grammar_would_be_unbounded_is_a_400_before_any_engine_sees_it(client, schema, words):
+    """A grammar grows with a schema's counts; vLLM checks schemas in the event loop, where a
+    minItems of 10^8 held every request for 28 s."""
+    body = {"model": "tiny", "messages": HI, "max_tokens": 4, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    if words is None:
+        assert client.chat.completions.create(**body).choices[0].finish_reason in ("stop", "length")
+        return
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**body)
+    assert refused.value.body["param"] == "response_format.json_schema.schema" and words in refused.value.body["message"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": schema}}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=HI, tools=[tool], tool_choice="required")
+    assert refused.value.body["param"] == "tools.0.function.parameters"
+
+
 def test_the_grammar_holds_against_a_bias_toward_a_forbidden_token(client, tokenizer):
     """logit_bias cannot push a token the schema forbids: the mask is applied last."""
     brace = tokenizer.encode("}", add_special_tokens=False)[0]
