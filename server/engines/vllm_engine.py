@@ -253,7 +253,7 @@ def _logprobs(completion, num_top: int | None) -> tuple[TokenLogprob, ...]:
 
 
 def _request_errors() -> tuple[type[Exception], ...]:
-    """How vLLM says a request is at fault: a ValueError, or (from 0.32) a VLLMClientError."""
+    """How vLLM says a request is at fault: a ValueError, or in newer releases (0.32) a VLLMClientError."""
     try:
         from vllm.exceptions import VLLMClientError
     except ImportError:
