@@ -94,6 +94,7 @@ def _as_object(arguments: str):
 MAX_SCHEMA_CHARS = 32_768
 MAX_SCHEMA_COUNT = 10_000  # minItems, maxLength and the like
 MAX_PATTERN_REPEAT = 1_000  # n and m in a pattern's {n}, {n,}, {n,m}
+MAX_LOGIT_BIAS = 1_024  # tokens a request may bias (40,000 cost 21 ms a token in the batch's step)
 COUNT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains", "maxContains")
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
@@ -215,6 +216,8 @@ class _GenerationBody(_Strict):
     @field_validator("logit_bias")
     @classmethod
     def _check_logit_bias(cls, bias):
+        if bias and len(bias) > MAX_LOGIT_BIAS:  # the transformers engine applies it at every step of the shared batch
+            raise ValueError(f"{len(bias)} tokens are biased; at most {MAX_LOGIT_BIAS} are accepted")
         for token, value in (bias or {}).items():
             if not token.isdigit():
                 raise ValueError(f"keys must be token ids; {token!r} is not")

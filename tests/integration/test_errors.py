@@ -55,6 +55,7 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         (_chat(logit_bias={"one": 5}), "logit_bias"),
         (_chat(logit_bias={"1": 101}), "logit_bias"),
         (_chat(logit_bias={"999999": 5}), "logit_bias"),  # not in the vocabulary
+        (_chat(logit_bias={str(token): -1 for token in range(1025)}), "logit_bias"),  # more than 1,024
         (_chat(presence_penalty=2.5), "presence_penalty"),
         (_chat(top_logprobs=21, logprobs=True), "top_logprobs"),
         (_chat(top_logprobs=2), None),  # needs logprobs: true
