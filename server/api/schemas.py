@@ -94,6 +94,7 @@ def _as_object(arguments: str):
 MAX_SCHEMA_CHARS = 32_768
 MAX_SCHEMA_COUNT = 10_000  # minItems, maxLength and the like
 MAX_PATTERN_REPEAT = 1_000  # n and m in a pattern's {n}, {n,}, {n,m}
+MAX_STOP_CHARS = 1_024
 MAX_LOGIT_BIAS = 1_024  # tokens a request may bias (40,000 cost 21 ms a token in the batch's step)
 COUNT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains", "maxContains")
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
@@ -211,6 +212,8 @@ class _GenerationBody(_Strict):
     def _check_stop(cls, stop):
         if stop and "" in stop:
             raise ValueError("a stop sequence cannot be empty")
+        if stop and (longest := max(map(len, stop))) > MAX_STOP_CHARS:  # each is looked for at every token
+            raise ValueError(f"a stop sequence is {longest} characters long; at most {MAX_STOP_CHARS} are accepted")
         return stop
 
     @field_validator("logit_bias")

@@ -46,6 +46,7 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         (_chat(seed=2**63 - 1, n=2), "seed"),  # choice 1 would use seed + 1
         (_chat(stop=["a", "b", "c", "d", "e"]), "stop"),
         (_chat(stop=["a", ""]), "stop"),
+        (_chat(stop=["x" * 1025]), "stop"),
         (_chat(stream_options={"include_usage": True}), None),
         ({"model": "tiny", "messages": []}, "messages"),
         ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),

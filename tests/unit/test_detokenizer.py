@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from server.engines.detokenizer import IncrementalDetokenizer
+from server.engines.detokenizer import IncrementalDetokenizer, held_back_length
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +46,15 @@ def test_detokenizer_stop_string_spanning_tokens(tokenizer):
     deltas, detokenizer = _stream(tokenizer, "alpha beta gamma", stop=("a b",))
     assert "".join(deltas) == "alph"
     assert detokenizer.is_stopped
+
+
+def test_held_back_length_is_the_longest_end_that_starts_a_marker():
+    """Against the rule itself, by every prefix, over seeded random texts and markers."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice("ab<") for _ in range(rng.randint(0, 12)))
+        markers = tuple("".join(rng.choice("ab<") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3)))
+        by_prefixes = max((n for marker in markers for n in range(1, len(marker)) if text.endswith(marker[:n])), default=0)
+        assert held_back_length(text, markers) == by_prefixes, (text, markers)
