@@ -15,6 +15,7 @@ from server.api.tools import OutputReader, ToolCall, ToolCallPiece
 
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit in torch and vLLM
+MAX_GENERATIONS = 64  # prompts x n in one request: one request may not fill the engine's queue for all others
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ def build_requests(
         check_token_ids([int(token) for token in body.logit_bias], vocab_size, "logit_bias")
     if body.n > max_n:
         raise InvalidRequestError(f"n must be at most {max_n}.", param="n")
+    if (num_generations := len(prompts) * body.n) > max(MAX_GENERATIONS, max_n):
+        limit = max(MAX_GENERATIONS, max_n)
+        raise InvalidRequestError(f"This request asks for {num_generations} generations ({len(prompts)} prompt(s) x n={body.n}); at most {limit} are accepted.", param="prompt")
     if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
         raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED} (choice i uses seed + i).", param="seed")
     # A temperature this small is greedy in all but name; dividing logits by it overflows.

@@ -86,6 +86,13 @@ def test_a_completion_prompt_of_the_wrong_shape_is_a_400_naming_prompt(tiny_serv
     assert words in _assert_openai_error(response, 400, "prompt")["message"]
 
 
+def test_a_completion_asking_for_more_than_64_generations_is_a_400(tiny_server):
+    url = f"{tiny_server.url}/v1/completions"
+    refused = httpx.post(url, json={"model": "tiny", "prompt": ["hi"] * 9, "n": 8, "max_tokens": 1})
+    assert "72 generations (9 prompt(s) x n=8); at most 64" in _assert_openai_error(refused, 400, "prompt")["message"]
+    assert httpx.post(url, json={"model": "tiny", "prompt": ["hi"] * 8, "n": 8, "max_tokens": 1}, timeout=120).status_code == 200
+
+
 def test_unimplemented_field_is_named_in_the_message(tiny_server):
     response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(audio={"voice": "alloy"}))
     assert "audio" in _assert_openai_error(response, 400, "audio")["message"]
