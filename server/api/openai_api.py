@@ -121,7 +121,9 @@ async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | 
         raise
     observation.leased(lease.deployment, lease.slot.version, request.state.deployments.get(lease.deployment).window.add)
     try:
-        prompts = tokenize(lease.engine)
+        # Off the event loop, as vLLM's server does it: a 4 MiB prompt takes seconds to render
+        # and tokenize, and every other stream would wait (the tokenizer releases the GIL).
+        prompts = await asyncio.to_thread(tokenize, lease.engine)
         settings = request.state.settings
         requests = build_requests(
             body, prompts, lease.engine.max_model_len, settings.max_n, settings.max_prompt_tokens, settings.max_completion_tokens, lease.engine.vocab_size

@@ -146,3 +146,27 @@ def _wait_for(condition, seconds: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_huge_prompt_is_tokenized_off_the_event_loop(tiny_server):
+    """Near the body limit, a prompt takes a second or more to render and tokenize (it is
+    then refused as too long); meanwhile the server answers others at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = "hello world, this is a prompt. " * (tiny_server.settings.max_body_bytes // 32 - 64)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+
+    def huge() -> tuple[int, float]:
+        started = time.perf_counter()
+        response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=body, timeout=120)
+        return response.status_code, time.perf_counter() - started
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(huge)
+        time.sleep(0.3)  # the body is sent and being tokenized
+        started = time.perf_counter()
+        assert httpx.get(f"{tiny_server.url}/health", timeout=120).status_code == 200
+        health_s = time.perf_counter() - started
+        status, huge_s = pending.result()
+    assert status == 400  # longer than the model's context
+    assert huge_s > 0.45 and health_s < huge_s / 3, (health_s, huge_s)  # inline, health waits about huge_s - 0.3
