@@ -92,6 +92,7 @@ def _as_object(arguments: str):
 # bounded: its size, and the counts a grammar grows with. vLLM checks a schema in the event
 # loop (a minItems of 10^8 held every request for 28 s); xgrammar took 5 s for a{10000}.
 MAX_SCHEMA_CHARS = 32_768
+MAX_SCHEMA_DEPTH = 64  # objects and arrays within each other (500 levels overflowed jsonschema's recursion: a 500)
 MAX_SCHEMA_COUNT = 10_000  # minItems, maxLength and the like
 MAX_PATTERN_REPEAT = 1_000  # n and m in a pattern's {n}, {n,}, {n,m}
 MAX_STOP_CHARS = 1_024
@@ -105,6 +106,8 @@ def _check_json_schema(schema: dict) -> dict:
 
     if (size := len(json.dumps(schema))) > MAX_SCHEMA_CHARS:
         raise ValueError(f"the schema is {size} characters of JSON; at most {MAX_SCHEMA_CHARS} are accepted")
+    if (depth := _depth(schema)) > MAX_SCHEMA_DEPTH:  # before anything recursive reads it
+        raise ValueError(f"the schema nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH} are accepted")
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:
@@ -112,6 +115,17 @@ def _check_json_schema(schema: dict) -> dict:
     if problem := _unbounded_work(schema):
         raise ValueError(problem)
     return schema
+
+
+def _depth(node) -> int:
+    """How deeply objects and arrays nest in `node`, read without recursion."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def _unbounded_work(node) -> str | None:

@@ -193,12 +193,19 @@ def test_a_malformed_schema_is_a_400_naming_it(client):
     assert refused.value.body["param"] == "response_format.json_schema.schema" and "at most 32768" in refused.value.body["message"]
 
 
+def _nested(schema: dict, depth: int) -> dict:
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 @pytest.mark.parametrize(
     ("schema", "words"),
     [
         ({"type": "array", "items": {"type": "integer"}, "minItems": 10**8}, "minItems is 100000000; at most 10000"),
         ({"type": "object", "properties": {"code": {"type": "string", "pattern": "^a{100000}$"}}}, "repeats 100000 times; at most 1000"),
         ({"type": "object", "properties": {"maxLength": {"type": "string", "maxLength": 80}}}, None),  # a property named like a keyword
+        (_nested({"type": "string"}, 500), "nests 501 levels deep; at most 64"),
     ],
 )
 def test_a_schema_whose_grammar_would_be_unbounded_is_a_400_before_any_engine_sees_it(client, schema, words):
