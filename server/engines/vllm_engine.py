@@ -61,8 +61,8 @@ class VLLMEngine:
         from transformers import AutoTokenizer
 
         check_model_folder(self._path, self._options.allow_pickle)
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self._path, local_files_only=True)
+        try:  # both off the event loop: a swap loads a version while the old one serves
+            self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path, local_files_only=True)
             await asyncio.to_thread(self._build)
         except (OSError, ValueError, RuntimeError) as error:
             raise ModelLoadError(f"vLLM cannot load {self._path}: {error}") from error
