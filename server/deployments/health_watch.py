@@ -38,10 +38,16 @@ class HealthWatch:
             for deployment in self._manager.deployments:
                 if deployment.active is None or deployment.swap_lock.locked():
                     continue
-                await self._check_slo(deployment)
-                if deployment.policy.golden_prompts and time.monotonic() >= self._golden_due.get(deployment.name, 0.0):
-                    self._golden_due[deployment.name] = time.monotonic() + deployment.policy.golden_interval_s
-                    self._manager.keep(asyncio.ensure_future(self._check_golden(deployment)))
+                try:
+                    await self._check(deployment)
+                except Exception:  # one failed check must not end the watch, for this deployment or the others
+                    log.exception("could not check the health of deployment %s", deployment.name)
+
+    async def _check(self, deployment: Deployment) -> None:
+        await self._check_slo(deployment)
+        if deployment.policy.golden_prompts and time.monotonic() >= self._golden_due.get(deployment.name, 0.0):
+            self._golden_due[deployment.name] = time.monotonic() + deployment.policy.golden_interval_s
+            self._manager.keep(asyncio.ensure_future(self._check_golden(deployment)))
 
     async def _check_slo(self, deployment: Deployment) -> None:
         slo = deployment.policy.slo or self._baseline(deployment)

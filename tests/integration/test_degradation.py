@@ -72,6 +72,27 @@ def test_an_automatic_rollback_that_fails_is_logged_and_the_version_serves_on(tw
         assert httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK}, timeout=30).headers["x-baton-version"] == "chat@2"
 
 
+def test_a_health_check_that_fails_once_does_not_end_the_watch(home, monkeypatch):
+    from server.deployments import health_watch
+
+    calls, verdict = [], health_watch.breaches
+
+    def fails_first(stats, slo):
+        calls.append(stats)
+        if len(calls) == 1:
+            raise RuntimeError("a check that fails")
+        return verdict(stats, slo)
+
+    monkeypatch.setattr(health_watch, "breaches", fails_first)
+    faulty = Registry(home).resolve("chat@1").path.name
+    policy = HealthPolicy(slo=Slo(max_error_rate=0.2, min_requests=3))
+    with ServerThread(Settings(home=home, models=[_spec(home, "chat", "chat@1", policy)], idle_check_s=0.1), engine_factory=FakeEngineFactory({faulty: FakeBehaviour(fails_requests=True)})) as server:
+        for _ in range(3):
+            httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK}, timeout=30)
+        _wait_for(lambda: _alerts(server, deployment="chat", reason="error_rate", action="alert") == 1)
+    assert len(calls) > 1
+
+
 class _Hook(BaseHTTPRequestHandler):
     received: list[dict] = []
 
