@@ -44,6 +44,16 @@ async def read_tool_calls(choices: AsyncIterator[ChoiceChunk], new_reader: Calla
             yield ChoiceChunk(item.index, replace(chunk, text=text + rest, finish_reason=reason), tuple(calls), tuple(reader.pieces()))
 
 
+def check_choices(num_prompts: int, n: int, max_n: int) -> None:
+    """Before any prompt is tokenized or queued: n within max_n, and prompts x n within
+    MAX_GENERATIONS (or max_n, where an operator set it higher)."""
+    if n > max_n:
+        raise InvalidRequestError(f"n must be at most {max_n}.", param="n")
+    limit = max(MAX_GENERATIONS, max_n)
+    if num_prompts * n > limit:
+        raise InvalidRequestError(f"This request asks for {num_prompts * n} generations ({num_prompts} prompt(s) x n={n}); at most {limit} are accepted.", param="prompt")
+
+
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, prompt_param: str) -> int:
     """Tokens left for the completion; unset means all the room the context has."""
     room = max_model_len - num_prompt_tokens
@@ -73,20 +83,15 @@ def build_requests(
     body: ChatCompletionRequest | CompletionRequest,
     prompts: Sequence[Sequence[int]],
     max_model_len: int,
-    max_n: int,
     max_prompt_tokens: int | None = None,
     max_completion_tokens: int | None = None,
     vocab_size: int | None = None,
 ) -> list[GenerationRequest]:
-    """n generations per prompt, indexed prompt-major as OpenAI does. A seed gives choice i
-    the seed + i, so that choices differ yet the whole answer is reproducible."""
+    """n generations per prompt (`check_choices` bounded them), indexed prompt-major as
+    OpenAI does. A seed gives choice i the seed + i, so that choices differ yet the whole
+    answer is reproducible."""
     if vocab_size is not None and body.logit_bias:
         check_token_ids([int(token) for token in body.logit_bias], vocab_size, "logit_bias")
-    if body.n > max_n:
-        raise InvalidRequestError(f"n must be at most {max_n}.", param="n")
-    if (num_generations := len(prompts) * body.n) > max(MAX_GENERATIONS, max_n):
-        limit = max(MAX_GENERATIONS, max_n)
-        raise InvalidRequestError(f"This request asks for {num_generations} generations ({len(prompts)} prompt(s) x n={body.n}); at most {limit} are accepted.", param="prompt")
     if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
         raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED} (choice i uses seed + i).", param="seed")
     # A temperature this small is greedy in all but name; dividing logits by it overflows.

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelNotFoundError, ModelSwappedError, NotFoundError
-from server.api.generation import ChoiceChunk, build_requests, check_token_ids, read_tool_calls, stream_choices
+from server.api.generation import ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
 from server.api.shapes import ChatFormat, TextFormat
 from server.api.tool_formats import format_taught_by
 from server.api.tools import ToolCall, ToolPlan
@@ -113,6 +113,7 @@ async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | 
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
     out of here returns the lease exactly once (Lease.release is idempotent)."""
     deployment, pinned = _route(request, body.model)  # an unknown model: 404, and no metric labelled with it
+    check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     observation = _observation(request, deployment)
     try:
         lease = await request.state.deployments.lease(deployment, pinned)
@@ -126,7 +127,7 @@ async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | 
         prompts = await asyncio.to_thread(tokenize, lease.engine)
         settings = request.state.settings
         requests = build_requests(
-            body, prompts, lease.engine.max_model_len, settings.max_n, settings.max_prompt_tokens, settings.max_completion_tokens, lease.engine.vocab_size
+            body, prompts, lease.engine.max_model_len, settings.max_prompt_tokens, settings.max_completion_tokens, lease.engine.vocab_size
         )
     except BaseException as error:
         lease.release()

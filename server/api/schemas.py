@@ -249,6 +249,10 @@ class _GenerationBody(_Strict):
         return self
 
     @property
+    def num_prompts(self) -> int:
+        return 1
+
+    @property
     def stop_sequences(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
 
@@ -350,6 +354,10 @@ class CompletionRequest(_GenerationBody):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt)
 
     @property
     def num_top_logprobs(self) -> int | None:

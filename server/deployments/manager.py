@@ -69,11 +69,12 @@ class DeploymentManager:
         if "@" not in model:
             return self.get(model).name, None
         version = self._ref_of(model)
-        serving = sorted((d for d in self.deployments if version in d.pinnable_versions), key=lambda d: d.name != version.partition("@")[0])
+        serving = [d for d in self.deployments if version in d.pinnable_versions]
         if not serving:
             served = ", ".join(sorted(set().union(*(d.pinnable_versions for d in self.deployments)))) or "none"
             raise ModelNotFoundError(f"The model '{model}' ({version}) is not served now. Versions served: {served}.", param="model")
-        return serving[0].name, version
+        named_like_it = self._deployments.get(version.partition("@")[0])
+        return (named_like_it if named_like_it in serving else serving[0]).name, version
 
     async def lease(self, name: str, version: str | None = None) -> Lease:
         """A place in the deployment's admission queue, then a lease on the slot that serves

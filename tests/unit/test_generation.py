@@ -27,7 +27,7 @@ def test_prompt_that_fills_the_context_is_refused():
 
 def test_requests_are_prompt_major_with_consecutive_seeds():
     body = CompletionRequest(model="m", prompt=["a", "b"], n=2, seed=5, max_tokens=3, stop="x")
-    requests = build_requests(body, [[1], [2, 3]], max_model_len=50, max_n=4)
+    requests = build_requests(body, [[1], [2, 3]], max_model_len=50)
     assert [list(r.prompt_token_ids) for r in requests] == [[1], [1], [2, 3], [2, 3]]
     assert [r.sampling.seed for r in requests] == [5, 6, 5, 6]
     assert all(r.sampling.stop == ("x",) for r in requests)
@@ -47,11 +47,11 @@ def test_server_limits_on_prompt_and_completion_tokens():
     from models.errors import InvalidRequestError
 
     body = CompletionRequest(model="m", prompt=["a"], max_tokens=None)
-    (request,) = build_requests(body, [[1, 2]], max_model_len=100, max_n=1, max_completion_tokens=10)
+    (request,) = build_requests(body, [[1, 2]], max_model_len=100, max_completion_tokens=10)
     assert request.sampling.max_tokens == 10  # the cap is also the default
     with pytest.raises(InvalidRequestError, match="at most 10 on this server") as too_many:
-        build_requests(CompletionRequest(model="m", prompt=["a"], max_tokens=11), [[1]], max_model_len=100, max_n=1, max_completion_tokens=10)
+        build_requests(CompletionRequest(model="m", prompt=["a"], max_tokens=11), [[1]], max_model_len=100, max_completion_tokens=10)
     assert too_many.value.param == "max_tokens"
     with pytest.raises(InvalidRequestError, match="has 3 tokens; this server accepts at most 2") as too_long:
-        build_requests(body, [[1, 2, 3]], max_model_len=100, max_n=1, max_prompt_tokens=2)
+        build_requests(body, [[1, 2, 3]], max_model_len=100, max_prompt_tokens=2)
     assert too_long.value.code == "prompt_too_long"
