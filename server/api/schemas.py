@@ -54,12 +54,18 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's answer names the call it answers
 
-    @field_validator("content", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _text_as_part(cls, content):
-        if content is None:  # an assistant message that only calls tools
-            return []
-        return [{"type": "text", "text": content}] if isinstance(content, str) else content
+    def _text_as_part(cls, message):
+        """`content` may be null (or absent) only where an assistant message calls tools."""
+        if not isinstance(message, dict):
+            return message
+        content = message.get("content")
+        if content is None:
+            if message.get("role") != "assistant" or not message.get("tool_calls"):
+                raise ValueError("content is required, unless an assistant message calls tools")
+            return {**message, "content": []}
+        return {**message, "content": [{"type": "text", "text": content}]} if isinstance(content, str) else message
 
     @model_validator(mode="after")
     def _tool_fields_where_they_belong(self):

@@ -52,6 +52,9 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None),
         ({"messages": HI}, "model"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": None}]}, "messages.0"),
+        ({"model": "tiny", "messages": [{"role": "user"}]}, "messages.0"),
+        ({"model": "tiny", "messages": [*HI, {"role": "assistant", "content": None}]}, "messages.1"),  # null only beside tool_calls
         (_chat(tools=[{"type": "function"}]), "tools.0.function"),
         (_chat(logit_bias={"one": 5}), "logit_bias"),
         (_chat(logit_bias={"1": 101}), "logit_bias"),
