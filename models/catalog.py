@@ -129,6 +129,10 @@ class Catalog:
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO deployments (name, state, updated_at) VALUES (?, ?, ?)", (name, json.dumps(state), now()))
 
+    def forget_deployment(self, name: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM deployments WHERE name = ?", (name,))
+
     def saved_deployments(self) -> dict[str, dict]:
         with self._read() as db:
             return {row["name"]: json.loads(row["state"]) for row in db.execute("SELECT name, state FROM deployments ORDER BY name")}

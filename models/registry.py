@@ -147,6 +147,10 @@ class Registry:
     def save_deployment(self, name: str, state: dict) -> None:
         self._catalog.save_deployment(name, state)
 
+    def forget_deployment(self, name: str) -> None:
+        """A removed deployment: a restart does not bring it back."""
+        self._catalog.forget_deployment(name)
+
     # -- changes ------------------------------------------------------------------------
 
     def set_alias(self, name: str, selector: str, alias: str, change: Change) -> Version:

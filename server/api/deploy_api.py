@@ -65,6 +65,12 @@ async def show(name: str, request: Request) -> dict:
     return request.state.deployments.get(name).describe()
 
 
+@router.delete("/deployments/{name}")
+async def remove(name: str, request: Request, reason: str = "", wait: bool = True) -> dict:
+    """Stop serving `name` (its requests drain first) and forget it, restarts included."""
+    return (await request.state.deployments.remove(name, actor_change(request, reason), wait=wait)).to_dict()
+
+
 @router.post("/deployments/{name}/swap")
 async def swap(name: str, body: SwapBody, request: Request) -> dict:
     change = actor_change(request, body.reason)

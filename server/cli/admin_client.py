@@ -63,6 +63,9 @@ class AdminClient:
         body = {"name": name, "model": ref, "reason": reason, "on_demand": on_demand, "idle_ttl_s": idle_ttl_s}
         return self._call("POST", "/deployments", json=body)
 
+    def undeploy(self, name: str, reason: str) -> dict:
+        return self._call("DELETE", f"/deployments/{name}", params={"reason": reason, "wait": False})
+
     def swap(self, name: str, to: str, strategy: str, reason: str, engine_options: dict | None = None) -> dict:
         body = {"to": to, "strategy": strategy, "reason": reason, "wait": False, "engine_options": engine_options}
         return self._call("POST", f"/deployments/{name}/swap", json=body)

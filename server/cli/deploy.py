@@ -1,4 +1,4 @@
-"""`baton deploy | swap | rollback | canary | deployments`: deployments live in a running
+"""`baton deploy | undeploy | swap | rollback | canary | deployments`: deployments live in a running
 server, so these commands talk to its admin API (--server, default http://127.0.0.1:8000)."""
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ def add_commands(commands) -> None:
     deploy.add_argument("--model", required=True, help="a registry ref: chat, chat@2, chat@prod")
     deploy.add_argument("--on-demand", action="store_true", help="load on the first request; unload when idle")
     deploy.add_argument("--idle-ttl", type=float, default=300.0, help="seconds idle before an on-demand unload (default 300)")
+
+    undeploy = command("undeploy", "stop serving a deployment (its requests drain first) and forget it", lambda client, args: _follow(client, client.undeploy(args.name, args.reason)))
+    undeploy.add_argument("name")
 
     swap = command("swap", "swap the version behind a deployment, draining requests", _swap)
     swap.add_argument("name")
@@ -115,6 +118,9 @@ def _follow(client: AdminClient, record: dict) -> int:
     if record["status"] == "failed":
         print(f"failed: {record['error']}")
         return 1
+    if record["action"] == "remove":
+        print(f"removed: {record['deployment']} serves no more")
+        return 0
     print(f"{record['status']}: {record['deployment']} serves {client.deployment(record['deployment'])['version']}")
     return 0
 

@@ -172,6 +172,15 @@ class Deployment:
         self._load_error = error
         self._serving.set()
 
+    def remove(self, error: BaseException) -> list[Slot]:
+        """Removed: no slot serves it from now on, and requests waiting for one, or admitted
+        before the removal, get `error`. Returns every slot it had, to drain and stop."""
+        slots = self.slots()
+        self.active = self.canary = self.standby = None
+        self.canary_weight, self.on_demand = 0, None
+        self.fail_waiting(error)
+        return slots
+
     def restore(self, slot: Slot) -> None:
         """A failed `replace` puts the old version back without recording a flip."""
         self.active = slot

@@ -212,9 +212,9 @@ class DeploymentManager:
                 log.error("could not restore deployment %s (%s): %s", name, state.get("version"), error)
 
     def _save(self, deployment: Deployment) -> None:
-        """What this deployment serves, for `restore` after a restart."""
+        """What this deployment serves, for `restore` after a restart (a removed one is gone)."""
         version = deployment.target_version
-        if version is None or "@" not in version:  # a local folder is no registry version to come back to
+        if self._deployments.get(deployment.name) is not deployment or version is None or "@" not in version:  # a local folder is no registry version to come back to
             return
         state = {
             "version": version,
@@ -303,6 +303,29 @@ class DeploymentManager:
         deployment = self._with_canary(name)
         record = SwapRecord(name, "abort", deployment.canary.version, deployment.version, "canary", change.actor, change.reason)
         return await self._run(deployment, record, self._swaps.abort_canary(deployment, record), wait=True)
+
+    async def remove(self, name: str, change: Change, wait: bool = True) -> SwapRecord:
+        """Stop serving `name`: a request for it gets a 404 from now on, those in flight finish
+        (until the drain deadline), every slot stops, and a restart does not bring it back."""
+        deployment = self._lock_free(name)
+        record = SwapRecord(name, "remove", deployment.target_version, None, "remove", change.actor, change.reason)
+        return await self._run(deployment, record, self._remove(deployment, record), wait)
+
+    async def _remove(self, deployment: Deployment, record: SwapRecord) -> None:
+        name = deployment.name
+        if self._deployments.get(name) is not deployment:  # a second removal that waited for the lock
+            raise ModelNotFoundError(f"The model '{name}' does not exist.", param="name")
+        async with record.phase("unroute"):
+            self._registry.forget_deployment(name)  # first: should the server die mid-drain, it stays removed
+            del self._deployments[name]
+            slots = deployment.remove(ModelNotFoundError(f"The model '{name}' was removed.", param="model"))
+        for slot in slots:
+            if slot.state is SlotState.READY:
+                await self._slots.drain(record, slot)
+        async with record.phase("stop") as phase:
+            for slot in slots:
+                await self._slots.stop(slot)
+            phase.detail = f"{len(slots)} engine(s) stopped" if slots else "nothing was loaded"
 
     async def stop_all(self) -> None:
         for task in list(self._tasks):
@@ -515,4 +538,6 @@ def _reload_blocker(active: Slot, target: Target) -> str | None:
 def _as_swap_error(error: Exception, record: SwapRecord) -> BaseException:
     if isinstance(error, (ConflictError, NotFoundError)):
         return error  # an unknown or corrupt version, a conflict: say so as it is
+    if record.action == "remove":
+        return SwapFailedError(f"Removing {record.deployment} ({record.id}) did not end cleanly; it serves no requests any more. Reason: {error}")
     return SwapFailedError(f"Swap {record.id} of {record.deployment} to {record.to_version} failed; {record.from_version} keeps serving. Reason: {error}")

@@ -19,7 +19,7 @@ class Phase:
 @dataclass
 class SwapRecord:
     deployment: str
-    action: str  # swap, rollback, canary, promote, abort
+    action: str  # deploy, swap, rollback, canary, promote, abort, load, unload, recover, remove
     from_version: str | None
     to_version: str | None
     strategy: str

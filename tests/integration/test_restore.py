@@ -1,5 +1,5 @@
 """State that survives a restart, through real `baton serve` processes on one home: what the
-admin API and CLI changed (a swap, a new on-demand deployment) comes back after SIGTERM and
+admin API and CLI changed (a swap, a new on-demand deployment, a removal) comes back after SIGTERM and
 a start with the same flags, recorded in the history; `--no-restore` starts from the flags."""
 
 from __future__ import annotations
@@ -53,12 +53,17 @@ def test_admin_changes_come_back_after_a_restart(home, tmp_path):
         assert swapped.returncode == 0, swapped.stderr
         deployed = httpx.post(f"{url}/admin/deployments", json={"name": "docs", "model": "chat@1", "on_demand": True, "idle_ttl_s": 60}, timeout=60)
         assert deployed.status_code == 201, deployed.text
-    with _serving(home, tmp_path) as (url, _):
+    with _serving(home, tmp_path) as (url, env):
         running = _deployments(url)
         assert running["chat"]["version"] == "chat@2"
         assert running["docs"]["on_demand"] == {"idle_ttl_s": 60.0, "version": "chat@1"}
+        removed = subprocess.run([*BATON, "undeploy", "docs", "--reason", "retired", "--server", url], capture_output=True, text=True, env=env, timeout=120)
+        assert removed.returncode == 0 and "removed: docs serves no more" in removed.stdout, removed.stdout + removed.stderr
+        assert set(_deployments(url)) == {"chat"}
     restored = [event for event in Registry(home).history("chat") if event["reason"] == "restored after a restart"]
     assert restored and not [event for event in restored if event["action"] == "swap"]  # chat@2 loaded once, not chat@1 then a swap
+    with _serving(home, tmp_path) as (url, _):
+        assert set(_deployments(url)) == {"chat"}  # removed stays removed
     with _serving(home, tmp_path, "chat@1", "--no-restore") as (url, _):
         running = _deployments(url)
         assert set(running) == {"chat"} and running["chat"]["version"] == "chat@1"

@@ -257,6 +257,39 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
         assert again.returncode == 1 and "exists" in again.stderr
 
 
+def test_removing_a_deployment_lets_its_streams_finish_then_stops_its_engines_for_good(home):
+    factory = FakeEngineFactory(default=FakeBehaviour(token_seconds=0.02))
+    with _server(home, factory) as server:
+        _admin(server, "POST", "/deployments", expect=201, name="other", model="chat@2")
+        _admin(server, "POST", "/deployments/other/canary", to="chat@3", weight=50)
+        engines = factory.built[1:]  # other's active and canary
+        streamed = {}
+
+        def stream():
+            chunks = server.client().chat.completions.create(model="other", messages=HI, max_tokens=40, stream=True)
+            streamed["finish_reasons"] = [c.choices[0].finish_reason for c in chunks if c.choices]
+
+        client = threading.Thread(target=stream)
+        client.start()
+        while _admin(server, "GET", "/deployments/other")["in_flight"] == 0:
+            time.sleep(0.01)
+        record = _admin(server, "DELETE", "/deployments/other?reason=retired")
+        client.join(timeout=30)
+        assert (record["status"], record["from_version"], record["to_version"]) == ("succeeded", "chat@2", None)
+        assert [p["name"] for p in record["phases"]] == ["unroute", "drain", "drain", "stop"]
+        assert streamed["finish_reasons"][-1] == "length"  # drained: the stream ran to its end
+        assert len(engines) == 2 and not any(engine.health().is_ready for engine in engines)
+        with pytest.raises(openai.NotFoundError):
+            server.client().chat.completions.create(model="other", messages=HI)
+        assert _admin(server, "GET", "/deployments/other", expect=404)["error"]["code"] == "model_not_found"
+        assert _admin(server, "DELETE", "/deployments/other", expect=404)["error"]["code"] == "model_not_found"
+        assert _admin(server, "DELETE", "/deployments/chat?wait=false")["action"] == "remove"  # answered at once; polled below
+        while _admin(server, "GET", "/deployments") != []:
+            time.sleep(0.01)
+    assert "other" not in Registry(home).saved_deployments()
+    assert any(e["action"] == "remove" and e["reason"] == "retired" and e["version"] == 2 for e in Registry(home).history("chat"))
+
+
 def test_a_deployed_version_cannot_be_deleted_unless_forced(home):
     with _server(home, FakeEngineFactory()) as server:
         refused = httpx.delete(f"{server.url}/admin/models/chat@1")
