@@ -210,6 +210,9 @@ class DeploymentManager:
                 await self.deploy(name, state["version"], change, state["on_demand"], state["idle_ttl_s"], state["smoke_prompts"], HealthPolicy.model_validate(state["health"]), state["engine_overrides"])
             except BatonError as error:
                 log.error("could not restore deployment %s (%s): %s", name, state.get("version"), error)
+                if _can_never_come_back(error):
+                    self._registry.forget_deployment(name)
+                    log.warning("forgot saved deployment %s: no restart could bring it back", name)
 
     def _save(self, deployment: Deployment) -> None:
         """What this deployment serves, for `restore` after a restart (a removed one is gone)."""
@@ -523,6 +526,12 @@ def start_point(named: str, overrides: dict, saved: dict | None) -> tuple[str, d
     if saved and saved.get("started_as") == named and saved.get("version"):
         return saved["version"], saved.get("engine_overrides") or {}
     return named, overrides
+
+
+def _can_never_come_back(error: BatonError) -> bool:
+    """A saved deployment whose version was deleted since, or whose name (or version's name)
+    is no longer valid, fails alike at every start; an engine that failed to start may not."""
+    return isinstance(error, NotFoundError) or (isinstance(error, InvalidRequestError) and error.param == "name")
 
 
 def _changes_output_only(active: Target, target: Target) -> bool:

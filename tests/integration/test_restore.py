@@ -4,6 +4,7 @@ a start with the same flags, recorded in the history; `--no-restore` starts from
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 
 from models.catalog import Change
 from models.registry import ImportOptions, Registry
-from tests.conftest import build_tiny_model
+from server.config import ModelSpec, Settings
+from tests.conftest import ServerThread, build_tiny_model
+from tests.fake_engine import FakeEngineFactory
 from tests.integration.test_cli import BATON, _free_port, _wait_healthy
 
 
@@ -74,3 +77,17 @@ def test_new_flags_win_over_what_was_saved_under_other_flags(home, tmp_path):
         subprocess.run([*BATON, "swap", "chat", "--to", "chat@2", "--server", url], check=True, capture_output=True, env=env, timeout=120)
     with _serving(home, tmp_path, "chat@3") as (url, _):  # the operator's new choice, not the saved chat@2
         assert _deployments(url)["chat"]["version"] == "chat@3"
+
+
+def test_a_saved_deployment_that_can_never_come_back_is_forgotten_and_others_are_kept(home, caplog):
+    registry = Registry(home)
+    state = {"on_demand": True, "idle_ttl_s": 60.0, "smoke_prompts": None, "health": {}, "engine_overrides": {}, "started_as": None}
+    registry.save_deployment("docs", {**state, "version": "chat@2"})
+    registry.save_deployment("gone", {**state, "version": "chat@9"})  # a version deleted since
+    registry.save_deployment("Bad Name", {**state, "version": "chat@1"})  # saved before names were checked
+    version = registry.resolve("chat@1")
+    settings = Settings(home=home, models=[ModelSpec(name="chat", path=version.path, version=version.ref, engine="transformers")])
+    with caplog.at_level(logging.WARNING), ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        assert set(_deployments(server.url)) == {"chat", "docs"}
+    assert set(registry.saved_deployments()) == {"docs"}
+    assert "forgot saved deployment gone" in caplog.text and "forgot saved deployment Bad Name" in caplog.text
