@@ -472,6 +472,8 @@ class DeploymentManager:
                 target = self._resolve(version, options)
             except BatonError as error:  # deleted since, say: the flags' version it is
                 log.error("could not restore deployment %s (%s): %s", spec.name, version, error)
+                if _can_never_come_back(error):
+                    self._registry.forget_deployment(spec.name)
             else:
                 self._history.add_finished(SwapRecord(spec.name, "deploy", None, target.version, "load", "baton", "restored after a restart"))
                 return target, options

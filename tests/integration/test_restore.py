@@ -84,10 +84,12 @@ def test_a_saved_deployment_that_can_never_come_back_is_forgotten_and_others_are
     state = {"on_demand": True, "idle_ttl_s": 60.0, "smoke_prompts": None, "health": {}, "engine_overrides": {}, "started_as": None}
     registry.save_deployment("docs", {**state, "version": "chat@2"})
     registry.save_deployment("gone", {**state, "version": "chat@9"})  # a version deleted since
+    registry.save_deployment("chat", {**state, "on_demand": False, "version": "chat@9", "started_as": "chat@1"})  # the flags' deployment
     registry.save_deployment("Bad Name", {**state, "version": "chat@1"})  # saved before names were checked
     version = registry.resolve("chat@1")
     settings = Settings(home=home, models=[ModelSpec(name="chat", path=version.path, version=version.ref, engine="transformers")])
     with caplog.at_level(logging.WARNING), ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
-        assert set(_deployments(server.url)) == {"chat", "docs"}
+        running = _deployments(server.url)
+        assert set(running) == {"chat", "docs"} and running["chat"]["version"] == "chat@1"
     assert set(registry.saved_deployments()) == {"docs"}
     assert "forgot saved deployment gone" in caplog.text and "forgot saved deployment Bad Name" in caplog.text
