@@ -24,6 +24,7 @@ from server.api.tools import ToolCall, ToolPlan
 from server.api.observation import RequestObservation, Unobserved
 from server.addresses import is_loopback
 from server.deployments.slot import Lease
+from server.deployments.manager import Route
 from server.keys import authorize, bearer_token
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engines.base import TokenLogprob
@@ -49,17 +50,17 @@ def _check_deployment(request: Request, name: str) -> None:
         raise ForbiddenError(f"The key {key.name!r} may not call the model '{name}'.", param="model", code="model_not_allowed")
 
 
-def _route(request: Request, model: str) -> tuple[str, str | None]:
-    """The deployment and pinned version `model` names (DeploymentManager.route), if the key
-    may call that deployment. Rule: a key limited to some deployments learns nothing of
+def _route(request: Request, model: str) -> Route:
+    """Where `model` sends the request (DeploymentManager.route), if the key may call that
+    deployment. Rule: a key limited to some deployments learns nothing of
     the others: whatever it names outside them, known or not, is a 403."""
     try:
-        deployment, version = request.state.deployments.route(model)
+        route = request.state.deployments.route(model)
     except ModelNotFoundError:
         _check_deployment(request, model)
         raise
-    _check_deployment(request, deployment)
-    return deployment, version
+    _check_deployment(request, route.deployment)
+    return route
 
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
@@ -112,11 +113,11 @@ def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
 async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | None = None):
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
     out of here returns the lease exactly once (Lease.release is idempotent)."""
-    deployment, pinned = _route(request, body.model)  # an unknown model: 404, and no metric labelled with it
+    route = _route(request, body.model)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
-    observation = _observation(request, deployment)
+    observation = _observation(request, route.deployment)
     try:
-        lease = await request.state.deployments.lease(deployment, pinned)
+        lease = await request.state.deployments.lease(route)
     except BaseException as error:
         observation.finish(_status_of(error))
         raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from models.catalog import Change
 from models.names import check_name
@@ -35,6 +35,15 @@ from server.engines.options import engine_only
 from models.errors import BatonError, ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
 
 log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes: a deployment, and the version it pins (None: the deployment's
+    own choice, active or canary by weight)."""
+
+    deployment: str
+    version: str | None = None
+
 
 # ModelSpec fields that, set explicitly, override every version's own engine options.
 SPEC_ENGINE_FIELDS = ("engine", "dtype", "max_batch_size", "max_model_len")
@@ -61,33 +70,32 @@ class DeploymentManager:
 
     # -- requests -------------------------------------------------------------------------
 
-    def route(self, model: str) -> tuple[str, str | None]:
-        """The deployment a request's `model` names, and the version it pins (None: the
-        deployment's choice). A deployment's name pins nothing; a registry ref (`chat@3`,
-        `chat@prod`) pins that version, on a deployment whose active or canary slot serves it
-        (or that loads it next on demand), the one named like the model first."""
+    def route(self, model: str) -> Route:
+        """Where a request's `model` sends it. A deployment's name pins nothing; a registry
+        ref (`chat@3`, `chat@prod`) pins that version, on a deployment whose active or canary
+        slot serves it (or that loads it next on demand), the one named like the model first."""
         if "@" not in model:
-            return self.get(model).name, None
+            return Route(self.get(model).name)
         version = self._ref_of(model)
         serving = [d for d in self.deployments if version in d.pinnable_versions]
         if not serving:
             served = ", ".join(sorted(set().union(*(d.pinnable_versions for d in self.deployments)))) or "none"
             raise ModelNotFoundError(f"The model '{model}' ({version}) is not served now. Versions served: {served}.", param="model")
         named_like_it = self._deployments.get(version.partition("@")[0])
-        return (named_like_it if named_like_it in serving else serving[0]).name, version
+        return Route((named_like_it if named_like_it in serving else serving[0]).name, version)
 
-    async def lease(self, name: str, version: str | None = None) -> Lease:
+    async def lease(self, route: Route) -> Lease:
         """A place in the deployment's admission queue, then a lease on the slot that serves
-        it (`version`'s, if pinned); the place is given back with the lease. A deployment that
-        is failed or breaching its objectives sends an unpinned request to its first healthy
-        fallback instead."""
-        deployment = self.get(name)
-        fallback = self._healthy_fallback(deployment) if deployment.needs_fallback and version is None else None
+        it (the pinned version's, if any); the place is given back with the lease. A
+        deployment that is failed or breaching its objectives sends an unpinned request to
+        its first healthy fallback instead."""
+        deployment = self.get(route.deployment)
+        fallback = self._healthy_fallback(deployment) if deployment.needs_fallback and route.version is None else None
         if fallback is not None:
             lease = await self._lease_on(fallback)
-            lease.fallback_from = name
+            lease.fallback_from = deployment.name
             return lease
-        return await self._lease_on(deployment, version)
+        return await self._lease_on(deployment, route.version)
 
     def _ref_of(self, model: str) -> str:
         """`chat@3` as it is; an alias (`chat@prod`) resolved in the registry."""
