@@ -73,8 +73,8 @@ class ToolPlan:
         if self.choice == "auto":
             return None
         if self.choice == "required":
-            return JsonFormat(json.dumps(calls_schema(self.functions)))
-        return JsonFormat(json.dumps(self._function(self.choice).parameters))
+            return JsonFormat(json.dumps(calls_schema(self.functions)), param="tools")
+        return JsonFormat(json.dumps(self._function(self.choice).parameters), param="tools")
 
     def reader(self, tool_parser: str = DEFAULT_TOOL_PARSER, tokenizer=None) -> OutputReader:
         """`tool_parser` and `tokenizer` (the version's) read `auto` output."""

@@ -22,6 +22,7 @@ class JsonFormat:
     (a JSON schema, as JSON text)."""
 
     schema: str | None = None
+    param: str = "response_format"  # the request's field it comes from, for errors
 
 
 @dataclass(frozen=True)

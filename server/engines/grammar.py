@@ -2,12 +2,16 @@
 library vLLM uses): a compiler per tokenizer, a token mask per generation.
 
 Rule: the mask is applied before sampling, so every token drawn keeps the output a prefix
-of a valid answer; when the JSON is complete only a stop token is allowed.
+of a valid answer; when the JSON is complete only a stop token is allowed. A schema that
+asks for what xgrammar compiles but does not enforce is refused, so that no answer breaks
+the schema its caller trusts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import re
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -33,8 +37,68 @@ class JsonGrammars:
             else:
                 grammar = self._compiler.compile_json_schema(json_format.schema)
         except (RuntimeError, ValueError) as error:
-            raise InvalidRequestError(f"The JSON schema cannot be used: {error}", param="response_format") from error
+            raise InvalidRequestError(f"The JSON schema cannot be used: {_plain(error)}", param=json_format.param) from error
+        if json_format.schema is not None and (what := unenforced(json.loads(json_format.schema))):
+            raise InvalidRequestError(f"The JSON schema uses {what}, which this engine's grammar cannot enforce: answers could break the schema.", param=json_format.param)
         return TokenMask(self._xgrammar, grammar, self._vocab_size)
+
+
+# Where a schema holds schemas (JSON Schema 2020-12, and the older `definitions` and list
+# `items`): only these are walked, so a property named like a keyword is no keyword.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SCHEMAS = ("items", "additionalItems", "additionalProperties", "unevaluatedItems", "unevaluatedProperties", "contains", "propertyNames", "not", "if", "then", "else")
+
+
+def unenforced(schema: dict) -> str | None:
+    """The first assertion in `schema` that xgrammar compiles and then ignores, said
+    plainly (tests/unit/test_grammar.py proves each against the installed xgrammar).
+    `format` and `contentEncoding` are annotations in JSON Schema 2020-12: not refused."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if what := _unenforced_here(node):
+            return what
+        stack.extend(_subschemas(node))
+    return None
+
+
+def _unenforced_here(node: dict) -> str | None:
+    for keyword in ("not", "if"):
+        if keyword in node:
+            return f"`{keyword}`"
+    if "multipleOf" in node and not (node.get("type") == "integer" and isinstance(node["multipleOf"], int)):
+        return "`multipleOf` on a number (on an integer it is enforced)"
+    if node.get("uniqueItems") is True:
+        return "`uniqueItems`"
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+        return "`allOf` of more than one schema"
+    if "pattern" in node and ("minLength" in node or "maxLength" in node):
+        return "`pattern` with `minLength` or `maxLength`"
+    properties = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+    required = node.get("required") if isinstance(node.get("required"), list) else []
+    if undefined := [name for name in required if name not in properties]:
+        return f"`required` naming {undefined[0]!r}, which `properties` does not define"
+    return None
+
+
+def _subschemas(node: dict) -> Iterator:
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            yield from node[key].values()
+    for key in _SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            yield from node[key]
+    for key in _SCHEMAS:
+        if isinstance(node.get(key), dict):
+            yield node[key]
+
+
+def _plain(error: Exception) -> str:
+    """xgrammar's message without its log prefix (`[09:28:07] /project/cpp/x.cc:4944: `)."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(error).strip().splitlines()[0])
 
 
 class TokenMask:

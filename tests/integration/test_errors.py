@@ -65,6 +65,7 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         (_chat(top_logprobs=2), None),  # needs logprobs: true
         (_chat(response_format={"type": "xml"}), "response_format.type"),
         (_chat(response_format=UNCOMPILABLE_SCHEMA), "response_format"),  # valid JSON Schema; no grammar has look-behind
+        (_chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}), "response_format"),  # not enforced
     ],
 )
 def test_invalid_values_get_400_naming_the_field(tiny_server, body, param):

@@ -1,0 +1,78 @@
+"""The schemas the transformers engine refuses because xgrammar would not enforce them: each
+rule is proven against the installed xgrammar (it accepts an answer that breaks the schema),
+so a new xgrammar that enforces one fails here and the rule can go."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from models.errors import InvalidRequestError
+from server.api.tools import Function, calls_schema
+from server.engines.base import JsonFormat
+from server.engines.grammar import JsonGrammars, unenforced
+
+# (schema, an answer that breaks it, what the refusal names)
+UNENFORCED = [
+    ({"type": "number", "multipleOf": 0.5}, "0.3", "`multipleOf` on a number"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1,1]", "`uniqueItems`"),
+    ({"not": {"type": "string"}}, '"a"', "`not`"),
+    ({"type": "string", "if": {"type": "string"}, "then": {"minLength": 2}}, '"a"', "`if`"),
+    ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, '"aaaa"', "`allOf` of more than one schema"),
+    ({"type": "string", "pattern": "a+", "maxLength": 2}, '"aaaa"', "`pattern` with"),
+    ({"type": "object", "properties": {}, "required": ["a"]}, "{}", "`required` naming 'a'"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model_path):
+    return AutoTokenizer.from_pretrained(demo_model_path)
+
+
+@pytest.fixture(scope="module")
+def grammars(tokenizer) -> JsonGrammars:
+    return JsonGrammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+
+
+def _xgrammar_accepts(tokenizer, schema: dict, answer: str) -> bool:
+    import xgrammar
+
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, stop_token_ids=[tokenizer.eos_token_id])
+    matcher = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(info, cache_enabled=False).compile_json_schema(json.dumps(schema)))
+    return matcher.accept_string(answer) and matcher.accept_token(tokenizer.eos_token_id)  # complete: it may stop here
+
+
+@pytest.mark.parametrize(("schema", "answer", "named"), UNENFORCED)
+def test_each_refused_schema_is_one_xgrammar_does_not_enforce(tokenizer, grammars, schema, answer, named):
+    assert _xgrammar_accepts(tokenizer, schema, answer)  # the premise: an answer breaking the schema gets through
+    nested = {"type": "object", "properties": {"outer": {"type": "array", "items": schema}}, "required": ["outer"]}
+    for where in (schema, nested):
+        with pytest.raises(InvalidRequestError, match="cannot enforce") as refused:
+            grammars.mask_for(JsonFormat(json.dumps(where), param="tools"))
+        assert named in refused.value.message and refused.value.param == "tools"
+
+
+def test_enforced_keywords_and_properties_named_like_keywords_pass(tokenizer, grammars):
+    schema = {
+        "type": "object",
+        "properties": {"not": {"type": "string"}, "if": {"type": "integer", "minimum": 3}, "multipleOf": {"type": "integer", "multipleOf": 7}},
+        "required": ["not", "if", "multipleOf"],
+        "additionalProperties": False,
+    }
+    assert _xgrammar_accepts(tokenizer, schema, '{"not": "x", "if": 3, "multipleOf": 7}')
+    assert unenforced(schema) is None and not any(
+        _xgrammar_accepts(tokenizer, schema, answer) for answer in ('{"not": "x", "if": 1, "multipleOf": 7}', '{"not": "x", "if": 3, "multipleOf": 8}')
+    )
+    assert grammars.mask_for(JsonFormat(json.dumps(schema))) is not None
+    pydantic_like = {"$defs": {"Pet": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}, "allOf": [{"$ref": "#/$defs/Pet"}]}
+    assert unenforced(pydantic_like) is None
+    assert unenforced(calls_schema((Function("f", None, schema),))) is None  # what `tool_choice: required` compiles
+
+
+def test_a_schema_xgrammar_cannot_compile_is_named_without_its_log_prefix(grammars):
+    with pytest.raises(InvalidRequestError) as refused:
+        grammars.mask_for(JsonFormat(json.dumps({"type": "array", "minItems": 5, "maxItems": 1})))
+    assert refused.value.message.startswith("The JSON schema cannot be used: ") and "/project/" not in refused.value.message
+    assert refused.value.param == "response_format"
