@@ -125,6 +125,8 @@ def _from_validation(error: RequestValidationError) -> InvalidRequestError:
         return InvalidRequestError(f"The request body is not valid JSON: {first.get('ctx', {}).get('error', kind)}.", code="invalid_json")
     if kind == "extra_forbidden":
         return UnsupportedParameterError(f"Unrecognized request argument supplied: {param}. baton does not implement it.", param=param)
+    if kind == "missing" and param is None:
+        return InvalidRequestError("The request has no body; send a JSON object.", code="missing_body")
     if kind == "missing":
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     where = f"'{param}'" if param else "the request body"

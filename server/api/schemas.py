@@ -19,6 +19,7 @@ from server.api.tools import Function, ToolPlan
 from server.engines.base import JsonFormat
 
 MAX_STOP_SEQUENCES = 4
+NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "echo")
 
 
 class _Strict(BaseModel):
@@ -227,6 +228,14 @@ class _GenerationBody(_Strict):
 
     _stop_as_list = field_validator("stop", mode="before")(_as_list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, body):
+        """OpenAI's API takes null for these and means its default; clients send it."""
+        if isinstance(body, dict):
+            return {field: value for field, value in body.items() if not (value is None and field in NULL_MEANS_DEFAULT)}
+        return body
+
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, stop):
@@ -284,6 +293,7 @@ class ChatCompletionRequest(_GenerationBody):
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    store: Literal[False] | None = None  # nothing is stored: asking for it is refused
 
     @field_validator("tool_choice")
     @classmethod

@@ -33,7 +33,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = 
         text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
     except Exception as error:  # a template may reject a conversation shape (jinja raise_exception)
         raise InvalidRequestError(f"The chat template rejected these messages: {error}", param="messages") from error
-    return text_prompt_ids(tokenizer, text)
+    return text_prompt_ids(tokenizer, text, param="messages")
 
 
 def _calls_as_text(message: dict) -> dict:
@@ -52,14 +52,28 @@ def _with_tools_described(messages: list[dict], tools: list[dict]) -> list[dict]
     return [{"role": "system", "content": described}, *messages]
 
 
-def text_prompt_ids(tokenizer, text: str) -> list[int]:
+def text_prompt_ids(tokenizer, text: str, param: str = "prompt") -> list[int]:
     """An empty prompt starts from the beginning-of-sequence token, as OpenAI's models do:
-    no engine can run zero tokens."""
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    no engine can run zero tokens. JSON may carry what is no Unicode text (a lone surrogate,
+    `\\ud800`): a 400 naming `param`, not the tokenizer's TypeError."""
+    try:
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+    except TypeError as error:
+        if _is_unicode(text):
+            raise
+        raise InvalidRequestError("The text holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text.", param=param) from error
     if not ids:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start] if start is not None else []
     return ids
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def with_chat_template_of(tokenizer, folder: Path):

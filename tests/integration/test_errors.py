@@ -126,6 +126,27 @@ def test_values_that_ask_for_nothing_are_accepted(tiny_server):
     assert response.status_code == 200 and response.text.rstrip().endswith("data: [DONE]"), response.text
     completion = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "echo": False, "best_of": 1, "logprobs": None, "max_tokens": 2})
     assert completion.status_code == 200, completion.text
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "stop", "seed", "store"))
+    answer = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(**nulls, max_tokens=2))  # null: the default, as OpenAI reads it
+    assert answer.status_code == 200 and len(answer.json()["choices"]) == 1, answer.text
+    completion = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "echo": None, "n": None, "max_tokens": 2})
+    assert completion.status_code == 200, completion.text
+    stored = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(store=True, max_tokens=2))
+    assert "store" in _assert_openai_error(stored, 400, "store")["message"]  # asks for what baton does not do
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 2}', "messages"),
+        ("completions", '{"model": "tiny", "prompt": "\\udfff", "max_tokens": 2}', "prompt"),
+    ],
+)
+def test_a_lone_surrogate_escape_is_a_400_not_a_tokenizer_crash(tiny_server, path, body, param):
+    response = httpx.post(f"{tiny_server.url}/v1/{path}", content=body.encode(), headers={"content-type": "application/json"})
+    assert "surrogate" in _assert_openai_error(response, 400, param)["message"]
+    paired = body.replace("\\ud800", "\\ud83d\\ude00").replace("\\udfff", "\\ud83d\\ude00")  # an emoji, as JSON escapes it
+    assert httpx.post(f"{tiny_server.url}/v1/{path}", content=paired.encode(), headers={"content-type": "application/json"}).status_code == 200
 
 
 def test_malformed_json_gets_400(tiny_server):
@@ -133,6 +154,8 @@ def test_malformed_json_gets_400(tiny_server):
         f"{tiny_server.url}/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"}
     )
     assert _assert_openai_error(response, 400)["code"] == "invalid_json"
+    empty = httpx.post(f"{tiny_server.url}/v1/chat/completions", content=b"", headers={"content-type": "application/json"})
+    assert _assert_openai_error(empty, 400)["message"] == "The request has no body; send a JSON object."
 
 
 def test_prompt_longer_than_the_context_names_the_token_counts(tiny_server):
