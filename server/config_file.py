@@ -93,9 +93,13 @@ class ConfigFile(BaseModel):
     def _names_are_safe(cls, deployments: dict) -> dict:
         import re
 
-        for name in deployments:
+        for name, settings in deployments.items():
             if not re.fullmatch(NAME_PATTERN, name):
                 raise ValueError(f"deployment name {name!r} must match {NAME_PATTERN}")
+            try:
+                settings.health.check_for(name)
+            except InvalidRequestError as error:
+                raise ValueError(error.message) from error
         return deployments
 
     def secrets(self, environ: dict[str, str] = os.environ) -> dict:

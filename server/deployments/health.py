@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.errors import InvalidRequestError
+
 WINDOW_S = 60.0
 
 
@@ -60,6 +62,12 @@ class HealthPolicy(BaseModel):
     on_breach: Literal["alert", "rollback", "fallback"] = "alert"
     fallbacks: list[str] = Field(default_factory=list, description="deployments that serve while this one is failed or breaching")
     webhook_url: str | None = Field(None, pattern=r"^https?://", description="POSTed a JSON alert on each breach")
+
+    def check_for(self, deployment: str) -> HealthPolicy:
+        """A deployment cannot be its own fallback: while it fails, it would serve itself."""
+        if deployment in self.fallbacks:
+            raise InvalidRequestError(f"Deployment {deployment} names itself among its fallbacks.", param="health.fallbacks")
+        return self
 
 
 @dataclass(frozen=True)

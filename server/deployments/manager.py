@@ -202,7 +202,7 @@ class DeploymentManager:
         """Settings that change in place: smoke prompts (the next swap's), the health policy
         (the next check's), and an on-demand deployment's idle TTL."""
         deployment = self.get(name)
-        deployment.smoke_prompts, deployment.policy = smoke_prompts, health
+        deployment.smoke_prompts, deployment.policy = smoke_prompts, health.check_for(name)
         if deployment.on_demand is not None:
             deployment.on_demand = replace(deployment.on_demand, idle_ttl_s=idle_ttl_s)
         self._save(deployment)
@@ -261,6 +261,7 @@ class DeploymentManager:
         health: HealthPolicy | None = None,
     ) -> Deployment:
         """An on-demand deployment starts unloaded; its first request loads it."""
+        policy = (health or HealthPolicy()).check_for(name)  # before anything loads
         slot = None
         if on_demand is None:
             slot = await self._slots.load(target)
@@ -268,7 +269,7 @@ class DeploymentManager:
         settings = self._settings
         deployment = Deployment(name, slot, settings.max_waiting, settings.max_wait_s, on_demand, overrides, settings.max_running_per_deployment)
         deployment.smoke_prompts = smoke_prompts
-        deployment.policy = health or HealthPolicy()
+        deployment.policy = policy
         self._deployments[name] = deployment
         return deployment
 
@@ -559,4 +560,7 @@ def _as_swap_error(error: Exception, record: SwapRecord) -> BaseException:
         return error  # an unknown or corrupt version, a conflict: say so as it is
     if record.action == "remove":
         return SwapFailedError(f"Removing {record.deployment} ({record.id}) did not end cleanly; it serves no requests any more. Reason: {error}")
-    return SwapFailedError(f"Swap {record.id} of {record.deployment} to {record.to_version} failed; {record.from_version} keeps serving. Reason: {error}")
+    if record.action == "load":
+        return SwapFailedError(f"Loading {record.to_version} for {record.deployment} on demand failed ({record.id}); the next request tries again. Reason: {error}")
+    serving = f"{record.from_version} keeps serving" if record.from_version else f"{record.deployment} still has nothing loaded"
+    return SwapFailedError(f"Swap {record.id} of {record.deployment} to {record.to_version} failed; {serving}. Reason: {error}")

