@@ -7,7 +7,8 @@ its format with the `tool_parser` option (default `hermes`). Pure: text in, call
   pythonic     [get_weather(city="Paris"), ...] as the whole answer (Llama 3.2/4 small models)
 
 Each format says where calls begin: at a marker anywhere in the text, or (for formats whose
-calls are the whole answer) at its very start. Text before that point is content.
+calls are the whole answer) at its very start. Text before that point is content. hermes
+and llama3_json calls stream as they are written; the others' come whole at the end.
 
 A version without a `tool_parser` gets the format its chat template teaches (`format_taught_by`).
 """
@@ -31,6 +32,9 @@ class CallFormat:
     # The text from where the calls start -> the calls and any content left around them;
     # None when the text is not calls after all (it is then the model's own content).
     parse: Callable[[str], tuple[list[ParsedCall], str] | None]
+    # Its calls are JSON objects one after another, with nothing but tags and separators
+    # between them (no quote, bracket, colon or comma): they stream as they are written.
+    streams: bool = False
 
 
 def _json_call(data: object) -> ParsedCall:
@@ -107,9 +111,9 @@ def _parse_pythonic(text: str) -> tuple[list[ParsedCall], str] | None:
 CALL_FORMATS = {
     f.name: f
     for f in (
-        CallFormat("hermes", ("<tool_call>",), (), _parse_hermes),
+        CallFormat("hermes", ("<tool_call>",), (), _parse_hermes, streams=True),
         CallFormat("mistral", ("[TOOL_CALLS]",), (), _parse_mistral),
-        CallFormat("llama3_json", ("<|python_tag|>",), ("{",), _parse_llama3_json),
+        CallFormat("llama3_json", ("<|python_tag|>",), ("{",), _parse_llama3_json, streams=True),
         CallFormat("pythonic", ("<|python_start|>",), ("[",), _parse_pythonic),
     )
 }

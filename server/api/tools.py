@@ -172,6 +172,9 @@ class ArgumentsReader(OutputReader):
         return "", [ToolCall(self._call.id, self._call.name, self._text)]
 
 
+ARGUMENT_KEYS = ("arguments", "parameters")  # llama3_json writes "parameters"
+
+
 @dataclass
 class _CallSoFar:
     id: str
@@ -246,7 +249,7 @@ class CallListReader(OutputReader):
             return
         if self._value_pending and self._depth == 2:
             self._value_pending = False
-            if self._key == "arguments" and self._calls:
+            if self._key in ARGUMENT_KEYS and self._calls:
                 self._calls[-1].arguments_at = at
         if char == '"':
             self._in_string, self._string_at = True, at
@@ -281,23 +284,50 @@ class CallListReader(OutputReader):
     def _value_ended(self, end: int) -> None:
         """The call's current value ends at `end`: if it was the arguments, they are whole."""
         call = self._calls[-1] if self._calls else None
-        if call is not None and self._key == "arguments" and call.arguments_at is not None and call.arguments_end is None:
+        if call is not None and self._key in ARGUMENT_KEYS and call.arguments_at is not None and call.arguments_end is None:
             call.arguments_end = end
 
 
 class FormatReader(OutputReader):
-    """Content until the format's calls start; from there on, held back and read at the end.
-    Text that could be the start of a marker is held until it is known not to be; so are
-    leading blanks, while the answer could still open with a call."""
+    """Content until the format's calls start; from there on, held back. Text that could be
+    the start of a marker is held until it is known not to be; so are leading blanks, while
+    the answer could still open with a call. A format whose calls are JSON objects streams
+    them as they are written (a CallListReader reads them, as one list); the others' are read
+    at the end. Rule: calls that began to stream are the calls, in the stream and in the
+    answer alike (cut short, the last keeps its arguments so far, as a forced call does)."""
 
     def __init__(self, call_format: CallFormat):
         self._format = call_format
         self._text, self._num_sent = "", 0
         self._calls_at: int | None = None
         self._may_lead = bool(call_format.leading)
+        self._scanner = CallListReader() if call_format.streams else None
+        self._num_scanned = 0
 
     def feed(self, text: str) -> str:
         self._text += text
+        content = self._content()
+        if self._scanner is not None and self._calls_at is not None:
+            self._scanner.feed(("[" if not self._num_scanned else "") + self._text[max(self._num_scanned, self._calls_at) :])
+            self._num_scanned = len(self._text)
+        return content
+
+    def pieces(self) -> list[ToolCallPiece]:
+        return (self._scanner.pieces() if self._scanner is not None else []) + super().pieces()
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        if self._calls_at is None:
+            return self._take(len(self._text)), []
+        parsed = self._format.parse(self._text[self._calls_at :])
+        streamed = self._scanner.finish()[1] if self._scanner is not None else []
+        if streamed:
+            return (parsed[1] if parsed else ""), streamed
+        if parsed is None:  # not calls after all: the model's own text
+            return self._take(len(self._text)), []
+        calls, content = parsed
+        return self._read_at_the_end(content, [new_call(name, arguments) for name, arguments in calls])
+
+    def _content(self) -> str:
         if self._calls_at is not None or self._opens_with_calls():
             return ""
         markers = self._format.markers
@@ -306,15 +336,6 @@ class FormatReader(OutputReader):
             self._calls_at = min(starts)
             return self._take(self._calls_at)
         return self._take(len(self._text) - held_back_length(self._text, markers))
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        if self._calls_at is None:
-            return self._take(len(self._text)), []
-        parsed = self._format.parse(self._text[self._calls_at :])
-        if parsed is None:  # not calls after all: the model's own text
-            return self._take(len(self._text)), []
-        calls, content = parsed
-        return self._read_at_the_end(content, [new_call(name, arguments) for name, arguments in calls])
 
     def _opens_with_calls(self) -> bool:
         """While nothing but blanks was sent: whether the answer opens with calls, or may."""

@@ -57,6 +57,34 @@ def test_hermes_blocks_become_calls_and_the_text_around_them_content():
     assert items[-1].chunk.finish_reason == "tool_calls" and call.id.startswith("call_")
 
 
+@pytest.mark.parametrize(
+    ("tool_parser", "output"),
+    [
+        ("hermes", 'On it. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo, \\"NO\\""}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'),
+        ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Oslo, \\"NO\\""}}; {"name": "get_time", "parameters": {}}'),
+    ],
+)
+def test_auto_calls_stream_piece_by_piece_where_their_format_is_json(tool_parser, output):
+    items = _read(ToolPlan((WEATHER, TIME), "auto"), [output[i : i + 4] for i in range(0, len(output), 4)], tool_parser=tool_parser)
+    pieces = [p for item in items for p in item.call_pieces]
+    firsts = [p for p in pieces if p.id]
+    assert [(p.index, p.name) for p in firsts] == [(0, "get_weather"), (1, "get_time")]
+    assert sum(1 for p in pieces if p.index == 0) > 3  # the arguments came in several pieces, before the end
+    assert [p for p in items[-1].call_pieces if p.id] == []  # announced while streaming, not again at the end
+    for index, call in enumerate(items[-1].tool_calls):
+        assert call.id == firsts[index].id and "".join(p.arguments for p in pieces if p.index == index) == call.arguments
+    assert _calls(items) == [("get_weather", {"city": 'Oslo, "NO"'}), ("get_time", {})]
+    assert "".join(i.chunk.text for i in items) == ("On it. " if tool_parser == "hermes" else "")
+    assert items[-1].chunk.finish_reason == "tool_calls"
+
+
+def test_an_auto_call_cut_short_keeps_what_streamed_as_a_forced_call_does():
+    items = _read(ToolPlan((WEATHER,), "auto"), ['<tool_call>{"name": "get_weather", "arguments": {"ci'], reason="length")
+    (call,) = items[-1].tool_calls
+    assert (call.name, call.arguments) == ("get_weather", '{"ci')
+    assert items[-1].chunk.finish_reason == "length" and "".join(i.chunk.text for i in items) == ""
+
+
 def test_text_without_calls_passes_through_with_its_finish_reason():
     items = _read(ToolPlan((WEATHER,), "auto"), ["It is ", "< 5 degrees"], reason="length")
     assert "".join(i.chunk.text for i in items) == "It is < 5 degrees"
