@@ -103,7 +103,7 @@ def _canary(client: AdminClient, args) -> int:
 def _follow(client: AdminClient, record: dict) -> int:
     """Print each phase as it finishes, until the swap ends."""
     why = f": {record['strategy_reason']}" if record.get("strategy_reason") else ""
-    print(f"{record['id']}: {record['action']} {record['deployment']} {record['from_version']} -> {record['to_version']} ({record['strategy']}{why})")
+    print(f"{record['id']}: {record['action']} {record['deployment']} {record['from_version'] or '-'} -> {record['to_version'] or '-'} ({record['strategy']}{why})")
     num_printed = 0
     while True:
         finished = [p for p in record["phases"] if p["duration_s"] is not None]

@@ -61,7 +61,7 @@ def test_admin_changes_come_back_after_a_restart(home, tmp_path):
         assert running["chat"]["version"] == "chat@2"
         assert running["docs"]["on_demand"] == {"idle_ttl_s": 60.0, "version": "chat@1"}
         removed = subprocess.run([*BATON, "undeploy", "docs", "--reason", "retired", "--server", url], capture_output=True, text=True, env=env, timeout=120)
-        assert removed.returncode == 0 and "removed: docs serves no more" in removed.stdout, removed.stdout + removed.stderr
+        assert removed.returncode == 0 and "remove docs chat@1 -> - (remove)" in removed.stdout and "removed: docs serves no more" in removed.stdout, removed.stdout + removed.stderr
         assert set(_deployments(url)) == {"chat"}
     restored = [event for event in Registry(home).history("chat") if event["reason"] == "restored after a restart"]
     assert restored and not [event for event in restored if event["action"] == "swap"]  # chat@2 loaded once, not chat@1 then a swap
