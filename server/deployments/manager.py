@@ -325,8 +325,6 @@ class DeploymentManager:
 
     async def _remove(self, deployment: Deployment, record: SwapRecord) -> None:
         name = deployment.name
-        if self._deployments.get(name) is not deployment:  # a second removal that waited for the lock
-            raise ModelNotFoundError(f"The model '{name}' does not exist.", param="name")
         async with record.phase("unroute"):
             self._registry.forget_deployment(name)  # first: should the server die mid-drain, it stays removed
             del self._deployments[name]
@@ -422,7 +420,7 @@ class DeploymentManager:
         async def guarded() -> SwapRecord:
             async with deployment.swap_lock:
                 try:
-                    await work
+                    await self._unless_removed(deployment, work)
                 except asyncio.CancelledError as error:
                     record.finish(error)
                     raise
@@ -441,6 +439,14 @@ class DeploymentManager:
             await asyncio.sleep(0)  # let it take the lock before we answer
             return record
         return await asyncio.shield(task)
+
+    async def _unless_removed(self, deployment: Deployment, work) -> None:
+        """A change that waited for the swap lock while the deployment was removed runs not
+        at all (else it would load an engine that no deployment owns)."""
+        if self._deployments.get(deployment.name) is not deployment:
+            work.close()
+            raise ModelNotFoundError(f"The model '{deployment.name}' was removed.", param="name")
+        await work
 
     def _plan_swap(self, deployment: Deployment, ref: str, strategy: str, overrides: dict) -> tuple[Target, Choice]:
         target = self._resolve(ref, overrides)

@@ -5,6 +5,7 @@ engine drives the timing-sensitive parts (queues, deadlines, concurrent swaps)."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 from models.catalog import Change
+from models.errors import ModelNotFoundError
 from models.registry import ImportOptions, Registry
 from server.engines.factory import LOAD_OVERHEAD
 from server.config import ModelSpec, Settings
@@ -291,6 +293,23 @@ def test_removing_a_deployment_lets_its_streams_finish_then_stops_its_engines_fo
             time.sleep(0.01)
     assert "other" not in Registry(home).saved_deployments()
     assert any(e["action"] == "remove" and e["reason"] == "retired" and e["version"] == 2 for e in Registry(home).history("chat"))
+
+
+def test_a_swap_that_waited_for_a_removal_loads_nothing(home):
+    from server.deployments.manager import DeploymentManager
+
+    async def race() -> list:
+        factory = FakeEngineFactory()
+        manager = DeploymentManager(Settings(home=home, models=[], restore_state=False), Registry(home), factory)
+        await manager.deploy("gone", "chat@1", Change("tester"))
+        outcomes = await asyncio.gather(
+            manager.remove("gone", Change("tester")), manager.swap("gone", "chat@2", "blue-green", Change("tester")), return_exceptions=True
+        )
+        return [*outcomes, len(factory.built)]
+
+    removed, swap_error, num_engines = asyncio.run(race())
+    assert removed.status == "succeeded" and num_engines == 1  # the swap's engine was never built
+    assert isinstance(swap_error, ModelNotFoundError) and "was removed" in swap_error.message
 
 
 def test_a_deployed_version_cannot_be_deleted_unless_forced(home):
