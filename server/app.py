@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from models.registry import Registry
@@ -94,15 +94,15 @@ def _map_errors(app: FastAPI) -> None:
     """Every error leaves as OpenAI-shaped JSON; nothing else reaches a client."""
 
     @app.exception_handler(BatonError)
-    async def baton_error(request: Request, error: BatonError) -> JSONResponse:
+    async def baton_error(request: Request, error: BatonError) -> Response:
         return _json(error)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+    async def invalid_body(request: Request, error: RequestValidationError) -> Response:
         return _json(_from_validation(error))
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, error: HTTPException) -> Response:
         if isinstance(error.__cause__, BatonError):  # raised while FastAPI read the body
             return _json(error.__cause__)
         if error.status_code == 405:
@@ -112,7 +112,7 @@ def _map_errors(app: FastAPI) -> None:
         return _json(InvalidRequestError(str(error.detail)), status_code=error.status_code)
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+    async def unexpected(request: Request, error: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
         return _json(BatonError("Internal server error; see the server log."))
 
@@ -133,6 +133,8 @@ def _from_validation(error: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"Invalid value for {where}: {first['msg']}.", param=param, code="invalid_value")
 
 
-def _json(error: BatonError, status_code: int | None = None) -> JSONResponse:
+def _json(error: BatonError, status_code: int | None = None) -> Response:
+    """As ASCII JSON: a message may quote what a request sent, lone surrogates included,
+    which UTF-8 cannot encode."""
     headers = {"retry-after": str(error.retry_after_s)} if error.retry_after_s is not None else None
-    return JSONResponse(error.to_body(), status_code=status_code or error.status_code, headers=headers)
+    return Response(json.dumps(error.to_body()), status_code=status_code or error.status_code, headers=headers, media_type="application/json")

@@ -145,6 +145,8 @@ def test_values_that_ask_for_nothing_are_accepted(tiny_server):
 def test_a_lone_surrogate_escape_is_a_400_not_a_tokenizer_crash(tiny_server, path, body, param):
     response = httpx.post(f"{tiny_server.url}/v1/{path}", content=body.encode(), headers={"content-type": "application/json"})
     assert "surrogate" in _assert_openai_error(response, 400, param)["message"]
+    unknown = httpx.post(f"{tiny_server.url}/v1/{path}", content=body.replace('"tiny"', '"\\udc80"').encode(), headers={"content-type": "application/json"})
+    assert _assert_openai_error(unknown, 404, "model")["message"].startswith("The model '\udc80' does not exist")  # quoted back, as JSON can
     paired = body.replace("\\ud800", "\\ud83d\\ude00").replace("\\udfff", "\\ud83d\\ude00")  # an emoji, as JSON escapes it
     assert httpx.post(f"{tiny_server.url}/v1/{path}", content=paired.encode(), headers={"content-type": "application/json"}).status_code == 200
 
