@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from server.api.tools import Function, ToolPlan
 from server.engines.base import JsonFormat
+from server.engines.prompt import is_unicode
 
 MAX_STOP_SEQUENCES = 4
 NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "echo")
@@ -241,6 +242,8 @@ class _GenerationBody(_Strict):
     def _check_stop(cls, stop):
         if stop and "" in stop:
             raise ValueError("a stop sequence cannot be empty")
+        if stop and not all(map(is_unicode, stop)):  # vLLM failed to send it to its engine: a 500
+            raise ValueError("a stop sequence holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text")
         if stop and (longest := max(map(len, stop))) > MAX_STOP_CHARS:  # each is looked for at every token
             raise ValueError(f"a stop sequence is {longest} characters long; at most {MAX_STOP_CHARS} are accepted")
         return stop

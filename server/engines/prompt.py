@@ -59,7 +59,7 @@ def text_prompt_ids(tokenizer, text: str, param: str = "prompt") -> list[int]:
     try:
         ids = list(tokenizer.encode(text, add_special_tokens=False))
     except TypeError as error:
-        if _is_unicode(text):
+        if is_unicode(text):
             raise
         raise InvalidRequestError("The text holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text.", param=param) from error
     if not ids:
@@ -68,7 +68,7 @@ def text_prompt_ids(tokenizer, text: str, param: str = "prompt") -> list[int]:
     return ids
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
