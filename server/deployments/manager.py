@@ -320,6 +320,8 @@ class DeploymentManager:
         """Stop serving `name`: a request for it gets a 404 from now on, those in flight finish
         (until the drain deadline), every slot stops, and a restart does not bring it back."""
         deployment = self._lock_free(name)
+        if relying := [d.name for d in self.deployments if name in d.policy.fallbacks]:
+            raise ConflictError(f"Deployment {name} is a fallback of {', '.join(relying)}; change their health policy first.", code="deployment_in_use")
         record = SwapRecord(name, "remove", deployment.target_version, None, "remove", change.actor, change.reason)
         return await self._run(deployment, record, self._remove(deployment, record), wait)
 

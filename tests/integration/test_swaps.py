@@ -266,6 +266,9 @@ def test_removing_a_deployment_lets_its_streams_finish_then_stops_its_engines_fo
     factory = FakeEngineFactory(default=FakeBehaviour(token_seconds=0.02))
     with _server(home, factory) as server:
         _admin(server, "POST", "/deployments", expect=201, name="other", model="chat@2")
+        _admin(server, "POST", "/deployments", expect=201, name="relying", model="chat@1", on_demand=True, health={"fallbacks": ["other"]})
+        assert _admin(server, "DELETE", "/deployments/other", expect=409)["error"]["code"] == "deployment_in_use"
+        _admin(server, "DELETE", "/deployments/relying")
         _admin(server, "POST", "/deployments/other/canary", to="chat@3", weight=50)
         engines = factory.built[1:]  # other's active and canary
         streamed = {}
