@@ -302,13 +302,15 @@ class FormatReader(OutputReader):
         self._calls_at: int | None = None
         self._may_lead = bool(call_format.leading)
         self._scanner = CallListReader() if call_format.streams else None
+        if self._scanner is not None:
+            self._scanner.feed("[")  # the calls, from where they start, read as one list
         self._num_scanned = 0
 
     def feed(self, text: str) -> str:
         self._text += text
         content = self._content()
         if self._scanner is not None and self._calls_at is not None:
-            self._scanner.feed(("[" if not self._num_scanned else "") + self._text[max(self._num_scanned, self._calls_at) :])
+            self._scanner.feed(self._text[max(self._num_scanned, self._calls_at) :])
             self._num_scanned = len(self._text)
         return content
 

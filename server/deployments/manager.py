@@ -217,15 +217,19 @@ class DeploymentManager:
             try:
                 await self.deploy(name, state["version"], change, state["on_demand"], state["idle_ttl_s"], state["smoke_prompts"], HealthPolicy.model_validate(state["health"]), state["engine_overrides"])
             except BatonError as error:
-                log.error("could not restore deployment %s (%s): %s", name, state.get("version"), error)
-                if _can_never_come_back(error):
-                    self._registry.forget_deployment(name)
-                    log.warning("forgot saved deployment %s: no restart could bring it back", name)
+                self._not_restored(name, state.get("version"), error)
+
+    def _not_restored(self, name: str, version: str | None, error: BatonError) -> None:
+        """Logged; forgotten too where no restart could bring it back."""
+        log.error("could not restore deployment %s (%s): %s", name, version, error)
+        if _can_never_come_back(error):
+            self._registry.forget_deployment(name)
+            log.warning("forgot saved deployment %s: no restart could bring it back", name)
 
     def _save(self, deployment: Deployment) -> None:
         """What this deployment serves, for `restore` after a restart (a removed one is gone)."""
         version = deployment.target_version
-        if self._deployments.get(deployment.name) is not deployment or version is None or "@" not in version:  # a local folder is no registry version to come back to
+        if not self._is_current(deployment) or version is None or "@" not in version:  # a local folder is no registry version to come back to
             return
         state = {
             "version": version,
@@ -445,7 +449,7 @@ class DeploymentManager:
     async def _unless_removed(self, deployment: Deployment, work) -> None:
         """A change that waited for the swap lock while the deployment was removed runs not
         at all (else it would load an engine that no deployment owns)."""
-        if self._deployments.get(deployment.name) is not deployment:
+        if not self._is_current(deployment):
             work.close()
             raise ModelNotFoundError(f"The model '{deployment.name}' was removed.", param="name")
         await work
@@ -488,9 +492,7 @@ class DeploymentManager:
             try:
                 target = self._resolve(version, options)
             except BatonError as error:  # deleted since, say: the flags' version it is
-                log.error("could not restore deployment %s (%s): %s", spec.name, version, error)
-                if _can_never_come_back(error):
-                    self._registry.forget_deployment(spec.name)
+                self._not_restored(spec.name, version, error)
             else:
                 self._history.add_finished(SwapRecord(spec.name, "deploy", None, target.version, "load", "baton", "restored after a restart"))
                 return target, options
@@ -510,6 +512,10 @@ class DeploymentManager:
         """Rule: vLLM's sleep mode (its own allocator, slower first tokens under load) only
         where swapped-out versions may be kept asleep on standby."""
         return {} if self._settings.keep_standby else {"sleep_mode": False}
+
+    def _is_current(self, deployment: Deployment) -> bool:
+        """Still served under its name: not removed (nor replaced by a new one of that name)."""
+        return self._deployments.get(deployment.name) is deployment
 
     def _lock_free(self, name: str) -> Deployment:
         deployment = self.get(name)
