@@ -17,7 +17,7 @@ from models.catalog import Catalog, Change, VersionRow
 from models.manifest import PICKLE_SUFFIXES, Manifest, describe_folder
 from models.names import LATEST, ModelRef, check_name
 from models.store import BlobStore
-from models.errors import ConflictError, CorruptVersionError, InvalidRequestError, ModelLoadError, NotFoundError
+from models.errors import ConflictError, CorruptVersionError, ForbiddenError, InvalidRequestError, ModelLoadError, NotFoundError
 
 SKIPPED_PARTS = (".git", ".cache", ".huggingface")
 
@@ -57,6 +57,9 @@ class ImportOptions:
     labels: dict | None = None
     notes: str = ""
     show_progress: bool = False
+    # Where the files may lie once their links are followed (the admin API's import roots);
+    # empty: anywhere (an operator's own import may link to a shared checkpoint).
+    confine_to: tuple[Path, ...] = ()
 
 
 class Registry:
@@ -76,6 +79,7 @@ class Registry:
         of the files to take (relative paths), the rest of the folder is left out."""
         check_name(name)
         files = _model_files(folder, only)
+        _check_confined(folder, files, options.confine_to)
         _check_safety(folder, files, options)
         entries = self.store.store_files(folder, files, options.show_progress)
         _fault_point("after_blobs")
@@ -217,6 +221,17 @@ def _model_files(folder: Path, only: tuple[str, ...] | None = None) -> list[str]
     if only is not None:
         files = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in only)]
     return files
+
+
+def _check_confined(folder: Path, files: list[str], roots: tuple[Path, ...]) -> None:
+    """A link inside an allowed folder must not reach a file outside the allowed roots."""
+    if not roots:
+        return
+    resolved_roots = [root.resolve() for root in roots]
+    for name in files:
+        target = (folder / name).resolve()
+        if not any(target.is_relative_to(root) for root in resolved_roots):
+            raise ForbiddenError(f"{folder / name} links to {target}, outside the import roots; imports over HTTP read files under an import root only.", param="source")
 
 
 def _check_safety(folder: Path, files: list[str], options: ImportOptions) -> None:

@@ -66,7 +66,10 @@ async def list_models(request: Request) -> list[dict]:
 @router.post("")
 async def import_model(body: ImportBody, request: Request) -> dict:
     _check_import_path(body.source, request.state.settings.import_roots)
-    options = ImportOptions(body.allow_pickle, body.trust_remote_code, body.engine_options, body.labels, body.notes)
+    # A folder's files are read where its links lead; a GGUF file was resolved as a whole.
+    is_folder = not body.source.startswith((HUB_PREFIX, GGUF_PREFIX))
+    roots = tuple(request.state.settings.import_roots) if is_folder else ()
+    options = ImportOptions(body.allow_pickle, body.trust_remote_code, body.engine_options, body.labels, body.notes, confine_to=roots)
     admin = request.state.model_admin
     return await asyncio.to_thread(admin.import_model, body.source, body.name, options, actor_change(request, body.reason))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 
 import httpx
 
@@ -28,8 +27,16 @@ class AdminClient:
         self._http = httpx.Client(base_url=url.rstrip("/") + "/admin", headers=headers, timeout=QUICK)
 
     def import_model(self, source: str, name: str, options: ImportOptions, change: Change) -> dict:
-        fields = {k: v for k, v in asdict(options).items() if k != "show_progress"}
-        body = {"source": source, "name": name, **fields, "engine_options": options.engine_options or {}, "labels": options.labels or {}, "reason": change.reason}
+        body = {
+            "source": source,
+            "name": name,
+            "allow_pickle": options.allow_pickle,
+            "trust_remote_code": options.trust_remote_code,
+            "engine_options": options.engine_options or {},
+            "labels": options.labels or {},
+            "notes": options.notes,
+            "reason": change.reason,
+        }
         return self._call("POST", "/models", json=body, timeout=LONG)
 
     def list_models(self) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -128,6 +129,39 @@ def test_admin_api_through_cli_server_mode(tmp_path, folder, tiny_model_path):
         assert outside.returncode == 1 and "import root" in outside.stderr
         traversal = httpx.get(f"{server.url}/admin/models/..%2F..%2Fetc%2Fpasswd")
         assert traversal.status_code in (400, 404) and "error" in traversal.json()
+
+
+def test_admin_api_import_does_not_follow_links_out_of_the_import_roots(tmp_path, folder, tiny_model_path):
+    """A folder under an import root holding a link to a file elsewhere would copy that file
+    into the registry; over HTTP the import is refused and nothing is stored. The operator's
+    own CLI import follows links (a folder may link to a shared checkpoint)."""
+    roots = tmp_path / "roots"
+    (roots / "model").mkdir(parents=True)
+    for file in folder.iterdir():
+        shutil.copy(file, roots / "model" / file.name)
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("not for the registry")
+    (roots / "model" / "notes.txt").symlink_to(secret)
+    (roots / "inside.txt").write_text("a file under the root")
+    settings = Settings(home=tmp_path / "home", import_roots=[roots], models=[ModelSpec(name="tiny", path=tiny_model_path, engine="transformers")])
+    with ServerThread(settings) as server:
+        body = {"source": str(roots / "model"), "name": "chat"}
+        refused = httpx.post(f"{server.url}/admin/models", json=body, timeout=60)
+        assert refused.status_code == 403 and "outside the import roots" in refused.json()["error"]["message"]
+        assert httpx.get(f"{server.url}/admin/models").json() == []
+        (roots / "model" / "notes.txt").unlink()
+        (roots / "model" / "notes.txt").symlink_to(roots / "inside.txt")
+        accepted = httpx.post(f"{server.url}/admin/models", json=body, timeout=60)
+        assert accepted.status_code == 200, accepted.text
+    def notes_sha(ref: str) -> str:
+        return next(f.sha256 for f in Registry(tmp_path / "home").resolve(ref).manifest.files if f.path == "notes.txt")
+
+    assert notes_sha("chat@1") == hashlib.sha256(b"a file under the root").hexdigest()
+    (roots / "model" / "notes.txt").unlink()
+    (roots / "model" / "notes.txt").symlink_to(secret)
+    baton(tmp_path / "home", "models", "import", str(roots / "model"), "--name", "linked")
+    assert notes_sha("linked@1") == hashlib.sha256(b"not for the registry").hexdigest()
 
 
 def test_engine_options_are_checked_before_they_reach_a_manifest(tmp_path, folder):
