@@ -18,14 +18,16 @@ bad file changes nothing. Secrets never sit in the file: keys come from the envi
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from models.errors import ConfigError, InvalidRequestError
 from models.names import NAME_PATTERN
+from server.config import Settings
 from server.deployments.health import HealthPolicy
 from server.deployments.strategy import STRATEGIES
 from server.api.tools import check_tool_parser
@@ -72,19 +74,33 @@ class DeploymentConfig(DeploymentSettings):
     strategy: Literal[STRATEGIES] = "auto"  # type: ignore[valid-type]  # how a reload swaps it
 
 
+def _server_fields() -> dict:
+    """Settings' fields that the file's `server` section and the environment may set: each
+    optional (unset: Settings' default), with its bounds."""
+    fields = {}
+    for name, info in Settings.model_fields.items():
+        if name not in NOT_IN_SERVER_SECTION:
+            kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            fields[name] = (kind | None, Field(None, description=info.description))
+    return fields
+
+
+ServerSection = create_model("ServerSection", __config__=ConfigDict(extra="forbid"), **_server_fields())
+
+
 class ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    server: dict = Field(default_factory=dict)
+    server: ServerSection = Field(default_factory=ServerSection)
     api_key_env: str | None = None
     admin_key_env: str | None = None
     keys_file: Path | None = None
     deployments: dict[str, DeploymentConfig] = Field(default_factory=dict)
 
-    @field_validator("server")
+    @field_validator("server", mode="before")
     @classmethod
-    def _no_secrets_or_models(cls, server: dict) -> dict:
-        if forbidden := sorted(NOT_IN_SERVER_SECTION & set(server)):
+    def _no_secrets_or_models(cls, server):
+        if isinstance(server, dict) and (forbidden := sorted(NOT_IN_SERVER_SECTION & set(server))):
             raise ValueError(f"{', '.join(forbidden)} cannot be set here: use api_key_env, admin_key_env, keys_file and deployments")
         return server
 
@@ -101,6 +117,10 @@ class ConfigFile(BaseModel):
             except InvalidRequestError as error:
                 raise ValueError(error.message) from error
         return deployments
+
+    def server_settings(self) -> dict:
+        """What the `server` section sets; a null value leaves Settings' default."""
+        return self.server.model_dump(exclude_none=True)
 
     def secrets(self, environ: dict[str, str] = os.environ) -> dict:
         """The keys the file points at, read from the environment now."""
@@ -119,16 +139,12 @@ def environment_overrides() -> dict:
     """Server settings from `BATON_<FIELD>` environment variables (BATON_PORT=9000,
     BATON_DRAIN_TIMEOUT_S=10; lists and maps as JSON), read by pydantic-settings; they win
     over the file's `server` section. Keys are not read this way: they have their own
-    `*_env` fields. Each value is checked again, with its bounds, when Settings is built."""
-    from pydantic import create_model
+    `*_env` fields. Each value is checked with its bounds, as in the file."""
     from pydantic_settings import BaseSettings, SettingsConfigDict
 
-    from server.config import Settings
-
-    fields = {name: (info.annotation | None, None) for name, info in Settings.model_fields.items() if name not in NOT_IN_SERVER_SECTION}
     base = type("EnvironmentBase", (BaseSettings,), {"model_config": SettingsConfigDict(env_prefix="BATON_", extra="ignore")})
     try:
-        return create_model("EnvironmentSettings", __base__=base, **fields)().model_dump(exclude_none=True)
+        return create_model("EnvironmentSettings", __base__=base, **_server_fields())().model_dump(exclude_none=True)
     except ValidationError as error:
         first = error.errors()[0]
         raise ConfigError(f"BATON_{str(first['loc'][0]).upper()}: {first['msg']}.") from error
@@ -138,17 +154,37 @@ def load_config(path: Path) -> ConfigFile:
     """Read and validate `path`; ConfigError names the file, the line and the field."""
     try:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except OSError as error:
         raise ConfigError(f"Cannot read the config file {path}: {error.strerror}.") from error
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        raise ConfigError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML: {error.problem or error.context}.") from error
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    data = {} if data is None else data  # an empty file: no settings, no deployments
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections (server, deployments, ...).")
     try:
         return ConfigFile.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_describe(path, text, error)) from error
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key written twice in one mapping is an error: the plain
+    loader keeps the last one silently (a deployment pasted twice, one half lost)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the safe loader refuses it, with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is written twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _describe(path: Path, text: str, error: ValidationError) -> str:

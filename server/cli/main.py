@@ -132,7 +132,7 @@ def _settings_from_file(args) -> Settings:
     """Settings from `--config`: the file's server section, its keys read from the
     environment, and its deployments as registry versions to serve."""
     config = load_config(args.config)
-    server = {"home": _home(args), **config.server, **environment_overrides()}
+    server = {"home": _home(args), **config.server_settings(), **environment_overrides()}
     registry = Registry(Path(server["home"]))
     specs = []
     for name, wanted in config.deployments.items():

@@ -34,7 +34,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_a_good_file_parses_into_server_settings_and_deployments(tmp_path):
     config = load_config(_write(tmp_path, GOOD))
-    assert config.server == {"port": 9000, "drain_timeout_s": 10}
+    assert config.server_settings() == {"port": 9000, "drain_timeout_s": 10}
     assert config.deployments["chat"].model == "chat@prod" and config.deployments["chat"].strategy == "reload"
     assert config.deployments["docs"].on_demand and config.deployments["docs"].idle_ttl_s == 60
     assert config.secrets({"TEST_BATON_KEY": "s3cret"}) == {"api_key": "s3cret"}
@@ -52,6 +52,12 @@ def test_a_good_file_parses_into_server_settings_and_deployments(tmp_path):
         ("deployments: [chat]\n", ":1: deployments: Input should be a valid dictionary"),
         ("server: {port: 9000\n", "not valid YAML"),
         ("- just\n- a list\n", "must be a mapping"),
+        ("[]\n", "must be a mapping"),
+        (GOOD.replace("  port: 9000\n", "  port: 99999\n"), ":2: server.port: Input should be less than or equal to 65535"),
+        (GOOD.replace("  drain_timeout_s: 10\n", "  drain_timeout_s: -1\n"), ":3: server.drain_timeout_s: Input should be greater than 0"),
+        (GOOD.replace("  port: 9000\n", "  port: 9000\n  colour: red\n"), ":3: server.colour: Extra inputs"),
+        (GOOD + "  chat:\n    model: chat@1\n", ":13: not valid YAML: the key 'chat' is written twice"),
+        (GOOD.replace("  port: 9000\n", "\tport: 9000\n"), ":2: not valid YAML: found character '\\t'"),
     ],
 )
 def test_a_bad_file_is_refused_naming_the_line_and_the_field(tmp_path, text, words):
@@ -132,3 +138,10 @@ def test_a_bad_environment_value_names_its_variable(monkeypatch):
     monkeypatch.setenv("BATON_PORT", "eighty")
     with pytest.raises(ConfigError, match="BATON_PORT"):
         environment_overrides()
+    monkeypatch.setenv("BATON_PORT", "99999")  # bounds too, before anything starts
+    with pytest.raises(ConfigError, match="BATON_PORT: Input should be less than or equal to 65535"):
+        environment_overrides()
+
+
+def test_a_null_server_setting_is_its_default(tmp_path):
+    assert load_config(_write(tmp_path, "server: {port: null, drain_timeout_s: 5}\n")).server_settings() == {"drain_timeout_s": 5}
