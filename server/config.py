@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.names import NAME_PATTERN
 from server.devices import gpu_memory_bytes
@@ -90,6 +90,18 @@ class Settings(BaseModel):
     restore_state: bool = Field(True, description="On start, bring back the deployments and versions the last run saved (not with a config file, which is the truth).")
     config_file: Path | None = Field(None, description="The YAML file these settings came from; reloads read it again.")
     watch_config_s: float | None = Field(None, gt=0, description="With a config file: look at it this often and reload when it changes (a mounted ConfigMap).")
+
+    @model_validator(mode="after")
+    def _keys_are_distinct(self):
+        """Each key has its own name (logs, history and rate limits go by it) and its own
+        secret (a request must match one key, with one set of scopes)."""
+        keys = self.all_keys()
+        for earlier, spec in ((a, b) for i, b in enumerate(keys) for a in keys[:i]):
+            if earlier.name == spec.name:
+                raise ValueError(f"two keys are named {spec.name!r}; each key needs its own name")
+            if earlier.sha256 == spec.sha256:
+                raise ValueError(f"the keys {earlier.name!r} and {spec.name!r} have the same secret; give one key both scopes in a key file instead")
+        return self
 
     def all_keys(self) -> list[KeySpec]:
         """`keys`, with `api_key` and `admin_key` as keys of one scope each."""

@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baton: error: {error.message}", file=sys.stderr)
         return 1
     except ValidationError as error:
-        print(f"baton: invalid configuration:\n{error}", file=sys.stderr)
+        for problem in error.errors():
+            where = ".".join(str(part) for part in problem["loc"])
+            message = problem["msg"].removeprefix("Value error, ")
+            print(f"baton: error: {where + ': ' if where else ''}{message}", file=sys.stderr)
         return 1
 
 

@@ -103,6 +103,15 @@ def test_cli_unknown_model_is_a_clear_error(tmp_path):
     assert "no model 'ghost'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_serve_refuses_bad_settings_in_one_line_each(tmp_path, tiny_model_path):
+    home = tmp_path / "home"
+    bounds = baton(home, "serve", "--model", str(tiny_model_path), "--port", "99999", "--drain-timeout", "-1", check=False)
+    assert bounds.returncode == 1 and "Traceback" not in bounds.stderr
+    assert bounds.stderr.splitlines() == ["baton: error: port: Input should be less than or equal to 65535", "baton: error: drain_timeout_s: Input should be greater than 0"]
+    shared = baton(home, "serve", "--model", str(tiny_model_path), "--api-key", "same", "--admin-key", "same", check=False)
+    assert shared.returncode == 1 and "the keys 'api-key' and 'admin-key' have the same secret" in shared.stderr
+
+
 def test_cli_verify_reports_corruption_with_exit_1(tmp_path, folder):
     home = tmp_path / "home"
     baton(home, "models", "import", str(folder), "--name", "chat")

@@ -67,14 +67,14 @@ def test_the_pod_drains_before_it_is_killed_and_probes_the_right_routes(tmp_path
     pod = _base()["deployment.yaml"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     shutdown_s = float(container["args"][container["args"].index("--shutdown-timeout") + 1])
-    assert pod["terminationGracePeriodSeconds"] > _configmap_config(tmp_path).server["drain_timeout_s"] + shutdown_s
+    assert pod["terminationGracePeriodSeconds"] > _configmap_config(tmp_path).server.drain_timeout_s + shutdown_s
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready" and container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["lifecycle"]["preStop"] and pod["securityContext"]["runAsNonRoot"]
 
 
 def test_the_configmap_holds_a_baton_config_that_each_pod_watches(tmp_path):
     config = _configmap_config(tmp_path)
-    assert config.server["watch_config_s"] > 0 and config.deployments["chat"].model == "chat@prod"
+    assert config.server.watch_config_s > 0 and config.deployments["chat"].model == "chat@prod"
 
 
 def test_compose_runs_baton_on_its_config_with_prometheus_and_grafana():
