@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from models.errors import ModelLoadError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -54,21 +57,34 @@ class Manifest:
         return cls(**{**data, "files": tuple(FileEntry(**f) for f in data["files"])})
 
 
-def describe_folder(folder: Path, files: tuple[FileEntry, ...]) -> dict:
-    """What a manifest says about the model itself, read from its config and headers."""
+def describe_folder(folder: Path, files: list[str]) -> dict:
+    """What a manifest says about the model itself, read from its config, its safetensors
+    headers and its chat template, before anything is stored: ModelLoadError where one of
+    them cannot be read."""
     config = _read_json(folder / "config.json")
-    by_path = {f.path: f for f in files}
     return {
         "architecture": (config.get("architectures") or [None])[0],
         "dtype": config.get("dtype") or config.get("torch_dtype"),
-        "num_parameters": _count_parameters(folder, [f.path for f in files if f.path.endswith(".safetensors")]),
-        "tokenizer_sha256": next((by_path[n].sha256 for n in TOKENIZER_FILES if n in by_path), None),
-        "chat_template_sha256": _chat_template_sha256(folder, by_path),
+        "num_parameters": _count_parameters(folder, [f for f in files if f.endswith(".safetensors")]),
+        "chat_template_sha256": _chat_template_sha256(folder, files),
     }
 
 
+def tokenizer_sha256(entries: tuple[FileEntry, ...]) -> str | None:
+    by_path = {f.path: f for f in entries}
+    return next((by_path[name].sha256 for name in TOKENIZER_FILES if name in by_path), None)
+
+
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{path.name} is not valid JSON: {error}.") from error
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path.name} must hold a JSON object.")
+    return data
 
 
 def _count_parameters(folder: Path, safetensors_files: list[str]) -> int | None:
@@ -77,20 +93,25 @@ def _count_parameters(folder: Path, safetensors_files: list[str]) -> int | None:
         return None
     total = 0
     for name in safetensors_files:
-        with open(folder / name, "rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_size))
-        for key, tensor in header.items():
-            if key != "__metadata__":
-                count = 1
-                for dim in tensor["shape"]:
-                    count *= dim
-                total += count
+        try:
+            total += sum(_tensor_sizes(folder / name))
+        except (ValueError, KeyError, TypeError, AttributeError, struct.error) as error:
+            raise ModelLoadError(f"{name} is not a valid safetensors file ({type(error).__name__}: {error}).") from error
     return total
 
 
-def _chat_template_sha256(folder: Path, by_path: dict[str, FileEntry]) -> str | None:
-    if "chat_template.jinja" in by_path:
-        return by_path["chat_template.jinja"].sha256
+def _tensor_sizes(path: Path) -> list[int]:
+    """Element counts from a safetensors header: 8 bytes of length, then JSON."""
+    with open(path, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        if header_size > path.stat().st_size - 8:
+            raise ValueError(f"its header claims {header_size} bytes, more than the file holds")
+        header = json.loads(handle.read(header_size))
+    return [math.prod(tensor["shape"]) for key, tensor in header.items() if key != "__metadata__"]
+
+
+def _chat_template_sha256(folder: Path, files: list[str]) -> str | None:
+    if "chat_template.jinja" in files:
+        return hashlib.sha256((folder / "chat_template.jinja").read_bytes()).hexdigest()
     template = _read_json(folder / "tokenizer_config.json").get("chat_template")
     return hashlib.sha256(json.dumps(template).encode()).hexdigest() if template else None

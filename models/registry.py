@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.catalog import Catalog, Change, VersionRow
-from models.manifest import PICKLE_SUFFIXES, Manifest, describe_folder
+from models.manifest import PICKLE_SUFFIXES, Manifest, describe_folder, tokenizer_sha256
 from models.names import LATEST, ModelRef, check_name
 from models.store import BlobStore
 from models.errors import ConflictError, CorruptVersionError, ForbiddenError, InvalidRequestError, ModelLoadError, NotFoundError
@@ -81,11 +81,13 @@ class Registry:
         files = _model_files(folder, only)
         _check_confined(folder, files, options.confine_to)
         _check_safety(folder, files, options)
+        described = describe_folder(folder, files)
         entries = self.store.store_files(folder, files, options.show_progress)
         _fault_point("after_blobs")
         manifest = Manifest(
             files=entries,
-            **describe_folder(folder, entries),
+            **described,
+            tokenizer_sha256=tokenizer_sha256(entries),
             source=source,
             engine_options=options.engine_options or {},
             labels=options.labels or {},

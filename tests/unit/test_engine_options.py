@@ -33,6 +33,14 @@ def test_a_size_no_engine_can_start_with_is_refused_before_any_starts(name, valu
     check_engine_options({name: 1 if isinstance(value, int) else 0.5})
 
 
+@pytest.mark.parametrize("engine", ["vllm", "transformers", "auto"])
+def test_a_dtype_is_one_both_engines_know_whichever_engine_is_named(engine):
+    """vLLM's dtype was any string: float64 was recorded and failed the engine's start."""
+    with pytest.raises(InvalidRequestError, match="dtype"):
+        check_engine_options({"engine": engine, "dtype": "float64"})
+    check_engine_options({"engine": engine, "dtype": "bfloat16"})
+
+
 def test_each_engine_sees_only_its_own_options():
     options = {"engine": "vllm", "max_batch_size": 4, "max_num_seqs": 8}
     assert options_for(TransformersOptions, options).max_batch_size == 4

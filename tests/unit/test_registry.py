@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,27 @@ def test_registry_refuses_remote_code_unless_trusted(registry, folder):
     with pytest.raises(ModelLoadError, match="--trust-remote-code"):
         _import(registry, folder)
     assert _import(registry, folder, trust_remote_code=True)[0].manifest.trusts_remote_code
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "words"),
+    [
+        ("config.json", b"{not json", "config.json is not valid JSON"),
+        ("config.json", b"[1, 2]", "config.json must hold a JSON object"),
+        ("model.safetensors", struct.pack("<Q", 2**50) + b"{}", "its header claims 1125899906842624 bytes"),
+        ("model.safetensors", struct.pack("<Q", 2) + b"[]", "model.safetensors is not a valid safetensors file"),
+        ("model.safetensors", b"abc", "model.safetensors is not a valid safetensors file"),
+    ],
+)
+def test_registry_refuses_unreadable_files_before_storing_anything(registry, folder, file, content, words):
+    """A bad file is a 400-class ModelLoadError naming it (it was a traceback, a 500 over
+    the admin API), and no blob is stored for gc to find."""
+    (folder / file).write_bytes(content)
+    with pytest.raises(ModelLoadError, match=re.escape(words)):
+        _import(registry, folder)
+    assert not list((registry.home / "store" / "blobs" / "sha256").glob("*"))
+    with pytest.raises(NotFoundError):
+        registry.resolve("chat")
 
 
 def test_registry_verify_detects_a_flipped_byte_and_refuses_serving(registry, folder):
