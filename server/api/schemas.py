@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Literal
 
@@ -114,44 +115,55 @@ def _check_json_schema(schema: dict) -> dict:
 
     if (size := len(json.dumps(schema))) > MAX_SCHEMA_CHARS:
         raise ValueError(f"the schema is {size} characters of JSON; at most {MAX_SCHEMA_CHARS} are accepted")
-    if (depth := _depth(schema)) > MAX_SCHEMA_DEPTH:  # before anything recursive reads it
-        raise ValueError(f"the schema nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH} are accepted")
+    if problem := _unbounded_work(schema):  # before anything recursive reads it
+        raise ValueError(problem)
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:
         raise ValueError(f"not a valid JSON schema: {error.message}") from error
-    if problem := _unbounded_work(schema):
-        raise ValueError(problem)
     return schema
 
 
-def _depth(node) -> int:
-    """How deeply objects and arrays nest in `node`, read without recursion."""
-    deepest, stack = 0, [(node, 1)]
+def _unbounded_work(schema: dict) -> str | None:
+    """What in `schema` would grow its grammar past a bound, said plainly: nesting (objects
+    and arrays within each other) first, then the first count or pattern repetition over
+    its bound. One walk, without recursion: deep nesting is what it guards against."""
+    deepest, problem, stack = 0, None, [(schema, 1)]
     while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
-    return deepest
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            problem = problem or _over_bounds(node)
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    if deepest > MAX_SCHEMA_DEPTH:
+        return f"the schema nests {deepest} levels deep; at most {MAX_SCHEMA_DEPTH} are accepted"
+    return problem
 
 
-def _unbounded_work(node) -> str | None:
-    """The first count or pattern repetition in a schema over its bound, said plainly."""
-    if isinstance(node, list):
-        return next(filter(None, map(_unbounded_work, node)), None)
-    if not isinstance(node, dict):
-        return None
+def _over_bounds(node: dict) -> str | None:
     for keyword in COUNT_KEYWORDS:
         if isinstance(count := node.get(keyword), int) and count > MAX_SCHEMA_COUNT:
             return f"{keyword} is {count}; at most {MAX_SCHEMA_COUNT} is accepted"
     patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
     patterns += list(node["patternProperties"]) if isinstance(node.get("patternProperties"), dict) else []
     for pattern in patterns:
-        repeats = [int(n) for match in _REPEAT.finditer(pattern) for n in match.groups() if n]
-        if repeats and max(repeats) > MAX_PATTERN_REPEAT:
-            return f"the pattern {pattern[:40]!r} repeats {max(repeats)} times; at most {MAX_PATTERN_REPEAT} is accepted"
-    return next(filter(None, map(_unbounded_work, node.values())), None)
+        if (most := max(_repeat_counts(pattern), default=0)) > MAX_PATTERN_REPEAT:
+            return f"the pattern {pattern[:40]!r} repeats {most} times; at most {MAX_PATTERN_REPEAT} is accepted"
+    return None
+
+
+def _repeat_counts(pattern: str) -> Iterator[int]:
+    """The n and m of each {n}, {n,}, {n,m} quantifier; an escaped brace (an odd run of
+    backslashes before it) is a literal, not a quantifier."""
+    for match in _REPEAT.finditer(pattern):
+        before = pattern[: match.start()]
+        if (len(before) - len(before.rstrip("\\"))) % 2 == 0:
+            yield from (int(n) for n in match.groups() if n)
 
 
 class FunctionDef(_Strict):

@@ -9,6 +9,7 @@ the schema its caller trusts.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -26,6 +27,7 @@ class JsonGrammars:
         self._xgrammar = xgrammar
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
         self._compiler = xgrammar.GrammarCompiler(info)  # caches compiled grammars
+        self._unenforced = functools.lru_cache(maxsize=256)(lambda schema: unenforced(json.loads(schema)))  # and so, beside it, this check
         self._vocab_size = vocab_size
 
     def mask_for(self, json_format: JsonFormat) -> TokenMask:
@@ -38,7 +40,7 @@ class JsonGrammars:
                 grammar = self._compiler.compile_json_schema(json_format.schema)
         except (RuntimeError, ValueError) as error:
             raise InvalidRequestError(f"The JSON schema cannot be used: {_plain(error)}", param=json_format.param) from error
-        if json_format.schema is not None and (what := unenforced(json.loads(json_format.schema))):
+        if json_format.schema is not None and (what := self._unenforced(json_format.schema)):
             raise InvalidRequestError(f"The JSON schema uses {what}, which this engine's grammar cannot enforce: answers could break the schema.", param=json_format.param)
         return TokenMask(self._xgrammar, grammar, self._vocab_size)
 

@@ -206,6 +206,8 @@ def _nested(schema: dict, depth: int) -> dict:
         ({"type": "object", "properties": {"code": {"type": "string", "pattern": "^a{100000}$"}}}, "repeats 100000 times; at most 1000"),
         ({"type": "object", "properties": {"maxLength": {"type": "string", "maxLength": 80}}}, None),  # a property named like a keyword
         (_nested({"type": "string"}, 500), "nests 501 levels deep; at most 64"),
+        ({"type": "string", "pattern": r"^\{2000}$"}, None),  # an escaped brace: the literal text {2000}
+        ({"type": "string", "pattern": r"^\\{2000}$"}, "repeats 2000 times"),  # an escaped backslash, then a quantifier
     ],
 )
 def test_a_schema_whose_grammar_would_be_unbounded_is_a_400_before_any_engine_sees_it(client, schema, words):
