@@ -101,7 +101,7 @@ def _parse() -> argparse.Namespace:
 def _demo_model() -> Path:
     from models.demo import ensure_demo_model
     from models.registry import Registry
-    from server.config import default_home
+    from server.config.settings import default_home
 
     return ensure_demo_model(Registry(Path(os.environ.get("BATON_HOME") or default_home()))).path
 

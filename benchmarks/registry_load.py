@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.catalog import Change  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
-from server.config import default_home  # noqa: E402
+from server.config.settings import default_home  # noqa: E402
 from benchmarks.serving import results_dir  # noqa: E402
 
 

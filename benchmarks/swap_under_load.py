@@ -41,7 +41,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 from models.catalog import Change  # noqa: E402
 from models.demo import ensure_demo_model  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
-from server.config import default_home  # noqa: E402
+from server.config.settings import default_home  # noqa: E402
 from benchmarks.serving import free_port, wait_ready  # noqa: E402
 
 

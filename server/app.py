@@ -12,15 +12,15 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from models.registry import Registry
-from server.config_reload import ConfigReloader
+from server.config.reload import ConfigReloader
 from server.deployments.reconcile import Reconciler
 from server.api import admin_api, deploy_api, openai_api, status_api
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
-from server.gpu_monitor import GpuMonitor, load_nvml
-from server.metrics import Metrics, StateCollector
-from server.config import Settings
+from server.observability.gpu_monitor import GpuMonitor, load_nvml
+from server.observability.metrics import Metrics, StateCollector
+from server.config.settings import Settings
 from server.lifecycle import Lifecycle
 from server.engines.factory import build_engine
 from models.errors import (

@@ -17,7 +17,7 @@ from models.catalog import Change
 from models.demo import ensure_demo_model
 from models.registry import ImportOptions, Registry
 from server.app import create_app
-from server.config import ModelSpec, Settings, default_home
+from server.config.settings import ModelSpec, Settings, default_home
 
 
 

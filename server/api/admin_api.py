@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.catalog import Change
 from models.importers import GGUF_PREFIX, HUB_PREFIX
 from models.registry import ImportOptions
-from server.addresses import is_loopback
-from server.keys import authorize, bearer_token
+from server.auth.addresses import is_loopback
+from server.auth.keys import authorize, bearer_token
 from models.errors import ForbiddenError
 
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from models.errors import ConfigError, ConflictError, InvalidRequestError
 from server.api.admin_api import actor_change, require_admin
-from server.config_file import ConfigFile, DeploymentSettings, EngineOptions, load_config
+from server.config.file import ConfigFile, DeploymentSettings, EngineOptions, load_config
 from server.deployments.reconcile import drift
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])

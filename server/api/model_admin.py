@@ -8,7 +8,7 @@ from collections.abc import Callable
 from models.catalog import Change
 from models.importers import import_source
 from models.registry import ImportOptions, Registry, Version
-from server.config_file import check_options
+from server.config.file import check_options
 
 
 class ModelAdmin:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from server.deployments.health import Outcome
-from server.metrics import Metrics
+from server.observability.metrics import Metrics
 
 log = logging.getLogger("baton.requests")
 

@@ -22,10 +22,10 @@ from server.api.shapes import ChatFormat, TextFormat
 from server.api.tool_formats import format_taught_by
 from server.api.tools import ToolCall, ToolPlan
 from server.api.observation import RequestObservation, Unobserved
-from server.addresses import is_loopback
+from server.auth.addresses import is_loopback
 from server.deployments.slot import Lease
 from server.deployments.manager import Route
-from server.keys import authorize, bearer_token
+from server.auth.keys import authorize, bearer_token
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engines.base import TokenLogprob
 

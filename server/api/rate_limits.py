@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from models.errors import RateLimitedError
-from server.keys import KeySpec
+from server.auth.keys import KeySpec
 
 
 @dataclass

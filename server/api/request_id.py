@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 
-SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+SANE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class RequestId:
@@ -17,7 +17,7 @@ class RequestId:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"")
-        request_id = given.decode() if SANE_ID.match(given) else uuid.uuid4().hex
+        request_id = given.decode() if SANE_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message):

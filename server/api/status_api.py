@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.keys import KeySpec, authorize, bearer_token
+from server.auth.keys import KeySpec, authorize, bearer_token
 
 router = APIRouter()
 # With metrics_need_key and no key having the scope, nobody's key matches: every scrape is a 401.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from server.cli.admin_client import AdminClient
 from server.cli.models import engine_option_pairs
-from server.config_file import load_config
+from server.config.file import load_config
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 

@@ -13,11 +13,11 @@ from pydantic import ValidationError
 from models.registry import Registry
 from server.cli import deploy as deploy_cli, models as models_cli
 from server.cli.models import engine_option_pairs
-from server.addresses import is_loopback
-from server.config import ModelSpec, Settings, default_home
-from server.config_file import check_options, environment_overrides, load_config
-from server import logs
-from server.keys import load_key_file
+from server.auth.addresses import is_loopback
+from server.config.settings import ModelSpec, Settings, default_home
+from server.config.file import check_options, environment_overrides, load_config
+from server.observability import logs
+from server.auth.keys import load_key_file
 from models.errors import BatonError, ConfigError
 
 

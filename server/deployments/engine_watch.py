@@ -10,14 +10,14 @@ import logging
 from collections.abc import Callable
 
 from models.errors import OverloadedError, SwapFailedError
-from server.config import Settings
+from server.config.settings import Settings
 from server.deployments.deployment import Deployment
 from server.deployments.recovery import restart_delay_s
 from server.deployments.slot import Slot, SlotState, Target
 from server.deployments.slot_lifecycle import SlotLifecycle
 from server.deployments.swap_history import SwapHistory
 from server.deployments.swap_record import SwapRecord
-from server.metrics import Metrics
+from server.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

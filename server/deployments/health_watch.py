@@ -14,12 +14,12 @@ import httpx
 
 from models.catalog import Change
 from models.errors import BatonError
-from server.config import Settings
+from server.config.settings import Settings
 from server.deployments.deployment import Deployment
 from server.deployments.health import Breach, Slo, breaches, slo_from_baseline
 from server.deployments.slot import Slot
 from server.engines.base import GenerationRequest, SamplingParams
-from server.metrics import Metrics
+from server.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from models.catalog import Change
 from models.names import check_name
 from models.registry import Registry
-from server.config import ModelSpec, Settings
+from server.config.settings import ModelSpec, Settings
 from server.deployments.deployment import Deployment, OnDemand
 from server.deployments.engine_watch import EngineWatch
 from server.deployments.health import HealthPolicy
@@ -28,7 +28,7 @@ from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_st
 from server.deployments.swap_history import SwapHistory
 from server.deployments.swap_record import SwapRecord
 from server.deployments.swaps import Swaps
-from server.metrics import Metrics
+from server.observability.metrics import Metrics
 from server.engines.base import can_reload, engine_process_ids
 from server.engines.factory import estimate_memory_bytes
 from server.engines.options import engine_only

@@ -15,7 +15,7 @@ from typing import Literal
 
 from models.catalog import Change
 from models.errors import BatonError, ConfigError
-from server.config_file import ConfigFile, DeploymentConfig
+from server.config.file import ConfigFile, DeploymentConfig
 
 Action = Literal["deploy", "swap", "update", "keep", "unmanaged"]
 IN_PLACE = ("smoke_prompts", "health", "on_demand", "idle_ttl_s")

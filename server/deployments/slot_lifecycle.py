@@ -14,17 +14,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from server.config import Settings
+from server.config.settings import Settings
 from server.deployments.deployment import Deployment
 from server.deployments.drain import StopDecision, decide_stop
 from server.deployments.heap import Heap
 from server.deployments.memory_plan import fits, plan_gpu_share, usable_gpu_bytes
 from server.deployments.slot import Slot, SlotState, Target
 from server.deployments.swap_record import SwapRecord
-from server.devices import GpuMemory, gpu_memory
+from server.observability.devices import GpuMemory, gpu_memory
 from server.engines.base import Engine, GenerationRequest, SamplingParams, can_sleep
 from server.engines.factory import engine_for
-from server.metrics import Metrics
+from server.observability.metrics import Metrics
 from models.errors import SwapFailedError
 
 log = logging.getLogger(__name__)

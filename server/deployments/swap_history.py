@@ -10,7 +10,7 @@ from models.catalog import Change
 from models.errors import NotFoundError
 from models.registry import Registry
 from server.deployments.swap_record import SwapRecord
-from server.metrics import Metrics
+from server.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

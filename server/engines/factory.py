@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.devices import gpu_memory_bytes
+from server.observability.devices import gpu_memory_bytes
 from server.engines import vllm_engine
 from server.engines.base import Engine
 from server.engines.model_folder import read_config

@@ -20,8 +20,8 @@ pytest.importorskip("vllm.v1.engine.async_llm", reason="vLLM is not installed")
 
 from models.catalog import Change  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
-from server.config import ModelSpec, Settings  # noqa: E402
-from server.devices import gpu_memory  # noqa: E402
+from server.config.settings import ModelSpec, Settings  # noqa: E402
+from server.observability.devices import gpu_memory  # noqa: E402
 from benchmarks.random_model import build_random_llama  # noqa: E402
 from tests.conftest import ServerThread, streaming_versions_during  # noqa: E402
 

@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
-from server.config import ModelSpec, Settings
-from server.keys import hash_key, key, load_key_file
+from server.config.settings import ModelSpec, Settings
+from server.auth.keys import hash_key, key, load_key_file
 from models.errors import ConfigError
 from tests.conftest import ServerThread
 from tests.fake_engine import FakeEngineFactory

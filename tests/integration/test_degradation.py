@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from models.registry import Registry
-from server.config import ModelSpec, Settings
+from server.config.settings import ModelSpec, Settings
 from server.deployments.health import Baseline, GoldenPrompt, HealthPolicy, Slo
 from tests.conftest import ServerThread
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory

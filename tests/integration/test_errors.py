@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from server.config import ModelSpec, Settings
+from server.config.settings import ModelSpec, Settings
 from tests.conftest import ServerThread
 
 HI = [{"role": "user", "content": "hi"}]

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.config import ModelSpec, Settings
-from server.keys import key
+from server.config.settings import ModelSpec, Settings
+from server.auth.keys import key
 from tests.conftest import ServerThread
 from tests.fake_engine import FakeEngineFactory
 

@@ -9,9 +9,9 @@ import httpx
 import psutil
 
 from server.api.rate_limits import RateLimits
-from server.config import ModelSpec, Settings
+from server.config.settings import ModelSpec, Settings
 from server.deployments.slot import Lease
-from server.keys import key
+from server.auth.keys import key
 from tests.conftest import ServerThread
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory
 

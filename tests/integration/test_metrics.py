@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from models.registry import Registry
-from server.config import ModelSpec, Settings
-from server.keys import key
+from server.config.settings import ModelSpec, Settings
+from server.auth.keys import key
 from tests.conftest import ServerThread
 from tests.fake_engine import FakeEngineFactory
 
@@ -108,7 +108,7 @@ def test_the_grafana_dashboard_queries_only_metrics_that_baton_exports(server):
     exported = set(re.findall(r"^# TYPE (\S+) (\S+)", _scrape(server), re.M))
     exported_names = {name for name, kind in exported} | {f"{name}_{suffix}" for name, kind in exported if kind == "histogram" for suffix in ("bucket", "count", "sum")}
     exported_names |= {f"{name}_total" for name, kind in exported if kind == "counter"}
-    gpu_names = set(re.findall(r'"(baton_gpu_[a-z_]+)"', (Path(__file__).parents[2] / "server" / "gpu_monitor.py").read_text()))
+    gpu_names = set(re.findall(r'"(baton_gpu_[a-z_]+)"', (Path(__file__).parents[2] / "server" / "observability" / "gpu_monitor.py").read_text()))
     assert names and names <= exported_names | gpu_names, names - exported_names - gpu_names
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from models.catalog import Change
 from models.registry import Registry
-from server.config import ModelSpec, Settings
+from server.config.settings import ModelSpec, Settings
 from tests.conftest import ServerThread
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -332,7 +332,7 @@ def test_a_versions_tool_parser_reads_its_auto_answers(tiny_model_path, tokenize
     opening with `{` may be a call, so it is held, and given back whole when it is not one."""
     import shutil
 
-    from server.config import ModelSpec, Settings
+    from server.config.settings import ModelSpec, Settings
     from tests.conftest import ServerThread
 
     taught = shutil.copytree(tiny_model_path, tmp_path / "taught")

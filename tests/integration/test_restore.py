@@ -15,7 +15,7 @@ import pytest
 
 from models.catalog import Change
 from models.registry import ImportOptions, Registry
-from server.config import ModelSpec, Settings
+from server.config.settings import ModelSpec, Settings
 from tests.conftest import ServerThread, build_tiny_model
 from tests.fake_engine import FakeEngineFactory
 from tests.integration.test_cli import BATON, _free_port, _wait_healthy

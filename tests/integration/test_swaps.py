@@ -19,7 +19,7 @@ from models.catalog import Change
 from models.errors import ModelNotFoundError
 from models.registry import ImportOptions, Registry
 from server.engines.factory import LOAD_OVERHEAD
-from server.config import ModelSpec, Settings
+from server.config.settings import ModelSpec, Settings
 from tests.conftest import ServerThread, build_tiny_model
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from models.errors import ConfigError
-from server.config_file import load_config
+from server.config.file import load_config
 from server.deployments.health import HealthPolicy
 from server.deployments.reconcile import PlannedChange, State, drift, plan_changes
 
@@ -121,7 +121,7 @@ def test_the_documented_example_loads():
 
 
 def test_baton_environment_variables_override_the_server_section(monkeypatch):
-    from server.config_file import environment_overrides
+    from server.config.file import environment_overrides
 
     monkeypatch.setenv("BATON_DRAIN_TIMEOUT_S", "7.5")
     monkeypatch.setenv("BATON_SMOKE_PROMPTS", '["Hi", "Bonjour"]')
@@ -133,7 +133,7 @@ def test_baton_environment_variables_override_the_server_section(monkeypatch):
 
 
 def test_a_bad_environment_value_names_its_variable(monkeypatch):
-    from server.config_file import environment_overrides
+    from server.config.file import environment_overrides
 
     monkeypatch.setenv("BATON_PORT", "eighty")
     with pytest.raises(ConfigError, match="BATON_PORT"):

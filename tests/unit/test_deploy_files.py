@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.config_file import load_config
+from server.config.file import load_config
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 K8S = DOCKER / "k8s"

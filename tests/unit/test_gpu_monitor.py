@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server.gpu_monitor import GpuMonitor, load_nvml
+from server.observability.gpu_monitor import GpuMonitor, load_nvml
 
 
 class FakeNVMLError(Exception):

@@ -7,8 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from models.errors import ConfigError
-from server.config import Settings
-from server.keys import authorize, key, load_key_file
+from server.config.settings import Settings
+from server.auth.keys import authorize, key, load_key_file
 
 
 def _settings(tmp_path, **keys) -> Settings:

@@ -4,7 +4,7 @@ import pytest
 
 from models.errors import RateLimitedError
 from server.api.rate_limits import RateLimits, TokenBucket
-from server.keys import key
+from server.auth.keys import key
 
 
 def test_a_bucket_allows_a_minutes_burst_then_refills_continuously():

@@ -10,7 +10,7 @@ from models.registry import Registry
 from server.deployments import swap_history
 from server.deployments.swap_history import SwapHistory
 from server.deployments.swap_record import SwapRecord
-from server.metrics import Metrics
+from server.observability.metrics import Metrics
 
 
 def _record(to_version: str = "chat@2") -> SwapRecord:

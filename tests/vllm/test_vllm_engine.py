@@ -26,7 +26,7 @@ except ImportError:
 
 from models.catalog import Change  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
-from server.config import ModelSpec, Settings  # noqa: E402
+from server.config.settings import ModelSpec, Settings  # noqa: E402
 from server.engines.factory import build_engine  # noqa: E402
 from server.engines.transformers_engine import TransformersEngine  # noqa: E402
 from server.engines.base import GenerationRequest, SamplingParams  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from models.catalog import Change
 from models.errors import BatonError
-from server.config_file import load_config
+from server.config.file import load_config
 from server.deployments.reconcile import Reconciler
 
 log = logging.getLogger(__name__)

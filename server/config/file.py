@@ -27,12 +27,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from models.errors import ConfigError, InvalidRequestError
 from models.names import NAME_PATTERN
-from server.config import Settings
+from server.config.settings import Settings
 from server.deployments.health import HealthPolicy
 from server.deployments.strategy import STRATEGIES
 from server.api.tools import check_tool_parser
 from server.engines.options import check_engine_options
-from server.keys import load_key_file
+from server.auth.keys import load_key_file
 
 # Settings that the file may not hold (secrets, and what the file's own sections give).
 NOT_IN_SERVER_SECTION = {"api_key", "admin_key", "keys", "models", "config_file"}

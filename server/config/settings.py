@@ -11,10 +11,10 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.names import NAME_PATTERN
-from server.devices import gpu_memory_bytes
+from server.observability.devices import gpu_memory_bytes
 from server.deployments.health import HealthPolicy
 from server.engines.base import Dtype
-from server.keys import KeySpec, key
+from server.auth.keys import KeySpec, key
 
 
 def default_memory_budget() -> int:
@@ -68,7 +68,7 @@ class Settings(BaseModel):
     admin_key: str | None = Field(None, description="When set, /admin routes need it (an admin key); with no admin key, they answer loopback clients only.")
     request_metrics: bool = Field(True, description="Per-request metrics, log lines and health outcomes; off only to measure their cost.")
     metrics_need_key: bool = Field(False, description="/metrics needs a key with the metrics scope; off: open, as Prometheus scrapes expect.")
-    keys: list[KeySpec] = Field(default_factory=list, description="More keys, hashed, each with its scopes and deployments (see server/keys.py).")
+    keys: list[KeySpec] = Field(default_factory=list, description="More keys, hashed, each with its scopes and deployments (see server/auth/keys.py).")
     import_roots: list[Path] = Field(default_factory=list, description="Server folders that admin-API imports may read.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_n: int = Field(8, ge=1, description="The largest `n` (choices per request) accepted.")
