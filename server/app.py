@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from models.registry import Registry
 from server.config.reload import ConfigReloader
 from server.deployments.reconcile import Reconciler
-from server.api import admin_api, deploy_api, openai_api, status_api
+from server.api import admin_api, deploy_api, openai_api, responses, status_api
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
@@ -81,6 +81,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
 
     app = FastAPI(title="baton", lifespan=lifespan)
     app.include_router(openai_api.router)
+    app.include_router(responses.router)
     app.include_router(status_api.router)
     app.include_router(admin_api.router)
     app.include_router(deploy_api.router)

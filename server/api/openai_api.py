@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Protocol
 from functools import partial
 
 from fastapi import APIRouter, Depends, Request
@@ -90,17 +91,46 @@ async def get_model(model: str, request: Request) -> dict:
     return _model_card(request, model)
 
 
+class AnswerShape(Protocol):
+    """How an answer is written, whole or streamed: chat and text completions' `choices`
+    (`Choices`), or a Responses object (responses.py)."""
+
+    def collect(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]: ...
+
+    def events(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, usage: _UsagePolicy) -> AsyncIterator[str]: ...
+
+
+@dataclass(frozen=True)
+class Choices:
+    """Chat and text completions: `choices`, streamed as chunks of deltas."""
+
+    fmt: ChatFormat | TextFormat
+
+    def _head(self, served_as: str) -> dict:
+        return {"id": self.fmt.id_prefix + uuid.uuid4().hex, "object": self.fmt.object, "created": int(time.time()), "model": served_as}
+
+    def collect(self, choices, served_as: str, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]:
+        return _collect(choices, self.fmt, self._head(served_as), num_choices, num_prompt_tokens)
+
+    def events(self, choices, served_as: str, num_choices: int, usage: _UsagePolicy) -> AsyncIterator[str]:
+        return _sse(choices, self.fmt, {**self._head(served_as), "object": self.fmt.chunk_object}, num_choices, usage)
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
+    return await answer_chat(request, body, Choices(ChatFormat(body.logprobs is True)))
+
+
+async def answer_chat(request: Request, body: ChatCompletionRequest, shape: AnswerShape):
     messages = [m.as_template_input() for m in body.messages]
     plan = body.tool_plan
     tools = plan.template_tools() if plan else None
-    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages, tools)], ChatFormat(body.logprobs is True), plan)
+    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages, tools)], shape, plan)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    return await _respond(request, body, lambda engine: [_prompt_ids(engine, prompt) for prompt in body.prompt], TextFormat(body.logprobs is not None))
+    return await _respond(request, body, lambda engine: [_prompt_ids(engine, prompt) for prompt in body.prompt], Choices(TextFormat(body.logprobs is not None)))
 
 
 def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
@@ -110,7 +140,7 @@ def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
     return prompt
 
 
-async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | None = None):
+async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_plan: ToolPlan | None = None):
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
     out of here returns the lease exactly once (Lease.release is idempotent)."""
     route = _route(request, body.model)  # an unknown model: 404, and no metric labelled with it
@@ -135,7 +165,6 @@ async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | 
         observation.finish(_status_of(error))
         raise
     served_as = lease.slot.version if lease.slot.target.is_from_registry else body.model  # chat@2, or the name for a local folder
-    head = {"id": fmt.id_prefix + uuid.uuid4().hex, "object": fmt.object, "created": int(time.time()), "model": served_as}
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = stream_choices(lease.engine, requests)
     if tool_plan is not None:
@@ -148,10 +177,10 @@ async def _respond(request: Request, body, tokenize, fmt, tool_plan: ToolPlan | 
         headers["x-baton-fallback-from"] = lease.fallback_from
     if body.stream:
         usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage)
-        events = _sse(choices, fmt, {**head, "object": fmt.chunk_object}, len(requests), usage)
+        events = shape.events(choices, served_as, len(requests), usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(_release, lease))
     try:
-        body = await _unless_disconnected(request, _collect(choices, fmt, head, len(requests), num_prompt_tokens))
+        body = await _unless_disconnected(request, shape.collect(choices, served_as, len(requests), num_prompt_tokens))
         return JSONResponse(body, headers=headers)
     finally:
         lease.release()
@@ -270,14 +299,14 @@ async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy):
                 if chunk.finish_reason:
                     yield _event({**head, "choices": [fmt.delta(item.index, "", chunk.finish_reason)], **usage.on_chunk()})
     except Exception as error:  # headers are sent: the error can only travel in the stream
-        yield _event(_stream_error(error).to_body())
+        yield _event(stream_error(error).to_body())
         return
     if usage.include_usage:
         yield _event({**head, "choices": [], "usage": usage.final()})
     yield "data: [DONE]\n\n"
 
 
-def _stream_error(error: Exception) -> BatonError:
+def stream_error(error: Exception) -> BatonError:
     if isinstance(error, BatonError):
         return error
     log.exception("generation failed mid-stream", exc_info=error)

@@ -32,6 +32,7 @@ from server.engines.transformers_engine import TransformersEngine  # noqa: E402
 from server.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from server.engines.options import VLLMOptions  # noqa: E402
 from server.engines.vllm_engine import VLLMEngine  # noqa: E402
+from tests.integration.test_responses_api import assert_a_well_formed_stream  # noqa: E402
 from tests.conftest import ServerThread, build_tiny_model, streaming_versions_during  # noqa: E402
 
 # vLLM's AsyncLLM leaves a zmq context and a shutdown call to the garbage collector (its own
@@ -343,3 +344,13 @@ def test_vllm_forced_tool_calls_through_the_openai_client(server):
     assert [c.function.name for c in found["named"]] == ["get_weather"]
     assert_valid_calls(found["named"])
     assert_valid_calls(found["required"])
+
+
+def test_vllm_answers_the_responses_api_as_its_chat_and_streams_its_events(server):
+    client = server.client()
+    chat = client.chat.completions.create(model="chat", messages=FRANCE, temperature=0, max_completion_tokens=20)
+    request = dict(model="chat", input=FRANCE[0]["content"], temperature=0, max_output_tokens=20)
+    whole = client.responses.create(**request)
+    assert whole.output_text == chat.choices[0].message.content and "Paris" in whole.output_text
+    assert whole.usage.output_tokens == chat.usage.completion_tokens
+    assert_a_well_formed_stream(list(client.responses.create(**request, stream=True)), whole)

@@ -1,0 +1,371 @@
+"""OpenAI's Responses API (`POST /v1/responses`), stateless: a request is read as the chat
+completion it means and served by the same path (leases, tools, structured output, limits),
+and the answer is written as a Response object, or as Responses stream events.
+
+Rules: nothing is stored, so `previous_response_id` and `store: true` are refused (send the
+conversation in `input`); an error names the Responses field (`input`, `text.format`,
+`max_output_tokens`), not the chat field it became. Output items come in the order the model
+wrote them: text opens a message item, each call a function_call item.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+
+from models.errors import BatonError, InvalidRequestError
+from server.api.generation import ChoiceChunk
+from server.api.openai_api import admit, answer_chat, stream_error
+from server.api.schemas import ChatCompletionRequest
+from server.api.tools import ToolCall
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContentPart(_Strict):
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list | None = None  # on output_text sent back: carried, not read
+    logprobs: list | None = None
+
+
+class MessageItem(_Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[ContentPart]
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallItem(_Strict):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(_Strict):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+def _item_kind(item) -> str:
+    return item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")] | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_kind),
+]
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class NamedFunction(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = None  # the default; others ask for what no engine does
+
+
+class ResponsesRequest(_Strict):
+    model: str
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    text: TextConfig | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    store: Literal[False] | None = None  # nothing is stored
+    previous_response_id: str | None = None  # refused: nothing is stored
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    def as_chat(self) -> ChatCompletionRequest:
+        """The chat completion this request means, checked as any chat request is."""
+        if self.previous_response_id is not None:
+            raise InvalidRequestError("baton stores no responses: send the whole conversation in input.", param="previous_response_id")
+        body = {
+            "model": self.model,
+            "messages": _messages(self.instructions, self.input),
+            "max_completion_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stream": self.stream,
+            "parallel_tool_calls": self.parallel_tool_calls,
+            "user": self.user,
+            "metadata": self.metadata,
+        }
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)} for tool in self.tools]
+        if self.tool_choice is not None:
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}} if isinstance(self.tool_choice, NamedFunction) else self.tool_choice
+        if self.text is not None and self.text.format is not None:
+            body["response_format"] = _response_format(self.text.format)
+        try:
+            return ChatCompletionRequest.model_validate({key: value for key, value in body.items() if value is not None})
+        except ValidationError as error:
+            raise RequestValidationError([{**problem, "loc": ("body", *_responses_loc(problem["loc"]))} for problem in error.errors()]) from error
+
+
+def _messages(instructions: str | None, given: str | list) -> list[dict]:
+    """Instructions first, as a system message; each group of function calls in a row
+    becomes one assistant message that calls them; each output, a tool message."""
+    messages = [{"role": "system", "content": instructions}] if instructions is not None else []
+    for item in [MessageItem(role="user", content=given)] if isinstance(given, str) else given:
+        if isinstance(item, MessageItem):
+            content = item.content if isinstance(item.content, str) else [{"type": "text", "text": part.text} for part in item.content]
+            messages.append({"role": item.role, "content": content})
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            if messages and messages[-1].get("tool_calls"):
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        else:
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+    return messages
+
+
+def _response_format(spec: TextFormat) -> dict:
+    if spec.type != "json_schema":
+        return {"type": spec.type}
+    schema = {"name": spec.name, "description": spec.description, "schema": spec.json_schema, "strict": spec.strict}
+    return {"type": "json_schema", "json_schema": {key: value for key, value in schema.items() if value is not None}}
+
+
+# Chat fields, as the Responses fields they came from (the first prefix that matches).
+_FIELD_NAMES = (
+    (("response_format", "json_schema", "schema"), ("text", "format", "schema")),
+    (("response_format", "json_schema"), ("text", "format")),
+    (("response_format",), ("text", "format")),
+    (("max_completion_tokens",), ("max_output_tokens",)),
+    (("messages",), ("input",)),
+)
+
+
+def _responses_loc(loc: tuple) -> tuple:
+    """`messages.0.content` -> `input`; tools' `function.` level dropped."""
+    loc = tuple(loc)
+    if loc[:1] == ("tools",) and loc[2:3] == ("function",):
+        return loc[:2] + loc[3:]
+    for chat, responses in _FIELD_NAMES:
+        if loc[: len(chat)] == chat:
+            return responses + (loc[len(chat) :] if chat != ("messages",) else ())
+    return loc
+
+
+def _param_in_responses(param: str | None) -> str | None:
+    return ".".join(str(part) for part in _responses_loc(tuple(param.split(".")))) if param else param
+
+
+@router.post("/responses")
+async def create_response(body: ResponsesRequest, request: Request):
+    chat = body.as_chat()
+    try:
+        return await answer_chat(request, chat, ResponseShape(body))
+    except BatonError as error:
+        error.param = _param_in_responses(error.param)
+        raise
+
+
+@dataclass(frozen=True)
+class ResponseShape:
+    """How a Responses answer is written: whole (`collect`) or as events (`events`)."""
+
+    request: ResponsesRequest
+
+    def head(self, served_as: str) -> dict:
+        text_format = self.request.text.format.model_dump(by_alias=True, exclude_none=True) if self.request.text and self.request.text.format else {"type": "text"}
+        return {
+            "id": "resp_" + uuid.uuid4().hex,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "in_progress",
+            "error": None,
+            "incomplete_details": None,
+            "model": served_as,
+            "instructions": self.request.instructions,
+            "max_output_tokens": self.request.max_output_tokens,
+            "temperature": self.request.temperature,
+            "top_p": self.request.top_p,
+            "tools": [tool.model_dump(exclude_none=True) for tool in self.request.tools or []],
+            "tool_choice": self.request.tool_choice.model_dump() if isinstance(self.request.tool_choice, NamedFunction) else self.request.tool_choice or "auto",
+            "parallel_tool_calls": self.request.parallel_tool_calls is not False,
+            "text": {"format": text_format},
+            "store": False,
+            "metadata": self.request.metadata or {},
+            "user": self.request.user,
+            "output": [],
+        }
+
+    async def collect(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, num_prompt_tokens: int) -> dict:
+        answer = _Answer(self.head(served_as), num_prompt_tokens)
+        async with aclosing(choices) as stream:
+            async for item in stream:
+                answer.text += item.chunk.text
+                answer.count(item)
+        if answer.text:
+            answer.output.append(_message(answer.text, "completed"))
+        answer.output += [_function_call(call, "completed") for call in answer.calls]
+        return answer.final()
+
+    async def events(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, usage) -> AsyncIterator[str]:
+        answer = _Answer(self.head(served_as), usage.num_prompt_tokens)
+        events = _Events()
+        yield events.send("response.created", response=answer.response("in_progress"))
+        yield events.send("response.in_progress", response=answer.response("in_progress"))
+        try:
+            async with aclosing(choices) as stream:
+                async for item in stream:
+                    answer.count(item)
+                    for event in answer.stream(item):
+                        yield events.send(**event)
+        except Exception as error:  # headers are sent: the error can only travel in the stream
+            failure = stream_error(error)
+            yield events.send("error", code=failure.code, message=failure.message, param=_param_in_responses(failure.param))
+            return
+        for event in answer.close_item():
+            yield events.send(**event)
+        final = answer.final()
+        yield events.send("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
+
+
+@dataclass
+class _Events:
+    sequence_number: int = 0
+
+    def send(self, type: str, **fields) -> str:
+        payload = {"type": type, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        return f"event: {type}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class _Answer:
+    """One answer as it is written: its output items so far, the one open, and the counts."""
+
+    head: dict
+    num_prompt_tokens: int
+    num_completion_tokens: int = 0
+    finish_reason: str | None = None
+    text: str = ""  # collect: the whole text
+    calls: tuple[ToolCall, ...] = ()
+    output: list[dict] = field(default_factory=list)
+    open_item: dict | None = None  # events: the item being streamed
+
+    def count(self, item: ChoiceChunk) -> None:
+        self.num_completion_tokens += item.chunk.num_tokens
+        self.finish_reason = item.chunk.finish_reason or self.finish_reason
+        self.calls += item.tool_calls
+
+    def stream(self, item: ChoiceChunk) -> list[dict]:
+        """The events one chunk makes: text deltas into a message item, call pieces into
+        function_call items; a new kind of output closes the item open before it."""
+        events = []
+        if item.chunk.text:
+            if self.open_item is None or self.open_item["type"] != "message":
+                events += self.close_item() + self._open(_message("", "in_progress"))
+                events.append({"type": "response.content_part.added", **self._where(), "content_index": 0, "part": _text_part("")})
+            self.open_item["content"][0]["text"] += item.chunk.text
+            events.append({"type": "response.output_text.delta", **self._where(), "content_index": 0, "delta": item.chunk.text, "logprobs": []})
+        for piece in item.call_pieces:
+            if piece.id is not None:
+                events += self.close_item() + self._open(_function_call(ToolCall(piece.id, piece.name, ""), "in_progress"))
+            if piece.arguments and self.open_item is not None and self.open_item["type"] == "function_call":
+                self.open_item["arguments"] += piece.arguments
+                events.append({"type": "response.function_call_arguments.delta", **self._where(), "delta": piece.arguments})
+        return events
+
+    def close_item(self) -> list[dict]:
+        item, self.open_item = self.open_item, None
+        if item is None:
+            return []
+        item["status"] = "completed"
+        where = {"item_id": item["id"], "output_index": len(self.output) - 1}
+        if item["type"] == "message":
+            part = item["content"][0]
+            done = [
+                {"type": "response.output_text.done", **where, "content_index": 0, "text": part["text"], "logprobs": []},
+                {"type": "response.content_part.done", **where, "content_index": 0, "part": part},
+            ]
+        else:
+            done = [{"type": "response.function_call_arguments.done", **where, "name": item["name"], "arguments": item["arguments"]}]
+        return done + [{"type": "response.output_item.done", "output_index": len(self.output) - 1, "item": item}]
+
+    def _open(self, item: dict) -> list[dict]:
+        self.output.append(item)
+        self.open_item = item
+        return [{"type": "response.output_item.added", "output_index": len(self.output) - 1, "item": {**item, "content": []} if item["type"] == "message" else dict(item)}]
+
+    def _where(self) -> dict:
+        return {"item_id": self.open_item["id"], "output_index": len(self.output) - 1}
+
+    def response(self, status: str) -> dict:
+        return {**self.head, "status": status, "output": self.output}
+
+    def final(self) -> dict:
+        """`incomplete` where the answer was cut by max_output_tokens, as OpenAI says it."""
+        is_cut = self.finish_reason == "length"
+        usage = {
+            "input_tokens": self.num_prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": self.num_completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": self.num_prompt_tokens + self.num_completion_tokens,
+        }
+        details = {"reason": "max_output_tokens"} if is_cut else None
+        return {**self.response("incomplete" if is_cut else "completed"), "incomplete_details": details, "usage": usage}
+
+
+def _message(text: str, status: str) -> dict:
+    return {"type": "message", "id": "msg_" + uuid.uuid4().hex, "status": status, "role": "assistant", "content": [_text_part(text)]}
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _function_call(call: ToolCall, status: str) -> dict:
+    return {"type": "function_call", "id": "fc_" + uuid.uuid4().hex, "call_id": call.id, "name": call.name, "arguments": call.arguments, "status": status}

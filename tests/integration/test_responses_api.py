@@ -1,0 +1,159 @@
+"""POST /v1/responses through the official client's `responses` API, against a real server on
+the transformers engine: the same answers as the chat completion each request means, the
+stream's events in order, structured output, function calls and their follow-up, and errors
+that name the Responses field. (tests/vllm repeats text and streaming on vLLM.)"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+
+from tests.integration.test_openai_surface import TOOLS
+
+WEATHER = [{"type": "function", **tool["function"]} for tool in TOOLS]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0)
+
+
+def streamed(client, **request) -> list:
+    return list(client.responses.create(**request, stream=True))
+
+
+def _without_ids(response) -> dict:
+    """A response as the model made it: ids and times are new in each answer (a forced
+    call's call_id too)."""
+    whole = response.model_dump(exclude={"id", "created_at"})
+    whole["output"] = [{k: v for k, v in item.items() if k not in ("id", "call_id")} for item in whole["output"]]
+    return whole
+
+
+def assert_a_well_formed_stream(events, final) -> None:
+    """What a client relies on: numbered events, created first, one terminal event last whose
+    response is the one returned whole, and deltas that add up to each item's text."""
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[0].response.status == "in_progress"
+    assert events[-1].type in ("response.completed", "response.incomplete") and events[-1].response.id == events[0].response.id
+    assert _without_ids(events[-1].response) == _without_ids(final)
+    for index, item in enumerate(final.output):
+        if item.type == "message":
+            deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta" and e.output_index == index)
+            assert deltas == item.content[0].text
+        else:
+            deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta" and e.output_index == index)
+            assert deltas == item.arguments
+    added = [e.output_index for e in events if e.type == "response.output_item.added"]
+    done = [e.output_index for e in events if e.type == "response.output_item.done"]
+    assert added == done == list(range(len(final.output)))
+
+
+def test_a_response_is_the_chat_completion_it_means(client):
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}], max_completion_tokens=6, temperature=0
+    )
+    response = client.responses.create(model="tiny", instructions="Be brief.", input="Hello there", max_output_tokens=6, temperature=0)
+    assert response.object == "response" and response.id.startswith("resp_") and response.model == "tiny"
+    assert response.output_text == chat.choices[0].message.content
+    assert (response.status, response.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert response.usage.total_tokens == chat.usage.total_tokens and response.store is False
+
+
+def test_input_items_are_the_conversation(client):
+    items = [
+        {"role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello "}, {"type": "input_text", "text": "there"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Hi!", "annotations": []}]},
+        {"role": "user", "content": "And again?"},
+    ]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "And again?"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=6, temperature=0)
+    response = client.responses.create(model="tiny", input=items, max_output_tokens=6, temperature=0)
+    assert response.output_text == chat.choices[0].message.content
+
+
+def test_the_stream_is_the_whole_response_event_by_event(client):
+    request = dict(model="tiny", input="Hello there", max_output_tokens=8, temperature=0)
+    whole = client.responses.create(**request)
+    events = streamed(client, **request)
+    assert_a_well_formed_stream(events, whole)
+    kinds = [e.type for e in events]
+    assert kinds[:5] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added", "response.output_text.delta"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.incomplete"]
+
+
+def test_structured_output_and_the_sdk_parse_helper(smol_server):
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    smol = smol_server.client()
+    parsed = smol.responses.parse(model="smollm2", input="Alice is 30 years old. Extract the person.", max_output_tokens=80, temperature=0, text_format=Person)
+    assert parsed.output_parsed == Person(name="Alice", age=30) and parsed.status == "completed"
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}}, "required": ["answer"], "additionalProperties": False}
+    text = {"format": {"type": "json_schema", "name": "yes_no", "schema": schema}}
+    answer = smol.responses.create(model="smollm2", input="Is the sky blue?", text=text, max_output_tokens=40, temperature=0)
+    jsonschema.validate(json.loads(answer.output_text), schema)
+    assert answer.text.format.type == "json_schema"
+
+
+def test_function_calls_stream_and_the_follow_up_answers_them(smol_server):
+    smol = smol_server.client()
+    request = dict(model="smollm2", input="What is the weather in Paris?", tools=WEATHER, tool_choice="required", max_output_tokens=80, temperature=0)
+    whole = smol.responses.create(**request)
+    calls = [item for item in whole.output if item.type == "function_call"]
+    assert calls and whole.status == "completed"
+    for call in calls:
+        assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+        jsonschema.validate(json.loads(call.arguments), next(t["parameters"] for t in WEATHER if t["name"] == call.name))
+    events = streamed(smol, **request)
+    assert_a_well_formed_stream(events, whole)
+    assert sum(e.type == "response.function_call_arguments.delta" for e in events) > 1  # streamed as generated
+    follow_up = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        *({"type": "function_call", "call_id": c.call_id, "name": c.name, "arguments": c.arguments} for c in calls),
+        *({"type": "function_call_output", "call_id": c.call_id, "output": '{"temperature": 21, "sky": "clear"}'} for c in calls),
+    ]
+    answer = smol.responses.create(model="smollm2", input=follow_up, tools=WEATHER, max_output_tokens=60, temperature=0)
+    assert answer.output[0].type == "message" and answer.output_text
+
+
+def test_a_named_function_is_forced(smol_server):
+    named = smol_server.client().responses.create(
+        model="smollm2", input="What time is it in Paris?", tools=WEATHER, tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=80, temperature=0
+    )
+    assert [item.name for item in named.output if item.type == "function_call"] == ["get_weather"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"previous_response_id": "resp_123"}, "previous_response_id", "stores no responses"),
+        ({"store": True}, "store", ""),
+        ({"input": []}, "input", ""),
+        ({"max_output_tokens": 0}, "max_output_tokens", ""),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}}}, "text.format.schema", "not a valid JSON schema"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "objekt"}}]}, "tools.0.parameters", "not a valid JSON schema"),
+        ({"tool_choice": {"type": "function", "name": "nope"}, "tools": WEATHER}, "tool_choice", "not among the tools"),
+        ({"reasoning": {"effort": "high"}}, "reasoning", "baton does not implement it"),
+        ({"input": [{"type": "input_image", "image_url": "http://x"}]}, "input", ""),
+    ],
+)
+def test_bad_requests_are_400s_naming_the_responses_field(tiny_server, extra, param, words):
+    body = {"model": "tiny", "input": "Hello there", "max_output_tokens": 4, **extra}
+    refused = httpx.post(f"{tiny_server.url}/v1/responses", json=body, timeout=60)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] is not None and error["param"].startswith(param) and words in error["message"]
+
+
+def test_an_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="nope", input="Hello there")
