@@ -20,6 +20,9 @@ from models.errors import InvalidRequestError
 from server.engines.base import JsonFormat
 
 
+ANY_OBJECT = '{"type": "object"}'  # json_object, as vLLM compiles it: xgrammar's builtin JSON grammar also allows arrays and scalars
+
+
 class JsonGrammars:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Iterable[int]):
         import xgrammar
@@ -34,10 +37,7 @@ class JsonGrammars:
         """A fresh mask for one generation. Compiling can take a while for a large schema:
         call it off the event loop."""
         try:
-            if json_format.schema is None:
-                grammar = self._compiler.compile_builtin_json_grammar()
-            else:
-                grammar = self._compiler.compile_json_schema(json_format.schema)
+            grammar = self._compiler.compile_json_schema(json_format.schema or ANY_OBJECT)
         except (RuntimeError, ValueError) as error:
             raise InvalidRequestError(f"The JSON schema cannot be used: {_plain(error)}", param=json_format.param) from error
         if json_format.schema is not None and (what := self._unenforced(json_format.schema)):

@@ -71,6 +71,15 @@ def test_enforced_keywords_and_properties_named_like_keywords_pass(tokenizer, gr
     assert unenforced(calls_schema((Function("f", None, schema),))) is None  # what `tool_choice: required` compiles
 
 
+def test_json_object_is_an_object(tokenizer, grammars):
+    """JSON mode answers with an object: "[" was allowed (xgrammar's builtin grammar is any
+    JSON value) and a random model answered arrays."""
+    bracket, brace = (tokenizer.encode(text, add_special_tokens=False)[0] for text in ("[", "{"))
+    with pytest.raises(ValueError, match="does not continue"):
+        grammars.mask_for(JsonFormat()).accept(bracket)
+    grammars.mask_for(JsonFormat()).accept(brace)
+
+
 def test_a_schema_xgrammar_cannot_compile_is_named_without_its_log_prefix(grammars):
     with pytest.raises(InvalidRequestError) as refused:
         grammars.mask_for(JsonFormat(json.dumps({"type": "array", "minItems": 5, "maxItems": 1})))
