@@ -42,29 +42,30 @@ class ContentPart(_Strict):
     logprobs: list | None = None
 
 
-class MessageItem(_Strict):
-    type: Literal["message"] = "message"
-    role: Literal["user", "system", "developer", "assistant"]
-    content: str | list[ContentPart]
+class _Item(_Strict):
+    """An input item; `id` and `status` come with items sent back from an earlier output."""
+
     id: str | None = None
     status: str | None = None
 
 
-class FunctionCallItem(_Strict):
+class MessageItem(_Item):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[ContentPart]
+
+
+class FunctionCallItem(_Item):
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
-    id: str | None = None
-    status: str | None = None
 
 
-class FunctionCallOutputItem(_Strict):
+class FunctionCallOutputItem(_Item):
     type: Literal["function_call_output"]
     call_id: str
     output: str
-    id: str | None = None
-    status: str | None = None
 
 
 def _item_kind(item) -> str:
