@@ -122,6 +122,12 @@ class ResponsesRequest(_Strict):
     previous_response_id: str | None = None  # refused: nothing is stored
     metadata: dict[str, str] | None = None
     user: str | None = None
+    # What SDKs send as their defaults, accepted where it asks for nothing.
+    include: list[str] | None = Field(None, max_length=0)
+    truncation: Literal["disabled"] | None = None
+    background: Literal[False] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    reasoning: None = None
 
     def as_chat(self) -> ChatCompletionRequest:
         """The chat completion this request means, checked as any chat request is."""

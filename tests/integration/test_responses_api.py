@@ -142,7 +142,9 @@ def test_a_named_function_is_forced(smol_server):
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}}}, "text.format.schema", "not a valid JSON schema"),
         ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "objekt"}}]}, "tools.0.parameters", "not a valid JSON schema"),
         ({"tool_choice": {"type": "function", "name": "nope"}, "tools": WEATHER}, "tool_choice", "not among the tools"),
-        ({"reasoning": {"effort": "high"}}, "reasoning", "baton does not implement it"),
+        ({"reasoning": {"effort": "high"}}, "reasoning", ""),
+        ({"include": ["reasoning.encrypted_content"]}, "include", ""),
+        ({"prompt": {"id": "pmpt_1"}}, "prompt", "baton does not implement it"),
         ({"input": [{"type": "input_image", "image_url": "http://x"}]}, "input", ""),
     ],
 )
@@ -152,6 +154,11 @@ def test_bad_requests_are_400s_naming_the_responses_field(tiny_server, extra, pa
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert error["param"] is not None and error["param"].startswith(param) and words in error["message"]
+
+
+def test_the_defaults_sdks_send_are_accepted(client):
+    defaults = dict(include=[], truncation="disabled", background=False, service_tier="auto", reasoning=None, store=False, parallel_tool_calls=True)
+    assert client.responses.create(model="tiny", input="Hello there", max_output_tokens=2, **defaults).status == "incomplete"
 
 
 def test_an_unknown_model_is_a_404(client):
