@@ -89,6 +89,11 @@ def test_the_stream_is_the_whole_response_event_by_event(client):
     assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.incomplete"]
 
 
+def test_the_quick_tour_answer(smol_server):
+    answer = smol_server.client().responses.create(model="smollm2", input="What is the capital of France?", temperature=0)
+    assert "Paris" in answer.output_text and answer.status == "completed"
+
+
 def test_structured_output_and_the_sdk_parse_helper(smol_server):
     class Person(BaseModel):
         name: str
