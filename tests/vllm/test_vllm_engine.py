@@ -113,7 +113,15 @@ def test_vllm_blue_green_swap_under_load_fails_nothing_and_frees_the_old_engine(
             except Exception as error:  # any failure is what this test looks for
                 errors.append(error)
 
-    clients = [threading.Thread(target=keep_asking) for _ in range(4)]
+    def keep_checking_health():  # a route that awaits nothing: its latency is the event loop's
+        while not stop.is_set():
+            started = time.monotonic()
+            httpx.get(f"{server.url}/health", timeout=60)
+            health_seconds.append(time.monotonic() - started)
+            time.sleep(0.05)
+
+    health_seconds: list[float] = []
+    clients = [threading.Thread(target=keep_asking) for _ in range(4)] + [threading.Thread(target=keep_checking_health)]
     for thread in clients:
         thread.start()
     record = httpx.post(f"{server.url}/admin/deployments/chat/swap", json={"to": "chat@2", "strategy": "blue-green"}, timeout=900).json()
@@ -123,6 +131,10 @@ def test_vllm_blue_green_swap_under_load_fails_nothing_and_frees_the_old_engine(
         thread.join(timeout=120)
     assert record["status"] == "succeeded" and record["strategy"] == "blue-green", record
     assert errors == []
+    # Stopping the old engine must not hold the event loop: vLLM's shutdown waits for its
+    # engine core to exit (about 5 s here), and it stalled every stream while it ran there.
+    print(f"longest /health during the swap: {max(health_seconds):.2f} s over {len(health_seconds)} calls")
+    assert max(health_seconds) < 2.0, f"the event loop was held for {max(health_seconds):.1f} s"
     assert {version for version, _ in results} == {"chat@1", "chat@2"}
     assert all("Paris" in text for _, text in results)
     assert not [p for p in old_engine_processes if _is_alive(p)], "the swapped-out engine's processes are still running"
