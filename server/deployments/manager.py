@@ -75,7 +75,7 @@ class DeploymentManager:
         ref (`chat@3`, `chat@prod`) pins that version, on a deployment whose active or canary
         slot serves it (or that loads it next on demand), the one named like the model first."""
         if "@" not in model:
-            return Route(self.get(model).name)
+            return Route(self._served(model).name)
         version = self._ref_of(model)
         serving = [d for d in self.deployments if version in d.pinnable_versions]
         if not serving:
@@ -89,7 +89,7 @@ class DeploymentManager:
         it (the pinned version's, if any); the place is given back with the lease. A
         deployment that is failed or breaching its objectives sends an unpinned request to
         its first healthy fallback instead."""
-        deployment = self.get(route.deployment)
+        deployment = self._served(route.deployment)
         fallback = self._healthy_fallback(deployment) if deployment.needs_fallback and route.version is None else None
         if fallback is not None:
             lease = await self._lease_on(fallback)
@@ -129,11 +129,19 @@ class DeploymentManager:
         return lease
 
     def get(self, name: str) -> Deployment:
-        deployment = self._deployments.get(name)
-        if deployment is None:
-            known = ", ".join(sorted(self._deployments)) or "none"
-            raise ModelNotFoundError(f"The model '{name}' does not exist. Known models: {known}.", param="model")
+        """The deployment an admin change names."""
+        if (deployment := self._deployments.get(name)) is None:
+            raise NotFoundError(f"No deployment '{name}'. Deployments: {self._names()}.", param="name", code="deployment_not_found")
         return deployment
+
+    def _served(self, model: str) -> Deployment:
+        """The deployment a request's `model` names, in OpenAI's words where there is none."""
+        if (deployment := self._deployments.get(model)) is None:
+            raise ModelNotFoundError(f"The model '{model}' does not exist. Known models: {self._names()}.", param="model")
+        return deployment
+
+    def _names(self) -> str:
+        return ", ".join(sorted(self._deployments)) or "none"
 
     @property
     def deployments(self) -> list[Deployment]:

@@ -219,7 +219,8 @@ def test_unknown_version_and_strategy_are_clear_errors(home):
     with _server(home, FakeEngineFactory()) as server:
         assert _admin(server, "POST", "/deployments/chat/swap", expect=404, to="chat@9")["error"]["message"].startswith("chat has no version 9")
         assert _admin(server, "POST", "/deployments/chat/swap", expect=400, to="chat@2", strategy="yolo")["error"]["param"] == "strategy"
-        assert _admin(server, "POST", "/deployments/nope/swap", expect=404, to="chat@2")["error"]["code"] == "model_not_found"
+        unknown = _admin(server, "POST", "/deployments/nope/swap", expect=404, to="chat@2")["error"]
+        assert (unknown["code"], unknown["param"]) == ("deployment_not_found", "name") and "No deployment 'nope'. Deployments: chat" in unknown["message"]
         assert _admin(server, "POST", "/deployments/chat/swap", expect=400, to="")["error"]["param"] == "name"
         assert _admin(server, "POST", "/deployments/chat/canary", expect=400, to="", weight=10)["error"]["param"] == "name"
         assert _admin(server, "POST", "/models", expect=400, source="/tmp/a\x00b", name="x")["error"]["param"] == "source"
@@ -289,8 +290,8 @@ def test_removing_a_deployment_lets_its_streams_finish_then_stops_its_engines_fo
         assert len(engines) == 2 and not any(engine.health().is_ready for engine in engines)
         with pytest.raises(openai.NotFoundError):
             server.client().chat.completions.create(model="other", messages=HI)
-        assert _admin(server, "GET", "/deployments/other", expect=404)["error"]["code"] == "model_not_found"
-        assert _admin(server, "DELETE", "/deployments/other", expect=404)["error"]["code"] == "model_not_found"
+        assert _admin(server, "GET", "/deployments/other", expect=404)["error"]["code"] == "deployment_not_found"
+        assert _admin(server, "DELETE", "/deployments/other", expect=404)["error"]["code"] == "deployment_not_found"
         assert _admin(server, "DELETE", "/deployments/chat?wait=false")["action"] == "remove"  # answered at once; polled below
         while _admin(server, "GET", "/deployments") != []:
             time.sleep(0.01)
