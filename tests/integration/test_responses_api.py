@@ -102,6 +102,10 @@ def test_structured_output_and_the_sdk_parse_helper(smol_server):
     smol = smol_server.client()
     parsed = smol.responses.parse(model="smollm2", input="Alice is 30 years old. Extract the person.", max_output_tokens=80, temperature=0, text_format=Person)
     assert parsed.output_parsed == Person(name="Alice", age=30) and parsed.status == "completed"
+    with smol.responses.stream(model="smollm2", input="Alice is 30 years old. Extract the person.", max_output_tokens=80, temperature=0, text_format=Person) as stream:
+        deltas = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        final = stream.get_final_response()  # the SDK's helper needs response.completed
+    assert final.output_parsed == Person(name="Alice", age=30) and deltas == final.output_text
     schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}}, "required": ["answer"], "additionalProperties": False}
     text = {"format": {"type": "json_schema", "name": "yes_no", "schema": schema}}
     answer = smol.responses.create(model="smollm2", input="Is the sky blue?", text=text, max_output_tokens=40, temperature=0)
