@@ -65,7 +65,7 @@ class VLLMEngine:
             self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path, local_files_only=True)
             await asyncio.to_thread(self._build)
         except (OSError, ValueError, RuntimeError) as error:
-            raise ModelLoadError(f"vLLM cannot load {self._path}: {error}") from error
+            raise ModelLoadError(f"vLLM cannot load {self._path}: {_where_the_cause_is(error)}") from error
 
     def tokenize(self, text: str) -> list[int]:
         return text_prompt_ids(self._tokenizer, text)
@@ -267,6 +267,15 @@ def _request_errors() -> tuple[type[Exception], ...]:
     except ImportError:
         return (ValueError,)
     return (ValueError, VLLMClientError)
+
+
+def _where_the_cause_is(error: Exception) -> str:
+    """vLLM's engine core fails in a child process, which logs the cause to the server's log
+    and leaves the parent "See root cause above": an admin-API caller has no "above"."""
+    text = str(error)
+    if "root cause above" in text or "stack trace (above)" in text:
+        return f"{text} (the engine core's own error is in the baton server's log, just before this one)"
+    return text
 
 
 def _finish_reason(reason: str | None) -> str:
