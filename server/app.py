@@ -59,7 +59,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
             manager.start()
             reconciler = Reconciler(manager, registry)
             if settings.config_file is not None:
-                reloader = ConfigReloader(settings.config_file, reconciler, manager.keep)
+                reloader = ConfigReloader(settings, reconciler, manager.keep)
                 reloader.reload_on_sighup()
                 if settings.watch_config_s is not None:
                     reloader.watch(settings.watch_config_s)

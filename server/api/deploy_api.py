@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from models.errors import ConfigError, ConflictError, InvalidRequestError
 from server.api.admin_api import actor_change, require_admin
-from server.config.file import ConfigFile, DeploymentSettings, EngineOptions, load_config
+from server.config.file import ConfigFile, DeploymentSettings, EngineOptions, environment_overrides, load_config
 from server.deployments.reconcile import drift
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -130,25 +130,29 @@ async def reload(request: Request, body: _Body | None = None) -> dict:
         raise ConflictError("This server was started without a config file (baton serve --config FILE).", code="no_config_file")
     change = actor_change(request, (body or _Body()).reason or "config reload")
     with _config_errors_as_bad_requests():
-        return {"config_file": str(path), "changes": await request.state.reconciler.apply(load_config(path), change)}
+        config = load_config(path)
+        changes = await request.state.reconciler.apply(config, change)
+    return {"config_file": str(path), "changes": changes, "restart_needed": config.restart_needed(request.state.settings, environment_overrides())}
 
 
 class PlanBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     deployments: dict = Field(description="the config file's deployments section")
+    server: dict = Field(default_factory=dict, description="its server section: settings that differ take effect at the next start")
 
 
 @router.post("/plan")
 async def plan(body: PlanBody, request: Request) -> dict:
     """What a config with these deployments would change here, changing nothing."""
     try:
-        config = ConfigFile.model_validate({"deployments": body.deployments})
+        config = ConfigFile.model_validate({"deployments": body.deployments, "server": body.server})
     except ValidationError as error:
         raise InvalidRequestError(f"Invalid deployments: {error.errors()[0]['msg']} at {'.'.join(map(str, error.errors()[0]['loc']))}.", param="deployments") from error
     with _config_errors_as_bad_requests():
         changes = request.state.reconciler.plan(config)
-    return {"changes": [asdict(change) | {"text": change.describe()} for change in changes]}
+    restart_needed = config.restart_needed(request.state.settings, environment_overrides())
+    return {"changes": [asdict(change) | {"text": change.describe()} for change in changes], "restart_needed": restart_needed}
 
 
 @contextmanager

@@ -89,8 +89,8 @@ class AdminClient:
     def status(self) -> dict:
         return self._call("GET", "/status")
 
-    def plan(self, deployments: dict) -> dict:
-        return self._call("POST", "/plan", json={"deployments": deployments})
+    def plan(self, deployments: dict, server: dict) -> dict:
+        return self._call("POST", "/plan", json={"deployments": deployments, "server": server})
 
     def reload(self, reason: str) -> dict:
         return self._call("POST", "/reload", json={"reason": reason}, timeout=None)

@@ -64,8 +64,9 @@ def add_commands(commands) -> None:
 
 def _plan(client: AdminClient, args) -> int:
     config = load_config(args.config)  # errors name the field and its line, before the server is asked
-    for change in client.plan(config.model_dump(mode="json")["deployments"])["changes"]:
-        print(change["text"])
+    planned = client.plan(config.model_dump(mode="json")["deployments"], config.model_dump(mode="json", exclude_none=True)["server"])
+    for line in [change["text"] for change in planned["changes"]] + planned["restart_needed"]:
+        print(line)
     return 0
 
 
@@ -74,6 +75,8 @@ def _reload(client: AdminClient, args) -> int:
     for change in result["changes"]:
         detail = f" ({change['error']})" if change.get("error") else ""
         print(f"{change['deployment']}: {change['action']} {change['status']}{detail}")
+    for line in result["restart_needed"]:
+        print(line)
     return 1 if any(change["status"] == "failed" for change in result["changes"]) else 0
 
 

@@ -122,6 +122,14 @@ class ConfigFile(BaseModel):
         """What the `server` section sets; a null value leaves Settings' default."""
         return self.server.model_dump(exclude_none=True)
 
+    def restart_needed(self, running: Settings, overrides: dict) -> list[str]:
+        """Server settings this file (with `overrides`, the BATON_* variables, over it) sets
+        otherwise than the running server: a reload changes deployments only, so these take
+        effect when `baton serve` starts again. Said, not dropped in silence."""
+        wanted = {**self.server_settings(), **overrides}
+        changed = [(name, getattr(running, name), value) for name, value in sorted(wanted.items()) if value != getattr(running, name)]
+        return [f"! server.{name}: {now} -> {value} (at the next start; a reload changes deployments only)" for name, now, value in changed]
+
     def secrets(self, environ: dict[str, str] = os.environ) -> dict:
         """The keys the file points at, read from the environment now."""
         found = {}

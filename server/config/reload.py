@@ -16,23 +16,27 @@ from pathlib import Path
 
 from models.catalog import Change
 from models.errors import BatonError
-from server.config.file import load_config
+from server.config.file import environment_overrides, load_config
+from server.config.settings import Settings
 from server.deployments.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
 
 class ConfigReloader:
-    def __init__(self, path: Path, reconciler: Reconciler, keep: Callable[[asyncio.Task], asyncio.Task]):
-        self._path, self._reconciler, self._keep = path, reconciler, keep
+    def __init__(self, settings: Settings, reconciler: Reconciler, keep: Callable[[asyncio.Task], asyncio.Task]):
+        self._settings, self._path, self._reconciler, self._keep = settings, settings.config_file, reconciler, keep
 
     async def reload(self, actor: str) -> None:
         try:
-            changes = await self._reconciler.apply(load_config(self._path), Change(actor, "config reload"))
+            config = load_config(self._path)
+            changes = await self._reconciler.apply(config, Change(actor, "config reload"))
         except BatonError as error:
             log.error("config reload (%s) refused, nothing changed: %s", actor, error)
             return
         log.info("config reloaded (%s): %s", actor, [(c["deployment"], c["action"], c["status"]) for c in changes])
+        for line in config.restart_needed(self._settings, environment_overrides()):
+            log.warning("config reload (%s): %s", actor, line)
 
     def reload_on_sighup(self) -> None:
         """Only where the server runs on the main thread (`baton serve`), where signals arrive."""

@@ -121,6 +121,19 @@ def test_baton_reload_and_plan_and_drift(served):
     assert _baton(env, url, "reload").returncode == 0 and _version(url) == "chat@2"
 
 
+def test_a_changed_server_setting_is_said_to_need_a_restart(served):
+    """A reload converges deployments only; a server setting the file now sets otherwise is
+    named by plan, reload and the log, not dropped in silence."""
+    url, _, config, _, env = served
+    config.write_text(config.read_text().replace("drain_timeout_s: 30", "drain_timeout_s: 7"))
+    said = "! server.drain_timeout_s: 30.0 -> 7.0 (at the next start; a reload changes deployments only)"
+    planned = _baton(env, url, "plan", "--config", str(config))
+    assert planned.returncode == 0 and said in planned.stdout.splitlines(), planned.stdout + planned.stderr
+    assert httpx.post(f"{url}/admin/reload", json={}).json()["restart_needed"] == [said]
+    reloaded = _baton(env, url, "reload")
+    assert reloaded.returncode == 0 and said in reloaded.stdout.splitlines()
+
+
 def test_a_bad_file_changes_nothing(served):
     url, _, config, write, env = served
     config.write_text(CONFIG.format(port=0, model="chat@2", strategy="teleport", watch="null"))

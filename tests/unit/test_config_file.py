@@ -143,5 +143,14 @@ def test_a_bad_environment_value_names_its_variable(monkeypatch):
         environment_overrides()
 
 
+def test_server_settings_a_reload_cannot_change_are_named(tmp_path):
+    from server.config.settings import Settings
+
+    running = Settings(home=tmp_path, port=9000, drain_timeout_s=10, memory_budget_bytes=1, standby_host_budget_bytes=0)
+    config = load_config(_write(tmp_path, GOOD.replace("drain_timeout_s: 10", "drain_timeout_s: 5")))
+    assert config.restart_needed(running, {}) == ["! server.drain_timeout_s: 10.0 -> 5.0 (at the next start; a reload changes deployments only)"]
+    assert config.restart_needed(running, {"drain_timeout_s": 10}) == []  # BATON_DRAIN_TIMEOUT_S wins over the file
+
+
 def test_a_null_server_setting_is_its_default(tmp_path):
     assert load_config(_write(tmp_path, "server: {port: null, drain_timeout_s: 5}\n")).server_settings() == {"drain_timeout_s": 5}
