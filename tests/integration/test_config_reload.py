@@ -66,7 +66,7 @@ def _streams_during(url: str, action) -> tuple[list[str], list[str]]:
                 with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
                     text = "".join(response.iter_lines())
                     if response.status_code != 200 or '"error"' in text or "[DONE]" not in text:
-                        errors.append(f"{response.status_code}: {text[:200]}")
+                        errors.append(f"{response.status_code}: ...{text[-400:]}")  # the end: where an error event is
                     versions.append(response.headers.get("x-baton-version"))
             except httpx.HTTPError as error:
                 errors.append(repr(error))
