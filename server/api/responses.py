@@ -248,14 +248,15 @@ class ResponseShape:
         }
 
     async def collect(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, num_prompt_tokens: int) -> dict:
-        answer = _Answer(self.head(served_as), num_prompt_tokens)
+        answer, text, calls = _Answer(self.head(served_as), num_prompt_tokens), "", []
         async with aclosing(choices) as stream:
             async for item in stream:
-                answer.text += item.chunk.text
                 answer.count(item)
-        if answer.text:
-            answer.output.append(_message(answer.text, "completed"))
-        answer.output += [_function_call(call, "completed") for call in answer.calls]
+                text += item.chunk.text
+                calls += item.tool_calls
+        if text:
+            answer.output.append(_message(text, "completed"))
+        answer.output += [_function_call(call, "completed") for call in calls]
         return answer.final()
 
     async def events(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, usage) -> AsyncIterator[str]:
@@ -297,15 +298,12 @@ class _Answer:
     num_prompt_tokens: int
     num_completion_tokens: int = 0
     finish_reason: str | None = None
-    text: str = ""  # collect: the whole text
-    calls: tuple[ToolCall, ...] = ()
     output: list[dict] = field(default_factory=list)
     open_item: dict | None = None  # events: the item being streamed
 
     def count(self, item: ChoiceChunk) -> None:
         self.num_completion_tokens += item.chunk.num_tokens
         self.finish_reason = item.chunk.finish_reason or self.finish_reason
-        self.calls += item.tool_calls
 
     def stream(self, item: ChoiceChunk) -> list[dict]:
         """The events one chunk makes: text deltas into a message item, call pieces into

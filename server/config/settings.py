@@ -95,12 +95,14 @@ class Settings(BaseModel):
     def _keys_are_distinct(self):
         """Each key has its own name (logs, history and rate limits go by it) and its own
         secret (a request must match one key, with one set of scopes)."""
-        keys = self.all_keys()
-        for earlier, spec in ((a, b) for i, b in enumerate(keys) for a in keys[:i]):
-            if earlier.name == spec.name:
+        names, by_secret = set(), {}
+        for spec in self.all_keys():
+            if spec.name in names:
                 raise ValueError(f"two keys are named {spec.name!r}; each key needs its own name")
-            if earlier.sha256 == spec.sha256:
-                raise ValueError(f"the keys {earlier.name!r} and {spec.name!r} have the same secret; give one key both scopes in a key file instead")
+            if (earlier := by_secret.get(spec.sha256)) is not None:
+                raise ValueError(f"the keys {earlier!r} and {spec.name!r} have the same secret; give one key both scopes in a key file instead")
+            names.add(spec.name)
+            by_secret[spec.sha256] = spec.name
         return self
 
     def all_keys(self) -> list[KeySpec]:
