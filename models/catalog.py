@@ -83,7 +83,7 @@ class Catalog:
             existing = db.execute("SELECT * FROM versions WHERE model = ? AND digest = ?", (model, manifest["digest"])).fetchone()
             if existing:
                 return _version(existing), False
-            number = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE model = ?", (model,)).fetchone()[0]
+            number = _next_number(db, model)
             db.execute(
                 "INSERT INTO versions (model, number, digest, manifest, created_at) VALUES (?, ?, ?, ?, ?)",
                 (model, number, manifest["digest"], json.dumps(manifest), now()),
@@ -177,3 +177,11 @@ def _record(db: sqlite3.Connection, change: Change, action: str, model: str, ver
         "INSERT INTO history (at, actor, action, model, version, reason, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (now(), change.actor, action, model, version, change.reason, json.dumps(details)),
     )
+
+
+def _next_number(db: sqlite3.Connection, model: str) -> int:
+    """Rule: a number is never given twice, even after its version is deleted (history keeps
+    every registration), so a ref names one content for good: a deployment, a standby or a
+    record that names chat@3 never meets other weights under that name."""
+    query = "SELECT MAX(n) FROM (SELECT number AS n FROM versions WHERE model = ? UNION ALL SELECT version FROM history WHERE model = ? AND action = 'register')"
+    return (db.execute(query, (model, model)).fetchone()[0] or 0) + 1

@@ -463,7 +463,7 @@ class DeploymentManager:
         await work
 
     def _plan_swap(self, deployment: Deployment, ref: str, strategy: str, overrides: dict) -> tuple[Target, Choice]:
-        target = self._resolve(ref, overrides)
+        target = self._resolve_or_standby(deployment, ref, overrides)
         if not deployment.is_failed and target.version == deployment.target_version and overrides == deployment.engine_overrides:
             raise ConflictError(f"{deployment.name} already serves {target.version}{'' if deployment.active else ' (on demand)'}.")
         if deployment.canary is not None and target.version == deployment.canary.version:  # else two engines of one version
@@ -514,6 +514,18 @@ class DeploymentManager:
         options = {**self._engine_defaults, **version.manifest.engine_options, **(overrides or {}), "allow_pickle": version.manifest.allows_pickle}
         stored_bytes = version.manifest.total_bytes
         return Target(version.ref, version.path, options, estimate_memory_bytes(version.path, options, stored_bytes), stored_bytes)
+
+    def _resolve_or_standby(self, deployment: Deployment, ref: str, overrides: dict) -> Target:
+        """Rule: a version deleted (forced) while it sits on standby can still come back, as
+        the standby: its engine needs no files, and a deleted version's number is never
+        given to other content."""
+        try:
+            return self._resolve(ref, overrides)
+        except NotFoundError:
+            standby = deployment.standby
+            if standby is None or standby.version != ref:
+                raise
+            return standby.target
 
     @property
     def _engine_defaults(self) -> dict:

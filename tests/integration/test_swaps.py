@@ -322,6 +322,24 @@ def test_a_deployed_version_cannot_be_deleted_unless_forced(home):
         assert refused.status_code == 409 and "deployment chat (active)" in refused.json()["error"]["message"]
 
 
+def test_a_version_force_deleted_on_standby_still_comes_back_by_rollback(tmp_path, tiny_model_path, demo_model_path):
+    home = tmp_path / "home"
+    registry = Registry(home)
+    for folder in (tiny_model_path, build_tiny_model(tmp_path / "v2", demo_model_path, seed=1)):
+        registry.import_folder(folder, "chat", {"kind": "local"}, TRANSFORMERS, Change("tester"))
+    with _server(home) as server:
+        before = _ask(server.client())
+        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green")
+        refused = httpx.delete(f"{server.url}/admin/models/chat@1")
+        assert refused.status_code == 409 and "deployment chat (standby)" in refused.json()["error"]["message"]
+        assert httpx.delete(f"{server.url}/admin/models/chat@1", params={"force": "true"}).status_code == 200
+        record = _admin(server, "POST", "/deployments/chat/rollback")
+        assert (record["to_version"], record["strategy"]) == ("chat@1", "standby")
+        assert _ask(server.client()) == before  # the same weights, though their files are gone
+        gone = httpx.post(f"{server.url}/admin/deployments/chat/swap", json={"to": "chat@9"})
+        assert gone.status_code == 404  # a version neither stored nor on standby
+
+
 def test_auto_picks_replace_when_it_cannot_reload_and_both_do_not_fit(home):
     one_version = Registry(home).resolve("chat@1").manifest.total_bytes
     with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 1.5)) as server:

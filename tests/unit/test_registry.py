@@ -176,6 +176,18 @@ def test_registry_remove_refuses_aliased_versions_unless_forced(registry, folder
     assert [e["action"] for e in registry.history("chat")] == ["register", "alias", "delete"]
 
 
+def test_registry_never_gives_a_deleted_versions_number_to_other_content(registry, folder):
+    _import(registry, folder)
+    (folder / "generation_config.json").write_text('{"temperature": 0.5}')
+    deleted, _ = _import(registry, folder)
+    registry.remove(deleted.ref, OPERATOR)
+    (folder / "generation_config.json").write_text('{"temperature": 0.7}')
+    assert _import(registry, folder)[0].ref == "chat@3"  # chat@2 meant other weights
+    (folder / "generation_config.json").write_text('{"temperature": 0.5}')
+    assert _import(registry, folder)[0].ref == "chat@4"  # the deleted content again: a new version
+    assert [v.number for v in registry.versions("chat")] == [1, 3, 4]
+
+
 def test_registry_gc_removes_only_unreferenced_files(registry, folder):
     keep, _ = _import(registry, folder, "keep")
     (folder / "extra.txt").write_text("only in the doomed version")
