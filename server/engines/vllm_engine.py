@@ -146,7 +146,8 @@ class VLLMEngine:
         engine, self._engine = self._engine, None
         if engine is None:
             return
-        cores, workers = _processes_of(engine)
+        cores, children = _processes_of(engine)
+        workers = children if _runs_workers_apart(engine) else []
         if (reader := engine.output_handler) is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -155,8 +156,8 @@ class VLLMEngine:
     def process_ids(self) -> list[int]:
         """The processes that hold this engine's GPU memory: vLLM's engine cores and their
         workers; empty where a vLLM release moved them."""
-        cores, workers = _processes_of(self._engine)
-        return [process.pid for process in cores + workers]
+        cores, children = _processes_of(self._engine)
+        return [process.pid for process in cores + children]
 
     @property
     def can_sleep(self) -> bool:
@@ -277,8 +278,8 @@ def _finish_reason(reason: str | None) -> str:
 
 
 def _processes_of(engine) -> tuple[list, list]:
-    """(engine cores, their workers) as psutil processes, read from vLLM's internals
-    (`engine_core.resources.engine_manager`); none where a vLLM release moved them."""
+    """(engine cores, the processes they started) as psutil processes, read from vLLM's
+    internals (`engine_core.resources.engine_manager`); none where a vLLM release moved them."""
     import psutil
 
     try:
@@ -292,12 +293,18 @@ def _processes_of(engine) -> tuple[list, list]:
     return cores, workers
 
 
+def _runs_workers_apart(engine) -> bool:
+    """The model runs in worker processes of its own (vLLM's multiprocess executor: always on
+    CPU, with several GPUs on GPU), not in the engine core (one GPU)."""
+    return getattr(engine.vllm_config.parallel_config, "distributed_executor_backend", None) == "mp"
+
+
 def _shut_down(engine, cores: list, workers: list) -> None:
     """vLLM's shutdown, cut short where only an exit is left. Rule: once an engine core's
     workers (which hold the model) have exited, the core is killed: it has only Python's
     exit-time garbage collection left, which vLLM lets run to its 5 s deadline and then
-    kills anyway (2.3 s of a 5 s stop on 2 cores). A core that is its own worker (vLLM's
-    one-process executor) is left to exit as vLLM has it."""
+    kills anyway (2.3 s of a 5 s stop on 2 cores). With no workers (the core runs the
+    model itself) the core exits as vLLM has it."""
     import psutil
 
     with ThreadPoolExecutor(1, thread_name_prefix="vllm-shutdown") as pool:
