@@ -119,8 +119,11 @@ def _map_errors(app: FastAPI) -> None:
 
 
 def _from_validation(error: RequestValidationError) -> InvalidRequestError:
-    first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"] if part != "body") or None
+    """One error, named as the request wrote it. Rule: of several (one per union branch
+    tried, say), the one deepest into what was sent: for an item of the wrong type, its `type`
+    field, not "should be a valid string" from the union's string branch."""
+    first = max(error.errors(), key=lambda e: len(_where(error.body, e)))
+    param = ".".join(_where(error.body, first)) or None
     kind = first["type"]
     if kind == "json_invalid":
         return InvalidRequestError(f"The request body is not valid JSON: {first.get('ctx', {}).get('error', kind)}.", code="invalid_json")
@@ -132,6 +135,23 @@ def _from_validation(error: RequestValidationError) -> InvalidRequestError:
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     where = f"'{param}'" if param else "the request body"
     return InvalidRequestError(f"Invalid value for {where}: {first['msg']}.", param=param, code="invalid_value")
+
+
+def _where(body, error: dict) -> list[str]:
+    """The path in the body where `error` is. pydantic's `loc` also names the union branches it
+    tried (`str`, `list[ContentPart]`, a tag): a step the body does not have is such a label,
+    except a missing field's own name."""
+    loc = list(error["loc"])
+    if not loc or loc[0] != "body" or body is None:  # no body to read it against
+        return [str(part) for part in loc if part != "body"]
+    steps, value = [], body
+    for part in loc[1:]:
+        if isinstance(value, dict) and part in value or isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            steps.append(str(part))
+            value = value[part]
+    if error["type"] == "missing" and len(loc) > 1:
+        steps.append(str(loc[-1]))
+    return steps
 
 
 def _json(error: BatonError, status_code: int | None = None) -> Response:

@@ -155,6 +155,9 @@ def test_a_named_function_is_forced(smol_server):
         ({"include": ["reasoning.encrypted_content"]}, "include", ""),
         ({"prompt": {"id": "pmpt_1"}}, "prompt", "baton does not implement it"),
         ({"input": [{"type": "input_image", "image_url": "http://x"}]}, "input", ""),
+        # the part that is wrong, not "should be a valid string" from input's string branch
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input.0.content.0.type", "'input_text' or 'output_text'"),
+        ({"input": [{"type": "function_call", "call_id": "c1", "name": "f"}]}, "input.0.arguments", "Missing required parameter"),
     ],
 )
 def test_bad_requests_are_400s_naming_the_responses_field(tiny_server, extra, param, words):
