@@ -310,6 +310,18 @@ class ChatCompletionRequest(_GenerationBody):
     parallel_tool_calls: bool | None = None
     store: Literal[False] | None = None  # nothing is stored: asking for it is refused
 
+    @field_validator("messages")
+    @classmethod
+    def _tool_answers_follow_their_calls(cls, messages):
+        """A tool message answers a call an earlier assistant message made: as OpenAI, for
+        a template would otherwise show the model an answer to no question."""
+        called = set()
+        for message in messages:
+            called |= {call.id for call in message.tool_calls or ()}
+            if message.role == "tool" and message.tool_call_id not in called:
+                raise ValueError(f"the tool output for call {message.tool_call_id!r} answers no call made before it")
+        return messages
+
     @field_validator("tool_choice")
     @classmethod
     def _choice_among_the_tools(cls, choice, info):

@@ -52,7 +52,8 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         (_chat(stream_options={"include_usage": True}), None),
         ({"model": "tiny", "messages": []}, "messages"),
         ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None),
+        ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content.0.type"),
+        ({"model": "tiny", "messages": [*HI, {"role": "tool", "tool_call_id": "call_1", "content": "5 degrees"}]}, "messages"),  # answers no call
         ({"messages": HI}, "model"),
         ({"model": "tiny", "messages": [{"role": "user", "content": None}]}, "messages.0"),
         ({"model": "tiny", "messages": [{"role": "user"}]}, "messages.0"),

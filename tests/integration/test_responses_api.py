@@ -158,6 +158,7 @@ def test_a_named_function_is_forced(smol_server):
         # the part that is wrong, not "should be a valid string" from input's string branch
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input.0.content.0.type", "'input_text' or 'output_text'"),
         ({"input": [{"type": "function_call", "call_id": "c1", "name": "f"}]}, "input.0.arguments", "Missing required parameter"),
+        ({"input": [{"type": "function_call_output", "call_id": "c1", "output": "5 degrees"}]}, "input", "answers no call made before it"),
     ],
 )
 def test_bad_requests_are_400s_naming_the_responses_field(tiny_server, extra, param, words):
