@@ -20,29 +20,25 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from models.errors import BatonError, InvalidRequestError
 from server.api.generation import ChoiceChunk
 from server.api.openai_api import admit, answer_chat, stream_error
-from server.api.schemas import ChatCompletionRequest
+from server.api.schemas import ChatCompletionRequest, Strict
 from server.api.tools import ToolCall
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ContentPart(_Strict):
+class ContentPart(Strict):
     type: Literal["input_text", "output_text"]
     text: str
     annotations: list | None = None  # on output_text sent back: carried, not read
     logprobs: list | None = None
 
 
-class _Item(_Strict):
+class _Item(Strict):
     """An input item; `id` and `status` come with items sent back from an earlier output."""
 
     id: str | None = None
@@ -78,7 +74,7 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(_Strict):
+class FunctionTool(Strict):
     type: Literal["function"]
     name: str
     description: str | None = None
@@ -86,12 +82,12 @@ class FunctionTool(_Strict):
     strict: bool | None = None
 
 
-class NamedFunction(_Strict):
+class NamedFunction(Strict):
     type: Literal["function"]
     name: str
 
 
-class TextFormat(_Strict):
+class TextFormat(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     type: Literal["text", "json_object", "json_schema"]
@@ -101,12 +97,12 @@ class TextFormat(_Strict):
     strict: bool | None = None
 
 
-class TextConfig(_Strict):
+class TextConfig(Strict):
     format: TextFormat | None = None
     verbosity: Literal["medium"] | None = None  # the default; others ask for what no engine does
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(Strict):
     model: str
     input: str | list[InputItem]
     instructions: str | None = None

@@ -24,11 +24,13 @@ MAX_STOP_SEQUENCES = 4
 NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "echo")
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A request body part: a field it does not know is refused, not dropped."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
@@ -39,18 +41,18 @@ def _as_list(value):
     return [value] if isinstance(value, str) else value
 
 
-class FunctionCall(_Strict):
+class FunctionCall(Strict):
     name: str
     arguments: str  # JSON text
 
 
-class ToolCallIn(_Strict):
+class ToolCallIn(Strict):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: list[TextPart] = Field(default_factory=list)
     name: str | None = None
@@ -166,7 +168,7 @@ def _repeat_counts(pattern: str) -> Iterator[int]:
             yield from (int(n) for n in match.groups() if n)
 
 
-class FunctionDef(_Strict):
+class FunctionDef(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
@@ -175,26 +177,26 @@ class FunctionDef(_Strict):
     _parameters_are_a_schema = field_validator("parameters")(_check_json_schema)
 
 
-class ToolDef(_Strict):
+class ToolDef(Strict):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Strict):
+class NamedFunction(Strict):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False  # usage on every chunk, not only the last
 
 
-class JsonSchemaSpec(_Strict):
+class JsonSchemaSpec(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
@@ -205,7 +207,7 @@ class JsonSchemaSpec(_Strict):
     _is_a_schema = field_validator("json_schema")(_check_json_schema)
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
@@ -223,7 +225,7 @@ class ResponseFormat(_Strict):
         return JsonFormat(json.dumps(self.json_schema.json_schema) if self.json_schema else None)
 
 
-class _GenerationBody(_Strict):
+class _GenerationBody(Strict):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
