@@ -3,8 +3,8 @@ what they serve. Requests lease a slot here; deploys, swaps, rollbacks, canaries
 on-demand loads are resolved and planned here (refused before anything stops), then run
 under the deployment's swap lock: swaps.py carries each strategy out, slot_lifecycle.py
 each slot's steps, swap_history.py keeps what happened. The decisions are pure functions in
-strategy.py, layout.py, memory_plan.py and drain.py. Background: idle on-demand deployments
-are unloaded here; engine_watch.py and health_watch.py watch the serving ones.
+strategy.py, layout.py, memory_plan.py and drain.py. Background: on_demand.py loads and
+unloads on-demand deployments; engine_watch.py and health_watch.py watch the serving ones.
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ from server.deployments.engine_watch import EngineWatch
 from server.deployments.health import HealthPolicy
 from server.deployments.health_watch import HealthWatch
 from server.deployments.layout import ModelLayout, reload_blocker
+from server.deployments.on_demand import OnDemandLoads
 from server.deployments.slot import Lease, Slot, SlotState, Target
 from server.deployments.slot_lifecycle import EngineFactory, SlotLifecycle
 from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy
 from server.deployments.swap_history import SwapHistory
-from server.deployments.swap_record import SwapRecord
+from server.deployments.swap_record import SwapRecord, as_swap_error
 from server.deployments.swaps import Swaps
 from server.observability.metrics import Metrics
 from server.engines.base import can_reload, engine_process_ids
 from server.engines.factory import estimate_memory_bytes
 from server.engines.options import engine_only
-from models.errors import BatonError, ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, OverloadedError, SwapFailedError
+from models.errors import BatonError, ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, SwapFailedError
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,12 @@ class DeploymentManager:
         self._history = SwapHistory(registry, self._metrics)
         self._deployments: dict[str, Deployment] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._loading: dict[str, asyncio.Task] = {}  # on-demand loads under way, by deployment
+        self._on_demand = OnDemandLoads(lambda: self.deployments, self._slots, self._history, self.keep)
 
     def start(self) -> None:
         """Background work: unloading on-demand deployments that sat idle past their TTL,
         bringing back deployments whose engine died, watching deployments' health."""
-        self.keep(asyncio.ensure_future(self._reap_idle_forever()))
+        self.keep(asyncio.ensure_future(self._on_demand.unload_idle_forever(self._settings.idle_check_s)))
         self.keep(asyncio.ensure_future(EngineWatch(lambda: self.deployments, self._slots, self._history, self._metrics, self._settings).run_forever()))
         self.keep(asyncio.ensure_future(HealthWatch(self, self._metrics, self._settings).run_forever()))
 
@@ -119,7 +120,7 @@ class DeploymentManager:
         await deployment.admission.enter()
         try:
             if deployment.needs_load:
-                self._start_on_demand_load(deployment)
+                self._on_demand.start_load(deployment)
             lease = await deployment.lease(version)
         except BaseException:
             deployment.admission.leave()
@@ -366,64 +367,11 @@ class DeploymentManager:
             deployment.on_demand = OnDemand(deployment.active.target, idle_ttl_s)
         elif not on_demand and deployment.on_demand is not None:
             if deployment.active is None:
-                await self._start_on_demand_load(deployment)
+                await self._on_demand.start_load(deployment)
                 if deployment.active is None:
                     raise SwapFailedError(f"Deployment {name} could not be loaded; it stays on demand.")
             deployment.on_demand = None
         self._save(deployment)
-
-    # -- on demand --------------------------------------------------------------------------
-
-    def _start_on_demand_load(self, deployment: Deployment) -> asyncio.Future:
-        """The one load of an unloaded on-demand deployment, however many ask for it."""
-        name = deployment.name
-        if name not in self._loading:
-            deployment.begin_load()
-            self._loading[name] = self.keep(asyncio.ensure_future(self._load_on_demand(deployment)))
-            self._loading[name].add_done_callback(lambda _: self._loading.pop(name, None))
-        return self._loading[name]
-
-    async def _load_on_demand(self, deployment: Deployment) -> None:
-        target = deployment.on_demand.target
-        record = SwapRecord(deployment.name, "load", None, target.version, "on-demand", "baton", "first request")
-        self._history.add(record)
-        try:
-            async with deployment.swap_lock:
-                async with record.phase("evict"):
-                    await self._make_room(target.memory_bytes, deployment)
-                slot = await self._slots.load_and_verify(record, target, deployment)
-                async with record.phase("flip"):
-                    deployment.flip_to(slot)
-            record.finish()
-        except Exception as error:
-            record.finish(error)
-            deployment.fail_waiting(error if isinstance(error, OverloadedError) else _as_swap_error(error, record))
-        self._history.close(record)
-
-    async def _make_room(self, memory_bytes: int, loading: Deployment) -> None:
-        """Unload idle on-demand deployments, least recently used first, until `memory_bytes`
-        fit the budget. Never one with requests in flight."""
-        while not self._slots.fits_in_budget(memory_bytes):
-            idle = [d for d in self.deployments if d is not loading and d.on_demand and d.active and d.active.num_leases == 0 and not d.swap_lock.locked()]
-            if not idle:
-                raise OverloadedError(f"No room in the memory budget to load {loading.on_demand.target.version}: every loaded model is busy or always-on.")
-            await self._unload(min(idle, key=lambda d: d.active.last_used), "evicted: least recently used")
-
-    async def _reap_idle_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.idle_check_s)
-            for deployment in filter(_is_idle_past_ttl, self.deployments):
-                try:
-                    await self._unload(deployment, f"idle for more than {deployment.on_demand.idle_ttl_s:g} s")
-                except Exception:  # one engine that fails to stop must not end idle unloading for all
-                    log.exception("could not unload idle deployment %s", deployment.name)
-
-    async def _unload(self, deployment: Deployment, reason: str) -> None:
-        record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
-        async with record.phase("unload"):
-            await self._slots.drop_standby(deployment)
-            await self._slots.stop(deployment.unload())
-        self._history.add_finished(record)
 
     # -- running a change under the swap lock ------------------------------------------------
 
@@ -441,7 +389,7 @@ class DeploymentManager:
                 except Exception as error:
                     record.finish(error)
                     self._history.close(record)
-                    raise _as_swap_error(error, record) from error
+                    raise as_swap_error(error, record) from error
             record.finish()
             self._history.close(record)
             self._save(deployment)
@@ -555,15 +503,6 @@ class DeploymentManager:
         task.add_done_callback(self._tasks.discard)
         return task
 
-def _is_idle_past_ttl(deployment: Deployment) -> bool:
-    active = deployment.active
-    if not deployment.on_demand or active is None or deployment.canary is not None or deployment.swap_lock.locked():
-        return False
-    if deployment.num_waiting:  # woken by a load, not yet leased
-        return False
-    return active.idle_seconds() > deployment.on_demand.idle_ttl_s
-
-
 def start_point(named: str, overrides: dict, saved: dict | None) -> tuple[str, dict]:
     """The version and engine overrides a deployment named at start-up starts with. Rule:
     what it served before the restart, unless the start-up settings now name another
@@ -587,14 +526,3 @@ def _reload_blocker(active: Slot, target: Target) -> str | None:
     if not can_reload(active.engine):
         return f"the {active.engine.name} engine cannot reload weights in place"
     return reload_blocker(ModelLayout.read(active.target.path), ModelLayout.read(target.path), active.target.options, target.options)
-
-
-def _as_swap_error(error: Exception, record: SwapRecord) -> BaseException:
-    if isinstance(error, (ConflictError, NotFoundError)):
-        return error  # an unknown or corrupt version, a conflict: say so as it is
-    if record.action == "remove":
-        return SwapFailedError(f"Removing {record.deployment} ({record.id}) did not end cleanly; it serves no requests any more. Reason: {error}")
-    if record.action == "load":
-        return SwapFailedError(f"Loading {record.to_version} for {record.deployment} on demand failed ({record.id}); the next request tries again. Reason: {error}")
-    serving = f"{record.from_version} keeps serving" if record.from_version else f"{record.deployment} still has nothing loaded"
-    return SwapFailedError(f"Swap {record.id} of {record.deployment} to {record.to_version} failed; {serving}. Reason: {error}")

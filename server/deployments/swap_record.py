@@ -7,6 +7,8 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from models.errors import ConflictError, NotFoundError, SwapFailedError
+
 
 @dataclass
 class Phase:
@@ -64,3 +66,15 @@ class SwapRecord:
             "num_cut_off": self.num_cut_off,
             "phases": [vars(p) for p in self.phases],
         }
+
+
+def as_swap_error(error: Exception, record: SwapRecord) -> BaseException:
+    """What the caller of a failed change is told: what failed, what serves now, and why."""
+    if isinstance(error, (ConflictError, NotFoundError)):
+        return error  # an unknown or corrupt version, a conflict: say so as it is
+    if record.action == "remove":
+        return SwapFailedError(f"Removing {record.deployment} ({record.id}) did not end cleanly; it serves no requests any more. Reason: {error}")
+    if record.action == "load":
+        return SwapFailedError(f"Loading {record.to_version} for {record.deployment} on demand failed ({record.id}); the next request tries again. Reason: {error}")
+    serving = f"{record.from_version} keeps serving" if record.from_version else f"{record.deployment} still has nothing loaded"
+    return SwapFailedError(f"Swap {record.id} of {record.deployment} to {record.to_version} failed; {serving}. Reason: {error}")
