@@ -106,6 +106,9 @@ def _json_or_text(value: str):
 
 def _list(admin, args) -> int:
     rows = admin.list_models()
+    if not rows:
+        print("No models yet: `baton models import FOLDER --name NAME` (or hf:REPO, gguf:FILE), or `baton demo`.")
+        return 0
     print(f"{'MODEL':<20} {'VERSION':>7}  {'ALIASES':<20} {'SIZE':>9}  {'DIGEST':<19}  STATUS")
     for row in rows:
         status = "CORRUPT" if row["is_corrupt"] else "ok"

@@ -81,6 +81,7 @@ def test_hub_import_from_an_offline_cache_records_the_revision(tmp_path, folder)
 
 def test_cli_tour_import_alias_verify_rm_gc_history(tmp_path, folder):
     home = tmp_path / "home"
+    assert "No models yet: `baton models import" in baton(home, "models", "list").stdout
     assert "imported chat@1" in baton(home, "models", "import", str(folder), "--name", "chat", "--label", "team=a").stdout
     (folder / "notes.txt").write_text("v2")
     assert "imported chat@2" in baton(home, "models", "import", str(folder), "--name", "chat").stdout
