@@ -3,6 +3,8 @@ uvicorn server on a free port, driven by the official openai client."""
 
 from __future__ import annotations
 
+import json
+
 import os
 import threading
 import time
@@ -58,6 +60,13 @@ def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0, **shap
     milliseconds per token. `shape` overrides config fields (another layout, or head sizes
     vLLM's kernels take)."""
     return build_random_llama(target, tokenizer_source, seed, "float32", "tiny", **shape)
+
+
+def sse_errors(lines: list[str]) -> list[dict]:
+    """The error events among a stream's `data:` lines. Parsed, not searched for: a model's
+    delta of exactly `error` reads `"content":"error"`, a random model's text among others."""
+    events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+    return [event["error"] for event in events if "error" in event]
 
 
 def streaming_versions_during(server, model: str, messages: list[dict], action, num_clients: int = 4, settle_s: float = 1.0):

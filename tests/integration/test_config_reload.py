@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import sse_errors
 from tests.integration.test_cli import BATON, _free_port, _wait_healthy
 
 CONFIG = """\
@@ -64,9 +65,9 @@ def _streams_during(url: str, action) -> tuple[list[str], list[str]]:
         while not stop.is_set():
             try:
                 with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
-                    text = "".join(response.iter_lines())
-                    if response.status_code != 200 or '"error"' in text or "[DONE]" not in text:
-                        errors.append(f"{response.status_code}: ...{text[-400:]}")  # the end: where an error event is
+                    lines = list(filter(None, response.iter_lines()))  # events, not the blank lines between
+                    if response.status_code != 200 or sse_errors(lines) or lines[-1:] != ["data: [DONE]"]:
+                        errors.append(f"{response.status_code}: ...{''.join(lines)[-400:]}")  # the end: where an error event is
                     versions.append(response.headers.get("x-baton-version"))
             except httpx.HTTPError as error:
                 errors.append(repr(error))

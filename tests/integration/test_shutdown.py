@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import sse_errors
 from tests.integration.test_cli import BATON, _free_port, _wait_healthy
 
 LONG = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000, "temperature": 0, "stream": True}
@@ -62,7 +63,7 @@ def test_sigterm_lets_the_stream_finish_while_ready_says_503(serve):
     assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
     assert refused.json()["error"]["code"] == "shutting_down"
     reader.join(timeout=90)
-    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+    assert lines[-1] == "data: [DONE]" and sse_errors(lines) == []
     assert process.wait(timeout=30) == 0
 
 
