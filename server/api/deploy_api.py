@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from models.errors import ConfigError, ConflictError, InvalidRequestError
 from server.api.admin_api import actor_change, require_admin
 from server.config.file import ConfigFile, DeploymentSettings, EngineOptions, environment_overrides, load_config
+from server.deployments.health import CanaryAnalysis
 from server.deployments.reconcile import drift
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -44,6 +45,7 @@ class RollbackBody(_Body):
 class CanaryBody(_Body):
     to: str
     weight: int = Field(ge=1, le=99)
+    analysis: CanaryAnalysis | None = None  # baton aborts (and may promote) it; None: an operator decides
 
 
 @router.get("/deployments")
@@ -86,7 +88,7 @@ async def rollback(name: str, request: Request, body: RollbackBody | None = None
 
 @router.post("/deployments/{name}/canary")
 async def canary(name: str, body: CanaryBody, request: Request) -> dict:
-    return (await request.state.deployments.start_canary(name, body.to, body.weight, actor_change(request, body.reason))).to_dict()
+    return (await request.state.deployments.start_canary(name, body.to, body.weight, actor_change(request, body.reason), body.analysis)).to_dict()
 
 
 @router.post("/deployments/{name}/canary/{decision}")

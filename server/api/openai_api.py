@@ -151,7 +151,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_pl
     except BaseException as error:
         observation.finish(_status_of(error))
         raise
-    observation.leased(lease.deployment, lease.slot.version, request.state.deployments.get(lease.deployment).window.add)
+    observation.leased(lease.deployment, lease.slot.version, request.state.deployments.get(lease.deployment).window_of(lease.slot).add)
     try:
         # Off the event loop, as vLLM's server does it: a 4 MiB prompt takes seconds to render
         # and tokenize, and every other stream would wait (the tokenizer releases the GIL).

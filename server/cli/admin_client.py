@@ -80,8 +80,8 @@ class AdminClient:
     def rollback(self, name: str, reason: str) -> dict:
         return self._call("POST", f"/deployments/{name}/rollback", json={"reason": reason, "wait": False})
 
-    def canary(self, name: str, to: str, weight: int, reason: str) -> dict:
-        return self._call("POST", f"/deployments/{name}/canary", json={"to": to, "weight": weight, "reason": reason})
+    def canary(self, name: str, to: str, weight: int, reason: str, analysis: dict | None = None) -> dict:
+        return self._call("POST", f"/deployments/{name}/canary", json={"to": to, "weight": weight, "reason": reason, "analysis": analysis})
 
     def decide_canary(self, name: str, decision: str, reason: str) -> dict:
         return self._call("POST", f"/deployments/{name}/canary/{decision}", json={"reason": reason})

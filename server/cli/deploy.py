@@ -50,6 +50,8 @@ def add_commands(commands) -> None:
     canary.add_argument("decision", nargs="?", choices=["promote", "abort"])
     canary.add_argument("--to")
     canary.add_argument("--weight", type=int, default=10, help="percent of requests (default 10)")
+    canary.add_argument("--auto", action="store_true", help="baton judges it against the active version (or the deployment's slo) and aborts it on a breach")
+    canary.add_argument("--promote-after", type=float, metavar="S", help="with --auto: promote it after S seconds within objectives")
 
     command("deployments", "list deployments: version, state, in-flight, canary, standby", _list)
 
@@ -100,7 +102,11 @@ def _canary(client: AdminClient, args) -> int:
     if not args.to:
         print("baton: error: canary needs --to REF (or promote | abort)")
         return 2
-    return _follow(client, client.canary(args.name, args.to, args.weight, args.reason))
+    if args.promote_after is not None and not args.auto:
+        print("baton: error: --promote-after needs --auto")
+        return 2
+    analysis = {"promote_after_s": args.promote_after} if args.auto else None
+    return _follow(client, client.canary(args.name, args.to, args.weight, args.reason, analysis))
 
 
 def _follow(client: AdminClient, record: dict) -> int:
@@ -170,7 +176,7 @@ def format_status(status: dict) -> str:
 def _list(client: AdminClient, args) -> int:
     print(f"{'NAME':<16} {'VERSION':<20} {'STATE':<9} {'IN-FLIGHT':>9}  {'CANARY':<24} STANDBY")
     for d in client.deployments():
-        canary = f"{d['canary']['version']} ({d['canary']['weight']}%)" if d["canary"] else "-"
+        canary = f"{d['canary']['version']} ({d['canary']['weight']}%{', auto' if d['canary']['analysis'] else ''})" if d["canary"] else "-"
         standby = d["standby"]["version"] if d["standby"] else "-"
         print(f"{d['name']:<16} {d['version'] or '-':<20} {d['state']:<9} {d['in_flight']:>9}  {canary:<24} {standby}")
     return 0

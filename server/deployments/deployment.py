@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from models.errors import ModelNotFoundError, OverloadedError
 from server.deployments.admission import Admission
-from server.deployments.health import HealthPolicy, Slo, Window
+from server.deployments.health import CanaryAnalysis, HealthPolicy, Slo, Window
 from server.deployments.slot import Lease, Slot, SlotState, Target
 
 
@@ -55,6 +55,9 @@ class Deployment:
         self.on_demand = on_demand
         self.canary: Slot | None = None
         self.canary_weight = 0  # percent of requests sent to the canary
+        self.canary_window = Window()  # the canary's own outcomes, kept out of the active version's
+        self.canary_analysis: CanaryAnalysis | None = None  # None: an operator promotes or aborts
+        self.canary_since = 0.0  # when the canary took its share
         self.standby: Slot | None = None
         self.previous_version: str | None = None  # what `rollback` returns to
         self.smoke_prompts: list[str] | None = None  # None: the server's default smoke prompts
@@ -187,11 +190,17 @@ class Deployment:
         slot.move_to(SlotState.READY, f"{self.name} restored")
         self._serving.set()
 
-    def set_canary(self, slot: Slot | None, weight: int) -> Slot | None:
+    def set_canary(self, slot: Slot | None, weight: int, analysis: CanaryAnalysis | None = None) -> Slot | None:
         if slot is not None:
             slot.move_to(SlotState.READY, f"canary of {self.name} at {weight}%")
         previous, self.canary, self.canary_weight = self.canary, slot, weight if slot else 0
+        self.canary_analysis, self.canary_since = analysis if slot else None, time.monotonic()
+        self.canary_window.clear()
         return previous
+
+    def window_of(self, slot: Slot) -> Window:
+        """Where a request's outcome counts: the canary's window, or the active version's."""
+        return self.canary_window if slot is self.canary else self.window
 
     def slots(self) -> list[Slot]:
         return [s for s in (self.active, self.canary, self.standby) if s is not None]
@@ -206,13 +215,17 @@ class Deployment:
             "waiting": self.num_waiting + self.admission.num_waiting,
             "is_swapping": self.swap_lock.locked(),
             "active": self.active.describe() if self.active else None,
-            "canary": {**self.canary.describe(), "weight": self.canary_weight} if self.canary else None,
+            "canary": self._describe_canary() if self.canary else None,
             "standby": self.standby.describe() if self.standby else None,
             "previous_version": self.previous_version,
             "is_breaching": self.is_breaching,
             "baseline": self.baseline.model_dump() if self.baseline else None,
             "fallbacks": self.policy.fallbacks,
         }
+
+    def _describe_canary(self) -> dict:
+        analysis = self.canary_analysis.model_dump() if self.canary_analysis else None
+        return {**self.canary.describe(), "weight": self.canary_weight, "served_s": round(time.monotonic() - self.canary_since, 1), "analysis": analysis}
 
     async def _wait_for_serving(self) -> None:
         if self._num_waiting >= self._max_waiting:

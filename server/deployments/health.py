@@ -1,5 +1,6 @@
 """Is a deployment degrading? Outcomes of its recent requests in a rolling window, and a
-pure verdict against its service-level objectives (no I/O: every rule is a unit test).
+pure verdict against its service-level objectives (no I/O: every rule is a unit test); the
+same for a canary, against the active version.
 
 Rule: no verdict on too little traffic (`min_requests`), so a quiet deployment never breaches
 and one that lost its traffic to a fallback is tried again once its window empties.
@@ -30,17 +31,31 @@ class Slo(BaseModel):
     min_requests: int = Field(10, ge=1, description="fewer in the window: no verdict")
 
 
-class Baseline(BaseModel):
-    """Objectives learnt from the version itself: its last minute of traffic once it has
-    served `after_s`, with room to move; used where no explicit `slo` is set."""
+class Margins(BaseModel):
+    """Objectives taken from measured traffic, with room to move."""
 
     model_config = ConfigDict(extra="forbid")
 
-    after_s: float = Field(300.0, gt=0, description="how long a new version serves before its baseline is taken")
-    ttft_factor: float = Field(2.0, gt=1, description="breach: TTFT p95 above this times the baseline's")
-    tokens_per_s_factor: float = Field(0.5, gt=0, lt=1, description="breach: tokens/s below this times the baseline's")
-    error_rate_margin: float = Field(0.05, ge=0, le=1, description="breach: error rate above the baseline's plus this")
+    ttft_factor: float = Field(2.0, gt=1, description="breach: TTFT p95 above this times the measured one")
+    tokens_per_s_factor: float = Field(0.5, gt=0, lt=1, description="breach: tokens/s below this times the measured")
+    error_rate_margin: float = Field(0.05, ge=0, le=1, description="breach: error rate above the measured one plus this")
     min_requests: int = Field(10, ge=1)
+
+
+class Baseline(Margins):
+    """Objectives learnt from the version itself: its last minute of traffic once it has
+    served `after_s`, with room to move; used where no explicit `slo` is set."""
+
+    after_s: float = Field(300.0, gt=0, description="how long a new version serves before its baseline is taken")
+
+
+class CanaryAnalysis(Margins):
+    """A canary judged by baton: against the deployment's `slo` if it has one, else against
+    the active version's last minute (within the margins), both windows holding at least
+    `min_requests`. A breach aborts it; with `promote_after_s`, one that served that long
+    with no breach is promoted."""
+
+    promote_after_s: float | None = Field(None, gt=0, description="promote after this long within objectives; None: an operator promotes")
 
 
 class GoldenPrompt(BaseModel):
@@ -111,7 +126,7 @@ class Window:
         )
 
 
-def slo_from_baseline(stats: WindowStats, rule: Baseline) -> Slo | None:
+def slo_from_baseline(stats: WindowStats, rule: Margins) -> Slo | None:
     """The objectives a version's own early traffic sets; None on too little of it."""
     if stats.num_requests < rule.min_requests:
         return None
@@ -142,3 +157,17 @@ def breaches(stats: WindowStats, slo: Slo) -> list[Breach]:
     if slo.min_tokens_per_s is not None and stats.tokens_per_s is not None and stats.tokens_per_s < slo.min_tokens_per_s:
         found.append(Breach("tokens_per_s", f"{stats.tokens_per_s:.1f} tokens/s below {slo.min_tokens_per_s:g}"))
     return found
+
+
+def canary_verdict(canary: WindowStats, active: WindowStats, analysis: CanaryAnalysis, slo: Slo | None, served_s: float) -> tuple[str, list[Breach]]:
+    """"abort" (with the breaches), "promote" or "wait". Rule: a canary is judged only when
+    there is enough to judge by (its window, and the active version's where no `slo` is
+    set); never promoted on a verdict that could not be made."""
+    objectives = slo or slo_from_baseline(active, analysis)
+    if objectives is None or canary.num_requests < max(objectives.min_requests, analysis.min_requests):
+        return "wait", []
+    if found := breaches(canary, objectives):
+        return "abort", found
+    if analysis.promote_after_s is not None and served_s >= analysis.promote_after_s:
+        return "promote", []
+    return "wait", []

@@ -1,6 +1,7 @@
 """The health watch: every second, each deployment's window against its objectives, its
-golden prompts when due; on a breach, the alert and the policy's action. The verdicts are
-pure (health.py); this is the loop and its side effects."""
+golden prompts when due, and a canary under analysis against the active version; on a
+breach, the alert and the policy's action (or the canary's abort). The verdicts are pure
+(health.py); this is the loop and its side effects."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from models.catalog import Change
 from models.errors import BatonError
 from server.config.settings import Settings
 from server.deployments.deployment import Deployment
-from server.deployments.health import Breach, Slo, breaches, slo_from_baseline
+from server.deployments.health import Breach, Slo, breaches, canary_verdict, slo_from_baseline
 from server.deployments.slot import Slot
 from server.engines.base import GenerationRequest, SamplingParams
 from server.observability.metrics import Metrics
@@ -45,6 +46,8 @@ class HealthWatch:
 
     async def _check(self, deployment: Deployment) -> None:
         await self._check_slo(deployment)
+        if deployment.canary is not None and deployment.canary_analysis is not None:
+            self._judge_canary(deployment)
         if deployment.policy.golden_prompts and time.monotonic() >= self._golden_due.get(deployment.name, 0.0):
             self._golden_due[deployment.name] = time.monotonic() + deployment.policy.golden_interval_s
             self._manager.keep(asyncio.ensure_future(self._check_golden(deployment)))
@@ -56,6 +59,21 @@ class HealthWatch:
             await self._on_breach(deployment, found, "slo")
         elif not found and "slo" in deployment.breaching:
             self._recovered(deployment, "slo")  # met again, or too quiet to say: traffic comes back
+
+    def _judge_canary(self, deployment: Deployment) -> None:
+        """Abort a canary that breaches, promote one that served its time within objectives
+        (health.canary_verdict); each verdict is acted on once."""
+        now, analysis = time.monotonic(), deployment.canary_analysis
+        verdict, found = canary_verdict(deployment.canary_window.stats(now), deployment.window.stats(now), analysis, deployment.policy.slo, now - deployment.canary_since)
+        if verdict == "wait":
+            return
+        deployment.canary_analysis = None
+        if verdict == "abort":
+            self._alert(deployment, deployment.canary.version, found, "abort_canary")
+            decide, reason = self._manager.abort_canary, "canary analysis: " + "; ".join(b.text for b in found)
+        else:
+            decide, reason = self._manager.promote_canary, f"canary analysis: within objectives for {analysis.promote_after_s:g} s"
+        self._manager.keep(asyncio.ensure_future(_decide(decide, deployment.name, reason)))
 
     def _baseline(self, deployment: Deployment) -> Slo | None:
         """The version's own objectives, taken once it has served the baseline's `after_s`."""
@@ -92,20 +110,23 @@ class HealthWatch:
     async def _on_breach(self, deployment: Deployment, found: list[Breach], source: str) -> None:
         """Alert (log line, metric, webhook), then act as the policy says. `source`: which
         check found it (slo, golden); each clears on its own."""
-        policy = deployment.policy
-        action = policy.on_breach
+        action = deployment.policy.on_breach
         if action == "rollback" and (deployment.previous_version is None or deployment.swap_lock.locked()):
             action = "alert"  # nothing to roll back to, or a swap is under way already
-        alert = {"event": "degradation", "deployment": deployment.name, "version": deployment.version, "breaches": [b.text for b in found], "action": action}
-        log.error(alert)
-        for breach in found:
-            self._metrics.degradations.labels(deployment.name, breach.kind, action).inc()
-        if policy.webhook_url:
-            self._manager.keep(asyncio.ensure_future(_post_alert(policy.webhook_url, alert)))
+        self._alert(deployment, deployment.version, found, action)
         deployment.breaching.add(source)
         if action == "rollback":
             reason = "degradation: " + "; ".join(b.text for b in found)
             self._manager.keep(asyncio.ensure_future(self._roll_back(deployment.name, reason)))
+
+    def _alert(self, deployment: Deployment, version: str, found: list[Breach], action: str) -> None:
+        """A log line, a metric per breach, and the policy's webhook if it has one."""
+        alert = {"event": "degradation", "deployment": deployment.name, "version": version, "breaches": [b.text for b in found], "action": action}
+        log.error(alert)
+        for breach in found:
+            self._metrics.degradations.labels(deployment.name, breach.kind, action).inc()
+        if deployment.policy.webhook_url:
+            self._manager.keep(asyncio.ensure_future(_post_alert(deployment.policy.webhook_url, alert)))
 
     async def _roll_back(self, name: str, reason: str) -> None:
         try:
@@ -119,6 +140,14 @@ class HealthWatch:
         request = GenerationRequest("golden-" + uuid.uuid4().hex, prompt_ids, SamplingParams(max_tokens, 0.0))
         async with asyncio.timeout(self._settings.verify_timeout_s):
             return "".join([chunk.text async for chunk in slot.engine.generate(request)])
+
+
+async def _decide(decide, name: str, reason: str) -> None:
+    """A canary's promotion or abort, as baton: its record says why, or a log line why not."""
+    try:
+        await decide(name, Change("baton", reason))
+    except BatonError as error:
+        log.error("the canary analysis of %s could not act: %s", name, error)
 
 
 async def _post_alert(url: str, alert: dict) -> None:

@@ -19,7 +19,7 @@ from models.registry import Registry
 from server.config.settings import ModelSpec, Settings
 from server.deployments.deployment import Deployment, OnDemand
 from server.deployments.engine_watch import EngineWatch
-from server.deployments.health import HealthPolicy
+from server.deployments.health import CanaryAnalysis, HealthPolicy
 from server.deployments.health_watch import HealthWatch
 from server.deployments.layout import ModelLayout, reload_blocker
 from server.deployments.on_demand import OnDemandLoads
@@ -309,7 +309,7 @@ class DeploymentManager:
         record = SwapRecord(name, "rollback", deployment.target_version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
         return await self._run(deployment, record, self._swap(deployment, record, target, choice, deployment.engine_overrides), wait)
 
-    async def start_canary(self, name: str, ref: str, weight: int, change: Change) -> SwapRecord:
+    async def start_canary(self, name: str, ref: str, weight: int, change: Change, analysis: CanaryAnalysis | None = None) -> SwapRecord:
         deployment = self._lock_free(name)
         if not 0 < weight < 100:
             raise InvalidRequestError("A canary weight is a percentage between 1 and 99.", param="weight")
@@ -317,7 +317,7 @@ class DeploymentManager:
             raise ConflictError(f"Deployment {name} has a canary already ({deployment.canary.version}); promote or abort it first.")
         target = self._resolve(ref, deployment.engine_overrides)  # an unknown or corrupt version: refused now
         record = SwapRecord(name, "canary", deployment.version, target.version, f"canary {weight}%", change.actor, change.reason)
-        return await self._run(deployment, record, self._swaps.canary(deployment, record, target, weight), wait=True)
+        return await self._run(deployment, record, self._swaps.canary(deployment, record, target, weight, analysis), wait=True)
 
     async def promote_canary(self, name: str, change: Change) -> SwapRecord:
         deployment = self._with_canary(name)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from models.errors import ConflictError
 from server.deployments.deployment import Deployment
+from server.deployments.health import CanaryAnalysis
 from server.deployments.slot import Slot, SlotState, Target
 from server.deployments.slot_lifecycle import SlotLifecycle
 from server.deployments.swap_record import SwapRecord
@@ -160,10 +161,10 @@ class Swaps:
             phase.detail = await self._slots.stop_cut_off(old) if is_cut_off else await self._slots.park(deployment, old, may_stay_loaded=False)
         await self._take_over(deployment, record, old, self._slots.load_and_verify(record, target, deployment))
 
-    async def canary(self, deployment: Deployment, record: SwapRecord, target: Target, weight: int) -> None:
+    async def canary(self, deployment: Deployment, record: SwapRecord, target: Target, weight: int, analysis: CanaryAnalysis | None) -> None:
         slot = await self._slots.load_and_verify(record, target, deployment)
         async with record.phase("route"):
-            deployment.set_canary(slot, weight)
+            deployment.set_canary(slot, weight, analysis)
 
     async def promote(self, deployment: Deployment, record: SwapRecord) -> None:
         async with record.phase("flip"):

@@ -150,3 +150,44 @@ def test_a_version_that_slows_against_its_own_baseline_raises_an_alert(home):
         factory.built[0]._behaviour = FakeBehaviour(token_seconds=0.2)  # the same version, now slow
         assert [ask() for _ in range(6)] == [200] * 6
         _wait_for(lambda: _alerts(server, deployment="chat", reason="ttft", action="alert") == 1)
+
+
+# Fake engines answer in about a millisecond, where the ratios of two versions' timings are
+# noise: these canaries are judged by their error rate.
+LENIENT = {"min_requests": 5, "ttft_factor": 1000, "tokens_per_s_factor": 0.001}
+
+
+def _ask_each(server, versions: dict[str, int]) -> list[int]:
+    return [httpx.post(f"{server.url}/v1/chat/completions", json={"model": version, **ASK}, timeout=30).status_code for version, count in versions.items() for _ in range(count)]
+
+
+def test_a_canary_that_fails_its_analysis_is_aborted_and_the_active_version_is_untouched(two_versions_home):
+    """A canary 1,000 times slower than the active version: its tokens/s breach (fake engines
+    differ in nothing else a smoke check lets through)."""
+    home = two_versions_home()
+    slow = Registry(home).resolve("chat@2").path.name
+    factory = FakeEngineFactory({slow: FakeBehaviour(token_seconds=0.3)})
+    with ServerThread(Settings(home=home, models=[_spec(home, "chat", "chat@1")], idle_check_s=0.1), engine_factory=factory) as server:
+        started = httpx.post(f"{server.url}/admin/deployments/chat/canary", json={"to": "chat@2", "weight": 20, "analysis": {"min_requests": 5}}, timeout=60)
+        assert started.status_code == 200, started.text
+        assert httpx.get(f"{server.url}/admin/deployments/chat").json()["canary"]["analysis"]["min_requests"] == 5
+        assert _ask_each(server, {"chat@1": 6, "chat@2": 5}) == [200] * 11
+        _wait_for(lambda: httpx.get(f"{server.url}/admin/deployments/chat").json()["canary"] is None)
+        deployment = httpx.get(f"{server.url}/admin/deployments/chat").json()
+        assert (deployment["version"], deployment["is_breaching"]) == ("chat@1", False)  # the canary's numbers were its own
+        assert _alerts(server, deployment="chat", reason="tokens_per_s", action="abort_canary") == 1
+    aborts = [e for e in Registry(home).history("chat") if e["action"] == "abort"]
+    assert aborts and aborts[-1]["actor"] == "baton" and aborts[-1]["reason"].startswith("canary analysis: ")
+    assert "tokens/s below" in aborts[-1]["reason"]
+
+
+def test_a_canary_within_objectives_is_promoted_after_its_time(two_versions_home):
+    home = two_versions_home()
+    with ServerThread(Settings(home=home, models=[_spec(home, "chat", "chat@1")], idle_check_s=0.1), engine_factory=FakeEngineFactory()) as server:
+        analysis = {**LENIENT, "promote_after_s": 0.5}
+        httpx.post(f"{server.url}/admin/deployments/chat/canary", json={"to": "chat@2", "weight": 20, "analysis": analysis}, timeout=60).raise_for_status()
+        assert _ask_each(server, {"chat@1": 6, "chat@2": 6}) == [200] * 12
+        _wait_for(lambda: httpx.get(f"{server.url}/admin/deployments/chat").json()["version"] == "chat@2")
+        assert httpx.get(f"{server.url}/admin/deployments/chat").json()["canary"] is None
+    promotions = [e for e in Registry(home).history("chat") if e["action"] == "promote"]
+    assert promotions and promotions[-1]["reason"] == "canary analysis: within objectives for 0.5 s"

@@ -254,8 +254,10 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
         assert status.returncode == 0 and "standby  chat@1" in status.stdout and "memory budget:" in status.stdout
         busy = baton("rollback", "chat", *remote)
         assert busy.returncode == 0 and "chat serves chat@1" in busy.stdout
-        assert baton("canary", "chat", "--to", "chat@2", "--weight", "20", *remote).returncode == 0
-        assert "(20%)" in baton("deployments", *remote).stdout
+        assert baton("canary", "chat", "--to", "chat@2", "--promote-after", "60", *remote).returncode == 2  # needs --auto
+        assert baton("canary", "chat", "--to", "chat@2", "--weight", "20", "--auto", "--promote-after", "600", *remote).returncode == 0
+        assert "(20%, auto)" in baton("deployments", *remote).stdout
+        assert _admin(server, "GET", "/deployments/chat")["canary"]["analysis"]["promote_after_s"] == 600
         assert baton("canary", "chat", "abort", *remote).returncode == 0
         deployed = baton("deploy", "other", "--model", "chat@2", *remote)
         assert deployed.returncode == 0 and "other serves chat@2" in deployed.stdout

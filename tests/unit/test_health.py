@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.deployments.health import Outcome, Slo, Window, breaches
+from server.deployments.health import CanaryAnalysis, Outcome, Slo, Window, breaches, canary_verdict
 
 
 def _window(outcomes: list[tuple[bool, float | None, float | None]], at: float = 100.0) -> Window:
@@ -54,3 +54,37 @@ def test_a_baseline_turns_a_versions_early_traffic_into_objectives():
     assert slo_from_baseline(_window([(False, 0.2, 40.0)] * 4).stats(now=100.0), rule) is None  # too little to learn from
     later = _window([(False, 0.9, 40.0)] * 20).stats(now=100.0)
     assert [b.kind for b in breaches(later, slo)] == ["ttft"]
+
+
+HEALTHY = [(False, 0.1, 50.0)] * 20
+
+
+def _verdict(canary, active=HEALTHY, slo=None, served_s=10.0, **analysis):
+    stats = [_window(outcomes).stats(now=100.0) for outcomes in (canary, active)]
+    verdict, found = canary_verdict(*stats, CanaryAnalysis(**analysis), slo, served_s)
+    return verdict, [b.kind for b in found]
+
+
+def test_a_canary_worse_than_the_active_version_is_aborted():
+    assert _verdict([(True, 0.1, 50.0)] * 5 + HEALTHY) == ("abort", ["error_rate"])
+    assert _verdict([(False, 0.5, 50.0)] * 20) == ("abort", ["ttft"])  # 5x the active's TTFT
+    assert _verdict([(False, 0.1, 10.0)] * 20) == ("abort", ["tokens_per_s"])
+
+
+def test_a_canary_as_good_is_promoted_only_after_its_time_and_only_if_asked():
+    assert _verdict(HEALTHY, promote_after_s=60, served_s=30) == ("wait", [])
+    assert _verdict(HEALTHY, promote_after_s=60, served_s=60) == ("promote", [])
+    assert _verdict(HEALTHY, served_s=3600) == ("wait", [])  # no promote_after_s: an operator promotes
+
+
+def test_no_verdict_without_enough_to_judge_by():
+    broken = [(True, None, None)] * 20
+    assert _verdict(broken[:5], promote_after_s=1) == ("wait", [])  # too few canary requests
+    assert _verdict(broken, active=HEALTHY[:5]) == ("wait", [])  # too few on the active version to compare
+    assert _verdict(HEALTHY, active=HEALTHY[:5], promote_after_s=1) == ("wait", [])  # nor promoted blind
+
+
+def test_the_deployments_own_objectives_win_over_the_comparison():
+    slow = [(False, 0.5, 50.0)] * 20
+    assert _verdict(slow, slo=Slo(max_ttft_p95_s=1.0)) == ("wait", [])
+    assert _verdict(slow, active=HEALTHY[:1], slo=Slo(max_ttft_p95_s=0.2)) == ("abort", ["ttft"])
