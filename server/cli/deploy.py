@@ -130,7 +130,10 @@ def _follow(client: AdminClient, record: dict) -> int:
     if record["action"] == "remove":
         print(f"removed: {record['deployment']} serves no more")
         return 0
-    print(f"{record['status']}: {record['deployment']} serves {client.deployment(record['deployment'])['version']}")
+    deployment = client.deployment(record["deployment"])
+    canary = deployment["canary"]
+    share = f" ({100 - canary['weight']}%), canary {canary['version']} ({canary['weight']}%{', judged by baton' if canary['analysis'] else ''})" if canary else ""
+    print(f"{record['status']}: {record['deployment']} serves {deployment['version']}{share}")
     return 0
 
 
