@@ -221,12 +221,25 @@ class DeploymentManager:
         not name (those they name started where `start_point` said), recorded in the history."""
         change = Change("baton", "restored after a restart")
         for name, state in saved.items():
-            if name in self._deployments:
-                continue
-            try:
-                await self.deploy(name, state["version"], change, state["on_demand"], state["idle_ttl_s"], state["smoke_prompts"], HealthPolicy.model_validate(state["health"]), state["engine_overrides"])
-            except BatonError as error:
-                self._not_restored(name, state.get("version"), error)
+            if name not in self._deployments:
+                try:
+                    await self.deploy(name, state["version"], change, state["on_demand"], state["idle_ttl_s"], state["smoke_prompts"], HealthPolicy.model_validate(state["health"]), state["engine_overrides"])
+                except BatonError as error:
+                    self._not_restored(name, state.get("version"), error)
+                    continue
+            await self._restore_canary(self._deployments[name], state.get("canary"), state["version"], change)
+
+    async def _restore_canary(self, deployment: Deployment, canary: dict | None, version: str, change: Change) -> None:
+        """A saved canary comes back beside the version it was the canary of; not where the
+        start-up settings chose another version (the operator's new choice), nor on demand.
+        Its analysis starts afresh."""
+        if canary is None or deployment.active is None or deployment.version != version:
+            return
+        analysis = CanaryAnalysis.model_validate(canary["analysis"]) if canary["analysis"] else None
+        try:
+            await self.start_canary(deployment.name, canary["version"], canary["weight"], change, analysis)
+        except BatonError as error:  # the deployment serves on without it
+            log.error("could not restore the canary %s of %s: %s", canary["version"], deployment.name, error)
 
     def _not_restored(self, name: str, version: str | None, error: BatonError) -> None:
         """Logged; forgotten too where no restart could bring it back."""
@@ -248,6 +261,7 @@ class DeploymentManager:
             "health": deployment.policy.model_dump(mode="json"),
             "engine_overrides": deployment.engine_overrides,
             "started_as": deployment.started_as,
+            "canary": _saved_canary(deployment),
         }
         try:
             self._registry.save_deployment(deployment.name, state)
@@ -502,6 +516,13 @@ class DeploymentManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+def _saved_canary(deployment: Deployment) -> dict | None:
+    if deployment.canary is None:
+        return None
+    analysis = deployment.canary_analysis.model_dump() if deployment.canary_analysis else None
+    return {"version": deployment.canary.version, "weight": deployment.canary_weight, "analysis": analysis}
+
 
 def start_point(named: str, overrides: dict, saved: dict | None) -> tuple[str, dict]:
     """The version and engine overrides a deployment named at start-up starts with. Rule:
