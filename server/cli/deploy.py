@@ -3,6 +3,8 @@ server, so these commands talk to its admin API (--server, default http://127.0.
 
 from __future__ import annotations
 
+import argparse
+
 import getpass
 import os
 import time
@@ -51,7 +53,8 @@ def add_commands(commands) -> None:
     canary.add_argument("--to")
     canary.add_argument("--weight", type=int, default=10, help="percent of requests (default 10)")
     canary.add_argument("--auto", action="store_true", help="baton judges it against the active version (or the deployment's slo) and aborts it on a breach")
-    canary.add_argument("--promote-after", type=float, metavar="S", help="with --auto: promote it after S seconds within objectives")
+    canary.add_argument("--promote-after", type=float, metavar="S", help="with --auto: S seconds within objectives at each weight, then the next step, then promotion")
+    canary.add_argument("--steps", type=_weights, metavar="W,W", default=[], help="with --promote-after: weights to move through before promotion (25,50)")
 
     command("deployments", "list deployments: version, state, in-flight, canary, standby", _list)
 
@@ -102,11 +105,18 @@ def _canary(client: AdminClient, args) -> int:
     if not args.to:
         print("baton: error: canary needs --to REF (or promote | abort)")
         return 2
-    if args.promote_after is not None and not args.auto:
-        print("baton: error: --promote-after needs --auto")
+    if (args.promote_after is not None or args.steps) and not args.auto:
+        print("baton: error: --promote-after and --steps need --auto")
         return 2
-    analysis = {"promote_after_s": args.promote_after} if args.auto else None
+    analysis = {"promote_after_s": args.promote_after, "steps": args.steps} if args.auto else None
     return _follow(client, client.canary(args.name, args.to, args.weight, args.reason, analysis))
+
+
+def _weights(text: str) -> list[int]:
+    try:
+        return [int(weight) for weight in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of weights such as 25,50") from None
 
 
 def _follow(client: AdminClient, record: dict) -> int:

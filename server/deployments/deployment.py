@@ -198,6 +198,10 @@ class Deployment:
         self.canary_window.clear()
         return previous
 
+    def set_canary_weight(self, weight: int) -> None:
+        """A canary's next step: its share, and the time it has served at it, start anew."""
+        self.canary_weight, self.canary_since = weight, time.monotonic()
+
     def window_of(self, slot: Slot) -> Window:
         """Where a request's outcome counts: the canary's window, or the active version's."""
         return self.canary_window if slot is self.canary else self.window

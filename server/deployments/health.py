@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.errors import InvalidRequestError
 
@@ -53,9 +53,22 @@ class CanaryAnalysis(Margins):
     """A canary judged by baton: against the deployment's `slo` if it has one, else against
     the active version's last minute (within the margins), both windows holding at least
     `min_requests`. A breach aborts it; with `promote_after_s`, one that served that long
-    with no breach is promoted."""
+    at its weight with no breach moves on: to the next of `steps`, then to promotion."""
 
-    promote_after_s: float | None = Field(None, gt=0, description="promote after this long within objectives; None: an operator promotes")
+    promote_after_s: float | None = Field(None, gt=0, description="time within objectives at each weight before moving on; None: an operator promotes")
+    steps: list[int] = Field(default_factory=list, max_length=20, description="weights to move through before promotion, increasing")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_percentages(cls, steps: list[int]) -> list[int]:
+        if any(not 0 < weight < 100 for weight in steps) or steps != sorted(set(steps)):
+            raise ValueError("steps are increasing weights between 1 and 99")
+        return steps
+
+    def next_weight(self, weight: int) -> int | None:
+        """Where a canary at `weight` that passed its stage goes: the next step above it, or
+        None (promotion)."""
+        return next((step for step in self.steps if step > weight), None)
 
 
 class GoldenPrompt(BaseModel):
@@ -160,14 +173,15 @@ def breaches(stats: WindowStats, slo: Slo) -> list[Breach]:
 
 
 def canary_verdict(canary: WindowStats, active: WindowStats, analysis: CanaryAnalysis, slo: Slo | None, served_s: float) -> tuple[str, list[Breach]]:
-    """"abort" (with the breaches), "promote" or "wait". Rule: a canary is judged only when
-    there is enough to judge by (its window, and the active version's where no `slo` is
-    set); never promoted on a verdict that could not be made."""
+    """"abort" (with the breaches), "advance" (it served `promote_after_s` at its weight) or
+    "wait". Rule: a canary is judged only when there is enough to judge by (its window, and
+    the active version's where no `slo` is set); it never advances on a verdict that could
+    not be made."""
     objectives = slo or slo_from_baseline(active, analysis)
     if objectives is None or canary.num_requests < max(objectives.min_requests, analysis.min_requests):
         return "wait", []
     if found := breaches(canary, objectives):
         return "abort", found
     if analysis.promote_after_s is not None and served_s >= analysis.promote_after_s:
-        return "promote", []
+        return "advance", []
     return "wait", []

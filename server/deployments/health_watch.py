@@ -6,6 +6,7 @@ breach, the alert and the policy's action (or the canary's abort). The verdicts 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -32,6 +33,7 @@ class HealthWatch:
         self._metrics = metrics
         self._settings = settings
         self._golden_due: dict[str, float] = {}
+        self._deciding: set[str] = set()  # deployments whose canary verdict is being acted on
 
     async def run_forever(self) -> None:
         while True:
@@ -46,7 +48,7 @@ class HealthWatch:
 
     async def _check(self, deployment: Deployment) -> None:
         await self._check_slo(deployment)
-        if deployment.canary is not None and deployment.canary_analysis is not None:
+        if deployment.canary is not None and deployment.canary_analysis is not None and deployment.name not in self._deciding:
             self._judge_canary(deployment)
         if deployment.policy.golden_prompts and time.monotonic() >= self._golden_due.get(deployment.name, 0.0):
             self._golden_due[deployment.name] = time.monotonic() + deployment.policy.golden_interval_s
@@ -61,19 +63,31 @@ class HealthWatch:
             self._recovered(deployment, "slo")  # met again, or too quiet to say: traffic comes back
 
     def _judge_canary(self, deployment: Deployment) -> None:
-        """Abort a canary that breaches, promote one that served its time within objectives
-        (health.canary_verdict); each verdict is acted on once."""
-        now, analysis = time.monotonic(), deployment.canary_analysis
+        """Abort a canary that breaches; move one that served its time at its weight within
+        objectives to its next step, or promote it (health.canary_verdict). One verdict is
+        acted on at a time."""
+        now, analysis, weight = time.monotonic(), deployment.canary_analysis, deployment.canary_weight
         verdict, found = canary_verdict(deployment.canary_window.stats(now), deployment.window.stats(now), analysis, deployment.policy.slo, now - deployment.canary_since)
         if verdict == "wait":
             return
-        deployment.canary_analysis = None
         if verdict == "abort":
             self._alert(deployment, deployment.canary.version, found, "abort_canary")
-            decide, reason = self._manager.abort_canary, "canary analysis: " + "; ".join(b.text for b in found)
+            act, reason = self._manager.abort_canary, "canary analysis: " + "; ".join(b.text for b in found)
         else:
-            decide, reason = self._manager.promote_canary, f"canary analysis: within objectives for {analysis.promote_after_s:g} s"
-        self._manager.keep(asyncio.ensure_future(_decide(decide, deployment.name, reason)))
+            passed = f"canary analysis: within objectives for {analysis.promote_after_s:g} s at {weight}%"
+            next_weight = analysis.next_weight(weight)
+            act, reason = (self._manager.promote_canary, passed) if next_weight is None else (functools.partial(self._manager.step_canary, weight=next_weight), passed)
+        self._deciding.add(deployment.name)
+        self._manager.keep(asyncio.ensure_future(self._act(act, deployment.name, reason)))
+
+    async def _act(self, act, name: str, reason: str) -> None:
+        """A canary's abort, step or promotion, as baton: its record says why, or a log line why not."""
+        try:
+            await act(name, Change("baton", reason))
+        except BatonError as error:
+            log.error("the canary analysis of %s could not act: %s", name, error)
+        finally:
+            self._deciding.discard(name)
 
     def _baseline(self, deployment: Deployment) -> Slo | None:
         """The version's own objectives, taken once it has served the baseline's `after_s`."""
@@ -140,14 +154,6 @@ class HealthWatch:
         request = GenerationRequest("golden-" + uuid.uuid4().hex, prompt_ids, SamplingParams(max_tokens, 0.0))
         async with asyncio.timeout(self._settings.verify_timeout_s):
             return "".join([chunk.text async for chunk in slot.engine.generate(request)])
-
-
-async def _decide(decide, name: str, reason: str) -> None:
-    """A canary's promotion or abort, as baton: its record says why, or a log line why not."""
-    try:
-        await decide(name, Change("baton", reason))
-    except BatonError as error:
-        log.error("the canary analysis of %s could not act: %s", name, error)
 
 
 async def _post_alert(url: str, alert: dict) -> None:

@@ -327,11 +327,19 @@ class DeploymentManager:
         deployment = self._lock_free(name)
         if not 0 < weight < 100:
             raise InvalidRequestError("A canary weight is a percentage between 1 and 99.", param="weight")
+        if analysis is not None and analysis.steps and analysis.steps[0] <= weight:
+            raise InvalidRequestError(f"The canary's steps go up from its weight ({weight}%); {analysis.steps[0]}% is not above it.", param="analysis.steps")
         if deployment.canary is not None:
             raise ConflictError(f"Deployment {name} has a canary already ({deployment.canary.version}); promote or abort it first.")
         target = self._resolve(ref, deployment.engine_overrides)  # an unknown or corrupt version: refused now
         record = SwapRecord(name, "canary", deployment.version, target.version, f"canary {weight}%", change.actor, change.reason)
         return await self._run(deployment, record, self._swaps.canary(deployment, record, target, weight, analysis), wait=True)
+
+    async def step_canary(self, name: str, change: Change, weight: int) -> SwapRecord:
+        """The canary's share of requests, moved to `weight`."""
+        deployment = self._with_canary(name)
+        record = SwapRecord(name, "step", deployment.version, deployment.canary.version, f"canary {deployment.canary_weight}% -> {weight}%", change.actor, change.reason)
+        return await self._run(deployment, record, self._swaps.step_canary(deployment, record, weight), wait=True)
 
     async def promote_canary(self, name: str, change: Change) -> SwapRecord:
         deployment = self._with_canary(name)

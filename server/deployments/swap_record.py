@@ -21,7 +21,7 @@ class Phase:
 @dataclass
 class SwapRecord:
     deployment: str
-    action: str  # deploy, swap, rollback, canary, promote, abort, load, unload, recover, remove
+    action: str  # deploy, swap, rollback, canary, step, promote, abort, load, unload, recover, remove
     from_version: str | None
     to_version: str | None
     strategy: str

@@ -166,6 +166,10 @@ class Swaps:
         async with record.phase("route"):
             deployment.set_canary(slot, weight, analysis)
 
+    async def step_canary(self, deployment: Deployment, record: SwapRecord, weight: int) -> None:
+        async with record.phase("route"):
+            deployment.set_canary_weight(weight)
+
     async def promote(self, deployment: Deployment, record: SwapRecord) -> None:
         async with record.phase("flip"):
             canary = deployment.set_canary(None, 0)

@@ -181,13 +181,15 @@ def test_a_canary_that_fails_its_analysis_is_aborted_and_the_active_version_is_u
     assert "tokens/s below" in aborts[-1]["reason"]
 
 
-def test_a_canary_within_objectives_is_promoted_after_its_time(two_versions_home):
+def test_a_canary_within_objectives_moves_through_its_steps_then_is_promoted(two_versions_home):
     home = two_versions_home()
     with ServerThread(Settings(home=home, models=[_spec(home, "chat", "chat@1")], idle_check_s=0.1), engine_factory=FakeEngineFactory()) as server:
-        analysis = {**LENIENT, "promote_after_s": 0.5}
+        analysis = {**LENIENT, "promote_after_s": 0.5, "steps": [40]}
+        refused = httpx.post(f"{server.url}/admin/deployments/chat/canary", json={"to": "chat@2", "weight": 50, "analysis": analysis}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "analysis.steps"  # steps go up from the weight
         httpx.post(f"{server.url}/admin/deployments/chat/canary", json={"to": "chat@2", "weight": 20, "analysis": analysis}, timeout=60).raise_for_status()
         assert _ask_each(server, {"chat@1": 6, "chat@2": 6}) == [200] * 12
         _wait_for(lambda: httpx.get(f"{server.url}/admin/deployments/chat").json()["version"] == "chat@2")
         assert httpx.get(f"{server.url}/admin/deployments/chat").json()["canary"] is None
-    promotions = [e for e in Registry(home).history("chat") if e["action"] == "promote"]
-    assert promotions and promotions[-1]["reason"] == "canary analysis: within objectives for 0.5 s"
+    moves = [(e["action"], e["reason"]) for e in Registry(home).history("chat") if e["actor"] == "baton"]
+    assert moves == [("step", "canary analysis: within objectives for 0.5 s at 20%"), ("promote", "canary analysis: within objectives for 0.5 s at 40%")]

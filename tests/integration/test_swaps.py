@@ -255,8 +255,9 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
         busy = baton("rollback", "chat", *remote)
         assert busy.returncode == 0 and "chat serves chat@1" in busy.stdout
         assert baton("canary", "chat", "--to", "chat@2", "--promote-after", "60", *remote).returncode == 2  # needs --auto
-        started = baton("canary", "chat", "--to", "chat@2", "--weight", "20", "--auto", "--promote-after", "600", *remote)
+        started = baton("canary", "chat", "--to", "chat@2", "--weight", "20", "--auto", "--promote-after", "600", "--steps", "50,75", *remote)
         assert started.returncode == 0 and "chat serves chat@1 (80%), canary chat@2 (20%, judged by baton)" in started.stdout
+        assert _admin(server, "GET", "/deployments/chat")["canary"]["analysis"]["steps"] == [50, 75]
         assert "(20%, auto)" in baton("deployments", *remote).stdout
         assert _admin(server, "GET", "/deployments/chat")["canary"]["analysis"]["promote_after_s"] == 600
         assert baton("canary", "chat", "abort", *remote).returncode == 0

@@ -73,7 +73,7 @@ def test_a_canary_worse_than_the_active_version_is_aborted():
 
 def test_a_canary_as_good_is_promoted_only_after_its_time_and_only_if_asked():
     assert _verdict(HEALTHY, promote_after_s=60, served_s=30) == ("wait", [])
-    assert _verdict(HEALTHY, promote_after_s=60, served_s=60) == ("promote", [])
+    assert _verdict(HEALTHY, promote_after_s=60, served_s=60) == ("advance", [])
     assert _verdict(HEALTHY, served_s=3600) == ("wait", [])  # no promote_after_s: an operator promotes
 
 
@@ -88,3 +88,15 @@ def test_the_deployments_own_objectives_win_over_the_comparison():
     slow = [(False, 0.5, 50.0)] * 20
     assert _verdict(slow, slo=Slo(max_ttft_p95_s=1.0)) == ("wait", [])
     assert _verdict(slow, active=HEALTHY[:1], slo=Slo(max_ttft_p95_s=0.2)) == ("abort", ["ttft"])
+
+
+def test_a_passing_canary_moves_through_its_steps_then_to_promotion():
+    analysis = CanaryAnalysis(steps=[25, 50], promote_after_s=60)
+    assert [analysis.next_weight(w) for w in (10, 25, 40, 50)] == [25, 50, 50, None]
+    assert CanaryAnalysis().next_weight(10) is None
+
+
+@pytest.mark.parametrize("steps", [[50, 25], [25, 25], [0, 50], [50, 100]])
+def test_steps_are_increasing_weights_under_100(steps):
+    with pytest.raises(ValueError, match="increasing weights"):
+        CanaryAnalysis(steps=steps)
