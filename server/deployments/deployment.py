@@ -57,7 +57,7 @@ class Deployment:
         self.canary_weight = 0  # percent of requests sent to the canary
         self.canary_window = Window()  # the canary's own outcomes, kept out of the active version's
         self.canary_analysis: CanaryAnalysis | None = None  # None: an operator promotes or aborts
-        self.canary_since = 0.0  # when the canary took its share
+        self.canary_since = 0.0  # when the canary took its present share
         self.standby: Slot | None = None
         self.previous_version: str | None = None  # what `rollback` returns to
         self.smoke_prompts: list[str] | None = None  # None: the server's default smoke prompts
@@ -229,7 +229,7 @@ class Deployment:
 
     def _describe_canary(self) -> dict:
         analysis = self.canary_analysis.model_dump() if self.canary_analysis else None
-        return {**self.canary.describe(), "weight": self.canary_weight, "served_s": round(time.monotonic() - self.canary_since, 1), "analysis": analysis}
+        return {**self.canary.describe(), "weight": self.canary_weight, "at_weight_s": round(time.monotonic() - self.canary_since, 1), "analysis": analysis}
 
     async def _wait_for_serving(self) -> None:
         if self._num_waiting >= self._max_waiting:
