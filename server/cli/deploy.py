@@ -4,7 +4,6 @@ server, so these commands talk to its admin API (--server, default http://127.0.
 from __future__ import annotations
 
 import argparse
-
 import getpass
 import os
 import time

@@ -74,9 +74,9 @@ class HealthWatch:
             self._alert(deployment, deployment.canary.version, found, "abort_canary")
             act, reason = self._manager.abort_canary, "canary analysis: " + "; ".join(b.text for b in found)
         else:
-            passed = f"canary analysis: within objectives for {analysis.promote_after_s:g} s at {weight}%"
+            reason = f"canary analysis: within objectives for {analysis.promote_after_s:g} s at {weight}%"
             next_weight = analysis.next_weight(weight)
-            act, reason = (self._manager.promote_canary, passed) if next_weight is None else (functools.partial(self._manager.step_canary, weight=next_weight), passed)
+            act = self._manager.promote_canary if next_weight is None else functools.partial(self._manager.step_canary, weight=next_weight)
         self._deciding.add(deployment.name)
         self._manager.keep(asyncio.ensure_future(self._act(act, deployment.name, reason)))
 
