@@ -331,7 +331,11 @@ class DeploymentManager:
             raise InvalidRequestError(f"The canary's steps go up from its weight ({weight}%); {analysis.steps[0]}% is not above it.", param="analysis.steps")
         if deployment.canary is not None:
             raise ConflictError(f"Deployment {name} has a canary already ({deployment.canary.version}); promote or abort it first.")
+        if deployment.active is None:  # a canary takes a share of what a loaded version serves
+            raise ConflictError(f"Deployment {name} has no version loaded{' (on demand)' if deployment.on_demand else ''}; a canary runs beside a loaded one.")
         target = self._resolve(ref, deployment.engine_overrides)  # an unknown or corrupt version: refused now
+        if target.version == deployment.version:
+            raise ConflictError(f"{name} serves {target.version} already; a canary is another version.")
         record = SwapRecord(name, "canary", deployment.version, target.version, f"canary {weight}%", change.actor, change.reason)
         return await self._run(deployment, record, self._swaps.canary(deployment, record, target, weight, analysis), wait=True)
 

@@ -207,6 +207,17 @@ def test_a_swap_to_the_canarys_version_is_refused_and_promotion_keeps_the_old_ve
         assert _admin(server, "POST", "/deployments/chat/rollback")["to_version"] == "chat@1"
 
 
+def test_a_canary_runs_another_version_beside_a_loaded_one(home):
+    factory = FakeEngineFactory()
+    with _server(home, factory) as server:
+        same = _admin(server, "POST", "/deployments/chat/canary", expect=409, to="chat@1", weight=20)
+        assert "serves chat@1 already" in same["error"]["message"]
+        _admin(server, "POST", "/deployments", expect=201, name="docs", model="chat@1", on_demand=True)
+        unloaded = _admin(server, "POST", "/deployments/docs/canary", expect=409, to="chat@2", weight=20)
+        assert "no version loaded (on demand)" in unloaded["error"]["message"]
+        assert len(factory.built) == 1  # no engine was started for either
+
+
 def test_canary_abort_routes_everything_back(home):
     with _server(home, FakeEngineFactory()) as server:
         _admin(server, "POST", "/deployments/chat/canary", to="chat@2", weight=50)
