@@ -79,5 +79,15 @@ def _refusal(strategy: str, facts: SwapFacts) -> str | None:
     return None
 
 
+def canary_refusal(needed_bytes: int, free_bytes: int, free_in: str) -> str | None:
+    """Why a canary cannot load beside the active version, if it cannot: it needs the room
+    blue-green needs, and is refused before anything loads alike."""
+    return shortfall(needed_bytes, free_bytes, free_in) if needed_bytes > free_bytes else None
+
+
 def _shortfall(facts: SwapFacts) -> str:
-    return f"loading beside needs {facts.needed_bytes} bytes and {facts.free_in} has {max(facts.free_bytes, 0)} free"
+    return shortfall(facts.needed_bytes, facts.free_bytes, facts.free_in)
+
+
+def shortfall(needed_bytes: int, free_bytes: int, free_in: str) -> str:
+    return f"loading beside needs {needed_bytes} bytes and {free_in} has {max(free_bytes, 0)} free"

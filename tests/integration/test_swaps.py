@@ -373,6 +373,8 @@ def test_explicit_blue_green_that_cannot_fit_is_refused_before_anything_loads(ho
         assert refused["code"] == "strategy_not_applicable"
         third = Registry(home).resolve("chat@3").manifest.total_bytes
         assert f"needs {int(third * LOAD_OVERHEAD)} bytes" in refused["message"]
+        canary = _admin(server, "POST", "/deployments/chat/canary", expect=409, to="chat@3", weight=10)["error"]  # the same room
+        assert canary["code"] == "insufficient_memory" and f"needs {int(third * LOAD_OVERHEAD)} bytes" in canary["message"]
         assert _admin(server, "GET", "/deployments/chat")["version"] == "chat@1"
     assert len(Registry(home).history("chat")) == num_events  # refused, not a failed swap
 
