@@ -1,7 +1,8 @@
 """The engine watch: every idle_check_s, each serving deployment's engine is asked whether it
 can still serve; one that died is replaced by the deployment's standby, or its version starts
-again with backoff (recovery.py's delays). The backoff is pure; this is the loop and its side
-effects."""
+again with backoff (recovery.py's delays). A canary whose engine died is unrouted and stopped
+(every request sent to it would fail), recorded as an abort. The backoff is pure; this is the
+loop and its side effects."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ MAX_RESTARTS = 6  # of a dead engine's version, with backoff: about half a minut
 
 
 class EngineWatch:
-    def __init__(self, deployments: Callable[[], list[Deployment]], slots: SlotLifecycle, history: SwapHistory, metrics: Metrics, settings: Settings):
+    def __init__(self, deployments: Callable[[], list[Deployment]], slots: SlotLifecycle, history: SwapHistory, metrics: Metrics, settings: Settings, save: Callable[[Deployment], None]):
+        """`save`: the manager's, for what a restart brings back (a dropped canary does not)."""
         self._deployments = deployments
+        self._save = save
         self._slots = slots
         self._history = history
         self._metrics = metrics
@@ -40,6 +43,27 @@ class EngineWatch:
                     await self.recover(deployment)
                 except Exception:  # one deployment that cannot recover must not stop the others'
                     log.exception("could not recover deployment %s", deployment.name)
+            for deployment in filter(_has_dead_canary, self._deployments()):
+                try:
+                    await self.drop_canary(deployment)
+                except Exception:
+                    log.exception("could not drop the dead canary of deployment %s", deployment.name)
+
+    async def drop_canary(self, deployment: Deployment) -> None:
+        """The canary's engine died: its share of requests goes back to the active version."""
+        canary = deployment.canary
+        self._metrics.engine_failures.labels(deployment.name, canary.version).inc()
+        record = SwapRecord(deployment.name, "abort", canary.version, deployment.version, "canary", "baton", "the canary's engine died")
+        self._history.add(record)
+        async with deployment.swap_lock:
+            async with record.phase("unroute"):
+                deployment.set_canary(None, 0)
+            canary.move_to(SlotState.FAILED, "engine died")
+            async with record.phase("stop"):
+                await self._slots.stop(canary)
+        record.finish()
+        self._history.close(record)
+        self._save(deployment)
 
     async def recover(self, deployment: Deployment) -> None:
         """The active engine died: its requests have ended with an error. New ones wait while
@@ -89,6 +113,11 @@ class EngineWatch:
         down = f"Deployment {deployment.name} lost its engine and {target.version} failed to start {MAX_RESTARTS} times; an operator must swap it to a version that starts."
         deployment.fail_waiting(OverloadedError(down))
         raise SwapFailedError(down)
+
+
+def _has_dead_canary(deployment: Deployment) -> bool:
+    canary = deployment.canary
+    return canary is not None and canary.state is SlotState.READY and not deployment.swap_lock.locked() and not canary.engine.health().is_ready
 
 
 def _has_dead_engine(deployment: Deployment) -> bool:

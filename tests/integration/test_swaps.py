@@ -672,6 +672,18 @@ def test_a_dead_engine_is_replaced_by_the_standby_when_there_is_one(home):
         assert _ask(server.client(), max_tokens=1)[0] == "chat@1" and len(factory.built) == 2  # nothing loaded
 
 
+def test_a_canary_whose_engine_dies_is_dropped_and_the_active_version_serves_everything(home):
+    factory = FakeEngineFactory()
+    with _server(home, factory, idle_check_s=0.1) as server:
+        _admin(server, "POST", "/deployments/chat/canary", to="chat@2", weight=50)
+        factory.built[1].die()
+        _wait_for(lambda: _admin(server, "GET", "/deployments/chat")["canary"] is None)
+        assert {_ask(server.client(), max_tokens=1)[0] for _ in range(10)} == {"chat@1"}
+        assert not factory.built[1].health().is_ready and len(factory.built) == 2  # stopped, nothing new loaded
+    aborts = [e for e in Registry(home).history("chat") if e["action"] == "abort"]
+    assert aborts[-1]["actor"] == "baton" and aborts[-1]["reason"] == "the canary's engine died"
+
+
 class _WorkerKilled(BaseException):
     """What kills a thread outright (as an interpreter fault would), unlike an Exception."""
 
