@@ -1,7 +1,8 @@
 """The engine watch: every idle_check_s, each serving deployment's engine is asked whether it
 can still serve; one that died is replaced by the deployment's standby, or its version starts
 again with backoff (recovery.py's delays). A canary whose engine died is unrouted and stopped
-(every request sent to it would fail), recorded as an abort. The backoff is pure; this is the
+(every request sent to it would fail), recorded as an abort; a dead standby is stopped (a
+swap to it would flip to an engine that cannot serve). The backoff is pure; this is the
 loop and its side effects."""
 
 from __future__ import annotations
@@ -48,6 +49,19 @@ class EngineWatch:
                     await self.drop_canary(deployment)
                 except Exception:
                     log.exception("could not drop the dead canary of deployment %s", deployment.name)
+            for deployment in filter(_has_dead_standby, self._deployments()):
+                try:
+                    await self.drop_standby(deployment)
+                except Exception:
+                    log.exception("could not drop the dead standby of deployment %s", deployment.name)
+
+    async def drop_standby(self, deployment: Deployment) -> None:
+        """The standby's engine died: it is stopped, and a swap back loads its version anew."""
+        version = deployment.standby.version
+        self._metrics.engine_failures.labels(deployment.name, version).inc()
+        log.warning("the standby %s of %s died; it is stopped", version, deployment.name)
+        async with deployment.swap_lock:
+            await self._slots.drop_standby(deployment)
 
     async def drop_canary(self, deployment: Deployment) -> None:
         """The canary's engine died: its share of requests goes back to the active version."""
@@ -118,6 +132,13 @@ class EngineWatch:
 def _has_dead_canary(deployment: Deployment) -> bool:
     canary = deployment.canary
     return canary is not None and canary.state is SlotState.READY and not deployment.swap_lock.locked() and not canary.engine.health().is_ready
+
+
+def _has_dead_standby(deployment: Deployment) -> bool:
+    """Awake on standby and dead (an engine asleep cannot say; one that cannot wake is
+    stopped when a swap wakes it)."""
+    standby = deployment.standby
+    return standby is not None and standby.state is SlotState.STANDBY and not deployment.swap_lock.locked() and not standby.engine.health().is_ready
 
 
 def _has_dead_engine(deployment: Deployment) -> bool:

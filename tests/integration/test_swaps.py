@@ -684,6 +684,17 @@ def test_a_canary_whose_engine_dies_is_dropped_and_the_active_version_serves_eve
     assert aborts[-1]["actor"] == "baton" and aborts[-1]["reason"] == "the canary's engine died"
 
 
+def test_a_standby_whose_engine_dies_is_stopped_and_a_rollback_goes_another_way(home):
+    factory = FakeEngineFactory()
+    with _server(home, factory, idle_check_s=0.1) as server:
+        _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green")  # chat@1 on standby
+        factory.built[0].die()
+        _wait_for(lambda: _admin(server, "GET", "/deployments/chat")["standby"] is None)
+        back = _admin(server, "POST", "/deployments/chat/rollback")
+        assert (back["strategy"], back["status"]) == ("reload", "succeeded")  # same layout: into the running engine
+        assert _ask(server.client(), max_tokens=1)[0] == "chat@1"
+
+
 class _WorkerKilled(BaseException):
     """What kills a thread outright (as an interpreter fault would), unlike an Exception."""
 
