@@ -18,7 +18,7 @@ from models.catalog import Change
 from models.errors import BatonError
 from server.config.settings import Settings
 from server.deployments.deployment import Deployment
-from server.deployments.health import Breach, Slo, breaches, canary_verdict, slo_from_baseline
+from server.deployments.health import Breach, GoldenPrompt, Slo, breaches, canary_verdict, slo_from_baseline
 from server.deployments.slot import Slot
 from server.engines.base import GenerationRequest, SamplingParams
 from server.observability.metrics import Metrics
@@ -68,15 +68,18 @@ class HealthWatch:
         acted on at a time."""
         now, analysis, weight = time.monotonic(), deployment.canary_analysis, deployment.canary_weight
         verdict, found = canary_verdict(deployment.canary_window.stats(now), deployment.window.stats(now), analysis, deployment.policy.slo, now - deployment.canary_since)
-        if verdict == "wait":
-            return
         if verdict == "abort":
-            self._alert(deployment, deployment.canary.version, found, "abort_canary")
-            act, reason = self._manager.abort_canary, "canary analysis: " + "; ".join(b.text for b in found)
-        else:
+            self._abort_canary(deployment, found)
+        elif verdict == "advance":
             reason = f"canary analysis: within objectives for {analysis.promote_after_s:g} s at {weight}%"
             next_weight = analysis.next_weight(weight)
-            act = self._manager.promote_canary if next_weight is None else functools.partial(self._manager.step_canary, weight=next_weight)
+            self._start_acting(deployment, self._manager.promote_canary if next_weight is None else functools.partial(self._manager.step_canary, weight=next_weight), reason)
+
+    def _abort_canary(self, deployment: Deployment, found: list[Breach]) -> None:
+        self._alert(deployment, deployment.canary.version, found, "abort_canary")
+        self._start_acting(deployment, self._manager.abort_canary, "canary analysis: " + "; ".join(b.text for b in found))
+
+    def _start_acting(self, deployment: Deployment, act, reason: str) -> None:
         self._deciding.add(deployment.name)
         self._manager.keep(asyncio.ensure_future(self._act(act, deployment.name, reason)))
 
@@ -101,21 +104,31 @@ class HealthWatch:
         return deployment.baseline
 
     async def _check_golden(self, deployment: Deployment) -> None:
-        """Each golden prompt, greedily on the active version; an answer that does not match
-        its expectation is a breach."""
-        slot = deployment.active
-        for index, golden in enumerate(deployment.policy.golden_prompts):
+        """The golden prompts on the active version (a wrong answer is a breach), then on a
+        canary under analysis (a wrong answer aborts it)."""
+        prompts = deployment.policy.golden_prompts
+        miss = await self._golden_miss(deployment.active, prompts)
+        if miss and "golden" not in deployment.breaching:
+            await self._on_breach(deployment, [miss], "golden")
+        elif not miss and "golden" in deployment.breaching:
+            self._recovered(deployment, "golden")
+        canary = deployment.canary
+        if canary is None or deployment.canary_analysis is None:
+            return
+        miss = await self._golden_miss(canary, prompts)
+        if miss and deployment.canary is canary and deployment.name not in self._deciding:  # still judged: not promoted or aborted meanwhile
+            self._abort_canary(deployment, [miss])
+
+    async def _golden_miss(self, slot: Slot, prompts: list[GoldenPrompt]) -> Breach | None:
+        """The first golden prompt the slot answers wrongly (greedily), if any."""
+        for index, golden in enumerate(prompts):
             try:
                 answer = await self._answer(slot, golden.prompt)
             except Exception as error:  # the engine failing counts as a wrong answer
                 answer = f"(failed: {error})"
             if not re.search(golden.expect, answer):
-                text = f"golden prompt {index} answered {answer[:80]!r}, which does not match {golden.expect!r}"
-                if "golden" not in deployment.breaching:
-                    await self._on_breach(deployment, [Breach("golden_prompt", text)], "golden")
-                return
-        if "golden" in deployment.breaching:
-            self._recovered(deployment, "golden")
+                return Breach("golden_prompt", f"golden prompt {index} answered {answer[:80]!r}, which does not match {golden.expect!r}")
+        return None
 
     def _recovered(self, deployment: Deployment, source: str) -> None:
         deployment.breaching.discard(source)

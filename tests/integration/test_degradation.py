@@ -193,3 +193,17 @@ def test_a_canary_within_objectives_moves_through_its_steps_then_is_promoted(two
         assert httpx.get(f"{server.url}/admin/deployments/chat").json()["canary"] is None
     moves = [(e["action"], e["reason"]) for e in Registry(home).history("chat") if e["actor"] == "baton"]
     assert moves == [("step", "canary analysis: within objectives for 0.5 s at 20%"), ("promote", "canary analysis: within objectives for 0.5 s at 40%")]
+
+
+def test_a_canary_that_answers_a_golden_prompt_wrongly_is_aborted(two_versions_home):
+    """Fake engines answer with their version's label: the golden prompt expects chat@1's."""
+    home = two_versions_home()
+    label = Registry(home).resolve("chat@1").path.name[:8]
+    policy = HealthPolicy(golden_prompts=[GoldenPrompt(prompt="Who are you?", expect=f"^{label}")], golden_interval_s=0.2)
+    with ServerThread(Settings(home=home, models=[_spec(home, "chat", "chat@1", policy)], idle_check_s=0.1), engine_factory=FakeEngineFactory()) as server:
+        httpx.post(f"{server.url}/admin/deployments/chat/canary", json={"to": "chat@2", "weight": 10, "analysis": {}}, timeout=60).raise_for_status()
+        _wait_for(lambda: httpx.get(f"{server.url}/admin/deployments/chat").json()["canary"] is None)
+        assert not httpx.get(f"{server.url}/admin/deployments/chat").json()["is_breaching"]  # the active version answers right
+        assert _alerts(server, deployment="chat", reason="golden_prompt", action="abort_canary") == 1
+    aborts = [e for e in Registry(home).history("chat") if e["action"] == "abort"]
+    assert aborts and aborts[-1]["reason"].startswith("canary analysis: golden prompt 0 answered")
