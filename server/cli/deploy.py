@@ -169,6 +169,8 @@ def format_status(status: dict) -> str:
             if slot:
                 waiting = d["waiting"] if role == "active" else ""
                 plan = slot.get("memory_plan", "")
+                if role == "canary":
+                    plan = f"{slot['weight']}% of requests{', judged by baton' if slot['analysis'] else ''}" + (f"; {plan}" if plan else "")
                 lines.append(f"{d['name']:<14} {role:<8} {slot['version']:<18} {slot['state']:<9} {slot['engine']:<13} {slot['in_flight']:>9} {waiting:>7} {gib(slot['memory_bytes']):>10}  {plan}")
         if not d["active"]:
             lines.append(f"{d['name']:<14} {'-':<8} {d['version'] or '-':<18} {d['state']:<9} {'-':<13} {d['in_flight']:>9} {d['waiting']:>7}")

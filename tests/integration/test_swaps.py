@@ -270,6 +270,7 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
         assert started.returncode == 0 and "chat serves chat@1 (80%), canary chat@2 (20%, judged by baton)" in started.stdout
         assert _admin(server, "GET", "/deployments/chat")["canary"]["analysis"]["steps"] == [50, 75]
         assert "(20%, auto)" in baton("deployments", *remote).stdout
+        assert "20% of requests, judged by baton" in baton("status", *remote).stdout
         assert _admin(server, "GET", "/deployments/chat")["canary"]["analysis"]["promote_after_s"] == 600
         assert baton("canary", "chat", "abort", *remote).returncode == 0
         deployed = baton("deploy", "other", "--model", "chat@2", *remote)
