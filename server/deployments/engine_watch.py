@@ -39,21 +39,12 @@ class EngineWatch:
     async def run_forever(self) -> None:
         while True:
             await asyncio.sleep(self._settings.idle_check_s)
-            for deployment in filter(_has_dead_engine, self._deployments()):
-                try:
-                    await self.recover(deployment)
-                except Exception:  # one deployment that cannot recover must not stop the others'
-                    log.exception("could not recover deployment %s", deployment.name)
-            for deployment in filter(_has_dead_canary, self._deployments()):
-                try:
-                    await self.drop_canary(deployment)
-                except Exception:
-                    log.exception("could not drop the dead canary of deployment %s", deployment.name)
-            for deployment in filter(_has_dead_standby, self._deployments()):
-                try:
-                    await self.drop_standby(deployment)
-                except Exception:
-                    log.exception("could not drop the dead standby of deployment %s", deployment.name)
+            for role, act in (("active", self.recover), ("canary", self.drop_canary), ("standby", self.drop_standby)):
+                for deployment in (d for d in self._deployments() if _is_dead(d, role)):
+                    try:
+                        await act(deployment)
+                    except Exception:  # one deployment that cannot recover must not stop the others'
+                        log.exception("could not deal with the dead %s engine of deployment %s", role, deployment.name)
 
     async def drop_standby(self, deployment: Deployment) -> None:
         """The standby's engine died: it is stopped, and a swap back loads its version anew."""
@@ -129,21 +120,10 @@ class EngineWatch:
         raise SwapFailedError(down)
 
 
-def _has_dead_canary(deployment: Deployment) -> bool:
-    canary = deployment.canary
-    return canary is not None and canary.state is SlotState.READY and not deployment.swap_lock.locked() and not canary.engine.health().is_ready
-
-
-def _has_dead_standby(deployment: Deployment) -> bool:
-    """Awake on standby and dead (an engine asleep cannot say; one that cannot wake is
-    stopped when a swap wakes it)."""
-    standby = deployment.standby
-    return standby is not None and standby.state is SlotState.STANDBY and not deployment.swap_lock.locked() and not standby.engine.health().is_ready
-
-
-def _has_dead_engine(deployment: Deployment) -> bool:
-    """Serving, not swapping, and its engine says it cannot serve any more."""
-    active = deployment.active
-    if active is None or active.state is not SlotState.READY or deployment.swap_lock.locked():
-        return False
-    return not active.engine.health().is_ready
+def _is_dead(deployment: Deployment, role: str) -> bool:
+    """The deployment's active or canary slot (serving), or its standby (awake: an engine
+    asleep cannot say, and one that cannot wake is stopped when a swap wakes it), whose
+    engine says it cannot serve any more; not while the deployment is swapping."""
+    slot = getattr(deployment, role)
+    serving = SlotState.STANDBY if role == "standby" else SlotState.READY
+    return slot is not None and slot.state is serving and not deployment.swap_lock.locked() and not slot.engine.health().is_ready

@@ -151,6 +151,10 @@ class VLLMEngine:
         if (reader := engine.output_handler) is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+        # Rule: with the reader gone, nothing would end a generation still waiting for output
+        # (where the engine died, the reader may be cancelled before it passed vLLM's error
+        # on, and the stream would hang): each ends now, with an error.
+        engine.output_processor.propagate_error(EngineStoppedError("The engine stopped before this generation finished."))
         await asyncio.to_thread(_shut_down, engine, cores, workers)
 
     def process_ids(self) -> list[int]:

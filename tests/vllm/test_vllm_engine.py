@@ -25,6 +25,7 @@ except ImportError:
     pytest.skip("vLLM is not installed", allow_module_level=True)
 
 from models.catalog import Change  # noqa: E402
+from models.errors import EngineStoppedError  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
 from server.config.settings import ModelSpec, Settings  # noqa: E402
 from server.engines.factory import build_engine  # noqa: E402
@@ -366,3 +367,27 @@ def test_vllm_answers_the_responses_api_as_its_chat_and_streams_its_events(serve
     assert whole.output_text == chat.choices[0].message.content and "Paris" in whole.output_text
     assert whole.usage.output_tokens == chat.usage.completion_tokens
     assert_a_well_formed_stream(list(client.responses.create(**request, stream=True)), whole)
+
+
+def test_a_generation_in_flight_when_the_engine_stops_ends_with_an_error_not_a_hang(tmp_path, demo_model_path):
+    """stop() cancels the task that reads vLLM's output: a generation still waiting for
+    output must end then (an engine found dead is stopped so, before vLLM may have failed
+    its streams itself)."""
+    model = build_tiny_model(tmp_path / "model", demo_model_path, **VLLM_TINY)
+
+    async def stop_mid_generation() -> BaseException | None:
+        engine = VLLMEngine(model, VLLMOptions(max_model_len=512))
+        await engine.start()
+        request = GenerationRequest("in-flight", engine.tokenize_chat(HELLO), SamplingParams(max_tokens=400, temperature=0))
+        chunks = engine.generate(request)
+        await anext(chunks)
+        await engine.stop()
+        try:
+            async with asyncio.timeout(30):
+                async for _ in chunks:
+                    pass
+        except EngineStoppedError as error:
+            return error
+        return None
+
+    assert isinstance(asyncio.run(stop_mid_generation()), EngineStoppedError)
