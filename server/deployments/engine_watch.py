@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from models.catalog import Change
 from models.errors import OverloadedError, SwapFailedError
 from server.config.settings import Settings
 from server.deployments.deployment import Deployment
@@ -27,10 +28,10 @@ MAX_RESTARTS = 6  # of a dead engine's version, with backoff: about half a minut
 
 
 class EngineWatch:
-    def __init__(self, deployments: Callable[[], list[Deployment]], slots: SlotLifecycle, history: SwapHistory, metrics: Metrics, settings: Settings, save: Callable[[Deployment], None]):
-        """`save`: the manager's, for what a restart brings back (a dropped canary does not)."""
+    def __init__(self, deployments: Callable[[], list[Deployment]], slots: SlotLifecycle, history: SwapHistory, metrics: Metrics, settings: Settings, abort_canary: Callable[[str, Change], Awaitable]):
+        """`abort_canary`: the manager's, as an operator's abort runs (recorded, saved)."""
         self._deployments = deployments
-        self._save = save
+        self._abort_canary = abort_canary
         self._slots = slots
         self._history = history
         self._metrics = metrics
@@ -55,20 +56,10 @@ class EngineWatch:
             await self._slots.drop_standby(deployment)
 
     async def drop_canary(self, deployment: Deployment) -> None:
-        """The canary's engine died: its share of requests goes back to the active version."""
-        canary = deployment.canary
-        self._metrics.engine_failures.labels(deployment.name, canary.version).inc()
-        record = SwapRecord(deployment.name, "abort", canary.version, deployment.version, "canary", "baton", "the canary's engine died")
-        self._history.add(record)
-        async with deployment.swap_lock:
-            async with record.phase("unroute"):
-                deployment.set_canary(None, 0)
-            canary.move_to(SlotState.FAILED, "engine died")
-            async with record.phase("stop"):
-                await self._slots.stop(canary)
-        record.finish()
-        self._history.close(record)
-        self._save(deployment)
+        """The canary's engine died (its requests have ended with an error): it is aborted,
+        and its share of requests goes back to the active version."""
+        self._metrics.engine_failures.labels(deployment.name, deployment.canary.version).inc()
+        await self._abort_canary(deployment.name, Change("baton", "the canary's engine died"))
 
     async def recover(self, deployment: Deployment) -> None:
         """The active engine died: its requests have ended with an error. New ones wait while

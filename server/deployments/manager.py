@@ -66,7 +66,7 @@ class DeploymentManager:
         """Background work: unloading on-demand deployments that sat idle past their TTL,
         bringing back deployments whose engine died, watching deployments' health."""
         self.keep(asyncio.ensure_future(self._on_demand.unload_idle_forever(self._settings.idle_check_s)))
-        self.keep(asyncio.ensure_future(EngineWatch(lambda: self.deployments, self._slots, self._history, self._metrics, self._settings, self._save).run_forever()))
+        self.keep(asyncio.ensure_future(EngineWatch(lambda: self.deployments, self._slots, self._history, self._metrics, self._settings, self.abort_canary).run_forever()))
         self.keep(asyncio.ensure_future(HealthWatch(self, self._metrics, self._settings).run_forever()))
 
     # -- requests -------------------------------------------------------------------------
