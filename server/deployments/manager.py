@@ -25,7 +25,7 @@ from server.deployments.layout import ModelLayout, reload_blocker
 from server.deployments.on_demand import OnDemandLoads
 from server.deployments.slot import Lease, Slot, SlotState, Target
 from server.deployments.slot_lifecycle import EngineFactory, SlotLifecycle
-from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, canary_refusal, choose_strategy
+from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy, no_room_beside
 from server.deployments.swap_history import SwapHistory
 from server.deployments.swap_record import SwapRecord, as_swap_error
 from server.deployments.swaps import Swaps
@@ -336,7 +336,7 @@ class DeploymentManager:
         target = self._resolve(ref, deployment.engine_overrides)  # an unknown or corrupt version: refused now
         if target.version == deployment.version:
             raise ConflictError(f"{name} serves {target.version} already; a canary is another version.")
-        if refusal := canary_refusal(target.memory_bytes, **self._slots.room_beside(target)):
+        if refusal := no_room_beside(target.memory_bytes, **self._slots.room_beside(target)):
             raise ConflictError(f"Cannot start a canary of {target.version}: {refusal}.", code="insufficient_memory")
         record = SwapRecord(name, "canary", deployment.version, target.version, f"canary {weight}%", change.actor, change.reason)
         return await self._run(deployment, record, self._swaps.canary(deployment, record, target, weight, analysis), wait=True)

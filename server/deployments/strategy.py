@@ -62,11 +62,10 @@ def _fastest(facts: SwapFacts) -> Choice:
         return Choice("standby", "the target is on standby")
     if facts.reload_blocker is None:
         return Choice("reload", "same layout: weights swap inside the running engine")
-    fits = facts.needed_bytes <= facts.free_bytes
     why_not_reload = f"no reload ({facts.reload_blocker})"
-    if fits:
+    if (shortfall := _no_room(facts)) is None:
         return Choice("blue-green", f"{why_not_reload}; both fit {facts.free_in}")
-    return Choice("replace", f"{why_not_reload}; {_shortfall(facts)}")
+    return Choice("replace", f"{why_not_reload}; {shortfall}")
 
 
 def _refusal(strategy: str, facts: SwapFacts) -> str | None:
@@ -74,20 +73,17 @@ def _refusal(strategy: str, facts: SwapFacts) -> str | None:
         return "the target is not on standby; use auto, blue-green or replace"
     if strategy == "reload" and facts.reload_blocker is not None:
         return facts.reload_blocker
-    if strategy == "blue-green" and facts.needed_bytes > facts.free_bytes:
-        return _shortfall(facts) + "; use auto or replace"
+    if strategy == "blue-green" and (shortfall := _no_room(facts)):
+        return shortfall + "; use auto or replace"
     return None
 
 
-def canary_refusal(needed_bytes: int, free_bytes: int, free_in: str) -> str | None:
-    """Why a canary cannot load beside the active version, if it cannot: it needs the room
-    blue-green needs, and is refused before anything loads alike."""
-    return shortfall(needed_bytes, free_bytes, free_in) if needed_bytes > free_bytes else None
-
-
-def _shortfall(facts: SwapFacts) -> str:
-    return shortfall(facts.needed_bytes, facts.free_bytes, facts.free_in)
-
-
-def shortfall(needed_bytes: int, free_bytes: int, free_in: str) -> str:
+def no_room_beside(needed_bytes: int, free_bytes: int, free_in: str) -> str | None:
+    """Why a version cannot load beside what runs (blue-green, a canary), if it cannot."""
+    if needed_bytes <= free_bytes:
+        return None
     return f"loading beside needs {needed_bytes} bytes and {free_in} has {max(free_bytes, 0)} free"
+
+
+def _no_room(facts: SwapFacts) -> str | None:
+    return no_room_beside(facts.needed_bytes, facts.free_bytes, facts.free_in)

@@ -3,7 +3,7 @@
 import pytest
 
 from models.errors import ConflictError, InvalidRequestError
-from server.deployments.strategy import SwapFacts, canary_refusal, choose_strategy
+from server.deployments.strategy import SwapFacts, choose_strategy, no_room_beside
 
 GIB = 2**30
 
@@ -95,5 +95,5 @@ def test_an_unloaded_on_demand_deployment_is_retargeted_whatever_was_asked(strat
 
 
 def test_a_canary_needs_the_room_blue_green_needs():
-    assert canary_refusal(100, 100, "the memory budget") is None
-    assert canary_refusal(101, 100, "the GPU after its headroom") == "loading beside needs 101 bytes and the GPU after its headroom has 100 free"
+    assert no_room_beside(100, 100, "the memory budget") is None
+    assert no_room_beside(101, 100, "the GPU after its headroom") == "loading beside needs 101 bytes and the GPU after its headroom has 100 free"
