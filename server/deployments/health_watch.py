@@ -48,7 +48,7 @@ class HealthWatch:
 
     async def _check(self, deployment: Deployment) -> None:
         await self._check_slo(deployment)
-        if deployment.canary is not None and deployment.canary_analysis is not None and deployment.name not in self._deciding:
+        if deployment.canary_analysis is not None and deployment.name not in self._deciding:  # a canary under analysis
             self._judge_canary(deployment)
         if deployment.policy.golden_prompts and time.monotonic() >= self._golden_due.get(deployment.name, 0.0):
             self._golden_due[deployment.name] = time.monotonic() + deployment.policy.golden_interval_s
