@@ -82,8 +82,9 @@ class OnDemandLoads:
 
 def least_recently_used_idle(deployments: list[Deployment], loading: Deployment) -> Deployment | None:
     """The deployment to unload to make room for `loading`'s load: a loaded on-demand one with
-    nothing in flight and no change under way, least recently used first; None if none may go."""
-    idle = [d for d in deployments if d is not loading and d.on_demand and d.active and d.active.num_leases == 0 and not d.swap_lock.locked()]
+    nothing in flight, no canary and no change under way, least recently used first; None if
+    none may go."""
+    idle = [d for d in deployments if d is not loading and d.on_demand and d.active and d.canary is None and d.active.num_leases == 0 and not d.swap_lock.locked()]
     return min(idle, key=lambda d: d.active.last_used, default=None)
 
 

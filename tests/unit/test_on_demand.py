@@ -23,11 +23,13 @@ def test_the_least_recently_used_idle_one_goes_first():
     assert least_recently_used_idle([recent, old, loading], loading) is old
 
 
-def test_none_goes_that_is_busy_always_on_changing_or_the_one_loading():
+def test_none_goes_that_is_busy_always_on_changing_with_a_canary_or_the_one_loading():
     busy, always_on, changing, loading = _deployment("busy"), _deployment("always", on_demand=False), _deployment("changing"), _deployment("loading")
+    with_canary = _deployment("canaried")
+    with_canary.canary = _deployment("canary").active  # unloading its active version would strand it
     busy.active.take_lease()
     asyncio.run(changing.swap_lock.acquire())
-    assert least_recently_used_idle([busy, always_on, changing, loading], loading) is None
+    assert least_recently_used_idle([busy, always_on, changing, with_canary, loading], loading) is None
 
 
 def test_idle_past_its_ttl_only_with_nothing_in_flight_waiting_or_changing():
