@@ -1,8 +1,8 @@
 """A deployment: the stable name clients send, and the slots behind it.
 
-Rule: routing state (active, canary, standby, held) changes only through these methods, on
-the event loop; a request takes its lease in one step, so it sees either the old routing or
-the new one, never a mix, and keeps its slot until its last byte.
+Rule: routing state (active, canary, standby, held) changes only through these methods (and
+the canary's own step), on the event loop; a request takes its lease in one step, so it sees
+either the old routing or the new one, never a mix, and keeps its slot until its last byte.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import random
 import time
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from models.errors import ModelNotFoundError, OverloadedError
 from server.deployments.admission import Admission
@@ -26,6 +26,33 @@ class OnDemand:
 
     target: Target
     idle_ttl_s: float
+
+
+@dataclass
+class Canary:
+    """A version beside the active one, sent `weight` percent of new requests; its outcomes
+    count in a window of their own, not in the active version's."""
+
+    slot: Slot
+    weight: int
+    analysis: CanaryAnalysis | None = None  # None: an operator promotes or aborts
+    since: float = field(default_factory=time.monotonic)  # when it took its present share
+    window: Window = field(default_factory=Window)
+
+    @property
+    def version(self) -> str:
+        return self.slot.version
+
+    def step_to(self, weight: int) -> None:
+        """Its next step: its share, and the time it has served at it, start anew."""
+        self.weight, self.since = weight, time.monotonic()
+
+    def saved(self) -> dict:
+        """What a restart needs to start it again beside the active version."""
+        return {"version": self.version, "weight": self.weight, "analysis": self.analysis.model_dump() if self.analysis else None}
+
+    def describe(self) -> dict:
+        return {**self.slot.describe(), **self.saved(), "at_weight_s": round(time.monotonic() - self.since, 1)}
 
 
 class Deployment:
@@ -53,11 +80,7 @@ class Deployment:
         self.engine_overrides = engine_overrides or {}
         self.active: Slot | None = active
         self.on_demand = on_demand
-        self.canary: Slot | None = None
-        self.canary_weight = 0  # percent of requests sent to the canary
-        self.canary_window = Window()  # the canary's own outcomes, kept out of the active version's
-        self.canary_analysis: CanaryAnalysis | None = None  # None: an operator promotes or aborts
-        self.canary_since = 0.0  # when the canary took its present share
+        self.canary: Canary | None = None
         self.standby: Slot | None = None
         self.previous_version: str | None = None  # what `rollback` returns to
         self.smoke_prompts: list[str] | None = None  # None: the server's default smoke prompts
@@ -112,13 +135,13 @@ class Deployment:
             raise self._load_error or OverloadedError(f"Deployment {self.name} has no version loaded; retry shortly.")
         if version is not None:
             return self._slot_serving(version).take_lease()
-        if self.canary is not None and self._random.uniform(0, 100) < self.canary_weight:
-            return self.canary.take_lease()
+        if self.canary is not None and self._random.uniform(0, 100) < self.canary.weight:
+            return self.canary.slot.take_lease()
         return self.active.take_lease()
 
     def _slot_serving(self, version: str) -> Slot:
-        for slot in (self.active, self.canary):
-            if slot is not None and slot.version == version:
+        for role, slot in self.roles():
+            if role != "standby" and slot.version == version:
                 return slot
         raise ModelNotFoundError(f"The model '{version}' is not served by {self.name} now; it serves {self.version}.", param="model")
 
@@ -179,8 +202,7 @@ class Deployment:
         """Removed: no slot serves it from now on, and requests waiting for one, or admitted
         before the removal, get `error`. Returns every slot it had, to drain and stop."""
         slots = self.slots()
-        self.active = self.canary = self.standby = None
-        self.canary_weight, self.on_demand = 0, None
+        self.active = self.canary = self.standby = self.on_demand = None
         self.fail_waiting(error)
         return slots
 
@@ -190,24 +212,26 @@ class Deployment:
         slot.move_to(SlotState.READY, f"{self.name} restored")
         self._serving.set()
 
-    def set_canary(self, slot: Slot | None, weight: int, analysis: CanaryAnalysis | None = None) -> Slot | None:
-        if slot is not None:
-            slot.move_to(SlotState.READY, f"canary of {self.name} at {weight}%")
-        previous, self.canary, self.canary_weight = self.canary, slot, weight if slot else 0
-        self.canary_analysis, self.canary_since = analysis if slot else None, time.monotonic()
-        self.canary_window.clear()
-        return previous
+    def start_canary(self, slot: Slot, weight: int, analysis: CanaryAnalysis | None = None) -> None:
+        slot.move_to(SlotState.READY, f"canary of {self.name} at {weight}%")
+        self.canary = Canary(slot, weight, analysis)
 
-    def set_canary_weight(self, weight: int) -> None:
-        """A canary's next step: its share, and the time it has served at it, start anew."""
-        self.canary_weight, self.canary_since = weight, time.monotonic()
+    def end_canary(self) -> Slot:
+        """Promoted or aborted: no new request goes to it; returns its slot."""
+        canary, self.canary = self.canary, None
+        return canary.slot
 
     def window_of(self, slot: Slot) -> Window:
         """Where a request's outcome counts: the canary's window, or the active version's."""
-        return self.canary_window if slot is self.canary else self.window
+        return self.canary.window if self.canary is not None and slot is self.canary.slot else self.window
+
+    def roles(self) -> list[tuple[str, Slot]]:
+        """Its slots, each with its role: active, canary, standby."""
+        canary = self.canary.slot if self.canary is not None else None
+        return [(role, slot) for role, slot in (("active", self.active), ("canary", canary), ("standby", self.standby)) if slot is not None]
 
     def slots(self) -> list[Slot]:
-        return [s for s in (self.active, self.canary, self.standby) if s is not None]
+        return [slot for _, slot in self.roles()]
 
     def describe(self) -> dict:
         return {
@@ -219,17 +243,13 @@ class Deployment:
             "waiting": self.num_waiting + self.admission.num_waiting,
             "is_swapping": self.swap_lock.locked(),
             "active": self.active.describe() if self.active else None,
-            "canary": self._describe_canary() if self.canary else None,
+            "canary": self.canary.describe() if self.canary else None,
             "standby": self.standby.describe() if self.standby else None,
             "previous_version": self.previous_version,
             "is_breaching": self.is_breaching,
             "baseline": self.baseline.model_dump() if self.baseline else None,
             "fallbacks": self.policy.fallbacks,
         }
-
-    def _describe_canary(self) -> dict:
-        analysis = self.canary_analysis.model_dump() if self.canary_analysis else None
-        return {**self.canary.describe(), "weight": self.canary_weight, "at_weight_s": round(time.monotonic() - self.canary_since, 1), "analysis": analysis}
 
     async def _wait_for_serving(self) -> None:
         if self._num_waiting >= self._max_waiting:

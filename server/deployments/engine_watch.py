@@ -115,6 +115,6 @@ def _is_dead(deployment: Deployment, role: str) -> bool:
     """The deployment's active or canary slot (serving), or its standby (awake: an engine
     asleep cannot say, and one that cannot wake is stopped when a swap wakes it), whose
     engine says it cannot serve any more; not while the deployment is swapping."""
-    slot = getattr(deployment, role)
+    slot = dict(deployment.roles()).get(role)
     serving = SlotState.STANDBY if role == "standby" else SlotState.READY
     return slot is not None and slot.state is serving and not deployment.swap_lock.locked() and not slot.engine.health().is_ready

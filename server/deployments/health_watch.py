@@ -48,7 +48,7 @@ class HealthWatch:
 
     async def _check(self, deployment: Deployment) -> None:
         await self._check_slo(deployment)
-        if deployment.canary_analysis is not None and deployment.name not in self._deciding:  # a canary under analysis
+        if deployment.canary is not None and deployment.canary.analysis is not None and deployment.name not in self._deciding:  # a canary under analysis
             self._judge_canary(deployment)
         if deployment.policy.golden_prompts and time.monotonic() >= self._golden_due.get(deployment.name, 0.0):
             self._golden_due[deployment.name] = time.monotonic() + deployment.policy.golden_interval_s
@@ -66,8 +66,9 @@ class HealthWatch:
         """Abort a canary that breaches; move one that served its time at its weight within
         objectives to its next step, or promote it (health.canary_verdict). One verdict is
         acted on at a time."""
-        now, analysis, weight = time.monotonic(), deployment.canary_analysis, deployment.canary_weight
-        verdict, found = canary_verdict(deployment.canary_window.stats(now), deployment.window.stats(now), analysis, deployment.policy.slo, now - deployment.canary_since)
+        now, canary = time.monotonic(), deployment.canary
+        analysis, weight = canary.analysis, canary.weight
+        verdict, found = canary_verdict(canary.window.stats(now), deployment.window.stats(now), analysis, deployment.policy.slo, now - canary.since)
         if verdict == "abort":
             self._abort_canary(deployment, found)
         elif verdict == "advance":
@@ -113,9 +114,9 @@ class HealthWatch:
         elif not miss and "golden" in deployment.breaching:
             self._recovered(deployment, "golden")
         canary = deployment.canary
-        if canary is None or deployment.canary_analysis is None:
+        if canary is None or canary.analysis is None:
             return
-        miss = await self._golden_miss(canary, prompts)
+        miss = await self._golden_miss(canary.slot, prompts)
         if miss and deployment.canary is canary and deployment.name not in self._deciding:  # still judged: not promoted or aborted meanwhile
             self._abort_canary(deployment, [miss])
 

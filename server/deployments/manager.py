@@ -161,8 +161,8 @@ class DeploymentManager:
         return [
             f"deployment {d.name} ({role})"
             for d in self.deployments
-            for role, slot in (("active", d.active), ("canary", d.canary), ("standby", d.standby))
-            if slot is not None and slot.version == version
+            for role, slot in d.roles()
+            if slot.version == version
         ]
 
     def record(self, swap_id: str) -> SwapRecord:
@@ -261,7 +261,7 @@ class DeploymentManager:
             "health": deployment.policy.model_dump(mode="json"),
             "engine_overrides": deployment.engine_overrides,
             "started_as": deployment.started_as,
-            "canary": _saved_canary(deployment),
+            "canary": deployment.canary.saved() if deployment.canary else None,
         }
         try:
             self._registry.save_deployment(deployment.name, state)
@@ -344,7 +344,7 @@ class DeploymentManager:
     async def step_canary(self, name: str, change: Change, weight: int) -> SwapRecord:
         """The canary's share of requests, moved to `weight`."""
         deployment = self._with_canary(name)
-        record = SwapRecord(name, "step", deployment.version, deployment.canary.version, f"canary {deployment.canary_weight}% -> {weight}%", change.actor, change.reason)
+        record = SwapRecord(name, "step", deployment.version, deployment.canary.version, f"canary {deployment.canary.weight}% -> {weight}%", change.actor, change.reason)
         return await self._run(deployment, record, self._swaps.step_canary(deployment, record, weight), wait=True)
 
     async def promote_canary(self, name: str, change: Change) -> SwapRecord:
@@ -530,13 +530,6 @@ class DeploymentManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-def _saved_canary(deployment: Deployment) -> dict | None:
-    if deployment.canary is None:
-        return None
-    analysis = deployment.canary_analysis.model_dump() if deployment.canary_analysis else None
-    return {"version": deployment.canary.version, "weight": deployment.canary_weight, "analysis": analysis}
-
 
 def start_point(named: str, overrides: dict, saved: dict | None) -> tuple[str, dict]:
     """The version and engine overrides a deployment named at start-up starts with. Rule:

@@ -164,21 +164,20 @@ class Swaps:
     async def canary(self, deployment: Deployment, record: SwapRecord, target: Target, weight: int, analysis: CanaryAnalysis | None) -> None:
         slot = await self._slots.load_and_verify(record, target, deployment)
         async with record.phase("route"):
-            deployment.set_canary(slot, weight, analysis)
+            deployment.start_canary(slot, weight, analysis)
 
     async def step_canary(self, deployment: Deployment, record: SwapRecord, weight: int) -> None:
         async with record.phase("route"):
-            deployment.set_canary_weight(weight)
+            deployment.canary.step_to(weight)
 
     async def promote(self, deployment: Deployment, record: SwapRecord) -> None:
         async with record.phase("flip"):
-            canary = deployment.set_canary(None, 0)
-            old = deployment.flip_to(canary)
+            old = deployment.flip_to(deployment.end_canary())
         await self._retire(deployment, record, old)
 
     async def abort_canary(self, deployment: Deployment, record: SwapRecord) -> None:
         async with record.phase("unroute"):
-            canary = deployment.set_canary(None, 0)
+            canary = deployment.end_canary()
         await self._slots.drain(record, canary)
         async with record.phase("stop"):
             await self._slots.stop(canary)

@@ -66,7 +66,6 @@ class StateCollector:
         for deployment in self._deployments():
             in_flight.add_metric((deployment.name,), sum(s.num_leases for s in deployment.slots()))
             waiting.add_metric((deployment.name,), deployment.num_waiting + deployment.admission.num_waiting)
-            for role, slot in (("active", deployment.active), ("canary", deployment.canary), ("standby", deployment.standby)):
-                if slot is not None:
-                    slots.add_metric((deployment.name, slot.version, role, slot.state.value), 1)
+            for role, slot in deployment.roles():
+                slots.add_metric((deployment.name, slot.version, role, slot.state.value), 1)
         yield from (in_flight, waiting, slots)

@@ -6,7 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from server.deployments.deployment import Deployment, OnDemand
+from server.deployments.deployment import Canary, Deployment, OnDemand
 from server.deployments.on_demand import is_idle_past_ttl, least_recently_used_idle
 from server.deployments.slot import Slot, SlotState, Target
 from tests.fake_engine import FakeBehaviour, FakeEngine
@@ -26,7 +26,7 @@ def test_the_least_recently_used_idle_one_goes_first():
 def test_none_goes_that_is_busy_always_on_changing_with_a_canary_or_the_one_loading():
     busy, always_on, changing, loading = _deployment("busy"), _deployment("always", on_demand=False), _deployment("changing"), _deployment("loading")
     with_canary = _deployment("canaried")
-    with_canary.canary = _deployment("canary").active  # unloading its active version would strand it
+    with_canary.canary = Canary(_deployment("canary").active, 10)  # unloading its active version would strand it
     busy.active.take_lease()
     asyncio.run(changing.swap_lock.acquire())
     assert least_recently_used_idle([busy, always_on, changing, with_canary, loading], loading) is None
@@ -41,5 +41,5 @@ def test_idle_past_its_ttl_only_with_nothing_in_flight_waiting_or_changing():
     busy.active.take_lease()
     assert not is_idle_past_ttl(busy)
     canary = _deployment("canary", idle_ttl_s=0.0)
-    canary.canary = canary.active
+    canary.canary = Canary(canary.active, 10)
     assert not is_idle_past_ttl(canary)
