@@ -13,6 +13,7 @@ bad file changes nothing. Secrets never sit in the file: keys come from the envi
         strategy: auto            # how a reload swaps it
         on_demand: false
         engine_options: {engine: vllm, max_model_len: 8192}
+        canary: {weight: 10, analysis: {promote_after_s: 600, steps: [25, 50]}}  # a new version goes out as a canary
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from models.errors import ConfigError, InvalidRequestError
 from models.names import NAME_PATTERN
 from server.config.settings import Settings
-from server.deployments.health import HealthPolicy
+from server.deployments.health import CanaryAnalysis, HealthPolicy
 from server.deployments.strategy import STRATEGIES
 from server.api.tools import check_tool_parser
 from server.engines.options import check_engine_options
@@ -70,8 +71,29 @@ class DeploymentSettings(BaseModel):
     engine_options: EngineOptions = Field(default_factory=dict, description="over the version's own: engine, dtype, max_model_len...")
 
 
+class CanaryRollout(BaseModel):
+    """How a reload sends a new version out: as a canary at `weight` percent beside the
+    version that serves, judged (and, with `promote_after_s`, promoted) by baton with
+    `analysis`, or promoted by an operator; the fields of `POST .../canary`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: int = Field(10, ge=1, le=99)
+    analysis: CanaryAnalysis | None = None
+
+    @model_validator(mode="after")
+    def _steps_go_up(self) -> CanaryRollout:
+        if self.analysis is not None:
+            try:
+                self.analysis.check_steps_above(self.weight)
+            except InvalidRequestError as error:
+                raise ValueError(error.message) from error
+        return self
+
+
 class DeploymentConfig(DeploymentSettings):
     strategy: Literal[STRATEGIES] = "auto"  # type: ignore[valid-type]  # how a reload swaps it
+    canary: CanaryRollout | None = Field(None, description="a new version goes out as a canary; `strategy` where none can run")
 
 
 def _server_fields() -> dict:

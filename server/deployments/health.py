@@ -65,6 +65,11 @@ class CanaryAnalysis(Margins):
             raise ValueError("steps are increasing weights between 1 and 99")
         return steps
 
+    def check_steps_above(self, weight: int) -> None:
+        """A canary starting at `weight` moves up through its steps."""
+        if self.steps and self.steps[0] <= weight:
+            raise InvalidRequestError(f"The canary's steps go up from its weight ({weight}%); {self.steps[0]}% is not above it.", param="analysis.steps")
+
     def next_weight(self, weight: int) -> int | None:
         """Where a canary at `weight` that passed its stage goes: the next step above it, or
         None (promotion)."""

@@ -327,8 +327,8 @@ class DeploymentManager:
         deployment = self._lock_free(name)
         if not 0 < weight < 100:
             raise InvalidRequestError("A canary weight is a percentage between 1 and 99.", param="weight")
-        if analysis is not None and analysis.steps and analysis.steps[0] <= weight:
-            raise InvalidRequestError(f"The canary's steps go up from its weight ({weight}%); {analysis.steps[0]}% is not above it.", param="analysis.steps")
+        if analysis is not None:
+            analysis.check_steps_above(weight)
         if deployment.canary is not None:
             raise ConflictError(f"Deployment {name} has a canary already ({deployment.canary.version}); promote or abort it first.")
         if deployment.active is None:  # a canary takes a share of what a loaded version serves

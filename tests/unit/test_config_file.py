@@ -73,8 +73,16 @@ def test_a_missing_file_and_a_missing_secret_are_config_errors(tmp_path):
         load_config(_write(tmp_path, GOOD)).secrets({})
 
 
-def _state(version: str | None, **settings) -> State:
-    return State.of(version, settings.get("on_demand", False), settings.get("idle_ttl_s", 300.0), settings.get("smoke_prompts"), settings.get("health", HealthPolicy()), settings.get("engine_options", {}))
+def _state(version: str | None, rollout: dict | None = None, **settings) -> State:
+    return State.of(
+        version,
+        settings.get("on_demand", False),
+        settings.get("idle_ttl_s", 300.0),
+        settings.get("smoke_prompts"),
+        settings.get("health", HealthPolicy()),
+        settings.get("engine_options", {}),
+        **(rollout or {}),
+    )
 
 
 def test_the_plan_deploys_swaps_keeps_and_leaves_unnamed_deployments_alone():
@@ -112,6 +120,40 @@ def test_an_idle_ttl_without_on_demand_is_no_difference():
 
 def test_nothing_to_do_is_no_drift():
     assert drift(plan_changes({"chat": _state("chat@2")}, {"chat": _state("chat@2")})) == []
+
+
+def test_a_file_that_rolls_out_sends_a_new_version_out_as_a_canary_and_lets_it_roll_out():
+    rolls_out = _state("chat@2", {"rolls_out": True})
+    (fresh,) = plan_changes({"chat": _state("chat@1")}, {"chat": rolls_out})
+    (replacing,) = plan_changes({"chat": _state("chat@1", {"canary": "chat@3"})}, {"chat": rolls_out})
+    (rolling,) = plan_changes({"chat": _state("chat@1", {"canary": "chat@2"}, smoke_prompts=["Hi"])}, {"chat": rolls_out})
+    (done,) = plan_changes({"chat": _state("chat@2")}, {"chat": rolls_out})
+    assert [c.action for c in (fresh, replacing, rolling, done)] == ["canary", "canary", "rolling", "keep"]
+    assert (fresh.describe(), replacing.describe()) == ("~ chat: canary chat@2 beside chat@1", "~ chat: canary chat@2 beside chat@1, aborting canary chat@3")
+    assert rolling.describe() == "= chat: chat@1, canary chat@2 rolling out; set smoke_prompts"
+    assert drift([fresh, replacing, rolling, done]) == [fresh.describe(), replacing.describe()]  # rolling out is on the way, not drift
+
+
+def test_a_canary_goes_only_where_one_can_run_else_the_strategy_swaps():
+    rolls_out = {"rolls_out": True}
+    (unloaded,) = plan_changes({"docs": _state("docs@1", {"is_loaded": False}, on_demand=True)}, {"docs": _state("docs@2", rolls_out, on_demand=True)})
+    (new_options,) = plan_changes({"chat": _state("chat@1")}, {"chat": _state("chat@2", rolls_out, engine_options={"max_model_len": 512})})
+    assert (unloaded.action, new_options.action) == ("swap", "swap")
+
+
+def test_the_file_naming_a_running_canary_promotes_it():
+    (promote,) = plan_changes({"chat": _state("chat@1", {"canary": "chat@2"})}, {"chat": _state("chat@2")})
+    (kept,) = plan_changes({"chat": _state("chat@1", {"canary": "chat@2"})}, {"chat": _state("chat@1")})  # an operator's canary: left
+    assert promote.describe() == "~ chat: promote canary chat@2 over chat@1" and promote.is_drift
+    assert kept.describe() == "= chat: chat@1 (canary chat@2 beside it)" and not kept.is_drift
+
+
+def test_a_rollout_whose_steps_do_not_go_up_from_its_weight_is_refused(tmp_path):
+    config = GOOD + "    canary: {weight: 30, analysis: {promote_after_s: 60, steps: [20, 50]}}\n"
+    with pytest.raises(ConfigError, match=r"deployments.docs.canary.*20% is not above it"):
+        load_config(_write(tmp_path, config))
+    rollout = load_config(_write(tmp_path, config.replace("[20, 50]", "[40, 50]"))).deployments["docs"].canary
+    assert (rollout.weight, rollout.analysis.steps, rollout.analysis.promote_after_s) == (30, [40, 50], 60)
 
 
 def test_the_documented_example_loads():
