@@ -311,6 +311,9 @@ class ChatCompletionRequest(_GenerationBody):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     store: Literal[False] | None = None  # nothing is stored: asking for it is refused
+    # What SDKs send as their defaults, accepted where it asks for nothing.
+    modalities: list[Literal["text"]] | None = None
+    service_tier: Literal["auto", "default"] | None = None
 
     @field_validator("messages")
     @classmethod

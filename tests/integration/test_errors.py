@@ -124,6 +124,8 @@ def test_values_that_ask_for_nothing_are_accepted(tiny_server):
         response_format={"type": "text"},
         stream=True,
         stream_options={"include_usage": None},
+        modalities=["text"],
+        service_tier="auto",
         max_tokens=2,
     )
     response = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(**neutral))
@@ -137,6 +139,8 @@ def test_values_that_ask_for_nothing_are_accepted(tiny_server):
     assert completion.status_code == 200, completion.text
     stored = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(store=True, max_tokens=2))
     assert "store" in _assert_openai_error(stored, 400, "store")["message"]  # asks for what baton does not do
+    spoken = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=_chat(modalities=["text", "audio"], max_tokens=2))
+    _assert_openai_error(spoken, 400, "modalities.1")
 
 
 @pytest.mark.parametrize(
