@@ -1,6 +1,7 @@
 """The process's lifecycle: serving, then shutting down. SIGTERM starts the shutdown: `/ready`
 answers 503, new requests get 503 with Retry-After, in-flight ones finish until the deadline,
-then the server exits (and stops its engines). A second signal exits at once.
+then the server exits (and stops its engines, and any still starting). A second signal
+exits at once.
 
 A `Lifecycle` is made in `main` and passed to `create_app`; the signal handler only flips
 it, and the drain runs on the event loop.
@@ -9,6 +10,7 @@ it, and the drain runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -17,6 +19,7 @@ from collections.abc import Callable
 import uvicorn
 
 from models.errors import OverloadedError
+from server.engines.vllm_engine import kill_engines_still_starting
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
@@ -60,6 +63,15 @@ class GracefulServer(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+        # Rules: the exit never waits for an engine still starting (a load the shutdown cut
+        # short runs on in its thread, which the exit would wait for: a minute on a GPU, even
+        # after a second signal): its processes are killed, and its thread fails at once.
+        # What engines leave in reference cycles is collected here, while the interpreter can
+        # still run their finalizers (vLLM's __del__ fails once modules are torn down).
+        if num_killed := kill_engines_still_starting():
+            log.warning("stopped %d process(es) of vLLM engines still starting", num_killed)
+        await self._loop.shutdown_default_executor()
+        gc.collect()
 
     def handle_exit(self, sig: int, frame) -> None:
         if self._lifecycle.is_shutting_down or self._loop is None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib.util
 import os
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,6 +51,8 @@ class VLLMEngine:
         self._engine = None
         self._tokenizer = None
         self._in_flight: set[str] = set()
+        self._lock = threading.Lock()  # between stop() and a start still building in its thread
+        self._is_stopped = False
 
     @property
     def tokenizer(self):
@@ -143,7 +147,9 @@ class VLLMEngine:
         shutdown waits for its engine core to exit (5 s on 2 cores), and on the loop every
         stream of every deployment waited with it. The task that reads the engine's sockets
         on the loop stops first, so that the sockets close under no reader."""
-        engine, self._engine = self._engine, None
+        with self._lock:  # a start still building sees this and stops what it builds
+            self._is_stopped = True
+            engine, self._engine = self._engine, None
         if engine is None:
             return
         cores, children = _processes_of(engine)
@@ -175,8 +181,11 @@ class VLLMEngine:
         await self._engine.wake_up()
 
     def _build(self) -> None:
-        """Sets `self._engine` rather than returning it: a thread's returned value stays
-        referenced by its futures, and an AsyncLLM alive at interpreter exit fails in __del__."""
+        """Sets `self._engine` rather than returning it. Rule: no local holds the engine when
+        this frame ends: vLLM's imports here can leave this frame alive to the interpreter's
+        exit (a stored import error's traceback reaches it), and an AsyncLLM alive then fails
+        in __del__. An engine built after `stop()` (a start cancelled mid-way: its thread runs
+        on) is shut down here, since nothing else would."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -209,7 +218,17 @@ class VLLMEngine:
         )
         # As an OpenAI server, vLLM's defaults are `vllm serve`'s (on an H100: 8192 batched
         # tokens and 1024 sequences, not the library's 2048 and 256).
-        self._engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        with self._lock:
+            is_stopped = self._is_stopped
+            if not is_stopped:
+                self._engine = engine
+        if is_stopped:
+            engine.shutdown()
+        del engine
+        if is_stopped:
+            gc.collect()  # its cycles go now, while its __del__ can still run
+            raise EngineStoppedError("The engine was stopped while it started.")
 
     def _sampling(self, request: GenerationRequest):
         from vllm import SamplingParams
@@ -279,6 +298,23 @@ def _where_the_cause_is(error: Exception) -> str:
 
 def _finish_reason(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
+
+
+def kill_engines_still_starting() -> int:
+    """At exit: vLLM processes still running under this one belong to engines still starting
+    (or, after a second signal, never stopped). They are killed; a start fails at once.
+    Returns how many processes were killed."""
+    import psutil
+
+    leftovers = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.name().startswith("VLLM::"):  # vLLM's process titles: VLLM::EngineCore, VLLM::Worker
+                leftovers += [*child.children(recursive=True), child]
+    for process in leftovers:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    return len(leftovers)
 
 
 def _processes_of(engine) -> tuple[list, list]:

@@ -391,3 +391,24 @@ def test_a_generation_in_flight_when_the_engine_stops_ends_with_an_error_not_a_h
         return None
 
     assert isinstance(asyncio.run(stop_mid_generation()), EngineStoppedError)
+
+
+def test_an_engine_stopped_while_it_starts_shuts_down_what_its_start_builds(tmp_path, demo_model_path):
+    """A start cancelled mid-way runs on in its thread; the engine it then builds was left
+    running with nobody to stop it. stop() during the start makes the start shut it down."""
+    model = build_tiny_model(tmp_path / "model", demo_model_path, **VLLM_TINY)
+
+    async def stop_while_starting() -> BaseException | None:
+        engine = VLLMEngine(model, VLLMOptions(max_model_len=512))
+        start = asyncio.ensure_future(engine.start())
+        while not _engine_processes():  # its engine core is starting
+            await asyncio.sleep(0.1)
+        await engine.stop()  # nothing built yet: it marks the start
+        try:
+            await start
+        except EngineStoppedError as error:
+            return error
+        return None
+
+    assert isinstance(asyncio.run(stop_while_starting()), EngineStoppedError)
+    assert psutil.wait_procs(_engine_processes(), timeout=30)[1] == []
