@@ -50,12 +50,16 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         metrics.watch(gpus)
         gpus.start()
         lifecycle.track(manager.num_in_flight)
-        try:
+        async def deploy_at_start() -> None:
             saved = registry.saved_deployments() if settings.restore_state and settings.config_file is None else {}
             for spec in settings.models:
                 deployment = await manager.deploy_spec(spec, saved.get(spec.name))
                 log.info("serving %s (%s) from %s", spec.name, deployment.version, spec.path)
             await manager.restore(saved)
+
+        try:
+            if not await lifecycle.unless_shutting_down(deploy_at_start()):
+                log.info("start-up cut short by the shutdown")
             manager.start()
             reconciler = Reconciler(manager, registry)
             if settings.config_file is not None:

@@ -14,7 +14,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 
@@ -23,6 +23,7 @@ from server.engines.vllm_engine import kill_engines_still_starting
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
+KILL_CHECK_S = 0.2  # how often the exit looks for engines still starting
 
 
 class ShuttingDownError(OverloadedError):
@@ -33,6 +34,29 @@ class Lifecycle:
     def __init__(self) -> None:
         self.is_shutting_down = False
         self._num_in_flight: Callable[[], int] = lambda: 0
+        self._shutdown_begun = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        """On the event loop, at the first signal."""
+        self.is_shutting_down = True
+        self._shutdown_begun.set()
+
+    async def unless_shutting_down(self, start_up: Awaitable[None]) -> bool:
+        """Start-up's loads, cancelled by a shutdown that begins meanwhile: a signal during
+        start-up waited for every engine to start (a minute each on a GPU) before the server
+        could stop. An engine cut off mid-start is stopped at exit (GracefulServer.serve).
+        True when `start_up` finished."""
+        work, begun = asyncio.ensure_future(start_up), asyncio.ensure_future(self._shutdown_begun.wait())
+        try:
+            await asyncio.wait({work, begun}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            begun.cancel()
+        if work.done():
+            work.result()  # a failed start-up fails as it did
+            return True
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return False
 
     def track(self, num_in_flight: Callable[[], int]) -> None:
         """What the shutdown waits for: the app's requests in flight."""
@@ -65,12 +89,15 @@ class GracefulServer(uvicorn.Server):
         await super().serve(sockets)
         # Rules: the exit never waits for an engine still starting (a load the shutdown cut
         # short runs on in its thread, which the exit would wait for: a minute on a GPU, even
-        # after a second signal): its processes are killed, and its thread fails at once.
+        # after a second signal): while threads remain, the processes of such engines are
+        # killed (one may spawn later: its thread was still preparing), and the start fails.
         # What engines leave in reference cycles is collected here, while the interpreter can
         # still run their finalizers (vLLM's __del__ fails once modules are torn down).
-        if num_killed := kill_engines_still_starting():
-            log.warning("stopped %d process(es) of vLLM engines still starting", num_killed)
-        await self._loop.shutdown_default_executor()
+        threads_done = asyncio.ensure_future(self._loop.shutdown_default_executor())
+        while not threads_done.done():
+            if num_killed := kill_engines_still_starting():
+                log.warning("stopped %d process(es) of vLLM engines still starting", num_killed)
+            await asyncio.wait({threads_done}, timeout=KILL_CHECK_S)
         gc.collect()
 
     def handle_exit(self, sig: int, frame) -> None:
@@ -83,6 +110,7 @@ class GracefulServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain_then_exit()))
 
     async def _drain_then_exit(self) -> None:
+        self._lifecycle.begin_shutdown()
         if left := await self._lifecycle.drain(self._shutdown_timeout_s):
             log.warning("shutdown deadline passed with %d request(s) in flight; they end now", left)
         self.should_exit = True
