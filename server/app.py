@@ -50,6 +50,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         metrics.watch(gpus)
         gpus.start()
         lifecycle.track(manager.num_in_flight)
+
         async def deploy_at_start() -> None:
             saved = registry.saved_deployments() if settings.restore_state and settings.config_file is None else {}
             for spec in settings.models:
