@@ -60,6 +60,7 @@ class TransformersEngine:
         self._waiting: list[Sequence] = []
         self._wakeup = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._loaded: Future | None = None  # done once the worker's load ends, either way
         self._calls: list[tuple[Callable[[], None], Future]] = []  # work for the worker, between steps
         self._is_stopping = False
         self._in_flight: dict[str, Sequence] = {}  # event-loop thread only
@@ -78,10 +79,12 @@ class TransformersEngine:
         return context_length(getattr(self._model.config, "max_position_embeddings", None), self._options.max_model_len)
 
     async def start(self) -> None:
-        loaded: Future = Future()
-        self._worker = threading.Thread(target=self._run, args=(loaded,), name=f"baton-{self._path.name}", daemon=True)
+        self._loaded = Future()
+        self._worker = threading.Thread(target=self._run, args=(self._loaded,), name=f"baton-{self._path.name}", daemon=True)
         self._worker.start()
-        await asyncio.wrap_future(loaded)
+        # Shielded: a cancelled start must not cancel the worker's future (its load would end
+        # in InvalidStateError, killing the thread); stop() tells the worker instead.
+        await asyncio.shield(asyncio.wrap_future(self._loaded))
 
     def tokenize(self, text: str) -> list[int]:
         return text_prompt_ids(self._tokenizer, text)
@@ -111,11 +114,11 @@ class TransformersEngine:
         return [os.getpid()]
 
     def health(self) -> EngineHealth:
-        batch = self._batch
+        batch, model = self._batch, self._model  # read once: the worker may drop them meanwhile
         is_ready = self._worker is not None and self._worker.is_alive() and not self._is_stopping
         details = {
             "device": str(self._device),
-            "dtype": str(self._model.dtype).removeprefix("torch.") if self._model else None,
+            "dtype": str(model.dtype).removeprefix("torch.") if model else None,
             "max_batch_size": self._options.max_batch_size,
             "decode": batch.rows.describe() if batch else None,
             "num_aborted": batch.num_aborted if batch else 0,
@@ -123,9 +126,13 @@ class TransformersEngine:
         return EngineHealth(is_ready, len(batch.sequences) if batch else 0, len(self._waiting), details)
 
     async def stop(self) -> None:
+        """Rule: a stop during the load does not wait for it (a shutdown would wait a load's
+        length); the worker, a daemon thread, ends when its load does and drops the model."""
         with self._wakeup:
             self._is_stopping = True
             self._wakeup.notify_all()
+        if self._loaded is not None and not self._loaded.done():
+            return
         if self._worker is not None:
             await asyncio.to_thread(self._worker.join)
         self._model = self._batch = None
@@ -208,6 +215,8 @@ class TransformersEngine:
         except BaseException as error:  # the worker is dying: nobody may wait on it for ever
             log.exception("the engine's worker for %s died", self._path)
             self._end_everything(EngineStoppedError(f"The engine failed: {error!r}"))
+        finally:
+            self._model = self._batch = None  # also where no stop() waits for this thread
 
     def _serve_forever(self) -> None:
         while True:

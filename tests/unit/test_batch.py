@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import weakref
 
 import pytest
@@ -136,3 +137,32 @@ def test_on_cpu_a_stop_frees_the_model_without_a_full_collection_of_its_own(tiny
     finally:
         if was_enabled:
             gc.enable()
+
+
+class _HeldLoad(TransformersEngine):
+    """The real engine, whose load waits for the test to let it finish: a load that takes long."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.may_finish = threading.Event()
+
+    def _load(self) -> None:
+        self.may_finish.wait(30)
+        super()._load()
+
+
+def test_a_stop_during_the_load_does_not_wait_for_it_and_the_worker_drops_the_model(tiny_model_path):
+    """A shutdown during start-up stopped the engine and waited out its whole load."""
+    engine = _HeldLoad(tiny_model_path, TransformersOptions(max_batch_size=2))
+
+    async def stop_while_loading() -> None:
+        start = asyncio.ensure_future(engine.start())
+        await asyncio.sleep(0.1)
+        start.cancel()  # as start-up's cancellation does
+        await asyncio.wait_for(engine.stop(), 5)  # returns with the load still held
+
+    asyncio.run(stop_while_loading())
+    assert engine._worker.is_alive() and not engine.health().is_ready
+    engine.may_finish.set()
+    engine._worker.join(30)
+    assert not engine._worker.is_alive() and engine._model is None
