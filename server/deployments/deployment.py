@@ -221,6 +221,11 @@ class Deployment:
         canary, self.canary = self.canary, None
         return canary.slot
 
+    @property
+    def judged_canary(self) -> Canary | None:
+        """The canary, where baton judges it (it has an analysis)."""
+        return self.canary if self.canary is not None and self.canary.analysis is not None else None
+
     def window_of(self, slot: Slot) -> Window:
         """Where a request's outcome counts: the canary's window, or the active version's."""
         return self.canary.window if self.canary is not None and slot is self.canary.slot else self.window

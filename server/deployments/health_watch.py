@@ -48,7 +48,7 @@ class HealthWatch:
 
     async def _check(self, deployment: Deployment) -> None:
         await self._check_slo(deployment)
-        if deployment.canary is not None and deployment.canary.analysis is not None and deployment.name not in self._deciding:  # a canary under analysis
+        if deployment.judged_canary is not None and deployment.name not in self._deciding:
             self._judge_canary(deployment)
         if deployment.policy.golden_prompts and time.monotonic() >= self._golden_due.get(deployment.name, 0.0):
             self._golden_due[deployment.name] = time.monotonic() + deployment.policy.golden_interval_s
@@ -113,8 +113,8 @@ class HealthWatch:
             await self._on_breach(deployment, [miss], "golden")
         elif not miss and "golden" in deployment.breaching:
             self._recovered(deployment, "golden")
-        canary = deployment.canary
-        if canary is None or canary.analysis is None:
+        canary = deployment.judged_canary
+        if canary is None:
             return
         miss = await self._golden_miss(canary.slot, prompts)
         if miss and deployment.canary is canary and deployment.name not in self._deciding:  # still judged: not promoted or aborted meanwhile

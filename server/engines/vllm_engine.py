@@ -218,14 +218,13 @@ class VLLMEngine:
         )
         # As an OpenAI server, vLLM's defaults are `vllm serve`'s (on an H100: 8192 batched
         # tokens and 1024 sequences, not the library's 2048 and 256).
-        if self._is_stopped:  # stopped while it prepared: no process is spawned
-            raise EngineStoppedError("The engine was stopped while it started.")
-        engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        # Stopped while it prepared: nothing is spawned.
+        engine = None if self._is_stopped else AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         with self._lock:
             is_stopped = self._is_stopped
             if not is_stopped:
                 self._engine = engine
-        if is_stopped:
+        if is_stopped and engine is not None:
             engine.shutdown()
         del engine
         if is_stopped:
