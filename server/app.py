@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -14,6 +15,7 @@ from starlette.exceptions import HTTPException
 from models.registry import Registry
 from server.config.reload import ConfigReloader
 from server.deployments.reconcile import Reconciler
+from server.deployments.resume import to_restore
 from server.api import admin_api, deploy_api, openai_api, responses, status_api
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
@@ -51,15 +53,17 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         gpus.start()
         lifecycle.track(manager.num_in_flight)
 
+        saved = to_restore(registry.saved_deployments() if settings.restore_state else {}, settings.models, settings.config_file is not None)
+
         async def deploy_at_start() -> None:
-            saved = registry.saved_deployments() if settings.restore_state and settings.config_file is None else {}
             for spec in settings.models:
                 deployment = await manager.deploy_spec(spec, saved.get(spec.name))
                 log.info("serving %s (%s) from %s", spec.name, deployment.version, spec.path)
             await manager.restore(saved)
 
         try:
-            if not await lifecycle.unless_shutting_down(deploy_at_start()):
+            started = await lifecycle.unless_shutting_down(deploy_at_start())
+            if not started:
                 log.info("start-up cut short by the shutdown")
             manager.start()
             reconciler = Reconciler(manager, registry)
@@ -68,6 +72,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 reloader.reload_on_sighup()
                 if settings.watch_config_s is not None:
                     reloader.watch(settings.watch_config_s)
+                if started and saved:  # a rollout resumed where it was: the file goes on from there
+                    manager.keep(asyncio.create_task(reloader.reload("start")))
             yield {
                 "settings": settings,
                 "lifecycle": lifecycle,

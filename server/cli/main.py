@@ -140,7 +140,7 @@ def _settings_from_file(args) -> Settings:
     specs = []
     for name, wanted in config.deployments.items():
         version = registry.resolve_for_serving(wanted.model)
-        specs.append(ModelSpec(name=name, path=version.path, version=version.ref, on_demand=wanted.on_demand, idle_ttl_s=wanted.idle_ttl_s, smoke_prompts=wanted.smoke_prompts, health=wanted.health, engine_options=wanted.engine_options))
+        specs.append(ModelSpec(name=name, path=version.path, version=version.ref, on_demand=wanted.on_demand, idle_ttl_s=wanted.idle_ttl_s, smoke_prompts=wanted.smoke_prompts, health=wanted.health, engine_options=wanted.engine_options, rolls_out=wanted.canary is not None))
     settings = Settings(**server, **config.secrets(), models=specs, config_file=args.config.resolve())
     has_inference_key = settings.api_key or any("inference" in k.scopes for k in settings.keys)
     if not (has_inference_key or is_loopback(settings.host)):

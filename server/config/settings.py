@@ -48,6 +48,7 @@ class ModelSpec(BaseModel):
     smoke_prompts: list[str] | None = Field(None, min_length=1, description="Checked before a swap flips; default: the server's.")
     health: HealthPolicy = Field(default_factory=HealthPolicy, description="Objectives, golden prompts, fallbacks, and what to do on a breach.")
     engine_options: dict = Field(default_factory=dict, description="Engine options over every version's own (a config file's deployment sets them).")
+    rolls_out: bool = Field(False, description="A config file's deployment with a canary rollout: a restart resumes the rollout instead of skipping it.")
 
     @field_validator("name")
     @classmethod
@@ -87,7 +88,7 @@ class Settings(BaseModel):
     gpu_room_for_blue_green: bool = Field(False, description="Size each vLLM engine so that a second one fits beside it (blue-green swaps on one GPU).")
     gpu_sample_interval_s: float = Field(5.0, gt=0, description="How often NVML is read (on its own thread).")
     idle_check_s: float = Field(1.0, gt=0, description="How often on-demand deployments are checked for idleness.")
-    restore_state: bool = Field(True, description="On start, bring back the deployments and versions the last run saved (not with a config file, which is the truth).")
+    restore_state: bool = Field(True, description="On start, bring back the deployments and versions the last run saved (with a config file, which is the truth, only its canary rollouts under way).")
     config_file: Path | None = Field(None, description="The YAML file these settings came from; reloads read it again.")
     watch_config_s: float | None = Field(None, gt=0, description="With a config file: look at it this often and reload when it changes (a mounted ConfigMap).")
 

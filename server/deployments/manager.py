@@ -23,6 +23,7 @@ from server.deployments.health import CanaryAnalysis, HealthPolicy
 from server.deployments.health_watch import HealthWatch
 from server.deployments.layout import ModelLayout, reload_blocker
 from server.deployments.on_demand import OnDemandLoads
+from server.deployments.resume import start_point
 from server.deployments.slot import Lease, Slot, SlotState, Target
 from server.deployments.slot_lifecycle import EngineFactory, SlotLifecycle
 from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy, no_room_beside
@@ -471,7 +472,7 @@ class DeploymentManager:
 
     def _resolve_for_start(self, spec: ModelSpec, overrides: dict, saved: dict | None) -> tuple[Target, dict]:
         """The target and engine overrides a named registry version starts with."""
-        version, options = start_point(spec.version, overrides, saved)
+        version, options = start_point(spec.version, overrides, saved, spec.rolls_out)
         if (version, options) != (spec.version, overrides):
             try:
                 target = self._resolve(version, options)
@@ -530,15 +531,6 @@ class DeploymentManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-def start_point(named: str, overrides: dict, saved: dict | None) -> tuple[str, dict]:
-    """The version and engine overrides a deployment named at start-up starts with. Rule:
-    what it served before the restart, unless the start-up settings now name another
-    version than when that was saved (the operator's new choice wins)."""
-    if saved and saved.get("started_as") == named and saved.get("version"):
-        return saved["version"], saved.get("engine_overrides") or {}
-    return named, overrides
-
 
 def _can_never_come_back(error: BatonError) -> bool:
     """A saved deployment whose version was deleted since, or whose name (or version's name)

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -38,14 +40,22 @@ def served(two_versions_home, tmp_path, request):
     watch = getattr(request, "param", None) or "null"
     write = lambda model, strategy="auto": config.write_text(CONFIG.format(port=port, model=model, strategy=strategy, watch=watch))  # noqa: E731
     write("chat@1")
-    log = tmp_path / "serve.log"
     env = {**os.environ, "BATON_HOME": str(home)}
-    with log.open("w") as output, subprocess.Popen([*BATON, "serve", "--config", str(config)], stdout=output, stderr=subprocess.STDOUT, env=env) as process:
-        url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, process, log)
+    with _serving(config, port, env, tmp_path / "serve.log") as (url, process):
         yield url, process, config, write, env
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+
+
+@contextmanager
+def _serving(config: Path, port: int, env: dict, log: Path):
+    """`baton serve --config`, healthy; stopped with SIGTERM at the end (if it still runs)."""
+    with log.open("w") as output, subprocess.Popen([*BATON, "serve", "--config", str(config)], stdout=output, stderr=subprocess.STDOUT, env=env) as process:
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_healthy(url, process, log)
+            yield url, process
+        finally:  # a failed test too: else the exit waits for the server for ever
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
 
 
 def _version(url: str) -> str:
@@ -258,3 +268,44 @@ def test_the_file_naming_an_operators_canary_promotes_it(served):
     (change,) = httpx.post(f"{url}/admin/reload", json={}).json()["changes"]
     assert (change["action"], change["status"]) == ("promote", "succeeded"), change
     assert _version(url) == "chat@2" and _state(url)["canary"] is None
+
+
+def test_a_rollout_under_way_resumes_after_a_restart(served, tmp_path):
+    """A restart mid-rollout starts the version the rollout runs over, its canary back beside
+    it: not the file's version at once, which would skip the analysis. With the canary gone
+    (aborted), the file is applied again after start: the rollout begins anew."""
+    url, process, config, write, env = served
+    write("chat@2")
+    config.write_text(config.read_text() + "    canary: {weight: 50}\n")  # no analysis: the operator promotes
+    (change,) = httpx.post(f"{url}/admin/reload", json={}, timeout=120).json()["changes"]
+    assert (change["action"], change["status"]) == ("canary", "succeeded"), change
+    port = int(url.rsplit(":", 1)[1])
+
+    def restart() -> None:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+    restart()
+    with _serving(config, port, env, tmp_path / "restarted.log") as (url, process):
+        state = _state(url)
+        assert (state["version"], state["canary"]["version"], state["canary"]["weight"]) == ("chat@1", "chat@2", 50), state
+        assert httpx.get(f"{url}/admin/status").json()["drift"] == []
+        versions = {_chat_version(url) for _ in range(12)}
+        assert versions == {"chat@1", "chat@2"}  # 50% each: both answer (1 in 2,048 fails by chance)
+        assert httpx.post(f"{url}/admin/deployments/chat/canary/abort", json={}).status_code == 200
+        restart()
+    with _serving(config, port, env, tmp_path / "again.log") as (url, process):
+        deadline = time.monotonic() + 120
+        while (_state(url)["canary"] or {}).get("version") != "chat@2":  # the reload after start
+            assert time.monotonic() < deadline, _state(url)
+            time.sleep(0.2)
+        assert _version(url) == "chat@1"
+        reloads = [e for e in httpx.get(f"{url}/admin/models/chat/history").json() if e["actor"] == "start"]
+        assert [e["action"] for e in reloads] == ["canary"], reloads
+
+
+def _chat_version(url: str) -> str:
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.headers["x-baton-version"]
