@@ -48,6 +48,10 @@ class CanaryBody(_Body):
     analysis: CanaryAnalysis | None = None  # baton aborts (and may promote) it; None: an operator decides
 
 
+class StepBody(_Body):
+    weight: int = Field(ge=1, le=99)
+
+
 @router.get("/deployments")
 async def list_deployments(request: Request) -> list[dict]:
     return [d.describe() for d in request.state.deployments.deployments]
@@ -89,6 +93,12 @@ async def rollback(name: str, request: Request, body: RollbackBody | None = None
 @router.post("/deployments/{name}/canary")
 async def canary(name: str, body: CanaryBody, request: Request) -> dict:
     return (await request.state.deployments.start_canary(name, body.to, body.weight, actor_change(request, body.reason), body.analysis)).to_dict()
+
+
+@router.post("/deployments/{name}/canary/step")
+async def step_canary(name: str, body: StepBody, request: Request) -> dict:
+    """The canary's share moved by an operator (up or down); an analysis goes on from there."""
+    return (await request.state.deployments.step_canary(name, actor_change(request, body.reason), body.weight)).to_dict()
 
 
 @router.post("/deployments/{name}/canary/{decision}")

@@ -51,12 +51,12 @@ def _check_deployment(request: Request, name: str) -> None:
         raise ForbiddenError(f"The key {key.name!r} may not call the model '{name}'.", param="model", code="model_not_allowed")
 
 
-def _route(request: Request, model: str) -> Route:
+def _route(request: Request, model: str, user: str | None = None) -> Route:
     """Where `model` sends the request (DeploymentManager.route), if the key may call that
     deployment. Rule: a key limited to some deployments learns nothing of
     the others: whatever it names outside them, known or not, is a 403."""
     try:
-        route = request.state.deployments.route(model)
+        route = request.state.deployments.route(model, user)
     except ModelNotFoundError:
         _check_deployment(request, model)
         raise
@@ -143,7 +143,7 @@ def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
 async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_plan: ToolPlan | None = None):
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
     out of here returns the lease exactly once (Lease.release is idempotent)."""
-    route = _route(request, body.model)  # an unknown model: 404, and no metric labelled with it
+    route = _route(request, body.model, body.user)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     observation = _observation(request, route.deployment)
     try:

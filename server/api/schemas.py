@@ -1,9 +1,10 @@
 """OpenAI request bodies that baton accepts.
 
 Rule: a field baton does not implement is rejected (extra="forbid") so that a caller never
-believes a setting took effect when it did not; `user` and `metadata` are accepted because
-they change nothing about the output, and so is any value that asks for nothing (`tools:
-null`, `response_format: {"type": "text"}`, `echo: false`): clients send their defaults.
+believes a setting took effect when it did not; `user` (which keeps a user on one side of a
+canary) and `metadata` are accepted because they change nothing about the output, and so is
+any value that asks for nothing (`tools: null`, `response_format: {"type": "text"}`, `echo:
+false`): clients send their defaults.
 """
 
 from __future__ import annotations

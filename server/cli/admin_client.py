@@ -83,6 +83,9 @@ class AdminClient:
     def canary(self, name: str, to: str, weight: int, reason: str, analysis: dict | None = None) -> dict:
         return self._call("POST", f"/deployments/{name}/canary", json={"to": to, "weight": weight, "reason": reason, "analysis": analysis})
 
+    def step_canary(self, name: str, weight: int, reason: str) -> dict:
+        return self._call("POST", f"/deployments/{name}/canary/step", json={"weight": weight, "reason": reason})
+
     def decide_canary(self, name: str, decision: str, reason: str) -> dict:
         return self._call("POST", f"/deployments/{name}/canary/{decision}", json={"reason": reason})
 

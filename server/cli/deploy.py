@@ -46,11 +46,11 @@ def add_commands(commands) -> None:
     rollback = command("rollback", "go back to the previous version", lambda client, args: _follow(client, client.rollback(args.name, args.reason)))
     rollback.add_argument("name")
 
-    canary = command("canary", "send a share of traffic to a version; then: promote | abort", _canary)
+    canary = command("canary", "send a share of traffic to a version; then: --weight W | promote | abort", _canary)
     canary.add_argument("name")
     canary.add_argument("decision", nargs="?", choices=["promote", "abort"])
     canary.add_argument("--to")
-    canary.add_argument("--weight", type=int, default=10, help="percent of requests (default 10)")
+    canary.add_argument("--weight", type=int, help="percent of requests (default 10); without --to, the running canary's new share")
     canary.add_argument("--auto", action="store_true", help="baton judges it against the active version (or the deployment's slo) and aborts it on a breach")
     canary.add_argument("--promote-after", type=float, metavar="S", help="with --auto: S seconds within objectives at each weight, then the next step, then promotion")
     canary.add_argument("--steps", type=_weights, metavar="W,W", default=[], help="with --promote-after: weights to move through before promotion (25,50)")
@@ -101,14 +101,16 @@ def _swap(client: AdminClient, args) -> int:
 def _canary(client: AdminClient, args) -> int:
     if args.decision:
         return _follow(client, client.decide_canary(args.name, args.decision, args.reason))
+    if not args.to and args.weight is not None:
+        return _follow(client, client.step_canary(args.name, args.weight, args.reason))
     if not args.to:
-        print("baton: error: canary needs --to REF (or promote | abort)")
+        print("baton: error: canary needs --to REF (or --weight W, promote | abort)")
         return 2
     if (args.promote_after is not None or args.steps) and not args.auto:
         print("baton: error: --promote-after and --steps need --auto")
         return 2
     analysis = {"promote_after_s": args.promote_after, "steps": args.steps} if args.auto else None
-    return _follow(client, client.canary(args.name, args.to, args.weight, args.reason, analysis))
+    return _follow(client, client.canary(args.name, args.to, 10 if args.weight is None else args.weight, args.reason, analysis))
 
 
 def _weights(text: str) -> list[int]:

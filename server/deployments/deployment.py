@@ -8,6 +8,7 @@ either the old routing or the new one, never a mix, and keeps its slot until its
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 
@@ -43,6 +44,13 @@ class Canary:
     def version(self) -> str:
         return self.slot.version
 
+    def takes(self, user: str | None, draw: float) -> bool:
+        """Whether a new request goes here: by `draw` (uniform in [0, 100)), or, for a request
+        that names its `user`, by where the user falls. Rule: one user sees one version all
+        through a canary (a conversation does not switch models mid-way), a step up only moves
+        users onto the canary, and each canary version samples its own users."""
+        return (draw if user is None else _percentile(f"{self.version}\0{user}")) < self.weight
+
     def step_to(self, weight: int) -> None:
         """Its next step: its share, and the time it has served at it, start anew."""
         self.weight, self.since = weight, time.monotonic()
@@ -53,6 +61,11 @@ class Canary:
 
     def describe(self) -> dict:
         return {**self.slot.describe(), **self.saved(), "at_weight_s": round(time.monotonic() - self.since, 1)}
+
+
+def _percentile(text: str) -> float:
+    """Where `text` falls in [0, 100), the same in every process and run."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") / 2**64 * 100
 
 
 class Deployment:
@@ -126,16 +139,17 @@ class Deployment:
         """An on-demand deployment with nothing loaded and no swap or load under way."""
         return self.on_demand is not None and self.active is None and not self.swap_lock.locked()
 
-    async def lease(self, version: str | None = None) -> Lease:
-        """A lease on the active slot, or the canary by weight; with `version`, on the slot
-        that serves it (404 if neither does by then: a swap took it away)."""
+    async def lease(self, version: str | None = None, user: str | None = None) -> Lease:
+        """A lease on the active slot, or the canary by weight (`Canary.takes`, the request's
+        `user`); with `version`, on the slot that serves it (404 if neither does by then: a
+        swap took it away)."""
         if not self._serving.is_set():
             await self._wait_for_serving()
         if self.active is None:  # woken by a failed on-demand load
             raise self._load_error or OverloadedError(f"Deployment {self.name} has no version loaded; retry shortly.")
         if version is not None:
             return self._slot_serving(version).take_lease()
-        if self.canary is not None and self._random.uniform(0, 100) < self.canary.weight:
+        if self.canary is not None and self.canary.takes(user, self._random.uniform(0, 100)):
             return self.canary.slot.take_lease()
         return self.active.take_lease()
 

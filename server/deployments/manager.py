@@ -41,10 +41,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Route:
     """Where a request goes: a deployment, and the version it pins (None: the deployment's
-    own choice, active or canary by weight)."""
+    own choice, active or canary by weight, the same for every request of one `user`)."""
 
     deployment: str
     version: str | None = None
+    user: str | None = None
 
 
 # ModelSpec fields that, set explicitly, override every version's own engine options.
@@ -72,12 +73,13 @@ class DeploymentManager:
 
     # -- requests -------------------------------------------------------------------------
 
-    def route(self, model: str) -> Route:
-        """Where a request's `model` sends it. A deployment's name pins nothing; a registry
-        ref (`chat@3`, `chat@prod`) pins that version, on a deployment whose active or canary
-        slot serves it (or that loads it next on demand), the one named like the model first."""
+    def route(self, model: str, user: str | None = None) -> Route:
+        """Where a request's `model` (from `user`) sends it. A deployment's name pins nothing;
+        a registry ref (`chat@3`, `chat@prod`) pins that version, on a deployment whose active
+        or canary slot serves it (or that loads it next on demand), the one named like the
+        model first."""
         if "@" not in model:
-            return Route(self._served(model).name)
+            return Route(self._served(model).name, user=user)
         version = self._ref_of(model)
         serving = [d for d in self.deployments if version in d.pinnable_versions]
         if not serving:
@@ -94,10 +96,10 @@ class DeploymentManager:
         deployment = self._served(route.deployment)
         fallback = self._healthy_fallback(deployment) if deployment.needs_fallback and route.version is None else None
         if fallback is not None:
-            lease = await self._lease_on(fallback)
+            lease = await self._lease_on(fallback, user=route.user)
             lease.fallback_from = deployment.name
             return lease
-        return await self._lease_on(deployment, route.version)
+        return await self._lease_on(deployment, route.version, route.user)
 
     def _ref_of(self, model: str) -> str:
         """`chat@3` as it is; an alias (`chat@prod`) resolved in the registry."""
@@ -116,13 +118,13 @@ class DeploymentManager:
                 return candidate
         return None
 
-    async def _lease_on(self, deployment: Deployment, version: str | None = None) -> Lease:
+    async def _lease_on(self, deployment: Deployment, version: str | None = None, user: str | None = None) -> Lease:
         name = deployment.name
         await deployment.admission.enter()
         try:
             if deployment.needs_load:
                 self._on_demand.start_load(deployment)
-            lease = await deployment.lease(version)
+            lease = await deployment.lease(version, user)
         except BaseException:
             deployment.admission.leave()
             raise

@@ -149,6 +149,28 @@ def test_canary_splits_traffic_by_weight_then_promotes(home):
         assert {_ask(client, max_tokens=1)[0] for _ in range(10)} == {"chat@2"}
 
 
+def test_a_canary_keeps_each_user_on_one_version_and_a_step_up_only_moves_users_onto_it(home):
+    """Requests naming their `user` (chat, completions, Responses) go by the user: each user
+    sees one version all through the canary; users without a name go by weight as before."""
+    with _server(home) as server:
+        _admin(server, "POST", "/deployments/chat/canary", to="chat@2", weight=30)
+        client = server.client()
+
+        def served(user: str) -> set[str]:
+            chat = client.chat.completions.with_raw_response.create(model="chat", messages=HI, max_tokens=1, user=user)
+            text = client.completions.with_raw_response.create(model="chat", prompt="hi", max_tokens=1, user=user)
+            answer = client.responses.with_raw_response.create(model="chat", input="hi", max_output_tokens=16, user=user)
+            return {raw.headers["x-baton-version"] for raw in (chat, chat, text, answer)}
+
+        users = [f"user-{number}" for number in range(24)]
+        at_30 = {user: served(user) for user in users}
+        assert all(len(versions) == 1 for versions in at_30.values()), at_30
+        on_canary = {user for user, versions in at_30.items() if versions == {"chat@2"}}
+        assert 0 < len(on_canary) < len(users)  # 30%: both sides have users (0.7^24 + 0.3^24 by chance)
+        _admin(server, "POST", "/deployments/chat/canary/step", weight=70)
+        assert on_canary < {user for user in users if served(user) == {"chat@2"}}
+
+
 def test_failing_verification_keeps_the_old_version(home):
     factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(produces_nothing=True)})
     with _server(home, factory) as server:
@@ -272,7 +294,13 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
         assert "(20%, auto)" in baton("deployments", *remote).stdout
         assert "20% of requests, judged by baton" in baton("status", *remote).stdout
         assert _admin(server, "GET", "/deployments/chat")["canary"]["analysis"]["promote_after_s"] == 600
+        stepped = baton("canary", "chat", "--weight", "60", "--reason", "looks fine", *remote)  # between the analysis' steps
+        assert stepped.returncode == 0 and "step chat chat@1 -> chat@2 (canary 20% -> 60%)" in stepped.stdout, stepped.stdout
+        assert "chat serves chat@1 (40%), canary chat@2 (60%, judged by baton)" in stepped.stdout
+        assert [e["reason"] for e in Registry(home).history("chat") if e["action"] == "step"][-1:] == ["looks fine"]
+        assert _admin(server, "POST", "/deployments/chat/canary/step", expect=400, weight=100)["error"]["param"] == "weight"
         assert baton("canary", "chat", "abort", *remote).returncode == 0
+        assert _admin(server, "POST", "/deployments/chat/canary/step", expect=409, weight=50)["error"]["message"] == "Deployment chat has no canary."
         deployed = baton("deploy", "other", "--model", "chat@2", *remote)
         assert deployed.returncode == 0 and "other serves chat@2" in deployed.stdout
         again = baton("deploy", "other", "--model", "chat@2", *remote)
