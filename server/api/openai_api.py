@@ -51,7 +51,7 @@ def _check_deployment(request: Request, name: str) -> None:
         raise ForbiddenError(f"The key {key.name!r} may not call the model '{name}'.", param="model", code="model_not_allowed")
 
 
-def _route(request: Request, model: str, user: str | None = None) -> Route:
+def route_request(request: Request, model: str, user: str | None = None) -> Route:
     """Where `model` sends the request (DeploymentManager.route), if the key may call that
     deployment. Rule: a key limited to some deployments learns nothing of
     the others: whatever it names outside them, known or not, is a 403."""
@@ -85,7 +85,7 @@ async def list_models(request: Request) -> dict:
 async def get_model(model: str, request: Request) -> dict:
     """A deployment's card, or a pinnable version's (`chat@3`) while it is served."""
     try:
-        _route(request, model)
+        route_request(request, model)
     except (ModelNotFoundError, ForbiddenError) as error:
         raise NotFoundError(f"The model '{model}' does not exist.", param="model", code="model_not_found") from error
     return _model_card(request, model)
@@ -143,7 +143,7 @@ def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
 async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_plan: ToolPlan | None = None):
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
     out of here returns the lease exactly once (Lease.release is idempotent)."""
-    route = _route(request, body.model, body.user)  # an unknown model: 404, and no metric labelled with it
+    route = route_request(request, body.model, body.user)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     observation = _observation(request, route.deployment)
     try:

@@ -302,6 +302,17 @@ class _GenerationBody(Strict):
         return tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
 
 
+def _answers_follow_calls(messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
+    """A tool message answers a call an earlier assistant message made: as OpenAI, for a
+    template would otherwise show the model an answer to no question."""
+    called = set()
+    for message in messages or ():
+        called |= {call.id for call in message.tool_calls or ()}
+        if message.role == "tool" and message.tool_call_id not in called:
+            raise ValueError(f"the tool output for call {message.tool_call_id!r} answers no call made before it")
+    return messages
+
+
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -316,17 +327,7 @@ class ChatCompletionRequest(_GenerationBody):
     modalities: list[Literal["text"]] | None = None
     service_tier: Literal["auto", "default"] | None = None
 
-    @field_validator("messages")
-    @classmethod
-    def _tool_answers_follow_their_calls(cls, messages):
-        """A tool message answers a call an earlier assistant message made: as OpenAI, for
-        a template would otherwise show the model an answer to no question."""
-        called = set()
-        for message in messages:
-            called |= {call.id for call in message.tool_calls or ()}
-            if message.role == "tool" and message.tool_call_id not in called:
-                raise ValueError(f"the tool output for call {message.tool_call_id!r} answers no call made before it")
-        return messages
+    _tool_answers_follow_their_calls = field_validator("messages")(_answers_follow_calls)
 
     @field_validator("tool_choice")
     @classmethod
@@ -415,3 +416,43 @@ class CompletionRequest(_GenerationBody):
     @property
     def json_format(self) -> None:
         return None  # completions answer in free text
+
+
+class TokenizeRequest(Strict):
+    """`POST /tokenize` (vLLM's route): a text `prompt`, or chat `messages` (with the `tools`
+    shown to the model) read as a chat completion reads them."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    user: str | None = None
+
+    _tool_answers_follow_their_calls = field_validator("messages")(_answers_follow_calls)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_text(cls, prompt):
+        if prompt is not None and not is_unicode(prompt):
+            raise ValueError("the prompt holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text")
+        return prompt
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either a prompt or messages")
+        if self.tools and self.messages is None:
+            raise ValueError("tools are shown with messages, not with a prompt")
+        return self
+
+    @property
+    def template_tools(self) -> list[dict] | None:
+        return [Function(t.function.name, t.function.description, t.function.parameters).as_tool() for t in self.tools] if self.tools else None
+
+
+class DetokenizeRequest(Strict):
+    """`POST /detokenize` (vLLM's route): token ids back to text."""
+
+    model: str
+    tokens: list[int]
+    user: str | None = None

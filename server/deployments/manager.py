@@ -118,18 +118,27 @@ class DeploymentManager:
                 return candidate
         return None
 
+    async def lease_tokenizer(self, route: Route) -> Lease:
+        """A lease on the slot whose tokenizer a request reads (counting tokens), outside the
+        admission queue: it generates nothing, so it waits behind no generation; an on-demand
+        deployment still loads for it."""
+        return await self._slot_lease(self._served(route.deployment), route.version, route.user)
+
     async def _lease_on(self, deployment: Deployment, version: str | None = None, user: str | None = None) -> Lease:
-        name = deployment.name
         await deployment.admission.enter()
         try:
-            if deployment.needs_load:
-                self._on_demand.start_load(deployment)
-            lease = await deployment.lease(version, user)
+            lease = await self._slot_lease(deployment, version, user)
         except BaseException:
             deployment.admission.leave()
             raise
         lease.on_release(deployment.admission.leave)
-        lease.deployment = name
+        return lease
+
+    async def _slot_lease(self, deployment: Deployment, version: str | None, user: str | None) -> Lease:
+        if deployment.needs_load:
+            self._on_demand.start_load(deployment)
+        lease = await deployment.lease(version, user)
+        lease.deployment = deployment.name
         return lease
 
     def get(self, name: str) -> Deployment:

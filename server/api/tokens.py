@@ -1,0 +1,60 @@
+"""Counting tokens: `POST /tokenize` and `POST /detokenize`, vLLM's routes, answered with the
+tokenizer and chat template of the version that serves the model now.
+
+Rule: a swap may change the tokenizer behind a name, so a client budgeting its context counts
+here, not with a copy of its own; the answer names the version it counted with (`model`, and
+`x-baton-version`), and a request pinning a version (`chat@3`) counts with that one. A
+request naming its `user` counts with the version that user's requests go to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from server.api.generation import check_token_ids
+from server.api.openai_api import admit, route_request
+from server.api.schemas import DetokenizeRequest, TokenizeRequest
+
+router = APIRouter(dependencies=[Depends(admit)])
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+    """The ids a completion's prompt (or a chat completion's messages) would be read as:
+    `count` is the `usage.prompt_tokens` that request would report."""
+    lease = await request.state.deployments.lease_tokenizer(route_request(request, body.model, body.user))
+    try:
+        engine = lease.engine
+        if body.messages is None:
+            tokens = await asyncio.to_thread(engine.tokenize, body.prompt)  # off the loop, as for generation
+        else:
+            tokens = await asyncio.to_thread(engine.tokenize_chat, [m.as_template_input() for m in body.messages], body.template_tools)
+        answer = {"model": _served_as(lease, body.model), "count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+        return JSONResponse(answer, headers=_served_by(lease))
+    finally:
+        lease.release()
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
+    """The text of `tokens`, special tokens included (so that it tokenizes back the same)."""
+    lease = await request.state.deployments.lease_tokenizer(route_request(request, body.model, body.user))
+    try:
+        engine = lease.engine
+        check_token_ids(body.tokens, engine.vocab_size, "tokens")
+        text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens)
+        return JSONResponse({"model": _served_as(lease, body.model), "prompt": text}, headers=_served_by(lease))
+    finally:
+        lease.release()
+
+
+def _served_as(lease, model: str) -> str:
+    """As generation names it: the registry version (`chat@2`), or the name for a local folder."""
+    return lease.slot.version if lease.slot.target.is_from_registry else model
+
+
+def _served_by(lease) -> dict:
+    return {"x-baton-deployment": lease.deployment, "x-baton-version": lease.slot.version}
