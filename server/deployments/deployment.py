@@ -98,6 +98,7 @@ class Deployment:
         self.previous_version: str | None = None  # what `rollback` returns to
         self.smoke_prompts: list[str] | None = None  # None: the server's default smoke prompts
         self.started_as: str | None = None  # the version the server's start-up settings named, if they did
+        self.aborted_canary: str | None = None  # the version whose canary was aborted last, until a canary of it starts again
         self.swap_lock = asyncio.Lock()
         self._max_waiting = max_waiting
         self._max_wait_seconds = max_wait_seconds
@@ -229,11 +230,19 @@ class Deployment:
     def start_canary(self, slot: Slot, weight: int, analysis: CanaryAnalysis | None = None) -> None:
         slot.move_to(SlotState.READY, f"canary of {self.name} at {weight}%")
         self.canary = Canary(slot, weight, analysis)
+        if self.aborted_canary == slot.version:  # tried again
+            self.aborted_canary = None
 
     def end_canary(self) -> Slot:
-        """Promoted or aborted: no new request goes to it; returns its slot."""
+        """Promoted: no new request goes to it; returns its slot."""
         canary, self.canary = self.canary, None
         return canary.slot
+
+    def abort_canary(self) -> Slot:
+        """As `end_canary`, and its version is remembered as aborted: a config file rolling it
+        out does not start it again by itself."""
+        self.aborted_canary = self.canary.version
+        return self.end_canary()
 
     @property
     def judged_canary(self) -> Canary | None:
@@ -265,6 +274,7 @@ class Deployment:
             "canary": self.canary.describe() if self.canary else None,
             "standby": self.standby.describe() if self.standby else None,
             "previous_version": self.previous_version,
+            "aborted_canary": self.aborted_canary,
             "is_breaching": self.is_breaching,
             "baseline": self.baseline.model_dump() if self.baseline else None,
             "fallbacks": self.policy.fallbacks,

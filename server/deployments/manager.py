@@ -239,13 +239,16 @@ class DeploymentManager:
                 except BatonError as error:
                     self._not_restored(name, state.get("version"), error)
                     continue
-            await self._restore_canary(self._deployments[name], state.get("canary"), state["version"], change)
+            await self._restore_canary(self._deployments[name], state, change)
 
-    async def _restore_canary(self, deployment: Deployment, canary: dict | None, version: str, change: Change) -> None:
-        """A saved canary comes back beside the version it was the canary of; not where the
-        start-up settings chose another version (the operator's new choice), nor on demand.
-        Its analysis starts afresh."""
-        if canary is None or deployment.active is None or deployment.version != version:
+    async def _restore_canary(self, deployment: Deployment, saved: dict, change: Change) -> None:
+        """A saved canary comes back beside the version it was the canary of, and an aborted
+        one stays aborted; not where the start-up settings chose another version (the
+        operator's new choice), nor on demand. Its analysis starts afresh."""
+        if deployment.active is None or deployment.version != saved["version"]:
+            return
+        deployment.aborted_canary = saved.get("aborted_canary")
+        if (canary := saved.get("canary")) is None:
             return
         analysis = CanaryAnalysis.model_validate(canary["analysis"]) if canary["analysis"] else None
         try:
@@ -274,6 +277,7 @@ class DeploymentManager:
             "engine_overrides": deployment.engine_overrides,
             "started_as": deployment.started_as,
             "canary": deployment.canary.saved() if deployment.canary else None,
+            "aborted_canary": deployment.aborted_canary,
         }
         try:
             self._registry.save_deployment(deployment.name, state)

@@ -8,8 +8,11 @@ to; smoke prompts, the health policy, `on_demand` and its idle TTL change in pla
 
 A deployment whose file names a `canary` rollout gets a new version as a canary beside the
 loaded one (an older canary of another version is aborted first), and a canary of the
-file's version is left to roll out: not drift, the file is on its way. The file naming a
-version that runs as a canary, with no rollout, promotes it.
+file's version is left to roll out: not drift, the file is on its way. A rollout whose
+canary was aborted (by its analysis, an operator, or its engine's death) is halted: no
+reload starts that version's canary again (drift, said), until an operator starts it or the
+file names another version. The file naming a version that runs as a canary, with no
+rollout, promotes it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from models.catalog import Change
 from models.errors import BatonError, ConfigError
 from server.config.file import ConfigFile, DeploymentConfig
 
-Action = Literal["deploy", "swap", "canary", "promote", "rolling", "update", "keep", "unmanaged"]
+Action = Literal["deploy", "swap", "canary", "promote", "rolling", "halted", "update", "keep", "unmanaged"]
 IN_PLACE = ("smoke_prompts", "health", "on_demand", "idle_ttl_s")
 
 
@@ -38,11 +41,12 @@ class State:
     engine_options: str = "{}"  # sorted JSON
     canary: str | None = None  # as it runs: the canary's version
     is_loaded: bool = True  # as it runs: a version is loaded (a canary runs beside one only)
+    aborted: str | None = None  # as it runs: the version whose canary was aborted last
     rolls_out: bool = False  # as the file asks: a new version goes out as a canary
 
     @classmethod
     def of(cls, version, on_demand, idle_ttl_s, smoke_prompts, health, engine_options, **rollout) -> State:
-        """`rollout`: canary, is_loaded (as it runs) or rolls_out (as the file asks)."""
+        """`rollout`: canary, is_loaded, aborted (as it runs) or rolls_out (as the file asks)."""
         return cls(
             version,
             on_demand,
@@ -73,6 +77,7 @@ class PlannedChange:
             "canary": f"~ {self.deployment}: canary {self.desired} beside {self.current}" + (f", aborting canary {self.canary}" if self.canary else ""),
             "promote": f"~ {self.deployment}: promote canary {self.desired} over {self.current}",
             "rolling": f"= {self.deployment}: {self.current}, canary {self.desired} rolling out",
+            "halted": f"! {self.deployment}: {self.current}; the canary of {self.desired} was aborted (start it again by hand, or name another version)",
             "update": f"~ {self.deployment}: {self.current}{beside}",
             "keep": f"= {self.deployment}: {self.current}{beside}",
             "unmanaged": f"? {self.deployment}: {self.current} (not in the config; left as it is)",
@@ -81,7 +86,7 @@ class PlannedChange:
 
     @property
     def is_drift(self) -> bool:
-        return self.action in ("deploy", "swap", "canary", "promote", "update")
+        return self.action in ("deploy", "swap", "canary", "promote", "halted", "update")
 
 
 def plan_changes(actual: dict[str, State], desired: dict[str, State]) -> list[PlannedChange]:
@@ -104,14 +109,14 @@ def _how_to_reach(running: State, wanted: State, new_options: bool) -> Action | 
     """How the file's version (and engine options) come to serve; None: they do already.
     Rule: a canary of the file's version is promoted, or left to roll out where the file
     asks for rollouts (new engine options wait for it); a new version goes out as a canary
-    where the file asks and one can run (a loaded version, the same engine options); every
-    other change is a swap."""
+    where the file asks and one can run (a loaded version, the same engine options), unless
+    its canary was aborted (halted: nothing); every other change is a swap."""
     if running.version == wanted.version and not new_options:
         return None
     if running.canary == wanted.version:
         return "rolling" if wanted.rolls_out else "promote"
     if wanted.rolls_out and running.is_loaded and not new_options:
-        return "canary"
+        return "halted" if running.aborted == wanted.version else "canary"
     return "swap"
 
 
@@ -179,5 +184,5 @@ class Reconciler:
 def _running(deployment) -> State:
     on_demand, canary = deployment.on_demand, deployment.canary
     idle_ttl_s = on_demand.idle_ttl_s if on_demand else None
-    rollout = {"canary": canary.version if canary else None, "is_loaded": deployment.active is not None}
+    rollout = {"canary": canary.version if canary else None, "is_loaded": deployment.active is not None, "aborted": deployment.aborted_canary}
     return State.of(deployment.target_version, on_demand is not None, idle_ttl_s, deployment.smoke_prompts, deployment.policy, deployment.engine_overrides, **rollout)

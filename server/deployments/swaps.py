@@ -177,7 +177,7 @@ class Swaps:
 
     async def abort_canary(self, deployment: Deployment, record: SwapRecord) -> None:
         async with record.phase("unroute"):
-            canary = deployment.end_canary()
+            canary = deployment.abort_canary()
         await self._slots.drain(record, canary)
         async with record.phase("stop"):
             await self._slots.stop(canary)

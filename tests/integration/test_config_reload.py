@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import sse_errors
+from models.catalog import Change
+from models.registry import ImportOptions, Registry
+from tests.conftest import build_tiny_model, sse_errors
 from tests.integration.test_cli import BATON, _free_port, _wait_healthy
 
 CONFIG = """\
@@ -270,10 +272,11 @@ def test_the_file_naming_an_operators_canary_promotes_it(served):
     assert _version(url) == "chat@2" and _state(url)["canary"] is None
 
 
-def test_a_rollout_under_way_resumes_after_a_restart(served, tmp_path):
+def test_a_rollout_under_way_resumes_after_a_restart_and_an_aborted_one_stays_halted(served, tmp_path, demo_model_path):
     """A restart mid-rollout starts the version the rollout runs over, its canary back beside
-    it: not the file's version at once, which would skip the analysis. With the canary gone
-    (aborted), the file is applied again after start: the rollout begins anew."""
+    it: not the file's version at once, which would skip the analysis. An aborted canary is
+    not started again, by a reload or a restart; a file naming another version rolls that one
+    out, at start too."""
     url, process, config, write, env = served
     write("chat@2")
     config.write_text(config.read_text() + "    canary: {weight: 50}\n")  # no analysis: the operator promotes
@@ -281,27 +284,35 @@ def test_a_rollout_under_way_resumes_after_a_restart(served, tmp_path):
     assert (change["action"], change["status"]) == ("canary", "succeeded"), change
     port = int(url.rsplit(":", 1)[1])
 
-    def restart() -> None:
+    def restart(process) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
 
-    restart()
+    restart(process)
     with _serving(config, port, env, tmp_path / "restarted.log") as (url, process):
         state = _state(url)
         assert (state["version"], state["canary"]["version"], state["canary"]["weight"]) == ("chat@1", "chat@2", 50), state
         assert httpx.get(f"{url}/admin/status").json()["drift"] == []
-        versions = {_chat_version(url) for _ in range(12)}
-        assert versions == {"chat@1", "chat@2"}  # 50% each: both answer (1 in 2,048 fails by chance)
+        assert {_chat_version(url) for _ in range(12)} == {"chat@1", "chat@2"}  # 50% each (1 in 2,048 fails by chance)
         assert httpx.post(f"{url}/admin/deployments/chat/canary/abort", json={}).status_code == 200
-        restart()
+        (change,) = httpx.post(f"{url}/admin/reload", json={}, timeout=120).json()["changes"]
+        assert (change["action"], change["status"]) == ("halted", "unchanged"), change
+        restart(process)
+    halted = "! chat: chat@1; the canary of chat@2 was aborted (start it again by hand, or name another version)"
     with _serving(config, port, env, tmp_path / "again.log") as (url, process):
+        assert _state(url)["canary"] is None and httpx.get(f"{url}/admin/status").json()["drift"] == [halted]
+        restart(process)
+    third = build_tiny_model(tmp_path / "chat3", demo_model_path, seed=2)
+    Registry(Path(env["BATON_HOME"])).import_folder(third, "chat", {"kind": "local"}, ImportOptions(), Change("tester"))
+    config.write_text(config.read_text().replace("model: chat@2", "model: chat@3"))
+    with _serving(config, port, env, tmp_path / "third.log") as (url, process):
         deadline = time.monotonic() + 120
-        while (_state(url)["canary"] or {}).get("version") != "chat@2":  # the reload after start
+        while (_state(url)["canary"] or {}).get("version") != "chat@3":  # the reload after start
             assert time.monotonic() < deadline, _state(url)
             time.sleep(0.2)
         assert _version(url) == "chat@1"
         reloads = [e for e in httpx.get(f"{url}/admin/models/chat/history").json() if e["actor"] == "start"]
-        assert [e["action"] for e in reloads] == ["canary"], reloads
+        assert [(e["action"], e["version"]) for e in reloads] == [("canary", 3)], reloads
 
 
 def _chat_version(url: str) -> str:

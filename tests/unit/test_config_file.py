@@ -134,6 +134,16 @@ def test_a_file_that_rolls_out_sends_a_new_version_out_as_a_canary_and_lets_it_r
     assert drift([fresh, replacing, rolling, done]) == [fresh.describe(), replacing.describe()]  # rolling out is on the way, not drift
 
 
+def test_a_rollout_whose_canary_was_aborted_is_halted_until_the_file_names_another_version():
+    aborted = {"aborted": "chat@2"}
+    (halted,) = plan_changes({"chat": _state("chat@1", aborted)}, {"chat": _state("chat@2", {"rolls_out": True})})
+    (next_version,) = plan_changes({"chat": _state("chat@1", aborted)}, {"chat": _state("chat@3", {"rolls_out": True})})
+    (no_rollout,) = plan_changes({"chat": _state("chat@1", aborted)}, {"chat": _state("chat@2")})  # the file swaps it, as it says
+    assert [c.action for c in (halted, next_version, no_rollout)] == ["halted", "canary", "swap"]
+    assert halted.describe() == "! chat: chat@1; the canary of chat@2 was aborted (start it again by hand, or name another version)"
+    assert halted.is_drift  # said where drift is said: the file and what runs differ
+
+
 def test_a_canary_goes_only_where_one_can_run_else_the_strategy_swaps():
     rolls_out = {"rolls_out": True}
     (unloaded,) = plan_changes({"docs": _state("docs@1", {"is_loaded": False}, on_demand=True)}, {"docs": _state("docs@2", rolls_out, on_demand=True)})

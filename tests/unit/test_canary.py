@@ -1,17 +1,21 @@
-"""Which requests a canary takes: by weight, and for a request naming its `user`, the same
-answer for that user all through the canary."""
+"""Which requests a canary takes (by weight; for a request naming its `user`, the same answer
+for that user all through the canary), and what an abort leaves behind."""
 
 from pathlib import Path
 
-from server.deployments.deployment import Canary
-from server.deployments.slot import Slot, Target
+from server.deployments.deployment import Canary, Deployment
+from server.deployments.slot import Slot, SlotState, Target
 from tests.fake_engine import FakeBehaviour, FakeEngine
 
 USERS = [f"user-{number}" for number in range(4000)]
 
 
+def _slot(version: str) -> Slot:
+    return Slot(Target(version, Path("/models") / version, {}, 100), FakeEngine(version, FakeBehaviour()))
+
+
 def _canary(weight: int, version: str = "chat@2") -> Canary:
-    return Canary(Slot(Target(version, Path("/models/b"), {}, 100), FakeEngine("b", FakeBehaviour())), weight)
+    return Canary(_slot(version), weight)
 
 
 def _taken(canary: Canary) -> set[str]:
@@ -42,3 +46,17 @@ def test_a_step_up_only_moves_users_onto_the_canary():
 def test_each_canary_version_samples_its_own_users():
     chat2, chat3 = _taken(_canary(10, "chat@2")), _taken(_canary(10, "chat@3"))
     assert len(chat2 & chat3) < len(chat2) / 2  # independent samples share about a tenth
+
+
+def test_an_aborted_canarys_version_is_remembered_until_a_canary_of_it_starts_again():
+    active = _slot("chat@1")
+    active.state = SlotState.READY
+    deployment = Deployment("chat", active, max_waiting=4, max_wait_seconds=1.0)
+    deployment.start_canary(_slot("chat@2"), 10)
+    assert deployment.abort_canary().version == "chat@2"
+    assert (deployment.canary, deployment.aborted_canary) == (None, "chat@2")
+    deployment.start_canary(_slot("chat@3"), 10)  # another version: chat@2 stays aborted
+    deployment.end_canary()  # promoted, say
+    assert deployment.aborted_canary == "chat@2"
+    deployment.start_canary(_slot("chat@2"), 10)  # tried again
+    assert deployment.aborted_canary is None
