@@ -143,7 +143,7 @@ def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
 async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_plan: ToolPlan | None = None):
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
     out of here returns the lease exactly once (Lease.release is idempotent)."""
-    route = route_request(request, body.model, body.user)  # an unknown model: 404, and no metric labelled with it
+    route = route_request(request, body.model, body.end_user)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     observation = _observation(request, route.deployment)
     try:

@@ -118,6 +118,8 @@ class ResponsesRequest(Strict):
     previous_response_id: str | None = None  # refused: nothing is stored
     metadata: dict[str, str] | None = None
     user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     # What SDKs send as their defaults, accepted where it asks for nothing.
     include: list[str] | None = Field(None, max_length=0)
     truncation: Literal["disabled"] | None = None
@@ -138,6 +140,8 @@ class ResponsesRequest(Strict):
             "stream": self.stream,
             "parallel_tool_calls": self.parallel_tool_calls,
             "user": self.user,
+            "safety_identifier": self.safety_identifier,
+            "prompt_cache_key": self.prompt_cache_key,
             "metadata": self.metadata,
         }
         if self.tools:
@@ -240,6 +244,8 @@ class ResponseShape:
             "store": False,
             "metadata": self.request.metadata or {},
             "user": self.request.user,
+            "safety_identifier": self.request.safety_identifier,
+            "prompt_cache_key": self.request.prompt_cache_key,
             "output": [],
         }
 

@@ -1,9 +1,9 @@
 """OpenAI request bodies that baton accepts.
 
 Rule: a field baton does not implement is rejected (extra="forbid") so that a caller never
-believes a setting took effect when it did not; `user` (which keeps a user on one side of a
-canary) and `metadata` are accepted because they change nothing about the output, and so is
-any value that asks for nothing (`tools: null`, `response_format: {"type": "text"}`, `echo:
+believes a setting took effect when it did not; `user` and `safety_identifier` (which keep
+a user on one side of a canary), `prompt_cache_key` and `metadata` are accepted because they
+change nothing about the output, and so is any value that asks for nothing (`tools: null`, `response_format: {"type": "text"}`, `echo:
 false`): clients send their defaults.
 """
 
@@ -240,9 +240,16 @@ class _GenerationBody(Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in -100..100
     user: str | None = None
+    safety_identifier: str | None = None  # OpenAI's newer name for the end user
+    prompt_cache_key: str | None = None  # a caching hint: prefixes are cached whatever it says
     metadata: dict[str, str] | None = None
 
     _stop_as_list = field_validator("stop", mode="before")(_as_list)
+
+    @property
+    def end_user(self) -> str | None:
+        """Who the request is for, where the caller says (routes a canary's requests)."""
+        return self.safety_identifier or self.user
 
     @model_validator(mode="before")
     @classmethod

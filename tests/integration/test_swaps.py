@@ -157,10 +157,13 @@ def test_a_canary_keeps_each_user_on_one_version_and_a_step_up_only_moves_users_
         client = server.client()
 
         def served(user: str) -> set[str]:
+            """As `user`, or as OpenAI's newer `safety_identifier`: one user either way."""
             chat = client.chat.completions.with_raw_response.create(model="chat", messages=HI, max_tokens=1, user=user)
+            again = client.chat.completions.with_raw_response.create(model="chat", messages=HI, max_tokens=1, safety_identifier=user, prompt_cache_key="c1")
             text = client.completions.with_raw_response.create(model="chat", prompt="hi", max_tokens=1, user=user)
-            answer = client.responses.with_raw_response.create(model="chat", input="hi", max_output_tokens=16, user=user)
-            return {raw.headers["x-baton-version"] for raw in (chat, chat, text, answer)}
+            answer = client.responses.with_raw_response.create(model="chat", input="hi", max_output_tokens=16, safety_identifier=user)
+            assert answer.parse().safety_identifier == user
+            return {raw.headers["x-baton-version"] for raw in (chat, again, text, answer)}
 
         users = [f"user-{number}" for number in range(24)]
         at_30 = {user: served(user) for user in users}
