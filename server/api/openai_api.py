@@ -72,23 +72,34 @@ def _callable_names(request: Request) -> list[str]:
     return [d.name for d in request.state.deployments.deployments if key is None or key.may_call(d.name)]
 
 
-def _model_card(request: Request, name: str) -> dict:
-    return {"id": name, "object": "model", "created": request.state.started_at, "owned_by": "baton"}
+def _model_card(request: Request, model: str, route: Route) -> dict:
+    """OpenAI's card, with vLLM's `root` (here: the version the model names now) and
+    `max_model_len` (that version's context, while it is loaded; else null)."""
+    deployment = request.state.deployments.get(route.deployment)
+    slot = next((slot for role, slot in deployment.roles() if role != "standby" and slot.version == route.version), None) if route.version else deployment.active
+    return {
+        "id": model,
+        "object": "model",
+        "created": request.state.started_at,
+        "owned_by": "baton",
+        "root": route.version or deployment.target_version,
+        "max_model_len": slot.engine.max_model_len if slot is not None else None,
+    }
 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": [_model_card(request, name) for name in _callable_names(request)]}
+    return {"object": "list", "data": [_model_card(request, name, Route(name)) for name in _callable_names(request)]}
 
 
 @router.get("/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict:
     """A deployment's card, or a pinnable version's (`chat@3`) while it is served."""
     try:
-        route_request(request, model)
+        route = route_request(request, model)
     except (ModelNotFoundError, ForbiddenError) as error:
         raise NotFoundError(f"The model '{model}' does not exist.", param="model", code="model_not_found") from error
-    return _model_card(request, model)
+    return _model_card(request, model, route)
 
 
 class AnswerShape(Protocol):

@@ -115,7 +115,9 @@ def test_completions_default_to_16_tokens_as_openai_does(client):
 
 
 def test_one_models_card_and_a_404_for_an_unknown_one(client):
-    assert client.models.retrieve("tiny").id == "tiny"
+    card = client.models.retrieve("tiny").model_dump()
+    assert (card["id"], card["owned_by"], card["root"]) == ("tiny", "baton", "local")
+    assert isinstance(card["max_model_len"], int) and card["max_model_len"] > 0
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
 

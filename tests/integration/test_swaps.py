@@ -542,7 +542,9 @@ def test_a_request_naming_a_version_is_served_by_that_version(home):
             raw = client.chat.completions.with_raw_response.create(model=model, messages=HI, max_tokens=2)
             served = "chat@1" if model == "chat@1" else "chat@2"
             assert (raw.headers["x-baton-version"], raw.headers["x-baton-deployment"], raw.parse().model) == (served, "chat", served)
-        assert client.models.retrieve("chat@beta").id == "chat@beta"
+        beta = client.models.retrieve("chat@beta").model_dump()
+        assert (beta["id"], beta["root"], beta["max_model_len"]) == ("chat@beta", "chat@2", 4096)  # the canary's engine
+        assert client.models.retrieve("chat").model_dump()["root"] == "chat@1"
         with pytest.raises(openai.NotFoundError) as refused:
             client.chat.completions.create(model="chat@3", messages=HI, max_tokens=2)
         assert "not served now" in str(refused.value) and "chat@1, chat@2" in str(refused.value)
@@ -556,6 +558,8 @@ def test_a_request_naming_a_version_is_served_by_that_version(home):
 def test_a_request_naming_the_version_an_unloaded_on_demand_deployment_serves_loads_it(home):
     with _server(home, FakeEngineFactory()) as server:
         _deploy_on_demand(server, "lazy", "chat@2")
+        unloaded = server.client().models.retrieve("lazy").model_dump()
+        assert (unloaded["root"], unloaded["max_model_len"]) == ("chat@2", None)  # what it loads next; no context until it does
         assert _ask_model(server, "chat@2") == "chat@2"
         assert _admin(server, "GET", "/deployments/lazy")["state"] == "ready"
 
