@@ -42,7 +42,7 @@ class Metrics:
         self.registry.register(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry) + generate_latest(REGISTRY)
+        return generate_latest(_WithoutCreated(self.registry)) + generate_latest(_WithoutCreated(REGISTRY))
 
     def record_swap(self, record) -> None:
         self.swaps.labels(record.deployment, record.action, record.strategy, record.status).inc()
@@ -51,6 +51,20 @@ class Metrics:
                 self.swap_phase_seconds.labels(record.action, record.strategy, phase.name).observe(phase.duration_s)
         if record.num_cut_off:
             self.cut_off.labels(record.deployment).inc(record.num_cut_off)
+
+
+class _WithoutCreated:
+    """A registry's metrics without the `*_created` series prometheus_client adds to every
+    counter, histogram and summary (one more series per label set, which Prometheus's text
+    format cannot mark as metadata). Turning them off is process-wide in prometheus_client."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._registry = registry
+
+    def collect(self):
+        for metric in self._registry.collect():
+            metric.samples = [sample for sample in metric.samples if sample.name != f"{metric.name}_created"]
+            yield metric
 
 
 class StateCollector:

@@ -58,6 +58,7 @@ def test_requests_move_the_counters_and_histograms(server):
     assert _value(after, "baton_request_duration_seconds_count", **labels) - _value(before, "baton_request_duration_seconds_count", **labels) == 5
     assert _value(after, "baton_slot_state", deployment="chat", role="active", state="ready") == 1
     assert "process_resident_memory_bytes" in after and "baton_requests_in_flight" in after
+    assert "_created" not in after  # no creation-time series beside every counter and histogram
 
 
 def test_a_swap_moves_the_swap_counter_and_its_phase_histograms(server):
