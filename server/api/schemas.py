@@ -3,8 +3,8 @@
 Rule: a field baton does not implement is rejected (extra="forbid") so that a caller never
 believes a setting took effect when it did not; `user` and `safety_identifier` (which keep
 a user on one side of a canary), `prompt_cache_key` and `metadata` are accepted because they
-change nothing about the output, and so is any value that asks for nothing (`tools: null`, `response_format: {"type": "text"}`, `echo:
-false`): clients send their defaults.
+change nothing about the output, and so is any value that asks for nothing (`tools: null`,
+`response_format: {"type": "text"}`, `echo: false`): clients send their defaults.
 """
 
 from __future__ import annotations
