@@ -38,7 +38,7 @@ class SwapBody(_Body):
     wait: bool = Field(True, description="false: answer at once with the swap's id, and poll /admin/swaps/{id}")
 
 
-class RollbackBody(_Body):
+class WaitBody(_Body):
     wait: bool = True
 
 
@@ -84,9 +84,16 @@ async def swap(name: str, body: SwapBody, request: Request) -> dict:
     return record.to_dict()
 
 
+@router.post("/deployments/{name}/unload")
+async def unload(name: str, request: Request, body: WaitBody | None = None) -> dict:
+    """An on-demand deployment unloaded now (not at its idle TTL); its next request loads it."""
+    body = body or WaitBody()
+    return (await request.state.deployments.unload(name, actor_change(request, body.reason), wait=body.wait)).to_dict()
+
+
 @router.post("/deployments/{name}/rollback")
-async def rollback(name: str, request: Request, body: RollbackBody | None = None) -> dict:
-    body = body or RollbackBody()
+async def rollback(name: str, request: Request, body: WaitBody | None = None) -> dict:
+    body = body or WaitBody()
     return (await request.state.deployments.rollback(name, actor_change(request, body.reason), wait=body.wait)).to_dict()
 
 

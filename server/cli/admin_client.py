@@ -80,6 +80,9 @@ class AdminClient:
     def rollback(self, name: str, reason: str) -> dict:
         return self._call("POST", f"/deployments/{name}/rollback", json={"reason": reason, "wait": False})
 
+    def unload(self, name: str, reason: str) -> dict:
+        return self._call("POST", f"/deployments/{name}/unload", json={"reason": reason, "wait": False})
+
     def canary(self, name: str, to: str, weight: int, reason: str, analysis: dict | None = None) -> dict:
         return self._call("POST", f"/deployments/{name}/canary", json={"to": to, "weight": weight, "reason": reason, "analysis": analysis})
 

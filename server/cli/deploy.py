@@ -1,4 +1,4 @@
-"""`baton deploy | undeploy | swap | rollback | canary | deployments`: deployments live in a running
+"""`baton deploy | undeploy | swap | rollback | unload | canary | deployments`: deployments live in a running
 server, so these commands talk to its admin API (--server, default http://127.0.0.1:8000)."""
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def add_commands(commands) -> None:
 
     rollback = command("rollback", "go back to the previous version", lambda client, args: _follow(client, client.rollback(args.name, args.reason)))
     rollback.add_argument("name")
+    unload = command("unload", "stop an on-demand deployment's engine now (its requests drain first); its next request loads it", lambda client, args: _follow(client, client.unload(args.name, args.reason)))
+    unload.add_argument("name")
 
     canary = command("canary", "send a share of traffic to a version; then: --weight W | promote | abort", _canary)
     canary.add_argument("name")
@@ -140,6 +142,9 @@ def _follow(client: AdminClient, record: dict) -> int:
         return 1
     if record["action"] == "remove":
         print(f"removed: {record['deployment']} serves no more")
+        return 0
+    if record["action"] == "unload":
+        print(f"unloaded: {record['deployment']} loads {record['from_version']} again on its next request")
         return 0
     deployment = client.deployment(record["deployment"])
     canary = deployment["canary"]

@@ -396,6 +396,20 @@ class DeploymentManager:
                 await self._slots.stop(slot)
             phase.detail = f"{len(slots)} engine(s) stopped" if slots else "nothing was loaded"
 
+    async def unload(self, name: str, change: Change, wait: bool = True) -> SwapRecord:
+        """An on-demand deployment's engine stops now rather than at its idle TTL (its memory
+        for other work): requests in flight finish (until the drain deadline), and the next
+        request loads it again."""
+        deployment = self._lock_free(name)
+        if deployment.on_demand is None:
+            raise ConflictError(f"Deployment {name} is always on; make it on demand first, or undeploy it.", code="not_on_demand")
+        if deployment.active is None:
+            raise ConflictError(f"Deployment {name} has nothing loaded.", code="not_loaded")
+        if deployment.canary is not None:
+            raise ConflictError(f"Deployment {name} has a canary ({deployment.canary.version}); promote or abort it first.")
+        record = SwapRecord(name, "unload", deployment.version, None, "on-demand", change.actor, change.reason)
+        return await self._run(deployment, record, self._on_demand.drain_and_unload(deployment, record), wait)
+
     async def stop_all(self) -> None:
         for task in list(self._tasks):
             task.cancel()

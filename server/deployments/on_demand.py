@@ -48,6 +48,18 @@ class OnDemandLoads:
                 except Exception:  # one engine that fails to stop must not end idle unloading for all
                     log.exception("could not unload idle deployment %s", deployment.name)
 
+    async def drain_and_unload(self, deployment: Deployment, record: SwapRecord) -> None:
+        """An operator's unload, under the swap lock: unrouted, drained, stopped. A request
+        that arrived meanwhile waits for the load this starts (run once the lock is free)."""
+        async with record.phase("unroute"):
+            slot = deployment.unload()
+        await self._slots.drain(record, slot)
+        async with record.phase("stop"):
+            await self._slots.drop_standby(deployment)
+            await self._slots.stop(slot)
+        if deployment.num_waiting:
+            self.start_load(deployment)
+
     async def unload(self, deployment: Deployment, reason: str) -> None:
         record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
         async with record.phase("unload"):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -271,9 +273,6 @@ def test_unknown_version_and_strategy_are_clear_errors(home):
 
 
 def test_cli_swap_shows_phases_and_deployments_table(home):
-    import subprocess
-    import sys
-
     def baton(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "server.cli.main", *args], capture_output=True, text=True, timeout=120)
 
@@ -478,6 +477,45 @@ def _deploy_on_demand(server, name: str, ref: str, idle_ttl_s: float = 300.0) ->
 def _ask_model(server, model: str, max_tokens: int = 2) -> str:
     raw = server.client().chat.completions.with_raw_response.create(model=model, messages=HI, max_tokens=max_tokens)
     return raw.headers["x-baton-version"]
+
+
+def test_an_operator_unloads_an_on_demand_deployment_its_streams_finish_and_the_next_request_loads_it(home):
+    factory = FakeEngineFactory(default=FakeBehaviour(token_seconds=0.02))
+    with _server(home, factory) as server:
+        _deploy_on_demand(server, "lazy", "chat@2")
+        assert _ask_model(server, "lazy") == "chat@2"  # loaded
+        streamed = {}
+
+        def stream():
+            chunks = server.client().chat.completions.create(model="lazy", messages=HI, max_tokens=40, stream=True)
+            streamed["finish_reasons"] = [c.choices[0].finish_reason for c in chunks if c.choices]
+
+        def streaming() -> threading.Thread:
+            client = threading.Thread(target=stream)
+            client.start()
+            while _admin(server, "GET", "/deployments/lazy")["in_flight"] == 0:
+                time.sleep(0.01)
+            return client
+
+        client = streaming()
+        record = _admin(server, "POST", "/deployments/lazy/unload", reason="free the GPU")
+        client.join(timeout=30)
+        assert (record["status"], record["action"], record["from_version"]) == ("succeeded", "unload", "chat@2")
+        assert [p["name"] for p in record["phases"]] == ["unroute", "drain", "stop"]
+        assert streamed["finish_reasons"][-1] == "length"  # drained: the stream ran to its end
+        assert _admin(server, "GET", "/deployments/lazy")["state"] == "unloaded" and not factory.built[-1].health().is_ready
+        assert _admin(server, "POST", "/deployments/lazy/unload", expect=409)["error"]["code"] == "not_loaded"
+        assert _ask_model(server, "lazy") == "chat@2"  # loaded again
+
+        client = streaming()
+        assert _admin(server, "POST", "/deployments/lazy/unload", wait=False)["status"] == "running"  # draining the stream
+        assert _ask_model(server, "lazy") == "chat@2"  # arrived mid-unload: waits for the load it starts
+        client.join(timeout=30)
+        assert len([e for e in Registry(home).history("chat") if e["action"] == "load" and e["details"]["deployment"] == "lazy"]) == 3
+        assert _admin(server, "POST", "/deployments/chat/unload", expect=409)["error"]["code"] == "not_on_demand"
+        cli = subprocess.run([sys.executable, "-m", "server.cli.main", "unload", "lazy", "--server", server.url], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0 and "unloaded: lazy loads chat@2 again on its next request" in cli.stdout, cli.stdout + cli.stderr
+        assert _admin(server, "POST", "/deployments/nope/unload", expect=404)["error"]["code"] == "deployment_not_found"
 
 
 def test_on_demand_loads_on_first_request_and_unloads_when_idle(home):
