@@ -181,6 +181,7 @@ def format_status(status: dict) -> str:
                 lines.append(f"{d['name']:<14} {role:<8} {slot['version']:<18} {slot['state']:<9} {slot['engine']:<13} {slot['in_flight']:>9} {waiting:>7} {gib(slot['memory_bytes']):>10}  {plan}")
         if not d["active"]:
             lines.append(f"{d['name']:<14} {'-':<8} {d['version'] or '-':<18} {d['state']:<9} {'-':<13} {d['in_flight']:>9} {d['waiting']:>7}")
+    lines += _config_lines(status)
     lines.append(f"\nmemory budget: {gib(status['memory_in_use_bytes'])} in use of {gib(status['memory_budget_bytes'])}")
     gpus = status["gpus"]
     if not gpus["available"]:
@@ -192,6 +193,15 @@ def format_status(status: dict) -> str:
         memory = f"{gib(g['memory_used_bytes'])} / {gib(g['memory_total_bytes'])}"
         lines.append(f"{g['index']:<4} {g['name'][:24]:<24} {g['utilization_percent']:>4.0f}% {memory:>21} {g['power_watts']:>6.0f}W {g['temperature_celsius']:>4.0f}C  {engines}")
     return "\n".join(lines)
+
+
+def _config_lines(status: dict) -> list[str]:
+    """With a config file: whether what runs is what it says (a halted rollout, an admin change)."""
+    if "config_file" not in status:
+        return []
+    if status["drift"] is None:
+        return [f"\nconfig {status['config_file']}: cannot be read: {status['config_error']}"]
+    return [f"\nconfig {status['config_file']}: " + ("what runs is what it says" if not status["drift"] else "differs"), *(f"  {line}" for line in status["drift"])]
 
 
 def _list(client: AdminClient, args) -> int:

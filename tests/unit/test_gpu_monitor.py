@@ -127,3 +127,9 @@ def test_baton_status_prints_slots_memory_and_gpus_as_tables():
     assert "68.0 GiB in use of 80.0 GiB" in table
     assert "NVIDIA H100 80GB HBM3" in table and "87%" in table and "chat chat@2 30.0 GiB" in table
     assert "GPUs: none" in format_status({**status, "gpus": GpuMonitor(None, 5.0).status()})
+    assert "config" not in table  # no config file
+    halted = "! chat: chat@2; the canary of chat@3 was aborted (start it again by hand, or name another version)"
+    assert f"config /etc/baton.yaml: differs\n  {halted}" in format_status({**status, "config_file": "/etc/baton.yaml", "drift": [halted]})
+    assert "config /etc/baton.yaml: what runs is what it says" in format_status({**status, "config_file": "/etc/baton.yaml", "drift": []})
+    unreadable = format_status({**status, "config_file": "/etc/baton.yaml", "drift": None, "config_error": "baton.yaml:3: not valid YAML"})
+    assert "config /etc/baton.yaml: cannot be read: baton.yaml:3: not valid YAML" in unreadable
