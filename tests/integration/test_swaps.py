@@ -481,6 +481,8 @@ def _ask_model(server, model: str, max_tokens: int = 2) -> str:
 
 def test_an_operator_unloads_an_on_demand_deployment_its_streams_finish_and_the_next_request_loads_it(home):
     factory = FakeEngineFactory(default=FakeBehaviour(token_seconds=0.02))
+    loads_of = lambda name: len([e for e in Registry(home).history("chat") if e["action"] == "load" and e["details"]["deployment"] == name])  # noqa: E731
+    loads_before = loads_of("lazy")  # the module's home: other tests loaded before
     with _server(home, factory) as server:
         _deploy_on_demand(server, "lazy", "chat@2")
         assert _ask_model(server, "lazy") == "chat@2"  # loaded
@@ -511,7 +513,7 @@ def test_an_operator_unloads_an_on_demand_deployment_its_streams_finish_and_the_
         assert _admin(server, "POST", "/deployments/lazy/unload", wait=False)["status"] == "running"  # draining the stream
         assert _ask_model(server, "lazy") == "chat@2"  # arrived mid-unload: waits for the load it starts
         client.join(timeout=30)
-        assert len([e for e in Registry(home).history("chat") if e["action"] == "load" and e["details"]["deployment"] == "lazy"]) == 3
+        assert loads_of("lazy") - loads_before == 3
         assert _admin(server, "POST", "/deployments/chat/unload", expect=409)["error"]["code"] == "not_on_demand"
         cli = subprocess.run([sys.executable, "-m", "server.cli.main", "unload", "lazy", "--server", server.url], capture_output=True, text=True, timeout=120)
         assert cli.returncode == 0 and "unloaded: lazy loads chat@2 again on its next request" in cli.stdout, cli.stdout + cli.stderr
@@ -520,6 +522,8 @@ def test_an_operator_unloads_an_on_demand_deployment_its_streams_finish_and_the_
 
 def test_on_demand_loads_on_first_request_and_unloads_when_idle(home):
     factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(start_seconds=0.5)})
+    num_loads = lambda: len([e for e in Registry(home).history("chat") if e["action"] == "load"])  # noqa: E731
+    before = num_loads()  # the module's home: other tests loaded before
     with _server(home, factory, idle_check_s=0.1) as server:
         assert _deploy_on_demand(server, "lazy", "chat@2", idle_ttl_s=0.5)["state"] == "unloaded"
         waiting = [threading.Thread(target=lambda: _ask_model(server, "lazy")) for _ in range(3)]
@@ -528,8 +532,7 @@ def test_on_demand_loads_on_first_request_and_unloads_when_idle(home):
         for thread in waiting:
             thread.join(timeout=30)
         assert _admin(server, "GET", "/deployments/lazy")["state"] == "ready"
-        loads = [e for e in Registry(home).history("chat") if e["action"] == "load"]
-        assert len(loads) == 1  # three requests, one load
+        assert num_loads() - before == 1  # three requests, one load
         deadline = time.monotonic() + 10
         while _admin(server, "GET", "/deployments/lazy")["state"] != "unloaded":
             assert time.monotonic() < deadline, "the idle deployment was not unloaded"
