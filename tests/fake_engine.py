@@ -5,6 +5,7 @@ Every word of its output names the version, so a test can tell who served a resp
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ class FakeBehaviour:
     fails_to_wake: bool = False
     fails_to_reload: bool = False  # its reload raises once the old weights are half gone
     fails_requests: bool = False  # every generation fails with an engine error (a faulty version)
+    stop_seconds: float = 0.0  # as vLLM's processes, which hold their memory until they exit
 
 
 class FakeEngine:
@@ -34,6 +36,9 @@ class FakeEngine:
         self._is_running = False
         self.is_asleep = False
         self._running: dict[str, asyncio.Event] = {}  # request id -> stop signal
+        self.start_began_at: float | None = None  # time.monotonic(), for tests of what overlaps
+        self.stop_began_at: float | None = None
+        self.stopped_at: float | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -48,6 +53,7 @@ class FakeEngine:
         return None  # it reads text as words: no tool parser of vLLM's runs on it
 
     async def start(self) -> None:
+        self.start_began_at = time.monotonic()
         await asyncio.sleep(self._behaviour.start_seconds)
         if self._behaviour.fails_to_start:
             raise RuntimeError(f"{self._label} failed to load")
@@ -111,9 +117,12 @@ class FakeEngine:
         self._label = path.name[:8]
 
     async def stop(self) -> None:
+        self.stop_began_at = time.monotonic()
         self._is_running = False
         for stopped in self._running.values():
             stopped.set()
+        await asyncio.sleep(self._behaviour.stop_seconds)
+        self.stopped_at = time.monotonic()
 
     def die(self) -> None:
         """As a crashed engine process: health says so, generations in flight end with an error."""

@@ -49,8 +49,9 @@ class OnDemandLoads:
                     log.exception("could not unload idle deployment %s", deployment.name)
 
     async def drain_and_unload(self, deployment: Deployment, record: SwapRecord) -> None:
-        """An operator's unload, under the swap lock: unrouted, drained, stopped. A request
-        that arrived meanwhile waits for the load this starts (run once the lock is free)."""
+        """Under the swap lock: unrouted, drained, stopped. A request that arrived meanwhile
+        waits for the load this starts (run once the lock is free), never loads beside the
+        engine still exiting (on a GPU its memory is not free until then)."""
         async with record.phase("unroute"):
             slot = deployment.unload()
         await self._slots.drain(record, slot)
@@ -61,10 +62,10 @@ class OnDemandLoads:
             self.start_load(deployment)
 
     async def unload(self, deployment: Deployment, reason: str) -> None:
+        """Idle past its TTL, or evicted for room (nothing in flight): as an operator's unload."""
         record = SwapRecord(deployment.name, "unload", deployment.version, None, "on-demand", "baton", reason)
-        async with record.phase("unload"):
-            await self._slots.drop_standby(deployment)
-            await self._slots.stop(deployment.unload())
+        async with deployment.swap_lock:
+            await self.drain_and_unload(deployment, record)
         self._history.add_finished(record)
 
     async def _load(self, deployment: Deployment) -> None:

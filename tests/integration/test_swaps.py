@@ -520,6 +520,21 @@ def test_an_operator_unloads_an_on_demand_deployment_its_streams_finish_and_the_
         assert _admin(server, "POST", "/deployments/nope/unload", expect=404)["error"]["code"] == "deployment_not_found"
 
 
+def test_a_request_during_an_idle_unload_loads_only_once_the_old_engine_has_stopped(home):
+    """One engine's memory at a time: on a GPU a load beside an engine still exiting finds
+    its memory taken (vLLM then refuses to start), so the request waits for the unload."""
+    factory = FakeEngineFactory(default=FakeBehaviour(stop_seconds=1.0))
+    with _server(home, factory, idle_check_s=0.1) as server:
+        _deploy_on_demand(server, "lazy", "chat@2", idle_ttl_s=0.3)
+        assert _ask_model(server, "lazy") == "chat@2"
+        old = factory.built[-1]
+        while old.stop_began_at is None:  # idle past its TTL: unloading
+            time.sleep(0.01)
+        assert _ask_model(server, "lazy") == "chat@2"
+        new = factory.built[-1]
+        assert new is not old and new.start_began_at >= old.stopped_at, (new.start_began_at, old.stopped_at)
+
+
 def test_on_demand_loads_on_first_request_and_unloads_when_idle(home):
     factory = FakeEngineFactory({Registry(home).resolve("chat@2").path.name: FakeBehaviour(start_seconds=0.5)})
     num_loads = lambda: len([e for e in Registry(home).history("chat") if e["action"] == "load"])  # noqa: E731
