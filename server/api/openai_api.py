@@ -175,7 +175,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_pl
         lease.release()
         observation.finish(_status_of(error))
         raise
-    served_as = lease.slot.version if lease.slot.target.is_from_registry else body.model  # chat@2, or the name for a local folder
+    served = served_as(lease, body.model)
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = stream_choices(lease.engine, requests)
     if tool_plan is not None:
@@ -183,18 +183,29 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_pl
         tool_parser = lease.slot.target.options.get("tool_parser") or format_taught_by(getattr(tokenizer, "chat_template", None))
         choices = read_tool_calls(choices, partial(tool_plan.reader, tool_parser, tokenizer), len(requests))
     choices = _on_lease(choices, lease, observation)
-    headers = {"x-baton-deployment": lease.deployment, "x-baton-version": lease.slot.version}
-    if lease.fallback_from is not None:
-        headers["x-baton-fallback-from"] = lease.fallback_from
+    headers = served_headers(lease)
     if body.stream:
         usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage)
-        events = shape.events(choices, served_as, len(requests), usage)
+        events = shape.events(choices, served, len(requests), usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(_release, lease))
     try:
-        body = await _unless_disconnected(request, shape.collect(choices, served_as, len(requests), num_prompt_tokens))
+        body = await _unless_disconnected(request, shape.collect(choices, served, len(requests), num_prompt_tokens))
         return JSONResponse(body, headers=headers)
     finally:
         lease.release()
+
+
+def served_as(lease: Lease, model: str) -> str:
+    """What answered, as the `model` field names it: the registry version (`chat@2`), or the
+    requested name for a local folder."""
+    return lease.slot.version if lease.slot.target.is_from_registry else model
+
+
+def served_headers(lease: Lease) -> dict:
+    headers = {"x-baton-deployment": lease.deployment, "x-baton-version": lease.slot.version}
+    if lease.fallback_from is not None:
+        headers["x-baton-fallback-from"] = lease.fallback_from
+    return headers
 
 
 async def _release(lease: Lease) -> None:

@@ -309,6 +309,10 @@ class _GenerationBody(Strict):
         return tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
 
 
+def _functions(tools: list[ToolDef]) -> tuple[Function, ...]:
+    return tuple(Function(t.function.name, t.function.description, t.function.parameters) for t in tools)
+
+
 def _answers_follow_calls(messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
     """A tool message answers a call an earlier assistant message made: as OpenAI, for a
     template would otherwise show the model an answer to no question."""
@@ -360,7 +364,7 @@ class ChatCompletionRequest(_GenerationBody):
         """None: no tools, or tool_choice none (the model answers in text)."""
         if not self.tools or self.tool_choice == "none":
             return None
-        functions = tuple(Function(t.function.name, t.function.description, t.function.parameters) for t in self.tools)
+        functions = _functions(self.tools)
         choice = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else (self.tool_choice or "auto")
         return ToolPlan(functions, choice)
 
@@ -454,7 +458,7 @@ class TokenizeRequest(Strict):
 
     @property
     def template_tools(self) -> list[dict] | None:
-        return [Function(t.function.name, t.function.description, t.function.parameters).as_tool() for t in self.tools] if self.tools else None
+        return [function.as_tool() for function in _functions(self.tools)] if self.tools else None
 
 
 class DetokenizeRequest(Strict):

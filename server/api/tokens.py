@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from server.api.generation import check_token_ids
-from server.api.openai_api import admit, route_request
+from server.api.openai_api import admit, route_request, served_as, served_headers
 from server.api.schemas import DetokenizeRequest, TokenizeRequest
 
 router = APIRouter(dependencies=[Depends(admit)])
@@ -32,8 +32,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
             tokens = await asyncio.to_thread(engine.tokenize, body.prompt)  # off the loop, as for generation
         else:
             tokens = await asyncio.to_thread(engine.tokenize_chat, [m.as_template_input() for m in body.messages], body.template_tools)
-        answer = {"model": _served_as(lease, body.model), "count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
-        return JSONResponse(answer, headers=_served_by(lease))
+        answer = {"model": served_as(lease, body.model), "count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+        return JSONResponse(answer, headers=served_headers(lease))
     finally:
         lease.release()
 
@@ -46,15 +46,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
         engine = lease.engine
         check_token_ids(body.tokens, engine.vocab_size, "tokens")
         text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens)
-        return JSONResponse({"model": _served_as(lease, body.model), "prompt": text}, headers=_served_by(lease))
+        return JSONResponse({"model": served_as(lease, body.model), "prompt": text}, headers=served_headers(lease))
     finally:
         lease.release()
 
-
-def _served_as(lease, model: str) -> str:
-    """As generation names it: the registry version (`chat@2`), or the name for a local folder."""
-    return lease.slot.version if lease.slot.target.is_from_registry else model
-
-
-def _served_by(lease) -> dict:
-    return {"x-baton-deployment": lease.deployment, "x-baton-version": lease.slot.version}
