@@ -9,6 +9,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from server.engines.base import MIN_TEMPERATURE, Chunk, Engine, GenerationRequest, SamplingParams
+from server.engines.generation_config import SamplingDefaults
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.tools import OutputReader, ToolCall, ToolCallPiece
@@ -16,6 +17,8 @@ from server.api.tools import OutputReader, ToolCall, ToolCallPiece
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit in torch and vLLM
 MAX_GENERATIONS = 64  # prompts x n in one request: one request may not fill the engine's queue for all others
+# What a setting is where neither the request nor the serving version sets it.
+OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,9 @@ def check_choices(num_prompts: int, n: int, max_n: int) -> None:
         raise InvalidRequestError(f"This request asks for {num_prompts * n} generations ({num_prompts} prompt(s) x n={n}); at most {limit} are accepted.", param="prompt")
 
 
-def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, prompt_param: str) -> int:
-    """Tokens left for the completion; unset means all the room the context has."""
+def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, prompt_param: str, default: int | None = None) -> int:
+    """Tokens left for the completion. Unset, it is the version's default (`max_new_tokens`)
+    where that fits, else all the room the context has; set, it must fit."""
     room = max_model_len - num_prompt_tokens
     if room < 1:
         raise ContextLengthExceededError(
@@ -70,7 +74,9 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
             "the completion). Please reduce the length of the prompt or the completion.",
             param="max_tokens",
         )
-    return requested if requested is not None else room
+    if requested is not None:
+        return requested
+    return min(room, default) if default is not None else room
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> None:
@@ -86,30 +92,17 @@ def build_requests(
     max_prompt_tokens: int | None = None,
     max_completion_tokens: int | None = None,
     vocab_size: int | None = None,
+    defaults: SamplingDefaults = SamplingDefaults(),
 ) -> list[GenerationRequest]:
     """n generations per prompt (`check_choices` bounded them), indexed prompt-major as
-    OpenAI does. A seed gives choice i the seed + i, so that choices differ yet the whole
-    answer is reproducible."""
+    OpenAI does, sampling as `sampling_of` says. A seed gives choice i the seed + i, so that
+    choices differ yet the whole answer is reproducible."""
     if vocab_size is not None and body.logit_bias:
         check_token_ids([int(token) for token in body.logit_bias], vocab_size, "logit_bias")
     if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
         raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED} (choice i uses seed + i).", param="seed")
-    # A temperature this small is greedy in all but name; dividing logits by it overflows.
-    temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
     prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-    # What every choice shares, read from the body once; each choice sets its length and seed.
-    shared = SamplingParams(
-        0,
-        temperature,
-        body.top_p,
-        None,
-        body.stop_sequences,
-        body.presence_penalty,
-        body.frequency_penalty,
-        body.logit_bias_pairs,
-        body.num_top_logprobs,
-        body.json_format,
-    )
+    shared = sampling_of(body, defaults)  # what every choice shares; each sets its length and seed
     requests = []
     requested = body.requested_max_tokens
     if max_completion_tokens is not None and requested is not None and requested > max_completion_tokens:
@@ -119,13 +112,40 @@ def build_requests(
             raise InvalidRequestError(
                 f"The {prompt_param} has {len(prompt)} tokens; this server accepts at most {max_prompt_tokens}.", param=prompt_param, code="prompt_too_long"
             )
-        max_tokens = resolve_max_tokens(requested, len(prompt), max_model_len, prompt_param)
+        max_tokens = resolve_max_tokens(requested, len(prompt), max_model_len, prompt_param, defaults.max_tokens)
         if max_completion_tokens is not None:
             max_tokens = min(max_tokens, max_completion_tokens)
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
             requests.append(GenerationRequest(uuid.uuid4().hex, prompt, replace(shared, max_tokens=max_tokens, seed=seed)))
     return requests
+
+
+def sampling_of(body: ChatCompletionRequest | CompletionRequest, defaults: SamplingDefaults) -> SamplingParams:
+    """Rule: each setting is the request's, else the serving version's default (its
+    generation_config.json), else OpenAI's. max_tokens is left to each prompt."""
+
+    def chosen(name: str):
+        value = getattr(body, name)
+        value = getattr(defaults, name) if value is None else value
+        return OPENAI_SAMPLING[name] if value is None else value
+
+    temperature = chosen("temperature")
+    return SamplingParams(
+        max_tokens=0,
+        # A temperature this small is greedy in all but name; dividing logits by it overflows.
+        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
+        top_p=chosen("top_p"),
+        stop=body.stop_sequences,
+        presence_penalty=chosen("presence_penalty"),
+        frequency_penalty=chosen("frequency_penalty"),
+        logit_bias=body.logit_bias_pairs,
+        logprobs=body.num_top_logprobs,
+        json_format=body.json_format,
+        top_k=max(chosen("top_k"), 0),  # vLLM's -1 means all, as 0 does
+        min_p=chosen("min_p"),
+        repetition_penalty=chosen("repetition_penalty"),
+    )
 
 
 async def stream_choices(engine: Engine, requests: list[GenerationRequest]) -> AsyncIterator[ChoiceChunk]:

@@ -169,7 +169,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_pl
         prompts = await asyncio.to_thread(tokenize, lease.engine)
         settings = request.state.settings
         requests = build_requests(
-            body, prompts, lease.engine.max_model_len, settings.max_prompt_tokens, settings.max_completion_tokens, lease.engine.vocab_size
+            body, prompts, lease.engine.max_model_len, settings.max_prompt_tokens, settings.max_completion_tokens, lease.engine.vocab_size, lease.slot.target.sampling_defaults
         )
     except BaseException as error:
         lease.release()

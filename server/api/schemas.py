@@ -4,7 +4,9 @@ Rule: a field baton does not implement is rejected (extra="forbid") so that a ca
 believes a setting took effect when it did not; `user` and `safety_identifier` (which keep
 a user on one side of a canary), `prompt_cache_key` and `metadata` are accepted because they
 change nothing about the output, and so is any value that asks for nothing (`tools: null`,
-`response_format: {"type": "text"}`, `echo: false`): clients send their defaults.
+`response_format: {"type": "text"}`, `echo: false`): clients send their defaults. vLLM's
+own sampling fields (`top_k`, `min_p`, `repetition_penalty`; the OpenAI SDK sends them in
+`extra_body`) are implemented on both engines, so clients written for vLLM's server work.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from server.engines.base import JsonFormat
 from server.engines.prompt import is_unicode
 
 MAX_STOP_SEQUENCES = 4
-NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "echo")
+NULL_MEANS_DEFAULT = ("n", "stream", "echo")  # the sampling fields take null as unset already
 
 
 class Strict(BaseModel):
@@ -228,16 +230,20 @@ class ResponseFormat(Strict):
 
 class _GenerationBody(Strict):
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # Sampling left unset (None) is the serving version's default, else OpenAI's (generation.py).
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's: the k most likely tokens; -1 or 0: all
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's: tokens at least this fraction as likely as the best
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)  # vLLM's (and transformers'): 1 is none
     max_tokens: int | None = Field(None, ge=1)
     stop: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in -100..100
     user: str | None = None
     safety_identifier: str | None = None  # OpenAI's newer name for the end user

@@ -19,8 +19,8 @@ from server.engines.options import engine_only
 
 # config.json keys that describe where a file came from, not the network it builds.
 PROVENANCE_KEYS = frozenset({"_name_or_path", "transformers_version"})
-# generation_config.json keys an engine bakes in at start (stop tokens); the rest are defaults
-# baton does not apply, since every request carries its own sampling.
+# generation_config.json keys an engine bakes in at start (stop tokens); the rest are sampling
+# defaults, which belong to the version and switch with it (engines/generation_config.py).
 STOP_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 

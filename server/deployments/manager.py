@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from models.catalog import Change
 from models.names import check_name
@@ -33,6 +34,7 @@ from server.deployments.swaps import Swaps
 from server.observability.metrics import Metrics
 from server.engines.base import can_reload, engine_process_ids
 from server.engines.factory import estimate_memory_bytes
+from server.engines.generation_config import SamplingDefaults
 from server.engines.options import engine_only
 from models.errors import BatonError, ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, SwapFailedError
 
@@ -193,7 +195,7 @@ class DeploymentManager:
         else:
             options = self._engine_defaults | {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS} | spec.engine_options | {"allow_pickle": spec.allow_pickle}
             stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
-            target = Target(spec.version, spec.path, options, estimate_memory_bytes(spec.path, options, stored_bytes), stored_bytes)
+            target = _target(spec.version, spec.path, options, stored_bytes)
         on_demand = OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None
         deployment = await self._deploy(spec.name, target, on_demand, spec.smoke_prompts, overrides, spec.health)
         deployment.started_as = spec.version
@@ -519,7 +521,7 @@ class DeploymentManager:
         version = self._registry.resolve_for_serving(ref)
         options = {**self._engine_defaults, **version.manifest.engine_options, **(overrides or {}), "allow_pickle": version.manifest.allows_pickle}
         stored_bytes = version.manifest.total_bytes
-        return Target(version.ref, version.path, options, estimate_memory_bytes(version.path, options, stored_bytes), stored_bytes)
+        return _target(version.ref, version.path, options, stored_bytes)
 
     def _resolve_or_standby(self, deployment: Deployment, ref: str, overrides: dict) -> Target:
         """Rule: a version deleted (forced) while it sits on standby can still come back, as
@@ -560,6 +562,11 @@ class DeploymentManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+def _target(version: str, path: Path, options: dict, stored_bytes: int) -> Target:
+    """A version as it will load: its memory estimate and sampling defaults read from its folder."""
+    return Target(version, path, options, estimate_memory_bytes(path, options, stored_bytes), stored_bytes, SamplingDefaults.read(path))
+
 
 def _can_never_come_back(error: BatonError) -> bool:
     """A saved deployment whose version was deleted since, or whose name (or version's name)

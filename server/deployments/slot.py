@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.engines.base import Engine
+from server.engines.generation_config import SamplingDefaults
 from server.engines.options import OUTPUT_OPTIONS, engine_only
 
 log = logging.getLogger(__name__)
@@ -23,13 +24,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Target:
-    """A version ready to load: where its weights are and how to run them."""
+    """A version ready to load: where its weights are, how to run them, and how requests
+    sample from it where they do not say."""
 
     version: str  # a registry ref such as chat@2, or "local"
     path: Path
     options: dict
     memory_bytes: int  # what it will hold of the memory budget once loaded (an estimate)
     stored_bytes: int = 0  # its weights on disk: what it holds of host memory when asleep
+    sampling_defaults: SamplingDefaults = SamplingDefaults()  # its generation_config.json's
 
     @property
     def is_from_registry(self) -> bool:
@@ -153,6 +156,7 @@ class Slot:
             "in_flight": self.num_leases,
             "engine": self.engine.name,
             "options": self.target.options,
+            "sampling_defaults": self.target.sampling_defaults.as_dict(),
             "memory_bytes": self.memory_bytes,
         }
         return described | ({"memory_plan": self.plan} if self.plan else {})

@@ -37,6 +37,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
     json_format: JsonFormat | None = None  # None: free text
+    top_k: int = 0  # the k most likely tokens only; 0: every token
+    min_p: float = 0.0  # only tokens at least this fraction as likely as the most likely one
+    repetition_penalty: float = 1.0  # divides (multiplies, if negative) the logits of tokens in the prompt or output
 
     @property
     def is_greedy(self) -> bool:
@@ -44,7 +47,12 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.repetition_penalty != 1.0)
+
+    @property
+    def truncates(self) -> bool:
+        """Draws from fewer tokens than top_p alone keeps (greedy takes the best: no need)."""
+        return not self.is_greedy and (self.top_k > 0 or self.min_p > 0.0)
 
 
 @dataclass(frozen=True)

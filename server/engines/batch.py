@@ -18,7 +18,7 @@ from server.engines.base import Chunk, FinishReason, GenerationRequest, TokenLog
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.grammar import TokenMask
 from server.engines.kv_cache import forward, new_cache
-from server.engines.sampler import adjusted_logits, choose_tokens, token_logprobs
+from server.engines.sampler import adjusted_logits, choose_tokens, token_logprobs, truncated
 from models.errors import EngineError
 
 
@@ -104,7 +104,8 @@ class ContinuousBatch:
         logits = logits.float()
         errors = [self._shape_row(s, logits, row) for row, s in enumerate(sequences)]
         steps = [len(s.output_token_ids) for s in sequences]
-        token_ids = choose_tokens(logits, [s.request.sampling for s in sequences], [s.seed for s in sequences], steps)
+        samplings = [s.request.sampling for s in sequences]
+        token_ids = choose_tokens(truncated(logits, samplings), samplings, [s.seed for s in sequences], steps)
         chunks = [
             error or self._next_chunk(s, logits[row], token_id)
             for row, (s, token_id, error) in enumerate(zip(sequences, token_ids, errors, strict=True))
@@ -116,12 +117,12 @@ class ContinuousBatch:
 
     @staticmethod
     def _shape_row(sequence: Sequence, logits: torch.Tensor, row: int) -> BaseException | None:
-        """The request's penalties and bias, then its JSON mask (last, so that no bias can
+        """The request's bias and penalties, then its JSON mask (last, so that no bias can
         force a token it forbids), written into its row of `logits`."""
         try:
             sampling = sequence.request.sampling
             if sampling.adjusts_logits:
-                logits[row] = adjusted_logits(logits[row], sampling, sequence.output_token_ids)
+                logits[row] = adjusted_logits(logits[row], sampling, sequence.request.prompt_token_ids, sequence.output_token_ids)
             if sequence.token_mask is not None:
                 logits[row] = sequence.token_mask.masked(logits[row])
             return None

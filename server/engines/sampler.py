@@ -3,6 +3,7 @@ row at once (`kernels/sampling.py`); and a chosen token's log-probability when a
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
 
@@ -27,20 +28,50 @@ def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], seeds:
     return chosen.tolist()
 
 
-def adjusted_logits(logits: torch.Tensor, params: SamplingParams, output_token_ids: Sequence[int]) -> torch.Tensor:
-    """OpenAI's penalties over the tokens generated so far (not the prompt's, as vLLM
-    does), then the request's logit bias."""
+def adjusted_logits(logits: torch.Tensor, params: SamplingParams, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int]) -> torch.Tensor:
+    """The request's logit bias, then its penalties, in vLLM's order: repetition over the
+    tokens of the prompt and the output (as vLLM and transformers have it), presence and
+    frequency over the output's only (OpenAI's)."""
     logits = logits.float()
     if not params.adjusts_logits:
         return logits
     logits = logits.clone()
-    if output_token_ids and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(output_token_ids, device=logits.device), minlength=logits.shape[-1])[: logits.shape[-1]]
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
     if params.logit_bias:
         ids = torch.tensor([token_id for token_id, _ in params.logit_bias], device=logits.device)
         logits[ids] += torch.tensor([bias for _, bias in params.logit_bias], device=logits.device)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor([*prompt_token_ids, *output_token_ids], dtype=torch.long, device=logits.device).unique()
+        seen = seen[seen < logits.shape[-1]]
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if output_token_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output_token_ids, device=logits.device), minlength=logits.shape[-1])[: logits.shape[-1]]
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
     return logits
+
+
+def truncated(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """What each row may draw from: rows with top_k or min_p get every other token at -inf,
+    in a copy (log-probabilities are reported from the logits before it, as vLLM's are);
+    the same tensor where no row truncates. top_p comes after, in the draw."""
+    rows = [row for row, p in enumerate(params) if p.truncates]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for row in rows:
+        logits[row] = _truncated_row(logits[row], params[row])
+    return logits
+
+
+def _truncated_row(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """min_p on the distribution after temperature: p_i >= min_p * p_max, that is
+    l_i >= l_max + T * ln(min_p); top_k keeps every token tied with the k-th best."""
+    kept = torch.ones_like(logits, dtype=torch.bool)
+    if params.min_p > 0.0:
+        kept &= logits >= logits.max() + params.temperature * math.log(params.min_p)
+    if 0 < params.top_k < logits.shape[-1]:
+        kept &= logits >= logits.topk(params.top_k).values[-1]
+    return logits.masked_fill(~kept, -torch.inf)
 
 
 def token_logprobs(logits: torch.Tensor, params: SamplingParams, token_id: int, num_top: int) -> tuple[float, list[tuple[int, float]]]:

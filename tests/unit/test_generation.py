@@ -55,3 +55,26 @@ def test_server_limits_on_prompt_and_completion_tokens():
     with pytest.raises(InvalidRequestError, match="has 3 tokens; this server accepts at most 2") as too_long:
         build_requests(body, [[1, 2, 3]], max_model_len=100, max_prompt_tokens=2)
     assert too_long.value.code == "prompt_too_long"
+
+
+def test_sampling_is_the_requests_then_the_versions_then_openais():
+    from server.api.schemas import ChatCompletionRequest
+    from server.engines.generation_config import SamplingDefaults
+
+    messages = [{"role": "user", "content": "hi"}]
+    defaults = SamplingDefaults(temperature=0.6, top_k=20, top_p=0.95, repetition_penalty=1.1, max_tokens=7)
+    (plain,) = build_requests(ChatCompletionRequest(model="m", messages=messages), [[1, 2]], max_model_len=50, defaults=defaults)
+    assert (plain.sampling.temperature, plain.sampling.top_k, plain.sampling.top_p, plain.sampling.repetition_penalty) == (0.6, 20, 0.95, 1.1)
+    assert (plain.sampling.min_p, plain.sampling.presence_penalty, plain.sampling.max_tokens) == (0.0, 0.0, 7)
+
+    body = ChatCompletionRequest(model="m", messages=messages, temperature=0, top_k=-1, top_p=None, min_p=0.2, max_tokens=30)
+    (own,) = build_requests(body, [[1, 2]], max_model_len=50, defaults=defaults)
+    assert (own.sampling.temperature, own.sampling.top_k, own.sampling.top_p, own.sampling.min_p, own.sampling.max_tokens) == (0.0, 0, 0.95, 0.2, 30)
+
+    (neutral,) = build_requests(ChatCompletionRequest(model="m", messages=messages), [[1, 2]], max_model_len=50)
+    assert (neutral.sampling.temperature, neutral.sampling.top_p, neutral.sampling.top_k, neutral.sampling.max_tokens) == (1.0, 1.0, 0, 48)
+
+
+def test_a_versions_default_max_tokens_is_cut_to_the_room_left_never_refused():
+    assert resolve_max_tokens(None, num_prompt_tokens=95, max_model_len=100, prompt_param="prompt", default=512) == 5
+    assert resolve_max_tokens(None, num_prompt_tokens=10, max_model_len=100, prompt_param="prompt", default=8) == 8

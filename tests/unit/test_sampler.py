@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from server.engines.base import SamplingParams
-from server.engines.sampler import adjusted_logits, choose_tokens, row_seed, token_logprobs
+from server.engines.sampler import adjusted_logits, choose_tokens, row_seed, token_logprobs, truncated
 
 GREEDY = SamplingParams(max_tokens=1, temperature=0)
 
@@ -36,7 +36,7 @@ def test_unseeded_rows_get_different_seeds():
 
 def test_penalties_count_generated_tokens_and_bias_adds():
     params = SamplingParams(max_tokens=1, presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((3, 2.0),))
-    adjusted = adjusted_logits(torch.zeros(4), params, [1, 1, 2])
+    adjusted = adjusted_logits(torch.zeros(4), params, [], [1, 1, 2])
     assert adjusted.tolist() == [0.0, -1.0, -0.75, 2.0]
 
 
@@ -47,3 +47,30 @@ def test_logprobs_come_from_the_scaled_distribution():
     expected = torch.log_softmax(logits / 0.5, dim=-1)
     assert abs(logprob - float(expected[1])) < 1e-6
     assert [token for token, _ in top] == [0, 1]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_prompt_and_output():
+    params = SamplingParams(max_tokens=1, repetition_penalty=2.0)
+    adjusted = adjusted_logits(torch.tensor([4.0, -4.0, 4.0, 1.0]), params, [0, 0], [1])
+    assert adjusted.tolist() == [2.0, -8.0, 4.0, 1.0]
+
+
+def test_top_k_and_min_p_leave_only_their_tokens_to_draw_and_other_rows_alone():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0, 0.0], [3.0, 2.0, 2.0, 1.0, 0.0], [3.0, 2.0, 2.0, 1.0, 0.0]])
+    top_two = SamplingParams(max_tokens=1, top_k=2)  # ties with the 2nd best stay
+    half = SamplingParams(max_tokens=1, temperature=0.5, min_p=0.2)  # p_i >= 0.2 p_max: l_i >= 3 + 0.5 ln 0.2 = 2.2
+    plain = SamplingParams(max_tokens=1)
+    cut = truncated(logits, [top_two, half, plain])
+    assert torch.isinf(cut[0]).tolist() == [False, False, False, True, True]
+    assert torch.isinf(cut[1]).tolist() == [False, True, True, True, True]
+    assert torch.equal(cut[2], logits[2]) and not torch.isinf(logits).any()
+    assert truncated(logits, [plain] * 3) is logits
+
+
+def test_a_top_k_of_one_draws_the_best_token_every_time():
+    logits = torch.randn(1, 500)
+    params = SamplingParams(max_tokens=1, temperature=1.5, top_k=1)
+    draws = {choose_tokens(truncated(logits, [params]), [params], [3], [step])[0] for step in range(30)}
+    assert draws == {int(logits.argmax())}
+    free = SamplingParams(max_tokens=1, temperature=1.5)
+    assert len({choose_tokens(logits, [free], [3], [step])[0] for step in range(30)}) > 1

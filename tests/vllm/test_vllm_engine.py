@@ -328,6 +328,21 @@ def test_vllm_logprobs_bias_and_penalties_through_the_openai_client(server, demo
     assert plain >= 8 and penalised < plain / 2
 
 
+def test_vllm_takes_its_own_sampling_fields_through_the_openai_clients_extra_body(server):
+    """top_k, min_p and repetition_penalty reach vLLM's sampler, as they would through vLLM's own server."""
+    client = server.client()
+    once = "Once upon a time"
+    best = client.completions.create(model="chat", prompt=once, max_tokens=6, temperature=0).choices[0].text
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        assert client.completions.create(model="chat", prompt=once, max_tokens=6, temperature=1.5, seed=3, extra_body=extra).choices[0].text == best
+    cats = "Write the word cat ten times: cat cat cat"
+    plain, penalised = (
+        client.completions.create(model="chat", prompt=cats, max_tokens=16, temperature=0, extra_body={"repetition_penalty": penalty}).choices[0].text
+        for penalty in (1.0, 1.8)
+    )
+    assert plain.count("cat") >= 8 and penalised.count("cat") < plain.count("cat") / 2, (plain, penalised)
+
+
 def test_vllm_structured_output_through_the_openai_client(server):
     """JSON schema answers (nested, enum, array; whole and streamed), a JSON object and the
     SDK's parse helper, through vLLM's own structured output."""

@@ -1,0 +1,93 @@
+"""A version's generation_config.json sampling defaults and vLLM's sampling fields, through
+a real server (transformers engine, SmolLM2) and the openai client: defaults apply where a
+request is silent, switch with the version in a reload swap, and a request's own win."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+
+from models.catalog import Change
+from models.registry import ImportOptions, Registry
+from server.config.settings import ModelSpec, Settings
+from tests.conftest import ServerThread
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# chat@2's authors ask for a hot temperature, but only the best token, and short answers
+CHAT2_DEFAULTS = {"temperature": 1.3, "top_k": 1, "max_new_tokens": 5}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_model_path):
+    """chat@1: SmolLM2 as it ships (no sampling defaults); chat@2: the same weights with CHAT2_DEFAULTS."""
+    home = tmp_path_factory.mktemp("home")
+    registry = Registry(home)
+    second = tmp_path_factory.mktemp("second") / "model"
+    shutil.copytree(demo_model_path, second)
+    config_path = second / "generation_config.json"
+    config_path.chmod(0o644)
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | CHAT2_DEFAULTS))
+    for folder in (demo_model_path, second):
+        registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("tester"))
+    spec = ModelSpec(name="chat", path=registry.resolve("chat@1").path, version="chat@1", engine="transformers")
+    with ServerThread(Settings(home=home, models=[spec], keep_standby=False)) as running:
+        yield running
+
+
+def _swap(server, to: str) -> dict:
+    return httpx.post(f"{server.url}/admin/deployments/chat/swap", json={"to": to}, timeout=300).json()
+
+
+def test_a_versions_defaults_apply_where_a_request_is_silent_and_switch_with_a_reload(server):
+    client = server.client()
+    ask = lambda **kwargs: client.chat.completions.create(model="chat", messages=FRANCE, **kwargs)  # noqa: E731
+    greedy = ask(temperature=0)
+    assert greedy.model == "chat@1" and greedy.usage.completion_tokens > 5  # no max_new_tokens: the room
+    hot = [ask(temperature=1.3, seed=seed, max_tokens=5).choices[0].message.content for seed in range(6)]
+    short_greedy = ask(temperature=0, max_tokens=5).choices[0].message.content
+    assert any(answer != short_greedy for answer in hot), "at 1.3 the draws should differ from greedy"
+
+    record = _swap(server, "chat@2")
+    assert (record["status"], record["strategy"]) == ("succeeded", "reload"), record
+    active = httpx.get(f"{server.url}/admin/status").json()["deployments"][0]["active"]
+    assert active["sampling_defaults"] == {"temperature": 1.3, "top_k": 1, "max_tokens": 5}
+
+    silent = [ask(seed=seed) for seed in range(6)]  # 1.3 as the version says, but top_k 1: the best token
+    assert {answer.model for answer in silent} == {"chat@2"}
+    assert {answer.choices[0].message.content for answer in silent} == {short_greedy}
+    assert {(answer.usage.completion_tokens, answer.choices[0].finish_reason) for answer in silent} == {(5, "length")}
+    # A request's own settings win: top_k 0 (every token) brings the draws back; max_tokens its length.
+    own = [ask(seed=seed, extra_body={"top_k": 0}).choices[0].message.content for seed in range(6)]
+    assert any(answer != short_greedy for answer in own)
+    assert ask(temperature=0, max_tokens=7).usage.completion_tokens == 7
+
+    assert _swap(server, "chat@1")["status"] == "succeeded"
+    assert ask(temperature=0).usage.completion_tokens == greedy.usage.completion_tokens
+
+
+def test_vllms_sampling_fields_work_through_the_openai_clients_extra_body(server):
+    client = server.client()
+    completion = lambda **extra: client.completions.create(model="chat", prompt="Once upon a time", max_tokens=6, seed=3, temperature=1.5, extra_body=extra)  # noqa: E731
+    best = client.completions.create(model="chat", prompt="Once upon a time", max_tokens=6, temperature=0).choices[0].text
+    assert completion(top_k=1).choices[0].text == best
+    assert completion(min_p=1.0).choices[0].text == best  # only tokens as likely as the best
+    cats = "Write the word cat ten times: cat cat cat"
+    plain, penalised = (
+        client.completions.create(model="chat", prompt=cats, max_tokens=16, temperature=0, extra_body={"repetition_penalty": penalty}).choices[0].text
+        for penalty in (1.0, 1.8)
+    )
+    assert plain.count("cat") >= 8 and penalised.count("cat") < plain.count("cat") / 2, (plain, penalised)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [("top_k", -2, "greater than or equal to -1"), ("min_p", 1.5, "less than or equal to 1"), ("repetition_penalty", 0, "greater than 0"), ("top_k", 1.5, "valid integer")],
+)
+def test_a_sampling_field_out_of_bounds_is_a_400_naming_it(server, field, value, fragment):
+    answer = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", "messages": FRANCE, field: value})
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["param"] == field and fragment in error["message"]
