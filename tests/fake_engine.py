@@ -62,7 +62,7 @@ class FakeEngine:
     def tokenize(self, text: str) -> list[int]:
         return list(range(len(text.split()) or 1))
 
-    def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
         return self.tokenize(" ".join(m["content"] for m in messages))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:

@@ -27,6 +27,7 @@ class ChoiceChunk:
     chunk: Chunk
     tool_calls: tuple[ToolCall, ...] = ()  # read from the choice's output, whole, with its last chunk
     call_pieces: tuple[ToolCallPiece, ...] = ()  # the same calls, as they stream
+    reasoning: str = ""  # thinking read apart from the content (reasoning.py)
 
 
 async def read_tool_calls(choices: AsyncIterator[ChoiceChunk], new_reader: Callable[[], OutputReader], num_choices: int) -> AsyncIterator[ChoiceChunk]:
@@ -40,11 +41,11 @@ async def read_tool_calls(choices: AsyncIterator[ChoiceChunk], new_reader: Calla
             reader, chunk = readers[item.index], item.chunk
             text = reader.feed(chunk.text)
             if not chunk.finish_reason:
-                yield ChoiceChunk(item.index, replace(chunk, text=text), (), tuple(reader.pieces()))
+                yield replace(item, chunk=replace(chunk, text=text), call_pieces=tuple(reader.pieces()))
                 continue
             rest, calls = reader.finish()
             reason = "tool_calls" if calls and chunk.finish_reason == "stop" else chunk.finish_reason
-            yield ChoiceChunk(item.index, replace(chunk, text=text + rest, finish_reason=reason), tuple(calls), tuple(reader.pieces()))
+            yield replace(item, chunk=replace(chunk, text=text + rest, finish_reason=reason), tool_calls=tuple(calls), call_pieces=tuple(reader.pieces()))
 
 
 def check_choices(num_prompts: int, n: int, max_n: int) -> None:

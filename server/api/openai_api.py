@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelNotFoundError, ModelSwappedError, NotFoundError
+from server.api.reasoning import PROMPT_TAIL_TOKENS, ReasoningSplitter, prompt_opens_reasoning, read_reasoning, reads_reasoning
 from server.api.generation import ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
 from server.api.shapes import ChatFormat, TextFormat
 from server.api.tool_formats import format_taught_by
@@ -136,7 +137,9 @@ async def answer_chat(request: Request, body: ChatCompletionRequest, shape: Answ
     messages = [m.as_template_input() for m in body.messages]
     plan = body.tool_plan
     tools = plan.template_tools() if plan else None
-    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages, tools)], shape, plan)
+    # Output forced into JSON (a schema, a forced call) is all answer: it has no thinking to split.
+    splits_reasoning = body.json_format is None
+    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages, tools, body.chat_template_kwargs)], shape, plan, splits_reasoning)
 
 
 @router.post("/completions")
@@ -151,9 +154,10 @@ def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
     return prompt
 
 
-async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_plan: ToolPlan | None = None):
+async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_plan: ToolPlan | None = None, splits_reasoning: bool = False):
     """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
-    out of here returns the lease exactly once (Lease.release is idempotent)."""
+    out of here returns the lease exactly once (Lease.release is idempotent). With
+    `splits_reasoning`, a version that reasons has its thinking read apart (reasoning.py)."""
     route = route_request(request, body.model, body.end_user)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     observation = _observation(request, route.deployment)
@@ -178,6 +182,8 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_pl
     served = served_as(lease, body.model)
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = stream_choices(lease.engine, requests)
+    if splits_reasoning and (splitters := _reasoning_splitters(lease, prompts, body.n)):
+        choices = read_reasoning(choices, splitters)
     if tool_plan is not None:
         tokenizer = lease.engine.tokenizer
         tool_parser = lease.slot.target.options.get("tool_parser") or format_taught_by(getattr(tokenizer, "chat_template", None))
@@ -193,6 +199,14 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_pl
         return JSONResponse(body, headers=headers)
     finally:
         lease.release()
+
+
+def _reasoning_splitters(lease: Lease, prompts: list[list[int]], n: int) -> list[ReasoningSplitter]:
+    """One per choice (prompt-major), where the serving version reasons; none where it does not."""
+    tokenizer = lease.engine.tokenizer
+    if not reads_reasoning(lease.slot.target.options.get("reasoning_parser"), getattr(tokenizer, "chat_template", None)):
+        return []
+    return [ReasoningSplitter(prompt_opens_reasoning(tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:]))) for prompt in prompts for _ in range(n)]
 
 
 def served_as(lease: Lease, model: str) -> str:
@@ -268,16 +282,18 @@ async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_cho
     texts, reasons, num_completion_tokens = [""] * num_choices, [None] * num_choices, 0
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(num_choices)]
     tool_calls: list[tuple[ToolCall, ...]] = [()] * num_choices
+    reasonings = [""] * num_choices
     async with aclosing(choices) as stream:
         async for item in stream:
             texts[item.index] += item.chunk.text
+            reasonings[item.index] += item.reasoning
             reasons[item.index] = item.chunk.finish_reason
             logprobs[item.index] += item.chunk.logprobs
             tool_calls[item.index] += item.tool_calls
             num_completion_tokens += item.chunk.num_tokens
     return {
         **head,
-        "choices": [fmt.choice(i, texts[i], reasons[i], logprobs[i], tool_calls[i]) for i in range(num_choices)],
+        "choices": [fmt.choice(i, texts[i], reasons[i], logprobs[i], tool_calls[i], reasonings[i]) for i in range(num_choices)],
         "usage": _usage(num_prompt_tokens, num_completion_tokens),
     }
 
@@ -314,8 +330,8 @@ async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy):
             async for item in stream:
                 chunk = item.chunk
                 usage.num_completion_tokens += chunk.num_tokens
-                if chunk.text or chunk.logprobs:
-                    yield _event({**head, "choices": [fmt.delta(item.index, chunk.text, None, chunk.logprobs)], **usage.on_chunk()})
+                if chunk.text or chunk.logprobs or item.reasoning:
+                    yield _event({**head, "choices": [fmt.delta(item.index, chunk.text, None, chunk.logprobs, reasoning=item.reasoning)], **usage.on_chunk()})
                 if item.call_pieces:
                     yield _event({**head, "choices": [fmt.delta(item.index, "", None, (), [p.as_openai() for p in item.call_pieces])], **usage.on_chunk()})
                 if chunk.finish_reason:

@@ -64,12 +64,34 @@ class FunctionCallOutputItem(_Item):
     output: str
 
 
+class ReasoningText(Strict):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(_Item):
+    """Thinking from an earlier answer, sent back: shown to the template with the assistant
+    message after it (which may drop it, as Qwen3's does)."""
+
+    type: Literal["reasoning"]
+    summary: list[ReasoningText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: None = None  # baton encrypts nothing: only its own items come back
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.content or self.summary)
+
+
 def _item_kind(item) -> str:
     return item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
 
 
 InputItem = Annotated[
-    Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")] | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_kind),
 ]
 
@@ -158,18 +180,24 @@ class ResponsesRequest(Strict):
 
 def _messages(instructions: str | None, given: str | list) -> list[dict]:
     """Instructions first, as a system message; each group of function calls in a row
-    becomes one assistant message that calls them; each output, a tool message."""
+    becomes one assistant message that calls them; each output, a tool message; reasoning
+    goes with the assistant message that follows it."""
     messages = [{"role": "system", "content": instructions}] if instructions is not None else []
+    reasoning = {}
     for item in [MessageItem(role="user", content=given)] if isinstance(given, str) else given:
-        if isinstance(item, MessageItem):
+        if isinstance(item, ReasoningItem):
+            reasoning = {"reasoning": item.text}
+        elif isinstance(item, MessageItem):
             content = item.content if isinstance(item.content, str) else [{"type": "text", "text": part.text} for part in item.content]
-            messages.append({"role": item.role, "content": content})
+            messages.append({"role": item.role, "content": content} | (reasoning if item.role == "assistant" else {}))
+            reasoning = {}
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             if messages and messages[-1].get("tool_calls"):
                 messages[-1]["tool_calls"].append(call)
             else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]} | reasoning)
+            reasoning = {}
         else:
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
     return messages
@@ -250,12 +278,15 @@ class ResponseShape:
         }
 
     async def collect(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, num_prompt_tokens: int) -> dict:
-        answer, text, calls = _Answer(self.head(served_as), num_prompt_tokens), "", []
+        answer, reasoning, text, calls = _Answer(self.head(served_as), num_prompt_tokens), "", "", []
         async with aclosing(choices) as stream:
             async for item in stream:
                 answer.count(item)
+                reasoning += item.reasoning
                 text += item.chunk.text
                 calls += item.tool_calls
+        if reasoning:
+            answer.output.append(_reasoning(reasoning, "completed"))
         if text:
             answer.output.append(_message(text, "completed"))
         answer.output += [_function_call(call, "completed") for call in calls]
@@ -308,9 +339,15 @@ class _Answer:
         self.finish_reason = item.chunk.finish_reason or self.finish_reason
 
     def stream(self, item: ChoiceChunk) -> list[dict]:
-        """The events one chunk makes: text deltas into a message item, call pieces into
-        function_call items; a new kind of output closes the item open before it."""
+        """The events one chunk makes: reasoning deltas into a reasoning item, text deltas into
+        a message item, call pieces into function_call items; a new kind of output closes the
+        item open before it."""
         events = []
+        if item.reasoning:
+            if self.open_item is None or self.open_item["type"] != "reasoning":
+                events += self.close_item() + self._open(_reasoning("", "in_progress"))
+            self.open_item["content"][0]["text"] += item.reasoning
+            events.append({"type": "response.reasoning_text.delta", **self._where(), "content_index": 0, "delta": item.reasoning})
         if item.chunk.text:
             if self.open_item is None or self.open_item["type"] != "message":
                 events += self.close_item() + self._open(_message("", "in_progress"))
@@ -337,6 +374,8 @@ class _Answer:
                 {"type": "response.output_text.done", **where, "content_index": 0, "text": part["text"], "logprobs": []},
                 {"type": "response.content_part.done", **where, "content_index": 0, "part": part},
             ]
+        elif item["type"] == "reasoning":
+            done = [{"type": "response.reasoning_text.done", **where, "content_index": 0, "text": item["content"][0]["text"]}]
         else:
             done = [{"type": "response.function_call_arguments.done", **where, "name": item["name"], "arguments": item["arguments"]}]
         return done + [{"type": "response.output_item.done", "output_index": len(self.output) - 1, "item": item}]
@@ -344,7 +383,8 @@ class _Answer:
     def _open(self, item: dict) -> list[dict]:
         self.output.append(item)
         self.open_item = item
-        return [{"type": "response.output_item.added", "output_index": len(self.output) - 1, "item": {**item, "content": []} if item["type"] == "message" else dict(item)}]
+        shown = {**item, "content": []} if item["type"] in ("message", "reasoning") else dict(item)
+        return [{"type": "response.output_item.added", "output_index": len(self.output) - 1, "item": shown}]
 
     def _where(self) -> dict:
         return {"item_id": self.open_item["id"], "output_index": len(self.output) - 1}
@@ -368,6 +408,10 @@ class _Answer:
 
 def _message(text: str, status: str) -> dict:
     return {"type": "message", "id": "msg_" + uuid.uuid4().hex, "status": status, "role": "assistant", "content": [_text_part(text)]}
+
+
+def _reasoning(text: str, status: str) -> dict:
+    return {"type": "reasoning", "id": "rs_" + uuid.uuid4().hex, "status": status, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
 
 
 def _text_part(text: str) -> dict:

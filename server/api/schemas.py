@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from functools import cached_property
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from server.api.tools import Function, ToolPlan
 from server.engines.base import JsonFormat
@@ -61,6 +61,8 @@ class ChatMessage(Strict):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's answer names the call it answers
+    reasoning: str | None = None  # an assistant's earlier thinking, as baton and vLLM answer it
+    reasoning_content: str | None = None  # its older name
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +83,8 @@ class ChatMessage(Strict):
             raise ValueError("only assistant messages carry tool_calls")
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise ValueError("tool messages, and only they, carry tool_call_id")
+        if (self.reasoning or self.reasoning_content) and self.role != "assistant":
+            raise ValueError("only assistant messages carry reasoning")
         return self
 
     def as_template_input(self) -> dict:
@@ -92,6 +96,8 @@ class ChatMessage(Strict):
             message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _as_object(c.function.arguments)}} for c in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if reasoning := self.reasoning or self.reasoning_content:
+            message["reasoning_content"] = reasoning  # the name templates read (Qwen3's shows or drops it)
         return message
 
 
@@ -330,8 +336,30 @@ def _answers_follow_calls(messages: list[ChatMessage] | None) -> list[ChatMessag
     return messages
 
 
+# apply_chat_template's own parameters: a template variable may not set how the template is applied
+TEMPLATE_PARAMETERS = frozenset(
+    {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message", "tokenize", "padding",
+     "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+)  # fmt: skip
+MAX_TEMPLATE_KWARGS_CHARS = 16_384
+
+
+def _check_template_kwargs(kwargs: dict | None) -> dict | None:
+    """Variables for the chat template (vLLM's `chat_template_kwargs`: `enable_thinking`, say):
+    names a template can read, none of apply_chat_template's own, JSON values of bounded size."""
+    for name in kwargs or {}:
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a name a template can read")
+        if name in TEMPLATE_PARAMETERS:
+            raise ValueError(f"{name!r} is how the template is applied, not a variable of it")
+    if kwargs and (size := len(json.dumps(kwargs))) > MAX_TEMPLATE_KWARGS_CHARS:
+        raise ValueError(f"the template variables are {size} characters of JSON; at most {MAX_TEMPLATE_KWARGS_CHARS} are accepted")
+    return kwargs
+
+
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
+    chat_template_kwargs: dict[str, JsonValue] | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -345,6 +373,7 @@ class ChatCompletionRequest(_GenerationBody):
     service_tier: Literal["auto", "default"] | None = None
 
     _tool_answers_follow_their_calls = field_validator("messages")(_answers_follow_calls)
+    _template_kwargs_are_variables = field_validator("chat_template_kwargs")(_check_template_kwargs)
 
     @field_validator("tool_choice")
     @classmethod
@@ -443,9 +472,11 @@ class TokenizeRequest(Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[ToolDef] | None = Field(None, max_length=128)
+    chat_template_kwargs: dict[str, JsonValue] | None = None
     user: str | None = None
 
     _tool_answers_follow_their_calls = field_validator("messages")(_answers_follow_calls)
+    _template_kwargs_are_variables = field_validator("chat_template_kwargs")(_check_template_kwargs)
 
     @field_validator("prompt")
     @classmethod

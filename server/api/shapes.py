@@ -18,8 +18,10 @@ class ChatFormat:
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob], tool_calls: Sequence[ToolCall] = ()) -> dict:
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob], tool_calls: Sequence[ToolCall] = (), reasoning: str = "") -> dict:
         message = {"role": "assistant", "content": text or (None if tool_calls else "")}
+        if reasoning:  # vLLM's field (its older name, reasoning_content, is gone from its answers)
+            message["reasoning"] = reasoning
         if tool_calls:
             message["tool_calls"] = [call.as_openai() for call in tool_calls]
         return {"index": index, "message": message, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
@@ -27,9 +29,11 @@ class ChatFormat:
     def opening_delta(self, index: int) -> dict | None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = (), tool_call_deltas: Sequence[dict] = ()) -> dict:
+    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = (), tool_call_deltas: Sequence[dict] = (), reasoning: str = "") -> dict:
         """`tool_call_deltas`: whole calls or pieces of them, in OpenAI's delta shape."""
-        delta = {"content": text} if text else {}
+        delta = {"reasoning": reasoning} if reasoning else {}
+        if text:
+            delta["content"] = text
         if tool_call_deltas:
             delta["tool_calls"] = list(tool_call_deltas)
         return {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs) if logprobs else None, "finish_reason": finish_reason}
@@ -49,8 +53,8 @@ class TextFormat:
     chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = (), tool_calls: Sequence[ToolCall] = ()) -> dict:
-        """`tool_calls` is always empty: completions take no tools."""
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] = (), tool_calls: Sequence[ToolCall] = (), reasoning: str = "") -> dict:
+        """`tool_calls` and `reasoning` are always empty: completions take no tools and are not split."""
         return {"index": index, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
 
     def opening_delta(self, index: int) -> dict | None:

@@ -110,7 +110,7 @@ class Slot:
         self.target = target
 
     def read_output_with(self, options: dict) -> None:
-        """How the API reads this slot's output (tool_parser) changes at once, while it
+        """How the API reads this slot's output (tool_parser, reasoning_parser) changes at once, while it
         serves. Rule: nothing else may change this way; the engine runs on as it is."""
         if engine_only(options) != engine_only(self.target.options):
             raise InvalidTransitionError(f"slot {self.version}: only output options change in place")

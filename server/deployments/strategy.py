@@ -9,7 +9,7 @@ unit test (nano-vllm's scheduler: policy without I/O).
 A deployment left down by a dead engine is simply loaded (`load`), whatever was asked; an
 on-demand one with nothing loaded is retargeted (`on-demand`): its next request loads the
 target, and nothing is loaded now.
-Under `auto`, a swap that changes only how output is read (`tool_parser`) is `in-place`:
+Under `auto`, a swap that changes only how output is read (`tool_parser`, `reasoning_parser`) is `in-place`:
 the running slot takes the new options, no engine starts or reloads, nothing waits.
 An explicit strategy that cannot apply is refused before anything stops, with the reason.
 """
@@ -31,7 +31,7 @@ class SwapFacts:
     needed_bytes: int  # what the target would hold of the memory budget, loaded beside
     free_bytes: int  # what is left now where it would load
     free_in: str = "the memory budget"  # where that is, for the reason given
-    changes_output_only: bool = False  # the active version, only its output options (tool_parser) new
+    changes_output_only: bool = False  # the active version, only its output options (tool_parser, reasoning_parser) new
     is_unloaded: bool = False  # on demand, nothing loaded: its next request loads what it serves
 
 

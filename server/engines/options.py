@@ -50,13 +50,14 @@ class OutputOptions:
     """How the API reads a version's output, whatever engine serves it."""
 
     tool_parser: str | None = None  # None: the format the chat template teaches, else hermes (server/api/tools.py checks the name)
+    reasoning_parser: Literal["think", "none"] | None = None  # None: think where the chat template teaches <think> (server/api/reasoning.py)
 
 
 OUTPUT_OPTIONS = frozenset(f.name for f in fields(OutputOptions))
 
 
 def engine_only(options: dict) -> dict:
-    """Options that shape the engine; how the API reads output (tool_parser) does not."""
+    """Options that shape the engine; how the API reads output (tool_parser, reasoning_parser) does not."""
     return {key: value for key, value in options.items() if key not in OUTPUT_OPTIONS}
 
 

@@ -79,8 +79,8 @@ class VLLMEngine:
     def tokenize(self, text: str) -> list[int]:
         return text_prompt_ids(self._tokenizer, text)
 
-    def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return chat_prompt_ids(self._tokenizer, messages, tools)
+    def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
+        return chat_prompt_ids(self._tokenizer, messages, tools, template_kwargs)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         from vllm import TokensPrompt

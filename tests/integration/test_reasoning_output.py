@@ -1,0 +1,99 @@
+"""A reasoning model's thinking read apart from its answer, through a real server
+(transformers engine) and the openai client. The model is SmolLM2 with a thinking chat
+template (Qwen3's shape: the prompt opens `<think>` unless `enable_thinking` is false), so
+everything it writes after an opened tag is its reasoning: real weights, real template."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+
+from models.catalog import Change
+from models.registry import ImportOptions, Registry
+from server.config.settings import ModelSpec, Settings
+from tests.conftest import ServerThread
+
+THINKING_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message.reasoning_content %}{{ '<think>' + message.reasoning_content + '</think>' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is not defined or enable_thinking %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+)
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_model_path):
+    home = tmp_path_factory.mktemp("home")
+    folder = tmp_path_factory.mktemp("thinker") / "model"
+    shutil.copytree(demo_model_path, folder)
+    (folder / "chat_template.jinja").chmod(0o644)
+    (folder / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    registry = Registry(home)
+    registry.import_folder(folder, "thinker", {"kind": "local"}, ImportOptions(), Change("tester"))
+    version = registry.resolve("thinker@1")
+    spec = ModelSpec(name="thinker", path=version.path, version=version.ref, engine="transformers")
+    with ServerThread(Settings(home=home, models=[spec])) as running:
+        yield running
+
+
+def test_thinking_is_the_messages_reasoning_and_enable_thinking_false_answers_in_content(server):
+    client = server.client()
+    thinking = client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12).choices[0]
+    assert thinking.message.reasoning and thinking.message.content == ""  # the model never closed its <think>
+
+    plain = client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12, extra_body=NO_THINKING).choices[0]
+    assert plain.message.content and getattr(plain.message, "reasoning", None) is None
+
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12, stream=True) if c.choices]
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == thinking.message.reasoning
+    assert not any(d.content for d in deltas)
+
+
+def test_the_responses_api_answers_thinking_as_a_reasoning_item_whole_and_streamed(server):
+    client = server.client()
+    answer = client.responses.create(model="thinker", input="What is the capital of France?", temperature=0, max_output_tokens=12)
+    (item,) = answer.output
+    assert item.type == "reasoning" and item.content[0].type == "reasoning_text" and item.content[0].text
+    events = list(client.responses.create(model="thinker", input="What is the capital of France?", temperature=0, max_output_tokens=12, stream=True))
+    deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+    assert "".join(deltas) == item.content[0].text
+    assert [e.text for e in events if e.type == "response.reasoning_text.done"] == [item.content[0].text]
+    # sent back as input (the SDK's way of keeping a conversation), it is accepted
+    follow_up = client.responses.create(model="thinker", input=[*answer.output, {"role": "user", "content": "And of Spain?"}], max_output_tokens=4)
+    assert follow_up.status == "incomplete"
+
+
+def test_json_output_and_reasoning_parser_none_leave_everything_in_content(server):
+    client = server.client()
+    forced = client.chat.completions.create(model="thinker", messages=HELLO, max_tokens=12, response_format={"type": "json_object"}).choices[0]
+    assert forced.message.content.startswith("{") and getattr(forced.message, "reasoning", None) is None
+
+    swap = httpx.post(f"{server.url}/admin/deployments/thinker/swap", json={"to": "thinker@1", "engine_options": {"engine": "transformers", "reasoning_parser": "none"}}, timeout=120).json()
+    assert (swap["status"], swap["strategy"]) == ("succeeded", "in-place"), swap
+    try:
+        raw = client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12).choices[0]
+        assert raw.message.content and getattr(raw.message, "reasoning", None) is None
+    finally:
+        httpx.post(f"{server.url}/admin/deployments/thinker/swap", json={"to": "thinker@1", "engine_options": {"engine": "transformers"}}, timeout=120)
+
+
+def test_earlier_reasoning_and_template_variables_reach_the_template(server):
+    def count(**body) -> int:
+        return httpx.post(f"{server.url}/tokenize", json={"model": "thinker", **body}).json()["count"]
+
+    said = [*HELLO, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Thanks"}]
+    with_thinking = [*HELLO, {"role": "assistant", "content": "Paris.", "reasoning": "France's capital is Paris."}, {"role": "user", "content": "Thanks"}]
+    assert count(messages=with_thinking) > count(messages=said)
+    assert count(messages=HELLO, **NO_THINKING) < count(messages=HELLO)
+
+
+@pytest.mark.parametrize("kwargs", [{"tokenize": True}, {"chat_template": "{{ 'x' }}"}, {"not a name": 1}])
+def test_template_variables_that_would_change_how_the_template_is_applied_are_a_400(server, kwargs):
+    answer = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "thinker", "messages": HELLO, "chat_template_kwargs": kwargs})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "chat_template_kwargs", answer.text
