@@ -116,6 +116,8 @@ def build_requests(
         max_tokens = resolve_max_tokens(requested, len(prompt), max_model_len, prompt_param, defaults.max_tokens)
         if max_completion_tokens is not None:
             max_tokens = min(max_tokens, max_completion_tokens)
+        if body.min_tokens > max_tokens:
+            raise InvalidRequestError(f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens}).", param="min_tokens")
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
             requests.append(GenerationRequest(uuid.uuid4().hex, prompt, replace(shared, max_tokens=max_tokens, seed=seed)))
@@ -146,6 +148,8 @@ def sampling_of(body: ChatCompletionRequest | CompletionRequest, defaults: Sampl
         top_k=max(chosen("top_k"), 0),  # vLLM's -1 means all, as 0 does
         min_p=chosen("min_p"),
         repetition_penalty=chosen("repetition_penalty"),
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
     )
 
 

@@ -139,7 +139,7 @@ async def answer_chat(request: Request, body: ChatCompletionRequest, shape: Answ
     tools = plan.template_tools() if plan else None
     # Output forced into JSON (a schema, a forced call) is all answer: it has no thinking to split.
     splits_reasoning = body.json_format is None
-    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages, tools, body.chat_template_kwargs)], shape, plan, splits_reasoning)
+    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages, tools, body.template_kwargs)], shape, plan, splits_reasoning)
 
 
 @router.post("/completions")

@@ -5,8 +5,9 @@ believes a setting took effect when it did not; `user` and `safety_identifier` (
 a user on one side of a canary), `prompt_cache_key` and `metadata` are accepted because they
 change nothing about the output, and so is any value that asks for nothing (`tools: null`,
 `response_format: {"type": "text"}`, `echo: false`): clients send their defaults. vLLM's
-own sampling fields (`top_k`, `min_p`, `repetition_penalty`; the OpenAI SDK sends them in
-`extra_body`) are implemented on both engines, so clients written for vLLM's server work.
+own sampling fields (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`; the
+OpenAI SDK sends them in `extra_body`) are implemented on both engines, so clients written for
+vLLM's server work.
 """
 
 from __future__ import annotations
@@ -242,6 +243,8 @@ class _GenerationBody(Strict):
     top_k: int | None = Field(None, ge=-1)  # vLLM's: the k most likely tokens; -1 or 0: all
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's: tokens at least this fraction as likely as the best
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)  # vLLM's (and transformers'): 1 is none
+    min_tokens: int = Field(0, ge=0)  # vLLM's: no end of sequence or stop string before this many tokens
+    ignore_eos: bool = False  # vLLM's: generate to max_tokens whatever the model says (benchmarks)
     max_tokens: int | None = Field(None, ge=1)
     stop: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
@@ -344,22 +347,45 @@ TEMPLATE_PARAMETERS = frozenset(
 MAX_TEMPLATE_KWARGS_CHARS = 16_384
 
 
-def _check_template_kwargs(kwargs: dict | None) -> dict | None:
-    """Variables for the chat template (vLLM's `chat_template_kwargs`: `enable_thinking`, say):
-    names a template can read, none of apply_chat_template's own, JSON values of bounded size."""
-    for name in kwargs or {}:
-        if not name.isidentifier():
-            raise ValueError(f"{name!r} is not a name a template can read")
-        if name in TEMPLATE_PARAMETERS:
-            raise ValueError(f"{name!r} is how the template is applied, not a variable of it")
-    if kwargs and (size := len(json.dumps(kwargs))) > MAX_TEMPLATE_KWARGS_CHARS:
-        raise ValueError(f"the template variables are {size} characters of JSON; at most {MAX_TEMPLATE_KWARGS_CHARS} are accepted")
-    return kwargs
+class ChatTemplateFields(Strict):
+    """How messages are rendered through the chat template (vLLM's fields): variables for
+    the template (`chat_template_kwargs`: `enable_thinking`, say), and whether the prompt
+    opens the assistant's turn or continues its last message (a prefilled answer)."""
 
-
-class ChatCompletionRequest(_GenerationBody):
-    messages: list[ChatMessage] = Field(min_length=1)
     chat_template_kwargs: dict[str, JsonValue] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _variables_only(cls, kwargs):
+        """Names a template can read, none of apply_chat_template's own, JSON of bounded size."""
+        for name in kwargs or {}:
+            if not name.isidentifier():
+                raise ValueError(f"{name!r} is not a name a template can read")
+            if name in TEMPLATE_PARAMETERS:
+                raise ValueError(f"{name!r} is how the template is applied, not a variable of it")
+        if kwargs and (size := len(json.dumps(kwargs))) > MAX_TEMPLATE_KWARGS_CHARS:
+            raise ValueError(f"the template variables are {size} characters of JSON; at most {MAX_TEMPLATE_KWARGS_CHARS} are accepted")
+        return kwargs
+
+    @model_validator(mode="after")
+    def _continue_an_assistant_message(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true (set add_generation_prompt to false)")
+        if self.continue_final_message and (not self.messages or self.messages[-1].role != "assistant"):
+            raise ValueError("continue_final_message continues the last message, which must be the assistant's")
+        return self
+
+    @property
+    def template_kwargs(self) -> dict:
+        """What apply_chat_template takes beside the messages and tools."""
+        kwargs = {**(self.chat_template_kwargs or {}), "add_generation_prompt": self.add_generation_prompt}
+        return kwargs | ({"continue_final_message": True} if self.continue_final_message else {})
+
+
+class ChatCompletionRequest(_GenerationBody, ChatTemplateFields):
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -373,7 +399,6 @@ class ChatCompletionRequest(_GenerationBody):
     service_tier: Literal["auto", "default"] | None = None
 
     _tool_answers_follow_their_calls = field_validator("messages")(_answers_follow_calls)
-    _template_kwargs_are_variables = field_validator("chat_template_kwargs")(_check_template_kwargs)
 
     @field_validator("tool_choice")
     @classmethod
@@ -464,7 +489,7 @@ class CompletionRequest(_GenerationBody):
         return None  # completions answer in free text
 
 
-class TokenizeRequest(Strict):
+class TokenizeRequest(ChatTemplateFields):
     """`POST /tokenize` (vLLM's route): a text `prompt`, or chat `messages` (with the `tools`
     shown to the model) read as a chat completion reads them."""
 
@@ -472,11 +497,9 @@ class TokenizeRequest(Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[ToolDef] | None = Field(None, max_length=128)
-    chat_template_kwargs: dict[str, JsonValue] | None = None
     user: str | None = None
 
     _tool_answers_follow_their_calls = field_validator("messages")(_answers_follow_calls)
-    _template_kwargs_are_variables = field_validator("chat_template_kwargs")(_check_template_kwargs)
 
     @field_validator("prompt")
     @classmethod

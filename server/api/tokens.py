@@ -31,7 +31,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
         if body.messages is None:
             tokens = await asyncio.to_thread(engine.tokenize, body.prompt)  # off the loop, as for generation
         else:
-            tokens = await asyncio.to_thread(engine.tokenize_chat, [m.as_template_input() for m in body.messages], body.template_tools, body.chat_template_kwargs)
+            tokens = await asyncio.to_thread(engine.tokenize_chat, [m.as_template_input() for m in body.messages], body.template_tools, body.template_kwargs)
         answer = {"model": served_as(lease, body.model), "count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
         return JSONResponse(answer, headers=served_headers(lease))
     finally:

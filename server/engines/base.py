@@ -40,6 +40,8 @@ class SamplingParams:
     top_k: int = 0  # the k most likely tokens only; 0: every token
     min_p: float = 0.0  # only tokens at least this fraction as likely as the most likely one
     repetition_penalty: float = 1.0  # divides (multiplies, if negative) the logits of tokens in the prompt or output
+    min_tokens: int = 0  # no end of sequence or stop string before this many tokens
+    ignore_eos: bool = False  # an end-of-sequence token does not end the generation (benchmarks' fixed lengths)
 
     @property
     def is_greedy(self) -> bool:

@@ -115,14 +115,16 @@ class ContinuousBatch:
             if chunk is not None:
                 sequence.emit(chunk)
 
-    @staticmethod
-    def _shape_row(sequence: Sequence, logits: torch.Tensor, row: int) -> BaseException | None:
-        """The request's bias and penalties, then its JSON mask (last, so that no bias can
-        force a token it forbids), written into its row of `logits`."""
+    def _shape_row(self, sequence: Sequence, logits: torch.Tensor, row: int) -> BaseException | None:
+        """The request's bias and penalties, no end of sequence before its min_tokens, then
+        its JSON mask (last, so that no bias can force a token it forbids), written into its
+        row of `logits`."""
         try:
             sampling = sequence.request.sampling
             if sampling.adjusts_logits:
                 logits[row] = adjusted_logits(logits[row], sampling, sequence.request.prompt_token_ids, sequence.output_token_ids)
+            if len(sequence.output_token_ids) < sampling.min_tokens:
+                logits[row, list(self._eos_token_ids)] = -torch.inf
             if sequence.token_mask is not None:
                 logits[row] = sequence.token_mask.masked(logits[row])
             return None
@@ -148,8 +150,8 @@ class ContinuousBatch:
     def _append(self, sequence: Sequence, token_id: int) -> Chunk | None:
         sequence.output_token_ids.append(token_id)
         sequence.num_unreported_tokens += 1
-        is_eos = token_id in self._eos_token_ids
-        text = "" if is_eos else sequence.detokenizer.add(token_id)
+        is_eos = token_id in self._eos_token_ids and not sequence.request.sampling.ignore_eos
+        text = "" if is_eos else sequence.detokenizer.add(token_id)  # an ignored end of sequence decodes to nothing
         sequence.finish_reason = self._finish_reason(sequence, is_eos)
         if sequence.finish_reason:
             text += sequence.detokenizer.flush()

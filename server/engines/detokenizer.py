@@ -26,25 +26,31 @@ class IncrementalDetokenizer:
 
     Rules: text never contains a stop string or anything after it; a delta never ends in
     an incomplete UTF-8 character; text that could be the start of a stop string is held
-    back until it is known not to be one.
+    back until it is known not to be one. With `min_tokens`, stop strings are looked for
+    only after the text of the first `min_tokens` tokens (as vLLM does).
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0):
         self._tokenizer = tokenizer
         self._stop = tuple(s for s in stop if s)
+        self._min_tokens = min_tokens
         self._token_ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
         self._text = ""
+        self._stops_from = 0  # where a stop string may start: after the first min_tokens tokens' text
         self._num_chars_sent = 0
         self.is_stopped = False
 
     def add(self, token_id: int) -> str:
         """Add one token; return the text that may be sent now."""
         self._token_ids.append(token_id)
-        searched_from = max(0, len(self._text) - max((len(s) for s in self._stop), default=0))
+        searched_from = max(self._stops_from, len(self._text) - max((len(s) for s in self._stop), default=0))
         self._text += self._decode_new_text()
-        self._cut_at_stop(searched_from)
+        if len(self._token_ids) <= self._min_tokens:
+            self._stops_from = len(self._text)
+        else:
+            self._cut_at_stop(searched_from)
         return self._take(self._num_sendable_chars())
 
     def token_text(self, token_id: int) -> str:

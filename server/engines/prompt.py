@@ -16,11 +16,12 @@ TOOLS_INSTRUCTION = (
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
-    """Render messages (and tools, and the request's template variables) with the
-    tokenizer's chat template, then tokenize without adding special tokens again (the
-    template already holds them). vLLM's server does the same. A template that cannot show
-    tools or earlier tool calls gets them as text, in the Hermes format the `auto` tool
-    choice reads back."""
+    """Render messages (and tools) with the tokenizer's chat template, then tokenize without
+    adding special tokens again (the template already holds them). vLLM's server does the
+    same. `template_kwargs` go to apply_chat_template: the request's template variables,
+    and `add_generation_prompt` (default true) or `continue_final_message`. A template that
+    cannot show tools or earlier tool calls gets them as text, in the Hermes format the
+    `auto` tool choice reads back."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise InvalidRequestError(
@@ -31,7 +32,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = 
     if tools and "tools" not in template:
         messages, tools = _with_tools_described(messages, tools), None
     try:
-        text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
+        text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, **({"add_generation_prompt": True} | (template_kwargs or {})))
     except Exception as error:  # a template may reject a conversation shape (jinja raise_exception)
         raise InvalidRequestError(f"The chat template rejected these messages: {error}", param="messages") from error
     return text_prompt_ids(tokenizer, text, param="messages")

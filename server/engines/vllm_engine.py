@@ -89,6 +89,9 @@ class VLLMEngine:
             raise EngineStoppedError("The engine is not running.")
         self._in_flight.add(request.request_id)
         is_started, is_finished = False, False
+        # Rule: every token is counted and its logprobs reported, those that add no text too
+        # (an end of sequence ignore_eos passes, half a UTF-8 character): they go with the next chunk.
+        num_unreported, unreported_logprobs = 0, ()
         try:
             # The prompt goes through vLLM's renderer, as vLLM's own server sends it (a raw
             # prompt is deprecated); its ids are baton's rendering of the chat template.
@@ -100,8 +103,11 @@ class VLLMEngine:
                 if completion.finish_reason == "abort":  # not ours: a reload (or vLLM) ended it
                     raise EngineStoppedError("The generation was aborted: the model's weights were swapped.")
                 reason = _finish_reason(completion.finish_reason) if output.finished else None
+                num_unreported += len(completion.token_ids)
+                unreported_logprobs += _logprobs(completion, request.sampling.logprobs)
                 if completion.text or reason:
-                    yield Chunk(completion.text, len(completion.token_ids), reason, _logprobs(completion, request.sampling.logprobs))
+                    yield Chunk(completion.text, num_unreported, reason, unreported_logprobs)
+                    num_unreported, unreported_logprobs = 0, ()
         except EngineStoppedError:
             raise
         except _request_errors() as error:
@@ -243,6 +249,8 @@ class VLLMEngine:
             top_k=sampling.top_k,
             min_p=sampling.min_p,
             repetition_penalty=sampling.repetition_penalty,
+            min_tokens=sampling.min_tokens,
+            ignore_eos=sampling.ignore_eos,
             seed=sampling.seed,
             stop=list(sampling.stop) or None,
             presence_penalty=sampling.presence_penalty,

@@ -82,6 +82,20 @@ def test_vllms_sampling_fields_work_through_the_openai_clients_extra_body(server
     assert plain.count("cat") >= 8 and penalised.count("cat") < plain.count("cat") / 2, (plain, penalised)
 
 
+def test_ignore_eos_and_min_tokens_generate_past_the_models_end(server):
+    client = server.client()
+    ask = lambda **extra: client.chat.completions.create(model="chat", messages=FRANCE, temperature=0, max_tokens=20, extra_body=extra)  # noqa: E731
+    natural = ask()
+    assert natural.choices[0].finish_reason == "stop" and natural.usage.completion_tokens < 12
+    endless = ask(ignore_eos=True)
+    assert (endless.choices[0].finish_reason, endless.usage.completion_tokens) == ("length", 20)
+    assert endless.choices[0].message.content.startswith(natural.choices[0].message.content)
+    longer = ask(min_tokens=12)
+    assert longer.usage.completion_tokens >= 12
+    refused = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", "messages": FRANCE, "max_tokens": 4, "min_tokens": 5})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
+
+
 @pytest.mark.parametrize(
     ("field", "value", "fragment"),
     [("top_k", -2, "greater than or equal to -1"), ("min_p", 1.5, "less than or equal to 1"), ("repetition_penalty", 0, "greater than 0"), ("top_k", 1.5, "valid integer")],

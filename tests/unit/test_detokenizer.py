@@ -11,8 +11,8 @@ def tokenizer(demo_model_path):
     return AutoTokenizer.from_pretrained(demo_model_path)
 
 
-def _stream(tokenizer, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], IncrementalDetokenizer]:
-    detokenizer = IncrementalDetokenizer(tokenizer, stop)
+def _stream(tokenizer, text: str, stop: tuple[str, ...] = (), min_tokens: int = 0) -> tuple[list[str], IncrementalDetokenizer]:
+    detokenizer = IncrementalDetokenizer(tokenizer, stop, min_tokens)
     deltas = []
     for token_id in tokenizer.encode(text, add_special_tokens=False):
         deltas.append(detokenizer.add(token_id))
@@ -58,3 +58,12 @@ def test_held_back_length_is_the_longest_end_that_starts_a_marker():
         markers = tuple("".join(rng.choice("ab<") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3)))
         by_prefixes = max((n for marker in markers for n in range(1, len(marker)) if text.endswith(marker[:n])), default=0)
         assert held_back_length(text, markers) == by_prefixes, (text, markers)
+
+
+def test_detokenizer_looks_for_stop_strings_only_after_min_tokens(tokenizer):
+    text = "one two one two one"
+    assert len(tokenizer.encode("one two", add_special_tokens=False)) == 2
+    deltas, detokenizer = _stream(tokenizer, text, stop=("one",), min_tokens=2)
+    assert "".join(deltas) == "one two " and detokenizer.is_stopped  # the first "one" is within min_tokens
+    deltas, _ = _stream(tokenizer, text, stop=("one",), min_tokens=5)
+    assert "".join(deltas) == text

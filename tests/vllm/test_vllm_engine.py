@@ -329,7 +329,8 @@ def test_vllm_logprobs_bias_and_penalties_through_the_openai_client(server, demo
 
 
 def test_vllm_takes_its_own_sampling_fields_through_the_openai_clients_extra_body(server):
-    """top_k, min_p and repetition_penalty reach vLLM's sampler, as they would through vLLM's own server."""
+    """top_k, min_p, repetition_penalty, ignore_eos and min_tokens reach vLLM's sampler, as
+    they would through vLLM's own server."""
     client = server.client()
     once = "Once upon a time"
     best = client.completions.create(model="chat", prompt=once, max_tokens=6, temperature=0).choices[0].text
@@ -341,6 +342,11 @@ def test_vllm_takes_its_own_sampling_fields_through_the_openai_clients_extra_bod
         for penalty in (1.0, 1.8)
     )
     assert plain.count("cat") >= 8 and penalised.count("cat") < plain.count("cat") / 2, (plain, penalised)
+    natural = client.chat.completions.create(model="chat", messages=FRANCE, temperature=0, max_tokens=20)
+    endless = client.chat.completions.create(model="chat", messages=FRANCE, temperature=0, max_tokens=20, extra_body={"ignore_eos": True})
+    assert natural.usage.completion_tokens < 20 and (endless.usage.completion_tokens, endless.choices[0].finish_reason) == (20, "length")
+    longer = client.chat.completions.create(model="chat", messages=FRANCE, temperature=0, max_tokens=20, extra_body={"min_tokens": natural.usage.completion_tokens + 3})
+    assert longer.usage.completion_tokens >= natural.usage.completion_tokens + 3
 
 
 def test_vllm_structured_output_through_the_openai_client(server):

@@ -1,5 +1,6 @@
-"""A reasoning model's thinking read apart from its answer, through a real server
-(transformers engine) and the openai client. The model is SmolLM2 with a thinking chat
+"""A reasoning model's thinking read apart from its answer, and the chat template's
+request fields (variables, a prefilled answer), through a real server (transformers engine)
+and the openai client. The model is SmolLM2 with a thinking chat
 template (Qwen3's shape: the prompt opens `<think>` unless `enable_thinking` is false), so
 everything it writes after an opened tag is its reasoning: real weights, real template."""
 
@@ -91,6 +92,17 @@ def test_earlier_reasoning_and_template_variables_reach_the_template(server):
     with_thinking = [*HELLO, {"role": "assistant", "content": "Paris.", "reasoning": "France's capital is Paris."}, {"role": "user", "content": "Thanks"}]
     assert count(messages=with_thinking) > count(messages=said)
     assert count(messages=HELLO, **NO_THINKING) < count(messages=HELLO)
+
+
+def test_continue_final_message_prefills_the_answer_and_returns_only_what_follows(server):
+    prefilled = [*HELLO, {"role": "assistant", "content": "The capital of France is"}]
+    answer = server.client().chat.completions.create(
+        model="thinker", messages=prefilled, temperature=0, max_tokens=3, extra_body={"add_generation_prompt": False, "continue_final_message": True}
+    )
+    assert answer.choices[0].message.content.startswith(" Paris"), answer.choices[0].message
+    for body, fragment in (({"continue_final_message": True}, "cannot both be true"), ({"messages": HELLO, "add_generation_prompt": False, "continue_final_message": True}, "must be the assistant's")):
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "thinker", "messages": prefilled, **body})
+        assert refused.status_code == 400 and fragment in refused.json()["error"]["message"], refused.text
 
 
 @pytest.mark.parametrize("kwargs", [{"tokenize": True}, {"chat_template": "{{ 'x' }}"}, {"not a name": 1}])
