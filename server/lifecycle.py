@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 import uvicorn
 
 from models.errors import OverloadedError
-from server.engines.vllm_engine import kill_engines_still_starting
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
@@ -78,10 +77,13 @@ class GracefulServer(uvicorn.Server):
     """uvicorn, with the shutdown above in place of its own (which closes the listener at
     once, so readiness probes would see a refused connection instead of a 503)."""
 
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_timeout_s: float, kill_engines_starting: Callable[[], int] = lambda: 0):
+        """`kill_engines_starting` kills the processes of engines still starting and says
+        how many it killed (the engine factory knows whose processes they are)."""
         super().__init__(config)
         self._lifecycle = lifecycle
         self._shutdown_timeout_s = shutdown_timeout_s
+        self._kill_engines_starting = kill_engines_starting
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets=None) -> None:
@@ -95,8 +97,8 @@ class GracefulServer(uvicorn.Server):
         # still run their finalizers (vLLM's __del__ fails once modules are torn down).
         threads_done = asyncio.ensure_future(self._loop.shutdown_default_executor())
         while not threads_done.done():
-            if num_killed := kill_engines_still_starting():
-                log.warning("stopped %d process(es) of vLLM engines still starting", num_killed)
+            if num_killed := self._kill_engines_starting():
+                log.warning("stopped %d process(es) of engines still starting", num_killed)
             await asyncio.wait({threads_done}, timeout=KILL_CHECK_S)
         gc.collect()
 

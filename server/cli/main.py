@@ -151,13 +151,14 @@ def _settings_from_file(args) -> Settings:
 def _run_server(settings: Settings, args) -> int:
     logs.configure(args.log_level, args.log_format)
     from server.app import create_app  # torch and transformers: seconds to import, so after the checks
+    from server.engines.factory import kill_engines_starting
     from server.lifecycle import GracefulServer, Lifecycle
 
     lifecycle = Lifecycle()
     # JSON logs: uvicorn's loggers keep no formatting of their own and go through ours.
     uvicorn_logs = {"log_config": None} if args.log_format == "json" else {}
     config = uvicorn.Config(create_app(settings, lifecycle=lifecycle), host=settings.host, port=settings.port, log_level=args.log_level, **uvicorn_logs)
-    GracefulServer(config, lifecycle, args.shutdown_timeout).run()
+    GracefulServer(config, lifecycle, args.shutdown_timeout, kill_engines_starting).run()
     return 0
 
 

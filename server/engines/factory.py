@@ -27,6 +27,12 @@ def build_engine(path: Path, options: dict) -> Engine:
     return TransformersEngine(path, options_for(TransformersOptions, options))
 
 
+def kill_engines_starting() -> int:
+    """At exit: kills the processes of engines whose start a shutdown cut short (only vLLM's
+    engines run in processes of their own); returns how many processes it killed."""
+    return vllm_engine.kill_engines_still_starting()
+
+
 def engine_for(path: Path, choice: str) -> str:
     if choice not in ENGINES:
         raise ConfigError(f"Unknown engine {choice!r}: use {', '.join(ENGINES)}.")
