@@ -35,7 +35,7 @@ class VLLMOptions:
     distributed_executor_backend: Literal["mp", "ray"] | None = None  # None: vLLM's choice; ray: across nodes
     quantization: str | None = None
     enforce_eager: bool | None = None  # None: eager on CPU (starts in 40 s, not 160 s), compiled on GPU
-    cpu_kv_cache_gib: Count = 1  # VLLM_CPU_KVCACHE_SPACE, on CPU builds only
+    cpu_kv_cache_gib: Count = 1  # the KV cache of vLLM's CPU build (its VLLM_CPU_KVCACHE_SPACE, per engine)
     max_num_seqs: Count | None = None  # None: vLLM's own default
     # GPU only. On: swapped-out versions sleep on standby (rollback in seconds), at a cost at
     # high concurrency (vLLM's sleep allocator). Off: they are stopped instead. The server

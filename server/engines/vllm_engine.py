@@ -198,15 +198,16 @@ class VLLMEngine:
 
         options = self._options
         on_cpu = self._device_name() == "cpu"
-        if on_cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
-        else:  # this process has threads and may hold CUDA: a forked engine core cannot start
+        if not on_cpu:  # this process has threads and may hold CUDA: a forked engine core cannot start (the same for every engine)
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         # Unset options stay vLLM's own defaults (max_num_seqs, gpu_memory_utilization).
         chosen = {
             "gpu_memory_utilization": options.gpu_memory_utilization,
             "max_num_seqs": options.max_num_seqs,
             "distributed_executor_backend": options.distributed_executor_backend,
+            # Per engine, not through VLLM_CPU_KVCACHE_SPACE: set once in the environment, the
+            # first engine's size held for every later one (an operator's own setting still wins).
+            "kv_cache_memory_bytes": options.cpu_kv_cache_gib * 2**30 if on_cpu else None,
         }
         args = AsyncEngineArgs(
             model=str(self._path),

@@ -397,8 +397,10 @@ def test_a_generation_in_flight_when_the_engine_stops_ends_with_an_error_not_a_h
     model = build_tiny_model(tmp_path / "model", demo_model_path, **VLLM_TINY)
 
     async def stop_mid_generation() -> BaseException | None:
-        engine = VLLMEngine(model, VLLMOptions(max_model_len=512))
+        engine = VLLMEngine(model, VLLMOptions(max_model_len=512, cpu_kv_cache_gib=2))
         await engine.start()
+        # its own KV cache size, not the first engine's of this process (an environment variable once)
+        assert engine._engine.vllm_config.cache_config.kv_cache_memory_bytes == 2 * 2**30
         request = GenerationRequest("in-flight", engine.tokenize_chat(HELLO), SamplingParams(max_tokens=400, temperature=0))
         chunks = engine.generate(request)
         await anext(chunks)
