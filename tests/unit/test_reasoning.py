@@ -58,3 +58,32 @@ def test_a_version_reads_reasoning_where_its_template_teaches_think_or_its_optio
     template = "{% if enable_thinking %}<think>{% endif %}"
     assert reads_reasoning(None, template) and not reads_reasoning(None, "{{ messages }}") and not reads_reasoning(None, None)
     assert not reads_reasoning("none", template) and reads_reasoning("think", "{{ messages }}")
+
+
+def test_calls_after_thinking_are_read_from_the_content_and_the_thinking_kept():
+    """The order the API runs them in: reasoning apart first, then tool calls from the content."""
+    import asyncio
+    import json
+
+    from server.api.generation import ChoiceChunk, read_tool_calls
+    from server.api.reasoning import read_reasoning
+    from server.api.tools import Function, ToolPlan
+    from server.engines.base import Chunk
+
+    weather = Function("get_weather", None, {"type": "object", "properties": {"city": {"type": "string"}}})
+    output = '<think>\nThe user wants Oslo\'s weather. <tool_call> is how I call.\n</think>\n\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    pieces = [output[i : i + 5] for i in range(0, len(output), 5)]
+
+    async def chunks():
+        for i, piece in enumerate(pieces):
+            yield ChoiceChunk(0, Chunk(piece, 1, "stop" if i == len(pieces) - 1 else None))
+
+    async def collect():
+        split = read_reasoning(chunks(), [ReasoningSplitter(False)])
+        return [item async for item in read_tool_calls(split, lambda: ToolPlan((weather,), "auto").reader("hermes"), 1)]
+
+    items = asyncio.run(collect())
+    assert "".join(i.reasoning for i in items) == "\nThe user wants Oslo's weather. <tool_call> is how I call.\n"
+    assert "".join(i.chunk.text for i in items) == ""
+    (call,) = items[-1].tool_calls
+    assert (call.name, json.loads(call.arguments), items[-1].chunk.finish_reason) == ("get_weather", {"city": "Oslo"}, "tool_calls")
