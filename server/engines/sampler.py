@@ -53,25 +53,27 @@ def adjusted_logits(logits: torch.Tensor, params: SamplingParams, prompt_token_i
 def truncated(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """What each row may draw from: rows with top_k or min_p get every other token at -inf,
     in a copy (log-probabilities are reported from the logits before it, as vLLM's are);
-    the same tensor where no row truncates. top_p comes after, in the draw."""
+    the same tensor where no row truncates. top_p comes after, in the draw. Rules: min_p on
+    the distribution after temperature, p_i >= min_p * p_max, that is l_i >= l_max + T ln(min_p);
+    top_k keeps every token tied with the k-th best. All rows at once: a few kernels a step
+    whatever the batch (a model's defaults can make every request truncate)."""
     rows = [row for row, p in enumerate(params) if p.truncates]
     if not rows:
         return logits
+    device, vocab_size = logits.device, logits.shape[-1]
+    chosen = [params[row] for row in rows]
+    picked = logits[rows]
+    floors = torch.full((len(rows),), -torch.inf, device=device)
+    if any(p.min_p > 0.0 for p in chosen):
+        spreads = torch.tensor([p.temperature * math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in chosen], device=device)
+        floors = torch.maximum(floors, picked.max(dim=-1).values + spreads)
+    if ks := [min(p.top_k, vocab_size) for p in chosen if p.top_k > 0]:
+        best = picked.topk(max(ks), dim=-1).values
+        kth = best.gather(-1, torch.tensor([[max(min(p.top_k, vocab_size), 1) - 1] for p in chosen], device=device)).squeeze(-1)
+        floors = torch.maximum(floors, torch.where(torch.tensor([p.top_k > 0 for p in chosen], device=device), kth, -torch.inf))
     logits = logits.clone()
-    for row in rows:
-        logits[row] = _truncated_row(logits[row], params[row])
+    logits[rows] = picked.masked_fill(picked < floors[:, None], -torch.inf)
     return logits
-
-
-def _truncated_row(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """min_p on the distribution after temperature: p_i >= min_p * p_max, that is
-    l_i >= l_max + T * ln(min_p); top_k keeps every token tied with the k-th best."""
-    kept = torch.ones_like(logits, dtype=torch.bool)
-    if params.min_p > 0.0:
-        kept &= logits >= logits.max() + params.temperature * math.log(params.min_p)
-    if 0 < params.top_k < logits.shape[-1]:
-        kept &= logits >= logits.topk(params.top_k).values[-1]
-    return logits.masked_fill(~kept, -torch.inf)
 
 
 def token_logprobs(logits: torch.Tensor, params: SamplingParams, token_id: int, num_top: int) -> tuple[float, list[tuple[int, float]]]:

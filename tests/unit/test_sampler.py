@@ -74,3 +74,31 @@ def test_a_top_k_of_one_draws_the_best_token_every_time():
     assert draws == {int(logits.argmax())}
     free = SamplingParams(max_tokens=1, temperature=1.5)
     assert len({choose_tokens(logits, [free], [3], [step])[0] for step in range(30)}) > 1
+
+
+def test_truncation_of_a_whole_batch_matches_the_rule_row_by_row():
+    """The batched masks against the rule written out per row, over random rows and settings."""
+    import math
+    import random
+
+    def by_rule(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        kept = torch.ones_like(row, dtype=torch.bool)
+        if p.min_p > 0:
+            probs = torch.softmax(row / p.temperature, dim=-1)
+            kept &= probs >= p.min_p * probs.max() * (1 - 1e-5)
+        if 0 < p.top_k < row.shape[-1]:
+            kept &= row >= row.sort(descending=True).values[p.top_k - 1]
+        return kept
+
+    generator = random.Random(7)
+    for _ in range(20):
+        params = [
+            SamplingParams(max_tokens=1, temperature=generator.choice([0.0, 0.5, 1.3]), top_k=generator.choice([0, 1, 5, 64, 10_000]), min_p=generator.choice([0.0, 0.05, 0.5]))
+            for _ in range(6)
+        ]
+        logits = torch.randn(6, 64) * 3
+        cut = truncated(logits, params)
+        for row, p in enumerate(params):
+            expected = by_rule(logits[row], p) if p.truncates else torch.ones(64, dtype=torch.bool)
+            assert torch.equal(~torch.isinf(cut[row]), expected), (p, row)
+            assert math.isfinite(float(cut[row].max()))
