@@ -55,6 +55,22 @@ def tiny_model_path(tmp_path_factory, demo_model_path) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", demo_model_path)
 
 
+def copy_with(source: Path, target: Path, generation_config: dict | None = None, chat_template: str | None = None) -> Path:
+    """A copy of a model folder with more generation config keys, or another chat template:
+    another version of the same layout (a swap between the two is a reload)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    if generation_config is not None:
+        path = target / "generation_config.json"
+        path.chmod(0o644)
+        path.write_text(json.dumps(json.loads(path.read_text()) | generation_config))
+    if chat_template is not None:
+        (target / "chat_template.jinja").chmod(0o644)
+        (target / "chat_template.jinja").write_text(chat_template)
+    return target
+
+
 def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0, **shape) -> Path:
     """A 2-layer Llama with random float32 weights and SmolLM2's tokenizer: real code paths,
     milliseconds per token. `shape` overrides config fields (another layout, or head sizes

@@ -6,16 +6,13 @@ everything it writes after an opened tag is its reasoning: real weights, real te
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import httpx
 import pytest
 
 from models.catalog import Change
 from models.registry import ImportOptions, Registry
 from server.config.settings import ModelSpec, Settings
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, copy_with
 
 THINKING_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -31,10 +28,7 @@ NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, demo_model_path):
     home = tmp_path_factory.mktemp("home")
-    folder = tmp_path_factory.mktemp("thinker") / "model"
-    shutil.copytree(demo_model_path, folder)
-    (folder / "chat_template.jinja").chmod(0o644)
-    (folder / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    folder = copy_with(demo_model_path, tmp_path_factory.mktemp("thinker") / "model", chat_template=THINKING_TEMPLATE)
     registry = Registry(home)
     registry.import_folder(folder, "thinker", {"kind": "local"}, ImportOptions(), Change("tester"))
     version = registry.resolve("thinker@1")

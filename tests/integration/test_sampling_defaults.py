@@ -4,16 +4,13 @@ request is silent, switch with the version in a reload swap, and a request's own
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import httpx
 import pytest
 
 from models.catalog import Change
 from models.registry import ImportOptions, Registry
 from server.config.settings import ModelSpec, Settings
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, copy_with
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 # chat@2's authors ask for a hot temperature, but only the best token, and short answers
@@ -25,11 +22,7 @@ def server(tmp_path_factory, demo_model_path):
     """chat@1: SmolLM2 as it ships (no sampling defaults); chat@2: the same weights with CHAT2_DEFAULTS."""
     home = tmp_path_factory.mktemp("home")
     registry = Registry(home)
-    second = tmp_path_factory.mktemp("second") / "model"
-    shutil.copytree(demo_model_path, second)
-    config_path = second / "generation_config.json"
-    config_path.chmod(0o644)
-    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | CHAT2_DEFAULTS))
+    second = copy_with(demo_model_path, tmp_path_factory.mktemp("second") / "model", generation_config=CHAT2_DEFAULTS)
     for folder in (demo_model_path, second):
         registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("tester"))
     spec = ModelSpec(name="chat", path=registry.resolve("chat@1").path, version="chat@1", engine="transformers")

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import threading
 import time
 
@@ -34,7 +33,7 @@ from server.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from server.engines.options import VLLMOptions  # noqa: E402
 from server.engines.vllm_engine import VLLMEngine  # noqa: E402
 from tests.integration.test_responses_api import assert_a_well_formed_stream  # noqa: E402
-from tests.conftest import ServerThread, build_tiny_model, sse_errors, streaming_versions_during  # noqa: E402
+from tests.conftest import ServerThread, build_tiny_model, copy_with, sse_errors, streaming_versions_during  # noqa: E402
 
 # vLLM's AsyncLLM leaves a zmq context and a shutdown call to the garbage collector (its own
 # leak, reported as an unraisable ResourceWarning at teardown); everything else stays strict.
@@ -48,10 +47,7 @@ def server(tmp_path_factory, demo_model_path):
     """chat@1 serving on vLLM, chosen by `engine: auto`; chat@2 (another generation config) to swap to."""
     home = tmp_path_factory.mktemp("vllm")
     registry = Registry(home)
-    second = tmp_path_factory.mktemp("second") / "model"
-    shutil.copytree(demo_model_path, second)
-    (second / "generation_config.json").chmod(0o644)
-    (second / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "variant": 2}))
+    second = copy_with(demo_model_path, tmp_path_factory.mktemp("second") / "model", generation_config={"variant": 2})
     for folder in (demo_model_path, second):
         registry.import_folder(folder, "chat", {"kind": "local"}, ImportOptions(), Change("tester"))
     first = registry.resolve("chat@1")
