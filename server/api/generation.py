@@ -100,6 +100,8 @@ def build_requests(
     choices differ yet the whole answer is reproducible."""
     if vocab_size is not None and body.logit_bias:
         check_token_ids([int(token) for token in body.logit_bias], vocab_size, "logit_bias")
+    if vocab_size is not None and body.stop_token_ids:
+        check_token_ids(body.stop_token_ids, vocab_size, "stop_token_ids")
     if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
         raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED} (choice i uses seed + i).", param="seed")
     prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
@@ -150,6 +152,9 @@ def sampling_of(body: ChatCompletionRequest | CompletionRequest, defaults: Sampl
         repetition_penalty=chosen("repetition_penalty"),
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
     )
 
 

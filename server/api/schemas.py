@@ -5,9 +5,10 @@ believes a setting took effect when it did not; `user` and `safety_identifier` (
 a user on one side of a canary), `prompt_cache_key` and `metadata` are accepted because they
 change nothing about the output, and so is any value that asks for nothing (`tools: null`,
 `response_format: {"type": "text"}`, `echo: false`): clients send their defaults. vLLM's
-own sampling fields (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`; the
-OpenAI SDK sends them in `extra_body`) are implemented on both engines, so clients written for
-vLLM's server work.
+own sampling and output fields (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`; the OpenAI
+SDK sends them in `extra_body`) are implemented on both engines, so clients written for vLLM's
+server work.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ MAX_SCHEMA_DEPTH = 64  # objects and arrays within each other (500 levels overfl
 MAX_SCHEMA_COUNT = 10_000  # minItems, maxLength and the like
 MAX_PATTERN_REPEAT = 1_000  # n and m in a pattern's {n}, {n,}, {n,m}
 MAX_STOP_CHARS = 1_024
+MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 1_024  # tokens a request may bias (40,000 cost 21 ms a token in the batch's step)
 COUNT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains", "maxContains")
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
@@ -243,8 +245,11 @@ class _GenerationBody(Strict):
     top_k: int | None = Field(None, ge=-1)  # vLLM's: the k most likely tokens; -1 or 0: all
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's: tokens at least this fraction as likely as the best
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)  # vLLM's (and transformers'): 1 is none
-    min_tokens: int = Field(0, ge=0)  # vLLM's: no end of sequence or stop string before this many tokens
+    min_tokens: int = Field(0, ge=0)  # vLLM's: no end of sequence, stop token or stop string before this many tokens
     ignore_eos: bool = False  # vLLM's: generate to max_tokens whatever the model says (benchmarks)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # vLLM's: tokens that end it as an end of sequence does
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended it is sent too
+    skip_special_tokens: bool = True  # vLLM's: false sends special tokens' text
     max_tokens: int | None = Field(None, ge=1)
     stop: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)

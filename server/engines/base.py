@@ -40,8 +40,11 @@ class SamplingParams:
     top_k: int = 0  # the k most likely tokens only; 0: every token
     min_p: float = 0.0  # only tokens at least this fraction as likely as the most likely one
     repetition_penalty: float = 1.0  # divides (multiplies, if negative) the logits of tokens in the prompt or output
-    min_tokens: int = 0  # no end of sequence or stop string before this many tokens
+    min_tokens: int = 0  # no end of sequence, stop token or stop string before this many tokens
     ignore_eos: bool = False  # an end-of-sequence token does not end the generation (benchmarks' fixed lengths)
+    stop_token_ids: tuple[int, ...] = ()  # more tokens that end it as an end of sequence does (their text is not sent)
+    include_stop_str_in_output: bool = False  # the stop string that ended it is sent too
+    skip_special_tokens: bool = True  # special tokens' text is left out of the output
 
     @property
     def is_greedy(self) -> bool:

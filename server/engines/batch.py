@@ -124,7 +124,7 @@ class ContinuousBatch:
             if sampling.adjusts_logits:
                 logits[row] = adjusted_logits(logits[row], sampling, sequence.request.prompt_token_ids, sequence.output_token_ids)
             if len(sequence.output_token_ids) < sampling.min_tokens:
-                logits[row, list(self._eos_token_ids)] = -torch.inf
+                logits[row, [*self._eos_token_ids, *sampling.stop_token_ids]] = -torch.inf
             if sequence.token_mask is not None:
                 logits[row] = sequence.token_mask.masked(logits[row])
             return None
@@ -150,8 +150,9 @@ class ContinuousBatch:
     def _append(self, sequence: Sequence, token_id: int) -> Chunk | None:
         sequence.output_token_ids.append(token_id)
         sequence.num_unreported_tokens += 1
-        is_eos = token_id in self._eos_token_ids and not sequence.request.sampling.ignore_eos
-        text = "" if is_eos else sequence.detokenizer.add(token_id)  # an ignored end of sequence decodes to nothing
+        sampling = sequence.request.sampling
+        is_eos = (token_id in self._eos_token_ids and not sampling.ignore_eos) or token_id in sampling.stop_token_ids
+        text = "" if is_eos else sequence.detokenizer.add(token_id)  # an ignored end of sequence adds what it decodes to
         sequence.finish_reason = self._finish_reason(sequence, is_eos)
         if sequence.finish_reason:
             text += sequence.detokenizer.flush()

@@ -24,16 +24,19 @@ def _longest_partial(text: str, marker: str) -> int:
 class IncrementalDetokenizer:
     """Turns generated token ids into text deltas.
 
-    Rules: text never contains a stop string or anything after it; a delta never ends in
-    an incomplete UTF-8 character; text that could be the start of a stop string is held
-    back until it is known not to be one. With `min_tokens`, stop strings are looked for
-    only after the text of the first `min_tokens` tokens (as vLLM does).
+    Rules: text never contains anything after a stop string, nor the stop string itself
+    unless `includes_stop`; a delta never ends in an incomplete UTF-8 character; text that
+    could be the start of a stop string is held back until it is known not to be one. With
+    `min_tokens`, stop strings are looked for only after the text of the first `min_tokens`
+    tokens (as vLLM does). Special tokens' text is left out unless `skips_special` is false.
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0, includes_stop: bool = False, skips_special: bool = True):
         self._tokenizer = tokenizer
         self._stop = tuple(s for s in stop if s)
         self._min_tokens = min_tokens
+        self._includes_stop = includes_stop
+        self._skips_special = skips_special
         self._token_ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -41,6 +44,11 @@ class IncrementalDetokenizer:
         self._stops_from = 0  # where a stop string may start: after the first min_tokens tokens' text
         self._num_chars_sent = 0
         self.is_stopped = False
+
+    @classmethod
+    def for_sampling(cls, tokenizer, sampling) -> "IncrementalDetokenizer":
+        """As a request's sampling parameters (`server.engines.base.SamplingParams`) ask."""
+        return cls(tokenizer, sampling.stop, sampling.min_tokens, sampling.include_stop_str_in_output, sampling.skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Add one token; return the text that may be sent now."""
@@ -74,12 +82,13 @@ class IncrementalDetokenizer:
         return full[len(prefix) :]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skips_special)
 
     def _cut_at_stop(self, searched_from: int) -> None:
-        hits = [i for s in self._stop if (i := self._text.find(s, searched_from)) != -1]
+        hits = [(i, len(s)) for s in self._stop if (i := self._text.find(s, searched_from)) != -1]
         if hits:
-            self._text = self._text[: min(hits)]
+            at, length = min(hits)
+            self._text = self._text[: at + length if self._includes_stop else at]
             self.is_stopped = True
 
     def _num_sendable_chars(self) -> int:

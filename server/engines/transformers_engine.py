@@ -157,7 +157,7 @@ class TransformersEngine:
         queue: asyncio.Queue = asyncio.Queue()
         sequence = Sequence(
             request=request,
-            detokenizer=IncrementalDetokenizer(self._tokenizer, request.sampling.stop, request.sampling.min_tokens),
+            detokenizer=IncrementalDetokenizer.for_sampling(self._tokenizer, request.sampling),
             seed=row_seed(request.sampling),
             emit=partial(_put_threadsafe, asyncio.get_running_loop(), queue),
             token_mask=await self._token_mask(request.sampling.json_format),

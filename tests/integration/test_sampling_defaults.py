@@ -89,6 +89,19 @@ def test_ignore_eos_and_min_tokens_generate_past_the_models_end(server):
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
 
 
+def test_vllms_output_fields_stop_tokens_kept_stop_strings_and_special_tokens(server):
+    client = server.client()
+    ask = lambda **extra: client.chat.completions.create(model="chat", messages=FRANCE, temperature=0, max_tokens=20, extra_body=extra).choices[0]  # noqa: E731
+    assert ask().message.content == "The capital of France is Paris."
+    (paris,) = httpx.post(f"{server.url}/tokenize", json={"model": "chat", "prompt": " Paris"}).json()["tokens"]
+    stopped = ask(stop_token_ids=[paris])
+    assert (stopped.message.content, stopped.finish_reason) == ("The capital of France is", "stop")
+    assert ask(stop=["France"], include_stop_str_in_output=True).message.content == "The capital of France"
+    assert ask(ignore_eos=True, skip_special_tokens=False).message.content.startswith("The capital of France is Paris.<|im_end|>")
+    outside = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", "messages": FRANCE, "stop_token_ids": [10**9]})
+    assert outside.status_code == 400 and outside.json()["error"]["param"] == "stop_token_ids"
+
+
 @pytest.mark.parametrize(
     ("field", "value", "fragment"),
     [("top_k", -2, "greater than or equal to -1"), ("min_p", 1.5, "less than or equal to 1"), ("repetition_penalty", 0, "greater than 0"), ("top_k", 1.5, "valid integer")],

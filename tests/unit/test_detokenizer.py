@@ -67,3 +67,12 @@ def test_detokenizer_looks_for_stop_strings_only_after_min_tokens(tokenizer):
     assert "".join(deltas) == "one two " and detokenizer.is_stopped  # the first "one" is within min_tokens
     deltas, _ = _stream(tokenizer, text, stop=("one",), min_tokens=5)
     assert "".join(deltas) == text
+
+
+def test_detokenizer_can_keep_the_stop_string_and_special_tokens(tokenizer):
+    detokenizer = IncrementalDetokenizer(tokenizer, ("two",), includes_stop=True)
+    sent = "".join(detokenizer.add(t) for t in tokenizer.encode("one two three", add_special_tokens=False)) + detokenizer.flush()
+    assert sent == "one two" and detokenizer.is_stopped
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    kept, skipped = IncrementalDetokenizer(tokenizer, skips_special=False), IncrementalDetokenizer(tokenizer)
+    assert (kept.add(end) + kept.flush(), skipped.add(end) + skipped.flush()) == ("<|im_end|>", "")

@@ -325,8 +325,9 @@ def test_vllm_logprobs_bias_and_penalties_through_the_openai_client(server, demo
 
 
 def test_vllm_takes_its_own_sampling_fields_through_the_openai_clients_extra_body(server):
-    """top_k, min_p, repetition_penalty, ignore_eos and min_tokens reach vLLM's sampler, as
-    they would through vLLM's own server."""
+    """top_k, min_p, repetition_penalty, ignore_eos, min_tokens and the output fields
+    (stop_token_ids, include_stop_str_in_output, skip_special_tokens) reach vLLM, as they
+    would through vLLM's own server, and answer as on the transformers engine."""
     client = server.client()
     once = "Once upon a time"
     best = client.completions.create(model="chat", prompt=once, max_tokens=6, temperature=0).choices[0].text
@@ -343,6 +344,12 @@ def test_vllm_takes_its_own_sampling_fields_through_the_openai_clients_extra_bod
     assert natural.usage.completion_tokens < 20 and (endless.usage.completion_tokens, endless.choices[0].finish_reason) == (20, "length")
     longer = client.chat.completions.create(model="chat", messages=FRANCE, temperature=0, max_tokens=20, extra_body={"min_tokens": natural.usage.completion_tokens + 3})
     assert longer.usage.completion_tokens >= natural.usage.completion_tokens + 3
+    ask = lambda **extra: client.chat.completions.create(model="chat", messages=FRANCE, temperature=0, max_tokens=20, extra_body=extra).choices[0].message.content  # noqa: E731
+    (paris,) = httpx.post(f"{server.url}/tokenize", json={"model": "chat", "prompt": " Paris"}).json()["tokens"]
+    assert ask() == "The capital of France is Paris."
+    assert ask(stop_token_ids=[paris]) == "The capital of France is"
+    assert ask(stop=["France"], include_stop_str_in_output=True) == "The capital of France"
+    assert ask(ignore_eos=True, skip_special_tokens=False).startswith("The capital of France is Paris.<|im_end|>")
 
 
 def test_vllm_structured_output_through_the_openai_client(server):
