@@ -36,6 +36,7 @@ class SwapBody(_Body):
     strategy: Literal["auto", "standby", "reload", "blue-green", "replace"] = Field("auto", description="auto: the fastest that is safe, and the record says why")
     engine_options: EngineOptions | None = Field(None, description="the deployment's new engine options; with them, a swap to the version it serves restarts its engine")
     wait: bool = Field(True, description="false: answer at once with the swap's id, and poll /admin/swaps/{id}")
+    dry_run: bool = Field(False, description="true: answer what the swap would do (strategy, why, whether requests wait, memory), refused as it would be, and do nothing")
 
 
 class WaitBody(_Body):
@@ -79,6 +80,8 @@ async def remove(name: str, request: Request, reason: str = "", wait: bool = Tru
 
 @router.post("/deployments/{name}/swap")
 async def swap(name: str, body: SwapBody, request: Request) -> dict:
+    if body.dry_run:
+        return request.state.deployments.preview_swap(name, body.to, body.strategy, body.engine_options)
     change = actor_change(request, body.reason)
     record = await request.state.deployments.swap(name, body.to, body.strategy, change, wait=body.wait, engine_options=body.engine_options)
     return record.to_dict()

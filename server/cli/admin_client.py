@@ -77,6 +77,10 @@ class AdminClient:
         body = {"to": to, "strategy": strategy, "reason": reason, "wait": False, "engine_options": engine_options}
         return self._call("POST", f"/deployments/{name}/swap", json=body)
 
+    def preview_swap(self, name: str, to: str, strategy: str, engine_options: dict | None = None) -> dict:
+        body = {"to": to, "strategy": strategy, "engine_options": engine_options, "dry_run": True}
+        return self._call("POST", f"/deployments/{name}/swap", json=body)
+
     def rollback(self, name: str, reason: str) -> dict:
         return self._call("POST", f"/deployments/{name}/rollback", json={"reason": reason, "wait": False})
 

@@ -42,6 +42,7 @@ def add_commands(commands) -> None:
         "--engine-option", action="append", default=None, metavar="KEY=VALUE",
         help="the deployment's engine options from now on (values are JSON); to --to its own version, this restarts its engine with them",
     )  # fmt: skip
+    swap.add_argument("--dry-run", action="store_true", help="say what the swap would do (strategy, why, whether requests wait) and do nothing")
 
     rollback = command("rollback", "go back to the previous version", lambda client, args: _follow(client, client.rollback(args.name, args.reason)))
     rollback.add_argument("name")
@@ -97,7 +98,24 @@ def _deploy(client: AdminClient, args) -> int:
 
 def _swap(client: AdminClient, args) -> int:
     engine_options = None if args.engine_option is None else engine_option_pairs(args.engine_option)
+    if args.dry_run:
+        print(format_preview(client.preview_swap(args.name, args.to, args.strategy, engine_options)))
+        return 0
     return _follow(client, client.swap(args.name, args.to, args.strategy, args.reason, engine_options))
+
+
+def format_preview(plan: dict) -> str:
+    lines = [
+        f"dry run: swap {plan['deployment']} {plan['from_version'] or '-'} -> {plan['to_version']} would be {plan['strategy']} ({plan['strategy_reason']})",
+        f"  {plan['effect']}",
+    ]
+    if plan["strategy"] in ("blue-green", "replace"):
+        lines.append(f"  beside the active version it needs {_gib(plan['needed_bytes'])}; {plan['free_in']} has {_gib(plan['free_bytes'])} free")
+    return "\n".join(lines + ["nothing was changed"])
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB"
 
 
 def _canary(client: AdminClient, args) -> int:
@@ -168,7 +186,7 @@ def _status(client: AdminClient, args) -> int:
 
 def format_status(status: dict) -> str:
     """/admin/status as terminal tables: deployments and slots, the memory budget, GPUs."""
-    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    gib = _gib
     lines = [f"{'DEPLOYMENT':<14} {'ROLE':<8} {'VERSION':<18} {'STATE':<9} {'ENGINE':<13} {'IN-FLIGHT':>9} {'WAITING':>7} {'MEMORY':>10}  PLAN"]
     for d in status["deployments"]:
         for role in ("active", "canary", "standby"):

@@ -27,7 +27,7 @@ from server.deployments.on_demand import OnDemandLoads
 from server.deployments.resume import start_point
 from server.deployments.slot import Lease, Slot, SlotState, Target
 from server.deployments.slot_lifecycle import EngineFactory, SlotLifecycle
-from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy, no_room_beside
+from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy, no_room_beside, preview
 from server.deployments.swap_history import SwapHistory
 from server.deployments.swap_record import SwapRecord, as_swap_error
 from server.deployments.swaps import Swaps
@@ -329,15 +329,22 @@ class DeploymentManager:
         if strategy not in STRATEGIES:
             raise InvalidRequestError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.", param="strategy")
         overrides = deployment.engine_overrides if engine_options is None else engine_options
-        target, choice = self._plan_swap(deployment, ref, strategy, overrides)
+        target, _, choice = self._plan_swap(deployment, ref, strategy, overrides)
         record = SwapRecord(name, "swap", deployment.target_version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
         return await self._run(deployment, record, self._swap(deployment, record, target, choice, overrides), wait)
+
+    def preview_swap(self, name: str, ref: str, strategy: str, engine_options: dict | None = None) -> dict:
+        """What `swap` would do, refused as it would be, and nothing done (a dry run)."""
+        deployment = self._lock_free(name)
+        overrides = deployment.engine_overrides if engine_options is None else engine_options
+        target, facts, choice = self._plan_swap(deployment, ref, strategy, overrides)
+        return {"deployment": name, "from_version": deployment.target_version, "to_version": target.version} | preview(choice, facts)
 
     async def rollback(self, name: str, change: Change, wait: bool = True) -> SwapRecord:
         deployment = self._lock_free(name)
         if deployment.previous_version is None:
             raise ConflictError(f"Deployment {name} has no previous version to roll back to.")
-        target, choice = self._plan_swap(deployment, deployment.previous_version, "auto", deployment.engine_overrides)
+        target, _, choice = self._plan_swap(deployment, deployment.previous_version, "auto", deployment.engine_overrides)
         record = SwapRecord(name, "rollback", deployment.target_version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
         return await self._run(deployment, record, self._swap(deployment, record, target, choice, deployment.engine_overrides), wait)
 
@@ -470,13 +477,14 @@ class DeploymentManager:
             raise ModelNotFoundError(f"The model '{deployment.name}' was removed.", param="name")
         await work
 
-    def _plan_swap(self, deployment: Deployment, ref: str, strategy: str, overrides: dict) -> tuple[Target, Choice]:
+    def _plan_swap(self, deployment: Deployment, ref: str, strategy: str, overrides: dict) -> tuple[Target, SwapFacts, Choice]:
         target = self._resolve_or_standby(deployment, ref, overrides)
         if not deployment.is_failed and target.version == deployment.target_version and overrides == deployment.engine_overrides:
             raise ConflictError(f"{deployment.name} already serves {target.version}{'' if deployment.active else ' (on demand)'}.")
         if deployment.canary is not None and target.version == deployment.canary.version:  # else two engines of one version
             raise ConflictError(f"{target.version} is {deployment.name}'s canary; promote it (or abort it and swap).")
-        return target, choose_strategy(strategy, self._swap_facts(deployment, target))
+        facts = self._swap_facts(deployment, target)
+        return target, facts, choose_strategy(strategy, facts)
 
     def _swap_facts(self, deployment: Deployment, target: Target) -> SwapFacts:
         standby, active = deployment.standby, deployment.active

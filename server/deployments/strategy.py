@@ -57,6 +57,34 @@ def choose_strategy(requested: str, facts: SwapFacts) -> Choice:
     return Choice(requested, "asked for")
 
 
+# What each strategy makes requests go through, for a swap's preview (`--dry-run`).
+EFFECTS = {
+    "standby": (False, "a flip to the loaded version (woken first where it sleeps); no request waits"),
+    "reload": (True, "new requests wait while those in flight finish and the weights reload in the running engine (under a second on a GPU)"),
+    "blue-green": (False, "the new version loads beside the old one, then takes the traffic; no request waits"),
+    "replace": (True, "new requests wait in the queue while the old version drains and the new one starts (a cold start)"),
+    "in-place": (False, "the running engine reads its output anew; nothing waits, nothing loads"),
+    "on-demand": (False, "nothing loads now; the next request loads the new version"),
+    "load": (True, "requests wait while the version loads (nothing serves now)"),
+}
+
+
+def preview(choice: Choice, facts: SwapFacts) -> dict:
+    """What a swap would do, said before it does anything: its strategy and why, whether new
+    requests would wait, and the memory a load beside the active version needs and has."""
+    requests_wait, effect = EFFECTS[choice.strategy]
+    return {
+        "strategy": choice.strategy,
+        "strategy_reason": choice.reason,
+        "requests_wait": requests_wait,
+        "effect": effect,
+        "reload_blocker": facts.reload_blocker,
+        "needed_bytes": facts.needed_bytes,
+        "free_bytes": max(facts.free_bytes, 0),
+        "free_in": facts.free_in,
+    }
+
+
 def _fastest(facts: SwapFacts) -> Choice:
     if facts.is_on_standby:
         return Choice("standby", "the target is on standby")

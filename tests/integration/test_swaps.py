@@ -396,6 +396,27 @@ def test_auto_picks_replace_when_it_cannot_reload_and_both_do_not_fit(home):
         assert _admin(server, "GET", "/deployments/chat")["standby"] is None  # no room to keep it
 
 
+def test_a_dry_run_says_what_a_swap_would_do_and_does_nothing(home):
+    """Real engines, CLI and API: the plan is the swap's own (refusals included), and nothing
+    loads, flips or lands in the history."""
+    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    num_events = len(Registry(home).history("chat"))
+    with _server(home, memory_budget_bytes=int(one_version * 1.5)) as server:
+        cli = subprocess.run([sys.executable, "-m", "server.cli.main", "swap", "chat", "--to", "chat@2", "--dry-run", "--server", server.url], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        assert cli.stdout.startswith("dry run: swap chat chat@1 -> chat@2 would be reload (same layout") and "new requests wait" in cli.stdout
+        plan = _admin(server, "POST", "/deployments/chat/swap", to="chat@3", dry_run=True)
+        third = int(Registry(home).resolve("chat@3").manifest.total_bytes * LOAD_OVERHEAD)
+        assert (plan["strategy"], plan["requests_wait"], plan["needed_bytes"], plan["to_version"]) == ("replace", True, third, "chat@3")
+        assert plan["reload_blocker"].startswith("tensor model.layers.2.")
+        refused = _admin(server, "POST", "/deployments/chat/swap", expect=409, to="chat@3", strategy="blue-green", dry_run=True)["error"]
+        assert refused["code"] == "strategy_not_applicable"
+        assert _admin(server, "POST", "/deployments/chat/swap", expect=404, to="chat@9", dry_run=True)["error"]["code"] == "version_not_found"
+        status = _admin(server, "GET", "/status")["deployments"][0]
+        assert (status["version"], status["standby"], status["is_swapping"]) == ("chat@1", None, False)
+    assert len(Registry(home).history("chat")) == num_events
+
+
 def test_explicit_blue_green_that_cannot_fit_is_refused_before_anything_loads(home):
     one_version = Registry(home).resolve("chat@1").manifest.total_bytes
     num_events = len(Registry(home).history("chat"))

@@ -3,7 +3,7 @@
 import pytest
 
 from models.errors import ConflictError, InvalidRequestError
-from server.deployments.strategy import SwapFacts, choose_strategy, no_room_beside
+from server.deployments.strategy import EFFECTS, SwapFacts, choose_strategy, no_room_beside, preview
 
 GIB = 2**30
 
@@ -97,3 +97,21 @@ def test_an_unloaded_on_demand_deployment_is_retargeted_whatever_was_asked(strat
 def test_a_canary_needs_the_room_blue_green_needs():
     assert no_room_beside(100, 100, "the memory budget") is None
     assert no_room_beside(101, 100, "the GPU after its headroom") == "loading beside needs 101 bytes and the GPU after its headroom has 100 free"
+
+
+def test_a_preview_says_whether_requests_wait_and_what_memory_a_load_beside_needs():
+    replace = facts(needed=30 * GIB, free=-GIB)  # the budget is overdrawn: nothing is free
+    plan = preview(choose_strategy("auto", replace), replace)
+    assert (plan["strategy"], plan["requests_wait"], plan["needed_bytes"], plan["free_bytes"]) == ("replace", True, 30 * GIB, 0)
+    assert plan["reload_blocker"] == "the architecture differs (A -> B)" and "cold start" in plan["effect"]
+    reload = facts(reload_blocker=None)
+    assert preview(choose_strategy("auto", reload), reload)["requests_wait"] is True
+    standby = facts(is_on_standby=True)
+    assert preview(choose_strategy("auto", standby), standby)["requests_wait"] is False
+
+
+def test_every_strategy_a_swap_can_take_has_an_effect_to_preview():
+    down, unloaded = SwapFacts(True, False, None, 0, 0), SwapFacts(False, False, None, 0, 0, is_unloaded=True)
+    output_only = SwapFacts(False, False, None, 0, 0, changes_output_only=True)
+    taken = {choose_strategy(asked, f).strategy for asked in ("auto", "blue-green", "replace") for f in (facts(), facts(reload_blocker=None), facts(is_on_standby=True), down, unloaded, output_only)}
+    assert taken == set(EFFECTS)
