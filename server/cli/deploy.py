@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -104,6 +105,28 @@ def _swap(client: AdminClient, args) -> int:
     return _follow(client, client.swap(args.name, args.to, args.strategy, args.reason, engine_options))
 
 
+class _LiveLine:
+    """The running phase and its seconds so far, redrawn in place; nothing where output is
+    not a terminal (logs and pipes get the finished phases only)."""
+
+    def __init__(self, is_terminal: bool):
+        self._is_terminal = is_terminal
+        self._phase, self._since, self._is_shown = "", 0.0, False
+
+    def show(self, phase: str) -> None:
+        if not self._is_terminal:
+            return
+        if phase != self._phase:
+            self._phase, self._since = phase, time.monotonic()
+        print(f"\r\033[K  {phase:<8} {time.monotonic() - self._since:8.1f} s ...", end="", flush=True)
+        self._is_shown = True
+
+    def clear(self) -> None:
+        if self._is_shown:
+            print("\r\033[K", end="", flush=True)
+            self._is_shown = False
+
+
 def format_preview(plan: dict) -> str:
     lines = [
         f"dry run: swap {plan['deployment']} {plan['from_version'] or '-'} -> {plan['to_version']} would be {plan['strategy']} ({plan['strategy_reason']})",
@@ -141,20 +164,25 @@ def _weights(text: str) -> list[int]:
 
 
 def _follow(client: AdminClient, record: dict) -> int:
-    """Print each phase as it finishes, until the swap ends."""
+    """Print each phase as it finishes, until the swap ends; on a terminal, the phase running
+    now counts its seconds on a line of its own (a cold start on a GPU takes a minute)."""
     why = f": {record['strategy_reason']}" if record.get("strategy_reason") else ""
     print(f"{record['id']}: {record['action']} {record['deployment']} {record['from_version'] or '-'} -> {record['to_version'] or '-'} ({record['strategy']}{why})")
-    num_printed = 0
+    num_printed, live = 0, _LiveLine(sys.stdout.isatty())
     while True:
         finished = [p for p in record["phases"] if p["duration_s"] is not None]
         for phase in finished[num_printed:]:
             detail = f"  {phase['detail']}" if phase["detail"] else ""
+            live.clear()
             print(f"  {phase['name']:<8} {phase['duration_s']:8.3f} s{detail}")
         num_printed = len(finished)
         if record["status"] != "running":
             break
+        if running := [p["name"] for p in record["phases"] if p["duration_s"] is None]:
+            live.show(running[-1])
         time.sleep(0.2)
         record = client.swap_status(record["id"])
+    live.clear()
     if record["status"] == "failed":
         print(f"failed: {record['error']}")
         return 1

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -307,6 +309,34 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
         assert deployed.returncode == 0 and "other serves chat@2" in deployed.stdout
         again = baton("deploy", "other", "--model", "chat@2", *remote)
         assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_cli_swap_on_a_terminal_counts_the_running_phases_seconds(home):
+    """A cold start takes a minute on a GPU: on a terminal the running phase shows its
+    seconds as they pass, then its finished line takes its place."""
+    import pty
+
+    third = Registry(home).resolve("chat@3").path.name
+    with _server(home, FakeEngineFactory({third: FakeBehaviour(start_seconds=1.5)})) as server:
+        reader, writer = pty.openpty()
+        command = [sys.executable, "-m", "server.cli.main", "swap", "chat", "--to", "chat@3", "--strategy", "blue-green", "--server", server.url]
+        with subprocess.Popen(command, stdout=writer, stderr=writer) as process:
+            os.close(writer)
+            output = b""
+            while chunk := _read_pty(reader):
+                output += chunk
+            assert process.wait(timeout=60) == 0
+        os.close(reader)
+    text = output.decode()
+    assert re.search(r"\r\x1b\[K  load +1\.\d s \.\.\.", text), text  # still loading, a second in
+    assert re.search(r"\r\x1b\[K  load +1\.\d{3} s\r\n", text) and "succeeded: chat serves chat@3" in text, text
+
+
+def _read_pty(reader: int) -> bytes:
+    try:
+        return os.read(reader, 4096)
+    except OSError:  # the child closed its end
+        return b""
 
 
 def test_removing_a_deployment_lets_its_streams_finish_then_stops_its_engines_for_good(home):
