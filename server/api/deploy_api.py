@@ -43,6 +43,10 @@ class WaitBody(_Body):
     wait: bool = True
 
 
+class RollbackBody(WaitBody):
+    dry_run: bool = Field(False, description="true: answer what the rollback would do, and do nothing")
+
+
 class CanaryBody(_Body):
     to: str
     weight: int = Field(ge=1, le=99)
@@ -95,8 +99,10 @@ async def unload(name: str, request: Request, body: WaitBody | None = None) -> d
 
 
 @router.post("/deployments/{name}/rollback")
-async def rollback(name: str, request: Request, body: WaitBody | None = None) -> dict:
-    body = body or WaitBody()
+async def rollback(name: str, request: Request, body: RollbackBody | None = None) -> dict:
+    body = body or RollbackBody()
+    if body.dry_run:
+        return request.state.deployments.preview_rollback(name)
     return (await request.state.deployments.rollback(name, actor_change(request, body.reason), wait=body.wait)).to_dict()
 
 

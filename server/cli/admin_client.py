@@ -84,6 +84,9 @@ class AdminClient:
     def rollback(self, name: str, reason: str) -> dict:
         return self._call("POST", f"/deployments/{name}/rollback", json={"reason": reason, "wait": False})
 
+    def preview_rollback(self, name: str) -> dict:
+        return self._call("POST", f"/deployments/{name}/rollback", json={"dry_run": True})
+
     def unload(self, name: str, reason: str) -> dict:
         return self._call("POST", f"/deployments/{name}/unload", json={"reason": reason, "wait": False})
 

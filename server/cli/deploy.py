@@ -45,8 +45,9 @@ def add_commands(commands) -> None:
     )  # fmt: skip
     swap.add_argument("--dry-run", action="store_true", help="say what the swap would do (strategy, why, whether requests wait) and do nothing")
 
-    rollback = command("rollback", "go back to the previous version", lambda client, args: _follow(client, client.rollback(args.name, args.reason)))
+    rollback = command("rollback", "go back to the previous version", _rollback)
     rollback.add_argument("name")
+    rollback.add_argument("--dry-run", action="store_true", help="say what the rollback would do and do nothing")
     unload = command("unload", "stop an on-demand deployment's engine now (its requests drain first); its next request loads it", lambda client, args: _follow(client, client.unload(args.name, args.reason)))
     unload.add_argument("name")
 
@@ -125,6 +126,13 @@ class _LiveLine:
         if self._is_shown:
             print("\r\033[K", end="", flush=True)
             self._is_shown = False
+
+
+def _rollback(client: AdminClient, args) -> int:
+    if args.dry_run:
+        print(format_preview(client.preview_rollback(args.name)))
+        return 0
+    return _follow(client, client.rollback(args.name, args.reason))
 
 
 def format_preview(plan: dict) -> str:

@@ -340,11 +340,13 @@ class DeploymentManager:
         target, facts, choice = self._plan_swap(deployment, ref, strategy, overrides)
         return {"deployment": name, "from_version": deployment.target_version, "to_version": target.version} | preview(choice, facts)
 
+    def preview_rollback(self, name: str) -> dict:
+        """What `rollback` would do (a dry run): a swap back by auto."""
+        return self.preview_swap(name, _previous_version(self.get(name)), "auto")
+
     async def rollback(self, name: str, change: Change, wait: bool = True) -> SwapRecord:
         deployment = self._lock_free(name)
-        if deployment.previous_version is None:
-            raise ConflictError(f"Deployment {name} has no previous version to roll back to.")
-        target, _, choice = self._plan_swap(deployment, deployment.previous_version, "auto", deployment.engine_overrides)
+        target, _, choice = self._plan_swap(deployment, _previous_version(deployment), "auto", deployment.engine_overrides)
         record = SwapRecord(name, "rollback", deployment.target_version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
         return await self._run(deployment, record, self._swap(deployment, record, target, choice, deployment.engine_overrides), wait)
 
@@ -570,6 +572,12 @@ class DeploymentManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+def _previous_version(deployment: Deployment) -> str:
+    if deployment.previous_version is None:
+        raise ConflictError(f"Deployment {deployment.name} has no previous version to roll back to.")
+    return deployment.previous_version
+
 
 def _target(version: str, path: Path, options: dict, stored_bytes: int) -> Target:
     """A version as it will load: its memory estimate and sampling defaults read from its folder."""

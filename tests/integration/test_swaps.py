@@ -444,7 +444,13 @@ def test_a_dry_run_says_what_a_swap_would_do_and_does_nothing(home):
         assert _admin(server, "POST", "/deployments/chat/swap", expect=404, to="chat@9", dry_run=True)["error"]["code"] == "version_not_found"
         status = _admin(server, "GET", "/status")["deployments"][0]
         assert (status["version"], status["standby"], status["is_swapping"]) == ("chat@1", None, False)
+        assert _admin(server, "POST", "/deployments/chat/rollback", expect=409, dry_run=True)["error"]["message"].endswith("no previous version to roll back to.")
     assert len(Registry(home).history("chat")) == num_events
+    with _server(home) as server:
+        _admin(server, "POST", "/deployments/chat/swap", to="chat@2")
+        back = subprocess.run([sys.executable, "-m", "server.cli.main", "rollback", "chat", "--dry-run", "--server", server.url], capture_output=True, text=True, timeout=120)
+        assert back.returncode == 0 and back.stdout.startswith("dry run: swap chat chat@2 -> chat@1 would be reload"), back.stdout + back.stderr
+        assert _admin(server, "GET", "/deployments/chat")["version"] == "chat@2"
 
 
 def test_explicit_blue_green_that_cannot_fit_is_refused_before_anything_loads(home):
