@@ -55,6 +55,7 @@ def test_the_responses_api_answers_thinking_as_a_reasoning_item_whole_and_stream
     answer = client.responses.create(model="thinker", input="What is the capital of France?", temperature=0, max_output_tokens=12)
     (item,) = answer.output
     assert item.type == "reasoning" and item.content[0].type == "reasoning_text" and item.content[0].text
+    assert answer.usage.output_tokens_details.reasoning_tokens == answer.usage.output_tokens  # it never left its thinking
     events = list(client.responses.create(model="thinker", input="What is the capital of France?", temperature=0, max_output_tokens=12, stream=True))
     deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
     assert "".join(deltas) == item.content[0].text
