@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from functools import partial
 
@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelNotFoundError, ModelSwappedError, NotFoundError
-from server.api.reasoning import PROMPT_TAIL_TOKENS, ReasoningSplitter, prompt_opens_reasoning, read_reasoning, reads_reasoning
+from server.api.reasoning import PROMPT_TAIL_TOKENS, ReasoningSplitter, ReasoningTally, prompt_opens_reasoning, read_reasoning, reads_reasoning
 from server.api.generation import ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
 from server.api.shapes import ChatFormat, TextFormat
 from server.api.tool_formats import format_taught_by
@@ -282,7 +282,7 @@ async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_cho
     texts, reasons, num_completion_tokens = [""] * num_choices, [None] * num_choices, 0
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(num_choices)]
     tool_calls: list[tuple[ToolCall, ...]] = [()] * num_choices
-    reasonings = [""] * num_choices
+    reasonings, tally = [""] * num_choices, ReasoningTally()
     async with aclosing(choices) as stream:
         async for item in stream:
             texts[item.index] += item.chunk.text
@@ -291,10 +291,11 @@ async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_cho
             logprobs[item.index] += item.chunk.logprobs
             tool_calls[item.index] += item.tool_calls
             num_completion_tokens += item.chunk.num_tokens
+            tally.count(item)
     return {
         **head,
         "choices": [fmt.choice(i, texts[i], reasons[i], logprobs[i], tool_calls[i], reasonings[i]) for i in range(num_choices)],
-        "usage": _usage(num_prompt_tokens, num_completion_tokens),
+        "usage": _usage(num_prompt_tokens, num_completion_tokens, tally.num_tokens),
     }
 
 
@@ -310,14 +311,19 @@ class _UsagePolicy:
     include_usage: bool
     is_continuous: bool
     num_completion_tokens: int = 0
+    reasoning: ReasoningTally = field(default_factory=ReasoningTally)
+
+    def count(self, item: ChoiceChunk) -> None:
+        self.num_completion_tokens += item.chunk.num_tokens
+        self.reasoning.count(item)
 
     def on_chunk(self) -> dict:
         if self.is_continuous:
-            return {"usage": _usage(self.num_prompt_tokens, self.num_completion_tokens)}
+            return {"usage": self.final()}
         return _NULL_USAGE if self.include_usage else _NO_USAGE
 
     def final(self) -> dict:
-        return _usage(self.num_prompt_tokens, self.num_completion_tokens)
+        return _usage(self.num_prompt_tokens, self.num_completion_tokens, self.reasoning.num_tokens)
 
 
 async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy):
@@ -329,7 +335,7 @@ async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy):
         async with aclosing(choices) as stream:
             async for item in stream:
                 chunk = item.chunk
-                usage.num_completion_tokens += chunk.num_tokens
+                usage.count(item)
                 if chunk.text or chunk.logprobs or item.reasoning:
                     yield _event({**head, "choices": [fmt.delta(item.index, chunk.text, None, chunk.logprobs, reasoning=item.reasoning)], **usage.on_chunk()})
                 if item.call_pieces:
@@ -351,12 +357,14 @@ def stream_error(error: Exception) -> BatonError:
     return EngineError("The generation failed; see the server log.")
 
 
-def _usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
-    return {
+def _usage(num_prompt_tokens: int, num_completion_tokens: int, num_reasoning_tokens: int = 0) -> dict:
+    """OpenAI's usage; the completion tokens spent thinking where a model thought."""
+    usage = {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_completion_tokens,
         "total_tokens": num_prompt_tokens + num_completion_tokens,
     }
+    return usage | ({"completion_tokens_details": {"reasoning_tokens": num_reasoning_tokens}} if num_reasoning_tokens else {})
 
 
 def _event(payload: dict) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from server.api.generation import ChoiceChunk
 
@@ -113,3 +113,21 @@ async def read_reasoning(choices: AsyncIterator[ChoiceChunk], splitters: list[Re
                 rest_reasoning, rest_content = splitter.finish()
                 reasoning, content = reasoning + rest_reasoning, content + rest_content
             yield replace(item, chunk=replace(item.chunk, text=content), reasoning=reasoning)
+
+
+@dataclass
+class ReasoningTally:
+    """The tokens spent thinking, over the choices of one answer: each choice's from its
+    first thought to its answer's first text or call (a tag's tokens before the first
+    thought is known are not counted)."""
+
+    num_tokens: int = 0
+    _thinking: set[int] = field(default_factory=set)  # choices still thinking
+
+    def count(self, item: ChoiceChunk) -> None:
+        if item.chunk.text or item.call_pieces or item.tool_calls:
+            self._thinking.discard(item.index)
+        elif item.reasoning:
+            self._thinking.add(item.index)
+        if item.index in self._thinking:
+            self.num_tokens += item.chunk.num_tokens

@@ -25,6 +25,7 @@ from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError
 from models.errors import BatonError, InvalidRequestError
 from server.api.generation import ChoiceChunk
 from server.api.openai_api import admit, answer_chat, stream_error
+from server.api.reasoning import ReasoningTally
 from server.api.schemas import ChatCompletionRequest, Strict
 from server.api.tools import ToolCall
 
@@ -330,20 +331,14 @@ class _Answer:
     head: dict
     num_prompt_tokens: int
     num_completion_tokens: int = 0
-    num_reasoning_tokens: int = 0  # from the first thought to the answer's first text or call
-    is_reasoning: bool = False
+    reasoning: ReasoningTally = field(default_factory=ReasoningTally)
     finish_reason: str | None = None
     output: list[dict] = field(default_factory=list)
     open_item: dict | None = None  # events: the item being streamed
 
     def count(self, item: ChoiceChunk) -> None:
         self.num_completion_tokens += item.chunk.num_tokens
-        if item.chunk.text or item.call_pieces or item.tool_calls:
-            self.is_reasoning = False
-        elif item.reasoning:
-            self.is_reasoning = True
-        if self.is_reasoning:
-            self.num_reasoning_tokens += item.chunk.num_tokens
+        self.reasoning.count(item)
         self.finish_reason = item.chunk.finish_reason or self.finish_reason
 
     def stream(self, item: ChoiceChunk) -> list[dict]:
@@ -407,7 +402,7 @@ class _Answer:
             "input_tokens": self.num_prompt_tokens,
             "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": self.num_completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": self.num_reasoning_tokens},
+            "output_tokens_details": {"reasoning_tokens": self.reasoning.num_tokens},
             "total_tokens": self.num_prompt_tokens + self.num_completion_tokens,
         }
         details = {"reason": "max_output_tokens"} if is_cut else None

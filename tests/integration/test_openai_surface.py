@@ -21,7 +21,7 @@ HI = [{"role": "user", "content": "Hello there"}]
 
 @pytest.fixture(scope="module")
 def client(tiny_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0)
+    return tiny_server.client()  # closed with the server (an unclosed pool warns at exit)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_logit_bias_minus_100_bans_a_token_and_plus_100_forces_one(client, token
 
 def test_penalties_stop_greedy_repetition(smol_server):
     """SmolLM2 (real weights) repeats a repetitive prompt greedily; penalties break it."""
-    smol = openai.OpenAI(base_url=f"{smol_server.url}/v1", api_key="unused", max_retries=0)
+    smol = smol_server.client()
     prompt = "Write the word cat ten times: cat cat cat"
     plain = _greedy_tokens(smol, prompt, max_tokens=16, model="smollm2")
     penalised = _greedy_tokens(smol, prompt, max_tokens=16, model="smollm2", frequency_penalty=2.0, presence_penalty=2.0)

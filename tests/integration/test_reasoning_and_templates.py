@@ -39,15 +39,20 @@ def server(tmp_path_factory, demo_model_path):
 
 def test_thinking_is_the_messages_reasoning_and_enable_thinking_false_answers_in_content(server):
     client = server.client()
-    thinking = client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12).choices[0]
+    answer = client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12)
+    thinking = answer.choices[0]
     assert thinking.message.reasoning and thinking.message.content == ""  # the model never closed its <think>
+    assert answer.usage.completion_tokens_details.reasoning_tokens == answer.usage.completion_tokens
 
-    plain = client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12, extra_body=NO_THINKING).choices[0]
-    assert plain.message.content and getattr(plain.message, "reasoning", None) is None
+    plain = client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12, extra_body=NO_THINKING)
+    assert plain.choices[0].message.content and getattr(plain.choices[0].message, "reasoning", None) is None
+    assert plain.usage.completion_tokens_details is None
 
-    deltas = [c.choices[0].delta for c in client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12, stream=True) if c.choices]
+    chunks = list(client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == thinking.message.reasoning
     assert not any(d.content for d in deltas)
+    assert chunks[-1].usage == answer.usage
 
 
 def test_the_responses_api_answers_thinking_as_a_reasoning_item_whole_and_streamed(server):
