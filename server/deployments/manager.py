@@ -497,6 +497,7 @@ class DeploymentManager:
             is_on_standby=standby is not None and (standby.version, standby.target.options) == (target.version, target.options),
             reload_blocker=_reload_blocker(active, target) if active is not None else "nothing is loaded",
             changes_output_only=active is not None and _changes_output_only(active.target, target),
+            wakes_in_turn=standby is not None and self._slots.wakes_in_turn(standby),
             needed_bytes=target.memory_bytes,
             **self._slots.room_beside(target),
         )
@@ -572,6 +573,7 @@ class DeploymentManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
 
 def _previous_version(deployment: Deployment) -> str:
     if deployment.previous_version is None:

@@ -155,6 +155,11 @@ class SlotLifecycle:
     def fits_in_budget(self, extra_bytes: int) -> bool:
         return fits(self.memory_in_use_bytes, extra_bytes, self._settings.memory_budget_bytes)
 
+    def wakes_in_turn(self, standby: Slot) -> bool:
+        """A sleeping standby that cannot be awake beside the active version (vLLM on a GPU
+        reserves most of the device): a swap to it wakes it only once the active one sleeps."""
+        return standby.state is SlotState.ASLEEP and not self.fits_in_budget(standby.memory_bytes)
+
     def fits_asleep(self, slot: Slot) -> bool:
         """Sleeping versions keep their weights in host memory, within their own budget."""
         asleep = sum(s.target.stored_bytes for d in self._deployments() for s in d.slots() if s.state is SlotState.ASLEEP)

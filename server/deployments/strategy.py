@@ -33,6 +33,7 @@ class SwapFacts:
     free_in: str = "the memory budget"  # where that is, for the reason given
     changes_output_only: bool = False  # the active version, only its output options (tool_parser, reasoning_parser) new
     is_unloaded: bool = False  # on demand, nothing loaded: its next request loads what it serves
+    wakes_in_turn: bool = False  # the standby sleeps and cannot be awake beside the active version
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ def preview(choice: Choice, facts: SwapFacts) -> dict:
     """What a swap would do, said before it does anything: its strategy and why, whether new
     requests would wait, and the memory a load beside the active version needs and has."""
     requests_wait, effect = EFFECTS[choice.strategy]
+    if choice.strategy == "standby" and facts.wakes_in_turn:
+        requests_wait, effect = True, "new requests wait while the active version drains and sleeps and the standby wakes (both cannot be awake)"
     return {
         "strategy": choice.strategy,
         "strategy_reason": choice.reason,

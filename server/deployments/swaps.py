@@ -68,7 +68,7 @@ class Swaps:
         standby = deployment.standby
         if standby is None or standby.version != target.version:
             raise ConflictError(f"{target.version} is not on standby for {deployment.name}; use blue-green or replace.")
-        if standby.state is SlotState.ASLEEP and not self._slots.fits_in_budget(standby.memory_bytes):
+        if self._slots.wakes_in_turn(standby):
             await self._to_standby_in_turn(deployment, record, standby)
             return
         if standby.state is SlotState.ASLEEP:

@@ -108,6 +108,8 @@ def test_a_preview_says_whether_requests_wait_and_what_memory_a_load_beside_need
     assert preview(choose_strategy("auto", reload), reload)["requests_wait"] is True
     standby = facts(is_on_standby=True)
     assert preview(choose_strategy("auto", standby), standby)["requests_wait"] is False
+    in_turn = SwapFacts(False, True, None, 10 * GIB, 0, wakes_in_turn=True)  # asleep, and both cannot be awake
+    assert preview(choose_strategy("auto", in_turn), in_turn)["requests_wait"] is True
 
 
 def test_every_strategy_a_swap_can_take_has_an_effect_to_preview():
