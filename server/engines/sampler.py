@@ -67,10 +67,11 @@ def truncated(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.T
     if any(p.min_p > 0.0 for p in chosen):
         spreads = torch.tensor([p.temperature * math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in chosen], device=device)
         floors = torch.maximum(floors, picked.max(dim=-1).values + spreads)
-    if ks := [min(p.top_k, vocab_size) for p in chosen if p.top_k > 0]:
-        best = picked.topk(max(ks), dim=-1).values
-        kth = best.gather(-1, torch.tensor([[max(min(p.top_k, vocab_size), 1) - 1] for p in chosen], device=device)).squeeze(-1)
-        floors = torch.maximum(floors, torch.where(torch.tensor([p.top_k > 0 for p in chosen], device=device), kth, -torch.inf))
+    top_ks = [min(p.top_k, vocab_size) for p in chosen]  # 0: no top-k for that row
+    if any(top_ks):
+        best = picked.topk(max(top_ks), dim=-1).values
+        kth = best.gather(-1, torch.tensor([[max(k, 1) - 1] for k in top_ks], device=device)).squeeze(-1)
+        floors = torch.maximum(floors, torch.where(torch.tensor(top_ks, device=device) > 0, kth, -torch.inf))
     logits = logits.clone()
     logits[rows] = picked.masked_fill(picked < floors[:, None], -torch.inf)
     return logits
