@@ -116,17 +116,16 @@ class ContinuousBatch:
                 sequence.emit(chunk)
 
     def _shape_row(self, sequence: Sequence, logits: torch.Tensor, row: int) -> BaseException | None:
-        """The request's bias and penalties, no end of sequence before its min_tokens, then
-        its JSON mask (last, so that no bias can force a token it forbids), written into its
-        row of `logits`."""
+        """The request's bias and penalties, then its JSON mask (so that no bias can force a
+        token it forbids), then no end before its min_tokens, written into its row of `logits`."""
         try:
             sampling = sequence.request.sampling
             if sampling.adjusts_logits:
                 logits[row] = adjusted_logits(logits[row], sampling, sequence.request.prompt_token_ids, sequence.output_token_ids)
-            if len(sequence.output_token_ids) < sampling.min_tokens:
-                logits[row, [*self._eos_token_ids, *sampling.stop_token_ids]] = -torch.inf
             if sequence.token_mask is not None:
                 logits[row] = sequence.token_mask.masked(logits[row])
+            if len(sequence.output_token_ids) < sampling.min_tokens:
+                _forbid_ending(logits[row], [*self._eos_token_ids, *sampling.stop_token_ids])
             return None
         except Exception as error:
             return _failed(sequence, error)
@@ -185,6 +184,15 @@ class ContinuousBatch:
             input_ids[row, length - len(prompt) :] = torch.tensor(list(prompt))
             attention_mask[row, length - len(prompt) :] = 1
         return input_ids.to(self._device), attention_mask.to(self._device)
+
+
+def _forbid_ending(row: torch.Tensor, ending_ids: list[int]) -> None:
+    """No end yet (min_tokens), unless ending is all the row still allows: a JSON answer
+    that is complete must end (forbidden, it left no token to draw and the request failed)."""
+    kept = row.clone()
+    kept[ending_ids] = -torch.inf
+    if torch.isfinite(kept).any():
+        row.copy_(kept)
 
 
 def _failed(sequence: Sequence, error: Exception) -> EngineError:

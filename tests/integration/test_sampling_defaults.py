@@ -4,6 +4,8 @@ request is silent, switch with the version in a reload swap, and a request's own
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -85,6 +87,10 @@ def test_ignore_eos_and_min_tokens_generate_past_the_models_end(server):
     assert endless.choices[0].message.content.startswith(natural.choices[0].message.content)
     longer = ask(min_tokens=12)
     assert longer.usage.completion_tokens >= 12
+    # A JSON answer complete before min_tokens ends there: the grammar allows nothing else (it failed with a 500)
+    person = [{"role": "user", "content": "Give a JSON object with a name."}]
+    forced = client.chat.completions.create(model="chat", messages=person, temperature=0, max_tokens=40, response_format={"type": "json_object"}, extra_body={"min_tokens": 30})
+    assert json.loads(forced.choices[0].message.content) and forced.choices[0].finish_reason == "stop"
     refused = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", "messages": FRANCE, "max_tokens": 4, "min_tokens": 5})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
 
