@@ -17,8 +17,9 @@ from server.api.tools import OutputReader, ToolCall, ToolCallPiece
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit in torch and vLLM
 MAX_GENERATIONS = 64  # prompts x n in one request: one request may not fill the engine's queue for all others
-# What a setting is where neither the request nor the serving version sets it.
-OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+# What a setting is where neither the request nor the serving version sets it: the engine
+# protocol's own defaults (OpenAI's, and vLLM's neutral ones).
+OPENAI_SAMPLING = SamplingParams(max_tokens=0)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def sampling_of(body: ChatCompletionRequest | CompletionRequest, defaults: Sampl
     def chosen(name: str):
         value = getattr(body, name)
         value = getattr(defaults, name) if value is None else value
-        return OPENAI_SAMPLING[name] if value is None else value
+        return getattr(OPENAI_SAMPLING, name) if value is None else value
 
     temperature = chosen("temperature")
     return SamplingParams(

@@ -49,6 +49,14 @@ class Sequence:
     is_aborted: bool = False
     has_failed: bool = False  # ended by an error of its own; its row leaves the batch
     finish_reason: FinishReason | None = field(default=None)
+    _prompt_ids: torch.Tensor | None = None
+
+    def prompt_ids_on(self, device: torch.device) -> torch.Tensor:
+        """The prompt's distinct token ids, made once: repetition_penalty reads them at every
+        step (rebuilt each step from an 8k-token prompt, 0.7 ms a row a step)."""
+        if self._prompt_ids is None:
+            self._prompt_ids = torch.tensor(list(self.request.prompt_token_ids), dtype=torch.long, device=device).unique()
+        return self._prompt_ids
 
 
 class ContinuousBatch:
@@ -121,7 +129,7 @@ class ContinuousBatch:
         try:
             sampling = sequence.request.sampling
             if sampling.adjusts_logits:
-                logits[row] = adjusted_logits(logits[row], sampling, sequence.request.prompt_token_ids, sequence.output_token_ids)
+                logits[row] = adjusted_logits(logits[row], sampling, sequence.prompt_ids_on(logits.device), sequence.output_token_ids)
             if sequence.token_mask is not None:
                 logits[row] = sequence.token_mask.masked(logits[row])
             if len(sequence.output_token_ids) < sampling.min_tokens:

@@ -28,10 +28,10 @@ def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], seeds:
     return chosen.tolist()
 
 
-def adjusted_logits(logits: torch.Tensor, params: SamplingParams, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int]) -> torch.Tensor:
+def adjusted_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_token_ids: Sequence[int]) -> torch.Tensor:
     """The request's logit bias, then its penalties, in vLLM's order: repetition over the
-    tokens of the prompt and the output (as vLLM and transformers have it), presence and
-    frequency over the output's only (OpenAI's)."""
+    tokens of the prompt (`prompt_ids`, distinct, on the logits' device) and the output (as
+    vLLM and transformers have it), presence and frequency over the output's only (OpenAI's)."""
     logits = logits.float()
     if not params.adjusts_logits:
         return logits
@@ -40,7 +40,7 @@ def adjusted_logits(logits: torch.Tensor, params: SamplingParams, prompt_token_i
         ids = torch.tensor([token_id for token_id, _ in params.logit_bias], device=logits.device)
         logits[ids] += torch.tensor([bias for _, bias in params.logit_bias], device=logits.device)
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor([*prompt_token_ids, *output_token_ids], dtype=torch.long, device=logits.device).unique()
+        seen = torch.cat([prompt_ids, torch.tensor(output_token_ids, dtype=torch.long, device=logits.device)]).unique()
         seen = seen[seen < logits.shape[-1]]
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)

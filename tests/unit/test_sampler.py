@@ -36,7 +36,7 @@ def test_unseeded_rows_get_different_seeds():
 
 def test_penalties_count_generated_tokens_and_bias_adds():
     params = SamplingParams(max_tokens=1, presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((3, 2.0),))
-    adjusted = adjusted_logits(torch.zeros(4), params, [], [1, 1, 2])
+    adjusted = adjusted_logits(torch.zeros(4), params, torch.tensor([], dtype=torch.long), [1, 1, 2])
     assert adjusted.tolist() == [0.0, -1.0, -0.75, 2.0]
 
 
@@ -51,7 +51,7 @@ def test_logprobs_come_from_the_scaled_distribution():
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_prompt_and_output():
     params = SamplingParams(max_tokens=1, repetition_penalty=2.0)
-    adjusted = adjusted_logits(torch.tensor([4.0, -4.0, 4.0, 1.0]), params, [0, 0], [1])
+    adjusted = adjusted_logits(torch.tensor([4.0, -4.0, 4.0, 1.0]), params, torch.tensor([0]), [1])
     assert adjusted.tolist() == [2.0, -8.0, 4.0, 1.0]
 
 
