@@ -123,7 +123,8 @@ def build_requests(
             raise InvalidRequestError(f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_tokens}).", param="min_tokens")
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
-            requests.append(GenerationRequest(uuid.uuid4().hex, prompt, replace(shared, max_tokens=max_tokens, seed=seed)))
+            # An engine generates one token at least: echo's max_tokens 0 drops it (echo.py).
+            requests.append(GenerationRequest(uuid.uuid4().hex, prompt, replace(shared, max_tokens=max(max_tokens, 1), seed=seed)))
     return requests
 
 
@@ -147,6 +148,7 @@ def sampling_of(body: ChatCompletionRequest | CompletionRequest, defaults: Sampl
         frequency_penalty=chosen("frequency_penalty"),
         logit_bias=body.logit_bias_pairs,
         logprobs=body.num_top_logprobs,
+        prompt_logprobs=body.num_prompt_logprobs,
         json_format=body.json_format,
         top_k=max(chosen("top_k"), 0),  # vLLM's -1 means all, as 0 does
         min_p=chosen("min_p"),

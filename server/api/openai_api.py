@@ -19,10 +19,11 @@ from starlette.background import BackgroundTask
 
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelNotFoundError, ModelSwappedError, NotFoundError
 from server.api.reasoning import PROMPT_TAIL_TOKENS, ReasoningSplitter, ReasoningTally, prompt_opens_reasoning, read_reasoning, reads_reasoning
+from server.api.echo import echo_texts, echoed
 from server.api.generation import ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
 from server.api.shapes import ChatFormat, TextFormat
 from server.api.tool_formats import format_taught_by
-from server.api.tools import ToolCall, ToolPlan
+from server.api.tools import ToolCall
 from server.api.observation import RequestObservation, Unobserved
 from server.auth.addresses import is_loopback
 from server.deployments.slot import Lease
@@ -135,16 +136,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 async def answer_chat(request: Request, body: ChatCompletionRequest, shape: AnswerShape):
     messages = [m.as_template_input() for m in body.messages]
-    plan = body.tool_plan
-    tools = plan.template_tools() if plan else None
-    # Output forced into JSON (a schema, a forced call) is all answer: it has no thinking to split.
-    splits_reasoning = body.json_format is None
-    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages, tools, body.template_kwargs)], shape, plan, splits_reasoning)
+    tools = body.tool_plan.template_tools() if body.tool_plan else None
+    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages, tools, body.template_kwargs)], shape, partial(_read_chat, body))
+
+
+def _read_chat(body: ChatCompletionRequest, choices: AsyncIterator[ChoiceChunk], lease: Lease, prompts: list[list[int]]) -> AsyncIterator[ChoiceChunk]:
+    """A version that reasons has its thinking read apart (reasoning.py), unless the output is
+    forced into JSON (a schema, a forced call: all answer); then tool calls are read from the rest."""
+    if body.json_format is None and (splitters := _reasoning_splitters(lease, prompts, body.n)):
+        choices = read_reasoning(choices, splitters)
+    if (plan := body.tool_plan) is not None:
+        tokenizer = lease.engine.tokenizer
+        tool_parser = lease.slot.target.options.get("tool_parser") or format_taught_by(getattr(tokenizer, "chat_template", None))
+        choices = read_tool_calls(choices, partial(plan.reader, tool_parser, tokenizer), len(prompts) * body.n)
+    return choices
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    return await _respond(request, body, lambda engine: [_prompt_ids(engine, prompt) for prompt in body.prompt], Choices(TextFormat(body.logprobs is not None)))
+    read = partial(_read_echo, body) if body.echo else _as_generated
+    return await _respond(request, body, lambda engine: [_prompt_ids(engine, prompt) for prompt in body.prompt], Choices(TextFormat(body.logprobs is not None)), read)
+
+
+def _read_echo(body: CompletionRequest, choices: AsyncIterator[ChoiceChunk], lease: Lease, prompts: list[list[int]]) -> AsyncIterator[ChoiceChunk]:
+    return echoed(choices, echo_texts(body.prompt, lease.engine.tokenizer), body.n, body.generates)
+
+
+def _as_generated(choices: AsyncIterator[ChoiceChunk], lease: Lease, prompts: list[list[int]]) -> AsyncIterator[ChoiceChunk]:
+    return choices
 
 
 def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
@@ -154,10 +173,11 @@ def _prompt_ids(engine, prompt: str | list[int]) -> list[int]:
     return prompt
 
 
-async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_plan: ToolPlan | None = None, splits_reasoning: bool = False):
-    """Lease a slot, generate on it, return the lease after the last byte. Rule: every path
-    out of here returns the lease exactly once (Lease.release is idempotent). With
-    `splits_reasoning`, a version that reasons has its thinking read apart (reasoning.py)."""
+async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_as_generated):
+    """Lease a slot, generate on it, return the lease after the last byte; `read(choices,
+    lease, prompts)` reads the generated choices into the answer's (reasoning, tool calls,
+    echo). Rule: every path out of here returns the lease exactly once (Lease.release is
+    idempotent)."""
     route = route_request(request, body.model, body.end_user)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     observation = _observation(request, route.deployment)
@@ -181,14 +201,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, tool_pl
         raise
     served = served_as(lease, body.model)
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
-    choices = stream_choices(lease.engine, requests)
-    if splits_reasoning and (splitters := _reasoning_splitters(lease, prompts, body.n)):
-        choices = read_reasoning(choices, splitters)
-    if tool_plan is not None:
-        tokenizer = lease.engine.tokenizer
-        tool_parser = lease.slot.target.options.get("tool_parser") or format_taught_by(getattr(tokenizer, "chat_template", None))
-        choices = read_tool_calls(choices, partial(tool_plan.reader, tool_parser, tokenizer), len(requests))
-    choices = _on_lease(choices, lease, observation)
+    choices = _on_lease(read(stream_choices(lease.engine, requests), lease, prompts), lease, observation)
     headers = served_headers(lease)
     if body.stream:
         usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage)

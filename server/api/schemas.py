@@ -328,6 +328,11 @@ class _GenerationBody(Strict):
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         return tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
 
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """None: no logprobs for the prompt's tokens (only completions' `echo` asks for them)."""
+        return None
+
 
 def _functions(tools: list[ToolDef]) -> tuple[Function, ...]:
     return tuple(Function(t.function.name, t.function.description, t.function.parameters) for t in tools)
@@ -459,9 +464,9 @@ def _is_token_ids(value) -> bool:
 
 class CompletionRequest(_GenerationBody):
     prompt: list[str] | list[list[int]]  # token ids are checked against the vocabulary later
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions; null: the context's room
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; null: the context's room; 0: with echo only
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: Literal[False] = False
+    echo: bool = False  # the answer starts with its prompt (and its logprobs, with the prompt's tokens' scored)
     best_of: Literal[1] | None = None
 
     @field_validator("prompt", mode="before")
@@ -477,13 +482,28 @@ class CompletionRequest(_GenerationBody):
             raise ValueError("a prompt of token ids cannot be empty")
         return prompt
 
+    @model_validator(mode="after")
+    def _nothing_to_generate_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it is accepted with echo only (the answer is then the prompt)")
+        return self
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
     @property
+    def generates(self) -> bool:
+        """False: echo with max_tokens 0, where the prompt (scored) is the whole answer."""
+        return self.max_tokens != 0
+
+    @property
     def num_prompts(self) -> int:
         return len(self.prompt)
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @property
     def num_top_logprobs(self) -> int | None:

@@ -63,14 +63,15 @@ class TextFormat:
     delta = choice
 
     def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> dict | None:
-        """The legacy completions shape: parallel lists, top alternatives as {text: logprob}."""
+        """The legacy completions shape: parallel lists, top alternatives as {text: logprob};
+        an echoed prompt's first token has null for both (nothing came before it)."""
         if not self.wants_logprobs:
             return None
         offsets = list(accumulate((len(t.token) for t in logprobs), initial=0))[:-1]
         return {
             "tokens": [t.token for t in logprobs],
             "token_logprobs": [t.logprob for t in logprobs],
-            "top_logprobs": [dict(t.top) for t in logprobs],
+            "top_logprobs": [None if t.logprob is None else dict(t.top) for t in logprobs],
             "text_offset": offsets,
         }
 

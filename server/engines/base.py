@@ -45,6 +45,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # more tokens that end it as an end of sequence does (their text is not sent)
     include_stop_str_in_output: bool = False  # the stop string that ended it is sent too
     skip_special_tokens: bool = True  # special tokens' text is left out of the output
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's and the k most likely before it (raw, no temperature)
 
     @property
     def is_greedy(self) -> bool:
@@ -62,10 +63,11 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token's log-probability, and the most likely alternatives' (best first)."""
+    """One token's log-probability, and the most likely alternatives' (best first). A
+    prompt's first token has none (None): nothing came before it."""
 
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -84,6 +86,7 @@ class Chunk:
     num_tokens: int
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token in this chunk, when asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # one per prompt token, on a generation's first chunk, when asked for
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import torch
 from server.engines.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.grammar import TokenMask
-from server.engines.kv_cache import forward, new_cache
-from server.engines.sampler import adjusted_logits, choose_tokens, token_logprobs, truncated
+from server.engines.kv_cache import forward, forward_positions, new_cache
+from server.engines.sampler import adjusted_logits, choose_tokens, prompt_logprobs, token_logprobs, truncated
 from models.errors import EngineError
 
 
@@ -46,6 +46,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_unreported_tokens: int = 0
     unreported_logprobs: list[TokenLogprob] = field(default_factory=list)
+    unreported_prompt_logprobs: tuple[TokenLogprob, ...] = ()  # go with the first chunk
     is_aborted: bool = False
     has_failed: bool = False  # ended by an error of its own; its row leaves the batch
     finish_reason: FinishReason | None = field(default=None)
@@ -74,13 +75,31 @@ class ContinuousBatch:
         return self.rows.can_join_running
 
     def admit(self, new: list[Sequence]) -> None:
-        """Prefill `new` together, emit their first tokens, and join them to the batch."""
+        """Prefill `new` together, emit their first tokens, and join them to the batch. The
+        logits of every position are kept only where a sequence asks for its prompt's logprobs."""
         input_ids, attention_mask = self._left_padded([s.request.prompt_token_ids for s in new])
         cache = new_cache(self._model.config)
-        logits = forward(self._model, input_ids, attention_mask, _positions(attention_mask), cache)
+        scores_prompts = any(s.request.sampling.prompt_logprobs is not None for s in new)
+        logits = forward_positions(self._model, input_ids, attention_mask, _positions(attention_mask), cache, logits_to_keep=0 if scores_prompts else 1)
+        if scores_prompts:
+            self._score_prompts(new, logits)
         self.rows.join(cache, attention_mask)
         self.sequences.extend(new)
-        self._advance(new, logits)
+        self._advance(new, logits[:, -1, :])
+
+    @staticmethod
+    @torch.inference_mode()
+    def _score_prompts(new: list[Sequence], logits: torch.Tensor) -> None:
+        """Each asking sequence's prompt logprobs: position i's logits score token i + 1 (rows
+        are left-padded, so a prompt ends at the last column); the first token has none."""
+        for row, sequence in enumerate(new):
+            num_top, prompt = sequence.request.sampling.prompt_logprobs, list(sequence.request.prompt_token_ids)
+            if num_top is None:
+                continue
+            text_of = sequence.detokenizer.token_text
+            scored = prompt_logprobs(logits[row, logits.shape[1] - len(prompt) : -1], prompt[1:], num_top)
+            rest = [TokenLogprob(text_of(token_id), logprob, tuple((text_of(i), value) for i, value in top)) for token_id, (logprob, top) in zip(prompt[1:], scored)]
+            sequence.unreported_prompt_logprobs = (TokenLogprob(text_of(prompt[0]), None), *rest)
 
     def warm_up(self) -> None:
         """A one-token prefill, and the row cache set up with its cache (CUDA graphs captured)."""
@@ -165,9 +184,10 @@ class ContinuousBatch:
             text += sequence.detokenizer.flush()
         if not text and not sequence.finish_reason:
             return None
-        chunk = Chunk(text, sequence.num_unreported_tokens, sequence.finish_reason, tuple(sequence.unreported_logprobs))
+        chunk = Chunk(text, sequence.num_unreported_tokens, sequence.finish_reason, tuple(sequence.unreported_logprobs), sequence.unreported_prompt_logprobs)
         sequence.num_unreported_tokens = 0
         sequence.unreported_logprobs.clear()
+        sequence.unreported_prompt_logprobs = ()
         return chunk
 
     @staticmethod

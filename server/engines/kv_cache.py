@@ -73,18 +73,24 @@ class PaddedRows:
                 layer.keys, layer.values = layer.keys[:, :, num_unused:], layer.values[:, :, num_unused:]
 
 
-@torch.inference_mode()
 def forward(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
     """The logits of each row's last position."""
+    return forward_positions(model, input_ids, attention_mask, position_ids, cache, logits_to_keep=1)[:, -1, :]
+
+
+@torch.inference_mode()
+def forward_positions(model, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0) -> torch.Tensor:
+    """The logits of each row's last `logits_to_keep` positions (0: every position), as
+    (rows, positions, vocabulary)."""
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=logits_to_keep,
     )
-    return output.logits[:, -1, :]
+    return output.logits
 
 
 def pad_left(tensor: torch.Tensor, length: int, dim: int = -1) -> torch.Tensor:

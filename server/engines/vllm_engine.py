@@ -92,11 +92,14 @@ class VLLMEngine:
         # Rule: every token is counted and its logprobs reported, those that add no text too
         # (an end of sequence ignore_eos passes, half a UTF-8 character): they go with the next chunk.
         num_unreported, unreported_logprobs = 0, ()
+        unreported_prompt_logprobs: tuple[TokenLogprob, ...] = ()
         try:
             # The prompt goes through vLLM's renderer, as vLLM's own server sends it (a raw
             # prompt is deprecated); its ids are baton's rendering of the chat template.
             (prompt,) = await self._engine.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))])
             async for output in self._engine.generate(prompt, self._sampling(request), request.request_id):
+                if not is_started and request.sampling.prompt_logprobs is not None:
+                    unreported_prompt_logprobs = self._prompt_logprobs(request.prompt_token_ids, output.prompt_logprobs, request.sampling.prompt_logprobs)
                 is_started = True
                 completion = output.outputs[0]
                 is_finished = output.finished
@@ -106,8 +109,8 @@ class VLLMEngine:
                 num_unreported += len(completion.token_ids)
                 unreported_logprobs += _logprobs(completion, request.sampling.logprobs)
                 if completion.text or reason:
-                    yield Chunk(completion.text, num_unreported, reason, unreported_logprobs)
-                    num_unreported, unreported_logprobs = 0, ()
+                    yield Chunk(completion.text, num_unreported, reason, unreported_logprobs, unreported_prompt_logprobs)
+                    num_unreported, unreported_logprobs, unreported_prompt_logprobs = 0, (), ()
         except EngineStoppedError:
             raise
         except _request_errors() as error:
@@ -261,9 +264,15 @@ class VLLMEngine:
             frequency_penalty=sampling.frequency_penalty,
             logit_bias=dict(sampling.logit_bias) or None,
             logprobs=sampling.logprobs,
+            prompt_logprobs=sampling.prompt_logprobs,
             structured_outputs=_structured_outputs(sampling.json_format),
             output_kind=RequestOutputKind.DELTA,
         )
+
+    def _prompt_logprobs(self, prompt_ids, scored, num_top: int) -> tuple[TokenLogprob, ...]:
+        """vLLM's prompt logprobs (None for the first token, then a dict per token), as baton's."""
+        first = TokenLogprob(self.tokenizer.decode([prompt_ids[0]]), None)
+        return (first, *(_token_logprob(candidates, token_id, num_top) for token_id, candidates in zip(prompt_ids[1:], (scored or [None])[1:])))
 
     @staticmethod
     def _device_name() -> str:
@@ -286,12 +295,13 @@ def _logprobs(completion, num_top: int | None) -> tuple[TokenLogprob, ...]:
     baton's: the chosen token's, then the `num_top` best by rank."""
     if num_top is None or not completion.logprobs:
         return ()
-    entries = []
-    for token_id, candidates in zip(completion.token_ids, completion.logprobs):
-        chosen = candidates[token_id]
-        best = sorted((c for c in candidates.values() if c.rank is not None and c.rank <= num_top), key=lambda c: c.rank)
-        entries.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob, tuple((c.decoded_token or "", c.logprob) for c in best)))
-    return tuple(entries)
+    return tuple(_token_logprob(candidates, token_id, num_top) for token_id, candidates in zip(completion.token_ids, completion.logprobs))
+
+
+def _token_logprob(candidates: dict, token_id: int, num_top: int) -> TokenLogprob:
+    chosen = candidates[token_id]
+    best = sorted((c for c in candidates.values() if c.rank is not None and c.rank <= num_top), key=lambda c: c.rank)
+    return TokenLogprob(chosen.decoded_token or "", chosen.logprob, tuple((c.decoded_token or "", c.logprob) for c in best))
 
 
 def _request_errors() -> tuple[type[Exception], ...]:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.engines.base import SamplingParams
+from server.engines import sampler
 from server.engines.sampler import adjusted_logits, choose_tokens, row_seed, token_logprobs, truncated
 
 GREEDY = SamplingParams(max_tokens=1, temperature=0)
@@ -102,3 +104,17 @@ def test_truncation_of_a_whole_batch_matches_the_rule_row_by_row():
             expected = by_rule(logits[row], p) if p.truncates else torch.ones(64, dtype=torch.bool)
             assert torch.equal(~torch.isinf(cut[row]), expected), (p, row)
             assert math.isfinite(float(cut[row].max()))
+
+
+def test_prompt_logprobs_score_each_next_token_across_chunk_boundaries():
+    """Positions are scored in chunks of PROMPT_LOGPROB_ROWS: every position, the same as at once."""
+    num_positions = sampler.PROMPT_LOGPROB_ROWS * 2 + 3
+    logits = torch.randn(num_positions, 40, generator=torch.Generator().manual_seed(0))
+    next_ids = torch.randint(0, 40, (num_positions,), generator=torch.Generator().manual_seed(1)).tolist()
+    scored = sampler.prompt_logprobs(logits.to(torch.bfloat16), next_ids, 3)
+    expected = torch.log_softmax(logits.to(torch.bfloat16).float(), dim=-1)
+    assert len(scored) == num_positions
+    for position, (logprob, top) in enumerate(scored):
+        assert logprob == pytest.approx(float(expected[position, next_ids[position]]), abs=1e-5)
+        assert [i for i, _ in top] == expected[position].topk(3).indices.tolist()
+    assert sampler.prompt_logprobs(logits[:0], [], 2) == [] and sampler.prompt_logprobs(logits[:2], next_ids[:2], 0)[0][1] == []

@@ -324,6 +324,31 @@ def test_vllm_logprobs_bias_and_penalties_through_the_openai_client(server, demo
     assert plain >= 8 and penalised < plain / 2
 
 
+def test_vllm_echo_scores_the_prompt_as_the_transformers_engine_does(server, demo_model_path):
+    """echo with logprobs and max_tokens 0 or 1 (an evaluation harness's loglikelihood
+    request): the prompt's tokens scored by vLLM, checked against the model's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = server.client()
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    prompts = [tokenizer.encode("The capital of France is Paris"), tokenizer.encode("One two three")]
+    model = AutoModelForCausalLM.from_pretrained(demo_model_path, dtype=torch.float32)
+    for max_tokens in (0, 1):
+        completion = client.completions.create(model="chat", prompt=prompts, max_tokens=max_tokens, echo=True, logprobs=2, temperature=0)
+        for choice in completion.choices:
+            prompt = prompts[choice.index]
+            with torch.inference_mode():
+                expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+            logprobs = choice.logprobs
+            assert choice.text.startswith(tokenizer.decode(prompt)) and len(logprobs.tokens) == len(prompt) + max_tokens
+            assert logprobs.tokens[: len(prompt)] == [tokenizer.decode([t]) for t in prompt]
+            assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+            scored = [float(expected[i - 1, t]) for i, t in enumerate(prompt[1:], start=1)]
+            assert logprobs.token_logprobs[1 : len(prompt)] == pytest.approx(scored, abs=2e-2)
+            assert all(0 < len(top) <= 2 for top in logprobs.top_logprobs[1:])
+        assert completion.usage.completion_tokens == max_tokens * len(prompts)
+
+
 def test_vllm_takes_its_own_sampling_fields_through_the_openai_clients_extra_body(server):
     """top_k, min_p, repetition_penalty, ignore_eos, min_tokens and the output fields
     (stop_token_ids, include_stop_str_in_output, skip_special_tokens) reach vLLM, as they
