@@ -16,7 +16,7 @@ from models.registry import Registry
 from server.config.reload import ConfigReloader
 from server.deployments.reconcile import Reconciler
 from server.deployments.resume import to_restore
-from server.api import admin_api, deploy_api, openai_api, responses, status_api, tokens
+from server.api import admin_api, deploy_api, embeddings, openai_api, responses, status_api, tokens
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
@@ -93,6 +93,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     app = FastAPI(title="baton", lifespan=lifespan)
     app.include_router(openai_api.router)
     app.include_router(responses.router)
+    app.include_router(embeddings.router)
     app.include_router(tokens.router)
     app.include_router(status_api.router)
     app.include_router(admin_api.router)

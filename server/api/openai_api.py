@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, EngineStoppedError, ModelNotFoundError, ModelSwappedError, NotFoundError
+from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, InvalidRequestError, EngineStoppedError, ModelNotFoundError, ModelSwappedError, NotFoundError
 from server.api.reasoning import PROMPT_TAIL_TOKENS, ReasoningSplitter, ReasoningTally, prompt_opens_reasoning, read_reasoning, reads_reasoning
 from server.api.echo import echo_texts, echoed
 from server.api.generation import ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
@@ -30,7 +30,7 @@ from server.deployments.slot import Lease
 from server.deployments.manager import Route
 from server.auth.keys import authorize, bearer_token
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
-from server.engines.base import TokenLogprob
+from server.engines.base import TokenLogprob, can_generate
 
 log = logging.getLogger(__name__)
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -180,16 +180,18 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
     idempotent)."""
     route = route_request(request, body.model, body.end_user)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
-    observation = _observation(request, route.deployment)
+    observation = observe(request, route.deployment)
     try:
         lease = await request.state.deployments.lease(route)
     except BaseException as error:
-        observation.finish(_status_of(error))
+        observation.finish(status_of(error))
         raise
     observation.leased(lease.deployment, lease.slot.version, request.state.deployments.get(lease.deployment).window_of(lease.slot).add)
     try:
         # Off the event loop, as vLLM's server does it: a 4 MiB prompt takes seconds to render
         # and tokenize, and every other stream would wait (the tokenizer releases the GIL).
+        if not can_generate(lease.engine):
+            raise InvalidRequestError(f"The model '{body.model}' is served for embeddings only (vLLM's pooling runner); ask /v1/embeddings.", param="model", code="model_not_supported")
         prompts = await asyncio.to_thread(tokenize, lease.engine)
         settings = request.state.settings
         requests = build_requests(
@@ -197,7 +199,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
         )
     except BaseException as error:
         lease.release()
-        observation.finish(_status_of(error))
+        observation.finish(status_of(error))
         raise
     served = served_as(lease, body.model)
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
@@ -240,7 +242,7 @@ async def _release(lease: Lease) -> None:
     lease.release()
 
 
-def _observation(request: Request, deployment: str) -> RequestObservation | Unobserved:
+def observe(request: Request, deployment: str) -> RequestObservation | Unobserved:
     """What notes this request's metrics, log line, health outcome and token charge."""
     if not request.state.settings.request_metrics:
         return Unobserved()
@@ -277,14 +279,14 @@ async def _on_lease(choices: AsyncIterator[ChoiceChunk], lease: Lease, observati
         status = ModelSwappedError.status_code
         raise ModelSwappedError(f"{lease.slot.version} was swapped out and its drain deadline passed before this request finished; retry.") from error
     except BaseException as error:
-        status = _status_of(error)
+        status = status_of(error)
         raise
     finally:
         lease.release()
         observation.finish(status)
 
 
-def _status_of(error: BaseException) -> int:
+def status_of(error: BaseException) -> int:
     """The status a request that ended with `error` counts as; 499: its client went away."""
     if isinstance(error, BatonError):
         return error.status_code

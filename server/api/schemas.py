@@ -26,6 +26,7 @@ from server.engines.base import JsonFormat
 from server.engines.prompt import is_unicode
 
 MAX_STOP_SEQUENCES = 4
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
 NULL_MEANS_DEFAULT = ("n", "stream", "echo")  # the sampling fields take null as unset already
 
 
@@ -462,6 +463,18 @@ def _is_token_ids(value) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
+def _prompts(value, name: str) -> list:
+    """One of PROMPT_SHAPES, as a list of prompts. Checked here, whole, so that a wrong
+    shape is named as such, not as the first of the union's failed branches."""
+    if isinstance(value, str) or _is_token_ids(value):
+        value = [value]
+    if not isinstance(value, list) or not value or not (all(isinstance(p, str) for p in value) or all(map(_is_token_ids, value))):
+        raise ValueError(f"{name} is {PROMPT_SHAPES}")
+    if [] in value:
+        raise ValueError(f"{name} of token ids cannot be empty")
+    return value
+
+
 class CompletionRequest(_GenerationBody):
     prompt: list[str] | list[list[int]]  # token ids are checked against the vocabulary later
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; null: the context's room; 0: with echo only
@@ -472,15 +485,7 @@ class CompletionRequest(_GenerationBody):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_as_list(cls, prompt):
-        """One of PROMPT_SHAPES, as a list of prompts. Checked here, whole, so that a wrong
-        shape is named as such, not as the first of the union's failed branches."""
-        if isinstance(prompt, str) or _is_token_ids(prompt):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt or not (all(isinstance(p, str) for p in prompt) or all(map(_is_token_ids, prompt))):
-            raise ValueError(f"a prompt is {PROMPT_SHAPES}")
-        if [] in prompt:
-            raise ValueError("a prompt of token ids cannot be empty")
-        return prompt
+        return _prompts(prompt, "a prompt")
 
     @model_validator(mode="after")
     def _nothing_to_generate_needs_echo(self):
@@ -512,6 +517,28 @@ class CompletionRequest(_GenerationBody):
     @property
     def json_format(self) -> None:
         return None  # completions answer in free text
+
+
+class EmbeddingRequest(Strict):
+    """`POST /v1/embeddings`: OpenAI's body. `dimensions` is not taken: no model baton
+    serves is trained to have its vectors shortened."""
+
+    model: str
+    input: list[str] | list[list[int]]  # token ids are checked against the vocabulary later
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (what the OpenAI SDK asks for)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_as_list(cls, value):
+        inputs = _prompts(value, "an input")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"{len(inputs)} inputs; at most {MAX_EMBEDDING_INPUTS} are accepted in one request")
+        if "" in inputs:
+            raise ValueError("an input cannot be an empty string")
+        if not all(is_unicode(text) for text in inputs if isinstance(text, str)):
+            raise ValueError("an input holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text")
+        return inputs
 
 
 class TokenizeRequest(ChatTemplateFields):

@@ -155,6 +155,21 @@ class ReloadingEngine(Protocol):
     async def reload_weights(self, path: Path) -> None: ...
 
 
+@runtime_checkable
+class EmbeddingEngine(Protocol):
+    """An engine that embeds prompts (`/v1/embeddings`): one unit vector per prompt, from the
+    model's last hidden states (`pooling.py` has the rule). `embeds` and `generates` say what
+    it does as started (vLLM's pooling runner embeds and generates nothing)."""
+
+    @property
+    def embeds(self) -> bool: ...
+
+    @property
+    def generates(self) -> bool: ...
+
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]: ...
+
+
 def engine_process_ids(engine: Engine) -> list[int]:
     """The processes an engine runs in, where it can say (for GPU memory per engine)."""
     process_ids = getattr(engine, "process_ids", None)
@@ -167,3 +182,11 @@ def can_sleep(engine: Engine) -> bool:
 
 def can_reload(engine: Engine) -> bool:
     return isinstance(engine, ReloadingEngine)
+
+
+def can_embed(engine: Engine) -> bool:
+    return isinstance(engine, EmbeddingEngine) and engine.embeds
+
+
+def can_generate(engine: Engine) -> bool:
+    return not isinstance(engine, EmbeddingEngine) or engine.generates

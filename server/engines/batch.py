@@ -17,7 +17,7 @@ import torch
 from server.engines.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.grammar import TokenMask
-from server.engines.kv_cache import forward, forward_positions, new_cache
+from server.engines.kv_cache import forward, forward_positions, left_padded, new_cache, positions_of
 from server.engines.sampler import adjusted_logits, choose_tokens, prompt_logprobs, token_logprobs, truncated
 from models.errors import EngineError
 
@@ -77,10 +77,10 @@ class ContinuousBatch:
     def admit(self, new: list[Sequence]) -> None:
         """Prefill `new` together, emit their first tokens, and join them to the batch. The
         logits of every position are kept only where a sequence asks for its prompt's logprobs."""
-        input_ids, attention_mask = self._left_padded([s.request.prompt_token_ids for s in new])
+        input_ids, attention_mask = left_padded([s.request.prompt_token_ids for s in new], self._pad_token_id, self._device)
         cache = new_cache(self._model.config)
         scores_prompts = any(s.request.sampling.prompt_logprobs is not None for s in new)
-        logits = forward_positions(self._model, input_ids, attention_mask, _positions(attention_mask), cache, logits_to_keep=0 if scores_prompts else 1)
+        logits = forward_positions(self._model, input_ids, attention_mask, positions_of(attention_mask), cache, logits_to_keep=0 if scores_prompts else 1)
         if scores_prompts:
             self._score_prompts(new, logits)
         self.rows.join(cache, attention_mask)
@@ -204,15 +204,6 @@ class ContinuousBatch:
         self.rows.keep([self.sequences.index(s) for s in kept])
         self.sequences = kept
 
-    def _left_padded(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
-        length = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), length), self._pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, length - len(prompt) :] = torch.tensor(list(prompt))
-            attention_mask[row, length - len(prompt) :] = 1
-        return input_ids.to(self._device), attention_mask.to(self._device)
-
 
 def _forbid_ending(row: torch.Tensor, ending_ids: list[int]) -> None:
     """No end yet (min_tokens), unless ending is all the row still allows: a JSON answer
@@ -226,7 +217,3 @@ def _forbid_ending(row: torch.Tensor, ending_ids: list[int]) -> None:
 def _failed(sequence: Sequence, error: Exception) -> EngineError:
     sequence.has_failed = True
     return EngineError(f"Generation failed: {error}")
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)

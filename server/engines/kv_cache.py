@@ -93,6 +93,23 @@ def forward_positions(model, input_ids, attention_mask, position_ids, cache, log
     return output.logits
 
 
+def left_padded(prompts, pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one batch, each right-aligned (its last token in the last column): input ids
+    and the attention mask that hides the padding."""
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = torch.tensor(list(prompt))
+        attention_mask[row, length - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position in its own prompt (padding counts as 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def pad_left(tensor: torch.Tensor, length: int, dim: int = -1) -> torch.Tensor:
     missing = length - tensor.shape[dim]
     if missing == 0:

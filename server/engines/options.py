@@ -43,6 +43,7 @@ class VLLMOptions:
     sleep_mode: bool = True
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
     served_name: str | None = None  # the model_name of vLLM's own metrics: the version (set by baton)
+    runner: Literal["generate", "pooling"] = "generate"  # pooling: the engine embeds (/v1/embeddings) and generates nothing
 
 
 @dataclass(frozen=True)

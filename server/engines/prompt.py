@@ -54,12 +54,13 @@ def _with_tools_described(messages: list[dict], tools: list[dict]) -> list[dict]
     return [{"role": "system", "content": described}, *messages]
 
 
-def text_prompt_ids(tokenizer, text: str, param: str = "prompt") -> list[int]:
+def text_prompt_ids(tokenizer, text: str, param: str = "prompt", add_special_tokens: bool = False) -> list[int]:
     """An empty prompt starts from the beginning-of-sequence token, as OpenAI's models do:
     no engine can run zero tokens. JSON may carry what is no Unicode text (a lone surrogate,
-    `\\ud800`): a 400 naming `param`, not the tokenizer's TypeError."""
+    `\\ud800`): a 400 naming `param`, not the tokenizer's TypeError. `add_special_tokens`: the
+    tokenizer's own (an embedding model's end-of-text token, say), as vLLM embeds text."""
     try:
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        ids = list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
     except TypeError as error:
         if is_unicode(text):
             raise

@@ -28,6 +28,7 @@ from server.engines.static_rows import StaticRows, can_use_static_rows, initial_
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.model_folder import check_model_folder, read_config
 from server.engines.options import TransformersOptions
+from server.engines.pooling import EMBED_BATCH, embed, pooling_of
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
 from server.engines.sampler import row_seed
 from models.errors import EngineError, EngineStoppedError, ModelLoadError
@@ -50,6 +51,8 @@ def config_dtype(config: dict) -> str | None:
 
 class TransformersEngine:
     name = "transformers"
+    embeds = True  # any causal language model: its last hidden states, pooled
+    generates = True
 
     def __init__(self, path: str | Path, options: TransformersOptions = TransformersOptions()):
         self._path = Path(path)
@@ -61,7 +64,7 @@ class TransformersEngine:
         self._wakeup = threading.Condition()
         self._worker: threading.Thread | None = None
         self._loaded: Future | None = None  # done once the worker's load ends, either way
-        self._calls: list[tuple[Callable[[], None], Future]] = []  # work for the worker, between steps
+        self._calls: list[tuple[Callable[[], object], Future]] = []  # work for the worker, between steps
         self._is_stopping = False
         self._in_flight: dict[str, Sequence] = {}  # event-loop thread only
         self._grammars: JsonGrammars | None = None  # built on the first JSON request
@@ -94,6 +97,14 @@ class TransformersEngine:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         return self._stream(request)
+
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """A batch at a time on the worker, between decoding steps (pooling.py)."""
+        pooling, vectors = pooling_of(self._path), []
+        for start in range(0, len(prompts), EMBED_BATCH):
+            batch = prompts[start : start + EMBED_BATCH]
+            vectors += await asyncio.wrap_future(self._call_on_worker(partial(embed, self._model, batch, self._pad_token_id(), pooling)))
+        return vectors
 
     async def reload_weights(self, path: Path) -> None:
         """Same layout, new weights: the worker copies them into the loaded model between
@@ -176,7 +187,8 @@ class TransformersEngine:
             self._in_flight.pop(request.request_id, None)
             self._mark_aborted(sequence)  # a no-op for a finished sequence
 
-    def _call_on_worker(self, work: Callable[[], None]) -> Future:
+    def _call_on_worker(self, work: Callable[[], object]) -> Future:
+        """`work` runs on the worker between steps; the future holds what it returns."""
         done: Future = Future()
         with self._wakeup:
             if self._is_stopping:
@@ -266,11 +278,11 @@ class TransformersEngine:
             calls, self._calls = self._calls, []
         for work, done in calls:
             try:
-                work()
+                result = work()
             except BaseException as error:
                 done.set_exception(error)
             else:
-                done.set_result(None)
+                done.set_result(result)
 
     def _end_everything(self, error: BaseException | None = None) -> None:
         """Every generation and call still pending ends with `error`; nothing is taken after."""

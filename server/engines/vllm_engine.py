@@ -13,6 +13,7 @@ import gc
 import importlib.util
 import os
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,6 +66,14 @@ class VLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self._engine.model_config.max_model_len
+
+    @property
+    def embeds(self) -> bool:
+        return self._options.runner == "pooling"
+
+    @property
+    def generates(self) -> bool:
+        return self._options.runner == "generate"
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -128,6 +137,27 @@ class VLLMEngine:
             self._in_flight.discard(request.request_id)
             if not is_finished and self._engine is not None:
                 await self._engine.abort(request.request_id)
+
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """vLLM's pooling runner (the embedding of its `vllm serve --runner pooling`), the
+        prompts at once; each is a request of its own in vLLM's batch."""
+        if self._engine is None or self._engine.errored:
+            raise EngineStoppedError("The engine is not running.")
+        return list(await asyncio.gather(*(self._embed_one(prompt) for prompt in prompts)))
+
+    async def _embed_one(self, prompt_ids: list[int]) -> list[float]:
+        from vllm import PoolingParams, TokensPrompt
+
+        (prompt,) = await self._engine.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=list(prompt_ids))])
+        try:
+            async for output in self._engine.encode(prompt, PoolingParams(task="embed"), uuid.uuid4().hex):
+                if output.finished:
+                    return output.outputs.data.tolist()
+        except Exception as error:
+            if self._engine is None:
+                raise EngineStoppedError("The engine stopped before this embedding was made.") from error
+            raise EngineError(f"vLLM failed: {error}") from error
+        raise EngineStoppedError("The embedding was aborted: the model's weights were swapped.")
 
     async def reload_weights(self, path: Path) -> None:
         """vLLM's in-place reload: pause (aborting whatever still runs), load the folder's
@@ -224,6 +254,7 @@ class VLLMEngine:
             load_format="auto" if options.allow_pickle else "safetensors",
             enable_sleep_mode=self.can_sleep,
             served_model_name=options.served_name,
+            runner=options.runner,
             **{name: value for name, value in chosen.items() if value is not None},
         )
         # As an OpenAI server, vLLM's defaults are `vllm serve`'s (on an H100: 8192 batched

@@ -349,6 +349,12 @@ def test_vllm_echo_scores_the_prompt_as_the_transformers_engine_does(server, dem
         assert completion.usage.completion_tokens == max_tokens * len(prompts)
 
 
+def test_a_vllm_deployment_that_generates_refuses_embeddings_and_names_the_runner(server):
+    refused = httpx.post(f"{server.url}/v1/embeddings", json={"model": "chat", "input": "Hi"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_supported"
+    assert "runner: pooling" in refused.json()["error"]["message"]
+
+
 def test_vllm_takes_its_own_sampling_fields_through_the_openai_clients_extra_body(server):
     """top_k, min_p, repetition_penalty, ignore_eos, min_tokens and the output fields
     (stop_token_ids, include_stop_str_in_output, skip_special_tokens) reach vLLM, as they

@@ -1,0 +1,77 @@
+"""`POST /v1/embeddings`: OpenAI's embeddings, made by the version the model names now.
+
+Rules: text is tokenized as vLLM embeds it (with the tokenizer's special tokens, an embedding
+model's end-of-text token say); an input longer than the version's context is a 400, never
+cut; a version served to generate only (vLLM's generate runner) answers a 400 that says how to
+serve it for embeddings. A swap changes the vectors' space: the answer names the version
+(`model`, `x-baton-version`), so a client can tell which index a vector belongs in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from models.errors import ContextLengthExceededError, InvalidRequestError
+from server.api.generation import check_token_ids
+from server.api.openai_api import admit, observe, route_request, served_as, served_headers, status_of
+from server.api.schemas import EmbeddingRequest
+from server.engines.base import can_embed
+from server.engines.prompt import text_prompt_ids
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+    route = route_request(request, body.model, body.user)
+    observation = observe(request, route.deployment)
+    try:
+        lease = await request.state.deployments.lease(route)
+    except BaseException as error:
+        observation.finish(status_of(error))
+        raise
+    observation.leased(lease.deployment, lease.slot.version, request.state.deployments.get(lease.deployment).window_of(lease.slot).add)
+    try:
+        engine = lease.engine
+        if not can_embed(engine):
+            raise InvalidRequestError(f"The model '{body.model}' is served on vLLM's generate runner, which makes no embeddings; serve it with the engine option runner: pooling.", param="model", code="model_not_supported")
+        prompts = await asyncio.to_thread(_input_ids, engine, body.input)  # off the loop, as for generation
+        observation.num_prompt_tokens = num_tokens = sum(map(len, prompts))
+        vectors = await engine.embed(prompts)
+    except BaseException as error:
+        observation.finish(status_of(error))
+        raise
+    finally:
+        lease.release()
+    observation.finish(200)
+    data = [{"object": "embedding", "index": index, "embedding": _encoded(vector, body.encoding_format)} for index, vector in enumerate(vectors)]
+    answer = {"object": "list", "data": data, "model": served_as(lease, body.model), "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}}
+    return JSONResponse(answer, headers=served_headers(lease))
+
+
+def _input_ids(engine, inputs: list[str] | list[list[int]]) -> list[list[int]]:
+    prompts = []
+    for prompt in inputs:
+        if isinstance(prompt, str):
+            prompt = text_prompt_ids(engine.tokenizer, prompt, "input", add_special_tokens=True)
+        else:
+            check_token_ids(prompt, engine.vocab_size, "input")
+        if len(prompt) > engine.max_model_len:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {engine.max_model_len} tokens. However, an input has {len(prompt)} tokens. Please reduce the length of the input.",
+                param="input",
+            )
+        prompts.append(prompt)
+    return prompts
+
+
+def _encoded(vector: list[float], encoding_format: str) -> list[float] | str:
+    """base64: the float32 values' little-endian bytes, as OpenAI sends them."""
+    if encoding_format == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()

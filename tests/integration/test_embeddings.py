@@ -1,0 +1,105 @@
+"""`/v1/embeddings` through the official client (which asks for base64) and plain HTTP on
+the transformers engine: each vector is the model's last hidden state of the last token,
+unit length, the same whether an input is embedded alone or beside longer ones; the errors
+are OpenAI-shaped 400s. (tests/vllm checks vLLM's pooling runner against the same vectors.)"""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from server.engines.pooling import pooling_of
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server) -> openai.OpenAI:
+    return tiny_server.client()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+def model_vector(model_path, token_ids: list[int]) -> list[float]:
+    """The model run on one input alone: its base's last hidden state at the last token, unit length."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    with torch.inference_mode():
+        state = model.base_model(input_ids=torch.tensor([token_ids])).last_hidden_state[0, -1]
+    return torch.nn.functional.normalize(state, dim=-1).tolist()
+
+
+def test_an_embedding_is_the_models_last_state_of_the_last_token_at_unit_length(client, tiny_model_path, tokenizer):
+    answer = client.embeddings.create(model="tiny", input="The sea is deep")
+    (item,) = answer.data
+    expected = model_vector(tiny_model_path, tokenizer.encode("The sea is deep"))
+    assert item.embedding == pytest.approx(expected, abs=1e-4)
+    assert math.isclose(sum(x * x for x in item.embedding), 1.0, rel_tol=1e-4)
+    assert (answer.model, answer.usage.prompt_tokens, answer.usage.total_tokens) == ("tiny", len(tokenizer.encode("The sea is deep")), answer.usage.prompt_tokens)
+
+
+def test_inputs_embedded_together_are_each_embedded_as_alone_in_order(client, tiny_server, tokenizer):
+    """Inputs of different lengths share a left-padded batch; token-id inputs are taken as they are."""
+    texts = ["Hi", "A much longer input than the first one, by a fair margin", "Mid sized"]
+    together = client.embeddings.create(model="tiny", input=texts).data
+    alone = [client.embeddings.create(model="tiny", input=text).data[0].embedding for text in texts]
+    assert [item.index for item in together] == [0, 1, 2]
+    for item, single in zip(together, alone):
+        assert item.embedding == pytest.approx(single, abs=1e-4)
+    as_ids = client.embeddings.create(model="tiny", input=[tokenizer.encode(text) for text in texts]).data
+    assert as_ids[1].embedding == pytest.approx(alone[1], abs=1e-4)
+    floats = httpx.post(f"{tiny_server.url}/v1/embeddings", json={"model": "tiny", "input": texts[0], "encoding_format": "float"})
+    assert floats.json()["data"][0]["embedding"] == pytest.approx(alone[0], abs=1e-6)
+    assert floats.headers["x-baton-deployment"] == "tiny"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"input": ""}, "input"),
+        ({"input": []}, "input"),
+        ({"input": [[]]}, "input"),
+        ({"input": [1, 10**9]}, "input"),
+        ({"input": "word " * 5000}, "input"),
+        ({"input": "Hi", "dimensions": 8}, "dimensions"),
+        ({"input": "Hi", "encoding_format": "int8"}, "encoding_format"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_field(tiny_server, body, param):
+    refused = httpx.post(f"{tiny_server.url}/v1/embeddings", json={"model": "tiny", **body})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == param
+
+
+def test_an_unknown_model_is_a_404(tiny_server):
+    refused = httpx.post(f"{tiny_server.url}/v1/embeddings", json={"model": "nope", "input": "Hi"})
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+
+
+def test_pooling_follows_the_sentence_transformers_config(tmp_path):
+    (tmp_path / "1_Pooling").mkdir()
+    assert pooling_of(tmp_path) == "last"  # no config: the last token, as vLLM pools a causal LM
+    for key, pooling in [("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "first"), ("pooling_mode_lasttoken", "last")]:
+        (tmp_path / "1_Pooling" / "config.json").write_text(f'{{"{key}": true, "word_embedding_dimension": 8}}')
+        assert pooling_of(tmp_path) == pooling
+    (tmp_path / "1_Pooling" / "config.json").write_text("not json")
+    assert pooling_of(tmp_path) == "last"
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first", "last"])
+def test_each_pooling_reads_only_its_own_inputs_tokens_in_a_padded_batch(tiny_model_path, pooling):
+    from server.engines.pooling import embed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    pooled = embed(model, prompts, pad_token_id=0, pooling=pooling)
+    for prompt, vector in zip(prompts, pooled):
+        with torch.inference_mode():
+            states = model.base_model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
+        alone = {"mean": states.mean(dim=0), "first": states[0], "last": states[-1]}[pooling]
+        assert vector == pytest.approx(torch.nn.functional.normalize(alone, dim=-1).tolist(), abs=1e-4)
