@@ -26,7 +26,7 @@ from models.errors import BatonError, InvalidRequestError
 from server.api.generation import ChoiceChunk
 from server.api.openai_api import admit, answer_chat, stream_error
 from server.api.reasoning import ReasoningTally
-from server.api.schemas import ChatCompletionRequest, Strict
+from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
 from server.api.tools import ToolCall
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
@@ -125,6 +125,12 @@ class TextConfig(Strict):
     verbosity: Literal["medium"] | None = None  # the default; others ask for what no engine does
 
 
+class ReasoningConfig(Strict):
+    effort: ReasoningEffort | None = None  # as chat's reasoning_effort
+    summary: None = None  # summaries of the thinking are not made: the thinking itself is the reasoning item
+    generate_summary: None = None
+
+
 class ResponsesRequest(Strict):
     model: str
     input: str | list[InputItem]
@@ -148,7 +154,7 @@ class ResponsesRequest(Strict):
     truncation: Literal["disabled"] | None = None
     background: Literal[False] | None = None
     service_tier: Literal["auto", "default"] | None = None
-    reasoning: None = None
+    reasoning: ReasoningConfig | None = None
 
     def as_chat(self) -> ChatCompletionRequest:
         """The chat completion this request means, checked as any chat request is."""
@@ -166,6 +172,7 @@ class ResponsesRequest(Strict):
             "safety_identifier": self.safety_identifier,
             "prompt_cache_key": self.prompt_cache_key,
             "metadata": self.metadata,
+            "reasoning_effort": self.reasoning.effort if self.reasoning else None,
         }
         if self.tools:
             body["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)} for tool in self.tools]
@@ -269,6 +276,7 @@ class ResponseShape:
             "tools": [tool.model_dump(exclude_none=True) for tool in self.request.tools or []],
             "tool_choice": self.request.tool_choice.model_dump() if isinstance(self.request.tool_choice, NamedFunction) else self.request.tool_choice or "auto",
             "parallel_tool_calls": self.request.parallel_tool_calls is not False,
+            "reasoning": {"effort": self.request.reasoning.effort, "summary": None} if self.request.reasoning else None,
             "text": {"format": text_format},
             "store": False,
             "metadata": self.request.metadata or {},

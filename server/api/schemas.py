@@ -27,6 +27,7 @@ from server.engines.prompt import is_unicode
 
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]  # what vLLM's server takes
 NULL_MEANS_DEFAULT = ("n", "stream", "echo")  # the sampling fields take null as unset already
 
 
@@ -366,6 +367,7 @@ class ChatTemplateFields(Strict):
     chat_template_kwargs: dict[str, JsonValue] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    reasoning_effort: ReasoningEffort | None = None  # a template variable too, and thinking on unless "none" (vLLM's rule)
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -390,8 +392,12 @@ class ChatTemplateFields(Strict):
 
     @property
     def template_kwargs(self) -> dict:
-        """What apply_chat_template takes beside the messages and tools."""
-        kwargs = {**(self.chat_template_kwargs or {}), "add_generation_prompt": self.add_generation_prompt}
+        """What apply_chat_template takes beside the messages and tools. `reasoning_effort`
+        reaches the template as a variable and sets `enable_thinking` (off for "none"), as
+        vLLM passes it; variables the request names in chat_template_kwargs win. A template
+        that reads neither ignores them."""
+        effort = {} if self.reasoning_effort is None else {"reasoning_effort": self.reasoning_effort, "enable_thinking": self.reasoning_effort != "none"}
+        kwargs = {**effort, **(self.chat_template_kwargs or {}), "add_generation_prompt": self.add_generation_prompt}
         return kwargs | ({"continue_final_message": True} if self.continue_final_message else {})
 
 

@@ -109,3 +109,35 @@ def test_continue_final_message_prefills_the_answer_and_returns_only_what_follow
 def test_template_variables_that_would_change_how_the_template_is_applied_are_a_400(server, kwargs):
     answer = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "thinker", "messages": HELLO, "chat_template_kwargs": kwargs})
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "chat_template_kwargs", answer.text
+
+
+def test_reasoning_effort_none_turns_thinking_off_and_chat_template_kwargs_win(server):
+    """vLLM's rule: reasoning_effort is a template variable and sets enable_thinking (off for
+    "none"); an enable_thinking the request names itself wins."""
+
+    def count(**body) -> int:
+        return httpx.post(f"{server.url}/tokenize", json={"model": "thinker", "messages": HELLO, **body}).json()["count"]
+
+    assert count(reasoning_effort="none") == count(**NO_THINKING) < count(reasoning_effort="low") == count()
+    assert count(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True}) == count()
+    client = server.client()
+    plain = client.chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12, reasoning_effort="none")
+    assert plain.choices[0].message.content and getattr(plain.choices[0].message, "reasoning", None) is None
+
+    answer = client.responses.create(model="thinker", input="What is the capital of France?", temperature=0, max_output_tokens=12, reasoning={"effort": "none"})
+    assert [item.type for item in answer.output] == ["message"] and answer.reasoning.effort == "none"
+    thinking = client.responses.create(model="thinker", input="What is the capital of France?", temperature=0, max_output_tokens=12, reasoning={"effort": "high"})
+    assert thinking.output[0].type == "reasoning"
+
+
+@pytest.mark.parametrize(
+    "route, body, param",
+    [
+        ("/v1/chat/completions", {"messages": HELLO, "reasoning_effort": "extreme"}, "reasoning_effort"),
+        ("/v1/responses", {"input": "Hi", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+        ("/v1/responses", {"input": "Hi", "reasoning": {"effort": "low", "summary": "auto"}}, "reasoning.summary"),
+    ],
+)
+def test_an_effort_no_server_knows_or_a_summary_is_a_400(server, route, body, param):
+    answer = httpx.post(f"{server.url}{route}", json={"model": "thinker", **body})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text

@@ -151,7 +151,7 @@ def test_a_named_function_is_forced(smol_server):
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}}}, "text.format.schema", "not a valid JSON schema"),
         ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "objekt"}}]}, "tools.0.parameters", "not a valid JSON schema"),
         ({"tool_choice": {"type": "function", "name": "nope"}, "tools": WEATHER}, "tool_choice", "not among the tools"),
-        ({"reasoning": {"effort": "high"}}, "reasoning", ""),
+        ({"reasoning": {"effort": "high", "summary": "auto"}}, "reasoning.summary", ""),
         ({"include": ["reasoning.encrypted_content"]}, "include", ""),
         ({"prompt": {"id": "pmpt_1"}}, "prompt", "baton does not implement it"),
         ({"input": [{"type": "input_image", "image_url": "http://x"}]}, "input", ""),
