@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from server.api.generation import check_token_ids
-from server.api.openai_api import admit, observe, route_request, served_as, served_headers, status_of
+from server.api.openai_api import admit, observed_lease, route_request, served_as, served_headers, status_of
 from server.api.schemas import EmbeddingRequest
 from server.engines.base import can_embed
 from server.engines.prompt import text_prompt_ids
@@ -28,14 +28,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
-    route = route_request(request, body.model, body.user)
-    observation = observe(request, route.deployment)
-    try:
-        lease = await request.state.deployments.lease(route)
-    except BaseException as error:
-        observation.finish(status_of(error))
-        raise
-    observation.leased(lease.deployment, lease.slot.version, request.state.deployments.get(lease.deployment).window_of(lease.slot).add)
+    lease, observation = await observed_lease(request, route_request(request, body.model, body.user))
     try:
         engine = lease.engine
         if not can_embed(engine):

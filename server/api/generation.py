@@ -149,7 +149,7 @@ def sampling_of(body: ChatCompletionRequest | CompletionRequest, defaults: Sampl
         logit_bias=body.logit_bias_pairs,
         logprobs=body.num_top_logprobs,
         prompt_logprobs=body.num_prompt_logprobs,
-        json_format=body.json_format,
+        output_format=body.output_format,
         top_k=max(chosen("top_k"), 0),  # vLLM's -1 means all, as 0 does
         min_p=chosen("min_p"),
         repetition_penalty=chosen("repetition_penalty"),

@@ -30,7 +30,7 @@ from server.deployments.slot import Lease
 from server.deployments.manager import Route
 from server.auth.keys import authorize, bearer_token
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
-from server.engines.base import TokenLogprob, can_generate
+from server.engines.base import SamplingParams, TokenLogprob, can_generate
 
 log = logging.getLogger(__name__)
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -104,13 +104,22 @@ async def get_model(model: str, request: Request) -> dict:
     return _model_card(request, model, route)
 
 
+@dataclass(frozen=True)
+class Served:
+    """What answered: the `model` field's value (served_as) and the sampling applied (the
+    request's settings, else the version's defaults)."""
+
+    model: str
+    sampling: SamplingParams
+
+
 class AnswerShape(Protocol):
     """How an answer is written, whole or streamed: chat and text completions' `choices`
     (`Choices`), or a Responses object (responses.py)."""
 
-    def collect(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]: ...
+    def collect(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]: ...
 
-    def events(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, usage: _UsagePolicy) -> AsyncIterator[str]: ...
+    def events(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage: _UsagePolicy) -> AsyncIterator[str]: ...
 
 
 @dataclass(frozen=True)
@@ -119,14 +128,14 @@ class Choices:
 
     fmt: ChatFormat | TextFormat
 
-    def _head(self, served_as: str) -> dict:
-        return {"id": self.fmt.id_prefix + uuid.uuid4().hex, "object": self.fmt.object, "created": int(time.time()), "model": served_as}
+    def _head(self, served: Served) -> dict:
+        return {"id": self.fmt.id_prefix + uuid.uuid4().hex, "object": self.fmt.object, "created": int(time.time()), "model": served.model}
 
-    def collect(self, choices, served_as: str, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]:
-        return _collect(choices, self.fmt, self._head(served_as), num_choices, num_prompt_tokens)
+    def collect(self, choices, served: Served, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]:
+        return _collect(choices, self.fmt, self._head(served), num_choices, num_prompt_tokens)
 
-    def events(self, choices, served_as: str, num_choices: int, usage: _UsagePolicy) -> AsyncIterator[str]:
-        return _sse(choices, self.fmt, {**self._head(served_as), "object": self.fmt.chunk_object}, num_choices, usage)
+    def events(self, choices, served: Served, num_choices: int, usage: _UsagePolicy) -> AsyncIterator[str]:
+        return _sse(choices, self.fmt, {**self._head(served), "object": self.fmt.chunk_object}, num_choices, usage)
 
 
 @router.post("/chat/completions")
@@ -143,7 +152,7 @@ async def answer_chat(request: Request, body: ChatCompletionRequest, shape: Answ
 def _read_chat(body: ChatCompletionRequest, choices: AsyncIterator[ChoiceChunk], lease: Lease, prompts: list[list[int]]) -> AsyncIterator[ChoiceChunk]:
     """A version that reasons has its thinking read apart (reasoning.py), unless the output is
     forced into JSON (a schema, a forced call: all answer); then tool calls are read from the rest."""
-    if body.json_format is None and (splitters := _reasoning_splitters(lease, prompts, body.n)):
+    if body.output_format is None and (splitters := _reasoning_splitters(lease, prompts, body.n)):
         choices = read_reasoning(choices, splitters)
     if (plan := body.tool_plan) is not None:
         tokenizer = lease.engine.tokenizer
@@ -180,13 +189,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
     idempotent)."""
     route = route_request(request, body.model, body.end_user)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
-    observation = observe(request, route.deployment)
-    try:
-        lease = await request.state.deployments.lease(route)
-    except BaseException as error:
-        observation.finish(status_of(error))
-        raise
-    observation.leased(lease.deployment, lease.slot.version, request.state.deployments.get(lease.deployment).window_of(lease.slot).add)
+    lease, observation = await observed_lease(request, route)
     try:
         # Off the event loop, as vLLM's server does it: a 4 MiB prompt takes seconds to render
         # and tokenize, and every other stream would wait (the tokenizer releases the GIL).
@@ -201,7 +204,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
         lease.release()
         observation.finish(status_of(error))
         raise
-    served = served_as(lease, body.model)
+    served = Served(served_as(lease, body.model), requests[0].sampling)
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = _on_lease(read(stream_choices(lease.engine, requests), lease, prompts), lease, observation)
     headers = served_headers(lease)
@@ -214,6 +217,19 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
         return JSONResponse(body, headers=headers)
     finally:
         lease.release()
+
+
+async def observed_lease(request: Request, route: Route) -> tuple[Lease, RequestObservation | Unobserved]:
+    """A lease on the slot `route` names, and what records the request from there on (a
+    lease refused is recorded as the request's outcome)."""
+    observation = observe(request, route.deployment)
+    try:
+        lease = await request.state.deployments.lease(route)
+    except BaseException as error:
+        observation.finish(status_of(error))
+        raise
+    observation.leased(lease.deployment, lease.slot.version, request.state.deployments.get(lease.deployment).window_of(lease.slot).add)
+    return lease, observation
 
 
 def _reasoning_splitters(lease: Lease, prompts: list[list[int]], n: int) -> list[ReasoningSplitter]:

@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from models.errors import BatonError, InvalidRequestError
 from server.api.generation import ChoiceChunk
-from server.api.openai_api import admit, answer_chat, stream_error
+from server.api.openai_api import Served, admit, answer_chat, stream_error
 from server.api.reasoning import ReasoningTally
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
 from server.api.tools import ToolCall
@@ -259,7 +259,7 @@ class ResponseShape:
 
     request: ResponsesRequest
 
-    def head(self, served_as: str) -> dict:
+    def head(self, served: Served) -> dict:
         text_format = self.request.text.format.model_dump(by_alias=True, exclude_none=True) if self.request.text and self.request.text.format else {"type": "text"}
         return {
             "id": "resp_" + uuid.uuid4().hex,
@@ -268,11 +268,11 @@ class ResponseShape:
             "status": "in_progress",
             "error": None,
             "incomplete_details": None,
-            "model": served_as,
+            "model": served.model,
             "instructions": self.request.instructions,
             "max_output_tokens": self.request.max_output_tokens,
-            "temperature": self.request.temperature,
-            "top_p": self.request.top_p,
+            "temperature": served.sampling.temperature,  # as applied: the request's, else the version's default
+            "top_p": served.sampling.top_p,
             "tools": [tool.model_dump(exclude_none=True) for tool in self.request.tools or []],
             "tool_choice": self.request.tool_choice.model_dump() if isinstance(self.request.tool_choice, NamedFunction) else self.request.tool_choice or "auto",
             "parallel_tool_calls": self.request.parallel_tool_calls is not False,
@@ -286,8 +286,8 @@ class ResponseShape:
             "output": [],
         }
 
-    async def collect(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, num_prompt_tokens: int) -> dict:
-        answer, reasoning, text, calls = _Answer(self.head(served_as), num_prompt_tokens), "", "", []
+    async def collect(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> dict:
+        answer, reasoning, text, calls = _Answer(self.head(served), num_prompt_tokens), "", "", []
         async with aclosing(choices) as stream:
             async for item in stream:
                 answer.count(item)
@@ -301,8 +301,8 @@ class ResponseShape:
         answer.output += [_function_call(call, "completed") for call in calls]
         return answer.final()
 
-    async def events(self, choices: AsyncIterator[ChoiceChunk], served_as: str, num_choices: int, usage) -> AsyncIterator[str]:
-        answer = _Answer(self.head(served_as), usage.num_prompt_tokens)
+    async def events(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage) -> AsyncIterator[str]:
+        answer = _Answer(self.head(served), usage.num_prompt_tokens)
         events = _Events()
         yield events.send("response.created", response=answer.response("in_progress"))
         yield events.send("response.in_progress", response=answer.response("in_progress"))

@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from server.api.tools import Function, ToolPlan
-from server.engines.base import JsonFormat
+from server.engines.base import OutputFormat
 from server.engines.prompt import is_unicode
 
 MAX_STOP_SEQUENCES = 4
@@ -124,6 +124,13 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 1_024  # tokens a request may bias (40,000 cost 21 ms a token in the batch's step)
 COUNT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains", "maxContains")
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def _check_unicode(text: str, what: str) -> str:
+    """JSON may carry what is no Unicode text: a lone UTF-16 surrogate escape."""
+    if not is_unicode(text):
+        raise ValueError(f"{what} holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text")
+    return text
 
 
 def _check_json_schema(schema: dict) -> dict:
@@ -232,11 +239,70 @@ class ResponseFormat(Strict):
         return self
 
     @property
-    def json_format(self) -> JsonFormat | None:
+    def output_format(self) -> OutputFormat | None:
         """What the engine must produce: None for free text."""
         if self.type == "text":
             return None
-        return JsonFormat(json.dumps(self.json_schema.json_schema) if self.json_schema else None)
+        return OutputFormat(json.dumps(self.json_schema.json_schema) if self.json_schema else None)
+
+
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1_024
+MAX_REGEX_CHARS = 4_096
+
+
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs` (chat and completions): exactly one constraint, held to
+    token by token on both engines (xgrammar). `grammar` is EBNF (`root ::= ...`) or Lark."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_schema: dict | str | None = Field(None, alias="json")  # a schema, or its JSON text
+    regex: str | None = Field(None, min_length=1, max_length=MAX_REGEX_CHARS)
+    choice: list[str] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
+    grammar: str | None = Field(None, min_length=1, max_length=MAX_SCHEMA_CHARS)
+    json_object: Literal[True] | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _is_a_schema(cls, schema):
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as error:
+                raise ValueError(f"not JSON: {error}") from error
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON schema is an object")
+        return _check_json_schema(schema)
+
+    @field_validator("choice")
+    @classmethod
+    def _check_choices(cls, choices):
+        if choices and not all(0 < len(choice) <= MAX_CHOICE_CHARS for choice in choices):
+            raise ValueError(f"each choice is 1 to {MAX_CHOICE_CHARS} characters")
+        return choices
+
+    @field_validator("regex", "grammar")
+    @classmethod
+    def _is_text(cls, text):
+        return text if text is None else _check_unicode(text, "it")
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        if (count := len(self.model_dump(exclude_none=True))) != 1:
+            raise ValueError(f"name exactly one of json, regex, choice, grammar, json_object ({count} given)")
+        return self
+
+    @property
+    def output_format(self) -> OutputFormat:
+        param = "structured_outputs"
+        if self.regex is not None:
+            return OutputFormat(self.regex, param, kind="regex")
+        if self.choice is not None:
+            return OutputFormat(None, param, kind="choice", choices=tuple(self.choice))
+        if self.grammar is not None:
+            return OutputFormat(self.grammar, param, kind="grammar")
+        return OutputFormat(json.dumps(self.json_schema) if self.json_schema is not None else None, param)
 
 
 class _GenerationBody(Strict):
@@ -265,6 +331,7 @@ class _GenerationBody(Strict):
     safety_identifier: str | None = None  # OpenAI's newer name for the end user
     prompt_cache_key: str | None = None  # a caching hint: prefixes are cached whatever it says
     metadata: dict[str, str] | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's: output held to a schema, regex, choice or grammar
 
     _stop_as_list = field_validator("stop", mode="before")(_as_list)
 
@@ -286,8 +353,8 @@ class _GenerationBody(Strict):
     def _check_stop(cls, stop):
         if stop and "" in stop:
             raise ValueError("a stop sequence cannot be empty")
-        if stop and not all(map(is_unicode, stop)):  # vLLM failed to send it to its engine: a 500
-            raise ValueError("a stop sequence holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text")
+        for sequence in stop or ():  # vLLM failed to send a lone surrogate to its engine: a 500
+            _check_unicode(sequence, "a stop sequence")
         if stop and (longest := max(map(len, stop))) > MAX_STOP_CHARS:  # each is looked for at every token
             raise ValueError(f"a stop sequence is {longest} characters long; at most {MAX_STOP_CHARS} are accepted")
         return stop
@@ -334,6 +401,11 @@ class _GenerationBody(Strict):
     def num_prompt_logprobs(self) -> int | None:
         """None: no logprobs for the prompt's tokens (only completions' `echo` asks for them)."""
         return None
+
+    @property
+    def output_format(self) -> OutputFormat | None:
+        """What the engine must produce: None for free text."""
+        return self.structured_outputs.output_format if self.structured_outputs else None
 
 
 def _functions(tools: list[ToolDef]) -> tuple[Function, ...]:
@@ -432,8 +504,17 @@ class ChatCompletionRequest(_GenerationBody, ChatTemplateFields):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         plan = self.tool_plan
-        if plan is not None and plan.json_format() is not None and self.response_format is not None and self.response_format.type != "text":
-            raise ValueError("a forced tool call (tool_choice required or a function) cannot be combined with a JSON response_format")
+        constraints = [
+            name
+            for name, is_set in (
+                ("a forced tool call (tool_choice required or a function)", plan is not None and plan.output_format() is not None),
+                ("a JSON response_format", self.response_format is not None and self.response_format.type != "text"),
+                ("structured_outputs", self.structured_outputs is not None),
+            )
+            if is_set
+        ]
+        if len(constraints) > 1:
+            raise ValueError(f"{' and '.join(constraints)} cannot be combined: the output follows one grammar")
         return self
 
     @cached_property
@@ -455,11 +536,14 @@ class ChatCompletionRequest(_GenerationBody, ChatTemplateFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
-    def json_format(self) -> JsonFormat | None:
-        """A forced tool call's arguments, else the response format's JSON, else None."""
-        if self.tool_plan is not None and (forced := self.tool_plan.json_format()) is not None:
+    def output_format(self) -> OutputFormat | None:
+        """A forced tool call's arguments, else the response format's JSON, else the
+        structured outputs' constraint, else None (at most one is set)."""
+        if self.tool_plan is not None and (forced := self.tool_plan.output_format()) is not None:
             return forced
-        return self.response_format.json_format if self.response_format else None
+        if self.response_format is not None and (json_format := self.response_format.output_format) is not None:
+            return json_format
+        return super().output_format
 
 
 PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a non-empty list of such lists"
@@ -520,9 +604,6 @@ class CompletionRequest(_GenerationBody):
     def num_top_logprobs(self) -> int | None:
         return self.logprobs
 
-    @property
-    def json_format(self) -> None:
-        return None  # completions answer in free text
 
 
 class EmbeddingRequest(Strict):
@@ -542,8 +623,9 @@ class EmbeddingRequest(Strict):
             raise ValueError(f"{len(inputs)} inputs; at most {MAX_EMBEDDING_INPUTS} are accepted in one request")
         if "" in inputs:
             raise ValueError("an input cannot be an empty string")
-        if not all(is_unicode(text) for text in inputs if isinstance(text, str)):
-            raise ValueError("an input holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text")
+        for text in inputs:
+            if isinstance(text, str):
+                _check_unicode(text, "an input")
         return inputs
 
 
@@ -562,9 +644,7 @@ class TokenizeRequest(ChatTemplateFields):
     @field_validator("prompt")
     @classmethod
     def _prompt_is_text(cls, prompt):
-        if prompt is not None and not is_unicode(prompt):
-            raise ValueError("the prompt holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text")
-        return prompt
+        return prompt if prompt is None else _check_unicode(prompt, "the prompt")
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from models.errors import InvalidRequestError
 from server.api.tool_formats import CALL_FORMATS, CallFormat
-from server.engines.base import JsonFormat
+from server.engines.base import OutputFormat
 from server.engines.detokenizer import held_back_length
 
 DEFAULT_TOOL_PARSER = "hermes"
@@ -68,13 +68,13 @@ class ToolPlan:
     def template_tools(self) -> list[dict]:
         return [f.as_tool() for f in self.functions]
 
-    def json_format(self) -> JsonFormat | None:
+    def output_format(self) -> OutputFormat | None:
         """The structured output that forces a call; None where the model chooses."""
         if self.choice == "auto":
             return None
         if self.choice == "required":
-            return JsonFormat(json.dumps(calls_schema(self.functions)), param="tools")
-        return JsonFormat(json.dumps(self._function(self.choice).parameters), param="tools")
+            return OutputFormat(json.dumps(calls_schema(self.functions)), param="tools")
+        return OutputFormat(json.dumps(self._function(self.choice).parameters), param="tools")
 
     def reader(self, tool_parser: str = DEFAULT_TOOL_PARSER, tokenizer=None) -> OutputReader:
         """`tool_parser` and `tokenizer` (the version's) read `auto` output."""

@@ -17,12 +17,20 @@ MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM draws the same line
 
 
 @dataclass(frozen=True)
-class JsonFormat:
-    """Output that parses as JSON: any object (schema None), or one valid against `schema`
-    (a JSON schema, as JSON text)."""
+class OutputFormat:
+    """Output held to a grammar token by token (vLLM's structured outputs): JSON (`spec`
+    None: any object; else valid against that JSON schema, as JSON text), text that the
+    regular expression `spec` matches whole, exactly one of `choices`, or text of the grammar
+    `spec` (EBNF as xgrammar reads it, or Lark: a grammar with no `::=` is Lark, vLLM's rule)."""
 
-    schema: str | None = None
+    spec: str | None = None
     param: str = "response_format"  # the request's field it comes from, for errors
+    kind: Literal["json", "regex", "choice", "grammar"] = "json"
+    choices: tuple[str, ...] = ()
+
+    @property
+    def is_lark(self) -> bool:
+        return self.kind == "grammar" and "::=" not in (self.spec or "")
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per time a token was generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
-    json_format: JsonFormat | None = None  # None: free text
+    output_format: OutputFormat | None = None  # None: free text
     top_k: int = 0  # the k most likely tokens only; 0: every token
     min_p: float = 0.0  # only tokens at least this fraction as likely as the most likely one
     repetition_penalty: float = 1.0  # divides (multiplies, if negative) the logits of tokens in the prompt or output

@@ -1,14 +1,16 @@
-"""Output constrained to JSON on the transformers engine, through xgrammar (the grammar
-library vLLM uses): a compiler per tokenizer, a token mask per generation.
+"""Output held to a grammar on the transformers engine, through xgrammar (the grammar
+library vLLM uses): a compiler per tokenizer, a token mask per generation. JSON (a schema,
+or any object), a regular expression, a choice of strings, or an EBNF or Lark grammar.
 
 Rule: the mask is applied before sampling, so every token drawn keeps the output a prefix
-of a valid answer; when the JSON is complete only a stop token is allowed. A schema that
-asks for what xgrammar compiles but does not enforce is refused, so that no answer breaks
-the schema its caller trusts.
+of a valid answer; when the answer is complete only a stop token is allowed. A JSON schema
+that asks for what xgrammar compiles but does not enforce is refused, so that no answer
+breaks the schema its caller trusts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import re
@@ -17,13 +19,14 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from models.errors import InvalidRequestError
-from server.engines.base import JsonFormat
+from server.engines.base import OutputFormat
 
 
+COMPILE_TIMEOUT_S = 10  # a regular expression can take exponential time to compile (vLLM bounds it too)
 ANY_OBJECT = '{"type": "object"}'  # json_object, as vLLM compiles it: xgrammar's builtin JSON grammar also allows arrays and scalars
 
 
-class JsonGrammars:
+class Grammars:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Iterable[int]):
         import xgrammar
 
@@ -33,16 +36,52 @@ class JsonGrammars:
         self._unenforced = functools.lru_cache(maxsize=256)(lambda schema: unenforced(json.loads(schema)))  # and so, beside it, this check
         self._vocab_size = vocab_size
 
-    def mask_for(self, json_format: JsonFormat) -> TokenMask:
-        """A fresh mask for one generation. Compiling can take a while for a large schema:
-        call it off the event loop."""
+    def mask_for(self, output_format: OutputFormat) -> TokenMask:
+        """A fresh mask for one generation. Compiling can take a while (a large schema, a
+        regular expression): call it off the event loop."""
         try:
-            grammar = self._compiler.compile_json_schema(json_format.schema or ANY_OBJECT)
+            grammar = self._compile(output_format)
         except (RuntimeError, ValueError) as error:
-            raise InvalidRequestError(f"The JSON schema cannot be used: {_plain(error)}", param=json_format.param) from error
-        if json_format.schema is not None and (what := self._unenforced(json_format.schema)):
-            raise InvalidRequestError(f"The JSON schema uses {what}, which this engine's grammar cannot enforce: answers could break the schema.", param=json_format.param)
+            raise InvalidRequestError(f"The {_NAMES[output_format.kind]} cannot be used: {_plain(error)}", param=output_format.param) from error
+        if output_format.kind == "json" and output_format.spec is not None and (what := self._unenforced(output_format.spec)):
+            raise InvalidRequestError(f"The JSON schema uses {what}, which this engine's grammar cannot enforce: answers could break the schema.", param=output_format.param)
         return TokenMask(self._xgrammar, grammar, self._vocab_size)
+
+    def _compile(self, output_format: OutputFormat):
+        compiler, spec = self._compiler, output_format.spec
+        if output_format.kind == "regex":
+            return compiler.compile_regex(spec)
+        if output_format.kind == "choice":
+            return compiler.compile_grammar(choice_grammar(output_format.choices))
+        if output_format.kind == "grammar":
+            return compiler.compile_lark(spec) if output_format.is_lark else compiler.compile_grammar(spec)
+        return compiler.compile_json_schema(spec or ANY_OBJECT)
+
+
+async def mask_off_loop(grammars: Grammars, output_format: OutputFormat, timeout_s: float = COMPILE_TIMEOUT_S) -> TokenMask:
+    """`grammars.mask_for` on a worker thread (xgrammar releases the GIL as it compiles),
+    within `timeout_s`, else a 400. The thread runs on to its end: the bounds on a request's
+    size keep that short."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(grammars.mask_for, output_format), timeout_s)
+    except TimeoutError:
+        raise InvalidRequestError(f"The {_NAMES[output_format.kind]} took more than {timeout_s} s to compile.", param=output_format.param) from None
+
+
+_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "choice", "grammar": "grammar"}
+_EBNF_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def choice_grammar(choices) -> str:
+    """An EBNF grammar whose only sentences are `choices`, each a string literal (quotes,
+    backslashes and control characters escaped)."""
+
+    def escaped(char: str) -> str:
+        if char in _EBNF_ESCAPES:
+            return _EBNF_ESCAPES[char]
+        return f"\\u{ord(char):04x}" if ord(char) < 0x20 or ord(char) == 0x7F else char
+
+    return "root ::= " + " | ".join('"' + "".join(map(escaped, choice)) + '"' for choice in choices)
 
 
 # Where a schema holds schemas (JSON Schema 2020-12, and the older `definitions` and list
@@ -121,4 +160,4 @@ class TokenMask:
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.accept_token(token_id):
-            raise ValueError(f"token {token_id} does not continue the JSON answer")
+            raise ValueError(f"token {token_id} does not continue the answer its grammar allows")

@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engines.base import Chunk, EngineHealth, GenerationRequest, JsonFormat
-from server.engines.grammar import JsonGrammars, TokenMask
+from server.engines.base import Chunk, EngineHealth, GenerationRequest, OutputFormat
+from server.engines.grammar import Grammars, TokenMask, mask_off_loop
 from server.engines.batch import ContinuousBatch, RowCache, Sequence
 from server.engines.kv_cache import PaddedRows
 from server.engines.static_rows import StaticRows, can_use_static_rows, initial_columns
@@ -67,7 +67,7 @@ class TransformersEngine:
         self._calls: list[tuple[Callable[[], object], Future]] = []  # work for the worker, between steps
         self._is_stopping = False
         self._in_flight: dict[str, Sequence] = {}  # event-loop thread only
-        self._grammars: JsonGrammars | None = None  # built on the first JSON request
+        self._grammars: Grammars | None = None  # built on the first JSON request
 
     @property
     def tokenizer(self):
@@ -155,12 +155,12 @@ class TransformersEngine:
 
     # -- event-loop side --------------------------------------------------------------
 
-    async def _token_mask(self, json_format: JsonFormat | None) -> TokenMask | None:
-        if json_format is None:
+    async def _token_mask(self, output_format: OutputFormat | None) -> TokenMask | None:
+        if output_format is None:
             return None
         if self._grammars is None:
-            self._grammars = JsonGrammars(self._tokenizer, self._model.config.vocab_size, self._eos_token_ids())
-        return await asyncio.to_thread(self._grammars.mask_for, json_format)
+            self._grammars = Grammars(self._tokenizer, self._model.config.vocab_size, self._eos_token_ids())
+        return await mask_off_loop(self._grammars, output_format)
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if self._is_stopping or self._worker is None:
@@ -171,7 +171,7 @@ class TransformersEngine:
             detokenizer=IncrementalDetokenizer.for_sampling(self._tokenizer, request.sampling),
             seed=row_seed(request.sampling),
             emit=partial(_put_threadsafe, asyncio.get_running_loop(), queue),
-            token_mask=await self._token_mask(request.sampling.json_format),
+            token_mask=await self._token_mask(request.sampling.output_format),
         )
         self._in_flight[request.request_id] = sequence
         self._submit(sequence)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from server.engines.base import Chunk, EngineHealth, GenerationRequest, JsonFormat, TokenLogprob
+from server.engines.base import Chunk, EngineHealth, GenerationRequest, OutputFormat, TokenLogprob
 from server.engines.model_folder import check_model_folder
 from server.engines.options import VLLMOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
@@ -127,7 +127,8 @@ class VLLMEngine:
                 raise EngineError(f"vLLM failed: {error}") from error
             # vLLM checks a request as it is added (its grammar is compiled then); what it
             # refuses, its own server answers with a 400, and so does baton.
-            param = getattr(error, "parameter", None) or ("response_format" if request.sampling.json_format else None)
+            output_format = request.sampling.output_format
+            param = getattr(error, "parameter", None) or (output_format.param if output_format else None)
             raise InvalidRequestError(f"vLLM cannot serve this request: {error}", param=param) from error
         except Exception as error:
             if self._engine is None:
@@ -296,7 +297,7 @@ class VLLMEngine:
             logit_bias=dict(sampling.logit_bias) or None,
             logprobs=sampling.logprobs,
             prompt_logprobs=sampling.prompt_logprobs,
-            structured_outputs=_structured_outputs(sampling.json_format),
+            structured_outputs=_structured_outputs(sampling.output_format),
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -312,13 +313,17 @@ class VLLMEngine:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _structured_outputs(json_format: JsonFormat | None):
+def _structured_outputs(output_format: OutputFormat | None):
     """vLLM's own structured output (its grammar backend, xgrammar by default)."""
-    if json_format is None:
+    if output_format is None:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    return StructuredOutputsParams(json_object=True) if json_format.schema is None else StructuredOutputsParams(json=json_format.schema)
+    if output_format.kind == "choice":
+        return StructuredOutputsParams(choice=list(output_format.choices))
+    if output_format.kind != "json":
+        return StructuredOutputsParams(**{output_format.kind: output_format.spec})
+    return StructuredOutputsParams(json_object=True) if output_format.spec is None else StructuredOutputsParams(json=output_format.spec)
 
 
 def _logprobs(completion, num_top: int | None) -> tuple[TokenLogprob, ...]:

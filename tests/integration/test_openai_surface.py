@@ -7,8 +7,10 @@ parts on vLLM.)"""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -171,6 +173,56 @@ def test_json_object_answers_parse(smol_server):
         model="smollm2", messages=[{"role": "user", "content": "Is the sky blue? Reply in JSON with one key, answer."}], max_tokens=120, temperature=0, response_format={"type": "json_object"}
     )
     assert isinstance(json.loads(answer.choices[0].message.content), dict)
+
+
+STRUCTURED = {
+    "choice": ({"choice": ["positive", "negative", "neutral"]}, lambda text: text in ("positive", "negative", "neutral")),
+    "regex": ({"regex": r"\d{3}-\d{4}"}, lambda text: re.fullmatch(r"\d{3}-\d{4}", text)),
+    "ebnf": ({"grammar": 'root ::= "yes" | "no"'}, lambda text: text in ("yes", "no")),
+    "lark": ({"grammar": 'start: "red" | "green" | "blue"'}, lambda text: text in ("red", "green", "blue")),
+    "json": ({"json": SCHEMAS["enum"]}, lambda text: jsonschema.validate(json.loads(text), SCHEMAS["enum"]) is None),
+}
+
+
+def assert_structured_outputs_hold(client, model: str) -> None:
+    """vLLM's structured_outputs, each kind on chat and completions, whole and streamed:
+    every answer is what its constraint allows (shared with tests/vllm)."""
+    for name, (constraint, holds) in STRUCTURED.items():
+        body = dict(model=model, max_tokens=40, temperature=0, extra_body={"structured_outputs": constraint})
+        chat = dict(body, messages=[{"role": "user", "content": f"Answer with {name}: is the sky blue? What is your phone number?"}])
+        answers = [
+            client.chat.completions.create(**chat).choices[0].message.content,
+            "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat, stream=True) if c.choices),
+            client.completions.create(**body, prompt="The answer is").choices[0].text,
+        ]
+        for answer in answers:
+            assert holds(answer), (name, answer)
+
+
+def test_structured_outputs_hold_a_choice_regex_grammar_or_schema(smol_server):
+    assert_structured_outputs_hold(smol_server.client(), "smollm2")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs", "exactly one"),
+        ({"structured_outputs": {}}, "structured_outputs", "exactly one"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", ""),
+        ({"structured_outputs": {"choice": ["a", ""]}}, "structured_outputs.choice", "1 to 1024 characters"),
+        ({"structured_outputs": {"json": {"type": "objekt"}}}, "structured_outputs.json", "not a valid JSON schema"),
+        ({"structured_outputs": {"json_object": False}}, "structured_outputs.json_object", ""),
+        ({"structured_outputs": {"regex": "a", "disable_any_whitespace": True}}, "structured_outputs.disable_any_whitespace", ""),
+        ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "regular expression cannot be used"),
+        ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs", "grammar cannot be used"),
+        ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, None, "cannot be combined"),
+    ],
+)
+def test_a_bad_structured_outputs_is_a_400_naming_it(tiny_server, extra, param, words):
+    refused = httpx.post(f"{tiny_server.url}/v1/chat/completions", json={"model": "tiny", "messages": HI, "max_tokens": 4, **extra})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (param is None or error["param"] == param) and words in error["message"], error
 
 
 def test_the_sdk_parse_helper_fills_a_pydantic_model(smol_server):

@@ -58,6 +58,9 @@ def test_a_versions_defaults_apply_where_a_request_is_silent_and_switch_with_a_r
     own = [ask(seed=seed, extra_body={"top_k": 0}).choices[0].message.content for seed in range(6)]
     assert any(answer != short_greedy for answer in own)
     assert ask(temperature=0, max_tokens=7).usage.completion_tokens == 7
+    # A Response names the sampling applied: the version's temperature, the request's top_p.
+    response = client.responses.create(model="chat", input="Hi", top_p=0.9)
+    assert (response.model, response.temperature, response.top_p) == ("chat@2", 1.3, 0.9)
 
     assert _swap(server, "chat@1")["status"] == "succeeded"
     assert ask(temperature=0).usage.completion_tokens == greedy.usage.completion_tokens

@@ -4,15 +4,17 @@ so a new xgrammar that enforces one fails here and the rule can go."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 from transformers import AutoTokenizer
 
 from models.errors import InvalidRequestError
 from server.api.tools import Function, calls_schema
-from server.engines.base import JsonFormat
-from server.engines.grammar import JsonGrammars, unenforced
+from server.engines.base import OutputFormat
+from server.engines.grammar import Grammars, choice_grammar, mask_off_loop, unenforced
 
 # (schema, an answer that breaks it, what the refusal names)
 UNENFORCED = [
@@ -32,8 +34,8 @@ def tokenizer(demo_model_path):
 
 
 @pytest.fixture(scope="module")
-def grammars(tokenizer) -> JsonGrammars:
-    return JsonGrammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+def grammars(tokenizer) -> Grammars:
+    return Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
 
 
 def _xgrammar_accepts(tokenizer, schema: dict, answer: str) -> bool:
@@ -50,7 +52,7 @@ def test_each_refused_schema_is_one_xgrammar_does_not_enforce(tokenizer, grammar
     nested = {"type": "object", "properties": {"outer": {"type": "array", "items": schema}}, "required": ["outer"]}
     for where in (schema, nested):
         with pytest.raises(InvalidRequestError, match="cannot enforce") as refused:
-            grammars.mask_for(JsonFormat(json.dumps(where), param="tools"))
+            grammars.mask_for(OutputFormat(json.dumps(where), param="tools"))
         assert named in refused.value.message and refused.value.param == "tools"
 
 
@@ -65,7 +67,7 @@ def test_enforced_keywords_and_properties_named_like_keywords_pass(tokenizer, gr
     assert unenforced(schema) is None and not any(
         _xgrammar_accepts(tokenizer, schema, answer) for answer in ('{"not": "x", "if": 1, "multipleOf": 7}', '{"not": "x", "if": 3, "multipleOf": 8}')
     )
-    assert grammars.mask_for(JsonFormat(json.dumps(schema))) is not None
+    assert grammars.mask_for(OutputFormat(json.dumps(schema))) is not None
     pydantic_like = {"$defs": {"Pet": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}, "allOf": [{"$ref": "#/$defs/Pet"}]}
     assert unenforced(pydantic_like) is None
     assert unenforced(calls_schema((Function("f", None, schema),))) is None  # what `tool_choice: required` compiles
@@ -76,12 +78,40 @@ def test_json_object_is_an_object(tokenizer, grammars):
     JSON value) and a random model answered arrays."""
     bracket, brace = (tokenizer.encode(text, add_special_tokens=False)[0] for text in ("[", "{"))
     with pytest.raises(ValueError, match="does not continue"):
-        grammars.mask_for(JsonFormat()).accept(bracket)
-    grammars.mask_for(JsonFormat()).accept(brace)
+        grammars.mask_for(OutputFormat()).accept(bracket)
+    grammars.mask_for(OutputFormat()).accept(brace)
 
 
 def test_a_schema_xgrammar_cannot_compile_is_named_without_its_log_prefix(grammars):
     with pytest.raises(InvalidRequestError) as refused:
-        grammars.mask_for(JsonFormat(json.dumps({"type": "array", "minItems": 5, "maxItems": 1})))
+        grammars.mask_for(OutputFormat(json.dumps({"type": "array", "minItems": 5, "maxItems": 1})))
     assert refused.value.message.startswith("The JSON schema cannot be used: ") and "/project/" not in refused.value.message
     assert refused.value.param == "response_format"
+
+
+def test_a_choice_grammar_allows_exactly_its_choices_even_with_quotes_and_control_characters(grammars, tokenizer):
+    import xgrammar
+
+    choices = ('say "hi"', "back\\slash", "two\nlines", "tab\tand\x01")
+    grammar = xgrammar.Grammar.from_ebnf(choice_grammar(choices))
+    for text in choices:
+        assert xgrammar.testing._is_grammar_accept_string(grammar, text), text
+    for text in ('say "hi', "backslash", "two lines", ""):
+        assert not xgrammar.testing._is_grammar_accept_string(grammar, text), text
+    assert grammars.mask_for(OutputFormat(None, "structured_outputs", kind="choice", choices=choices)) is not None
+
+
+def test_a_grammar_without_rules_written_with_an_ebnf_arrow_is_lark():
+    assert OutputFormat('start: "a" | "b"', kind="grammar").is_lark
+    assert not OutputFormat('root ::= "a" | "b"', kind="grammar").is_lark
+    assert not OutputFormat("a+", kind="regex").is_lark
+
+
+def test_a_compile_that_outlasts_its_time_is_a_400_naming_the_field():
+    class SlowGrammars:
+        def mask_for(self, output_format):
+            time.sleep(0.5)
+
+    with pytest.raises(InvalidRequestError) as refused:
+        asyncio.run(mask_off_loop(SlowGrammars(), OutputFormat("a+", "structured_outputs", kind="regex"), timeout_s=0.05))
+    assert refused.value.param == "structured_outputs" and "regular expression took more than 0.05 s" in str(refused.value)

@@ -21,7 +21,7 @@ TIME = Function("get_time", None, {"type": "object", "properties": {}})
 
 def test_a_named_choice_forces_that_functions_arguments():
     plan = ToolPlan((WEATHER, TIME), "get_weather")
-    assert json.loads(plan.json_format().schema) == WEATHER.parameters
+    assert json.loads(plan.output_format().spec) == WEATHER.parameters
 
 
 def test_required_forces_a_non_empty_list_of_valid_calls():
@@ -33,7 +33,7 @@ def test_required_forces_a_non_empty_list_of_valid_calls():
 
 
 def test_auto_forces_nothing():
-    assert ToolPlan((WEATHER,), "auto").json_format() is None
+    assert ToolPlan((WEATHER,), "auto").output_format() is None
 
 
 def _read(plan: ToolPlan, pieces: list[str], reason: str = "stop", tool_parser: str = "hermes") -> list[ChoiceChunk]:

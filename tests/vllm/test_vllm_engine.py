@@ -385,16 +385,20 @@ def test_vllm_takes_its_own_sampling_fields_through_the_openai_clients_extra_bod
 
 def test_vllm_structured_output_through_the_openai_client(server):
     """JSON schema answers (nested, enum, array; whole and streamed), a JSON object and the
-    SDK's parse helper, through vLLM's own structured output."""
+    SDK's parse helper, and vLLM's structured_outputs (choice, regex, EBNF and Lark grammars,
+    JSON), through vLLM's own structured output."""
     import jsonschema
     from pydantic import BaseModel
 
-    from tests.integration.test_openai_surface import SCHEMAS, json_schema_answers
+    from tests.integration.test_openai_surface import SCHEMAS, assert_structured_outputs_hold, json_schema_answers
 
     client = server.client()
     for stream in (False, True):
         for name, answer in json_schema_answers(client, "chat", stream).items():
             jsonschema.validate(answer, SCHEMAS[name])
+    assert_structured_outputs_hold(client, "chat")
+    refused = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", "messages": FRANCE, "structured_outputs": {"regex": "(unclosed"}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "structured_outputs", refused.text
 
     class Person(BaseModel):
         name: str
