@@ -205,6 +205,18 @@ class ContinuousBatch:
         self.sequences = kept
 
 
+def num_prefilled_together(waiting: list[Sequence], num_free: int) -> int:
+    """How many of the waiting sequences, in order, one prefill takes: up to `num_free`; and a
+    sequence that scores its prompt goes alone (its prefill keeps every position's logits,
+    prompt length x vocabulary, which other prompts in its batch would multiply)."""
+    count = 0
+    for sequence in waiting[: max(num_free, 0)]:
+        if sequence.request.sampling.prompt_logprobs is not None:
+            return count or 1
+        count += 1
+    return count
+
+
 def _forbid_ending(row: torch.Tensor, ending_ids: list[int]) -> None:
     """No end yet (min_tokens), unless ending is all the row still allows: a JSON answer
     that is complete must end (forbidden, it left no token to draw and the request failed)."""

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.engines.base import Chunk, EngineHealth, GenerationRequest, OutputFormat
 from server.engines.grammar import Grammars, TokenMask, mask_off_loop
-from server.engines.batch import ContinuousBatch, RowCache, Sequence
+from server.engines.batch import ContinuousBatch, RowCache, Sequence, num_prefilled_together
 from server.engines.kv_cache import PaddedRows
 from server.engines.static_rows import StaticRows, can_use_static_rows, initial_columns
 from server.engines.detokenizer import IncrementalDetokenizer
@@ -269,8 +269,8 @@ class TransformersEngine:
             self._waiting = [s for s in self._waiting if not s.is_aborted]
             if self._calls or (self._batch.sequences and not self._batch.can_join_running):
                 return []
-            num_free = self._options.max_batch_size - len(self._batch.sequences)
-            joining, self._waiting = self._waiting[:num_free], self._waiting[num_free:]
+            count = num_prefilled_together(self._waiting, self._options.max_batch_size - len(self._batch.sequences))
+            joining, self._waiting = self._waiting[:count], self._waiting[count:]
             return joining
 
     def _run_calls(self) -> None:

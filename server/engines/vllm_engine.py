@@ -142,14 +142,18 @@ class VLLMEngine:
     async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         """vLLM's pooling runner (the embedding of its `vllm serve --runner pooling`), the
         prompts at once; each is a request of its own in vLLM's batch."""
+        from vllm import TokensPrompt
+
         if self._engine is None or self._engine.errored:
             raise EngineStoppedError("The engine is not running.")
-        return list(await asyncio.gather(*(self._embed_one(prompt) for prompt in prompts)))
+        # Rendered in one call, then added together, as vLLM's server adds a request's inputs:
+        # added one by one, the engine core starts a step with the first few.
+        rendered = await self._engine.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=list(prompt)) for prompt in prompts])
+        return list(await asyncio.gather(*(self._embed_one(prompt) for prompt in rendered)))
 
-    async def _embed_one(self, prompt_ids: list[int]) -> list[float]:
-        from vllm import PoolingParams, TokensPrompt
+    async def _embed_one(self, prompt) -> list[float]:
+        from vllm import PoolingParams
 
-        (prompt,) = await self._engine.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=list(prompt_ids))])
         try:
             async for output in self._engine.encode(prompt, PoolingParams(task="embed"), uuid.uuid4().hex):
                 if output.finished:

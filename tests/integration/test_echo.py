@@ -66,9 +66,8 @@ def test_echo_then_generation_is_the_prompt_then_the_same_answer(client, tokeniz
     assert echoed.usage.completion_tokens == plain.usage.completion_tokens
 
 
-def test_prompts_of_different_lengths_prefilled_together_are_each_scored_as_alone(client, tokenizer, log_softmax_of):
-    """The prompts of one request are prefilled in one left-padded batch: each prompt's
-    scores start where its own tokens do, not at the padding."""
+def test_prompts_of_different_lengths_in_one_request_are_each_scored_as_alone(client, tokenizer, log_softmax_of):
+    """Each prompt's scores are its own tokens', whatever else the request or the batch holds."""
     prompts = [tokenizer.encode("Hi"), tokenizer.encode("A much longer prompt than the other one, by far"), tokenizer.encode("Mid length words")]
     completion = client.completions.create(model="tiny", prompt=prompts, max_tokens=1, echo=True, logprobs=3, temperature=0)
     for choice in completion.choices:

@@ -12,6 +12,7 @@ import torch
 
 from models.errors import EngineError
 from server.engines.base import GenerationRequest, SamplingParams
+from server.engines.batch import Sequence, num_prefilled_together
 from server.engines.options import TransformersOptions
 from server.engines.transformers_engine import TransformersEngine
 
@@ -166,3 +167,14 @@ def test_a_stop_during_the_load_does_not_wait_for_it_and_the_worker_drops_the_mo
     engine.may_finish.set()
     engine._worker.join(30)
     assert not engine._worker.is_alive() and engine._model is None
+
+
+def test_a_sequence_that_scores_its_prompt_is_prefilled_alone():
+    def waiting(*scores: bool) -> list[Sequence]:
+        sampling = lambda scored: SamplingParams(max_tokens=1, prompt_logprobs=1 if scored else None)  # noqa: E731
+        return [Sequence(GenerationRequest(str(i), [1], sampling(scored)), None, 0, lambda _: None) for i, scored in enumerate(scores)]
+
+    assert num_prefilled_together(waiting(False, False, False), 2) == 2
+    assert num_prefilled_together(waiting(False, False, True, False), 8) == 2  # up to the scoring one
+    assert num_prefilled_together(waiting(True, True, False), 8) == 1  # it alone
+    assert num_prefilled_together(waiting(True), 0) == 0 and num_prefilled_together([], 4) == 0

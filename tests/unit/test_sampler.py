@@ -118,3 +118,4 @@ def test_prompt_logprobs_score_each_next_token_across_chunk_boundaries():
         assert logprob == pytest.approx(float(expected[position, next_ids[position]]), abs=1e-5)
         assert [i for i, _ in top] == expected[position].topk(3).indices.tolist()
     assert sampler.prompt_logprobs(logits[:0], [], 2) == [] and sampler.prompt_logprobs(logits[:2], next_ids[:2], 0)[0][1] == []
+
