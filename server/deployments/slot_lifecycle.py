@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from server.deployments.memory_plan import fits, plan_gpu_share, usable_gpu_byte
 from server.deployments.slot import Slot, SlotState, Target
 from server.deployments.swap_record import SwapRecord
 from server.observability.devices import GpuMemory, gpu_memory
-from server.engines.base import Engine, GenerationRequest, SamplingParams, can_sleep
+from server.engines.base import Engine, GenerationRequest, SamplingParams, can_generate, can_sleep
 from server.engines.factory import engine_for
 from server.observability.metrics import Metrics
 from models.errors import SwapFailedError
@@ -202,8 +203,14 @@ class SlotLifecycle:
         return 2 if self._settings.gpu_room_for_blue_green else 1
 
     async def _verify(self, slot: Slot, prompts: list[str]) -> None:
-        """Every smoke prompt must produce at least one token, greedily, within the timeout."""
+        """Every smoke prompt must produce at least one token, greedily, within the timeout;
+        on an engine that only embeds (vLLM's pooling runner), a vector of finite numbers."""
         async with asyncio.timeout(self._settings.verify_timeout_s):
+            if not can_generate(slot.engine):
+                vectors = await slot.engine.embed([slot.engine.tokenize(prompt) for prompt in prompts])
+                if bad := [prompt for prompt, vector in zip(prompts, vectors, strict=True) if not vector or not all(map(math.isfinite, vector))]:
+                    raise SwapFailedError(f"Smoke prompt {bad[0]!r} embedded to no finite vector on {slot.version}.")
+                return
             for prompt in prompts:
                 request = GenerationRequest("smoke-" + uuid.uuid4().hex, slot.engine.tokenize(prompt), SamplingParams(max_tokens=4, temperature=0))
                 num_tokens = 0

@@ -6,6 +6,9 @@ why (test_vllm_engine.py: a generating one refuses to embed)."""
 from __future__ import annotations
 
 import os
+import threading
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +22,8 @@ except ImportError:
 
 from transformers import AutoTokenizer  # noqa: E402
 
+from models.catalog import Change  # noqa: E402
+from models.registry import ImportOptions, Registry  # noqa: E402
 from server.config.settings import ModelSpec, Settings  # noqa: E402
 from tests.conftest import ServerThread, build_tiny_model  # noqa: E402
 from tests.integration.test_embeddings import model_vector  # noqa: E402
@@ -28,29 +33,35 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory, demo_model_path):
-    return build_tiny_model(tmp_path_factory.mktemp("embed") / "model", demo_model_path, **VLLM_TINY)
+def versions(tmp_path_factory, demo_model_path) -> tuple[Path, Path]:
+    """Two versions of one layout, other random weights: embed@1 and embed@2."""
+    return tuple(build_tiny_model(tmp_path_factory.mktemp(f"embed{seed}") / "model", demo_model_path, seed=seed, **VLLM_TINY) for seed in (0, 1))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_path):
-    """`embed` on vLLM's pooling runner, `chat` (the same folder) on the transformers engine."""
+def server(tmp_path_factory, versions):
+    """`embed` (embed@1) on vLLM's pooling runner, `chat` (the same folder) on the transformers engine."""
+    home = tmp_path_factory.mktemp("home")
+    registry = Registry(home)
+    for folder in versions:
+        registry.import_folder(folder, "embed", {"kind": "local"}, ImportOptions(), Change("tester"))
+    first = registry.resolve("embed@1")
     specs = [
-        ModelSpec(name="embed", path=tiny_path, engine="vllm", max_model_len=512, engine_options={"runner": "pooling"}),
-        ModelSpec(name="chat", path=tiny_path, engine="transformers", max_model_len=512),
+        ModelSpec(name="embed", path=first.path, version=first.ref, engine="vllm", max_model_len=512, engine_options={"runner": "pooling"}),
+        ModelSpec(name="chat", path=versions[0], engine="transformers", max_model_len=512),
     ]
-    with ServerThread(Settings(home=tmp_path_factory.mktemp("home"), models=specs, keep_standby=False)) as running:
+    with ServerThread(Settings(home=home, models=specs, keep_standby=False)) as running:
         yield running
 
 
-def test_vllm_pooling_embeds_as_the_transformers_engine_does(server, tiny_path):
+def test_vllm_pooling_embeds_as_the_transformers_engine_does(server, versions):
     client = server.client()
     texts = ["The sea is deep", "Hi"]
     on_vllm = client.embeddings.create(model="embed", input=texts).data
     on_transformers = client.embeddings.create(model="chat", input=texts).data
-    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    tokenizer = AutoTokenizer.from_pretrained(versions[0])
     for text, vllm_item, transformers_item in zip(texts, on_vllm, on_transformers):
-        expected = model_vector(tiny_path, tokenizer.encode(text))
+        expected = model_vector(versions[0], tokenizer.encode(text))
         assert vllm_item.embedding == pytest.approx(expected, abs=2e-3)
         assert transformers_item.embedding == pytest.approx(expected, abs=1e-4)
     status = httpx.get(f"{server.url}/admin/status").json()
@@ -61,3 +72,36 @@ def test_a_pooling_deployment_generates_nothing_and_says_so(server):
     refused = httpx.post(f"{server.url}/v1/completions", json={"model": "embed", "prompt": "Hi", "max_tokens": 2})
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_supported"
     assert "/v1/embeddings" in refused.json()["error"]["message"]
+
+
+def test_an_embedding_version_reloads_in_place_under_load_and_every_vector_names_its_version(server, versions):
+    """A swap to embed@2 (same layout) is a reload of vLLM's pooling engine: embeddings asked
+    meanwhile all answer, each vector is the version's its answer names, and after it the
+    vectors are embed@2's."""
+    tokenizer = AutoTokenizer.from_pretrained(versions[0])
+    expected = {f"embed@{i + 1}": model_vector(folder, tokenizer.encode("The sea is deep")) for i, folder in enumerate(versions)}
+    answers, stop = [], threading.Event()
+
+    def embed_until_stopped() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            while not stop.is_set():
+                answer = client.post("/v1/embeddings", json={"model": "embed", "input": "The sea is deep", "encoding_format": "float"})
+                answers.append((answer.status_code, answer.headers.get("x-baton-version"), answer.json()))
+
+    load = [threading.Thread(target=embed_until_stopped) for _ in range(2)]
+    for thread in load:
+        thread.start()
+    try:
+        record = httpx.post(f"{server.url}/admin/deployments/embed/swap", json={"to": "embed@2"}, timeout=600).json()
+        after = len(answers)
+        while len(answers) < after + 2:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in load:
+            thread.join()
+    assert (record["status"], record["strategy"]) == ("succeeded", "reload"), record
+    assert {status for status, _, _ in answers} == {200}, [body for status, _, body in answers if status != 200][:1]
+    assert {version for _, version, _ in answers} == {"embed@1", "embed@2"}
+    for _, version, body in answers:
+        assert body["model"] == version and body["data"][0]["embedding"] == pytest.approx(expected[version], abs=2e-3)
