@@ -20,7 +20,7 @@ from server.config.settings import Settings
 from server.deployments.deployment import Deployment
 from server.deployments.health import Breach, GoldenPrompt, Slo, breaches, canary_verdict, slo_from_baseline
 from server.deployments.slot import Slot
-from server.engines.base import GenerationRequest, SamplingParams
+from server.engines.base import GenerationRequest, SamplingParams, can_generate
 from server.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,10 @@ class HealthWatch:
             self._abort_canary(deployment, [miss])
 
     async def _golden_miss(self, slot: Slot, prompts: list[GoldenPrompt]) -> Breach | None:
-        """The first golden prompt the slot answers wrongly (greedily), if any."""
+        """The first golden prompt the slot answers wrongly (greedily), if any. An engine that
+        only embeds writes no answer to judge: its golden prompts are not asked."""
+        if not can_generate(slot.engine):
+            return None
         for index, golden in enumerate(prompts):
             try:
                 answer = await self._answer(slot, golden.prompt)

@@ -25,11 +25,17 @@ from transformers import AutoTokenizer  # noqa: E402
 from models.catalog import Change  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
 from server.config.settings import ModelSpec, Settings  # noqa: E402
+from server.deployments.health import GoldenPrompt, HealthPolicy  # noqa: E402
 from tests.conftest import ServerThread, build_tiny_model  # noqa: E402
 from tests.integration.test_embeddings import model_vector  # noqa: E402
 from tests.vllm.test_vllm_engine import VLLM_TINY  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # vLLM's own leak (test_vllm_engine.py)
+
+
+# A golden prompt no answer matches, checked five times a second: on an engine that only
+# embeds it must never be asked (there is no answer to judge), so never breach.
+NO_ANSWER_MATCHES = HealthPolicy(golden_prompts=[GoldenPrompt(prompt="Hi", expect="^no answer matches this$")], golden_interval_s=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +53,10 @@ def server(tmp_path_factory, versions):
         registry.import_folder(folder, "embed", {"kind": "local"}, ImportOptions(), Change("tester"))
     first = registry.resolve("embed@1")
     specs = [
-        ModelSpec(name="embed", path=first.path, version=first.ref, engine="vllm", max_model_len=512, engine_options={"runner": "pooling"}),
+        ModelSpec(name="embed", path=first.path, version=first.ref, engine="vllm", max_model_len=512, engine_options={"runner": "pooling"}, health=NO_ANSWER_MATCHES),
         ModelSpec(name="chat", path=versions[0], engine="transformers", max_model_len=512),
     ]
-    with ServerThread(Settings(home=home, models=specs, keep_standby=False)) as running:
+    with ServerThread(Settings(home=home, models=specs, keep_standby=False, idle_check_s=0.1)) as running:
         yield running
 
 
@@ -66,6 +72,12 @@ def test_vllm_pooling_embeds_as_the_transformers_engine_does(server, versions):
         assert transformers_item.embedding == pytest.approx(expected, abs=1e-4)
     status = httpx.get(f"{server.url}/admin/status").json()
     assert {d["name"]: d["active"]["engine"] for d in status["deployments"]} == {"embed": "vllm", "chat": "transformers"}
+
+
+def test_golden_prompts_are_not_asked_of_an_engine_that_only_embeds(server):
+    time.sleep(1.0)  # five golden checks' time
+    assert not httpx.get(f"{server.url}/admin/deployments/embed").json()["is_breaching"]
+    assert "baton_degradation_alerts_total{" not in httpx.get(f"{server.url}/metrics").text
 
 
 def test_a_pooling_deployment_generates_nothing_and_says_so(server):
