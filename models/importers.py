@@ -1,15 +1,19 @@
 """Where versions come from: a local folder, the Hugging Face Hub at a revision, a GGUF file.
 
-Sources are written `./folder`, `hf:ORG/NAME@REVISION` and `gguf:./file.gguf`.
+Sources are written `./folder`, `hf:ORG/NAME@REVISION` and `gguf:./file.gguf`. A folder (local
+or from the hub) that holds a LoRA adapter is merged into the base version named with it
+(`ImportOptions.base`), and the merged weights are the version (lora.py).
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from models.catalog import Change
 from models.gguf import convert_gguf
+from models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, merge_lora
 from models.manifest import PICKLE_SUFFIXES
 from models.registry import ImportOptions, Registry, Version
 from models.store import file_sha256
@@ -33,6 +37,8 @@ LOADED_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
 )
 PICKLE_PATTERNS = tuple(f"*{suffix}" for suffix in PICKLE_SUFFIXES)
 
@@ -48,7 +54,35 @@ def import_local(registry: Registry, folder: Path, name: str, options: ImportOpt
     folder = folder.expanduser().resolve()
     if not folder.is_dir():
         raise NotFoundError(f"No folder at {folder}.", param="source", code="source_not_found")
-    return registry.import_folder(folder, name, {"kind": "local", "path": str(folder)}, options, change)
+    return _import_fetched(registry, folder, name, {"kind": "local", "path": str(folder)}, options, change)
+
+
+def _import_fetched(registry: Registry, folder: Path, name: str, source: dict, options: ImportOptions, change: Change, only: tuple[str, ...] | None = None) -> tuple[Version, bool]:
+    if is_adapter(folder):
+        return import_adapter(registry, folder, name, source, options, change)
+    if options.base is not None:
+        raise InvalidRequestError(f"A base version is named for LoRA adapters only; {folder} holds no {ADAPTER_CONFIG}.", param="base")
+    return registry.import_folder(folder, name, source, options, change, only=only)
+
+
+def import_adapter(registry: Registry, adapter: Path, name: str, source: dict, options: ImportOptions, change: Change) -> tuple[Version, bool]:
+    """Merge the adapter into its base version and import the result. Its manifest's source
+    names the adapter, its digest and the base; engine options default to the base's. The
+    same adapter on the same base returns its version without merging again."""
+    if options.base is None:
+        raise InvalidRequestError(f"{adapter} is a LoRA adapter: name the version it was trained on (--base chat@3, or base in the admin API).", param="base")
+    base = registry.resolve_for_serving(options.base)
+    digest = "sha256:" + "".join(file_sha256(adapter / file) for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (adapter / file).is_file())
+    if (existing := registry.find_by_source(name, "adapter_sha256", digest)) is not None and existing.manifest.source.get("base") == base.ref:
+        return existing, False
+    if not options.engine_options:
+        options = replace(options, engine_options=dict(base.manifest.engine_options))
+    work = registry.store.new_staging_folder()
+    try:
+        merged = merge_lora(adapter, base.path, work / "model", options.show_progress)
+        return registry.import_folder(merged, name, {"kind": "lora", "adapter": source, "adapter_sha256": digest, "base": base.ref}, options, change)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def import_hub(registry: Registry, spec: str, name: str, options: ImportOptions, change: Change) -> tuple[Version, bool]:
@@ -66,7 +100,7 @@ def import_hub(registry: Registry, spec: str, name: str, options: ImportOptions,
     except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise NotFoundError(f"Cannot fetch {repo} at {revision or 'main'} from the hub: {error}", param="source", code="source_not_found") from error
     source = {"kind": "hub", "repo": repo, "revision": revision or "main", "resolved_revision": folder.name}
-    return registry.import_folder(folder, name, source, options, change, only=patterns)
+    return _import_fetched(registry, folder, name, source, options, change, only=patterns)
 
 
 def hub_patterns(options: ImportOptions) -> tuple[str, ...]:

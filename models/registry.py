@@ -60,6 +60,7 @@ class ImportOptions:
     # Where the files may lie once their links are followed (the admin API's import roots);
     # empty: anywhere (an operator's own import may link to a shared checkpoint).
     confine_to: tuple[Path, ...] = ()
+    base: str | None = None  # a LoRA adapter's base version (a registry ref): the adapter is merged into it (lora.py)
 
 
 class Registry:

@@ -41,6 +41,7 @@ class ImportBody(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     notes: str = ""
     reason: str = ""
+    base: str | None = Field(None, description="a LoRA adapter's base version (a registry ref): the adapter is merged into it")
 
 
 class AliasBody(BaseModel):
@@ -69,7 +70,7 @@ async def import_model(body: ImportBody, request: Request) -> dict:
     # A folder's files are read where its links lead; a GGUF file was resolved as a whole.
     is_folder = not body.source.startswith((HUB_PREFIX, GGUF_PREFIX))
     roots = tuple(request.state.settings.import_roots) if is_folder else ()
-    options = ImportOptions(body.allow_pickle, body.trust_remote_code, body.engine_options, body.labels, body.notes, confine_to=roots)
+    options = ImportOptions(body.allow_pickle, body.trust_remote_code, body.engine_options, body.labels, body.notes, confine_to=roots, base=body.base)
     admin = request.state.model_admin
     return await asyncio.to_thread(admin.import_model, body.source, body.name, options, actor_change(request, body.reason))
 

@@ -36,6 +36,7 @@ class AdminClient:
             "labels": options.labels or {},
             "notes": options.notes,
             "reason": change.reason,
+            "base": options.base,
         }
         return self._call("POST", "/models", json=body, timeout=LONG)
 

@@ -16,6 +16,7 @@ import pytest
 from models.catalog import Change
 from models.registry import Registry
 from server.config.settings import ModelSpec, Settings
+from tests.unit.test_lora import write_adapter
 from tests.conftest import ServerThread
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -141,6 +142,9 @@ def test_admin_api_through_cli_server_mode(tmp_path, folder, tiny_model_path):
         assert json.loads(baton(tmp_path / "unused", *remote, "show", "chat@prod").stdout)["version"] == 1
         history = baton(tmp_path / "unused", *remote, "history", "chat").stdout
         assert "via admin-api" in history
+        adapter = write_adapter(tmp_path / "adapter", folder)
+        assert "imported chat@2" in baton(tmp_path / "unused", *remote, "import", str(adapter), "--name", "chat", "--base", "chat@1").stdout
+        assert json.loads(baton(tmp_path / "unused", *remote, "show", "chat@2").stdout)["manifest"]["source"]["base"] == "chat@1"
         outside = baton(tmp_path / "unused", *remote, "import", "/etc", "--name", "etc", check=False)
         assert outside.returncode == 1 and "import root" in outside.stderr
         traversal = httpx.get(f"{server.url}/admin/models/..%2F..%2Fetc%2Fpasswd")

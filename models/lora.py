@@ -1,0 +1,120 @@
+"""A LoRA adapter merged into its base version's weights: a full Hugging Face folder of the
+base's layout, so a swap between the base and its fine-tunes (or between fine-tunes of one
+base) is a `reload`, the weights changed in place in under a second.
+
+Rules: the adapter is read as PEFT writes it (`adapter_config.json`, and
+`adapter_model.safetensors`; never pickle). Each adapted linear layer's weight becomes
+W + scale * B @ A, computed in float32 and stored in the base's dtype, with scale
+lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA) and per-layer `rank_pattern` and
+`alpha_pattern` overrides. What a plain merge cannot honour (DoRA, `modules_to_save`, bias
+training, another PEFT method) is refused, never approximated; so is an adapter tensor that
+names no weight of the base, or whose shape does not fit it. The merged folder appears whole
+or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+from models.errors import InvalidRequestError, ModelLoadError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def is_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER_CONFIG).is_file()
+
+
+def merge_lora(adapter: Path, base: Path, target: Path, show_progress: bool = False) -> Path:
+    """Write `base` with `adapter` merged into `target` (which must not exist yet), a shard
+    of the base at a time."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    config = _checked_config(adapter)
+    pairs = _lora_pairs(adapter, load_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = target.with_name(f".{target.name}.merging")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        shutil.copytree(base, work, ignore=shutil.ignore_patterns("*.safetensors"))
+        merged = set()
+        for shard in tqdm(sorted(base.glob("*.safetensors")), desc="merging the adapter", unit="shard", disable=not show_progress):
+            tensors = load_file(shard)
+            for module, (down, up) in pairs.items():
+                name = f"{module}.weight"
+                if name in tensors:
+                    tensors[name] = _merged(tensors[name], down, up, _scale(config, module), bool(config.get("fan_in_fan_out")), torch)
+                    merged.add(module)
+            save_file(tensors, work / shard.name, metadata={"format": "pt"})
+        if missing := sorted(set(pairs) - merged):
+            raise InvalidRequestError(f"The adapter changes {missing[0]}, which the base has no weight for: it was trained on another model.", param="base")
+        work.rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _checked_config(adapter: Path) -> dict:
+    try:
+        config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    except ValueError as error:
+        raise ModelLoadError(f"{ADAPTER_CONFIG} is not JSON: {error}") from error
+    refusals = [
+        (config.get("peft_type", "LORA") != "LORA", f"a {config.get('peft_type')} adapter (only LoRA merges into the weights)"),
+        (bool(config.get("use_dora")), "a DoRA adapter (its magnitude vectors do not merge as a plain LoRA)"),
+        (bool(config.get("modules_to_save")), f"an adapter that also trained whole modules ({', '.join(config.get('modules_to_save') or [])})"),
+        (config.get("bias", "none") != "none", f"an adapter that trained biases ({config.get('bias')})"),
+        (not isinstance(config.get("r"), int) or config["r"] < 1, "an adapter without a rank r"),
+    ]
+    if reasons := [reason for refused, reason in refusals if refused]:
+        raise InvalidRequestError(f"Cannot merge {reasons[0]}.", param="source", code="unsupported_adapter")
+    if not (adapter / ADAPTER_WEIGHTS).is_file():
+        raise InvalidRequestError(f"The adapter has no {ADAPTER_WEIGHTS} (pickled adapter weights are never loaded).", param="source", code="unsupported_adapter")
+    return config
+
+
+def _lora_pairs(adapter: Path, load_file) -> dict[str, tuple]:
+    """module path -> (A, B), from the adapter's tensors as PEFT names them."""
+    parts: dict[str, dict[str, object]] = {}
+    for key, tensor in load_file(adapter / ADAPTER_WEIGHTS).items():
+        match = _ADAPTER_KEY.match(key)
+        if match is None:
+            raise InvalidRequestError(f"The adapter holds {key}, which is no LoRA A or B matrix: it cannot be merged.", param="source", code="unsupported_adapter")
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    if incomplete := sorted(module for module, found in parts.items() if set(found) != {"A", "B"}):
+        raise InvalidRequestError(f"The adapter has only one of the A and B matrices of {incomplete[0]}.", param="source", code="unsupported_adapter")
+    if not parts:
+        raise InvalidRequestError("The adapter holds no LoRA matrices.", param="source", code="unsupported_adapter")
+    return {module: (found["A"], found["B"]) for module, found in parts.items()}
+
+
+def _scale(config: dict, module: str) -> float:
+    """lora_alpha / r, with the rank and alpha patterns PEFT matches against a module's path."""
+    rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", config["r"]))
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: the first pattern that matches the end of the module's path."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _merged(weight, down, up, scale: float, fan_in_fan_out: bool, torch):
+    """fan_in_fan_out: the base stores the layer transposed (GPT-2's Conv1D), and so the update."""
+    delta = up.to(torch.float32) @ down.to(torch.float32)
+    delta = delta.T if fan_in_fan_out else delta
+    if delta.shape != weight.shape:
+        raise InvalidRequestError(f"The adapter's update is {tuple(delta.shape)} where the base weight is {tuple(weight.shape)}: it was trained on another model.", param="base")
+    return (weight.to(torch.float32) + scale * delta).to(weight.dtype)
