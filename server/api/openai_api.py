@@ -151,7 +151,8 @@ async def answer_chat(request: Request, body: ChatCompletionRequest, shape: Answ
 
 def _read_chat(body: ChatCompletionRequest, choices: AsyncIterator[ChoiceChunk], lease: Lease, prompts: list[list[int]]) -> AsyncIterator[ChoiceChunk]:
     """A version that reasons has its thinking read apart (reasoning.py), unless the output is
-    forced into JSON (a schema, a forced call: all answer); then tool calls are read from the rest."""
+    held to a grammar (a schema, a forced call, structured outputs: it is all answer); then
+    tool calls are read from the rest."""
     if body.output_format is None and (splitters := _reasoning_splitters(lease, prompts, body.n)):
         choices = read_reasoning(choices, splitters)
     if (plan := body.tool_plan) is not None:
@@ -191,10 +192,10 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     lease, observation = await observed_lease(request, route)
     try:
-        # Off the event loop, as vLLM's server does it: a 4 MiB prompt takes seconds to render
-        # and tokenize, and every other stream would wait (the tokenizer releases the GIL).
         if not can_generate(lease.engine):
             raise InvalidRequestError(f"The model '{body.model}' is served for embeddings only (vLLM's pooling runner); ask /v1/embeddings.", param="model", code="model_not_supported")
+        # Off the event loop, as vLLM's server does it: a 4 MiB prompt takes seconds to render
+        # and tokenize, and every other stream would wait (the tokenizer releases the GIL).
         prompts = await asyncio.to_thread(tokenize, lease.engine)
         settings = request.state.settings
         requests = build_requests(

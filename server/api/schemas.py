@@ -278,8 +278,10 @@ class StructuredOutputs(Strict):
     @field_validator("choice")
     @classmethod
     def _check_choices(cls, choices):
-        if choices and not all(0 < len(choice) <= MAX_CHOICE_CHARS for choice in choices):
-            raise ValueError(f"each choice is 1 to {MAX_CHOICE_CHARS} characters")
+        for choice in choices or ():
+            if not 0 < len(choice) <= MAX_CHOICE_CHARS:
+                raise ValueError(f"each choice is 1 to {MAX_CHOICE_CHARS} characters")
+            _check_unicode(choice, "a choice")
         return choices
 
     @field_validator("regex", "grammar")
