@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from models.lora import is_adapter
 from models.manifest import PICKLE_SUFFIXES
 from models.errors import ModelLoadError
 
@@ -22,6 +23,8 @@ def read_config(path: Path) -> dict:
 def check_model_folder(path: Path, allow_pickle: bool) -> None:
     """Refuse what is not a model folder, and pickle-only weights unless allowed."""
     if not (path / "config.json").is_file():
+        if is_adapter(path):
+            raise ModelLoadError(f"{path} is a LoRA adapter, not a model: import it with the version it was trained on (baton models import {path} --name NAME --base REF), then serve that.")
         raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json).")
     names = [p.name for p in path.iterdir()]
     has_safetensors = any(name.endswith(".safetensors") for name in names)

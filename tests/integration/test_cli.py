@@ -68,6 +68,15 @@ def test_cli_serve_missing_folder_is_a_clear_error(tmp_path):
     assert "no config.json" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_cli_serve_of_a_lora_adapter_says_how_to_import_it(tmp_path, tiny_model_path):
+    from tests.unit.test_lora import write_adapter
+
+    adapter = write_adapter(tmp_path / "adapter", tiny_model_path)
+    result = subprocess.run([*BATON, "serve", "--model", str(adapter)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "is a LoRA adapter" in result.stderr and "--base" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_cli_serve_refuses_pickle_weights_by_default(tiny_model_path, tmp_path):
     folder = tmp_path / "pickled"
     folder.mkdir()
