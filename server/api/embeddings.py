@@ -32,7 +32,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
     try:
         engine = lease.engine
         if not can_embed(engine):
-            raise InvalidRequestError(f"The model '{body.model}' is served on vLLM's generate runner, which makes no embeddings; serve it with the engine option runner: pooling.", param="model", code="model_not_supported")
+            raise InvalidRequestError(f"The model '{body.model}' is served by an engine that makes no embeddings (vLLM's generate runner); serve it with the engine option runner: pooling.", param="model", code="model_not_supported")
         prompts = await asyncio.to_thread(_input_ids, engine, body.input)  # off the loop, as for generation
         observation.num_prompt_tokens = num_tokens = sum(map(len, prompts))
         vectors = await engine.embed(prompts)

@@ -67,7 +67,7 @@ class TransformersEngine:
         self._calls: list[tuple[Callable[[], object], Future]] = []  # work for the worker, between steps
         self._is_stopping = False
         self._in_flight: dict[str, Sequence] = {}  # event-loop thread only
-        self._grammars: Grammars | None = None  # built on the first JSON request
+        self._grammars: Grammars | None = None  # built on the first request held to a grammar
 
     @property
     def tokenizer(self):
