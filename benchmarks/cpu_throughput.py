@@ -24,6 +24,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 
@@ -167,11 +168,42 @@ def _measured(server: psutil.Process, url: str, model: str, prompts: list[str], 
     """The load's figures, plus the CPU time of the server's own process per token: with vLLM
     the model runs in child processes, so this is the front end's cost (HTTP, SSE, routing),
     a figure the machine's noise barely moves."""
-    before = server.cpu_times()
+    before, front_before = server.cpu_times(), _front_end_totals(url)
     result = asyncio.run(_load(url, model, prompts, max_tokens, concurrency))
-    after = server.cpu_times()
+    after, front_after = server.cpu_times(), _front_end_totals(url)
     cpu_s = (after.user + after.system) - (before.user + before.system)
-    return {**result, "main_process_cpu_ms_per_token": round(1000 * cpu_s / max(result["completion_tokens"], 1), 2)}
+    return {**result, "main_process_cpu_ms_per_token": round(1000 * cpu_s / max(result["completion_tokens"], 1), 2), **_front_end_means(front_before, front_after)}
+
+
+FRONT_END_STAGES = {"baton_queue_wait_seconds": "queue_ms", "baton_prepare_seconds": "prepare_ms"}
+
+
+def _front_end_totals(url: str) -> dict[str, tuple[float, float]]:
+    """baton's own histograms of the time before the engine (sum, count), from /metrics; none
+    from a server that has no such series (the anchor)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = httpx.get(f"{url}/metrics", timeout=30)
+    if answer.status_code != 200 or "baton_" not in answer.text:
+        return {}
+    totals = {}
+    for family in text_string_to_metric_families(answer.text):
+        if family.name in FRONT_END_STAGES:
+            sums = sum(s.value for s in family.samples if s.name.endswith("_sum"))
+            counts = sum(s.value for s in family.samples if s.name.endswith("_count"))
+            totals[family.name] = (sums, counts)
+    return totals
+
+
+def _front_end_means(before: dict, after: dict) -> dict:
+    """Milliseconds per request in each stage before the engine, over one load: where a TTFT
+    gap to the anchor is spent in baton's front end, and where it is not."""
+    means = {}
+    for name, key in FRONT_END_STAGES.items():
+        if name in after:
+            (sum_before, count_before), (sum_after, count_after) = before.get(name, (0.0, 0.0)), after[name]
+            means[key] = round(1000 * (sum_after - sum_before) / max(count_after - count_before, 1), 2)
+    return means
 
 
 async def _load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, extra: dict | None = None) -> dict:
@@ -224,10 +256,11 @@ def _report(rounds: list[dict], args) -> None:
             print(f"round {index + 1} of {len(rounds)}")
         for name, by_concurrency in results.items():
             for concurrency, r in by_concurrency.items():
+                front_end = f", before the engine: queue {r['queue_ms']:.1f} ms + prepare {r['prepare_ms']:.1f} ms mean" if "prepare_ms" in r else ""
                 print(
                     f"{name:>20} c={concurrency:<2} {r['tokens_per_s']:7.1f} tok/s  "
                     f"TTFT p50 {r['ttft_p50_s']:6.3f}s p99 {r['ttft_p99_s']:6.3f}s  ({r['completion_tokens']} tokens, "
-                    f"server process {r['main_process_cpu_ms_per_token']:.2f} CPU ms/token)"
+                    f"server process {r['main_process_cpu_ms_per_token']:.2f} CPU ms/token{front_end})"
                 )
         if {"baton", args.anchor} <= results.keys():
             ratios.append({c: _ratios(results["baton"][c], results[args.anchor][c]) for c in map(str, args.concurrency)})

@@ -35,6 +35,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
             raise InvalidRequestError(f"The model '{body.model}' is served by an engine that makes no embeddings (vLLM's generate runner); serve it with the engine option runner: pooling.", param="model", code="model_not_supported")
         prompts = await asyncio.to_thread(_input_ids, engine, body.input)  # off the loop, as for generation
         observation.num_prompt_tokens = num_tokens = sum(map(len, prompts))
+        observation.prepared()
         vectors = await engine.embed(prompts)
     except BaseException as error:
         observation.finish(status_of(error))

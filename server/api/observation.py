@@ -22,6 +22,8 @@ class Unobserved:
 
     def leased(self, *args) -> None: ...
 
+    def prepared(self) -> None: ...
+
     def tokens(self, num_tokens: int) -> None: ...
 
     def finish(self, status: int) -> None: ...
@@ -49,6 +51,11 @@ class RequestObservation:
         self._leased_at = time.perf_counter()
         self._metrics.queue_seconds.labels(self.deployment).observe(self._leased_at - self._started)
         self.deployment, self.version, self._on_outcome = deployment, version, on_outcome
+
+    def prepared(self) -> None:
+        """Its prompts are read (chat template, tokenizer, limits): what is left is the engine's."""
+        if self._leased_at is not None:
+            self._metrics.prepare_seconds.labels(self.deployment).observe(time.perf_counter() - self._leased_at)
 
     def tokens(self, num_tokens: int) -> None:
         if num_tokens and self._first_token_at is None:

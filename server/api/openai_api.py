@@ -205,6 +205,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
         lease.release()
         observation.finish(status_of(error))
         raise
+    observation.prepared()
     served = Served(served_as(lease, body.model), requests[0].sampling)
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = _on_lease(read(stream_choices(lease.engine, requests), lease, prompts), lease, observation)

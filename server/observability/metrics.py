@@ -28,6 +28,9 @@ class Metrics:
         self.ttft_seconds = Histogram("baton_time_to_first_token_seconds", "Time to the first token", by_version, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tpot_seconds = Histogram("baton_time_per_output_token_seconds", "Time per output token after the first", by_version, buckets=TOKEN_BUCKETS, registry=self.registry)
         self.queue_seconds = Histogram("baton_queue_wait_seconds", "Wait for a place and a lease", ("deployment",), buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.prepare_seconds = Histogram(
+            "baton_prepare_seconds", "From the lease to the prompts ready for the engine: chat template, tokenizer, limits", ("deployment",), buckets=LATENCY_BUCKETS, registry=self.registry
+        )
         self.prompt_tokens = Counter("baton_prompt_tokens", "Prompt tokens", by_version, registry=self.registry)
         self.completion_tokens = Counter("baton_completion_tokens", "Completion tokens", by_version, registry=self.registry)
         self.swaps = Counter("baton_swaps", "Swaps, rollbacks, canaries, loads and recoveries, by outcome", ("deployment", "action", "strategy", "outcome"), registry=self.registry)

@@ -56,6 +56,8 @@ def test_requests_move_the_counters_and_histograms(server):
     assert _value(after, "baton_time_to_first_token_seconds_count", **labels) - _value(before, "baton_time_to_first_token_seconds_count", **labels) == 4
     assert _value(after, "baton_completion_tokens_total", **labels) - _value(before, "baton_completion_tokens_total", **labels) == 12
     assert _value(after, "baton_request_duration_seconds_count", **labels) - _value(before, "baton_request_duration_seconds_count", **labels) == 5
+    # the 400 was refused while its prompt was read: only the four answered were ready for the engine
+    assert _value(after, "baton_prepare_seconds_count", deployment="chat") - _value(before, "baton_prepare_seconds_count", deployment="chat") == 4
     assert _value(after, "baton_slot_state", deployment="chat", role="active", state="ready") == 1
     assert "process_resident_memory_bytes" in after and "baton_requests_in_flight" in after
     assert "_created" not in after  # no creation-time series beside every counter and histogram
