@@ -204,6 +204,32 @@ def test_vllm_reload_swaps_weights_in_place_under_load_and_back(tiny_server):
     assert greedy() == before  # byte-identical after swapping back
 
 
+def test_vllm_swaps_to_a_lora_fine_tune_of_its_version_as_a_reload(tiny_server, tmp_path):
+    """A LoRA adapter merged into tiny@1 (models/lora.py) is a version of tiny@1's layout: vLLM
+    reloads it in place (no engine starts), answers differently, and rolls back byte-identical."""
+    from models.importers import import_source
+    from tests.unit.test_lora import write_adapter
+
+    registry = Registry(tiny_server.settings.home)
+    adapter = write_adapter(tmp_path / "adapter", registry.resolve("tiny@1").path, alpha=64)
+    merged, _ = import_source(registry, str(adapter), "tiny", ImportOptions(base="tiny@1"), Change("tester"))
+    client = tiny_server.client()
+
+    def greedy() -> tuple[str, str]:
+        raw = client.completions.with_raw_response.create(model="tiny", prompt="The sea is", temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+        return raw.headers["x-baton-version"], raw.parse().choices[0].text
+
+    before, engine_processes = greedy(), _engine_processes()
+    record = httpx.post(f"{tiny_server.url}/admin/deployments/tiny/swap", json={"to": merged.ref}, timeout=600).json()
+    assert (record["status"], record["strategy"]) == ("succeeded", "reload"), record
+    after = greedy()
+    assert after[0] == merged.ref and after[1] != before[1]
+    assert _engine_processes() == engine_processes, "a reload must not start another engine"
+    back = httpx.post(f"{tiny_server.url}/admin/deployments/tiny/swap", json={"to": "tiny@1"}, timeout=600).json()
+    assert (back["status"], back["strategy"]) == ("succeeded", "reload"), back
+    assert greedy() == before
+
+
 def test_vllm_metrics_name_the_version_never_a_server_path(tiny_server):
     """vLLM's own series pass through /metrics labelled with the version the engine started
     with (an in-place reload keeps the engine, and so the label), never the store's path."""
