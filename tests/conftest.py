@@ -160,6 +160,18 @@ def tiny_server(tiny_model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_client(tiny_server):
+    return tiny_server.client()  # closed with the server
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
 def smol_server(demo_version, tmp_path_factory):
     spec = ModelSpec(name="smollm2", path=demo_version.path, version=demo_version.ref, engine="transformers")
     settings = Settings(home=tmp_path_factory.mktemp("home"), models=[spec])

@@ -8,22 +8,11 @@ from __future__ import annotations
 import math
 
 import httpx
-import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from server.engines.pooling import pooling_of
-
-
-@pytest.fixture(scope="module")
-def client(tiny_server) -> openai.OpenAI:
-    return tiny_server.client()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_path):
-    return AutoTokenizer.from_pretrained(tiny_model_path)
 
 
 def model_vector(model_path, token_ids: list[int]) -> list[float]:
@@ -34,24 +23,24 @@ def model_vector(model_path, token_ids: list[int]) -> list[float]:
     return torch.nn.functional.normalize(state, dim=-1).tolist()
 
 
-def test_an_embedding_is_the_models_last_state_of_the_last_token_at_unit_length(client, tiny_model_path, tokenizer):
-    answer = client.embeddings.create(model="tiny", input="The sea is deep")
+def test_an_embedding_is_the_models_last_state_of_the_last_token_at_unit_length(tiny_client, tiny_model_path, tiny_tokenizer):
+    answer = tiny_client.embeddings.create(model="tiny", input="The sea is deep")
     (item,) = answer.data
-    expected = model_vector(tiny_model_path, tokenizer.encode("The sea is deep"))
+    expected = model_vector(tiny_model_path, tiny_tokenizer.encode("The sea is deep"))
     assert item.embedding == pytest.approx(expected, abs=1e-4)
     assert math.isclose(sum(x * x for x in item.embedding), 1.0, rel_tol=1e-4)
-    assert (answer.model, answer.usage.prompt_tokens, answer.usage.total_tokens) == ("tiny", len(tokenizer.encode("The sea is deep")), answer.usage.prompt_tokens)
+    assert (answer.model, answer.usage.prompt_tokens, answer.usage.total_tokens) == ("tiny", len(tiny_tokenizer.encode("The sea is deep")), answer.usage.prompt_tokens)
 
 
-def test_inputs_embedded_together_are_each_embedded_as_alone_in_order(client, tiny_server, tokenizer):
+def test_inputs_embedded_together_are_each_embedded_as_alone_in_order(tiny_client, tiny_server, tiny_tokenizer):
     """Inputs of different lengths share a left-padded batch; token-id inputs are taken as they are."""
     texts = ["Hi", "A much longer input than the first one, by a fair margin", "Mid sized"]
-    together = client.embeddings.create(model="tiny", input=texts).data
-    alone = [client.embeddings.create(model="tiny", input=text).data[0].embedding for text in texts]
+    together = tiny_client.embeddings.create(model="tiny", input=texts).data
+    alone = [tiny_client.embeddings.create(model="tiny", input=text).data[0].embedding for text in texts]
     assert [item.index for item in together] == [0, 1, 2]
     for item, single in zip(together, alone):
         assert item.embedding == pytest.approx(single, abs=1e-4)
-    as_ids = client.embeddings.create(model="tiny", input=[tokenizer.encode(text) for text in texts]).data
+    as_ids = tiny_client.embeddings.create(model="tiny", input=[tiny_tokenizer.encode(text) for text in texts]).data
     assert as_ids[1].embedding == pytest.approx(alone[1], abs=1e-4)
     floats = httpx.post(f"{tiny_server.url}/v1/embeddings", json={"model": "tiny", "input": texts[0], "encoding_format": "float"})
     assert floats.json()["data"][0]["embedding"] == pytest.approx(alone[0], abs=1e-6)
