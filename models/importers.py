@@ -39,6 +39,8 @@ LOADED_FILES = (
     "chat_template.json",
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    "modules.json",  # sentence-transformers' layout: how an embedding model pools (server/engines/pooling.py)
+    "*_Pooling/config.json",
 )
 PICKLE_PATTERNS = tuple(f"*{suffix}" for suffix in PICKLE_SUFFIXES)
 

@@ -43,7 +43,9 @@ class VLLMOptions:
     sleep_mode: bool = True
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
     served_name: str | None = None  # the model_name of vLLM's own metrics: the version (set by baton)
-    runner: Literal["generate", "pooling"] = "generate"  # pooling: the engine embeds (/v1/embeddings) and generates nothing
+    # pooling: the engine embeds (/v1/embeddings) and generates nothing; auto: vLLM's choice, as
+    # `vllm serve` makes it (pooling for a sentence-transformers folder, else generate)
+    runner: Literal["auto", "generate", "pooling"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,18 @@
 """Embeddings from a language model: its last hidden states (after the final norm), pooled
-into one vector per prompt and scaled to unit length, as vLLM's pooling runner makes them.
+into one vector per prompt, as vLLM's pooling runner makes them.
 
-Rule: the pooling is the one the model folder names in sentence-transformers' layout
-(`1_Pooling/config.json`: last token, mean or first token), else the last token's state,
-vLLM's rule for a causal language model served for embeddings.
+Rule (vLLM's reading of a folder, its `get_pooling_config`): a folder without
+sentence-transformers' `modules.json` is a causal language model served for embeddings: the
+last token's state, scaled to unit length. With `modules.json`, its Pooling module's config
+names the pooling (`pooling_mode`, or the `pooling_mode_*` flag that is true: last token, mean
+or first token), and vectors are scaled to unit length only where a Normalize module follows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -19,40 +22,57 @@ from server.engines.kv_cache import left_padded, positions_of
 
 log = logging.getLogger(__name__)
 
-Pooling = Literal["last", "mean", "first"]
-_SENTENCE_TRANSFORMERS_MODES = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "first"}
 EMBED_BATCH = 16  # prompts run at once: a request's inputs are embedded a batch at a time, decoding steps between them
+_MODES = {"lasttoken": "last", "mean": "mean", "cls": "first"}
+
+
+@dataclass(frozen=True)
+class Pooling:
+    mode: Literal["last", "mean", "first"] = "last"
+    normalize: bool = True
 
 
 def pooling_of(folder: Path) -> Pooling:
     """How a model folder's states become one vector (see the module's rule)."""
-    path = Path(folder) / "1_Pooling" / "config.json"
+    folder = Path(folder)
+    modules = _json(folder / "modules.json")
+    if not isinstance(modules, list):
+        return Pooling()
+    types = {str(module.get("type", "")).rsplit(".", 1)[-1]: module for module in modules if isinstance(module, dict)}
+    normalize = "Normalize" in types
+    if "Pooling" not in types:
+        return Pooling(normalize=normalize)
+    config = _json(folder / types["Pooling"].get("path", "") / "config.json")
+    names = [config.get("pooling_mode")] if isinstance(config, dict) and isinstance(config.get("pooling_mode"), str) else []
+    names += [key for key, value in (config.items() if isinstance(config, dict) else ()) if value is True]
+    modes = [_MODES[mode] for name in names if (mode := name.removeprefix("pooling_mode_").split("_", 1)[0]) in _MODES]
+    if not modes:
+        log.warning("%s names no pooling baton knows (%s): embeddings pool the last token", folder, ", ".join(_MODES))
+    return Pooling(modes[0] if modes else "last", normalize)
+
+
+def _json(path: Path):
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        return "last"
+        return None
     except (OSError, ValueError) as error:
-        log.warning("%s is unreadable (%s): embeddings pool the last token", path, error)
-        return "last"
-    chosen = [pooling for key, pooling in _SENTENCE_TRANSFORMERS_MODES.items() if config.get(key)]
-    if len(chosen) != 1:
-        log.warning("%s names %s pooling modes baton knows (%s); embeddings pool the last token", path, len(chosen), ", ".join(_SENTENCE_TRANSFORMERS_MODES))
-        return "last"
-    return chosen[0]
+        log.warning("%s is unreadable (%s)", path, error)
+        return None
 
 
 @torch.inference_mode()
 def embed(model, prompts: list[list[int]], pad_token_id: int, pooling: Pooling) -> list[list[float]]:
-    """One unit vector per prompt, from one forward pass of the model's base (no LM head)
-    over the prompts left-padded together."""
+    """One vector per prompt, from one forward pass of the model's base (no LM head) over the
+    prompts left-padded together."""
     input_ids, attention_mask = left_padded(prompts, pad_token_id, model.device)
     states = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_of(attention_mask), use_cache=False).last_hidden_state.float()
-    if pooling == "last":
+    if pooling.mode == "last":
         pooled = states[:, -1]
-    elif pooling == "first":
+    elif pooling.mode == "first":
         first_columns = torch.tensor([states.shape[1] - len(prompt) for prompt in prompts], device=states.device)
         pooled = states[torch.arange(len(prompts), device=states.device), first_columns]
     else:
         mask = attention_mask[..., None].float()
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1)
-    return torch.nn.functional.normalize(pooled, dim=-1).tolist()
+    return (torch.nn.functional.normalize(pooled, dim=-1) if pooling.normalize else pooled).tolist()

@@ -69,11 +69,16 @@ class VLLMEngine:
 
     @property
     def embeds(self) -> bool:
-        return self._options.runner == "pooling"
+        return self._runner == "pooling"
 
     @property
     def generates(self) -> bool:
-        return self._options.runner == "generate"
+        return self._runner == "generate"
+
+    @property
+    def _runner(self) -> str:
+        """What vLLM runs as started (`auto` resolved by vLLM from the folder)."""
+        return self._engine.model_config.runner_type if self._engine is not None else self._options.runner
 
     async def start(self) -> None:
         from transformers import AutoTokenizer

@@ -5,6 +5,7 @@ are OpenAI-shaped 400s. (tests/vllm checks vLLM's pooling runner against the sam
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.engines.pooling import pooling_of
+from server.engines.pooling import Pooling, embed, pooling_of
 
 
 def model_vector(model_path, token_ids: list[int]) -> list[float]:
@@ -70,25 +71,34 @@ def test_an_unknown_model_is_a_404(tiny_server):
     assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
 
 
-def test_pooling_follows_the_sentence_transformers_config(tmp_path):
+def test_pooling_is_read_from_sentence_transformers_modules_as_vllm_reads_it(tmp_path):
+    assert pooling_of(tmp_path) == Pooling("last", normalize=True)  # no modules.json: a causal LM, last token, unit length
     (tmp_path / "1_Pooling").mkdir()
-    assert pooling_of(tmp_path) == "last"  # no config: the last token, as vLLM pools a causal LM
-    for key, pooling in [("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "first"), ("pooling_mode_lasttoken", "last")]:
-        (tmp_path / "1_Pooling" / "config.json").write_text(f'{{"{key}": true, "word_embedding_dimension": 8}}')
-        assert pooling_of(tmp_path) == pooling
-    (tmp_path / "1_Pooling" / "config.json").write_text("not json")
-    assert pooling_of(tmp_path) == "last"
+    modules = [{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"}, {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    normalized = [*modules, {"idx": 2, "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    cases = [
+        (normalized, {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, Pooling("mean", True)),
+        (normalized, {"pooling_mode_cls_token": True}, Pooling("first", True)),
+        (modules, {"pooling_mode_lasttoken": True}, Pooling("last", False)),  # no Normalize module: not scaled
+        (normalized, {"pooling_mode": "lasttoken"}, Pooling("last", True)),
+        (normalized, {"pooling_mode_max_tokens": True}, Pooling("last", True)),  # unknown to baton: the last token
+    ]
+    for listed, config, expected in cases:
+        (tmp_path / "modules.json").write_text(json.dumps(listed))
+        (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(config))
+        assert pooling_of(tmp_path) == expected, config
+    (tmp_path / "modules.json").write_text("not json")
+    assert pooling_of(tmp_path) == Pooling()
 
 
-@pytest.mark.parametrize("pooling", ["mean", "first", "last"])
-def test_each_pooling_reads_only_its_own_inputs_tokens_in_a_padded_batch(tiny_model_path, pooling):
-    from server.engines.pooling import embed
-
+@pytest.mark.parametrize("mode", ["mean", "first", "last"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_each_pooling_reads_only_its_own_inputs_tokens_in_a_padded_batch(tiny_model_path, mode, normalize):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
-    pooled = embed(model, prompts, pad_token_id=0, pooling=pooling)
+    pooled = embed(model, prompts, pad_token_id=0, pooling=Pooling(mode, normalize))
     for prompt, vector in zip(prompts, pooled):
         with torch.inference_mode():
             states = model.base_model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
-        alone = {"mean": states.mean(dim=0), "first": states[0], "last": states[-1]}[pooling]
-        assert vector == pytest.approx(torch.nn.functional.normalize(alone, dim=-1).tolist(), abs=1e-4)
+        alone = {"mean": states.mean(dim=0), "first": states[0], "last": states[-1]}[mode]
+        assert vector == pytest.approx((torch.nn.functional.normalize(alone, dim=-1) if normalize else alone).tolist(), abs=1e-4)

