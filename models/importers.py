@@ -69,20 +69,20 @@ def _import_fetched(registry: Registry, folder: Path, name: str, source: dict, o
 
 def import_adapter(registry: Registry, adapter: Path, name: str, source: dict, options: ImportOptions, change: Change) -> tuple[Version, bool]:
     """Merge the adapter into its base version and import the result. Its manifest's source
-    names the adapter, its digest and the base; engine options default to the base's. The
+    names the adapter, its files' digests and the base; engine options default to the base's. The
     same adapter on the same base returns its version without merging again."""
     if options.base is None:
         raise InvalidRequestError(f"{adapter} is a LoRA adapter: name the version it was trained on (--base chat@3, or base in the admin API).", param="base")
     base = registry.resolve_for_serving(options.base)
-    digest = "sha256:" + "".join(file_sha256(adapter / file) for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (adapter / file).is_file())
-    if (existing := registry.find_by_source(name, "adapter_sha256", digest)) is not None and existing.manifest.source.get("base") == base.ref:
+    digests = {file: file_sha256(adapter / file) for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (adapter / file).is_file()}
+    if (existing := registry.find_by_source(name, "adapter_sha256", digests)) is not None and existing.manifest.source.get("base") == base.ref:
         return existing, False
     if not options.engine_options:
         options = replace(options, engine_options=dict(base.manifest.engine_options))
     work = registry.store.new_staging_folder()
     try:
         merged = merge_lora(adapter, base.path, work / "model", options.show_progress)
-        return registry.import_folder(merged, name, {"kind": "lora", "adapter": source, "adapter_sha256": digest, "base": base.ref}, options, change)
+        return registry.import_folder(merged, name, {"kind": "lora", "adapter": source, "adapter_sha256": digests, "base": base.ref}, options, change)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

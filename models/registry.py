@@ -102,7 +102,7 @@ class Registry:
         row, is_new = self._catalog.add_version(name, manifest.to_dict(), change)
         return self._version_of(row), is_new
 
-    def find_by_source(self, name: str, key: str, value: str) -> Version | None:
+    def find_by_source(self, name: str, key: str, value) -> Version | None:
         """A version of `name` whose source has `key` == value (a GGUF file's sha, say)."""
         rows = [r for r in self._catalog.versions(name) if r.manifest["source"].get(key) == value]
         return self._version_of(rows[-1]) if rows else None

@@ -207,10 +207,7 @@ class SlotLifecycle:
         on an engine that only embeds (vLLM's pooling runner), a vector of finite numbers."""
         async with asyncio.timeout(self._settings.verify_timeout_s):
             if not can_generate(slot.engine):
-                vectors = await slot.engine.embed([slot.engine.tokenize(prompt) for prompt in prompts])
-                if bad := [prompt for prompt, vector in zip(prompts, vectors, strict=True) if not vector or not all(map(math.isfinite, vector))]:
-                    raise SwapFailedError(f"Smoke prompt {bad[0]!r} embedded to no finite vector on {slot.version}.")
-                return
+                return await _verify_embeddings(slot, prompts)
             for prompt in prompts:
                 request = GenerationRequest("smoke-" + uuid.uuid4().hex, slot.engine.tokenize(prompt), SamplingParams(max_tokens=4, temperature=0))
                 num_tokens = 0
@@ -228,3 +225,9 @@ class SlotLifecycle:
             log.exception("%s could not go to sleep; stopping it instead", slot.version)
             return False
         return True
+
+
+async def _verify_embeddings(slot: Slot, prompts: list[str]) -> None:
+    vectors = await slot.engine.embed([slot.engine.tokenize(prompt) for prompt in prompts])
+    if bad := [prompt for prompt, vector in zip(prompts, vectors, strict=True) if not vector or not all(map(math.isfinite, vector))]:
+        raise SwapFailedError(f"Smoke prompt {bad[0]!r} embedded to no finite vector on {slot.version}.")

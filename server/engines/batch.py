@@ -98,7 +98,7 @@ class ContinuousBatch:
                 continue
             text_of = sequence.detokenizer.token_text
             scored = prompt_logprobs(logits[row, logits.shape[1] - len(prompt) : -1], prompt[1:], num_top)
-            rest = [TokenLogprob(text_of(token_id), logprob, tuple((text_of(i), value) for i, value in top)) for token_id, (logprob, top) in zip(prompt[1:], scored)]
+            rest = [_token_logprob(text_of, token_id, logprob, top) for token_id, (logprob, top) in zip(prompt[1:], scored)]
             sequence.unreported_prompt_logprobs = (TokenLogprob(text_of(prompt[0]), None), *rest)
 
     def warm_up(self) -> None:
@@ -170,8 +170,7 @@ class ContinuousBatch:
     @staticmethod
     def _logprob(sequence: Sequence, logits: torch.Tensor, token_id: int) -> TokenLogprob:
         sampling, text_of = sequence.request.sampling, sequence.detokenizer.token_text
-        logprob, top = token_logprobs(logits, sampling, token_id, sampling.logprobs)
-        return TokenLogprob(text_of(token_id), logprob, tuple((text_of(i), value) for i, value in top))
+        return _token_logprob(text_of, token_id, *token_logprobs(logits, sampling, token_id, sampling.logprobs))
 
     def _append(self, sequence: Sequence, token_id: int) -> Chunk | None:
         sequence.output_token_ids.append(token_id)
@@ -203,6 +202,11 @@ class ContinuousBatch:
             return
         self.rows.keep([self.sequences.index(s) for s in kept])
         self.sequences = kept
+
+
+def _token_logprob(text_of, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+    """A token's logprob and its best alternatives' (token ids), as text."""
+    return TokenLogprob(text_of(token_id), logprob, tuple((text_of(i), value) for i, value in top))
 
 
 def num_prefilled_together(waiting: list[Sequence], num_free: int) -> int:

@@ -313,7 +313,7 @@ class VLLMEngine:
     def _prompt_logprobs(self, prompt_ids, scored, num_top: int) -> tuple[TokenLogprob, ...]:
         """vLLM's prompt logprobs (None for the first token, then a dict per token), as baton's."""
         first = TokenLogprob(self.tokenizer.decode([prompt_ids[0]]), None)
-        return (first, *(_token_logprob(candidates, token_id, num_top) for token_id, candidates in zip(prompt_ids[1:], (scored or [None])[1:])))
+        return (first, *(_token_logprob(candidates, token_id, num_top) for token_id, candidates in zip(prompt_ids[1:], scored[1:], strict=True)))
 
     @staticmethod
     def _device_name() -> str:
