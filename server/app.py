@@ -16,7 +16,7 @@ from models.registry import Registry
 from server.config.reload import ConfigReloader
 from server.deployments.reconcile import Reconciler
 from server.deployments.resume import to_restore
-from server.api import admin_api, deploy_api, embeddings, openai_api, responses, status_api, tokens
+from server.api import admin_api, deploy_api, embeddings, openai_api, responses, scoring, status_api, tokens
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
@@ -94,6 +94,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     app.include_router(openai_api.router)
     app.include_router(responses.router)
     app.include_router(embeddings.router)
+    app.include_router(scoring.router)
     app.include_router(tokens.router)
     app.include_router(status_api.router)
     app.include_router(admin_api.router)
@@ -147,7 +148,7 @@ def _from_validation(error: RequestValidationError) -> InvalidRequestError:
     if kind == "missing":
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     where = f"'{param}'" if param else "the request body"
-    return InvalidRequestError(f"Invalid value for {where}: {first['msg']}.", param=param, code="invalid_value")
+    return InvalidRequestError(f"Invalid value for {where}: {first['msg'].removeprefix('Value error, ')}.", param=param, code="invalid_value")
 
 
 def _where(body, error: dict) -> list[str]:

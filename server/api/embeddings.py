@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -28,12 +29,29 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
-    lease, observation = await observed_lease(request, route_request(request, body.model, body.user))
+    embedded = await embed(request, body.model, body.user, {"input": body.input})
+    data = [{"object": "embedding", "index": index, "embedding": _encoded(vector, body.encoding_format)} for index, vector in enumerate(embedded.vectors)]
+    answer = {"object": "list", "data": data, "model": embedded.model, "usage": usage(embedded.num_tokens)}
+    return JSONResponse(answer, headers=embedded.headers)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: list[list[float]]  # the inputs' in order, field after field
+    num_tokens: int
+    model: str  # what answered, as the `model` field names it
+    headers: dict
+
+
+async def embed(request: Request, model: str, user: str | None, inputs: dict[str, list[str] | list[list[int]]]) -> Embedded:
+    """The vectors of each field's inputs (the field names errors' `param`), made in one call
+    by the version that `model` names now."""
+    lease, observation = await observed_lease(request, route_request(request, model, user))
     try:
         engine = lease.engine
         if not can_embed(engine):
-            raise InvalidRequestError(f"The model '{body.model}' is served by an engine that makes no embeddings (vLLM's generate runner); serve it with the engine option runner: pooling.", param="model", code="model_not_supported")
-        prompts = await asyncio.to_thread(_input_ids, engine, body.input)  # off the loop, as for generation
+            raise InvalidRequestError(f"The model '{model}' is served by an engine that makes no embeddings (vLLM's generate runner); serve it with the engine option runner: pooling.", param="model", code="model_not_supported")
+        prompts = await asyncio.to_thread(_input_ids, engine, inputs)  # off the loop, as for generation
         observation.num_prompt_tokens = num_tokens = sum(map(len, prompts))
         observation.prepared()
         vectors = await engine.embed(prompts)
@@ -43,24 +61,27 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
     finally:
         lease.release()
     observation.finish(200)
-    data = [{"object": "embedding", "index": index, "embedding": _encoded(vector, body.encoding_format)} for index, vector in enumerate(vectors)]
-    answer = {"object": "list", "data": data, "model": served_as(lease, body.model), "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}}
-    return JSONResponse(answer, headers=served_headers(lease))
+    return Embedded(vectors, num_tokens, served_as(lease, model), served_headers(lease))
 
 
-def _input_ids(engine, inputs: list[str] | list[list[int]]) -> list[list[int]]:
+def usage(num_tokens: int) -> dict:
+    return {"prompt_tokens": num_tokens, "total_tokens": num_tokens}
+
+
+def _input_ids(engine, inputs: dict[str, list[str] | list[list[int]]]) -> list[list[int]]:
     prompts = []
-    for prompt in inputs:
-        if isinstance(prompt, str):
-            prompt = text_prompt_ids(engine.tokenizer, prompt, "input", add_special_tokens=True)
-        else:
-            check_token_ids(prompt, engine.vocab_size, "input")
-        if len(prompt) > engine.max_model_len:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {engine.max_model_len} tokens. However, an input has {len(prompt)} tokens. Please reduce the length of the input.",
-                param="input",
-            )
-        prompts.append(prompt)
+    for param, values in inputs.items():
+        for prompt in values:
+            if isinstance(prompt, str):
+                prompt = text_prompt_ids(engine.tokenizer, prompt, param, add_special_tokens=True)
+            else:
+                check_token_ids(prompt, engine.vocab_size, param)
+            if len(prompt) > engine.max_model_len:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {engine.max_model_len} tokens. However, an input of '{param}' has {len(prompt)} tokens. Please reduce its length.",
+                    param=param,
+                )
+            prompts.append(prompt)
     return prompts
 
 

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from functools import cached_property
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from server.api.tools import Function, ToolPlan
 from server.engines.base import OutputFormat
@@ -29,6 +30,13 @@ MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]  # what vLLM's server takes
 NULL_MEANS_DEFAULT = ("n", "stream", "echo")  # the sampling fields take null as unset already
+
+
+def invalid_field(field: str, value, message: str, kind: str = "value_error") -> ValidationError:
+    """A rule between fields, broken: the error names the field to change (the error's
+    `param`), where a plain ValueError in a model validator would name the whole body.
+    `kind` "missing": the field was not sent."""
+    return ValidationError.from_exception_data("request", [InitErrorDetails(type=PydanticCustomError(kind, message), loc=(field,), input=value)])
 
 
 class Strict(BaseModel):
@@ -376,7 +384,7 @@ class _GenerationBody(Strict):
     @model_validator(mode="after")
     def _check_stream_options(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise invalid_field("stream_options", self.stream_options, "stream_options is only allowed when stream is true")
         return self
 
     @property
@@ -459,9 +467,9 @@ class ChatTemplateFields(Strict):
     @model_validator(mode="after")
     def _continue_an_assistant_message(self):
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true (set add_generation_prompt to false)")
+            raise invalid_field("continue_final_message", True, "continue_final_message and add_generation_prompt cannot both be true (set add_generation_prompt to false)")
         if self.continue_final_message and (not self.messages or self.messages[-1].role != "assistant"):
-            raise ValueError("continue_final_message continues the last message, which must be the assistant's")
+            raise invalid_field("continue_final_message", True, "continue_final_message continues the last message, which must be the assistant's")
         return self
 
     @property
@@ -504,7 +512,7 @@ class ChatCompletionRequest(_GenerationBody, ChatTemplateFields):
     @model_validator(mode="after")
     def _check_combinations(self):
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
+            raise invalid_field("top_logprobs", self.top_logprobs, "top_logprobs needs logprobs set to true")
         plan = self.tool_plan
         constraints = [
             name
@@ -582,7 +590,7 @@ class CompletionRequest(_GenerationBody):
     @model_validator(mode="after")
     def _nothing_to_generate_needs_echo(self):
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens 0 generates nothing: it is accepted with echo only (the answer is then the prompt)")
+            raise invalid_field("max_tokens", 0, "max_tokens 0 generates nothing: it is accepted with echo only (the answer is then the prompt)")
         return self
 
     @property
@@ -631,6 +639,95 @@ class EmbeddingRequest(Strict):
         return inputs
 
 
+def _texts(value, name: str) -> list[str]:
+    """A text or a list of texts (what scoring and reranking take), each non-empty Unicode."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
+        raise ValueError(f"{name} is a string or a non-empty list of strings")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise ValueError(f"{len(texts)} texts; at most {MAX_EMBEDDING_INPUTS} are accepted in one request")
+    if "" in texts:
+        raise ValueError("a text cannot be an empty string")
+    for text in texts:
+        _check_unicode(text, "a text")
+    return texts
+
+
+SCORE_FIELD_PAIRS = (("queries", "documents"), ("queries", "items"), ("text_1", "text_2"), ("data_1", "data_2"))  # vLLM's names
+
+
+def _sent_texts(body: dict, field: str) -> list[str]:
+    """The texts of a scoring field, or an error under the name it was sent as."""
+    try:
+        return _texts(body[field], field)
+    except ValueError as error:
+        raise invalid_field(field, body[field], str(error)) from None
+
+
+def _odd_field_out(named: list[str]) -> str:
+    """Of the scoring fields sent, the one that makes no pair: the partner a lone field lacks,
+    or a field beyond the first pair."""
+    for first, second in SCORE_FIELD_PAIRS:
+        if first in named and second in named:
+            return next(field for field in named if field not in (first, second))
+    for first, second in SCORE_FIELD_PAIRS:
+        if first in named or second in named:
+            return second if first in named else first
+    return "queries"
+
+
+class ScoreRequest(Strict):
+    """`POST /score` (vLLM's route): each query against the document at its place (N:N), or
+    one query against every document (1:N). Any of vLLM's field pairs is taken."""
+
+    model: str
+    queries: list[str]
+    documents: list[str]
+    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_pair_of_fields(cls, body):
+        if not isinstance(body, dict):
+            return body
+        named = [field for field in dict.fromkeys(sum(SCORE_FIELD_PAIRS, ())) if field in body]
+        whole = [pair for pair in SCORE_FIELD_PAIRS if set(pair) == set(named)]
+        if not whole:
+            pairs = " or ".join(f"{first} and {second}" for first, second in SCORE_FIELD_PAIRS)
+            field = _odd_field_out(named)
+            raise invalid_field(field, body.get(field), f"send one pair of fields: {pairs}", "value_error" if field in body else "missing")
+        first, second = whole[0]
+        return {**{k: v for k, v in body.items() if k not in (first, second)}, "queries": _sent_texts(body, first), "documents": _sent_texts(body, second)}
+
+    @model_validator(mode="after")
+    def _one_query_or_one_per_document(self):
+        if len(self.queries) not in (1, len(self.documents)):
+            raise invalid_field("queries", None, f"{len(self.queries)} queries for {len(self.documents)} documents: send one query, or one per document")
+        return self
+
+
+class RerankRequest(Strict):
+    """`POST /rerank` (vLLM's, Jina's and Cohere's shape): the documents ordered by their
+    relevance to the query, the `top_n` first (0: all)."""
+
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int = Field(0, ge=0)
+    return_documents: bool = True  # Jina's and Cohere's; vLLM always returns them
+    user: str | None = None
+
+    @field_validator("query")
+    @classmethod
+    def _query_is_text(cls, query):
+        return _texts(query, "query")[0]
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _as_texts(cls, value):
+        return _texts(value, "documents")
+
+
 class TokenizeRequest(ChatTemplateFields):
     """`POST /tokenize` (vLLM's route): a text `prompt`, or chat `messages` (with the `tools`
     shown to the model) read as a chat completion reads them."""
@@ -653,7 +750,7 @@ class TokenizeRequest(ChatTemplateFields):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send either a prompt or messages")
         if self.tools and self.messages is None:
-            raise ValueError("tools are shown with messages, not with a prompt")
+            raise invalid_field("tools", None, "tools are shown with messages, not with a prompt")
         return self
 
     @property

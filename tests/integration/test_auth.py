@@ -29,11 +29,13 @@ ROUTES = {  # name: (method, path, body)
     "completion": ("POST", "/v1/completions", {"model": "chat", "prompt": "hi", "max_tokens": 2}),
     "pinned": ("POST", "/v1/chat/completions", {"model": "chat@1", **HI}),
     "tokenize": ("POST", "/tokenize", {"model": "chat", "prompt": "hi"}),
+    "rerank": ("POST", "/rerank", {"model": "chat", "query": "hi", "documents": ["hello"]}),
     "admin-status": ("GET", "/admin/status", None),
     "admin-models": ("GET", "/admin/models", None),
     "admin-swap": ("POST", "/admin/deployments/chat/swap", {"to": "nosuch@1"}),
 }
-# What each caller gets on each route; admin-swap's 404 is the unknown version: it got past auth.
+# What each caller gets on each route; admin-swap's 404 is the unknown version, and rerank's 400
+# the fake engine that makes no embeddings: they got past auth.
 # `pinned` names a version nothing serves: 404 for a key that may call every deployment, 403
 # for one limited to others (it learns nothing of what is served beyond its own).
 EXPECTED = {
@@ -44,6 +46,7 @@ EXPECTED = {
     "completion": {"none": 401, "wrong": 401, "inference": 200, "admin": 403, "other-deployment": 403},
     "pinned": {"none": 401, "wrong": 401, "inference": 404, "admin": 403, "other-deployment": 403},
     "tokenize": {"none": 401, "wrong": 401, "inference": 200, "admin": 403, "other-deployment": 403},
+    "rerank": {"none": 401, "wrong": 401, "inference": 400, "admin": 403, "other-deployment": 403},
     "admin-status": {"none": 401, "wrong": 401, "inference": 403, "admin": 200, "other-deployment": 403},
     "admin-models": {"none": 401, "wrong": 401, "inference": 403, "admin": 200, "other-deployment": 403},
     "admin-swap": {"none": 401, "wrong": 401, "inference": 403, "admin": 404, "other-deployment": 403},

@@ -85,3 +85,4 @@ def test_echo_without_logprobs_has_none_and_max_tokens_0_needs_echo(tiny_client,
     assert (completion.choices[0].text, completion.choices[0].logprobs) == ("Hello", None)
     refused = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 0})
     assert refused.status_code == 400 and "echo" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["param"] == "max_tokens"

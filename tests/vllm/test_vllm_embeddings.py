@@ -102,6 +102,19 @@ def test_vllm_pools_a_sentence_transformers_folder_as_the_transformers_engine_do
     assert {d["name"]: d["active"]["engine"] for d in status["deployments"]} == {"embed": "vllm", "chat": "transformers"}
 
 
+def test_score_and_rerank_on_vllms_pooling_runner_are_the_cosines_of_its_vectors(server, versions):
+    """vLLM's bi-encoder scoring: the cosine of the two texts' mean-pooled vectors."""
+    tokenizer = AutoTokenizer.from_pretrained(versions[0])
+    query, documents = "The sea is deep", ["Deep water", "A dry desert", "The sea"]
+    vectors = [torch.tensor(mean_vector(versions[0], tokenizer.encode(text))) for text in (query, *documents)]
+    expected = [float(vectors[0] @ vector) for vector in vectors[1:]]  # unit vectors: the dot is the cosine
+    scored = httpx.post(f"{server.url}/score", json={"model": "embed", "queries": query, "documents": documents}).json()
+    assert [item["score"] for item in scored["data"]] == pytest.approx(expected, abs=2e-3)
+    reranked = httpx.post(f"{server.url}/rerank", json={"model": "embed", "query": query, "documents": documents, "top_n": 2}).json()
+    best_two = sorted(range(3), key=lambda index: -expected[index])[:2]
+    assert [result["index"] for result in reranked["results"]] == best_two, reranked
+
+
 def test_golden_prompts_are_not_asked_of_an_engine_that_only_embeds(server):
     time.sleep(1.0)  # five golden checks' time
     assert not httpx.get(f"{server.url}/admin/deployments/embed").json()["is_breaching"]
