@@ -41,6 +41,7 @@ LOADED_FILES = (
     ADAPTER_WEIGHTS,
     "modules.json",  # sentence-transformers' layout: how an embedding model pools (server/engines/pooling.py)
     "*_Pooling/config.json",
+    "*_Dense*/config.json",  # a Dense layer's shape and activation; its weights match *.safetensors
 )
 PICKLE_PATTERNS = tuple(f"*{suffix}" for suffix in PICKLE_SUFFIXES)
 

@@ -78,6 +78,49 @@ def build_tiny_model(target: Path, tokenizer_source: Path, seed: int = 0, **shap
     return build_random_llama(target, tokenizer_source, seed, "float32", "tiny", **shape)
 
 
+def sentence_transformers_layout(folder: Path, pooling: dict, dense_out: int | None = None, activation: str = "torch.nn.modules.activation.Tanh", dense_seed: int = 0) -> Path:
+    """Give a model folder sentence-transformers' modules: Transformer, Pooling (`pooling` is
+    its config), a Dense layer to `dense_out` numbers when given (random weights from
+    `dense_seed`), then Normalize, as embedding models built on a causal LM ship."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden, **pooling}))
+    if dense_out is not None:
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        (folder / "2_Dense").mkdir()
+        (folder / "2_Dense" / "config.json").write_text(json.dumps({"in_features": hidden, "out_features": dense_out, "bias": True, "activation_function": activation}))
+        generator = torch.Generator().manual_seed(dense_seed)
+        weights = {"linear.weight": torch.randn(dense_out, hidden, generator=generator) / hidden**0.5, "linear.bias": torch.randn(dense_out, generator=generator)}
+        save_file(weights, folder / "2_Dense" / "model.safetensors")
+    modules.append({"idx": len(modules), "name": str(len(modules)), "path": f"{len(modules)}_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    return folder
+
+
+def sentence_transformers_vector(folder: Path, token_ids: list[int]) -> list[float]:
+    """What sentence-transformers makes of one input to a folder built as above with mean
+    pooling and the default Tanh, by hand: the base model's last states, mean pooled,
+    through the Dense layer if any, unit length."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.inference_mode():
+        vector = model.base_model(input_ids=torch.tensor([token_ids])).last_hidden_state[0].mean(dim=0)
+    if (folder / "2_Dense").is_dir():
+        dense = load_file(folder / "2_Dense" / "model.safetensors")
+        vector = torch.tanh(dense["linear.weight"] @ vector + dense["linear.bias"])
+    return torch.nn.functional.normalize(vector, dim=-1).tolist()
+
+
 def sse_errors(lines: list[str]) -> list[dict]:
     """The error events among a stream's `data:` lines. Parsed, not searched for: a model's
     delta of exactly `error` reads `"content":"error"`, a random model's text among others."""

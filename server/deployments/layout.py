@@ -31,6 +31,7 @@ class ModelLayout:
     tensors: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, dtype, shape), sorted by name
     tokenizer_sha256: str | None
     stop_tokens: tuple[tuple[str, str], ...]
+    modules_sha256: str | None = None  # sentence-transformers' modules (pooling, Dense layers), which vLLM builds in at start
 
     @classmethod
     def read(cls, folder: Path) -> "ModelLayout":
@@ -42,6 +43,7 @@ class ModelLayout:
             tensors=_tensors(folder),
             tokenizer_sha256=_tokenizer_sha256(folder),
             stop_tokens=tuple((k, json.dumps(generation.get(k))) for k in STOP_TOKEN_KEYS),
+            modules_sha256=_modules_sha256(folder),
         )
 
 
@@ -61,6 +63,8 @@ def reload_blocker(active: ModelLayout, target: ModelLayout, active_options: dic
         return "the tokenizer differs"
     if key := _first_difference(dict(active.stop_tokens), dict(target.stop_tokens)):
         return f"generation_config.json {key}"
+    if active.modules_sha256 != target.modules_sha256:
+        return "the sentence-transformers modules differ (modules.json, pooling or Dense layers)"
     if key := _first_difference(engine_only(active_options), engine_only(target_options)):
         return f"engine option {key}"
     return None
@@ -97,6 +101,24 @@ def _tokenizer_sha256(folder: Path) -> str | None:
         if (folder / name).is_file():
             return hashlib.sha256((folder / name).read_bytes()).hexdigest()
     return None
+
+
+def _modules_sha256(folder: Path) -> str | None:
+    """One digest of modules.json and the files of each module folder it names (inside `folder`)."""
+    if not (folder / "modules.json").is_file():
+        return None
+    text = (folder / "modules.json").read_bytes()
+    digest, root = hashlib.sha256(text), folder.resolve()
+    try:
+        modules = json.loads(text)
+    except ValueError:
+        modules = []
+    paths = [str(module.get("path", "")) for module in (modules if isinstance(modules, list) else []) if isinstance(module, dict)]
+    for where in [(root / path).resolve() for path in paths if path]:
+        if where.is_relative_to(root) and where != root and where.is_dir():
+            for file in sorted(p for p in where.rglob("*") if p.is_file()):
+                digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> dict:

