@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import uvicorn
@@ -151,14 +152,20 @@ def _settings_from_file(args) -> Settings:
 def _run_server(settings: Settings, args) -> int:
     logs.configure(args.log_level, args.log_format)
     from server.app import create_app  # torch and transformers: seconds to import, so after the checks
-    from server.engines.factory import kill_engines_starting
+    from server.engines.factory import build_engine, kill_engines_starting
     from server.lifecycle import GracefulServer, Lifecycle
+    from server.observability.output_tail import OutputTail
 
-    lifecycle = Lifecycle()
+    lifecycle, output_tail = Lifecycle(), OutputTail()
     # JSON logs: uvicorn's loggers keep no formatting of their own and go through ours.
     uvicorn_logs = {"log_config": None} if args.log_format == "json" else {}
-    config = uvicorn.Config(create_app(settings, lifecycle=lifecycle), host=settings.host, port=settings.port, log_level=args.log_level, **uvicorn_logs)
-    GracefulServer(config, lifecycle, args.shutdown_timeout, kill_engines_starting).run()
+    output_tail.install()  # before any engine starts: its processes inherit the pipes
+    try:
+        app = create_app(settings, partial(build_engine, output_tail=output_tail), lifecycle=lifecycle)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level, **uvicorn_logs)
+        GracefulServer(config, lifecycle, args.shutdown_timeout, kill_engines_starting).run()
+    finally:
+        output_tail.close()
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from server.observability.devices import gpu_memory_bytes
+from server.observability.output_tail import OutputTail
 from server.engines import vllm_engine
 from server.engines.base import Engine
 from server.engines.model_folder import read_config
@@ -21,9 +22,10 @@ LOAD_OVERHEAD = 1.2  # loaded bytes per stored byte: runtime buffers, activation
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def build_engine(path: Path, options: dict) -> Engine:
+def build_engine(path: Path, options: dict, output_tail: OutputTail | None = None) -> Engine:
+    """`output_tail`: where a vLLM engine whose start fails finds its engine core's error."""
     if engine_for(path, options.get("engine") or "auto") == "vllm":
-        return vllm_engine.VLLMEngine(path, options_for(VLLMOptions, options))
+        return vllm_engine.VLLMEngine(path, options_for(VLLMOptions, options), output_tail)
     return TransformersEngine(path, options_for(TransformersOptions, options))
 
 

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import importlib.util
 import os
+import re
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from server.engines.base import Chunk, EngineHealth, GenerationRequest, OutputFo
 from server.engines.model_folder import check_model_folder
 from server.engines.options import VLLMOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
+from server.observability.output_tail import OutputTail
 from models.errors import EngineError, EngineStoppedError, InvalidRequestError, ModelLoadError
 
 # vLLM's own deadline for an engine core's exit, past which it kills the core
@@ -46,9 +48,11 @@ def supports(architecture: str | None) -> bool:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, path: str | Path, options: VLLMOptions = VLLMOptions()):
+    def __init__(self, path: str | Path, options: VLLMOptions = VLLMOptions(), output_tail: OutputTail | None = None):
+        """`output_tail`: where a failed start finds its engine core's own error (output_tail.py)."""
         self._path = Path(path)
         self._options = options
+        self._output_tail = output_tail
         self._engine = None
         self._tokenizer = None
         self._in_flight: set[str] = set()
@@ -84,11 +88,25 @@ class VLLMEngine:
         from transformers import AutoTokenizer
 
         check_model_folder(self._path, self._options.allow_pickle)
+        start = self._output_tail.position() if self._output_tail else 0
         try:  # both off the event loop: a swap loads a version while the old one serves
             self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._path, local_files_only=True)
             await asyncio.to_thread(self._build)
         except (OSError, ValueError, RuntimeError) as error:
-            raise ModelLoadError(f"vLLM cannot load {self._path}: {_where_the_cause_is(error)}") from error
+            raise ModelLoadError(f"vLLM cannot load {self._path}: {await self._where_the_cause_is(error, start)}") from error
+
+    async def _where_the_cause_is(self, error: Exception, start: int) -> str:
+        """vLLM's engine core fails in a child process, which logs the cause to its stdout and
+        leaves the parent "See root cause above": the cause is quoted from the tail of the output
+        (waiting a moment for its reader), or else where to find it is said."""
+        text = str(error)
+        if "root cause above" not in text and "stack trace (above)" not in text:
+            return text
+        for _ in range(10 if self._output_tail else 0):
+            if cause := root_cause(self._output_tail.lines_since(start)):
+                return f"{cause} (the engine core's error; {text})"
+            await asyncio.sleep(0.1)
+        return f"{text} (the engine core's own error is in the baton server's log, just before this one)"
 
     def tokenize(self, text: str) -> list[int]:
         return text_prompt_ids(self._tokenizer, text)
@@ -358,13 +376,18 @@ def _request_errors() -> tuple[type[Exception], ...]:
     return (ValueError, VLLMClientError)
 
 
-def _where_the_cause_is(error: Exception) -> str:
-    """vLLM's engine core fails in a child process, which logs the cause to the server's log
-    and leaves the parent "See root cause above": an admin-API caller has no "above"."""
-    text = str(error)
-    if "root cause above" in text or "stack trace (above)" in text:
-        return f"{text} (the engine core's own error is in the baton server's log, just before this one)"
-    return text
+VLLM_LOG_PREFIX = re.compile(r"^\((?:EngineCore|Worker|APIServer)[^)]*\) (?:ERROR|WARNING|INFO|DEBUG) [\d-]+ [\d:]+ \[[^\]]*\] ")
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::|$)")
+
+
+def root_cause(lines: list[str]) -> str | None:
+    """The first exception in vLLM's log lines (a traceback's last line, its process's prefix
+    taken off) that is not one of vLLM's pointers to another ("see root cause above")."""
+    for line in lines:
+        message = VLLM_LOG_PREFIX.sub("", line).strip()
+        if EXCEPTION_LINE.match(message) and "root cause" not in message:
+            return message
+    return None
 
 
 def _finish_reason(reason: str | None) -> str:
