@@ -41,7 +41,7 @@ def test_tokenize_counts_what_a_chat_completion_reads_tools_included(tiny_server
     [
         ("/tokenize", {"model": "tiny"}, 400, None),  # neither prompt nor messages
         ("/tokenize", {"model": "tiny", "prompt": "hi", "messages": HI}, 400, None),
-        ("/tokenize", {"model": "tiny", "prompt": "hi", "tools": WEATHER}, 400, None),
+        ("/tokenize", {"model": "tiny", "prompt": "hi", "tools": WEATHER}, 400, "tools"),  # tools are shown with messages only
         ("/tokenize", {"model": "tiny", "prompt": "\ud800"}, 400, "prompt"),
         ("/tokenize", {"model": "tiny", "prompt": "hi", "add_special_tokens": False}, 400, "add_special_tokens"),
         ("/tokenize", {"model": "nope", "prompt": "hi"}, 404, "model"),

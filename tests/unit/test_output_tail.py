@@ -1,7 +1,6 @@
 """The output tail, in a real child process that installs it (fds 1 and 2 are process-wide):
 every byte still reaches the original stdout or stderr, grandchildren's lines included, and
-the lines kept are those after a position. And the rule that picks vLLM's root cause out of
-its log."""
+the lines kept are those after a position."""
 
 from __future__ import annotations
 
@@ -10,8 +9,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-
-from server.engines.vllm_engine import root_cause
 
 CHILD = textwrap.dedent(
     """
@@ -41,27 +38,3 @@ def test_every_line_reaches_its_stream_and_the_lines_after_a_position_are_kept()
     new_lines = ["from a child", "logged", "second line ends here"]  # each stream in order; the two interleave as read
     assert logged == "logged" and sorted(kept["since"]) == new_lines
     assert kept["all"][0] == "first" and sorted(kept["all"][1:]) == new_lines
-
-
-# What vLLM 0.32 (CPU) wrote when a version's config did not match its weights (abridged).
-VLLM_START_FAILURE = """\
-(EngineCore pid=12011) INFO 11-24 07:07:30 [core.py:105] Initializing a V1 LLM engine
-(Worker pid=12023) ERROR 11-24 07:07:37 [multiproc_executor.py:953] WorkerProc failed to start.
-(Worker pid=12023) ERROR 11-24 07:07:37 [multiproc_executor.py:953] Traceback (most recent call last):
-(Worker pid=12023) ERROR 11-24 07:07:37 [multiproc_executor.py:953]   File "vllm/model_executor/models/utils.py", line 476, in load_weights
-(Worker pid=12023) ERROR 11-24 07:07:37 [multiproc_executor.py:953]     raise RuntimeError(
-(Worker pid=12023) ERROR 11-24 07:07:37 [multiproc_executor.py:953] RuntimeError: start (0) + length (1024) exceeds dimension size (512).
-(EngineCore pid=12011) ERROR 11-24 07:07:39 [core.py:1510] EngineCore failed to start.
-(EngineCore pid=12011) ERROR 11-24 07:07:39 [core.py:1510] Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace for root cause.
-Process EngineCore:
-Traceback (most recent call last):
-Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace for root cause.
-"""
-
-
-def test_the_root_cause_is_the_first_exception_that_is_not_a_pointer_to_another():
-    assert root_cause(VLLM_START_FAILURE.splitlines()) == "RuntimeError: start (0) + length (1024) exceeds dimension size (512)."
-    memory = "(EngineCore pid=7) ERROR 11-24 07:07:39 [core.py:1510] ValueError: Free memory on device (10.9/79.2 GiB) on startup is less than desired GPU memory utilization (0.85, 67.3 GiB)."
-    assert root_cause(["(EngineCore pid=7) ERROR 11-24 07:07:39 [core.py:1510]     raise ValueError(", memory]).startswith("ValueError: Free memory on device")
-    assert root_cause(["torch.OutOfMemoryError: CUDA out of memory."]) == "torch.OutOfMemoryError: CUDA out of memory."
-    assert root_cause(["RuntimeError: Engine core initialization failed. See root cause above.", "INFO all is well"]) is None
