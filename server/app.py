@@ -16,7 +16,7 @@ from models.registry import Registry
 from server.config.reload import ConfigReloader
 from server.deployments.reconcile import Reconciler
 from server.deployments.resume import to_restore
-from server.api import admin_api, deploy_api, embeddings, openai_api, responses, scoring, status_api, tokens
+from server.api import admin_api, deploy_api, embeddings, messages, openai_api, responses, scoring, status_api, tokens
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
@@ -93,6 +93,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     app = FastAPI(title="baton", lifespan=lifespan)
     app.include_router(openai_api.router)
     app.include_router(responses.router)
+    app.include_router(messages.router)
     app.include_router(embeddings.router)
     app.include_router(scoring.router)
     app.include_router(tokens.router)
@@ -106,30 +107,31 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
 
 
 def _map_errors(app: FastAPI) -> None:
-    """Every error leaves as OpenAI-shaped JSON; nothing else reaches a client."""
+    """Every error leaves as OpenAI-shaped JSON (Anthropic-shaped on its routes); nothing
+    else reaches a client."""
 
     @app.exception_handler(BatonError)
     async def baton_error(request: Request, error: BatonError) -> Response:
-        return _json(error)
+        return _json(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> Response:
-        return _json(_from_validation(error))
+        return _json(request, _from_validation(error))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> Response:
         if isinstance(error.__cause__, BatonError):  # raised while FastAPI read the body
-            return _json(error.__cause__)
+            return _json(request, error.__cause__)
         if error.status_code == 405:
-            return _json(MethodNotAllowedError(f"Method {request.method} is not allowed on {request.url.path}."))
+            return _json(request, MethodNotAllowedError(f"Method {request.method} is not allowed on {request.url.path}."))
         if error.status_code == 404:
-            return _json(NotFoundError(f"No route {request.method} {request.url.path}."))
-        return _json(InvalidRequestError(str(error.detail)), status_code=error.status_code)
+            return _json(request, NotFoundError(f"No route {request.method} {request.url.path}."))
+        return _json(request, InvalidRequestError(str(error.detail)), status_code=error.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-        return _json(BatonError("Internal server error; see the server log."))
+        return _json(request, BatonError("Internal server error; see the server log."))
 
 
 def _from_validation(error: RequestValidationError) -> InvalidRequestError:
@@ -168,8 +170,10 @@ def _where(body, error: dict) -> list[str]:
     return steps
 
 
-def _json(error: BatonError, status_code: int | None = None) -> Response:
+def _json(request: Request, error: BatonError, status_code: int | None = None) -> Response:
     """As ASCII JSON: a message may quote what a request sent, lone surrogates included,
-    which UTF-8 cannot encode."""
+    which UTF-8 cannot encode. OpenAI's shape, but on Anthropic's routes, Anthropic's."""
     headers = {"retry-after": str(error.retry_after_s)} if error.retry_after_s is not None else None
-    return Response(json.dumps(error.to_body()), status_code=status_code or error.status_code, headers=headers, media_type="application/json")
+    status_code = status_code or error.status_code
+    body = messages.error_body(request.url.path, error, status_code)
+    return Response(json.dumps(body), status_code=status_code, headers=headers, media_type="application/json")

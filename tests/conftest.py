@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import anthropic
 import openai
 import pytest
 import uvicorn
@@ -191,6 +192,13 @@ class ServerThread:
         """An official openai client for this server, closed when the server stops."""
         kwargs.setdefault("api_key", self.settings.api_key or "unused")
         client = openai.OpenAI(base_url=f"{self.url}/v1", max_retries=0, timeout=120, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def anthropic_client(self, **kwargs) -> anthropic.Anthropic:
+        """An official anthropic client for this server (its Messages API), closed when the server stops."""
+        kwargs.setdefault("api_key", self.settings.api_key or "unused")
+        client = anthropic.Anthropic(base_url=self.url, max_retries=0, timeout=120, **kwargs)
         self._clients.append(client)
         return client
 

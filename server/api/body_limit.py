@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from models.errors import PayloadTooLargeError
+from server.api.messages import error_body
 
 
 class BodySizeLimit:
@@ -20,7 +21,7 @@ class BodySizeLimit:
             return await self._app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
-            return await self._refuse(send)
+            return await self._refuse(scope["path"], send)
         num_received = 0
 
         async def counted_receive():
@@ -36,9 +37,9 @@ class BodySizeLimit:
     def _error(self) -> PayloadTooLargeError:
         return PayloadTooLargeError(f"The request body is larger than the limit of {self._max_bytes} bytes.")
 
-    async def _refuse(self, send) -> None:
+    async def _refuse(self, path: str, send) -> None:
         error = self._error()
-        body = json.dumps(error.to_body()).encode()
+        body = json.dumps(error_body(path, error, error.status_code)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})

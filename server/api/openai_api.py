@@ -37,12 +37,14 @@ DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks that its cl
 
 
 async def admit(request: Request) -> None:
-    """Admission for /v1: none while shutting down, then a key with the inference scope
-    (where any key has it), within its rate; the key is kept for the deployment check.
+    """Admission for inference: none while shutting down, then a key (a bearer token, or
+    x-api-key) with the inference scope (where any key has it), within its rate; the key
+    is kept for the deployment check.
     Async though it awaits nothing: FastAPI runs a plain function on a worker thread, and the
     rate buckets must change on the event loop only (and a thread hop costs every request)."""
     request.state.lifecycle.refuse_new_requests()
-    token = bearer_token(request.headers.get("authorization", ""))
+    # Anthropic's SDK sends its key as x-api-key: the same key, another header.
+    token = bearer_token(request.headers.get("authorization", "")) or request.headers.get("x-api-key") or None
     request.state.key = authorize(request.state.keys, "inference", token, is_loopback(request.client.host if request.client else ""))
     request.state.rate_limits.admit(request.state.key)
 

@@ -95,6 +95,7 @@ class Chunk:
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token in this chunk, when asked for
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # one per prompt token, on a generation's first chunk, when asked for
+    stop_sequence: str | None = None  # on the last chunk: the stop string that ended the generation, if one did
 
 
 @dataclass(frozen=True)

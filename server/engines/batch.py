@@ -183,7 +183,7 @@ class ContinuousBatch:
             text += sequence.detokenizer.flush()
         if not text and not sequence.finish_reason:
             return None
-        chunk = Chunk(text, sequence.num_unreported_tokens, sequence.finish_reason, tuple(sequence.unreported_logprobs), sequence.unreported_prompt_logprobs)
+        chunk = Chunk(text, sequence.num_unreported_tokens, sequence.finish_reason, tuple(sequence.unreported_logprobs), sequence.unreported_prompt_logprobs, sequence.detokenizer.stopped_by)
         sequence.num_unreported_tokens = 0
         sequence.unreported_logprobs.clear()
         sequence.unreported_prompt_logprobs = ()

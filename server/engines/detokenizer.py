@@ -44,6 +44,7 @@ class IncrementalDetokenizer:
         self._stops_from = 0  # where a stop string may start: after the first min_tokens tokens' text
         self._num_chars_sent = 0
         self.is_stopped = False
+        self.stopped_by: str | None = None  # the stop string found (the earliest, then the shortest)
 
     @classmethod
     def for_sampling(cls, tokenizer, sampling) -> "IncrementalDetokenizer":
@@ -85,9 +86,9 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skips_special)
 
     def _cut_at_stop(self, searched_from: int) -> None:
-        hits = [(i, len(s)) for s in self._stop if (i := self._text.find(s, searched_from)) != -1]
+        hits = [(i, len(s), s) for s in self._stop if (i := self._text.find(s, searched_from)) != -1]
         if hits:
-            at, length = min(hits)
+            at, length, self.stopped_by = min(hits)
             self._text = self._text[: at + length if self._includes_stop else at]
             self.is_stopped = True
 

@@ -141,7 +141,8 @@ class VLLMEngine:
                 num_unreported += len(completion.token_ids)
                 unreported_logprobs += _logprobs(completion, request.sampling.logprobs)
                 if completion.text or reason:
-                    yield Chunk(completion.text, num_unreported, reason, unreported_logprobs, unreported_prompt_logprobs)
+                    stop_sequence = completion.stop_reason if reason and isinstance(completion.stop_reason, str) else None  # a token id is no stop string
+                    yield Chunk(completion.text, num_unreported, reason, unreported_logprobs, unreported_prompt_logprobs, stop_sequence)
                     num_unreported, unreported_logprobs, unreported_prompt_logprobs = 0, (), ()
         except EngineStoppedError:
             raise

@@ -109,3 +109,15 @@ def test_a_bad_key_file_is_refused_naming_the_entry(tmp_path, entries, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         load_key_file(path, {})
 
+
+
+def test_anthropic_routes_refuse_in_anthropics_shape(server):
+    """What the anthropic SDK reads: `error.type` says which refusal it is."""
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for caller, status, kind in (("none", 401, "authentication_error"), ("admin", 403, "permission_error"), ("other-deployment", 403, "permission_error")):
+        headers = {"authorization": f"Bearer {CALLERS[caller]}"} if CALLERS[caller] else {}
+        refused = httpx.post(f"{server.url}/v1/messages", json=body, headers=headers, timeout=30)
+        assert refused.status_code == status and refused.json()["type"] == "error", refused.text
+        assert refused.json()["error"]["type"] == kind and refused.json()["error"]["message"], refused.text
+    answered = httpx.post(f"{server.url}/v1/messages", json=body, headers={"x-api-key": CALLERS["inference"]}, timeout=30)
+    assert answered.status_code == 200, answered.text  # the anthropic SDK sends its key as x-api-key

@@ -70,6 +70,21 @@ def test_the_responses_api_answers_thinking_as_a_reasoning_item_whole_and_stream
     assert follow_up.status == "incomplete"
 
 
+def test_the_messages_api_answers_thinking_as_a_thinking_block_and_disabled_turns_it_off(server):
+    client = server.anthropic_client()
+    request = dict(model="thinker", messages=HELLO, max_tokens=12, extra_body={"temperature": 0})
+    chat = server.client().chat.completions.create(model="thinker", messages=HELLO, temperature=0, max_tokens=12).choices[0].message
+    answer = client.messages.create(**request)
+    assert [(block.type, block.thinking) for block in answer.content] == [("thinking", chat.reasoning)]
+    with client.messages.stream(**request) as stream:
+        deltas = "".join(event.delta.thinking for event in stream if event.type == "content_block_delta")
+    assert deltas == chat.reasoning
+    plain = client.messages.create(**request, thinking={"type": "disabled"})
+    assert [block.type for block in plain.content] == ["text"]
+    follow_up = client.messages.create(model="thinker", messages=[*HELLO, {"role": "assistant", "content": answer.content}, {"role": "user", "content": "And of Spain?"}], max_tokens=4)
+    assert follow_up.stop_reason == "max_tokens"  # its thinking, sent back, is accepted
+
+
 def test_json_output_and_reasoning_parser_none_leave_everything_in_content(server):
     client = server.client()
     forced = client.chat.completions.create(model="thinker", messages=HELLO, max_tokens=12, response_format={"type": "json_object"}).choices[0]

@@ -454,6 +454,16 @@ def test_vllm_answers_the_responses_api_as_its_chat_and_streams_its_events(serve
     assert_a_well_formed_stream(list(client.responses.create(**request, stream=True)), whole)
 
 
+def test_vllm_answers_the_messages_api_as_its_chat_and_names_the_stop_sequence_it_stopped_at(server):
+    client, chat = server.anthropic_client(), server.client()
+    answer = chat.chat.completions.create(model="chat", messages=FRANCE, temperature=0, max_completion_tokens=20).choices[0].message.content
+    message = client.messages.create(model="chat", messages=FRANCE, max_tokens=20, extra_body={"temperature": 0})
+    assert message.content[0].text == answer and "Paris" in answer
+    with client.messages.stream(model="chat", messages=FRANCE, max_tokens=20, extra_body={"temperature": 0}, stop_sequences=["Paris"]) as stream:
+        cut = stream.get_final_message()
+    assert (cut.stop_reason, cut.stop_sequence, cut.content[0].text) == ("stop_sequence", "Paris", answer[: answer.index("Paris")])
+
+
 def test_a_generation_in_flight_when_the_engine_stops_ends_with_an_error_not_a_hang(tmp_path, demo_model_path):
     """stop() cancels the task that reads vLLM's output: a generation still waiting for
     output must end then (an engine found dead is stopped so, before vLLM may have failed

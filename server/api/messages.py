@@ -1,0 +1,399 @@
+"""Anthropic's Messages API (`POST /v1/messages`, and `/v1/messages/count_tokens`), as vLLM's
+server serves it: a request is read as the chat completion it means and served by the same
+path (leases, tools, reasoning, structured output, limits), and the answer is written as a
+Message, or as Anthropic's stream events. Clients built on Anthropic's SDK reach any version.
+
+Rules: content blocks baton cannot show a model (images, documents) are refused, never
+dropped; `cache_control` and `citations` are hints about Anthropic's own service and change
+nothing; a thinking budget is not enforced beyond `max_tokens` (Anthropic calls it a target;
+`thinking: disabled` turns a reasoning template's thinking off, as vLLM does). Errors are
+Anthropic-shaped (`{"type": "error", "error": {...}}`, app.py) and name the Messages field,
+not the chat field it became. Content blocks come in the order the model wrote them:
+thinking, then text, then tool calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import Discriminator, Field, Tag, ValidationError
+
+from models.errors import BatonError
+from server.api.generation import ChoiceChunk
+from server.api.openai_api import Served, admit, answer_chat, route_request, served_headers, stream_error
+from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def error_body(path: str, error: BatonError, status_code: int) -> dict:
+    """An error's JSON as the route at `path` writes it: Anthropic's shape on its routes,
+    OpenAI's everywhere else."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return {"type": "error", "error": _anthropic_error(error, status_code)}
+    return error.to_body()
+
+
+def _anthropic_error(error: BatonError, status_code: int) -> dict:
+    return {"type": ERROR_TYPES.get(status_code, "api_error" if status_code >= 500 else "invalid_request_error"), "message": error.message}
+
+
+class _Block(Strict):
+    cache_control: dict | None = None  # Anthropic's prompt caching: a hint, changes nothing here
+
+
+class TextBlock(_Block):
+    type: Literal["text"]
+    text: str
+    citations: list | None = None
+
+
+class ThinkingBlock(_Block):
+    """Thinking from an earlier answer, sent back: shown to the template with its message."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None  # baton signs nothing: its own blocks come back as they left
+
+
+class RedactedThinkingBlock(_Block):
+    type: Literal["redacted_thinking"]
+    data: str  # Anthropic's encrypted thinking: no model here can read it, so it is left out
+
+
+class ToolUseBlock(_Block):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict
+
+
+class ToolResultBlock(_Block):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock] | None = None
+    is_error: bool | None = None  # the text says what went wrong; a template has no place for the flag
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(block.text for block in self.content or [])
+
+
+def _block_kind(block) -> str | None:
+    return block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
+
+
+ContentBlock = Annotated[
+    Annotated[TextBlock, Tag("text")]
+    | Annotated[ThinkingBlock, Tag("thinking")]
+    | Annotated[RedactedThinkingBlock, Tag("redacted_thinking")]
+    | Annotated[ToolUseBlock, Tag("tool_use")]
+    | Annotated[ToolResultBlock, Tag("tool_result")],
+    Discriminator(_block_kind),
+]
+
+
+class Message(Strict):
+    role: Literal["user", "assistant"]
+    content: str | list[ContentBlock]
+
+
+class Tool(Strict):
+    name: str
+    description: str | None = None
+    input_schema: dict
+    type: Literal["custom"] | None = None
+    cache_control: dict | None = None
+
+
+class ToolChoice(Strict):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class Thinking(Strict):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=1024)
+    display: Literal["summarized", "omitted", "updates"] | None = None  # accepted: the thinking is always returned, as vLLM does
+
+
+class OutputFormat(Strict):
+    type: Literal["json_schema"]
+    json_schema: dict = Field(alias="schema")
+
+
+class OutputConfig(Strict):
+    effort: ReasoningEffort | None = None
+    format: OutputFormat | None = None
+
+
+class Metadata(Strict):
+    user_id: str | None = None  # keeps a user on one side of a canary, as chat's `user`
+
+
+class _Conversation(Strict):
+    """What both routes read: the conversation, the tools and the thinking settings."""
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
+
+    def chat_fields(self) -> dict:
+        body = {"model": self.model, "messages": _chat_messages(self.system, self.messages), "reasoning_effort": _effort(self.thinking, self.output_config)}
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}} for t in self.tools]
+        if self.tool_choice is not None:
+            choice = self.tool_choice
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}} if choice.type == "tool" else {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+            body["parallel_tool_calls"] = False if choice.disable_parallel_tool_use else None
+        if self.output_config is not None and self.output_config.format is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": self.output_config.format.json_schema}}
+        return body
+
+    def as_chat(self, **fields) -> ChatCompletionRequest:
+        """The chat completion this request means, checked as any chat request is; an error
+        names the Messages field it came from."""
+        body = self.chat_fields() | fields
+        try:
+            return ChatCompletionRequest.model_validate({key: value for key, value in body.items() if value is not None})
+        except ValidationError as error:
+            raise RequestValidationError([{**problem, "loc": ("body", *_messages_loc(problem["loc"]))} for problem in error.errors()]) from error
+
+
+class MessagesRequest(_Conversation):
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    stream: bool | None = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    metadata: Metadata | None = None
+    service_tier: Literal["auto", "standard_only"] | None = None  # one tier here: changes nothing
+    cache_control: dict | None = None  # Anthropic's automatic prompt caching: a hint (vLLM caches prefixes by itself)
+
+    def as_chat(self) -> ChatCompletionRequest:
+        user = self.metadata.user_id if self.metadata else None
+        return super().as_chat(max_completion_tokens=self.max_tokens, stop=self.stop_sequences, stream=self.stream, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, user=user)
+
+
+class CountTokensRequest(_Conversation):
+    pass
+
+
+def _effort(thinking: Thinking | None, output: OutputConfig | None) -> str | None:
+    """vLLM's reading: thinking disabled is reasoning_effort none; otherwise output_config's effort."""
+    if thinking is not None and thinking.type == "disabled":
+        return "none"
+    return output.effort if output is not None else None
+
+
+def _chat_messages(system: str | list[TextBlock] | None, messages: list[Message]) -> list[dict]:
+    """System first; a user message's tool results become tool messages (before its text),
+    an assistant message's tool_use blocks its tool_calls and its thinking its reasoning."""
+    chat = [{"role": "system", "content": system if isinstance(system, str) else "\n".join(b.text for b in system)}] if system else []
+    for message in messages:
+        blocks = [TextBlock(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+        texts = [{"type": "text", "text": b.text} for b in blocks if isinstance(b, TextBlock)]
+        if message.role == "user":
+            chat += [{"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text} for b in blocks if isinstance(b, ToolResultBlock)]
+            chat += [{"role": "user", "content": texts}] if texts else []
+            continue
+        calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}} for b in blocks if isinstance(b, ToolUseBlock)]
+        reasoning = "".join(b.thinking for b in blocks if isinstance(b, ThinkingBlock))
+        reply = {"role": "assistant", "content": texts or (None if calls else "")}
+        chat.append(reply | ({"tool_calls": calls} if calls else {}) | ({"reasoning": reasoning} if reasoning else {}))
+    return chat
+
+
+# Chat fields, as the Messages fields they came from (the first prefix that matches).
+_FIELD_NAMES = (
+    (("max_completion_tokens",), ("max_tokens",)),
+    (("stop",), ("stop_sequences",)),
+    (("response_format",), ("output_config", "format")),
+    (("reasoning_effort",), ("output_config", "effort")),
+    (("user",), ("metadata", "user_id")),
+    (("parallel_tool_calls",), ("tool_choice",)),
+    (("messages",), ("messages",)),  # indices differ once tool results are split out
+)
+
+
+def _messages_loc(loc: tuple) -> tuple:
+    loc = tuple(loc)
+    if loc[:1] == ("tools",) and loc[2:3] == ("function",):
+        return loc[:2] + tuple("input_schema" if part == "parameters" else part for part in loc[3:])
+    for chat, messages in _FIELD_NAMES:
+        if loc[: len(chat)] == chat:
+            return messages + (loc[len(chat) :] if chat != ("messages",) else ())
+    return loc
+
+
+def _param_in_messages(param: str | None) -> str | None:
+    return ".".join(str(part) for part in _messages_loc(tuple(param.split(".")))) if param else param
+
+
+@router.post("/messages")
+async def create_message(body: MessagesRequest, request: Request):
+    chat = body.as_chat()
+    try:
+        return await answer_chat(request, chat, MessageShape())
+    except BatonError as error:
+        error.param = _param_in_messages(error.param)
+        raise
+
+
+@router.post("/messages/count_tokens")
+async def count_tokens(body: CountTokensRequest, request: Request) -> JSONResponse:
+    """The prompt's tokens, as `usage.input_tokens` of the same request would count them."""
+    chat = body.as_chat()
+    lease = await request.state.deployments.lease_tokenizer(route_request(request, chat.model))
+    try:
+        tools = chat.tool_plan.template_tools() if chat.tool_plan else None
+        messages = [m.as_template_input() for m in chat.messages]
+        tokens = await asyncio.to_thread(lease.engine.tokenize_chat, messages, tools, chat.template_kwargs)  # off the loop, as for generation
+        return JSONResponse({"input_tokens": len(tokens)}, headers=served_headers(lease))
+    finally:
+        lease.release()
+
+
+@dataclass(frozen=True)
+class MessageShape:
+    """How a Messages answer is written: whole (`collect`) or as events (`events`)."""
+
+    async def collect(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> dict:
+        answer, reasoning, text, calls = _Answer(served.model, num_prompt_tokens), "", "", []
+        async with aclosing(choices) as stream:
+            async for item in stream:
+                answer.count(item)
+                reasoning += item.reasoning
+                text += item.chunk.text
+                calls += item.tool_calls
+        thinking = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
+        said = [{"type": "text", "text": text}] if text else []
+        return answer.message(thinking + said + [_tool_use(call.id, call.name, call.arguments) for call in calls])
+
+    async def events(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage) -> AsyncIterator[str]:
+        answer = _Answer(served.model, usage.num_prompt_tokens)
+        yield _event("message_start", message={**answer.message([]), "stop_reason": None, "stop_sequence": None, "usage": answer.usage(0)})
+        try:
+            async with aclosing(choices) as stream:
+                async for item in stream:
+                    for event in answer.take(item):
+                        yield _event(**event)
+        except Exception as error:  # headers are sent: the error can only travel in the stream
+            failure = stream_error(error)
+            yield _event("error", error=_anthropic_error(failure, failure.status_code))
+            return
+        for event in answer.close_block():
+            yield _event(**event)
+        final = answer.message([])
+        yield _event("message_delta", delta={"stop_reason": final["stop_reason"], "stop_sequence": final["stop_sequence"]}, usage={"output_tokens": answer.num_output_tokens})
+        yield _event("message_stop")
+
+
+def _event(type: str, **fields) -> str:
+    return f"event: {type}\ndata: {json.dumps({'type': type, **fields}, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class _Answer:
+    """One answer as it is written: its content blocks so far, the one open, and the counts."""
+
+    model: str
+    num_input_tokens: int
+    num_output_tokens: int = 0
+    content: list[dict] = field(default_factory=list)
+    is_open: bool = False  # the last block still takes deltas
+    finish_reason: str | None = None
+    stop_sequence: str | None = None
+    id: str = field(default_factory=lambda: "msg_" + uuid.uuid4().hex)
+
+    def count(self, item: ChoiceChunk) -> None:
+        self.num_output_tokens += item.chunk.num_tokens
+        self.finish_reason = item.chunk.finish_reason or self.finish_reason
+        self.stop_sequence = item.chunk.stop_sequence or self.stop_sequence
+
+    def take(self, item: ChoiceChunk) -> list[dict]:
+        """The events one chunk makes: a new kind of output closes the block open before it."""
+        self.count(item)
+        events = []
+        if item.reasoning:
+            events += self._into("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.content[-1]["thinking"] += item.reasoning
+            events.append(self._delta({"type": "thinking_delta", "thinking": item.reasoning}))
+        if item.chunk.text:
+            events += self._into("text", {"type": "text", "text": ""})
+            self.content[-1]["text"] += item.chunk.text
+            events.append(self._delta({"type": "text_delta", "text": item.chunk.text}))
+        for piece in item.call_pieces:
+            if piece.id is not None:
+                events += self.close_block() + self._open(_tool_use(piece.id, piece.name, ""))
+            if piece.arguments and self.is_open and self.content[-1]["type"] == "tool_use":
+                events.append(self._delta({"type": "input_json_delta", "partial_json": piece.arguments}))
+        return events
+
+    def _into(self, kind: str, empty: dict) -> list[dict]:
+        if self.is_open and self.content[-1]["type"] == kind:
+            return []
+        return self.close_block() + self._open(empty)
+
+    def _open(self, block: dict) -> list[dict]:
+        self.content.append(block)
+        self.is_open = True
+        return [{"type": "content_block_start", "index": len(self.content) - 1, "content_block": dict(block)}]  # as opened: the deltas follow
+
+    def _delta(self, delta: dict) -> dict:
+        return {"type": "content_block_delta", "index": len(self.content) - 1, "delta": delta}
+
+    def close_block(self) -> list[dict]:
+        if not self.is_open:
+            return []
+        self.is_open = False
+        return [{"type": "content_block_stop", "index": len(self.content) - 1}]
+
+    def usage(self, num_output_tokens: int) -> dict:
+        return {"input_tokens": self.num_input_tokens, "output_tokens": num_output_tokens}
+
+    def message(self, content: list[dict]) -> dict:
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            "stop_reason": self._stop_reason(),
+            "stop_sequence": self.stop_sequence if self._stop_reason() == "stop_sequence" else None,
+            "usage": self.usage(self.num_output_tokens),
+        }
+
+    def _stop_reason(self) -> str | None:
+        """Anthropic's reading of how the answer ended: a cut by max_tokens wins; then a call."""
+        if self.finish_reason == "length":
+            return "max_tokens"
+        if self.finish_reason == "tool_calls":
+            return "tool_use"
+        return "stop_sequence" if self.stop_sequence is not None else "end_turn" if self.finish_reason else None
+
+
+def _tool_use(call_id: str, name: str, arguments: str) -> dict:
+    """A call as a tool_use block: its input is the arguments' JSON object (`{}` while they stream)."""
+    try:
+        given = json.loads(arguments or "{}")
+    except ValueError:
+        given = {}
+    return {"type": "tool_use", "id": call_id, "name": name, "input": given if isinstance(given, dict) else {}}
