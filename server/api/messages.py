@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import Discriminator, Field, Tag, ValidationError
+from pydantic import Discriminator, Field, Tag
 
 from models.errors import BatonError
+from server.api.chat_fields import ChatFields, whole_answer
 from server.api.generation import ChoiceChunk
-from server.api.openai_api import Served, admit, answer_chat, route_request, served_headers, stream_error
+from server.api.openai_api import Served, admit, route_request, served_headers, stream_error
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
@@ -169,11 +169,7 @@ class _Conversation(Strict):
     def as_chat(self, **fields) -> ChatCompletionRequest:
         """The chat completion this request means, checked as any chat request is; an error
         names the Messages field it came from."""
-        body = self.chat_fields() | fields
-        try:
-            return ChatCompletionRequest.model_validate({key: value for key, value in body.items() if value is not None})
-        except ValidationError as error:
-            raise RequestValidationError([{**problem, "loc": ("body", *_messages_loc(problem["loc"]))} for problem in error.errors()]) from error
+        return FIELDS.chat_request(self.chat_fields() | fields)
 
 
 class MessagesRequest(_Conversation):
@@ -221,40 +217,24 @@ def _chat_messages(system: str | list[TextBlock] | None, messages: list[Message]
     return chat
 
 
-# Chat fields, as the Messages fields they came from (the first prefix that matches).
-_FIELD_NAMES = (
-    (("max_completion_tokens",), ("max_tokens",)),
-    (("stop",), ("stop_sequences",)),
-    (("response_format",), ("output_config", "format")),
-    (("reasoning_effort",), ("output_config", "effort")),
-    (("user",), ("metadata", "user_id")),
-    (("parallel_tool_calls",), ("tool_choice",)),
-    (("messages",), ("messages",)),  # indices differ once tool results are split out
+# Chat fields, as the Messages fields they came from (chat_fields.py).
+FIELDS = ChatFields(
+    (
+        (("max_completion_tokens",), ("max_tokens",)),
+        (("stop",), ("stop_sequences",)),
+        (("response_format",), ("output_config", "format")),
+        (("reasoning_effort",), ("output_config", "effort")),
+        (("user",), ("metadata", "user_id")),
+        (("parallel_tool_calls",), ("tool_choice",)),
+        (("messages",), ("messages",)),  # tool results become messages of their own
+    ),
+    parameters="input_schema",
 )
-
-
-def _messages_loc(loc: tuple) -> tuple:
-    loc = tuple(loc)
-    if loc[:1] == ("tools",) and loc[2:3] == ("function",):
-        return loc[:2] + tuple("input_schema" if part == "parameters" else part for part in loc[3:])
-    for chat, messages in _FIELD_NAMES:
-        if loc[: len(chat)] == chat:
-            return messages + (loc[len(chat) :] if chat != ("messages",) else ())
-    return loc
-
-
-def _param_in_messages(param: str | None) -> str | None:
-    return ".".join(str(part) for part in _messages_loc(tuple(param.split(".")))) if param else param
 
 
 @router.post("/messages")
 async def create_message(body: MessagesRequest, request: Request):
-    chat = body.as_chat()
-    try:
-        return await answer_chat(request, chat, MessageShape())
-    except BatonError as error:
-        error.param = _param_in_messages(error.param)
-        raise
+    return await FIELDS.answer(request, body.as_chat(), MessageShape())
 
 
 @router.post("/messages/count_tokens")
@@ -276,16 +256,11 @@ class MessageShape:
     """How a Messages answer is written: whole (`collect`) or as events (`events`)."""
 
     async def collect(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> dict:
-        answer, reasoning, text, calls = _Answer(served.model, num_prompt_tokens), "", "", []
-        async with aclosing(choices) as stream:
-            async for item in stream:
-                answer.count(item)
-                reasoning += item.reasoning
-                text += item.chunk.text
-                calls += item.tool_calls
-        thinking = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
-        said = [{"type": "text", "text": text}] if text else []
-        return answer.message(thinking + said + [_tool_use(call.id, call.name, call.arguments) for call in calls])
+        answer = _Answer(served.model, num_prompt_tokens)
+        whole = await whole_answer(choices, answer.count)
+        thinking = [{"type": "thinking", "thinking": whole.reasoning, "signature": ""}] if whole.reasoning else []
+        said = [{"type": "text", "text": whole.text}] if whole.text else []
+        return answer.message(thinking + said + [_tool_use(call.id, call.name, call.arguments) for call in whole.calls])
 
     async def events(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage) -> AsyncIterator[str]:
         answer = _Answer(served.model, usage.num_prompt_tokens)

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import ConfigDict, Discriminator, Field, Tag
 
-from models.errors import BatonError, InvalidRequestError
+from models.errors import InvalidRequestError
+from server.api.chat_fields import ChatFields, whole_answer
 from server.api.generation import ChoiceChunk
-from server.api.openai_api import Served, admit, answer_chat, stream_error
+from server.api.openai_api import Served, admit, stream_error
 from server.api.reasoning import ReasoningTally
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
 from server.api.tools import ToolCall
@@ -180,10 +180,7 @@ class ResponsesRequest(Strict):
             body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}} if isinstance(self.tool_choice, NamedFunction) else self.tool_choice
         if self.text is not None and self.text.format is not None:
             body["response_format"] = _response_format(self.text.format)
-        try:
-            return ChatCompletionRequest.model_validate({key: value for key, value in body.items() if value is not None})
-        except ValidationError as error:
-            raise RequestValidationError([{**problem, "loc": ("body", *_responses_loc(problem["loc"]))} for problem in error.errors()]) from error
+        return FIELDS.chat_request(body)
 
 
 def _messages(instructions: str | None, given: str | list) -> list[dict]:
@@ -218,39 +215,21 @@ def _response_format(spec: TextFormat) -> dict:
     return {"type": "json_schema", "json_schema": {key: value for key, value in schema.items() if value is not None}}
 
 
-# Chat fields, as the Responses fields they came from (the first prefix that matches).
-_FIELD_NAMES = (
-    (("response_format", "json_schema", "schema"), ("text", "format", "schema")),
-    (("response_format", "json_schema"), ("text", "format")),
-    (("response_format",), ("text", "format")),
-    (("max_completion_tokens",), ("max_output_tokens",)),
-    (("messages",), ("input",)),
+# Chat fields, as the Responses fields they came from (chat_fields.py).
+FIELDS = ChatFields(
+    (
+        (("response_format", "json_schema", "schema"), ("text", "format", "schema")),
+        (("response_format", "json_schema"), ("text", "format")),
+        (("response_format",), ("text", "format")),
+        (("max_completion_tokens",), ("max_output_tokens",)),
+        (("messages",), ("input",)),
+    )
 )
-
-
-def _responses_loc(loc: tuple) -> tuple:
-    """`messages.0.content` -> `input`; tools' `function.` level dropped."""
-    loc = tuple(loc)
-    if loc[:1] == ("tools",) and loc[2:3] == ("function",):
-        return loc[:2] + loc[3:]
-    for chat, responses in _FIELD_NAMES:
-        if loc[: len(chat)] == chat:
-            return responses + (loc[len(chat) :] if chat != ("messages",) else ())
-    return loc
-
-
-def _param_in_responses(param: str | None) -> str | None:
-    return ".".join(str(part) for part in _responses_loc(tuple(param.split(".")))) if param else param
 
 
 @router.post("/responses")
 async def create_response(body: ResponsesRequest, request: Request):
-    chat = body.as_chat()
-    try:
-        return await answer_chat(request, chat, ResponseShape(body))
-    except BatonError as error:
-        error.param = _param_in_responses(error.param)
-        raise
+    return await FIELDS.answer(request, body.as_chat(), ResponseShape(body))
 
 
 @dataclass(frozen=True)
@@ -287,18 +266,13 @@ class ResponseShape:
         }
 
     async def collect(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> dict:
-        answer, reasoning, text, calls = _Answer(self.head(served), num_prompt_tokens), "", "", []
-        async with aclosing(choices) as stream:
-            async for item in stream:
-                answer.count(item)
-                reasoning += item.reasoning
-                text += item.chunk.text
-                calls += item.tool_calls
-        if reasoning:
-            answer.output.append(_reasoning(reasoning, "completed"))
-        if text:
-            answer.output.append(_message(text, "completed"))
-        answer.output += [_function_call(call, "completed") for call in calls]
+        answer = _Answer(self.head(served), num_prompt_tokens)
+        whole = await whole_answer(choices, answer.count)
+        if whole.reasoning:
+            answer.output.append(_reasoning(whole.reasoning, "completed"))
+        if whole.text:
+            answer.output.append(_message(whole.text, "completed"))
+        answer.output += [_function_call(call, "completed") for call in whole.calls]
         return answer.final()
 
     async def events(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage) -> AsyncIterator[str]:
@@ -314,7 +288,7 @@ class ResponseShape:
                         yield events.send(**event)
         except Exception as error:  # headers are sent: the error can only travel in the stream
             failure = stream_error(error)
-            yield events.send("error", code=failure.code, message=failure.message, param=_param_in_responses(failure.param))
+            yield events.send("error", code=failure.code, message=failure.message, param=FIELDS.param(failure.param))
             return
         for event in answer.close_item():
             yield events.send(**event)
