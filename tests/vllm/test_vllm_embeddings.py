@@ -131,6 +131,8 @@ def test_an_embedding_version_reloads_in_place_under_load_and_every_vector_names
     for thread in load:
         thread.start()
     try:
+        while len(answers) < 2:  # the load is running on embed@1 before the swap starts
+            time.sleep(0.05)
         record = httpx.post(f"{server.url}/admin/deployments/embed/swap", json={"to": "embed@2"}, timeout=600).json()
         after = len(answers)
         while len(answers) < after + 2:
