@@ -176,3 +176,9 @@ def test_tool_blocks_become_the_chat_conversation_they_mean():
     tool = chat.messages[3].as_template_input()
     assert (tool["tool_call_id"], tool["content"]) == ("t1", "21 C")
     assert (chat.tool_choice, chat.parallel_tool_calls, chat.reasoning_effort, chat.user) == ("auto", False, "none", "u1")
+
+
+def test_an_oversized_body_is_refused_in_anthropics_shape(tiny_server):
+    body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "x" * (tiny_server.settings.max_body_bytes + 1)}]}
+    refused = httpx.post(f"{tiny_server.url}/v1/messages", json=body)
+    assert refused.status_code == 413 and refused.json()["error"]["type"] == "request_too_large", refused.text
