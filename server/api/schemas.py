@@ -446,6 +446,7 @@ class ChatTemplateFields(Strict):
     the template (`chat_template_kwargs`: `enable_thinking`, say), and whether the prompt
     opens the assistant's turn or continues its last message (a prefilled answer)."""
 
+    messages: list[ChatMessage] | None = None  # what the template renders; each request type says whether it is required
     chat_template_kwargs: dict[str, JsonValue] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
