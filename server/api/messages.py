@@ -345,14 +345,15 @@ class _Answer:
         return {"input_tokens": self.num_input_tokens, "output_tokens": num_output_tokens}
 
     def message(self, content: list[dict]) -> dict:
+        stop_reason = self._stop_reason()
         return {
             "id": self.id,
             "type": "message",
             "role": "assistant",
             "model": self.model,
             "content": content,
-            "stop_reason": self._stop_reason(),
-            "stop_sequence": self.stop_sequence if self._stop_reason() == "stop_sequence" else None,
+            "stop_reason": stop_reason,
+            "stop_sequence": self.stop_sequence if stop_reason == "stop_sequence" else None,
             "usage": self.usage(self.num_output_tokens),
         }
 

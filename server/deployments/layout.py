@@ -16,6 +16,7 @@ from pathlib import Path
 
 from models.manifest import TOKENIZER_FILES  # the files whose hash the manifest records
 from server.engines.options import engine_only
+from server.engines.pooling import sentence_transformers_modules
 
 # config.json keys that describe where a file came from, not the network it builds.
 PROVENANCE_KEYS = frozenset({"_name_or_path", "transformers_version"})
@@ -107,14 +108,8 @@ def _modules_sha256(folder: Path) -> str | None:
     """One digest of modules.json and the files of each module folder it names (inside `folder`)."""
     if not (folder / "modules.json").is_file():
         return None
-    text = (folder / "modules.json").read_bytes()
-    digest, root = hashlib.sha256(text), folder.resolve()
-    try:
-        modules = json.loads(text)
-    except ValueError:
-        modules = []
-    paths = [str(module.get("path", "")) for module in (modules if isinstance(modules, list) else []) if isinstance(module, dict)]
-    for where in [(root / path).resolve() for path in paths if path]:
+    digest, root = hashlib.sha256((folder / "modules.json").read_bytes()), folder.resolve()
+    for where in [(root / str(module.get("path", ""))).resolve() for module in sentence_transformers_modules(folder) or [] if module.get("path")]:
         if where.is_relative_to(root) and where != root and where.is_dir():
             for file in sorted(p for p in where.rglob("*") if p.is_file()):
                 digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())

@@ -68,13 +68,32 @@ class Projection:
         return pooled
 
 
+@dataclass(frozen=True)
+class Pooler:
+    """A folder's pooling, with its Dense layers loaded: what an engine embeds with."""
+
+    pooling: Pooling = Pooling()
+    projection: Projection = Projection()
+
+    @classmethod
+    def of(cls, folder: Path, device: torch.device) -> Pooler:
+        pooling = pooling_of(folder)
+        return cls(pooling, load_projection(folder, pooling, device))
+
+
+def sentence_transformers_modules(folder: Path) -> list[dict] | None:
+    """The modules `modules.json` lists (each a dict with `type` and `path`); None without one."""
+    modules = _json(Path(folder) / "modules.json")
+    return [module for module in modules if isinstance(module, dict)] if isinstance(modules, list) else None
+
+
 def pooling_of(folder: Path) -> Pooling:
     """How a model folder's states become one vector (see the module's rule)."""
     folder = Path(folder)
-    modules = _json(folder / "modules.json")
-    if not isinstance(modules, list):
+    modules = sentence_transformers_modules(folder)
+    if modules is None:
         return Pooling()
-    named = [(str(module.get("type", "")).rsplit(".", 1)[-1], module) for module in modules if isinstance(module, dict)]
+    named = [(str(module.get("type", "")).rsplit(".", 1)[-1], module) for module in modules]
     types = dict(named)
     normalize = "Normalize" in types
     dense = tuple(_dense(folder, module) for kind, module in named if kind == "Dense")
@@ -129,9 +148,10 @@ def _json(path: Path):
 
 
 @torch.inference_mode()
-def embed(model, prompts: list[list[int]], pad_token_id: int, pooling: Pooling, projection: Projection = Projection()) -> list[list[float]]:
+def embed(model, prompts: list[list[int]], pad_token_id: int, pooler: Pooler) -> list[list[float]]:
     """One vector per prompt, from one forward pass of the model's base (no LM head) over the
-    prompts left-padded together, pooled, projected, then normalized as `pooling` says."""
+    prompts left-padded together, pooled, projected, then normalized as `pooler` says."""
+    pooling = pooler.pooling
     input_ids, attention_mask = left_padded(prompts, pad_token_id, model.device)
     states = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_of(attention_mask), use_cache=False).last_hidden_state.float()
     if pooling.mode == "last":
@@ -142,5 +162,5 @@ def embed(model, prompts: list[list[int]], pad_token_id: int, pooling: Pooling, 
     else:
         mask = attention_mask[..., None].float()
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1)
-    pooled = projection(pooled)
+    pooled = pooler.projection(pooled)
     return (torch.nn.functional.normalize(pooled, dim=-1) if pooling.normalize else pooled).tolist()

@@ -28,7 +28,7 @@ from server.engines.static_rows import StaticRows, can_use_static_rows, initial_
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.model_folder import check_model_folder, read_config
 from server.engines.options import TransformersOptions
-from server.engines.pooling import EMBED_BATCH, Pooling, Projection, embed, load_projection, pooling_of
+from server.engines.pooling import EMBED_BATCH, Pooler, embed
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
 from server.engines.sampler import row_seed
 from models.errors import EngineError, EngineStoppedError, ModelLoadError
@@ -68,7 +68,7 @@ class TransformersEngine:
         self._is_stopping = False
         self._in_flight: dict[str, Sequence] = {}  # event-loop thread only
         self._grammars: Grammars | None = None  # built on the first request held to a grammar
-        self._pooling, self._projection = Pooling(), Projection()  # the folder's, read as it loads (embeddings)
+        self._pooler = Pooler()  # the folder's, read as it loads (embeddings)
 
     @property
     def tokenizer(self):
@@ -104,7 +104,7 @@ class TransformersEngine:
         vectors = []
         for start in range(0, len(prompts), EMBED_BATCH):
             batch = prompts[start : start + EMBED_BATCH]
-            vectors += await asyncio.wrap_future(self._call_on_worker(partial(embed, self._model, batch, self._pad_token_id(), self._pooling, self._projection)))
+            vectors += await asyncio.wrap_future(self._call_on_worker(partial(embed, self._model, batch, self._pad_token_id(), self._pooler)))
         return vectors
 
     async def reload_weights(self, path: Path) -> None:
@@ -112,10 +112,9 @@ class TransformersEngine:
         steps; the chat template is the new folder's (the vocabulary is the same)."""
         path = Path(path)
         check_model_folder(path, self._options.allow_pickle)
-        tokenizer, pooling = with_chat_template_of(self._tokenizer, path), pooling_of(path)
-        projection = load_projection(path, pooling, self._device)
+        tokenizer, pooler = with_chat_template_of(self._tokenizer, path), Pooler.of(path, self._device)
         await asyncio.wrap_future(self._call_on_worker(partial(self._reload, path)))
-        self._path, self._tokenizer, self._pooling, self._projection = path, tokenizer, pooling, projection
+        self._path, self._tokenizer, self._pooler = path, tokenizer, pooler
 
     async def abort(self, request_id: str) -> None:
         sequence = self._in_flight.get(request_id)
@@ -340,8 +339,7 @@ class TransformersEngine:
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"Cannot load the model at {self._path}: {error}") from error
         self._model.eval()
-        self._pooling = pooling_of(self._path)
-        self._projection = load_projection(self._path, self._pooling, self._device)
+        self._pooler = Pooler.of(self._path, self._device)
         self._batch = ContinuousBatch(self._model, self._row_cache(), self._eos_token_ids(), self._pad_token_id())
         self._batch.warm_up()
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from models.errors import ModelLoadError
 from server.config.settings import ModelSpec, Settings
-from server.engines.pooling import Dense, Pooling, embed, load_projection, pooling_of
+from server.engines.pooling import Dense, Pooler, Pooling, embed, load_projection, pooling_of
 from tests.conftest import ServerThread, build_tiny_model, sentence_transformers_layout, sentence_transformers_vector
 
 
@@ -99,7 +99,7 @@ def test_pooling_is_read_from_sentence_transformers_modules_as_vllm_reads_it(tmp
 def test_each_pooling_reads_only_its_own_inputs_tokens_in_a_padded_batch(tiny_model_path, mode, normalize):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
-    pooled = embed(model, prompts, pad_token_id=0, pooling=Pooling(mode, normalize))
+    pooled = embed(model, prompts, pad_token_id=0, pooler=Pooler(Pooling(mode, normalize)))
     for prompt, vector in zip(prompts, pooled):
         with torch.inference_mode():
             states = model.base_model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
