@@ -2,7 +2,8 @@
 
 Sources are written `./folder`, `hf:ORG/NAME@REVISION` and `gguf:./file.gguf`. A folder (local
 or from the hub) that holds a LoRA adapter is merged into the base version named with it
-(`ImportOptions.base`), and the merged weights are the version (lora.py).
+(`ImportOptions.base`), and the merged weights are the version (lora.py); or, with `merge`
+off, the version is the base's files with the adapter's beside them, served unmerged.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from models.catalog import Change
 from models.gguf import convert_gguf
-from models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, merge_lora
+from models.lora import ADAPTER_CONFIG, ADAPTER_FOLDER, ADAPTER_WEIGHTS, UNMERGED_KIND, check_fits, is_adapter, merge_lora
 from models.manifest import PICKLE_SUFFIXES
 from models.registry import ImportOptions, Registry, Version
 from models.store import file_sha256
@@ -63,27 +64,35 @@ def import_local(registry: Registry, folder: Path, name: str, options: ImportOpt
 def _import_fetched(registry: Registry, folder: Path, name: str, source: dict, options: ImportOptions, change: Change, only: tuple[str, ...] | None = None) -> tuple[Version, bool]:
     if is_adapter(folder):
         return import_adapter(registry, folder, name, source, options, change)
-    if options.base is not None:
-        raise InvalidRequestError(f"A base version is named for LoRA adapters only; {folder} holds no {ADAPTER_CONFIG}.", param="base")
+    if options.base is not None or not options.merge:
+        raise InvalidRequestError(f"A base version (and --unmerged) are for LoRA adapters only; {folder} holds no {ADAPTER_CONFIG}.", param="base" if options.base else "merge")
     return registry.import_folder(folder, name, source, options, change, only=only)
 
 
 def import_adapter(registry: Registry, adapter: Path, name: str, source: dict, options: ImportOptions, change: Change) -> tuple[Version, bool]:
-    """Merge the adapter into its base version and import the result. Its manifest's source
-    names the adapter, its files' digests and the base; engine options default to the base's. The
-    same adapter on the same base returns its version without merging again."""
+    """Merge the adapter into its base version and import the result, or (`merge` off) import
+    the base's files with the adapter's beside them in `adapter/`. Its manifest's source names
+    the adapter, its files' digests and the base; engine options default to the base's. The
+    same adapter on the same base, imported the same way, returns its version."""
     if options.base is None:
         raise InvalidRequestError(f"{adapter} is a LoRA adapter: name the version it was trained on (--base chat@3, or base in the admin API).", param="base")
     base = registry.resolve_for_serving(options.base)
+    if base.adapter is not None:
+        raise InvalidRequestError(f"{base.ref} is itself an unmerged adapter; name the version it was trained on ({base.manifest.source.get('base')}).", param="base")
     digests = {file: file_sha256(adapter / file) for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (adapter / file).is_file()}
-    if (existing := registry.find_by_source(name, "adapter_sha256", digests)) is not None and existing.manifest.source.get("base") == base.ref:
+    kind = "lora" if options.merge else UNMERGED_KIND
+    described = {"kind": kind, "adapter": source, "adapter_sha256": digests, "base": base.ref}
+    if (existing := registry.find_by_source(name, "adapter_sha256", digests)) is not None and (existing.manifest.source.get("base"), existing.manifest.source.get("kind")) == (base.ref, kind):
         return existing, False
     if not options.engine_options:
         options = replace(options, engine_options=dict(base.manifest.engine_options))
+    if not options.merge:
+        check_fits(adapter, base.path)
+        return registry.import_beside(base, adapter, (ADAPTER_CONFIG, ADAPTER_WEIGHTS), ADAPTER_FOLDER, name, described, options, change)
     work = registry.store.new_staging_folder()
     try:
         merged = merge_lora(adapter, base.path, work / "model", options.show_progress)
-        return registry.import_folder(merged, name, {"kind": "lora", "adapter": source, "adapter_sha256": digests, "base": base.ref}, options, change)
+        return registry.import_folder(merged, name, described, options, change)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,6 +1,8 @@
 """A LoRA adapter merged into its base version's weights: a full Hugging Face folder of the
 base's layout, so a swap between the base and its fine-tunes (or between fine-tunes of one
-base) is a `reload`, the weights changed in place in under a second.
+base) is a `reload`, the weights changed in place in under a second. Or kept apart (an
+import with --unmerged): the base's files with the adapter's in `adapter/`, which vLLM serves
+as a LoRA beside the base weights, checked here as a merge would be.
 
 Rules: the adapter is read as PEFT writes it (`adapter_config.json`, and
 `adapter_model.safetensors`; never pickle). Each adapted linear layer's weight becomes
@@ -24,6 +26,8 @@ from models.errors import InvalidRequestError, ModelLoadError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+UNMERGED_KIND = "lora-unmerged"  # a manifest source's kind: the base's files, the adapter in ADAPTER_FOLDER
+ADAPTER_FOLDER = "adapter"  # where an unmerged version keeps its adapter, beside the base's files (no engine looks in subfolders for weights)
 _ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -60,6 +64,24 @@ def merge_lora(adapter: Path, base: Path, target: Path, show_progress: bool = Fa
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def check_fits(adapter: Path, base: Path) -> None:
+    """Refuse, as a merge would, an adapter that cannot be merged or does not fit `base`
+    (reading the base's tensor shapes, not its weights)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    config = _checked_config(adapter)
+    pairs = _lora_pairs(adapter, load_file)
+    shapes = {}
+    for shard in base.glob("*.safetensors"):
+        with safe_open(shard, "pt") as tensors:
+            shapes.update({name: tuple(tensors.get_slice(name).get_shape()) for name in tensors.keys()})
+    for module, (down, up) in pairs.items():
+        if (shape := shapes.get(f"{module}.weight")) is None:
+            raise InvalidRequestError(f"The adapter changes {module}, which the base has no weight for: it was trained on another model.", param="base")
+        _check_shape(shape, (up.shape[0], down.shape[1]), bool(config.get("fan_in_fan_out")))
 
 
 def _checked_config(adapter: Path) -> dict:
@@ -114,7 +136,13 @@ def _pattern_value(patterns: dict, module: str, default):
 def _merged(weight, down, up, scale: float, fan_in_fan_out: bool, torch):
     """fan_in_fan_out: the base stores the layer transposed (GPT-2's Conv1D), and so the update."""
     delta = up.to(torch.float32) @ down.to(torch.float32)
+    _check_shape(tuple(weight.shape), tuple(delta.shape), fan_in_fan_out)
     delta = delta.T if fan_in_fan_out else delta
-    if delta.shape != weight.shape:
-        raise InvalidRequestError(f"The adapter's update is {tuple(delta.shape)} where the base weight is {tuple(weight.shape)}: it was trained on another model.", param="base")
     return (weight.to(torch.float32) + scale * delta).to(weight.dtype)
+
+
+def _check_shape(weight: tuple, update: tuple, fan_in_fan_out: bool) -> None:
+    """`update`: B @ A's (out, in); a fan_in_fan_out base stores its weight as (in, out)."""
+    update = update[::-1] if fan_in_fan_out else update
+    if tuple(update) != tuple(weight):
+        raise InvalidRequestError(f"The adapter's update is {tuple(update)} where the base weight is {tuple(weight)}: it was trained on another model.", param="base")

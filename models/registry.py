@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from models.catalog import Catalog, Change, VersionRow
+from models.lora import ADAPTER_FOLDER, UNMERGED_KIND
 from models.manifest import PICKLE_SUFFIXES, Manifest, describe_folder, tokenizer_sha256
 from models.names import LATEST, ModelRef, check_name
 from models.store import BlobStore
@@ -35,6 +37,19 @@ class Version:
     @property
     def ref(self) -> str:
         return f"{self.model}@{self.number}"
+
+    @property
+    def adapter(self) -> Path | None:
+        """The LoRA adapter an engine serves beside the weights, for a version imported unmerged."""
+        return self.path / ADAPTER_FOLDER if self.manifest.source.get("kind") == UNMERGED_KIND else None
+
+    @property
+    def weights_digest(self) -> str:
+        """The digest of what an engine loads as the model, an unmerged adapter aside: the
+        same for a base and each adapter imported unmerged on it."""
+        if self.adapter is None:
+            return self.manifest.digest
+        return replace(self.manifest, files=tuple(f for f in self.manifest.files if not f.path.startswith(f"{ADAPTER_FOLDER}/"))).digest
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +76,7 @@ class ImportOptions:
     # empty: anywhere (an operator's own import may link to a shared checkpoint).
     confine_to: tuple[Path, ...] = ()
     base: str | None = None  # a LoRA adapter's base version (a registry ref): the adapter is merged into it (lora.py)
+    merge: bool = True  # False: the adapter is kept apart, beside the base's files, for vLLM to serve unmerged
 
 
 class Registry:
@@ -97,6 +113,34 @@ class Registry:
             allows_pickle=options.allow_pickle,
             trusts_remote_code=options.trust_remote_code,
         )
+        return self._add_version(name, manifest, change)
+
+    def import_beside(self, base: Version, folder: Path, files: tuple[str, ...], under: str, name: str, source: dict, options: ImportOptions, change: Change) -> tuple[Version, bool]:
+        """Store a version of `name` that is `base`'s files (stored once, shared) with `files`
+        of `folder` in the subfolder `under` (an unmerged LoRA adapter); engine options are
+        the base's unless given."""
+        check_name(name)
+        _check_confined(folder, list(files), options.confine_to)
+        staged = self.store.new_staging_folder()
+        try:
+            (staged / under).mkdir()
+            for file in files:
+                shutil.copyfile(folder / file, staged / under / file)
+            entries = self.store.store_files(staged, [f"{under}/{file}" for file in files], options.show_progress)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        manifest = replace(
+            base.manifest,
+            files=base.manifest.files + entries,
+            source=source,
+            engine_options=options.engine_options if options.engine_options is not None else dict(base.manifest.engine_options),
+            labels=options.labels or {},
+            notes=options.notes,
+            created_by=change.actor,
+        )
+        return self._add_version(name, manifest, change)
+
+    def _add_version(self, name: str, manifest: Manifest, change: Change) -> tuple[Version, bool]:
         self.store.build_tree(manifest)
         _fault_point("after_tree")
         row, is_new = self._catalog.add_version(name, manifest.to_dict(), change)

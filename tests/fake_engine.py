@@ -25,6 +25,7 @@ class FakeBehaviour:
     fails_to_reload: bool = False  # its reload raises once the old weights are half gone
     fails_requests: bool = False  # every generation fails with an engine error (a faulty version)
     stop_seconds: float = 0.0  # as vLLM's processes, which hold their memory until they exit
+    refuses_adapters: bool = False  # loading a LoRA adapter fails (vLLM: a rank above max_lora_rank)
 
 
 class FakeEngine:
@@ -36,6 +37,7 @@ class FakeEngine:
         self._is_running = False
         self.is_asleep = False
         self._running: dict[str, asyncio.Event] = {}  # request id -> stop signal
+        self.adapters: dict[Path, str] = {}  # LoRA adapters loaded, as vLLM's multi-LoRA: folder -> name
         self.start_began_at: float | None = None  # time.monotonic(), for tests of what overlaps
         self.stop_began_at: float | None = None
         self.stopped_at: float | None = None
@@ -70,6 +72,9 @@ class FakeEngine:
             raise EngineStoppedError("The engine is not running." if not self.is_asleep else "The engine is asleep.")
         if self._behaviour.fails_requests:
             raise EngineError(f"{self._label} failed this generation (injected fault)")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise EngineStoppedError("The version's LoRA adapter was unloaded before this generation started.")
+        label = self.adapters[request.adapter] if request.adapter is not None else self._label
         stopped = self._running[request.request_id] = asyncio.Event()
         try:
             count = 0 if self._behaviour.produces_nothing else request.sampling.max_tokens
@@ -80,7 +85,7 @@ class FakeEngine:
                     pass
                 if stopped.is_set():
                     raise EngineStoppedError("The engine stopped before this generation finished.")
-                yield Chunk(f"{self._label} ", 1, "length" if index == count - 1 else None)
+                yield Chunk(f"{label} ", 1, "length" if index == count - 1 else None)
             if count == 0:
                 yield Chunk("", 0, "stop")
         finally:
@@ -89,6 +94,15 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         if request_id in self._running:
             self._running[request_id].set()
+
+    async def load_adapter(self, adapter: Path, name: str) -> None:
+        """Its generations' words are `name`, so a test can tell which adapter served them."""
+        if self._behaviour.refuses_adapters:
+            raise RuntimeError(f"{self._label} cannot take the adapter of {name}")
+        self.adapters[adapter] = name
+
+    async def unload_adapter(self, adapter: Path) -> None:
+        del self.adapters[adapter]
 
     def health(self) -> EngineHealth:
         return EngineHealth(self._is_running and not self.is_asleep, len(self._running), 0)

@@ -37,6 +37,7 @@ class AdminClient:
             "notes": options.notes,
             "reason": change.reason,
             "base": options.base,
+            "merge": options.merge,
         }
         return self._call("POST", "/models", json=body, timeout=LONG)
 

@@ -30,6 +30,9 @@ def add_commands(commands, home_of) -> None:
     imports.add_argument("--max-model-len", type=int, help="engine option recorded in the manifest")
     imports.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE", help="any other engine option (gpu_memory_utilization=0.45); values are JSON")
     imports.add_argument("--base", metavar="REF", help="for a LoRA adapter: the version it was trained on (chat@3); the adapter is merged into it")
+    imports.add_argument(
+        "--unmerged", action="store_true", help="with --base: keep the adapter apart; vLLM serves it beside the base's weights, and swaps among a base's adapters load no weights"
+    )
     imports.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     imports.add_argument("--notes", default="")
     imports.add_argument("--reason", default="")
@@ -79,7 +82,7 @@ def _import(admin, args) -> int:
     engine_options = engine_option_pairs(args.engine_option)
     engine_options |= {k: v for k, v in chosen if v is not None}
     labels = _pairs(args.label, "label")
-    options = ImportOptions(args.allow_pickle, args.trust_remote_code, engine_options, labels, args.notes, show_progress=True, base=args.base)
+    options = ImportOptions(args.allow_pickle, args.trust_remote_code, engine_options, labels, args.notes, show_progress=True, base=args.base, merge=not args.unmerged)
     result = admin.import_model(args.source, args.name, options, _change(args))
     verb = "imported" if result["created"] else "already present as"
     print(f"{verb} {result['ref']} ({result['digest'][:19]}, {_size(result['total_bytes'])})")

@@ -25,6 +25,7 @@ from server.deployments.health_watch import HealthWatch
 from server.deployments.layout import ModelLayout, reload_blocker
 from server.deployments.on_demand import OnDemandLoads
 from server.deployments.resume import start_point
+from server.deployments.shared_engine import DEFAULT_MAX_LORAS, shared_engine_key
 from server.deployments.slot import Lease, Slot, SlotState, Target
 from server.deployments.slot_lifecycle import EngineFactory, SlotLifecycle
 from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy, no_room_beside, preview
@@ -33,7 +34,7 @@ from server.deployments.swap_record import SwapRecord, as_swap_error
 from server.deployments.swaps import Swaps
 from server.observability.metrics import Metrics
 from server.engines.base import can_reload, engine_process_ids
-from server.engines.factory import estimate_memory_bytes
+from server.engines.factory import engine_for, estimate_memory_bytes
 from server.engines.generation_config import SamplingDefaults
 from server.engines.options import engine_only
 from models.errors import BatonError, ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, SwapFailedError
@@ -363,7 +364,7 @@ class DeploymentManager:
         target = self._resolve(ref, deployment.engine_overrides)  # an unknown or corrupt version: refused now
         if target.version == deployment.version:
             raise ConflictError(f"{name} serves {target.version} already; a canary is another version.")
-        if refusal := no_room_beside(target.memory_bytes, **self._slots.room_beside(target)):
+        if refusal := no_room_beside(self._slots.needed_bytes(target), **self._slots.room_beside(target)):
             raise ConflictError(f"Cannot start a canary of {target.version}: {refusal}.", code="insufficient_memory")
         record = SwapRecord(name, "canary", deployment.version, target.version, f"canary {weight}%", change.actor, change.reason)
         return await self._run(deployment, record, self._swaps.canary(deployment, record, target, weight, analysis), wait=True)
@@ -498,7 +499,8 @@ class DeploymentManager:
             reload_blocker=_reload_blocker(active, target) if active is not None else "nothing is loaded",
             changes_output_only=active is not None and _changes_output_only(active.target, target),
             wakes_in_turn=standby is not None and self._slots.wakes_in_turn(standby),
-            needed_bytes=target.memory_bytes,
+            needed_bytes=self._slots.needed_bytes(target),
+            joins_running_engine=self._slots.joins_running_engine(target),
             **self._slots.room_beside(target),
         )
 
@@ -531,8 +533,9 @@ class DeploymentManager:
         import allowed it."""
         version = self._registry.resolve_for_serving(ref)
         options = {**self._engine_defaults, **version.manifest.engine_options, **(overrides or {}), "allow_pickle": version.manifest.allows_pickle}
-        stored_bytes = version.manifest.total_bytes
-        return _target(version.ref, version.path, options, stored_bytes)
+        if version.adapter is not None and not options.get("max_loras"):
+            options["max_loras"] = DEFAULT_MAX_LORAS
+        return _target(version.ref, version.path, options, version.manifest.total_bytes, version.adapter, version.weights_digest)
 
     def _resolve_or_standby(self, deployment: Deployment, ref: str, overrides: dict) -> Target:
         """Rule: a version deleted (forced) while it sits on standby can still come back, as
@@ -581,9 +584,14 @@ def _previous_version(deployment: Deployment) -> str:
     return deployment.previous_version
 
 
-def _target(version: str, path: Path, options: dict, stored_bytes: int) -> Target:
-    """A version as it will load: its memory estimate and sampling defaults read from its folder."""
-    return Target(version, path, options, estimate_memory_bytes(path, options, stored_bytes), stored_bytes, SamplingDefaults.read(path))
+def _target(version: str, path: Path, options: dict, stored_bytes: int, adapter: Path | None = None, weights_digest: str | None = None) -> Target:
+    """A version as it will load: its memory estimate and sampling defaults read from its
+    folder; on vLLM with LoRA on, the key of the engine it shares with its base's other versions."""
+    runs_on = engine_for(path, options.get("engine") or "auto")
+    if adapter is not None and runs_on != "vllm":
+        raise ConflictError(f"{version} is a LoRA adapter imported unmerged, which only the vLLM engine serves (it would run on {runs_on}); import it merged (without --unmerged) to serve it there.", code="adapter_needs_vllm")
+    key = shared_engine_key(weights_digest or str(path), engine_only(options)) if runs_on == "vllm" and options.get("max_loras") else None
+    return Target(version, path, options, estimate_memory_bytes(path, options, stored_bytes), stored_bytes, SamplingDefaults.read(path), adapter, key)
 
 
 def _can_never_come_back(error: BatonError) -> bool:
@@ -597,6 +605,8 @@ def _changes_output_only(active: Target, target: Target) -> bool:
 
 
 def _reload_blocker(active: Slot, target: Target) -> str | None:
+    if target.adapter is not None or active.target.shared_engine_key is not None:
+        return "a LoRA adapter served unmerged loads beside the base weights, and an engine shared by a base's versions keeps its weights"
     if not can_reload(active.engine):
         return f"the {active.engine.name} engine cannot reload weights in place"
     return reload_blocker(ModelLayout.read(active.target.path), ModelLayout.read(target.path), active.target.options, target.options)

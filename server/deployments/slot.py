@@ -33,6 +33,10 @@ class Target:
     memory_bytes: int  # what it will hold of the memory budget once loaded (an estimate)
     stored_bytes: int = 0  # its weights on disk: what it holds of host memory when asleep
     sampling_defaults: SamplingDefaults = SamplingDefaults()  # its generation_config.json's
+    adapter: Path | None = None  # an unmerged LoRA adapter, served beside the weights at `path`
+    # Targets with the same key share one running engine (shared_engine.py): a vLLM engine
+    # with LoRA on, for a base and its unmerged adapters. None: an engine of its own.
+    shared_engine_key: str | None = None
 
     @property
     def is_from_registry(self) -> bool:
@@ -159,6 +163,10 @@ class Slot:
             "sampling_defaults": self.target.sampling_defaults.as_dict(),
             "memory_bytes": self.memory_bytes,
         }
+        if self.target.adapter is not None:
+            described["lora_adapter"] = "unmerged, served beside its base's weights"
+        if self.target.shared_engine_key is not None:
+            described["shared_engine"] = self.target.shared_engine_key
         return described | ({"memory_plan": self.plan} if self.plan else {})
 
 

@@ -19,6 +19,7 @@ from server.config.settings import Settings
 from server.deployments.deployment import Deployment
 from server.deployments.drain import StopDecision, decide_stop
 from server.deployments.heap import Heap
+from server.deployments.shared_engine import SharedEngines
 from server.deployments.memory_plan import fits, plan_gpu_share, usable_gpu_bytes
 from server.deployments.slot import Slot, SlotState, Target
 from server.deployments.swap_record import SwapRecord
@@ -46,20 +47,29 @@ class SlotLifecycle:
         self._metrics = metrics
         self._deployments = deployments  # every deployment, for the budget's measures
         self._heap = Heap()
+        self._shared = SharedEngines()
 
     async def load(self, target: Target) -> Slot:
         options, target, plan = self._planned(target)
-        slot = Slot(target, self._engine_factory(target.path, {**options, "served_name": served_name(target)}), plan=plan)
+        starts_an_engine = not self.joins_running_engine(target)  # a share of a running one loads an adapter at most
+        engine = self._engine_factory(target.path, {**options, "served_name": served_name(target)})
+        if target.shared_engine_key is not None:
+            engine = self._shared.share(target.shared_engine_key, engine, target.adapter, target.version)
+        slot = Slot(target, engine, plan=plan)
         try:
             await slot.engine.start()
         except BaseException:
-            self._metrics.engine_starts.labels(slot.engine.name, "failed").inc()
+            self._count_start(slot, "failed", starts_an_engine)
             slot.move_to(SlotState.FAILED)
             await self._stop_engine(slot)
             raise
-        self._metrics.engine_starts.labels(slot.engine.name, "started").inc()
+        self._count_start(slot, "started", starts_an_engine)
         self._heap.freeze()
         return slot
+
+    def _count_start(self, slot: Slot, outcome: str, starts_an_engine: bool) -> None:
+        if starts_an_engine:
+            self._metrics.engine_starts.labels(slot.engine.name, outcome).inc()
 
     async def load_and_verify(self, record: SwapRecord, target: Target, deployment: Deployment) -> Slot:
         async with record.phase("load") as phase:
@@ -151,7 +161,18 @@ class SlotLifecycle:
     def memory_in_use_bytes(self) -> int:
         """The budget's measure: the estimated device memory of loaded slots. A sleeping slot
         holds none (its weights wait in host memory)."""
-        return sum(s.memory_bytes for d in self._deployments() for s in d.slots() if s.state not in (SlotState.STOPPED, SlotState.ASLEEP))
+        by_engine: dict[object, int] = {}  # a shared engine once, at its largest version's estimate
+        for slot in (s for d in self._deployments() for s in d.slots() if s.state not in (SlotState.STOPPED, SlotState.ASLEEP)):
+            engine = slot.target.shared_engine_key or id(slot)
+            by_engine[engine] = max(by_engine.get(engine, 0), slot.memory_bytes)
+        return sum(by_engine.values())
+
+    def needed_bytes(self, target: Target) -> int:
+        """What loading `target` adds to the budget: nothing where it shares an engine that runs."""
+        return 0 if self.joins_running_engine(target) else target.memory_bytes
+
+    def joins_running_engine(self, target: Target) -> bool:
+        return target.shared_engine_key is not None and self._shared.is_running(target.shared_engine_key)
 
     def fits_in_budget(self, extra_bytes: int) -> bool:
         return fits(self.memory_in_use_bytes, extra_bytes, self._settings.memory_budget_bytes)
@@ -169,7 +190,7 @@ class SlotLifecycle:
     def room_beside(self, target: Target) -> dict:
         """Room to load `target` beside what runs: on a GPU, for a vLLM engine whose share is
         planned, what the plan would give it (vLLM's memory is the GPU's, not the budget's)."""
-        if (gpu := self._gpu_to_plan(target)) is None:
+        if self.joins_running_engine(target) or (gpu := self._gpu_to_plan(target)) is None:
             return {"free_bytes": self._settings.memory_budget_bytes - self.memory_in_use_bytes, "free_in": "the memory budget"}
         usable = usable_gpu_bytes(gpu.total_bytes, gpu.free_bytes, self._gpu_headroom_bytes, self._engines_per_gpu)
         return {"free_bytes": usable, "free_in": "the GPU after its headroom"}
@@ -179,6 +200,8 @@ class SlotLifecycle:
     def _planned(self, target: Target) -> tuple[dict, Target, str]:
         """The options an engine starts with: on a GPU, a vLLM engine with no explicit
         `gpu_memory_utilization` gets one planned from the device's free memory now."""
+        if self.joins_running_engine(target):
+            return target.options, target, "shares the running engine of its base weights"
         if (gpu := self._gpu_to_plan(target)) is None:
             return target.options, target, ""
         headroom = self._gpu_headroom_bytes

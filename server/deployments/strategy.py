@@ -3,6 +3,8 @@ unit test (nano-vllm's scheduler: policy without I/O).
 
 `auto` takes the fastest strategy that is safe, in this order:
   standby     the target is loaded or asleep beside the active version: flip, or wake and flip
+  blue-green  (first) the target shares the running engine (a base and its unmerged LoRA
+              adapters): its adapter loads in milliseconds, beside the active version
   reload      same layout, and the engine reloads in place: hold, drain, swap weights, resume
   blue-green  the memory plan fits both: load beside, flip, drain (no request waits)
   replace     the last resort: the old version sleeps or unloads, new requests wait in a queue
@@ -34,6 +36,7 @@ class SwapFacts:
     changes_output_only: bool = False  # the active version, only its output options (tool_parser, reasoning_parser) new
     is_unloaded: bool = False  # on demand, nothing loaded: its next request loads what it serves
     wakes_in_turn: bool = False  # the standby sleeps and cannot be awake beside the active version
+    joins_running_engine: bool = False  # the target shares an engine that runs (its base's, LoRA on): it loads an adapter, no weights
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ def preview(choice: Choice, facts: SwapFacts) -> dict:
 def _fastest(facts: SwapFacts) -> Choice:
     if facts.is_on_standby:
         return Choice("standby", "the target is on standby")
+    if facts.joins_running_engine:
+        return Choice("blue-green", "it shares the running engine of its base weights (LoRA on): only its adapter loads, beside the active version")
     if facts.reload_blocker is None:
         return Choice("reload", "same layout: weights swap inside the running engine")
     why_not_reload = f"no reload ({facts.reload_blocker})"

@@ -84,6 +84,7 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: Sequence[int]
     sampling: SamplingParams
+    adapter: Path | None = None  # a LoRA adapter folder the engine has loaded (`AdapterEngine`): its weights, added to the base's
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,18 @@ class ReloadingEngine(Protocol):
     from `path` too. If it raises, the weights may be a mix: the caller reloads the old path."""
 
     async def reload_weights(self, path: Path) -> None: ...
+
+
+@runtime_checkable
+class AdapterEngine(Protocol):
+    """An engine that serves LoRA adapters unmerged beside its base weights, a different one
+    per request in the same batch (vLLM's multi-LoRA). Rules: an adapter is loaded before a
+    request names it, and unloaded once nothing generates with it (shared_engine.py aborts
+    its own generations first); a request naming one not loaded ends with `EngineStoppedError`."""
+
+    async def load_adapter(self, adapter: Path, name: str) -> None: ...  # name: what the engine's metrics call it
+
+    async def unload_adapter(self, adapter: Path) -> None: ...
 
 
 @runtime_checkable

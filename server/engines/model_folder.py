@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.lora import is_adapter
+from models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter
 from models.manifest import PICKLE_SUFFIXES
 from models.errors import ModelLoadError
 
@@ -36,3 +36,10 @@ def check_model_folder(path: Path, allow_pickle: bool) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise ModelLoadError(f"{path} has no weights (*.safetensors).")
+
+
+def check_adapter_folder(path: Path) -> None:
+    """A LoRA adapter an engine serves unmerged: PEFT's config and safetensors weights (its
+    pickled `adapter_model.bin` is never loaded, as in a merge)."""
+    if not is_adapter(path) or not (path / ADAPTER_WEIGHTS).is_file():
+        raise ModelLoadError(f"{path} holds no LoRA adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}).")

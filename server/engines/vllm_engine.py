@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import importlib.util
+import itertools
 import os
 import re
 import threading
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from server.engines.base import Chunk, EngineHealth, GenerationRequest, OutputFormat, TokenLogprob
-from server.engines.model_folder import check_model_folder
+from server.engines.model_folder import check_adapter_folder, check_model_folder
 from server.engines.options import VLLMOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
 from server.observability.output_tail import OutputTail
@@ -56,6 +57,8 @@ class VLLMEngine:
         self._engine = None
         self._tokenizer = None
         self._in_flight: set[str] = set()
+        self._adapters: dict[Path, object] = {}  # adapter folder -> its vLLM LoRARequest
+        self._adapter_ids = itertools.count(1)
         self._lock = threading.Lock()  # between stop() and a start still building in its thread
         self._is_stopped = False
 
@@ -129,7 +132,8 @@ class VLLMEngine:
             # The prompt goes through vLLM's renderer, as vLLM's own server sends it (a raw
             # prompt is deprecated); its ids are baton's rendering of the chat template.
             (prompt,) = await self._engine.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))])
-            async for output in self._engine.generate(prompt, self._sampling(request), request.request_id):
+            lora_request = self._lora_request(request.adapter)
+            async for output in self._engine.generate(prompt, self._sampling(request), request.request_id, lora_request=lora_request):
                 if not is_started and request.sampling.prompt_logprobs is not None:
                     unreported_prompt_logprobs = self._prompt_logprobs(request.prompt_token_ids, output.prompt_logprobs, request.sampling.prompt_logprobs)
                 is_started = True
@@ -202,6 +206,32 @@ class VLLMEngine:
             await self._engine.resume_generation()
         self._path, self._tokenizer = path, tokenizer
 
+    async def load_adapter(self, adapter: Path, name: str) -> None:
+        """Loaded into vLLM's adapter cache now (not by its first request), so that a bad
+        adapter fails a swap's load, before any request is routed to it. `name` is what
+        vLLM's metrics call it."""
+        from vllm.lora.request import LoRARequest
+
+        check_adapter_folder(adapter)
+        lora_request = self._adapters[adapter] = LoRARequest(name, next(self._adapter_ids), str(adapter))
+        try:
+            await self._engine.add_lora(lora_request)
+        except Exception as error:
+            del self._adapters[adapter]
+            hint = " (set the engine option max_lora_rank to the adapter's rank or above)" if "rank" in str(error).lower() else ""
+            raise ModelLoadError(f"vLLM cannot load the LoRA adapter of {name}: {error}{hint}") from error
+
+    async def unload_adapter(self, adapter: Path) -> None:
+        if (lora_request := self._adapters.pop(adapter, None)) is not None and self._engine is not None:
+            await self._engine.remove_lora(lora_request.lora_int_id)
+
+    def _lora_request(self, adapter: Path | None):
+        if adapter is None:
+            return None
+        if (lora_request := self._adapters.get(adapter)) is None:
+            raise EngineStoppedError("The version's LoRA adapter was unloaded before this generation started.")
+        return lora_request
+
     async def abort(self, request_id: str) -> None:
         if self._engine is not None:
             await self._engine.abort(request_id)
@@ -270,6 +300,9 @@ class VLLMEngine:
             # Per engine, not through VLLM_CPU_KVCACHE_SPACE: set once in the environment, the
             # first engine's size held for every later one (an operator's own setting still wins).
             "kv_cache_memory_bytes": options.cpu_kv_cache_gib * 2**30 if on_cpu else None,
+            "enable_lora": options.max_loras > 0 or None,
+            "max_loras": options.max_loras or None,
+            "max_lora_rank": options.max_lora_rank if options.max_loras else None,
         }
         args = AsyncEngineArgs(
             model=str(self._path),

