@@ -75,7 +75,7 @@ class OnDemandLoads:
         try:
             async with deployment.swap_lock:
                 async with record.phase("evict"):
-                    await self._make_room(target.memory_bytes, deployment)
+                    await self._make_room(self._slots.needed_bytes(target), deployment)
                 slot = await self._slots.load_and_verify(record, target, deployment)
                 async with record.phase("flip"):
                     deployment.flip_to(slot)

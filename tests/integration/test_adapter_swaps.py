@@ -119,3 +119,21 @@ def test_an_unmerged_adapter_on_another_engine_is_refused_before_anything_stops(
         assert refused["error"]["code"] == "adapter_needs_vllm" and "import it merged" in refused["error"]["message"]
         assert _served(server)[0] == "chat@1"
         assert json.loads(httpx.get(f"{server.url}/admin/deployments/chat").text)["active"]["state"] == "ready"
+
+
+def test_deployments_of_adapters_of_one_base_share_its_engine_and_leave_it_running(home):
+    """Many names, one engine (vLLM's multi-LoRA serving): another deployment of an adapter
+    joins the running engine; undeployed, its adapter unloads and the engine serves on."""
+    factory = FakeEngineFactory()
+    with _server(home, factory) as server:
+        deployed = httpx.post(f"{server.url}/admin/deployments", json={"name": "other", "model": "chat@3"}, timeout=60)
+        assert deployed.status_code == 201, deployed.text
+        on_demand = httpx.post(f"{server.url}/admin/deployments", json={"name": "lazy", "model": "chat@2", "on_demand": True}, timeout=60)
+        assert on_demand.status_code == 201, on_demand.text
+        assert server.client().chat.completions.create(model="lazy", messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices[0].message.content.strip() == "chat@2 chat@2"
+        assert server.client().chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices[0].message.content.strip() == "chat@3 chat@3"
+        assert [engine.start_began_at is not None for engine in factory.built].count(True) == 1
+        assert httpx.delete(f"{server.url}/admin/deployments/other", timeout=60).status_code == 200
+        assert factory.built[0].adapters.keys() == {Registry(home).resolve("chat@2").adapter} and factory.built[0].stopped_at is None
+        label = Registry(home).resolve("chat@1").path.name[:8]  # the fake engine's words: its folder's name, no adapter
+        assert _served(server) == ("chat@1", f"{label} {label}")

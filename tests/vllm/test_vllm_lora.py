@@ -38,7 +38,7 @@ VLLM_HEADS = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
 @pytest.fixture(scope="module")
 def lora_server(tmp_path_factory, demo_model_path):
     """chat@1 a base (max_loras 2), chat@2 and chat@3 two adapters of it imported unmerged,
-    chat@4 one of rank 32, above vLLM's default max_lora_rank; `merged` holds chat@2 merged."""
+    chat@4 one of rank 32, above vLLM's default max_lora_rank; `merged` holds chat@2 and chat@3 merged."""
     root, change = tmp_path_factory.mktemp("lora"), Change("tester")
     base = build_tiny_model(root / "base", demo_model_path, **VLLM_HEADS)
     registry = Registry(root / "home")
@@ -47,7 +47,7 @@ def lora_server(tmp_path_factory, demo_model_path):
     adapters.append(write_adapter(root / "rank32", base, rank=32, alpha=64, seed=2))
     for adapter in adapters:
         import_source(registry, str(adapter), "chat", ImportOptions(base="chat@1", merge=False), change)
-    merged = merge_lora(adapters[0], base, root / "merged")
+    merged = [merge_lora(adapter, base, root / f"merged{n}") for n, adapter in enumerate(adapters[:2])]
     spec = ModelSpec(name="chat", path=registry.resolve("chat@1").path, version="chat@1", engine="vllm", max_model_len=512)
     with ServerThread(Settings(home=root / "home", models=[spec])) as server:
         server.merged = merged
@@ -58,6 +58,11 @@ def lora_server(tmp_path_factory, demo_model_path):
 def _answer(server, model: str = "chat", user: str | None = None) -> tuple[str, str]:
     raw = server.client().completions.with_raw_response.create(model=model, prompt=server.prompt, max_tokens=8, temperature=0, user=user or "", extra_body={"ignore_eos": True})
     return raw.parse().choices[0].text, raw.headers["x-baton-version"]
+
+
+def _merged_answer(server, index: int) -> str:
+    merged = server.merged[index]
+    return AutoTokenizer.from_pretrained(merged).decode(_greedy_ids(merged, server.prompt, 8))
 
 
 def _post(server, path: str, body: dict) -> dict:
@@ -78,8 +83,7 @@ def test_a_swap_to_an_unmerged_adapter_loads_it_into_the_running_engine_and_answ
     assert errors == [] and {"chat@1", "chat@2"} <= set(versions)
     assert _engine_starts(lora_server) == num_starts  # no engine started: the adapter loaded into the base's
     answer, version = _answer(lora_server)
-    expected = AutoTokenizer.from_pretrained(lora_server.merged).decode(_greedy_ids(lora_server.merged, lora_server.prompt, 8))
-    assert (answer, version) == (expected, "chat@2") and answer != base_answer
+    assert (answer, version) == (_merged_answer(lora_server, 0), "chat@2") and answer != base_answer
     status = httpx.get(f"{lora_server.url}/admin/deployments/chat").json()
     assert status["active"]["shared_engine"] == status["standby"]["shared_engine"]  # the base waits on standby in the same engine
 
@@ -108,3 +112,14 @@ def test_an_adapter_the_engine_cannot_take_fails_its_swap_and_the_active_version
     assert response.status_code == 500 and response.json()["error"]["code"] == "swap_failed", response.text
     assert "max_lora_rank" in response.json()["error"]["message"]
     assert _answer(lora_server) == before
+
+
+def test_another_deployment_of_an_adapter_joins_the_running_engine(lora_server):
+    """With the engine options of the deployment that runs it (`chat` has the spec's)."""
+    num_starts = _engine_starts(lora_server)
+    deployed = httpx.post(f"{lora_server.url}/admin/deployments", json={"name": "other", "model": "chat@3", "engine_options": {"engine": "vllm", "max_model_len": 512}}, timeout=300)
+    assert deployed.status_code == 201, deployed.text
+    assert _answer(lora_server, model="other") == (_merged_answer(lora_server, 1), "chat@3")
+    assert _engine_starts(lora_server) == num_starts
+    assert httpx.delete(f"{lora_server.url}/admin/deployments/other", timeout=300).status_code == 200
+    assert _answer(lora_server)[1] == "chat@2"  # the engine serves on
