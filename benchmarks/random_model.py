@@ -45,6 +45,32 @@ def build_random_llama(target: Path, tokenizer_source: Path, seed: int = 0, dtyp
     return target
 
 
+def build_random_adapter(folder: Path, base: Path, rank: int = 4, alpha: int = 8, seed: int = 0, targets: tuple[str, ...] = ("q_proj", "v_proj"), **config) -> Path:
+    """A random LoRA adapter for `base`'s attention projections `targets`, as PEFT saves one
+    (`config` adds adapter_config.json fields)."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for shard in sorted(base.glob("*.safetensors")):
+        with safe_open(shard, "pt") as weights:
+            for name in weights.keys():
+                if name.endswith(tuple(f"{target}.weight" for target in targets)):
+                    out_features, in_features = weights.get_slice(name).get_shape()
+                    module = name.removesuffix(".weight")
+                    tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+                    tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    adapter_config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets), "bias": "none", **config}
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)

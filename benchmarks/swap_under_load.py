@@ -7,6 +7,9 @@ serves `chat@1` (--model, default the demo model) while Poisson arrivals of stre
 requests run; at --swap-at seconds the deployment swaps to `chat@2` (the same weights with
 another generation config: a distinct version of the same layout, so reload applies and
 every strategy does its whole work: reading and copying weights, or a second engine).
+`adapter` (vLLM only, not run unless named) serves a random LoRA adapter of the model,
+imported unmerged, and swaps under the same load to another (`auto`: the engine they share
+loads it, nothing is held); read it next to `reload`, the swap of a merged fine-tune.
 The swap's hold time (new requests held: reload and replace) is printed per strategy, so
 reload's is read next to replace's. A swap that fails is reported as a result. Reports failed requests,
 the longest stretch with no first token within the SLO, cutover (command to the first
@@ -45,11 +48,17 @@ from server.config.settings import default_home  # noqa: E402
 from benchmarks.serving import free_port, wait_ready  # noqa: E402
 
 
+# The adapter run's versions: chat@1 the base (LoRA on), chat@2 and chat@3 adapters of it.
+ADAPTER_SWAP = ("chat@2", "chat@3", "auto")  # served first, swapped to, strategy asked for
+
+
 def main() -> None:
     args = _parse()
     with tempfile.TemporaryDirectory() as scratch:
-        home = _two_versions(Path(scratch), args.model, args.engine)
-        runs = {strategy: _run(home, strategy, args) for strategy in args.strategies}
+        homes = {"versions": _two_versions(Path(scratch), args.model, args.engine)}
+        if "adapter" in args.strategies:
+            homes["adapter"] = _adapter_versions(Path(scratch), args.model)
+        runs = {strategy: _run(homes.get(strategy, homes["versions"]), strategy, args) for strategy in args.strategies}
     _report(runs, args)
 
 
@@ -63,7 +72,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--slo", type=float, default=2.0, help="TTFT objective in seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm", "auto"], help="the versions' engine")
-    parser.add_argument("--strategies", nargs="+", default=["reload", "blue-green", "replace", "standby"])
+    parser.add_argument("--strategies", nargs="+", default=["reload", "blue-green", "replace", "standby"], help="and adapter (vLLM)")
     parser.add_argument("--standby-swaps", type=int, default=40, help="unloaded standby swaps timed for the p99")
     return parser.parse_args()
 
@@ -83,10 +92,25 @@ def _two_versions(scratch: Path, model: Path | None, engine: str) -> Path:
     return home
 
 
+def _adapter_versions(scratch: Path, model: Path | None) -> Path:
+    from benchmarks.random_model import build_random_adapter
+    from models.importers import import_source
+
+    base = model or ensure_demo_model(Registry(Path(os.environ.get("BATON_HOME") or default_home()))).path
+    home = scratch / "adapter-home"
+    registry = Registry(home)
+    registry.import_folder(base, "chat", {"kind": "local"}, ImportOptions(engine_options={"engine": "vllm", "max_loras": 2}), Change("benchmark"))
+    for seed in (0, 1):
+        adapter = build_random_adapter(scratch / f"adapter{seed}", base, rank=16, alpha=32, seed=seed)
+        import_source(registry, str(adapter), "chat", ImportOptions(base="chat@1", merge=False), Change("benchmark"))
+    return home
+
+
 def _run(home: Path, strategy: str, args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [str(Path(sys.executable).parent / "baton"), "--home", str(home), "serve", "--model", "chat@1", "--name", "chat", "--port", str(port), "--log-level", "warning", "--no-restore"]
+    first, to, asked = ADAPTER_SWAP if strategy == "adapter" else ("chat@1", "chat@2", strategy)
+    command = [str(Path(sys.executable).parent / "baton"), "--home", str(home), "serve", "--model", first, "--name", "chat", "--port", str(port), "--log-level", "warning", "--no-restore"]
     log = open(RESULTS / f"swap_{strategy}.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -96,9 +120,9 @@ def _run(home: Path, strategy: str, args) -> dict:
             _swap(url, "chat@1", "standby")
         rss = _RssSampler(server.pid)
         rss.start()
-        requests, swap = asyncio.run(_load(url, strategy, args))
+        requests, swap = asyncio.run(_load(url, to, asked, args))
         rss.stop()
-        summary = _summarise(requests, swap, rss.peak_bytes, args)
+        summary = _summarise(requests, swap, to, rss.peak_bytes, args)
         if strategy == "standby":
             summary["standby_command_round_trip"] = _standby_round_trips(url, args.standby_swaps)
         return summary
@@ -108,7 +132,7 @@ def _run(home: Path, strategy: str, args) -> dict:
         log.close()
 
 
-async def _load(url: str, strategy: str, args) -> tuple[list[dict], dict]:
+async def _load(url: str, to: str, strategy: str, args) -> tuple[list[dict], dict]:
     rng = random.Random(args.seed)
     client = httpx.AsyncClient(base_url=url, timeout=300)
     started = time.perf_counter()
@@ -117,7 +141,7 @@ async def _load(url: str, strategy: str, args) -> tuple[list[dict], dict]:
     async def swap_later():
         await asyncio.sleep(args.swap_at)
         swap["sent"] = time.perf_counter() - started
-        response = await client.post("/admin/deployments/chat/swap", json={"to": "chat@2", "strategy": strategy}, timeout=600)
+        response = await client.post("/admin/deployments/chat/swap", json={"to": to, "strategy": strategy}, timeout=600)
         swap["done"] = time.perf_counter() - started
         swap["record"] = response.json()
 
@@ -155,7 +179,7 @@ async def _one(client: httpx.AsyncClient, started: float, max_tokens: int) -> di
     return result
 
 
-def _summarise(requests: list[dict], swap: dict, peak_rss: int, args) -> dict:
+def _summarise(requests: list[dict], swap: dict, to: str, peak_rss: int, args) -> dict:
     ttft = lambda rs: sorted(r["first_token"] - r["sent"] for r in rs if r["first_token"] is not None)  # noqa: E731
     before = [r for r in requests if r["sent"] < swap["sent"]]
     during = [r for r in requests if swap["sent"] <= r["sent"] <= swap["done"]]
@@ -167,7 +191,7 @@ def _summarise(requests: list[dict], swap: dict, peak_rss: int, args) -> dict:
     new = []
     if until_flip is not None:
         flipped_at = swap["sent"] + until_flip
-        new = [until_flip + r["first_token"] - max(r["sent"], flipped_at) for r in requests if r["version"] == "chat@2" and r["first_token"]]
+        new = [until_flip + r["first_token"] - max(r["sent"], flipped_at) for r in requests if r["version"] == to and r["first_token"]]
     return {
         "requests": len(requests),
         "failed": sum(not r["ok"] for r in requests),
@@ -252,7 +276,7 @@ def _plot(runs: dict) -> None:
         return
     figure, axes = plt.subplots(len(runs), 1, figsize=(10, 3 * len(runs)), squeeze=False)
     for axis, (strategy, run) in zip(axes[:, 0], runs.items()):
-        for version, colour in (("chat@1", "tab:blue"), ("chat@2", "tab:orange")):
+        for version, colour in (("chat@1", "tab:blue"), ("chat@2", "tab:orange"), ("chat@3", "tab:green")):
             points = [(r["sent"], r["first_token"] - r["sent"]) for r in run["timeline"] if r["version"] == version and r["first_token"]]
             axis.scatter([p[0] for p in points], [p[1] for p in points], s=12, color=colour, label=version)
         failed = [r["sent"] for r in run["timeline"] if not r["ok"]]

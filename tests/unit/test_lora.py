@@ -5,14 +5,14 @@ has the base's layout and names its adapter and base."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from benchmarks.random_model import build_random_adapter
 from models.catalog import Change
 from models.errors import InvalidRequestError, NotFoundError
 from models.importers import import_source
@@ -24,19 +24,7 @@ TARGETS = ("q_proj", "v_proj")
 
 def write_adapter(folder: Path, base: Path, rank: int = 4, alpha: int = 8, seed: int = 0, **config) -> Path:
     """A random LoRA adapter for `base`'s attention q and v projections, as PEFT saves one."""
-    weights = load_file(next(base.glob("*.safetensors")))
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, weight in weights.items():
-        if name.endswith(tuple(f"{target}.weight" for target in TARGETS)):
-            module = name.removesuffix(".weight")
-            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, weight.shape[1], generator=generator) * 0.1
-            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(weight.shape[0], rank, generator=generator) * 0.1
-    folder.mkdir(parents=True)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    adapter_config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(TARGETS), "bias": "none", **config}
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
-    return folder
+    return build_random_adapter(folder, base, rank, alpha, seed, TARGETS, **config)
 
 
 def test_each_adapted_weight_is_w_plus_scaled_b_a_and_the_rest_is_the_base(tmp_path, tiny_model_path):
