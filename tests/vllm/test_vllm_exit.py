@@ -6,7 +6,6 @@ starts (a swap's, or start-up's) does not wait for that start."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import time
@@ -15,18 +14,10 @@ from pathlib import Path
 
 import httpx
 import psutil
-import pytest
 
-try:
-    import vllm.v1.engine.async_llm  # noqa: F401
-except ImportError:
-    if os.environ.get("BATON_REQUIRE_VLLM"):
-        raise
-    pytest.skip("vLLM is not installed", allow_module_level=True)
-
-from tests.conftest import build_tiny_model  # noqa: E402
-from tests.integration.test_cli import BATON, _free_port, _wait_healthy  # noqa: E402
-from tests.vllm.test_vllm_engine import HELLO, VLLM_TINY  # noqa: E402
+from tests.conftest import build_tiny_model
+from tests.integration.test_cli import BATON, _free_port, _wait_healthy
+from tests.vllm.test_vllm_engine import HELLO, VLLM_TINY
 
 NEVER_STARTED = "init engine (profile, create kv cache, warmup model) took"  # vLLM's line once an engine core is up
 

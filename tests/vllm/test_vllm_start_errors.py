@@ -5,22 +5,13 @@ cause above", which an admin-API caller cannot see), and the old version keeps s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import httpx
-import pytest
 
-try:
-    import vllm.v1.engine.async_llm  # noqa: F401
-except ImportError:
-    if os.environ.get("BATON_REQUIRE_VLLM"):
-        raise
-    pytest.skip("vLLM is not installed", allow_module_level=True)
-
-from tests.conftest import build_tiny_model  # noqa: E402
-from tests.integration.test_cli import BATON, _free_port, _wait_healthy  # noqa: E402
-from tests.vllm.test_vllm_engine import HELLO, VLLM_TINY  # noqa: E402
+from tests.conftest import build_tiny_model
+from tests.integration.test_cli import BATON, _free_port, _wait_healthy
+from tests.vllm.test_vllm_engine import HELLO, VLLM_TINY
 
 
 def test_a_swap_whose_vllm_engine_cannot_start_names_the_engine_cores_error(tmp_path, demo_model_path):

@@ -4,19 +4,11 @@ the version's tokenizer. No engine starts here; `make test` requires vLLM for th
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from transformers import AutoTokenizer
 
-try:  # a submodule, not `vllm` itself: with tests/ on sys.path, this folder would pass for `vllm`
-    import vllm.tool_parsers  # noqa: F401
-except ImportError:
-    if os.environ.get("BATON_REQUIRE_VLLM"):
-        raise
-    pytest.skip("vLLM is not installed", allow_module_level=True)
-
-from server.api.tools import Function, ToolPlan, check_tool_parser  # noqa: E402
+from server.api.tools import Function, ToolPlan, check_tool_parser
 
 WEATHER = Function("get_weather", None, {"type": "object", "properties": {"city": {"type": "string"}}})
 
