@@ -14,7 +14,7 @@ from pathlib import Path
 
 from models.catalog import Change
 from models.gguf import convert_gguf
-from models.lora import ADAPTER_CONFIG, ADAPTER_FOLDER, ADAPTER_WEIGHTS, UNMERGED_KIND, check_fits, is_adapter, merge_lora
+from models.lora import ADAPTER_CONFIG, ADAPTER_FOLDER, ADAPTER_WEIGHTS, UNMERGED_KIND, is_adapter, merge_lora, read_adapter, tensor_shapes
 from models.manifest import PICKLE_SUFFIXES
 from models.registry import ImportOptions, Registry, Version
 from models.store import file_sha256
@@ -87,7 +87,7 @@ def import_adapter(registry: Registry, adapter: Path, name: str, source: dict, o
     if not options.engine_options:
         options = replace(options, engine_options=dict(base.manifest.engine_options))
     if not options.merge:
-        check_fits(adapter, base.path)
+        read_adapter(adapter, tensor_shapes(base.path))  # refused as a merge would refuse it
         return registry.import_beside(base, adapter, (ADAPTER_CONFIG, ADAPTER_WEIGHTS), ADAPTER_FOLDER, name, described, options, change)
     work = registry.store.new_staging_folder()
     try:

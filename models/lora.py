@@ -2,7 +2,8 @@
 base's layout, so a swap between the base and its fine-tunes (or between fine-tunes of one
 base) is a `reload`, the weights changed in place in under a second. Or kept apart (an
 import with --unmerged): the base's files with the adapter's in `adapter/`, which vLLM serves
-as a LoRA beside the base weights, checked here as a merge would be.
+as a LoRA beside the base weights (an engine without multi-LoRA merges it as it loads),
+checked here as a merge would be.
 
 Rules: the adapter is read as PEFT writes it (`adapter_config.json`, and
 `adapter_model.safetensors`; never pickle). Each adapted linear layer's weight becomes
@@ -20,6 +21,7 @@ import json
 import math
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from models.errors import InvalidRequestError, ModelLoadError
@@ -37,51 +39,71 @@ def is_adapter(folder: Path) -> bool:
 
 def merge_lora(adapter: Path, base: Path, target: Path, show_progress: bool = False) -> Path:
     """Write `base` with `adapter` merged into `target` (which must not exist yet), a shard
-    of the base at a time."""
-    import torch
+    of the base at a time, once the adapter is checked against the base's shapes."""
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
-    config = _checked_config(adapter)
-    pairs = _lora_pairs(adapter, load_file)
+    read = read_adapter(adapter, tensor_shapes(base))
     target.parent.mkdir(parents=True, exist_ok=True)
     work = target.with_name(f".{target.name}.merging")
     shutil.rmtree(work, ignore_errors=True)
     try:
         shutil.copytree(base, work, ignore=shutil.ignore_patterns("*.safetensors"))
-        merged = set()
         for shard in tqdm(sorted(base.glob("*.safetensors")), desc="merging the adapter", unit="shard", disable=not show_progress):
             tensors = load_file(shard)
-            for module, (down, up) in pairs.items():
-                name = f"{module}.weight"
-                if name in tensors:
-                    tensors[name] = _merged(tensors[name], down, up, _scale(config, module), bool(config.get("fan_in_fan_out")), torch)
-                    merged.add(module)
+            read.merge_into(tensors)
             save_file(tensors, work / shard.name, metadata={"format": "pt"})
-        if missing := sorted(set(pairs) - merged):
-            raise InvalidRequestError(f"The adapter changes {missing[0]}, which the base has no weight for: it was trained on another model.", param="base")
         work.rename(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
 
 
-def check_fits(adapter: Path, base: Path) -> None:
-    """Refuse, as a merge would, an adapter that cannot be merged or does not fit `base`
-    (reading the base's tensor shapes, not its weights)."""
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, read from the safetensors headers (not the weights)."""
     from safetensors import safe_open
+
+    shapes = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as tensors:
+            shapes.update({name: tuple(tensors.get_slice(name).get_shape()) for name in tensors.keys()})
+    return shapes
+
+
+@dataclass(frozen=True)
+class ReadAdapter:
+    """An adapter read and checked against the weights it will change: `merge_into` them
+    (how an engine without multi-LoRA serves a version imported unmerged)."""
+
+    updates: tuple[tuple[str, object, object, float], ...]  # (weight name, A, B, scale)
+    fan_in_fan_out: bool
+
+    def merge_into(self, weights: dict) -> None:
+        """Changes, in place, those of its weights that `weights` holds (a model's state dict,
+        or one shard of a checkpoint)."""
+        import torch
+
+        with torch.no_grad():
+            for name, down, up, scale in self.updates:
+                if (weight := weights.get(name)) is None:
+                    continue
+                weight.copy_(_merged(weight, down.to(weight.device), up.to(weight.device), scale, self.fan_in_fan_out, torch))
+
+
+def read_adapter(adapter: Path, shapes: dict[str, tuple]) -> ReadAdapter:
+    """Everything checked before a weight changes: the refusals of a merge, and each update
+    against `shapes` (weight name -> shape)."""
     from safetensors.torch import load_file
 
     config = _checked_config(adapter)
-    pairs = _lora_pairs(adapter, load_file)
-    shapes = {}
-    for shard in base.glob("*.safetensors"):
-        with safe_open(shard, "pt") as tensors:
-            shapes.update({name: tuple(tensors.get_slice(name).get_shape()) for name in tensors.keys()})
-    for module, (down, up) in pairs.items():
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    updates = []
+    for module, (down, up) in _lora_pairs(adapter, load_file).items():
         if (shape := shapes.get(f"{module}.weight")) is None:
             raise InvalidRequestError(f"The adapter changes {module}, which the base has no weight for: it was trained on another model.", param="base")
-        _check_shape(shape, (up.shape[0], down.shape[1]), bool(config.get("fan_in_fan_out")))
+        _check_shape(tuple(shape), (up.shape[0], down.shape[1]), fan_in_fan_out)
+        updates.append((f"{module}.weight", down, up, _scale(config, module)))
+    return ReadAdapter(tuple(updates), fan_in_fan_out)
 
 
 def _checked_config(adapter: Path) -> dict:

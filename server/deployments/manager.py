@@ -533,8 +533,6 @@ class DeploymentManager:
         import allowed it."""
         version = self._registry.resolve_for_serving(ref)
         options = {**self._engine_defaults, **version.manifest.engine_options, **(overrides or {}), "allow_pickle": version.manifest.allows_pickle}
-        if version.adapter is not None and not options.get("max_loras"):
-            options["max_loras"] = DEFAULT_MAX_LORAS
         return _target(version.ref, version.path, options, version.manifest.total_bytes, version.adapter, version.weights_digest)
 
     def _resolve_or_standby(self, deployment: Deployment, ref: str, overrides: dict) -> Target:
@@ -586,10 +584,11 @@ def _previous_version(deployment: Deployment) -> str:
 
 def _target(version: str, path: Path, options: dict, stored_bytes: int, adapter: Path | None = None, weights_digest: str | None = None) -> Target:
     """A version as it will load: its memory estimate and sampling defaults read from its
-    folder; on vLLM with LoRA on, the key of the engine it shares with its base's other versions."""
+    folder; on vLLM with LoRA on (always, for an unmerged adapter), the key of the engine it
+    shares with its base's other versions. Elsewhere an unmerged adapter is merged as it loads."""
     runs_on = engine_for(path, options.get("engine") or "auto")
-    if adapter is not None and runs_on != "vllm":
-        raise ConflictError(f"{version} is a LoRA adapter imported unmerged, which only the vLLM engine serves (it would run on {runs_on}); import it merged (without --unmerged) to serve it there.", code="adapter_needs_vllm")
+    if runs_on == "vllm" and adapter is not None and not options.get("max_loras"):
+        options = {**options, "max_loras": DEFAULT_MAX_LORAS}
     key = shared_engine_key(weights_digest or str(path), engine_only(options)) if runs_on == "vllm" and options.get("max_loras") else None
     return Target(version, path, options, estimate_memory_bytes(path, options, stored_bytes), stored_bytes, SamplingDefaults.read(path), adapter, key)
 
@@ -605,8 +604,8 @@ def _changes_output_only(active: Target, target: Target) -> bool:
 
 
 def _reload_blocker(active: Slot, target: Target) -> str | None:
-    if target.adapter is not None or active.target.shared_engine_key is not None:
-        return "a LoRA adapter served unmerged loads beside the base weights, and an engine shared by a base's versions keeps its weights"
+    if target.shared_engine_key is not None or active.target.shared_engine_key is not None:
+        return "an engine shared by a base's versions (LoRA on) keeps its weights: adapters load beside them"
     if not can_reload(active.engine):
         return f"the {active.engine.name} engine cannot reload weights in place"
     return reload_blocker(ModelLayout.read(active.target.path), ModelLayout.read(target.path), active.target.options, target.options)

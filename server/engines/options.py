@@ -48,7 +48,7 @@ class VLLMOptions:
     runner: Literal["auto", "generate", "pooling"] = "auto"
     # LoRA adapters served unmerged (vLLM's multi-LoRA): how many one batch may mix (0: LoRA
     # off), and the highest rank it takes (None: vLLM's 16). A version imported with
-    # --unmerged runs with max_loras 4 unless set; versions whose base weights and engine
+    # --unmerged runs on vLLM with max_loras 4 unless set; versions whose base weights and engine
     # options are the same share one engine (server/deployments/shared_engine.py).
     max_loras: Annotated[int, Field(ge=0)] = 0
     max_lora_rank: Count | None = None

@@ -32,6 +32,7 @@ from server.engines.pooling import EMBED_BATCH, Pooler, embed
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
 from server.engines.sampler import row_seed
 from models.errors import EngineError, EngineStoppedError, ModelLoadError
+from models.lora import ADAPTER_FOLDER, ReadAdapter, read_adapter
 
 log = logging.getLogger(__name__)
 
@@ -311,10 +312,13 @@ class TransformersEngine:
         shapes = {name: tuple(f.get_slice(name).get_shape()) for f in files for name in f.keys()}
         params = self._model.state_dict()
         _check_same_tensors(params, shapes)
+        adapter = _adapter_of(path, shapes)
         with torch.no_grad():
             for f in files:
                 for name in f.keys():
                     params[name].copy_(f.get_tensor(name))
+        if adapter is not None:
+            adapter.merge_into(params)
         self._batch.warm_up()
 
     # -- loading ------------------------------------------------------------------------
@@ -338,6 +342,9 @@ class TransformersEngine:
             ).to(self._device)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"Cannot load the model at {self._path}: {error}") from error
+        params = self._model.state_dict()
+        if (adapter := _adapter_of(self._path, {name: tuple(p.shape) for name, p in params.items()})) is not None:
+            adapter.merge_into(params)
         self._model.eval()
         self._pooler = Pooler.of(self._path, self._device)
         self._batch = ContinuousBatch(self._model, self._row_cache(), self._eos_token_ids(), self._pad_token_id())
@@ -365,6 +372,12 @@ class TransformersEngine:
     def _pad_token_id(self) -> int:
         pad = self._tokenizer.pad_token_id
         return pad if pad is not None else min(self._eos_token_ids(), default=0)
+
+
+def _adapter_of(path: Path, shapes: dict[str, tuple[int, ...]]) -> ReadAdapter | None:
+    """A version imported as an unmerged LoRA adapter is served merged here (this engine has
+    no multi-LoRA): its adapter, read and checked against the weights' shapes."""
+    return read_adapter(path / ADAPTER_FOLDER, shapes) if (path / ADAPTER_FOLDER).is_dir() else None
 
 
 def _check_same_tensors(params: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:

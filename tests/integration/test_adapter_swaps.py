@@ -4,24 +4,25 @@ the base and its adapters share one engine, so where the memory budget holds one
 a swap among them is still blue-green (nothing waits), the standby and a canary cost nothing,
 and the budget counts the engine once. An adapter the engine refuses fails its swap alone. The
 registry keeps an unmerged adapter as the base's files plus its own, and refuses what a merge
-would refuse; an engine other than vLLM is refused before anything stops."""
+would refuse; the transformers engine (no multi-LoRA) merges it as it loads."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
 import pytest
+from transformers import AutoTokenizer
 
 from models.catalog import Change
 from models.errors import InvalidRequestError
 from models.importers import import_source
-from models.lora import ADAPTER_CONFIG, ADAPTER_FOLDER, ADAPTER_WEIGHTS
+from models.lora import ADAPTER_CONFIG, ADAPTER_FOLDER, ADAPTER_WEIGHTS, merge_lora
 from models.registry import ImportOptions, Registry
 from server.config.settings import ModelSpec, Settings
 from server.engines.factory import LOAD_OVERHEAD
 from tests.conftest import ServerThread, build_tiny_model
+from tests.integration.test_lora_swap import _greedy_ids
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory
 from tests.unit.test_lora import write_adapter
 
@@ -113,12 +114,20 @@ def test_an_adapter_the_engine_refuses_fails_its_swap_and_the_base_serves_on(hom
         assert _served(server)[0] == "chat@1"
 
 
-def test_an_unmerged_adapter_on_another_engine_is_refused_before_anything_stops(home):
-    with _server(home, FakeEngineFactory()) as server:
-        refused = _swap(server, 409, to="chat@2", engine_options={"engine": "transformers"})
-        assert refused["error"]["code"] == "adapter_needs_vllm" and "import it merged" in refused["error"]["message"]
-        assert _served(server)[0] == "chat@1"
-        assert json.loads(httpx.get(f"{server.url}/admin/deployments/chat").text)["active"]["state"] == "ready"
+def test_the_transformers_engine_serves_an_unmerged_adapter_merged_and_swaps_to_it_by_reload(home, tiny_model_path):
+    """Real engine and weights: an engine without multi-LoRA merges the adapter as it loads, so
+    the unmerged version answers as the merged model, and a swap from its base reloads."""
+    base = Registry(home).resolve("chat@1")
+    spec = ModelSpec(name="chat", path=base.path, version=base.ref, engine="transformers")
+    with ServerThread(Settings(home=home, models=[spec], restore_state=False)) as server:
+        prompt = AutoTokenizer.from_pretrained(tiny_model_path).encode("The sea is")
+        ask = lambda: server.client().completions.create(model="chat", prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}).choices[0].text  # noqa: E731
+        before = ask()
+        record = _swap(server, to="chat@2")
+        assert (record["status"], record["strategy"]) == ("succeeded", "reload"), record
+        merged = merge_lora(home.parent / "adapter0", tiny_model_path, home.parent / "merged0")
+        assert ask() == AutoTokenizer.from_pretrained(merged).decode(_greedy_ids(merged, prompt, 8)) != before
+        assert _swap(server, to="chat@1")["strategy"] == "reload" and ask() == before  # the adapter's update taken out again
 
 
 def test_deployments_of_adapters_of_one_base_share_its_engine_and_leave_it_running(home):
