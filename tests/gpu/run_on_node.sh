@@ -5,7 +5,8 @@
 # .gpu-bundle/node in the next; carry .gpu-bundle/node on every later run too: a path not
 # carried is removed on the node). From the checkout's root:
 #
-#   bash tests/gpu/run_on_node.sh tests      # tests/gpu (about 6 minutes)
+#   bash tests/gpu/run_on_node.sh tests      # tests/gpu (about 8 minutes)
+#   bash tests/gpu/run_on_node.sh adapters   # tests/gpu/test_gpu_adapters.py alone: unmerged LoRA swaps (about 2)
 #   bash tests/gpu/run_on_node.sh swaps      # swap_under_load.py, reload, adapter and replace, 1B model (about 7)
 #   bash tests/gpu/run_on_node.sh overhead   # overhead_vs_vllm.py, c=1/16/64, 1B model, both servers up,
 #                                            # three rounds (about 6)
@@ -23,12 +24,13 @@ quiet='EngineCore|^INFO|^WARNING|^\[W|^\(APIServer'
 model() { [ -d /tmp/m1b ] || python3 benchmarks/random_model.py /tmp/m1b --shape 1b --tokenizer "$BATON_GPU_TOKENIZER" >/dev/null 2>&1; }
 smol() { [ -d /tmp/smol ] || python3 benchmarks/random_model.py /tmp/smol --shape smol --tokenizer "$BATON_GPU_TOKENIZER" >/dev/null 2>&1; }
 case ${1:-tests} in
-  tests) timeout 540 python3 -m pytest tests/gpu -s -W default -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | grep -Ev "$quiet" ;;
+  tests) timeout 560 python3 -m pytest tests/gpu -s -W default -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | grep -Ev "$quiet" ;;
+  adapters) timeout 300 python3 -m pytest tests/gpu/test_gpu_adapters.py -s -W default -p no:cacheprovider 2>&1 | tee "$out/gpu-adapters.log" | grep -Ev "$quiet" ;;
   swaps) model; timeout 500 python3 benchmarks/swap_under_load.py --engine vllm --model /tmp/m1b --strategies reload adapter replace --seconds 25 --swap-at 8 --rate 4 2>&1 | grep -Ev "$quiet"
          cp benchmarks/results/swap_under_load.json benchmarks/results/swap_*.log "$out/" 2>/dev/null ;;
   overhead) model; timeout 560 python3 benchmarks/overhead_vs_vllm.py --model /tmp/m1b --concurrency 1 16 64 --requests 64 --max-tokens 128 2>&1 | grep -Ev "$quiet"
             cp benchmarks/results/overhead_vs_vllm.json "$out/" 2>/dev/null ;;
   transformers) smol; timeout 60 python3 benchmarks/sampling_kernel.py 2>&1 | tee "$out/sampling_kernel.log"
                 timeout 480 python3 benchmarks/transformers_cuda.py --model /tmp/smol --concurrency 1 8 32 --max-tokens 128 --out "$out/transformers_cuda.json" 2>&1 | grep -Ev "$quiet" ;;
-  *) echo "usage: $0 tests|swaps|overhead|transformers" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|adapters|swaps|overhead|transformers" >&2; exit 2 ;;
 esac
