@@ -39,9 +39,15 @@ def shared_engine_key(weights: str, engine_options: dict) -> str:
 
 @dataclass
 class _Running:
+    key: str
     engine: Engine
     started: asyncio.Task
     num_shares: int = 0
+
+    @property
+    def has_died(self) -> bool:
+        """Started, then died: the shares that hold it find out (the engine watch), and stop."""
+        return self.started.done() and not self.started.cancelled() and self.started.exception() is None and not self.engine.health().is_ready
 
 
 class SharedEngines:
@@ -50,36 +56,32 @@ class SharedEngines:
 
     def is_running(self, key: str) -> bool:
         """An engine of `key` runs (or starts): a share of it loads nothing but its adapter."""
-        return key in self._running
-
-    def share(self, key: str, engine: Engine, adapter: Path | None, name: str) -> EngineShare:
-        """A share of the engine running for `key`, or of `engine` (built, not started), which
-        starts with it where none runs then. `name`: the version, as vLLM's metrics call its adapter."""
         running = self._running.get(key)
-        return EngineShare(self, key, running.engine if running else engine, adapter, name)
+        return running is not None and not running.has_died
 
-    async def acquire(self, key: str, engine: Engine) -> Engine:
+    async def acquire(self, key: str, engine: Engine) -> _Running:
+        """The engine running for `key`, else `engine` (built, not started) started for it. A
+        dead one is left to the shares that hold it (each stops it as it leaves), and a new
+        one starts: one deployment's restart does not wait for another's."""
         running = self._running.get(key)
-        if running is None:
-            running = self._running[key] = _Running(engine, asyncio.ensure_future(engine.start()))
+        if running is None or running.has_died:
+            running = self._running[key] = _Running(key, engine, asyncio.ensure_future(engine.start()))
             log.info("shared engine %s starting", key)
         running.num_shares += 1
         try:
             await asyncio.shield(running.started)
-            if not running.engine.health().is_ready:
-                raise EngineStoppedError("The engine these versions share has died; it starts again once every version on it has stopped.")
         except BaseException:
-            await self.release(key)
+            await self.release(running)
             raise
-        return running.engine
+        return running
 
-    async def release(self, key: str) -> None:
-        running = self._running[key]
+    async def release(self, running: _Running) -> None:
         running.num_shares -= 1
         if running.num_shares > 0:
             return
-        del self._running[key]
-        log.info("shared engine %s stopping: its last version stopped", key)
+        if self._running.get(running.key) is running:
+            del self._running[running.key]
+        log.info("shared engine %s stopping: its last version stopped", running.key)
         running.started.cancel()  # a start still under way ends with the stop
         await asyncio.gather(running.started, return_exceptions=True)
         await running.engine.stop()
@@ -90,12 +92,13 @@ class EngineShare:
     generations it started. An `Engine` to the slot that holds it."""
 
     def __init__(self, engines: SharedEngines, key: str, engine: Engine, adapter: Path | None, name: str):
+        """`engine`: built, not started; it runs only where no engine of `key` runs at the start."""
         self._engines = engines
         self._key = key
         self._engine = engine
         self._adapter = adapter
         self._name = name
-        self._is_acquired = False
+        self._running: _Running | None = None  # held from start to stop
         self._has_adapter_loaded = False
         self._in_flight: set[str] = set()
 
@@ -115,13 +118,9 @@ class EngineShare:
     def tokenizer(self):
         return self._engine.tokenizer
 
-    @property
-    def shared_key(self) -> str:
-        return self._key
-
     async def start(self) -> None:
-        self._engine = await self._engines.acquire(self._key, self._engine)
-        self._is_acquired = True
+        self._running = await self._engines.acquire(self._key, self._engine)
+        self._engine = self._running.engine
         if self._adapter is not None:
             await self._engine.load_adapter(self._adapter, self._name)
             self._has_adapter_loaded = True
@@ -133,7 +132,7 @@ class EngineShare:
         return self._engine.tokenize_chat(messages, tools, template_kwargs)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        if not self._is_acquired:
+        if self._running is None:
             raise EngineStoppedError("The engine is not running.")
         self._in_flight.add(request.request_id)
         is_finished = False
@@ -151,20 +150,22 @@ class EngineShare:
 
     def health(self) -> EngineHealth:
         health = self._engine.health()
-        return replace(health, is_ready=self._is_acquired and health.is_ready, num_running=len(self._in_flight), details={**health.details, "shared": True})
+        return replace(health, is_ready=self._running is not None and health.is_ready, num_running=len(self._in_flight), details={**health.details, "shared": True})
 
     def process_ids(self) -> list[int]:
         return engine_process_ids(self._engine)
 
     async def stop(self) -> None:
-        if not self._is_acquired:
+        if (running := self._running) is None:
             return
-        self._is_acquired = False
+        self._running = None
         for request_id in list(self._in_flight):  # each ends with EngineStoppedError
             await self._engine.abort(request_id)
         try:
             if self._has_adapter_loaded:
                 self._has_adapter_loaded = False
                 await self._engine.unload_adapter(self._adapter)
+        except Exception:  # a dead engine cannot unload: the stop goes on, its engine's last share stops it
+            log.warning("could not unload the adapter of %s", self._name, exc_info=True)
         finally:
-            await self._engines.release(self._key)
+            await self._engines.release(running)

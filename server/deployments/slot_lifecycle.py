@@ -19,7 +19,7 @@ from server.config.settings import Settings
 from server.deployments.deployment import Deployment
 from server.deployments.drain import StopDecision, decide_stop
 from server.deployments.heap import Heap
-from server.deployments.shared_engine import SharedEngines
+from server.deployments.shared_engine import EngineShare, SharedEngines
 from server.deployments.memory_plan import fits, plan_gpu_share, usable_gpu_bytes
 from server.deployments.slot import Slot, SlotState, Target
 from server.deployments.swap_record import SwapRecord
@@ -54,7 +54,7 @@ class SlotLifecycle:
         starts_an_engine = not self.joins_running_engine(target)  # a share of a running one loads an adapter at most
         engine = self._engine_factory(target.path, {**options, "served_name": served_name(target)})
         if target.shared_engine_key is not None:
-            engine = self._shared.share(target.shared_engine_key, engine, target.adapter, target.version)
+            engine = EngineShare(self._shared, target.shared_engine_key, engine, target.adapter, target.version)
         slot = Slot(target, engine, plan=plan)
         try:
             await slot.engine.start()

@@ -8,6 +8,7 @@ would refuse; the transformers engine (no multi-LoRA) merges it as it loads."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -41,11 +42,11 @@ def home(tmp_path_factory, tiny_model_path) -> Path:
     return root / "home"
 
 
-def _server(home: Path, factory: FakeEngineFactory) -> ServerThread:
+def _server(home: Path, factory: FakeEngineFactory, **settings) -> ServerThread:
     base = Registry(home).resolve("chat@1")
     one_engine = int(base.manifest.total_bytes * LOAD_OVERHEAD) + 2**30  # vLLM on CPU: its weights and a 1 GiB KV cache
     spec = ModelSpec(name="chat", path=base.path, version=base.ref, engine="vllm")
-    return ServerThread(Settings(home=home, models=[spec], restore_state=False, memory_budget_bytes=int(one_engine * 1.5)), engine_factory=factory)
+    return ServerThread(Settings(home=home, models=[spec], restore_state=False, memory_budget_bytes=int(one_engine * 1.5), **settings), engine_factory=factory)
 
 
 def _swap(server, expect: int = 200, **body) -> dict:
@@ -146,3 +147,23 @@ def test_deployments_of_adapters_of_one_base_share_its_engine_and_leave_it_runni
         assert factory.built[0].adapters.keys() == {Registry(home).resolve("chat@2").adapter} and factory.built[0].stopped_at is None
         label = Registry(home).resolve("chat@1").path.name[:8]  # the fake engine's words: its folder's name, no adapter
         assert _served(server) == ("chat@1", f"{label} {label}")
+
+
+def test_deployments_on_an_engine_that_dies_all_come_back_on_one_fresh_engine(home):
+    factory = FakeEngineFactory()
+    with _server(home, factory, idle_check_s=0.1) as server:
+        assert httpx.post(f"{server.url}/admin/deployments", json={"name": "other", "model": "chat@3"}, timeout=60).status_code == 201
+        factory.built[0].die()
+
+        def both_serve() -> bool:
+            states = {d["name"]: d["state"] for d in httpx.get(f"{server.url}/admin/deployments").json()}
+            return len(factory.built) >= 3 and set(states.values()) == {"ready"}
+
+        deadline = time.monotonic() + 30
+        while not both_serve():
+            assert time.monotonic() < deadline, httpx.get(f"{server.url}/admin/status").json()
+            time.sleep(0.1)
+        assert _served(server)[0] == "chat@1"
+        assert server.client().chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi"}], max_tokens=1).choices[0].message.content.strip() == "chat@3"
+        started = [engine for engine in factory.built if engine.start_began_at is not None]
+        assert len(started) == 2 and started[0].stopped_at is not None and started[1].stopped_at is None  # the dead one, then one fresh engine for both

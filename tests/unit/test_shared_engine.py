@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from models.errors import EngineStoppedError
-from server.deployments.shared_engine import SharedEngines, shared_engine_key
+from server.deployments.shared_engine import EngineShare, SharedEngines, shared_engine_key
 from server.engines.base import GenerationRequest, SamplingParams
 from tests.fake_engine import FakeBehaviour, FakeEngine
 
@@ -25,8 +25,8 @@ async def _words(share, request_id: str, max_tokens: int = 3) -> str:
 def test_shares_of_one_key_run_one_engine_that_stops_with_the_last_share():
     async def scenario():
         engines, built = SharedEngines(), [FakeEngine("base", FakeBehaviour()), FakeEngine("other", FakeBehaviour())]
-        base = engines.share("key", built[0], None, "chat@1")
-        adapted = engines.share("key", built[1], ADAPTER, "chat@2")
+        base = EngineShare(engines, "key", built[0], None, "chat@1")
+        adapted = EngineShare(engines, "key", built[1], ADAPTER, "chat@2")
         await base.start()
         await adapted.start()
         assert built[1].start_began_at is None  # the second share joined the running engine
@@ -43,7 +43,7 @@ def test_a_share_that_stops_ends_its_own_generations_and_the_others_go_on():
     async def scenario():
         engine = FakeEngine("base", FakeBehaviour(token_seconds=0.02))
         engines = SharedEngines()
-        staying, leaving = engines.share("key", engine, None, "chat@1"), engines.share("key", engine, ADAPTER, "chat@2")
+        staying, leaving = EngineShare(engines, "key", engine, None, "chat@1"), EngineShare(engines, "key", engine, ADAPTER, "chat@2")
         await staying.start()
         await leaving.start()
         going_on = asyncio.ensure_future(_words(staying, "stays", max_tokens=10))
@@ -63,7 +63,7 @@ def test_shares_that_arrive_while_the_engine_starts_wait_for_that_start():
     async def scenario():
         built = [FakeEngine(f"e{n}", FakeBehaviour(start_seconds=0.1)) for n in range(2)]
         engines = SharedEngines()
-        first, second = engines.share("key", built[0], None, "chat@1"), engines.share("key", built[1], ADAPTER, "chat@2")
+        first, second = EngineShare(engines, "key", built[0], None, "chat@1"), EngineShare(engines, "key", built[1], ADAPTER, "chat@2")
         await asyncio.gather(first.start(), second.start())
         assert built[1].start_began_at is None
         assert await _words(second, "r") == "chat@2 " * 3
@@ -75,11 +75,11 @@ def test_a_failed_start_fails_every_waiting_share_and_leaves_nothing_running():
     async def scenario():
         engines = SharedEngines()
         broken = FakeEngine("broken", FakeBehaviour(start_seconds=0.05, fails_to_start=True))
-        shares = [engines.share("key", broken, None, "chat@1"), engines.share("key", broken, ADAPTER, "chat@2")]
+        shares = [EngineShare(engines, "key", broken, None, "chat@1"), EngineShare(engines, "key", broken, ADAPTER, "chat@2")]
         outcomes = await asyncio.gather(*(share.start() for share in shares), return_exceptions=True)
         assert [type(outcome) for outcome in outcomes] == [RuntimeError, RuntimeError]
         assert not engines.is_running("key") and broken.stopped_at is not None
-        fresh = engines.share("key", FakeEngine("fresh", FakeBehaviour()), None, "chat@1")
+        fresh = EngineShare(engines, "key", FakeEngine("fresh", FakeBehaviour()), None, "chat@1")
         await fresh.start()
         assert await _words(fresh, "r") == "fresh " * 3
 
@@ -90,7 +90,7 @@ def test_an_adapter_the_engine_refuses_fails_its_share_and_the_engine_serves_on(
     async def scenario():
         engines = SharedEngines()
         engine = FakeEngine("base", FakeBehaviour(refuses_adapters=True))
-        base, adapted = engines.share("key", engine, None, "chat@1"), engines.share("key", engine, ADAPTER, "chat@2")
+        base, adapted = EngineShare(engines, "key", engine, None, "chat@1"), EngineShare(engines, "key", engine, ADAPTER, "chat@2")
         await base.start()
         with pytest.raises(RuntimeError, match="cannot take the adapter"):
             await adapted.start()
@@ -100,19 +100,25 @@ def test_an_adapter_the_engine_refuses_fails_its_share_and_the_engine_serves_on(
     asyncio.run(scenario())
 
 
-def test_a_dead_shared_engine_takes_no_new_share_until_every_share_has_stopped():
+def test_a_dead_shared_engine_is_replaced_for_new_shares_and_stopped_by_its_last_old_one():
+    """Two deployments on one engine that dies: the first to restart starts a fresh engine at
+    once (it does not wait for the other to let go of the dead one), and the other's stop
+    stops the dead engine, not the fresh one."""
+
     async def scenario():
         engines = SharedEngines()
-        engine = FakeEngine("base", FakeBehaviour())
-        old = engines.share("key", engine, None, "chat@1")
-        await old.start()
-        engine.die()
-        with pytest.raises(EngineStoppedError, match="has died"):
-            await engines.share("key", FakeEngine("new", FakeBehaviour()), ADAPTER, "chat@2").start()
-        await old.stop()
-        restarted = engines.share("key", FakeEngine("new", FakeBehaviour()), None, "chat@1")
+        dead, fresh = FakeEngine("dead", FakeBehaviour()), FakeEngine("fresh", FakeBehaviour())
+        first, second = EngineShare(engines, "key", dead, None, "chat@1"), EngineShare(engines, "key", dead, ADAPTER, "chat@2")
+        await first.start()
+        await second.start()
+        dead.die()
+        assert not engines.is_running("key") and not first.health().is_ready
+        await first.stop()  # the engine watch stops the dead slot, then restarts its version
+        restarted = EngineShare(engines, "key", fresh, None, "chat@1")
         await restarted.start()
-        assert await _words(restarted, "r") == "new " * 3
+        assert engines.is_running("key") and await _words(restarted, "r") == "fresh " * 3
+        await second.stop()
+        assert dead.stopped_at is not None and fresh.stopped_at is None and engines.is_running("key")
 
     asyncio.run(scenario())
 
