@@ -8,8 +8,9 @@ request waits; a rollback to one still loaded is a flip.
 Rules: the engine starts with its first share and stops with its last (a share that arrives
 while it starts waits for the same start). A share's start loads its adapter; its stop ends
 its own generations (with `EngineStoppedError`: a drain's cut-off) and unloads the adapter,
-while the other shares serve on. A share neither sleeps nor reloads weights: those would
-change the engine under every other share.
+while the other shares serve on. A share sleeps (its engine's sleep mode: a standby that
+rolls back in a second) only as the engine's one share, and a version that joins a sleeping
+engine wakes it; no share reloads weights, which would change them under every other share.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from models.errors import EngineStoppedError
-from server.engines.base import Chunk, Engine, EngineHealth, GenerationRequest, engine_process_ids
+from server.engines.base import Chunk, Engine, EngineHealth, GenerationRequest, can_sleep, engine_process_ids
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,15 @@ def shared_engine_key(weights: str, engine_options: dict) -> str:
 class _Running:
     key: str
     engine: Engine
-    started: asyncio.Task
+    ready: asyncio.Task  # its start, or its wake from sleep: a share waits for it
     num_shares: int = 0
+    is_asleep: bool = False
 
     @property
     def has_died(self) -> bool:
-        """Started, then died: the shares that hold it find out (the engine watch), and stop."""
-        return self.started.done() and not self.started.cancelled() and self.started.exception() is None and not self.engine.health().is_ready
+        """Ready, then died: the shares that hold it find out (the engine watch), and stop."""
+        is_ready = self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
+        return is_ready and not self.is_asleep and not self.engine.health().is_ready
 
 
 class SharedEngines:
@@ -55,9 +58,10 @@ class SharedEngines:
         self._running: dict[str, _Running] = {}
 
     def is_running(self, key: str) -> bool:
-        """An engine of `key` runs (or starts): a share of it loads nothing but its adapter."""
+        """An engine of `key` runs (or starts): a share of it loads nothing but its adapter. One
+        asleep (its one share on standby) needs its memory back first."""
         running = self._running.get(key)
-        return running is not None and not running.has_died
+        return running is not None and not running.has_died and not running.is_asleep
 
     async def acquire(self, key: str, engine: Engine) -> _Running:
         """The engine running for `key`, else `engine` (built, not started) started for it. A
@@ -67,9 +71,12 @@ class SharedEngines:
         if running is None or running.has_died:
             running = self._running[key] = _Running(key, engine, asyncio.ensure_future(engine.start()))
             log.info("shared engine %s starting", key)
+        elif running.is_asleep:  # its standby share sleeps on as a slot; the engine serves again
+            running.is_asleep, running.ready = False, asyncio.ensure_future(running.engine.wake_up())
+            log.info("shared engine %s waking: a version joins it", key)
         running.num_shares += 1
         try:
-            await asyncio.shield(running.started)
+            await asyncio.shield(running.ready)
         except BaseException:
             await self.release(running)
             raise
@@ -82,8 +89,8 @@ class SharedEngines:
         if self._running.get(running.key) is running:
             del self._running[running.key]
         log.info("shared engine %s stopping: its last version stopped", running.key)
-        running.started.cancel()  # a start still under way ends with the stop
-        await asyncio.gather(running.started, return_exceptions=True)
+        running.ready.cancel()  # a start still under way ends with the stop
+        await asyncio.gather(running.ready, return_exceptions=True)
         await running.engine.stop()
 
 
@@ -121,9 +128,36 @@ class EngineShare:
     async def start(self) -> None:
         self._running = await self._engines.acquire(self._key, self._engine)
         self._engine = self._running.engine
-        if self._adapter is not None:
+        await self._load_adapter()
+
+    @property
+    def can_sleep(self) -> bool:
+        """Only as the engine's one share: sleeping would take it from every other."""
+        return can_sleep(self._engine) and self._running is not None and self._running.num_shares == 1
+
+    async def sleep(self) -> None:
+        """Its adapter is unloaded first (what the engine's sleep would drop from the device,
+        the adapter's cache would not know) and loaded again on waking."""
+        await self._unload_adapter()
+        await self._engine.sleep()
+        self._running.is_asleep = True
+
+    async def wake_up(self) -> None:
+        """Where another version joined meanwhile, the engine is awake already."""
+        if self._running.is_asleep:
+            await self._engine.wake_up()
+            self._running.is_asleep = False
+        await self._load_adapter()
+
+    async def _load_adapter(self) -> None:
+        if self._adapter is not None and not self._has_adapter_loaded:
             await self._engine.load_adapter(self._adapter, self._name)
             self._has_adapter_loaded = True
+
+    async def _unload_adapter(self) -> None:
+        if self._has_adapter_loaded:
+            self._has_adapter_loaded = False
+            await self._engine.unload_adapter(self._adapter)
 
     def tokenize(self, text: str) -> list[int]:
         return self._engine.tokenize(text)
@@ -162,9 +196,7 @@ class EngineShare:
         for request_id in list(self._in_flight):  # each ends with EngineStoppedError
             await self._engine.abort(request_id)
         try:
-            if self._has_adapter_loaded:
-                self._has_adapter_loaded = False
-                await self._engine.unload_adapter(self._adapter)
+            await self._unload_adapter()
         except Exception:  # a dead engine cannot unload: the stop goes on, its engine's last share stops it
             log.warning("could not unload the adapter of %s", self._name, exc_info=True)
         finally:

@@ -167,3 +167,18 @@ def test_deployments_on_an_engine_that_dies_all_come_back_on_one_fresh_engine(ho
         assert server.client().chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi"}], max_tokens=1).choices[0].message.content.strip() == "chat@3"
         started = [engine for engine in factory.built if engine.start_began_at is not None]
         assert len(started) == 2 and started[0].stopped_at is not None and started[1].stopped_at is None  # the dead one, then one fresh engine for both
+
+
+def test_a_shared_engine_left_with_one_version_sleeps_on_standby_and_a_swap_back_wakes_it(home):
+    """As vLLM on a GPU: swapped away from (other engine options, so another engine), the
+    base's engine sleeps with its one version on standby, and a swap back is a wake."""
+    factory = FakeEngineFactory(default=FakeBehaviour(sleeps=True))
+    with _server(home, factory) as server:
+        away = _swap(server, to="chat@1", engine_options={**ON_VLLM, "max_num_seqs": 8}, strategy="replace")
+        assert away["status"] == "succeeded" and factory.built[0].is_asleep
+        assert httpx.get(f"{server.url}/admin/deployments/chat").json()["standby"]["state"] == "asleep"
+        back = _swap(server, to="chat@1", engine_options={"engine": "vllm"})  # the options it had: on standby
+        assert (back["status"], back["strategy"]) == ("succeeded", "standby") and not factory.built[0].is_asleep
+        label = Registry(home).resolve("chat@1").path.name[:8]
+        assert _served(server) == ("chat@1", f"{label} {label}")
+        assert [engine.start_began_at is not None for engine in factory.built].count(True) == 2  # no third start

@@ -128,3 +128,38 @@ def test_the_key_is_the_weights_and_the_engine_options():
     assert shared_engine_key(weights, {"max_loras": 4, "engine": "vllm"}) == shared_engine_key(weights, {"engine": "vllm", "max_loras": 4})
     assert shared_engine_key(weights, {"max_loras": 4}) != shared_engine_key(weights, {"max_loras": 2})
     assert shared_engine_key(weights, {"max_loras": 4}) != shared_engine_key("sha256:" + "cd" * 32, {"max_loras": 4})
+
+
+def test_only_an_engines_one_share_sleeps_and_a_version_that_joins_a_sleeping_engine_wakes_it():
+    async def scenario():
+        engines = SharedEngines()
+        engine = FakeEngine("base", FakeBehaviour(sleeps=True))
+        standby, other = EngineShare(engines, "key", engine, None, "chat@1"), EngineShare(engines, "key", engine, ADAPTER, "chat@2")
+        await standby.start()
+        await other.start()
+        assert not standby.can_sleep  # it would take the engine from chat@2
+        await other.stop()
+        assert standby.can_sleep
+        await standby.sleep()
+        assert engine.is_asleep and not engines.is_running("key")  # a joiner needs its memory back
+        joining = EngineShare(engines, "key", FakeEngine("unused", FakeBehaviour()), ADAPTER, "chat@2")
+        await joining.start()
+        assert not engine.is_asleep and engines.is_running("key") and await _words(joining, "r") == "chat@2 " * 3
+        await standby.wake_up()  # a swap back to the standby: the engine is awake already
+        assert await _words(standby, "s") == "base " * 3
+
+    asyncio.run(scenario())
+
+
+def test_an_adapter_share_that_sleeps_unloads_its_adapter_and_loads_it_again_on_waking():
+    async def scenario():
+        engines = SharedEngines()
+        engine = FakeEngine("base", FakeBehaviour(sleeps=True))
+        alone = EngineShare(engines, "key", engine, ADAPTER, "chat@2")
+        await alone.start()
+        await alone.sleep()
+        assert engine.is_asleep and engine.adapters == {}
+        await alone.wake_up()
+        assert engine.adapters == {ADAPTER: "chat@2"} and await _words(alone, "r") == "chat@2 " * 3
+
+    asyncio.run(scenario())
