@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -170,10 +171,11 @@ class EngineShare:
             raise EngineStoppedError("The engine is not running.")
         self._in_flight.add(request.request_id)
         is_finished = False
-        try:
-            async for chunk in self._engine.generate(replace(request, adapter=self._adapter)):
-                is_finished = chunk.finish_reason is not None
-                yield chunk
+        try:  # closed with this one (a client that leaves), so the engine aborts it at once
+            async with aclosing(self._engine.generate(replace(request, adapter=self._adapter))) as chunks:
+                async for chunk in chunks:
+                    is_finished = chunk.finish_reason is not None
+                    yield chunk
         finally:
             self._in_flight.discard(request.request_id)
         if not is_finished:  # aborted by this share's stop, whatever the engine made of the abort

@@ -163,3 +163,20 @@ def test_an_adapter_share_that_sleeps_unloads_its_adapter_and_loads_it_again_on_
         assert engine.adapters == {ADAPTER: "chat@2"} and await _words(alone, "r") == "chat@2 " * 3
 
     asyncio.run(scenario())
+
+
+def test_a_generation_closed_early_ends_in_the_engine_at_once():
+    """A client that leaves closes its stream: the engine's generation ends then, not when the
+    garbage collector finalizes it."""
+
+    async def scenario():
+        engine = FakeEngine("base", FakeBehaviour(token_seconds=0.01))
+        share = EngineShare(SharedEngines(), "key", engine, None, "chat@1")
+        await share.start()
+        stream = share.generate(GenerationRequest("leaves", [1], SamplingParams(max_tokens=100)))
+        await anext(stream)
+        assert engine.health().num_running == 1
+        await stream.aclose()
+        assert engine.health().num_running == 0 and share.health().num_running == 0
+
+    asyncio.run(scenario())
