@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from models.errors import ConfigError, ConflictError, InvalidRequestError
 from server.api.admin_api import actor_change, require_admin
 from server.config.file import ConfigFile, DeploymentSettings, EngineOptions, environment_overrides, load_config
-from server.deployments.health import CanaryAnalysis
+from server.deployments.health import CanaryAnalysis, CanaryWeight
 from server.deployments.reconcile import drift
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -49,12 +49,12 @@ class RollbackBody(WaitBody):
 
 class CanaryBody(_Body):
     to: str
-    weight: int = Field(ge=1, le=99)
+    weight: CanaryWeight
     analysis: CanaryAnalysis | None = None  # baton aborts (and may promote) it; None: an operator decides
 
 
 class StepBody(_Body):
-    weight: int = Field(ge=1, le=99)
+    weight: CanaryWeight
 
 
 @router.get("/deployments")

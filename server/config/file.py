@@ -29,7 +29,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from models.errors import ConfigError, InvalidRequestError
 from models.names import NAME_PATTERN
 from server.config.settings import Settings
-from server.deployments.health import CanaryAnalysis, HealthPolicy
+from server.deployments.health import CanaryAnalysis, CanaryWeight, HealthPolicy
 from server.deployments.strategy import STRATEGIES
 from server.api.tools import check_tool_parser
 from server.engines.options import check_engine_options
@@ -78,7 +78,7 @@ class CanaryRollout(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    weight: int = Field(10, ge=1, le=99)
+    weight: CanaryWeight = 10
     analysis: CanaryAnalysis | None = None
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -49,6 +49,9 @@ class Baseline(Margins):
     after_s: float = Field(300.0, gt=0, description="how long a new version serves before its baseline is taken")
 
 
+CanaryWeight = Annotated[int, Field(ge=1, le=99)]  # a canary's share of new requests, in percent: neither none nor all
+
+
 class CanaryAnalysis(Margins):
     """A canary judged by baton: against the deployment's `slo` if it has one, else against
     the active version's last minute (within the margins), both windows holding at least
@@ -56,12 +59,12 @@ class CanaryAnalysis(Margins):
     at its weight with no breach moves on: to the next of `steps`, then to promotion."""
 
     promote_after_s: float | None = Field(None, gt=0, description="time within objectives at each weight before moving on; None: an operator promotes")
-    steps: list[int] = Field(default_factory=list, max_length=20, description="weights to move through before promotion, increasing")
+    steps: list[CanaryWeight] = Field(default_factory=list, max_length=20, description="weights to move through before promotion, increasing")
 
     @field_validator("steps")
     @classmethod
-    def _increasing_percentages(cls, steps: list[int]) -> list[int]:
-        if any(not 0 < weight < 100 for weight in steps) or steps != sorted(set(steps)):
+    def _increasing(cls, steps: list[int]) -> list[int]:
+        if steps != sorted(set(steps)):
             raise ValueError("steps are increasing weights between 1 and 99")
         return steps
 

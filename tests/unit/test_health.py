@@ -96,7 +96,10 @@ def test_a_passing_canary_moves_through_its_steps_then_to_promotion():
     assert CanaryAnalysis().next_weight(10) is None
 
 
-@pytest.mark.parametrize("steps", [[50, 25], [25, 25], [0, 50], [50, 100]])
-def test_steps_are_increasing_weights_under_100(steps):
-    with pytest.raises(ValueError, match="increasing weights"):
+@pytest.mark.parametrize(
+    ("steps", "words"),
+    [([50, 25], "increasing weights"), ([25, 25], "increasing weights"), ([0, 50], "steps.0\n  Input should be greater than or equal to 1"), ([50, 100], "steps.1\n  Input should be less than or equal to 99")],
+)
+def test_steps_are_increasing_weights_under_100(steps, words):
+    with pytest.raises(ValueError, match=words):
         CanaryAnalysis(steps=steps)
