@@ -77,8 +77,9 @@ def _callable_names(request: Request) -> list[str]:
 
 
 def _model_card(request: Request, model: str, route: Route) -> dict:
-    """OpenAI's card, with vLLM's `root` (here: the version the model names now) and
-    `max_model_len` (that version's context, while it is loaded; else null)."""
+    """OpenAI's card, with vLLM's `root` (here: the version the model names now),
+    `max_model_len` (that version's context, while it is loaded; else null) and `parent` (for
+    an unmerged LoRA adapter, the version it was trained on; else null)."""
     deployment = request.state.deployments.get(route.deployment)
     slot = next((slot for role, slot in deployment.roles() if role != "standby" and slot.version == route.version), None) if route.version else deployment.active
     return {
@@ -88,6 +89,7 @@ def _model_card(request: Request, model: str, route: Route) -> dict:
         "owned_by": "baton",
         "root": route.version or deployment.target_version,
         "max_model_len": slot.engine.max_model_len if slot is not None else None,
+        "parent": slot.target.adapter_base if slot is not None else None,
     }
 
 

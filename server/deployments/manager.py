@@ -533,7 +533,7 @@ class DeploymentManager:
         import allowed it."""
         version = self._registry.resolve_for_serving(ref)
         options = {**self._engine_defaults, **version.manifest.engine_options, **(overrides or {}), "allow_pickle": version.manifest.allows_pickle}
-        return _target(version.ref, version.path, options, version.manifest.total_bytes, version.adapter, version.weights_digest)
+        return _target(version.ref, version.path, options, version.manifest.total_bytes, version.adapter, version.weights_digest, version.manifest.source.get("base"))
 
     def _resolve_or_standby(self, deployment: Deployment, ref: str, overrides: dict) -> Target:
         """Rule: a version deleted (forced) while it sits on standby can still come back, as
@@ -582,7 +582,7 @@ def _previous_version(deployment: Deployment) -> str:
     return deployment.previous_version
 
 
-def _target(version: str, path: Path, options: dict, stored_bytes: int, adapter: Path | None = None, weights_digest: str | None = None) -> Target:
+def _target(version: str, path: Path, options: dict, stored_bytes: int, adapter: Path | None = None, weights_digest: str | None = None, base: str | None = None) -> Target:
     """A version as it will load: its memory estimate and sampling defaults read from its
     folder; on vLLM with LoRA on (always, for an unmerged adapter), the key of the engine it
     shares with its base's other versions. Elsewhere an unmerged adapter is merged as it loads."""
@@ -590,7 +590,9 @@ def _target(version: str, path: Path, options: dict, stored_bytes: int, adapter:
     if runs_on == "vllm" and adapter is not None and not options.get("max_loras"):
         options = {**options, "max_loras": DEFAULT_MAX_LORAS}
     key = shared_engine_key(weights_digest or str(path), engine_only(options)) if runs_on == "vllm" and options.get("max_loras") else None
-    return Target(version, path, options, estimate_memory_bytes(path, options, stored_bytes), stored_bytes, SamplingDefaults.read(path), adapter, key)
+    memory_bytes = estimate_memory_bytes(path, options, stored_bytes)
+    adapter_base = base if adapter is not None else None
+    return Target(version, path, options, memory_bytes, stored_bytes, SamplingDefaults.read(path), adapter=adapter, adapter_base=adapter_base, shared_engine_key=key)
 
 
 def _can_never_come_back(error: BatonError) -> bool:

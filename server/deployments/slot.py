@@ -34,6 +34,7 @@ class Target:
     stored_bytes: int = 0  # its weights on disk: what it holds of host memory when asleep
     sampling_defaults: SamplingDefaults = SamplingDefaults()  # its generation_config.json's
     adapter: Path | None = None  # an unmerged LoRA adapter, served beside the weights at `path`
+    adapter_base: str | None = None  # the version the adapter was trained on (vLLM's model card calls it `parent`)
     # Targets with the same key share one running engine (shared_engine.py): a vLLM engine
     # with LoRA on, for a base and its unmerged adapters. None: an engine of its own.
     shared_engine_key: str | None = None
@@ -164,7 +165,7 @@ class Slot:
             "memory_bytes": self.memory_bytes,
         }
         if self.target.adapter is not None:
-            described["lora_adapter"] = "unmerged, served beside its base's weights"
+            described["lora_adapter_of"] = self.target.adapter_base  # unmerged, served beside its base's weights
         if self.target.shared_engine_key is not None:
             described["shared_engine"] = self.target.shared_engine_key
         return described | ({"memory_plan": self.plan} if self.plan else {})

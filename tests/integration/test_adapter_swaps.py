@@ -97,7 +97,9 @@ def test_adapters_swap_blue_green_in_one_engine_where_two_engines_do_not_fit(hom
         assert _swap(server, to="chat@3")["strategy"] == "blue-green"
         described = httpx.get(f"{server.url}/admin/deployments/chat").json()
         assert (described["active"]["version"], described["standby"]["version"]) == ("chat@3", "chat@2")
-        assert described["active"]["lora_adapter"] and described["active"]["shared_engine"] == described["standby"]["shared_engine"]
+        assert described["active"]["lora_adapter_of"] == "chat@1" and described["active"]["shared_engine"] == described["standby"]["shared_engine"]
+        card = server.client().models.retrieve("chat")
+        assert (card.root, card.parent) == ("chat@3", "chat@1")  # vLLM's card for a LoRA adapter
         canary = httpx.post(f"{server.url}/admin/deployments/chat/canary", json={"to": "chat@1", "weight": 50}, timeout=60)
         assert canary.status_code == 200, canary.text  # the base beside its adapter: no second engine
         assert {_served(server, user=f"u{n}")[0] for n in range(16)} == {"chat@1", "chat@3"}
