@@ -132,9 +132,14 @@ class EngineShare:
         await self._load_adapter()
 
     @property
+    def is_last_share(self) -> bool:
+        """Its stop stops the engine (or, before its start, there is none to stop)."""
+        return self._running is None or self._running.num_shares == 1
+
+    @property
     def can_sleep(self) -> bool:
         """Only as the engine's one share: sleeping would take it from every other."""
-        return can_sleep(self._engine) and self._running is not None and self._running.num_shares == 1
+        return can_sleep(self._engine) and self._running is not None and self.is_last_share
 
     async def sleep(self) -> None:
         """Its adapter is unloaded first (what the engine's sleep would drop from the device,

@@ -141,8 +141,13 @@ class SlotLifecycle:
             await self._stop_engine(slot)
 
     async def _stop_engine(self, slot: Slot) -> None:
+        """Rule: the heap thaws (and is collected after, in the loop) only where an engine stops;
+        a share that leaves others on its engine frees nothing worth a full collection."""
+        engine = slot.engine
+        if isinstance(engine, EngineShare) and not engine.is_last_share:
+            return await engine.stop()
         with self._heap.thawed():
-            await slot.engine.stop()
+            await engine.stop()
 
     async def stop_for_good(self, slots: list[Slot]) -> None:
         """At shutdown: every slot stops, and the heap stays thawed (see heap.py)."""
