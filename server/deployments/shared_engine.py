@@ -61,8 +61,12 @@ class SharedEngines:
     def is_running(self, key: str) -> bool:
         """An engine of `key` runs (or starts): a share of it loads nothing but its adapter. One
         asleep (its one share on standby) needs its memory back first."""
+        return self.has_engine(key) and not self._running[key].is_asleep
+
+    def has_engine(self, key: str) -> bool:
+        """An engine of `key` is there to join, awake or asleep: a share of it starts none."""
         running = self._running.get(key)
-        return running is not None and not running.has_died and not running.is_asleep
+        return running is not None and not running.has_died
 
     async def acquire(self, key: str, engine: Engine) -> _Running:
         """The engine running for `key`, else `engine` (built, not started) started for it. A

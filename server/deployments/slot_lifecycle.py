@@ -51,7 +51,7 @@ class SlotLifecycle:
 
     async def load(self, target: Target) -> Slot:
         options, target, plan = self._planned(target)
-        starts_an_engine = not self.joins_running_engine(target)  # a share of a running one loads an adapter at most
+        starts_an_engine = not self._joins_an_engine(target)  # a share of one there loads an adapter (and wakes it) at most
         engine = self._engine_factory(target.path, {**options, "served_name": served_name(target)})
         if target.shared_engine_key is not None:
             engine = EngineShare(self._shared, target.shared_engine_key, engine, target.adapter, target.version)
@@ -179,6 +179,10 @@ class SlotLifecycle:
     def joins_running_engine(self, target: Target) -> bool:
         return target.shared_engine_key is not None and self._shared.is_running(target.shared_engine_key)
 
+    def _joins_an_engine(self, target: Target) -> bool:
+        """Running or asleep: no engine starts, and its share of the GPU was planned when it did."""
+        return target.shared_engine_key is not None and self._shared.has_engine(target.shared_engine_key)
+
     def fits_in_budget(self, extra_bytes: int) -> bool:
         return fits(self.memory_in_use_bytes, extra_bytes, self._settings.memory_budget_bytes)
 
@@ -205,8 +209,8 @@ class SlotLifecycle:
     def _planned(self, target: Target) -> tuple[dict, Target, str]:
         """The options an engine starts with: on a GPU, a vLLM engine with no explicit
         `gpu_memory_utilization` gets one planned from the device's free memory now."""
-        if self.joins_running_engine(target):
-            return target.options, target, "shares the running engine of its base weights"
+        if self._joins_an_engine(target):
+            return target.options, target, "shares the engine of its base weights"
         if (gpu := self._gpu_to_plan(target)) is None:
             return target.options, target, ""
         headroom = self._gpu_headroom_bytes

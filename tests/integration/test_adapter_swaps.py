@@ -42,11 +42,12 @@ def home(tmp_path_factory, tiny_model_path) -> Path:
     return root / "home"
 
 
-def _server(home: Path, factory: FakeEngineFactory, **settings) -> ServerThread:
+def _server(home: Path, factory: FakeEngineFactory, engines_in_budget: float = 1.5, **settings) -> ServerThread:
     base = Registry(home).resolve("chat@1")
     one_engine = int(base.manifest.total_bytes * LOAD_OVERHEAD) + 2**30  # vLLM on CPU: its weights and a 1 GiB KV cache
     spec = ModelSpec(name="chat", path=base.path, version=base.ref, engine="vllm")
-    return ServerThread(Settings(home=home, models=[spec], restore_state=False, memory_budget_bytes=int(one_engine * 1.5), **settings), engine_factory=factory)
+    budget = int(one_engine * engines_in_budget)
+    return ServerThread(Settings(home=home, models=[spec], restore_state=False, memory_budget_bytes=budget, **settings), engine_factory=factory)
 
 
 def _swap(server, expect: int = 200, **body) -> dict:
@@ -184,3 +185,15 @@ def test_a_shared_engine_left_with_one_version_sleeps_on_standby_and_a_swap_back
         label = Registry(home).resolve("chat@1").path.name[:8]
         assert _served(server) == ("chat@1", f"{label} {label}")
         assert [engine.start_began_at is not None for engine in factory.built].count(True) == 2  # no third start
+
+
+def test_a_version_that_joins_a_sleeping_shared_engine_wakes_it_and_starts_none(home):
+    factory = FakeEngineFactory(default=FakeBehaviour(sleeps=True))
+    with _server(home, factory, engines_in_budget=3) as server:
+        _swap(server, to="chat@1", engine_options={**ON_VLLM, "max_num_seqs": 8}, strategy="replace")
+        assert factory.built[0].is_asleep  # the base's engine, its one version on standby
+        joined = _swap(server, to="chat@2", engine_options={"engine": "vllm"})  # the sleeping engine's options
+        assert (joined["status"], joined["strategy"]) == ("succeeded", "blue-green") and not factory.built[0].is_asleep
+        assert _served(server) == ("chat@2", "chat@2 chat@2")
+        assert [engine.start_began_at is not None for engine in factory.built].count(True) == 2
+        assert 'baton_engine_starts_total{engine="fake",outcome="started"} 2.0' in httpx.get(f"{server.url}/metrics").text
