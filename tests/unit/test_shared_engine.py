@@ -16,7 +16,7 @@ import pytest
 from models.errors import EngineStoppedError
 from server.config.settings import Settings
 from server.deployments.shared_engine import EngineShare, SharedEngines, shared_engine_key
-from server.deployments.slot import Target
+from server.deployments.slot import SlotState, Target
 from server.deployments.slot_lifecycle import SlotLifecycle
 from server.engines.base import GenerationRequest, SamplingParams
 from server.observability.metrics import Metrics
@@ -210,3 +210,37 @@ def test_a_share_that_leaves_others_on_its_engine_stops_without_a_full_collectio
         return [after_share, len(full_collections)]
 
     assert asyncio.run(scenario()) == [0, 1]  # none for the share; one when the engine stopped
+
+
+class _Holding:
+    """The slots a deployment holds, as the lifecycle's budget reads them."""
+
+    def __init__(self, slots: list):
+        self._slots = slots
+
+    def slots(self) -> list:
+        return self._slots
+
+
+def test_a_standby_asleep_on_an_engine_that_a_joining_version_woke_is_awake_again(tmp_path):
+    """Its state says so (it counts in the budget), and its adapter is loaded again."""
+
+    async def scenario():
+        held: list = []
+        factory = FakeEngineFactory(default=FakeBehaviour(sleeps=True))
+        slots = SlotLifecycle(Settings(home=tmp_path), factory, Metrics(), lambda: [_Holding(held)])
+        standby = await slots.load(Target("chat@2", tmp_path / "base", {}, 1, adapter=ADAPTER, shared_engine_key="key"))
+        for state in (SlotState.READY, SlotState.DRAINING):
+            standby.move_to(state)
+        await standby.engine.sleep()
+        standby.move_to(SlotState.ASLEEP)
+        held.append(standby)
+        assert factory.built[0].is_asleep and factory.built[0].adapters == {}
+        joined = await slots.load(Target("chat@1", tmp_path / "base", {}, 1, shared_engine_key="key"))
+        held.append(joined)
+        assert standby.state is SlotState.STANDBY and not factory.built[0].is_asleep
+        assert factory.built[0].adapters == {ADAPTER: "chat@2"} and slots.memory_in_use_bytes == 1
+        await slots.stop_for_good(held)
+        gc.unfreeze()
+
+    asyncio.run(scenario())
