@@ -117,8 +117,7 @@ class Registry:
 
     def import_beside(self, base: Version, folder: Path, files: tuple[str, ...], under: str, name: str, source: dict, options: ImportOptions, change: Change) -> tuple[Version, bool]:
         """Store a version of `name` that is `base`'s files (stored once, shared) with `files`
-        of `folder` in the subfolder `under` (an unmerged LoRA adapter); engine options are
-        the base's unless given."""
+        of `folder` in the subfolder `under` (an unmerged LoRA adapter)."""
         check_name(name)
         _check_confined(folder, list(files), options.confine_to)
         staged = self.store.new_staging_folder()
@@ -133,7 +132,7 @@ class Registry:
             base.manifest,
             files=base.manifest.files + entries,
             source=source,
-            engine_options=options.engine_options if options.engine_options is not None else dict(base.manifest.engine_options),
+            engine_options=options.engine_options or {},
             labels=options.labels or {},
             notes=options.notes,
             created_by=change.actor,

@@ -65,16 +65,16 @@ class SlotLifecycle:
             raise
         self._count_start(slot, "started", starts_an_engine)
         self._heap.freeze()
-        await self._wake_shares_of(target.shared_engine_key)
+        if target.shared_engine_key is not None:
+            await self._wake_shares_of(target.shared_engine_key)
         return slot
 
-    async def _wake_shares_of(self, key: str | None) -> None:
+    async def _wake_shares_of(self, key: str) -> None:
         """A version that joined a sleeping engine woke it: the standby asleep on it is awake
         too (its adapter loaded again), and counts in the budget as such."""
-        for slot in (s for d in self._deployments() for s in d.slots() if s.state is SlotState.ASLEEP):
-            if key is not None and slot.target.shared_engine_key == key:
-                await slot.engine.wake_up()
-                slot.move_to(SlotState.STANDBY, "its engine woke: a version joined it")
+        for slot in [s for d in self._deployments() for s in d.slots() if s.state is SlotState.ASLEEP and s.target.shared_engine_key == key]:
+            await slot.engine.wake_up()
+            slot.move_to(SlotState.STANDBY, "its engine woke: a version joined it")
 
     def _count_start(self, slot: Slot, outcome: str, starts_an_engine: bool) -> None:
         if starts_an_engine:
