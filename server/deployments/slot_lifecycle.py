@@ -36,7 +36,11 @@ EngineFactory = Callable[[Path, dict], Engine]
 
 def served_name(target: Target) -> str:
     """What an engine calls its model where it names it (vLLM's metrics): the registry ref, or
-    the folder's name for a local folder (never the server's paths)."""
+    the folder's name for a local folder (never the server's paths). Rule: an engine shared by
+    a base's versions is named after the base (as vLLM's server names its base model with LoRA
+    on), whichever of them started it; its adapters are named per request."""
+    if target.shared_engine_key is not None and target.adapter_base is not None:
+        return target.adapter_base
     return target.version if target.is_from_registry else target.path.name
 
 

@@ -1,5 +1,6 @@
 """Engine options as a version records them: known names, strict types, per-engine views."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,9 @@ def test_what_baton_sets_itself_is_no_engine_option(name):
 def test_an_engine_names_its_model_by_version_or_folder_never_by_path():
     assert served_name(Target("chat@2", Path("/home/baton/store/trees/ab12"), {}, 0)) == "chat@2"
     assert served_name(Target("local", Path("/models/my-tune"), {}, 0)) == "my-tune"
+    # An engine that a base's versions share is named after the base, whichever version starts it.
+    adapter = Target("chat@5", Path("/s/trees/ab12"), {}, 0, adapter=Path("/s/trees/cd34/adapter"), adapter_base="chat@3", shared_engine_key="k")
+    assert served_name(adapter) == "chat@3"
+    assert served_name(Target("chat@3", Path("/s/trees/ab12"), {}, 0, shared_engine_key="k")) == "chat@3"
+    # An adapter merged as it loads (no shared engine) is its own model.
+    assert served_name(replace(adapter, shared_engine_key=None)) == "chat@5"

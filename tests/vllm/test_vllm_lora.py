@@ -119,10 +119,12 @@ def test_another_deployment_of_an_adapter_joins_the_running_engine(lora_server):
 
 def test_an_adapter_version_starts_an_engine_of_its_own_where_none_of_its_base_runs(lora_server):
     """Other engine options, so another engine, started from the adapter version's folder (the
-    base's files, the adapter in a subfolder vLLM does not read as weights)."""
+    base's files, the adapter in a subfolder vLLM does not read as weights), named after the base."""
     num_starts = _engine_starts(lora_server)
     deployed = httpx.post(f"{lora_server.url}/admin/deployments", json={"name": "solo", "model": "chat@3", "engine_options": {"engine": "vllm", "max_model_len": 256}}, timeout=300)
     assert deployed.status_code == 201, deployed.text
     assert _engine_starts(lora_server) == num_starts + 1
     assert _answer(lora_server, model="solo") == (_merged_answer(lora_server, 1), "chat@3")
+    metrics = httpx.get(f"{lora_server.url}/metrics").text  # both engines' own metrics name the base, as vLLM's server does
+    assert set(re.findall(r'^vllm:[^{]+\{[^}]*model_name="([^"]*)"', metrics, re.MULTILINE)) == {"chat@1"}
     assert httpx.delete(f"{lora_server.url}/admin/deployments/solo", timeout=300).status_code == 200
