@@ -27,8 +27,8 @@ async def echoed(choices: AsyncIterator[ChoiceChunk], texts: list[str], n: int, 
         async for item in stream:
             chunk = item.chunk
             if not generates:
-                chunk = replace(chunk, text="", num_tokens=0, logprobs=(), finish_reason=chunk.finish_reason and "length")
+                chunk = replace(chunk, text="", num_tokens=0, token_ids=(), logprobs=(), finish_reason=chunk.finish_reason and "length")
             if item.index not in has_echoed:
                 has_echoed.add(item.index)
-                chunk = replace(chunk, text=texts[item.index // n] + chunk.text, logprobs=chunk.prompt_logprobs + chunk.logprobs, prompt_logprobs=())
+                chunk = replace(chunk, text=texts[item.index // n] + chunk.text, logprobs=chunk.prompt_logprobs + chunk.logprobs)
             yield replace(item, chunk=chunk)

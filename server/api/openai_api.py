@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,7 +21,7 @@ from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, E
 from server.api.reasoning import PROMPT_TAIL_TOKENS, ReasoningSplitter, ReasoningTally, prompt_opens_reasoning, read_reasoning, reads_reasoning
 from server.api.echo import echo_texts, echoed
 from server.api.generation import ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
-from server.api.shapes import ChatFormat, TextFormat
+from server.api.shapes import ChatFormat, TextFormat, TokenFields
 from server.api.tool_formats import format_taught_by
 from server.api.tools import ToolCall
 from server.api.observation import RequestObservation, Unobserved
@@ -110,11 +110,16 @@ async def get_model(model: str, request: Request) -> dict:
 
 @dataclass(frozen=True)
 class Served:
-    """What answered: the `model` field's value (served_as) and the sampling applied (the
-    request's settings, else the version's defaults)."""
+    """What answered: the `model` field's value (served_as), the sampling applied (the
+    request's settings, else the version's defaults) and the prompts as token ids."""
 
     model: str
     sampling: SamplingParams
+    prompts: Sequence[Sequence[int]] = ()
+
+    def prompt_of(self, index: int, num_choices: int) -> Sequence[int]:
+        """Choice `index`'s prompt: choices are prompt-major, n to a prompt."""
+        return self.prompts[index // (num_choices // len(self.prompts))]
 
 
 class AnswerShape(Protocol):
@@ -136,15 +141,15 @@ class Choices:
         return {"id": self.fmt.id_prefix + uuid.uuid4().hex, "object": self.fmt.object, "created": int(time.time()), "model": served.model}
 
     def collect(self, choices, served: Served, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]:
-        return _collect(choices, self.fmt, self._head(served), num_choices, num_prompt_tokens)
+        return _collect(choices, self.fmt, self._head(served), num_choices, num_prompt_tokens, served)
 
     def events(self, choices, served: Served, num_choices: int, usage: _UsagePolicy) -> AsyncIterator[str]:
-        return _sse(choices, self.fmt, {**self._head(served), "object": self.fmt.chunk_object}, num_choices, usage)
+        return _sse(choices, self.fmt, {**self._head(served), "object": self.fmt.chunk_object}, num_choices, usage, served)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    return await answer_chat(request, body, Choices(ChatFormat(body.logprobs is True)))
+    return await answer_chat(request, body, Choices(ChatFormat(body.logprobs is True, token_fields(body))))
 
 
 async def answer_chat(request: Request, body: ChatCompletionRequest, shape: AnswerShape):
@@ -169,7 +174,12 @@ def _read_chat(body: ChatCompletionRequest, choices: AsyncIterator[ChoiceChunk],
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
     read = partial(_read_echo, body) if body.echo else _as_generated
-    return await _respond(request, body, lambda engine: [_prompt_ids(engine, prompt) for prompt in body.prompt], Choices(TextFormat(body.logprobs is not None)), read)
+    fmt = TextFormat(body.logprobs is not None, token_fields(body))
+    return await _respond(request, body, lambda engine: [_prompt_ids(engine, prompt) for prompt in body.prompt], Choices(fmt), read)
+
+
+def token_fields(body: ChatCompletionRequest | CompletionRequest) -> TokenFields:
+    return TokenFields(token_ids=body.return_token_ids, prompt_logprobs=body.prompt_logprobs is not None)
 
 
 def _read_echo(body: CompletionRequest, choices: AsyncIterator[ChoiceChunk], lease: Lease, prompts: list[list[int]]) -> AsyncIterator[ChoiceChunk]:
@@ -210,7 +220,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
         observation.finish(status_of(error))
         raise
     observation.prepared()
-    served = Served(served_as(lease, body.model), requests[0].sampling)
+    served = Served(served_as(lease, body.model), requests[0].sampling, prompts)
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = _on_lease(read(stream_choices(lease.engine, requests), lease, prompts), lease, observation)
     headers = served_headers(lease)
@@ -315,9 +325,11 @@ def status_of(error: BaseException) -> int:
     return 499 if isinstance(error, (asyncio.CancelledError, GeneratorExit)) else 500
 
 
-async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_choices: int, num_prompt_tokens: int) -> dict:
+async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_choices: int, num_prompt_tokens: int, served: Served) -> dict:
     texts, reasons, num_completion_tokens = [""] * num_choices, [None] * num_choices, 0
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(num_choices)]
+    prompt_logprobs: list[tuple[TokenLogprob, ...]] = [()] * num_choices
+    token_ids: list[list[int]] = [[] for _ in range(num_choices)]
     tool_calls: list[tuple[ToolCall, ...]] = [()] * num_choices
     reasonings, tally = [""] * num_choices, ReasoningTally()
     async with aclosing(choices) as stream:
@@ -326,14 +338,17 @@ async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_cho
             reasonings[item.index] += item.reasoning
             reasons[item.index] = item.chunk.finish_reason
             logprobs[item.index] += item.chunk.logprobs
+            prompt_logprobs[item.index] += item.chunk.prompt_logprobs
+            token_ids[item.index] += item.chunk.token_ids
             tool_calls[item.index] += item.tool_calls
             num_completion_tokens += item.chunk.num_tokens
             tally.count(item)
-    return {
-        **head,
-        "choices": [fmt.choice(i, texts[i], reasons[i], logprobs[i], tool_calls[i], reasonings[i]) for i in range(num_choices)],
-        "usage": _usage(num_prompt_tokens, num_completion_tokens, tally.num_tokens),
-    }
+    answers = [fmt.choice(i, texts[i], reasons[i], logprobs[i], tool_calls[i], reasonings[i]) | fmt.tokens.of_choice(token_ids[i]) for i in range(num_choices)]
+    if fmt.prompt_per_choice:
+        answers = [answer | fmt.tokens.of_prompt(served.prompt_of(i, num_choices), prompt_logprobs[i]) for i, answer in enumerate(answers)]
+    else:
+        head = head | fmt.tokens.of_prompt(served.prompts[0], prompt_logprobs[0])
+    return {**head, "choices": answers, "usage": _usage(num_prompt_tokens, num_completion_tokens, tally.num_tokens)}
 
 
 _NULL_USAGE, _NO_USAGE = {"usage": None}, {}  # never mutated: merged into each event's dict
@@ -363,18 +378,25 @@ class _UsagePolicy:
         return _usage(self.num_prompt_tokens, self.num_completion_tokens, self.reasoning.num_tokens)
 
 
-async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy):
-    """SSE chunks, then `data: [DONE]`."""
+async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy, served: Served):
+    """SSE chunks, then `data: [DONE]`. With `return_token_ids` a choice's prompt token ids
+    come first (chat: beside its opening delta; completions: in its first chunk), and each
+    delta carries the ids of the tokens it adds."""
     for index in range(num_choices):
         if (opening := fmt.opening_delta(index)) is not None:
-            yield _event({**head, "choices": [opening], **usage.on_chunk()})
+            yield _event({**head, "choices": [opening], **fmt.tokens.of_prompt(served.prompt_of(index, num_choices)), **usage.on_chunk()})
+    unopened = set(range(num_choices)) if fmt.prompt_per_choice else set()
     try:
         async with aclosing(choices) as stream:
             async for item in stream:
                 chunk = item.chunk
                 usage.count(item)
-                if chunk.text or chunk.logprobs or item.reasoning:
-                    yield _event({**head, "choices": [fmt.delta(item.index, chunk.text, None, chunk.logprobs, reasoning=item.reasoning)], **usage.on_chunk()})
+                if chunk.text or chunk.logprobs or item.reasoning or (fmt.tokens.token_ids and chunk.token_ids):
+                    delta = fmt.delta(item.index, chunk.text, None, chunk.logprobs, reasoning=item.reasoning) | fmt.tokens.of_choice(chunk.token_ids)
+                    if item.index in unopened:
+                        unopened.discard(item.index)
+                        delta |= fmt.tokens.of_prompt(served.prompt_of(item.index, num_choices))
+                    yield _event({**head, "choices": [delta], **usage.on_chunk()})
                 if item.call_pieces:
                     yield _event({**head, "choices": [fmt.delta(item.index, "", None, (), [p.as_openai() for p in item.call_pieces])], **usage.on_chunk()})
                 if chunk.finish_reason:

@@ -29,7 +29,7 @@ from server.engines.prompt import is_unicode
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]  # what vLLM's server takes
-NULL_MEANS_DEFAULT = ("n", "stream", "echo")  # the sampling fields take null as unset already
+NULL_MEANS_DEFAULT = ("n", "stream", "echo", "return_token_ids")  # the sampling fields take null as unset already
 
 
 def invalid_field(field: str, value, message: str, kind: str = "value_error") -> ValidationError:
@@ -129,6 +129,7 @@ MAX_SCHEMA_COUNT = 10_000  # minItems, maxLength and the like
 MAX_PATTERN_REPEAT = 1_000  # n and m in a pattern's {n}, {n,}, {n,m}
 MAX_STOP_CHARS = 1_024
 MAX_STOP_TOKEN_IDS = 64
+MAX_PROMPT_LOGPROBS = 20  # vLLM's engines take at most max_logprobs (20 by default) most likely tokens a position
 MAX_LOGIT_BIAS = 1_024  # tokens a request may bias (40,000 cost 21 ms a token in the batch's step)
 COUNT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains", "maxContains")
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
@@ -342,6 +343,8 @@ class _GenerationBody(Strict):
     prompt_cache_key: str | None = None  # a caching hint: prefixes are cached whatever it says
     metadata: dict[str, str] | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's: output held to a schema, regex, choice or grammar
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)  # vLLM's: each prompt token's logprob and rank, and the k most likely there
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids beside the text
 
     _stop_as_list = field_validator("stop", mode="before")(_as_list)
 
@@ -385,6 +388,8 @@ class _GenerationBody(Strict):
     def _check_stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise invalid_field("stream_options", self.stream_options, "stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM's server: they come with the whole answer
+            raise invalid_field("prompt_logprobs", self.prompt_logprobs, "prompt_logprobs are not available when stream is true")
         return self
 
     @property
@@ -409,8 +414,8 @@ class _GenerationBody(Strict):
 
     @property
     def num_prompt_logprobs(self) -> int | None:
-        """None: no logprobs for the prompt's tokens (only completions' `echo` asks for them)."""
-        return None
+        """None: no logprobs for the prompt's tokens; k: each one's and the k most likely there."""
+        return self.prompt_logprobs
 
     @property
     def output_format(self) -> OutputFormat | None:
@@ -592,6 +597,8 @@ class CompletionRequest(_GenerationBody):
     def _nothing_to_generate_needs_echo(self):
         if self.max_tokens == 0 and not self.echo:
             raise invalid_field("max_tokens", 0, "max_tokens 0 generates nothing: it is accepted with echo only (the answer is then the prompt)")
+        if self.prompt_logprobs is not None and self.echo and self.logprobs is not None:  # two counts of the prompt's most likely tokens
+            raise invalid_field("prompt_logprobs", self.prompt_logprobs, "echo with logprobs scores the prompt already; send prompt_logprobs or echo with logprobs, not both")
         return self
 
     @property
@@ -609,7 +616,7 @@ class CompletionRequest(_GenerationBody):
 
     @property
     def num_prompt_logprobs(self) -> int | None:
-        return self.logprobs if self.echo else None
+        return self.logprobs if self.echo and self.logprobs is not None else self.prompt_logprobs
 
     @property
     def num_top_logprobs(self) -> int | None:

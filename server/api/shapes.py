@@ -1,5 +1,6 @@
 """OpenAI's response shapes, whole and streamed: chat completions (messages, tool calls,
-per-token logprobs) and text completions (the legacy logprobs lists)."""
+per-token logprobs) and text completions (the legacy logprobs lists), with vLLM's token
+fields where asked for (`TokenFields`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,48 @@ from itertools import accumulate
 from server.api.tools import ToolCall
 from server.engines.base import TokenLogprob
 
+MIN_PROMPT_LOGPROB = -9999.0  # what vLLM's server sends for -inf (JSON has no infinity)
+
+
+@dataclass(frozen=True)
+class TokenFields:
+    """vLLM's token fields of an answer: the token ids of the prompt and of each choice
+    (`return_token_ids`, for clients that must not tokenize the text again: RL rollouts), and
+    each prompt token's logprob (`prompt_logprobs`) in vLLM's shape: null for the first token,
+    then {token id: {logprob, rank, decoded_token}} for the prompt's own token and the k most
+    likely there. Chat puts the prompt's fields beside `choices`, completions in each choice."""
+
+    token_ids: bool = False
+    prompt_logprobs: bool = False
+
+    def of_choice(self, token_ids: Sequence[int]) -> dict:
+        return {"token_ids": list(token_ids)} if self.token_ids else {}
+
+    def of_prompt(self, prompt_ids: Sequence[int], scored: Sequence[TokenLogprob] = ()) -> dict:
+        fields = {"prompt_token_ids": list(prompt_ids)} if self.token_ids else {}
+        if self.prompt_logprobs:
+            fields["prompt_logprobs"] = [_prompt_logprob(t) for t in scored]
+        return fields
+
+
+def _prompt_logprob(scored: TokenLogprob) -> dict | None:
+    if scored.logprob is None:
+        return None
+    entries = {scored.token_id: _ranked(scored.logprob, scored.rank, scored.token)}
+    for rank, candidate in enumerate(scored.top, start=1):
+        entries.setdefault(candidate.token_id, _ranked(candidate.logprob, rank, candidate.token))
+    return {str(token_id): entry for token_id, entry in entries.items()}
+
+
+def _ranked(logprob: float, rank: int | None, text: str) -> dict:
+    return {"logprob": max(logprob, MIN_PROMPT_LOGPROB), "rank": rank, "decoded_token": text}
+
 
 @dataclass(frozen=True)
 class ChatFormat:
     wants_logprobs: bool
+    tokens: TokenFields = TokenFields()
+    prompt_per_choice = False  # one prompt: its token fields go beside `choices`
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
@@ -42,13 +81,15 @@ class ChatFormat:
         """OpenAI's chat shape: per token its text, bytes, logprob and the top alternatives."""
         if not self.wants_logprobs:
             return None
-        content = [{**_token(t.token, t.logprob), "top_logprobs": [_token(text, value) for text, value in t.top]} for t in logprobs]
+        content = [{**_token(t.token, t.logprob), "top_logprobs": [_token(c.token, c.logprob) for c in t.top]} for t in logprobs]
         return {"content": content, "refusal": None}
 
 
 @dataclass(frozen=True)
 class TextFormat:
     wants_logprobs: bool
+    tokens: TokenFields = TokenFields()
+    prompt_per_choice = True  # one prompt or many: each choice carries its prompt's token fields
     object = "text_completion"
     chunk_object = "text_completion"
     id_prefix = "cmpl-"
@@ -71,7 +112,7 @@ class TextFormat:
         return {
             "tokens": [t.token for t in logprobs],
             "token_logprobs": [t.logprob for t in logprobs],
-            "top_logprobs": [None if t.logprob is None else dict(t.top) for t in logprobs],
+            "top_logprobs": [None if t.logprob is None else {c.token: c.logprob for c in t.top} for t in logprobs],
             "text_offset": offsets,
         }
 

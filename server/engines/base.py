@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "tool_calls"]  # tool_calls: set by the API, never by an engine
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -69,14 +69,25 @@ class SamplingParams:
         return not self.is_greedy and (self.top_k > 0 or self.min_p > 0.0)
 
 
+class Candidate(NamedTuple):
+    """One of the most likely tokens at a position."""
+
+    token: str
+    logprob: float
+    token_id: int
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """One token's log-probability, and the most likely alternatives' (best first). A
-    prompt's first token has none (None): nothing came before it."""
+    prompt's first token has none (None): nothing came before it. `rank` (1: the most
+    likely) is reported for a prompt's tokens, as vLLM's prompt logprobs give it."""
 
     token: str
     logprob: float | None
-    top: tuple[tuple[str, float], ...] = ()
+    top: tuple[Candidate, ...] = ()
+    token_id: int | None = None
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,7 @@ class Chunk:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token in this chunk, when asked for
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # one per prompt token, on a generation's first chunk, when asked for
     stop_sequence: str | None = None  # on the last chunk: the stop string that ended the generation, if one did
+    token_ids: tuple[int, ...] = ()  # the num_tokens tokens generated, by id (an engine that knows them)
 
 
 @dataclass(frozen=True)

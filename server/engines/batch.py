@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from server.engines.base import Chunk, FinishReason, GenerationRequest, TokenLogprob
+from server.engines.base import Candidate, Chunk, FinishReason, GenerationRequest, TokenLogprob
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.grammar import TokenMask
 from server.engines.kv_cache import forward, forward_positions, left_padded, new_cache, positions_of
@@ -44,7 +44,7 @@ class Sequence:
     emit: Callable[[Chunk | BaseException], None]
     token_mask: TokenMask | None = None  # JSON output: which tokens may come next
     output_token_ids: list[int] = field(default_factory=list)
-    num_unreported_tokens: int = 0
+    unreported_token_ids: list[int] = field(default_factory=list)
     unreported_logprobs: list[TokenLogprob] = field(default_factory=list)
     unreported_prompt_logprobs: tuple[TokenLogprob, ...] = ()  # go with the first chunk
     is_aborted: bool = False
@@ -98,8 +98,8 @@ class ContinuousBatch:
                 continue
             text_of = sequence.detokenizer.token_text
             scored = prompt_logprobs(logits[row, logits.shape[1] - len(prompt) : -1], prompt[1:], num_top)
-            rest = [_token_logprob(text_of, token_id, logprob, top) for token_id, (logprob, top) in zip(prompt[1:], scored)]
-            sequence.unreported_prompt_logprobs = (TokenLogprob(text_of(prompt[0]), None), *rest)
+            rest = [_token_logprob(text_of, token_id, logprob, top, rank) for token_id, (logprob, rank, top) in zip(prompt[1:], scored)]
+            sequence.unreported_prompt_logprobs = (TokenLogprob(text_of(prompt[0]), None, token_id=prompt[0]), *rest)
 
     def warm_up(self) -> None:
         """A one-token prefill, and the row cache set up with its cache (CUDA graphs captured)."""
@@ -174,7 +174,7 @@ class ContinuousBatch:
 
     def _append(self, sequence: Sequence, token_id: int) -> Chunk | None:
         sequence.output_token_ids.append(token_id)
-        sequence.num_unreported_tokens += 1
+        sequence.unreported_token_ids.append(token_id)
         sampling = sequence.request.sampling
         is_eos = (token_id in self._eos_token_ids and not sampling.ignore_eos) or token_id in sampling.stop_token_ids
         text = "" if is_eos else sequence.detokenizer.add(token_id)  # an ignored end of sequence adds what it decodes to
@@ -183,8 +183,9 @@ class ContinuousBatch:
             text += sequence.detokenizer.flush()
         if not text and not sequence.finish_reason:
             return None
-        chunk = Chunk(text, sequence.num_unreported_tokens, sequence.finish_reason, tuple(sequence.unreported_logprobs), sequence.unreported_prompt_logprobs, sequence.detokenizer.stopped_by)
-        sequence.num_unreported_tokens = 0
+        token_ids = tuple(sequence.unreported_token_ids)
+        chunk = Chunk(text, len(token_ids), sequence.finish_reason, tuple(sequence.unreported_logprobs), sequence.unreported_prompt_logprobs, sequence.detokenizer.stopped_by, token_ids)
+        sequence.unreported_token_ids.clear()
         sequence.unreported_logprobs.clear()
         sequence.unreported_prompt_logprobs = ()
         return chunk
@@ -204,9 +205,9 @@ class ContinuousBatch:
         self.sequences = kept
 
 
-def _token_logprob(text_of, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
-    """A token's logprob and its best alternatives' (token ids), as text."""
-    return TokenLogprob(text_of(token_id), logprob, tuple((text_of(i), value) for i, value in top))
+def _token_logprob(text_of, token_id: int, logprob: float, top: list[tuple[int, float]], rank: int | None = None) -> TokenLogprob:
+    """A token's logprob and its best alternatives' (token ids), with their texts."""
+    return TokenLogprob(text_of(token_id), logprob, tuple(Candidate(text_of(i), value, i) for i, value in top), token_id, rank)
 
 
 def num_prefilled_together(waiting: list[Sequence], num_free: int) -> int:

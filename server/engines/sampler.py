@@ -91,16 +91,18 @@ def token_logprobs(logits: torch.Tensor, params: SamplingParams, token_id: int, 
 PROMPT_LOGPROB_ROWS = 512  # positions made float32 and log-softmaxed at a time: an 8k prompt of a 150k vocabulary would take 5 GB at once
 
 
-def prompt_logprobs(logits: torch.Tensor, next_ids: Sequence[int], num_top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+def prompt_logprobs(logits: torch.Tensor, next_ids: Sequence[int], num_top: int) -> list[tuple[float, int, list[tuple[int, float]]]]:
     """For each position of `logits` (positions, vocabulary), the log-probability of the token
-    that came next in the prompt and the `num_top` most likely, from the raw logits (no
-    temperature, no penalty: the prompt was not drawn), as vLLM reports prompt logprobs."""
+    that came next in the prompt, its rank (1: the most likely; ties share the better rank)
+    and the `num_top` most likely, from the raw logits (no temperature, no penalty: the prompt
+    was not drawn), as vLLM reports prompt logprobs."""
     scored = []
     targets = torch.tensor(list(next_ids), dtype=torch.long, device=logits.device)
     for start in range(0, len(targets), PROMPT_LOGPROB_ROWS):
         logprobs = torch.log_softmax(logits[start : start + PROMPT_LOGPROB_ROWS].float(), dim=-1)
-        chosen = logprobs.gather(-1, targets[start : start + PROMPT_LOGPROB_ROWS, None]).squeeze(-1).tolist()
+        chosen = logprobs.gather(-1, targets[start : start + PROMPT_LOGPROB_ROWS, None])
+        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
         top = logprobs.topk(num_top, dim=-1) if num_top else None
-        best = [[]] * len(chosen) if top is None else [list(zip(ids, values)) for ids, values in zip(top.indices.tolist(), top.values.tolist())]
-        scored += list(zip(chosen, best))
+        best = [[]] * len(ranks) if top is None else [list(zip(ids, values)) for ids, values in zip(top.indices.tolist(), top.values.tolist())]
+        scored += list(zip(chosen.squeeze(-1).tolist(), ranks, best))
     return scored

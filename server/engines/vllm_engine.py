@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from server.engines.base import Chunk, EngineHealth, GenerationRequest, OutputFormat, TokenLogprob
+from server.engines.base import Candidate, Chunk, EngineHealth, GenerationRequest, OutputFormat, TokenLogprob
 from server.engines.model_folder import check_adapter_folder, check_model_folder
 from server.engines.options import VLLMOptions
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
@@ -126,7 +126,7 @@ class VLLMEngine:
         is_started, is_finished = False, False
         # Rule: every token is counted and its logprobs reported, those that add no text too
         # (an end of sequence ignore_eos passes, half a UTF-8 character): they go with the next chunk.
-        num_unreported, unreported_logprobs = 0, ()
+        unreported_ids, unreported_logprobs = (), ()
         unreported_prompt_logprobs: tuple[TokenLogprob, ...] = ()
         try:
             # The prompt goes through vLLM's renderer, as vLLM's own server sends it (a raw
@@ -142,12 +142,12 @@ class VLLMEngine:
                 if completion.finish_reason == "abort":  # not ours: a reload (or vLLM) ended it
                     raise EngineStoppedError("The generation was aborted: the model's weights were swapped.")
                 reason = _finish_reason(completion.finish_reason) if output.finished else None
-                num_unreported += len(completion.token_ids)
+                unreported_ids += tuple(completion.token_ids)
                 unreported_logprobs += _logprobs(completion, request.sampling.logprobs)
                 if completion.text or reason:
                     stop_sequence = completion.stop_reason if reason and isinstance(completion.stop_reason, str) else None  # a token id is no stop string
-                    yield Chunk(completion.text, num_unreported, reason, unreported_logprobs, unreported_prompt_logprobs, stop_sequence)
-                    num_unreported, unreported_logprobs, unreported_prompt_logprobs = 0, (), ()
+                    yield Chunk(completion.text, len(unreported_ids), reason, unreported_logprobs, unreported_prompt_logprobs, stop_sequence, unreported_ids)
+                    unreported_ids, unreported_logprobs, unreported_prompt_logprobs = (), (), ()
         except EngineStoppedError:
             raise
         except _request_errors() as error:
@@ -364,7 +364,7 @@ class VLLMEngine:
 
     def _prompt_logprobs(self, prompt_ids, scored, num_top: int) -> tuple[TokenLogprob, ...]:
         """vLLM's prompt logprobs (None for the first token, then a dict per token), as baton's."""
-        first = TokenLogprob(self.tokenizer.decode([prompt_ids[0]]), None)
+        first = TokenLogprob(self.tokenizer.decode([prompt_ids[0]]), None, token_id=prompt_ids[0])
         return (first, *(_token_logprob(candidates, token_id, num_top) for token_id, candidates in zip(prompt_ids[1:], scored[1:], strict=True)))
 
     @staticmethod
@@ -397,8 +397,8 @@ def _logprobs(completion, num_top: int | None) -> tuple[TokenLogprob, ...]:
 
 def _token_logprob(candidates: dict, token_id: int, num_top: int) -> TokenLogprob:
     chosen = candidates[token_id]
-    best = sorted((c for c in candidates.values() if c.rank is not None and c.rank <= num_top), key=lambda c: c.rank)
-    return TokenLogprob(chosen.decoded_token or "", chosen.logprob, tuple((c.decoded_token or "", c.logprob) for c in best))
+    best = sorted(((i, c) for i, c in candidates.items() if c.rank is not None and c.rank <= num_top), key=lambda item: item[1].rank)
+    return TokenLogprob(chosen.decoded_token or "", chosen.logprob, tuple(Candidate(c.decoded_token or "", c.logprob, i) for i, c in best), token_id, chosen.rank)
 
 
 def _request_errors() -> tuple[type[Exception], ...]:

@@ -107,15 +107,18 @@ def test_truncation_of_a_whole_batch_matches_the_rule_row_by_row():
 
 
 def test_prompt_logprobs_score_each_next_token_across_chunk_boundaries():
-    """Positions are scored in chunks of PROMPT_LOGPROB_ROWS: every position, the same as at once."""
+    """Positions are scored in chunks of PROMPT_LOGPROB_ROWS: every position, the same as at once,
+    with the rank of the prompt's token among the vocabulary."""
     num_positions = sampler.PROMPT_LOGPROB_ROWS * 2 + 3
     logits = torch.randn(num_positions, 40, generator=torch.Generator().manual_seed(0))
     next_ids = torch.randint(0, 40, (num_positions,), generator=torch.Generator().manual_seed(1)).tolist()
     scored = sampler.prompt_logprobs(logits.to(torch.bfloat16), next_ids, 3)
     expected = torch.log_softmax(logits.to(torch.bfloat16).float(), dim=-1)
     assert len(scored) == num_positions
-    for position, (logprob, top) in enumerate(scored):
+    for position, (logprob, rank, top) in enumerate(scored):
         assert logprob == pytest.approx(float(expected[position, next_ids[position]]), abs=1e-5)
+        assert rank == int((expected[position] > expected[position, next_ids[position]]).sum()) + 1  # 1: the most likely
         assert [i for i, _ in top] == expected[position].topk(3).indices.tolist()
-    assert sampler.prompt_logprobs(logits[:0], [], 2) == [] and sampler.prompt_logprobs(logits[:2], next_ids[:2], 0)[0][1] == []
+    assert {rank for _, rank, _ in scored} > {1}  # ranks vary: random prompts are not the model's best guesses
+    assert sampler.prompt_logprobs(logits[:0], [], 2) == [] and sampler.prompt_logprobs(logits[:2], next_ids[:2], 0)[0][2] == []
 

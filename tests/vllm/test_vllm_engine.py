@@ -25,6 +25,7 @@ from server.engines.base import GenerationRequest, SamplingParams
 from server.engines.options import VLLMOptions
 from server.engines.vllm_engine import VLLMEngine
 from tests.integration.test_responses_api import assert_a_well_formed_stream
+from tests.integration.test_token_fields import check_prompt_logprobs
 from tests.conftest import ServerThread, build_tiny_model, copy_with, sse_errors, streaming_versions_during
 
 # vLLM's AsyncLLM leaves a zmq context and a shutdown call to the garbage collector (its own
@@ -365,6 +366,26 @@ def test_vllm_echo_scores_the_prompt_as_the_transformers_engine_does(server, dem
             assert logprobs.token_logprobs[1 : len(prompt)] == pytest.approx(scored, abs=2e-2)
             assert all(0 < len(top) <= 2 for top in logprobs.top_logprobs[1:])
         assert completion.usage.completion_tokens == max_tokens * len(prompts)
+
+
+def test_vllm_returns_token_ids_and_prompt_logprobs_in_vllms_shapes(server, demo_model_path):
+    """`return_token_ids` and `prompt_logprobs` as vLLM's server gives them: the prompt's
+    ids and scores beside chat's choices, each choice's own ids, streamed ids adding up."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client, tokenizer = server.client(), AutoTokenizer.from_pretrained(demo_model_path)
+    asked, token_ids = dict(model="chat", messages=FRANCE, max_tokens=8, temperature=0), {"return_token_ids": True, "ignore_eos": True}
+    chat = client.chat.completions.create(**asked, extra_body={**token_ids, "prompt_logprobs": 2})
+    prompt, (choice,) = chat.model_extra["prompt_token_ids"], chat.choices
+    assert prompt == tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert len(choice.model_extra["token_ids"]) == 8 and tokenizer.decode(choice.model_extra["token_ids"], skip_special_tokens=True) == choice.message.content
+    with torch.inference_mode():
+        expected = torch.log_softmax(AutoModelForCausalLM.from_pretrained(demo_model_path, dtype=torch.float32)(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    check_prompt_logprobs(chat.model_extra["prompt_logprobs"], prompt, expected, tokenizer, 2, tolerance=2e-2)
+    streamed = []
+    for chunk in client.chat.completions.create(**asked, stream=True, extra_body=token_ids):
+        streamed += [t for c in chunk.choices for t in c.model_extra.get("token_ids") or []]
+    assert streamed == choice.model_extra["token_ids"]
 
 
 def test_a_vllm_deployment_that_generates_refuses_embeddings_and_names_the_runner(server):
