@@ -265,6 +265,7 @@ class MessageShape:
     async def events(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage) -> AsyncIterator[str]:
         answer = _Answer(served.model, usage.num_prompt_tokens)
         yield _event("message_start", message={**answer.message([]), "stop_reason": None, "stop_sequence": None, "usage": answer.usage(0)})
+        yield _event("ping")  # as Anthropic's API sends one after the start (clients skip it)
         try:
             async with aclosing(choices) as stream:
                 async for item in stream:

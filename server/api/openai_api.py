@@ -179,7 +179,7 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 def token_fields(body: ChatCompletionRequest | CompletionRequest) -> TokenFields:
-    return TokenFields(token_ids=body.return_token_ids, prompt_logprobs=body.prompt_logprobs is not None)
+    return TokenFields(token_ids=body.return_token_ids, prompt_logprobs=body.prompt_logprobs is not None, as_ids=body.return_tokens_as_token_ids)
 
 
 def _read_echo(body: CompletionRequest, choices: AsyncIterator[ChoiceChunk], lease: Lease, prompts: list[list[int]]) -> AsyncIterator[ChoiceChunk]:

@@ -29,7 +29,7 @@ from server.engines.prompt import is_unicode
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]  # what vLLM's server takes
-NULL_MEANS_DEFAULT = ("n", "stream", "echo", "return_token_ids")  # the sampling fields take null as unset already
+NULL_MEANS_DEFAULT = ("n", "stream", "echo", "return_token_ids", "return_tokens_as_token_ids")  # the sampling fields take null as unset already
 
 
 def invalid_field(field: str, value, message: str, kind: str = "value_error") -> ValidationError:
@@ -345,6 +345,7 @@ class _GenerationBody(Strict):
     structured_outputs: StructuredOutputs | None = None  # vLLM's: output held to a schema, regex, choice or grammar
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)  # vLLM's: each prompt token's logprob and rank, and the k most likely there
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids beside the text
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name each token "token_id:N"
 
     _stop_as_list = field_validator("stop", mode="before")(_as_list)
 

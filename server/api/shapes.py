@@ -11,7 +11,7 @@ from itertools import accumulate
 from server.api.tools import ToolCall
 from server.engines.base import TokenLogprob
 
-MIN_PROMPT_LOGPROB = -9999.0  # what vLLM's server sends for -inf (JSON has no infinity)
+MIN_LOGPROB = -9999.0  # what vLLM's server sends for -inf
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,16 @@ class TokenFields:
     (`return_token_ids`, for clients that must not tokenize the text again: RL rollouts), and
     each prompt token's logprob (`prompt_logprobs`) in vLLM's shape: null for the first token,
     then {token id: {logprob, rank, decoded_token}} for the prompt's own token and the k most
-    likely there. Chat puts the prompt's fields beside `choices`, completions in each choice."""
+    likely there. Chat puts the prompt's fields beside `choices`, completions in each choice.
+    With `as_ids`, logprobs name tokens by id, for tokens whose text is not theirs alone (half
+    a UTF-8 character) or not unique."""
 
     token_ids: bool = False
     prompt_logprobs: bool = False
+    as_ids: bool = False  # `return_tokens_as_token_ids`: logprobs name tokens "token_id:N", whatever their text
+
+    def name(self, text: str, token_id: int | None) -> str:
+        return f"token_id:{token_id}" if self.as_ids and token_id is not None else text
 
     def of_choice(self, token_ids: Sequence[int]) -> dict:
         return {"token_ids": list(token_ids)} if self.token_ids else {}
@@ -45,7 +51,13 @@ def _prompt_logprob(scored: TokenLogprob) -> dict | None:
 
 
 def _ranked(logprob: float, rank: int | None, text: str) -> dict:
-    return {"logprob": max(logprob, MIN_PROMPT_LOGPROB), "rank": rank, "decoded_token": text}
+    return {"logprob": _finite(logprob), "rank": rank, "decoded_token": text}
+
+
+def _finite(logprob: float | None) -> float | None:
+    """Rule: no logprob is sent as -inf (JSON has no infinity); a token that could not be
+    drawn (masked by a grammar, a top_k) is sent as MIN_LOGPROB, as vLLM's server sends it."""
+    return None if logprob is None else max(logprob, MIN_LOGPROB)
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,8 @@ class ChatFormat:
         """OpenAI's chat shape: per token its text, bytes, logprob and the top alternatives."""
         if not self.wants_logprobs:
             return None
-        content = [{**_token(t.token, t.logprob), "top_logprobs": [_token(c.token, c.logprob) for c in t.top]} for t in logprobs]
+        name = self.tokens.name
+        content = [{**_token(name(t.token, t.token_id), t.logprob, t.token), "top_logprobs": [_token(name(c.token, c.token_id), c.logprob, c.token) for c in t.top]} for t in logprobs]
         return {"content": content, "refusal": None}
 
 
@@ -108,14 +121,16 @@ class TextFormat:
         an echoed prompt's first token has null for both (nothing came before it)."""
         if not self.wants_logprobs:
             return None
+        name = self.tokens.name
         offsets = list(accumulate((len(t.token) for t in logprobs), initial=0))[:-1]
         return {
-            "tokens": [t.token for t in logprobs],
-            "token_logprobs": [t.logprob for t in logprobs],
-            "top_logprobs": [None if t.logprob is None else {c.token: c.logprob for c in t.top} for t in logprobs],
+            "tokens": [name(t.token, t.token_id) for t in logprobs],
+            "token_logprobs": [_finite(t.logprob) for t in logprobs],
+            "top_logprobs": [None if t.logprob is None else {name(c.token, c.token_id): _finite(c.logprob) for c in t.top} for t in logprobs],
             "text_offset": offsets,
         }
 
 
-def _token(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+def _token(name: str, logprob: float, text: str) -> dict:
+    """`bytes`: the token's own text's, whatever name it is sent under."""
+    return {"token": name, "logprob": _finite(logprob), "bytes": list(text.encode())}

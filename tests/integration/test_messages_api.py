@@ -63,6 +63,14 @@ def test_the_stream_adds_up_to_the_message(client):
     assert events[0].message.usage.input_tokens == whole.usage.input_tokens
 
 
+def test_the_stream_pings_after_its_start_as_anthropics_api_does(tiny_server):
+    """The SDK skips pings; a client of the raw events sees Anthropic's order."""
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{tiny_server.url}/v1/messages", json=body, timeout=60) as response:
+        kinds = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
+    assert kinds[:3] == ["message_start", "ping", "content_block_start"] and kinds[-1] == "message_stop"
+
+
 def test_the_quick_tour_answer(smol_server):
     message = smol_server.anthropic_client().messages.create(
         model="smollm2", max_tokens=32, extra_body=GREEDY, messages=[{"role": "user", "content": "What is the capital of France?"}]

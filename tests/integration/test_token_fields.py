@@ -103,6 +103,35 @@ def test_fields_that_are_not_asked_for_are_not_sent(tiny_client):
     assert not {"prompt_token_ids", "prompt_logprobs"} & set(raw) and "token_ids" not in raw["choices"][0]
 
 
+def test_logprobs_name_tokens_by_id_when_asked(tiny_client, tiny_tokenizer):
+    """`return_tokens_as_token_ids`: "token_id:N" for the chosen tokens and the alternatives
+    (chat and completions); `bytes` stays the token's own text's."""
+    ids_too = {"return_tokens_as_token_ids": True, "return_token_ids": True, "ignore_eos": True}
+    chat = tiny_client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, extra_body=ids_too)
+    (choice,) = chat.choices
+    content = choice.logprobs.content
+    assert [t.token for t in content] == [f"token_id:{i}" for i in choice.model_extra["token_ids"]]
+    assert [bytes(t.bytes) for t in content] == [tiny_tokenizer.decode([i]).encode() for i in choice.model_extra["token_ids"]]
+    assert all(len(t.top_logprobs) == 2 and all(top.token.startswith("token_id:") for top in t.top_logprobs) for t in content)
+    completion = tiny_client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0, logprobs=1, extra_body=ids_too)
+    logprobs, ids = completion.choices[0].logprobs, completion.choices[0].model_extra["token_ids"]
+    assert logprobs.tokens == [f"token_id:{i}" for i in ids] and all(next(iter(top)).startswith("token_id:") for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[-1] == len(tiny_tokenizer.decode(ids[:-1]))  # offsets count the text, not the names
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_alternatives_that_could_not_be_drawn_are_sent_as_vllm_sends_them(tiny_client, stream):
+    """Output held to a choice masks nearly every token: the 20 most likely alternatives
+    include tokens of probability 0, sent as -9999.0, never as a -inf that JSON cannot hold."""
+    asked = dict(model="tiny", messages=HELLO, logprobs=True, top_logprobs=20, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    if stream:
+        contents = [t for chunk in tiny_client.chat.completions.create(**asked, stream=True) for c in chunk.choices if c.logprobs for t in c.logprobs.content]
+    else:
+        contents = tiny_client.chat.completions.create(**asked).choices[0].logprobs.content
+    alternatives = [top.logprob for t in contents for top in t.top_logprobs]
+    assert contents and min(alternatives) == -9999.0 and all(t.logprob > -9999.0 for t in contents)
+
+
 @pytest.mark.parametrize(
     "body, message",
     [

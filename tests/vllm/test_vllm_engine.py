@@ -370,7 +370,8 @@ def test_vllm_echo_scores_the_prompt_as_the_transformers_engine_does(server, dem
 
 def test_vllm_returns_token_ids_and_prompt_logprobs_in_vllms_shapes(server, demo_model_path):
     """`return_token_ids` and `prompt_logprobs` as vLLM's server gives them: the prompt's
-    ids and scores beside chat's choices, each choice's own ids, streamed ids adding up."""
+    ids and scores beside chat's choices, each choice's own ids, streamed ids adding up; and
+    logprobs that name tokens by id (`return_tokens_as_token_ids`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     client, tokenizer = server.client(), AutoTokenizer.from_pretrained(demo_model_path)
@@ -386,6 +387,9 @@ def test_vllm_returns_token_ids_and_prompt_logprobs_in_vllms_shapes(server, demo
     for chunk in client.chat.completions.create(**asked, stream=True, extra_body=token_ids):
         streamed += [t for c in chunk.choices for t in c.model_extra.get("token_ids") or []]
     assert streamed == choice.model_extra["token_ids"]
+    named = client.chat.completions.create(**asked, logprobs=True, top_logprobs=2, extra_body={**token_ids, "return_tokens_as_token_ids": True}).choices[0]
+    assert [t.token for t in named.logprobs.content] == [f"token_id:{i}" for i in named.model_extra["token_ids"]]
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token.startswith("token_id:") for t in named.logprobs.content)
 
 
 def test_a_vllm_deployment_that_generates_refuses_embeddings_and_names_the_runner(server):
