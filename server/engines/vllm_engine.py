@@ -122,6 +122,14 @@ class VLLMEngine:
 
         if self._engine is None or self._engine.errored:
             raise EngineStoppedError("The engine is not running.")
+        if request.sampling.prompt_logprobs is not None and self._options.max_loras:
+            # Rule: vLLM's engine core fails on them with LoRA on (vllm-project/vllm#29955),
+            # ending every request on the engine, and alone they leave an adapter's lm_head out.
+            raise InvalidRequestError(
+                "Prompt logprobs (prompt_logprobs, or completions' echo with logprobs) are not available from this model: "
+                "its vLLM engine serves LoRA adapters (max_loras), and vLLM cannot score prompts with LoRA on.",
+                param="prompt_logprobs",
+            )
         self._in_flight.add(request.request_id)
         is_started, is_finished = False, False
         # Rule: every token is counted and its logprobs reported, those that add no text too

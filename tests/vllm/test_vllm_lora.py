@@ -7,6 +7,7 @@ cannot take fails its swap, and the version before serves on."""
 from __future__ import annotations
 
 import re
+import threading
 
 import httpx
 import pytest
@@ -128,3 +129,38 @@ def test_an_adapter_version_starts_an_engine_of_its_own_where_none_of_its_base_r
     metrics = httpx.get(f"{lora_server.url}/metrics").text  # both engines' own metrics name the base, as vLLM's server does
     assert set(re.findall(r'^vllm:[^{]+\{[^}]*model_name="([^"]*)"', metrics, re.MULTILINE)) == {"chat@1"}
     assert httpx.delete(f"{lora_server.url}/admin/deployments/solo", timeout=300).status_code == 200
+
+
+@pytest.mark.parametrize("asked", [{"prompt_logprobs": 1}, {"logprobs": True, "top_logprobs": 1, "prompt_logprobs": 0}])
+def test_prompt_logprobs_are_refused_where_lora_is_on_and_the_engine_serves_on(lora_server, asked):
+    """vLLM computes no prompt logprobs with LoRA on: beside another request its engine core
+    failed on them (an einsum of mismatched sizes), ending every request on the engine, and
+    alone its scores leave out an adapter's lm_head (vllm-project/vllm#29955, #51594)."""
+    deployed = httpx.post(f"{lora_server.url}/admin/deployments", json={"name": "scored", "model": "chat@2", "engine_options": {"engine": "vllm", "max_model_len": 512}}, timeout=300)
+    assert deployed.status_code == 201, deployed.text  # an adapter, on the engine `chat` runs
+    before = _answer(lora_server, model="scored")
+    others, errors, streaming = [], [], threading.Event()
+
+    def stream_beside():
+        try:
+            for chunk in lora_server.client().completions.create(model="scored", prompt="Once", max_tokens=400, stream=True, extra_body={"ignore_eos": True}):
+                streaming.set()
+            others.append(chunk.choices[0].finish_reason)
+        except Exception as error:
+            errors.append(error)
+        streaming.set()
+
+    beside = threading.Thread(target=stream_beside)
+    beside.start()
+    streaming.wait(timeout=120)
+    prompt = [{"role": "user", "content": "What is the capital of France, the country in Europe?"}]
+    response = httpx.post(f"{lora_server.url}/v1/chat/completions", json={"model": "scored", "messages": prompt, "max_tokens": 1, **asked}, timeout=120)
+    beside.join(timeout=120)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt_logprobs" and "LoRA" in error["message"]
+    assert (others, errors) == (["length"], [])
+    assert _answer(lora_server, model="scored") == before
+    echoed = httpx.post(f"{lora_server.url}/v1/completions", json={"model": "scored", "prompt": "Hi", "max_tokens": 0, "echo": True, "logprobs": 1}, timeout=120)
+    assert echoed.status_code == 400 and echoed.json()["error"]["param"] == "prompt_logprobs"  # echo scores the prompt too
+    assert httpx.delete(f"{lora_server.url}/admin/deployments/scored", timeout=300).status_code == 200
