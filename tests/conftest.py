@@ -216,6 +216,22 @@ def tiny_client(tiny_server):
 
 
 @pytest.fixture(scope="session")
+def log_softmax_of(tiny_model_path):
+    """The tiny model's log-probabilities at each position of a prompt, from the model run on
+    that prompt alone: what scores reported by the server are checked against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+
+    def scores(prompt: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+
+    return scores
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_path):
     from transformers import AutoTokenizer
 

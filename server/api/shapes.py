@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from server.api.tools import ToolCall
-from server.engines.base import TokenLogprob
+from server.engines.base import Candidate, TokenLogprob
 
 MIN_LOGPROB = -9999.0  # what vLLM's server sends for -inf
 
@@ -94,7 +94,7 @@ class ChatFormat:
         if not self.wants_logprobs:
             return None
         name = self.tokens.name
-        content = [{**_token(name(t.token, t.token_id), t.logprob, t.token), "top_logprobs": [_token(name(c.token, c.token_id), c.logprob, c.token) for c in t.top]} for t in logprobs]
+        content = [{**_token(t, name), "top_logprobs": [_token(c, name) for c in t.top]} for t in logprobs]
         return {"content": content, "refusal": None}
 
 
@@ -131,6 +131,6 @@ class TextFormat:
         }
 
 
-def _token(name: str, logprob: float, text: str) -> dict:
+def _token(scored: TokenLogprob | Candidate, name) -> dict:
     """`bytes`: the token's own text's, whatever name it is sent under."""
-    return {"token": name, "logprob": _finite(logprob), "bytes": list(text.encode())}
+    return {"token": name(scored.token, scored.token_id), "logprob": _finite(scored.logprob), "bytes": list(scored.token.encode())}

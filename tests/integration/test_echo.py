@@ -8,19 +8,6 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
-
-@pytest.fixture(scope="module")
-def log_softmax_of(tiny_model_path):
-    """A prompt's log-probabilities at each position, from the model run on that prompt alone."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-
-    def scores(prompt: list[int]) -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
-
-    return scores
 
 
 def _check_scored(logprobs, prompt: list[int], expected: torch.Tensor, tiny_tokenizer, num_top: int) -> None:

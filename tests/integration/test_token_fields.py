@@ -8,20 +8,8 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 HELLO = [{"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture(scope="module")
-def log_softmax_of(tiny_model_path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-
-    def scores(prompt: list[int]) -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
-
-    return scores
 
 
 def check_prompt_logprobs(scored: list, prompt: list[int], expected: torch.Tensor, tokenizer, num_top: int, tolerance: float = 1e-4) -> None:
