@@ -45,7 +45,10 @@ class Grammars:
             raise InvalidRequestError(f"The {_NAMES[output_format.kind]} cannot be used: {_plain(error)}", param=output_format.param) from error
         if output_format.kind == "json" and output_format.spec is not None and (what := self._unenforced(output_format.spec)):
             raise InvalidRequestError(f"The JSON schema uses {what}, which this engine's grammar cannot enforce: answers could break the schema.", param=output_format.param)
-        return TokenMask(self._xgrammar, grammar, self._vocab_size)
+        mask = TokenMask(self._xgrammar, grammar, self._vocab_size)
+        if not mask.allows_a_token():  # `root ::= root`: it compiles, and nothing can begin an answer
+            raise InvalidRequestError(f"The {_NAMES[output_format.kind]} accepts no answer: no token can begin one.", param=output_format.param)
+        return mask
 
     def _compile(self, output_format: OutputFormat):
         compiler, spec = self._compiler, output_format.spec
@@ -150,6 +153,11 @@ class TokenMask:
         self._matcher = xgrammar.GrammarMatcher(grammar)
         self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
         self._vocab_size = vocab_size
+
+    def allows_a_token(self) -> bool:
+        """Some token (a stop token included) may come next."""
+        self._matcher.fill_next_token_bitmask(self._bitmask)
+        return bool(self._bitmask.any())
 
     def masked(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of the row of logits with every token the grammar forbids at -inf."""

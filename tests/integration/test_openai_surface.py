@@ -215,6 +215,7 @@ def test_structured_outputs_hold_a_choice_regex_grammar_or_schema(smol_server):
         ({"structured_outputs": {"regex": "a", "disable_any_whitespace": True}}, "structured_outputs.disable_any_whitespace", ""),
         ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "regular expression cannot be used"),
         ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs", "grammar cannot be used"),
+        ({"structured_outputs": {"grammar": "root ::= root"}}, "structured_outputs", "accepts no answer"),
         ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, None, "cannot be combined"),
     ],
 )
