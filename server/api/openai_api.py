@@ -392,7 +392,8 @@ async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy, 
                 chunk = item.chunk
                 usage.count(item)
                 if chunk.text or chunk.logprobs or item.reasoning or (fmt.tokens.token_ids and chunk.token_ids):
-                    delta = fmt.delta(item.index, chunk.text, None, chunk.logprobs, reasoning=item.reasoning) | fmt.tokens.of_choice(chunk.token_ids)
+                    delta = fmt.delta(item.index, chunk.text, None, chunk.logprobs, reasoning=item.reasoning)
+                    delta |= fmt.tokens.of_choice(chunk.token_ids)  # in place: no copy of every token's delta
                     if item.index in unopened:
                         unopened.discard(item.index)
                         delta |= fmt.tokens.of_prompt(served.prompt_of(item.index, num_choices))
