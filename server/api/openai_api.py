@@ -228,7 +228,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
     headers = served_headers(lease)
     if body.stream:
         usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage)
-        events = shape.events(choices, served, len(requests), usage)
+        events = shape.events(await _primed(request, choices), served, len(requests), usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(_release, lease))
     try:
         body = await _unless_disconnected(request, shape.collect(choices, served, len(requests), num_prompt_tokens))
@@ -299,7 +299,26 @@ def observe(request: Request, deployment: str) -> RequestObservation | Unobserve
     return RequestObservation(request.state.metrics, request.state.request_id, deployment, lambda num_tokens: rate_limits.charge_tokens(key, num_tokens))
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> dict:
+async def _primed(request: Request, choices: AsyncIterator[ChoiceChunk]) -> AsyncIterator[ChoiceChunk]:
+    """`choices` with its first item already in. Rule: a stream's status line waits for its
+    first token (as OpenAI's API sends it), so that what fails before it (a grammar the engine
+    refuses, an engine stopped by a swap) is the response's status, which clients read and
+    retry on, not an error event after a 200."""
+    try:
+        first = await _unless_disconnected(request, anext(choices))
+    except StopAsyncIteration:
+        return choices
+    return _after(first, choices)
+
+
+async def _after(first: ChoiceChunk, rest: AsyncIterator[ChoiceChunk]) -> AsyncIterator[ChoiceChunk]:
+    async with aclosing(rest):
+        yield first
+        async for item in rest:
+            yield item
+
+
+async def _unless_disconnected(request: Request, work: Awaitable):
     """Rule: a generation nobody waits for any more stops. Streams stop when their write
     fails; a non-streaming answer is watched for the client's disconnect meanwhile."""
     task = asyncio.ensure_future(work)

@@ -116,8 +116,9 @@ def test_a_failing_deployment_sends_its_traffic_to_a_fallback_and_posts_an_alert
     models = [_spec(home, "chat", "chat@1", policy), _spec(home, "backup", "chat@2")]
     try:
         with ServerThread(Settings(home=home, models=models, idle_check_s=0.1), engine_factory=factory) as server:
-            ask = lambda: httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK}, timeout=30)  # noqa: E731
-            assert [ask().status_code for _ in range(3)] == [500] * 3  # the faulty version, before the verdict
+            ask = lambda stream=False: httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", **ASK, "stream": stream}, timeout=30)  # noqa: E731
+            failed = [ask(stream) for stream in (False, True, False)]  # the faulty version, before the verdict
+            assert [(r.status_code, r.json()["error"]["type"]) for r in failed] == [(500, "server_error")] * 3  # a stream too: no 200 before a token
             _wait_for(lambda: httpx.get(f"{server.url}/admin/deployments/chat").json()["is_breaching"])
             served = ask()
             assert served.status_code == 200

@@ -219,8 +219,10 @@ def test_structured_outputs_hold_a_choice_regex_grammar_or_schema(smol_server):
         ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, None, "cannot be combined"),
     ],
 )
-def test_a_bad_structured_outputs_is_a_400_naming_it(tiny_server, extra, param, words):
-    refused = httpx.post(f"{tiny_server.url}/v1/chat/completions", json={"model": "tiny", "messages": HI, "max_tokens": 4, **extra})
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bad_structured_outputs_is_a_400_naming_it(tiny_server, extra, param, words, stream):
+    """Streamed too: what the engine finds (a regex it cannot compile) is the status, not an error event after a 200."""
+    refused = httpx.post(f"{tiny_server.url}/v1/chat/completions", json={"model": "tiny", "messages": HI, "max_tokens": 4, "stream": stream, **extra})
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert (param is None or error["param"] == param) and words in error["message"], error
