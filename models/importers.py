@@ -47,6 +47,8 @@ LOADED_FILES = (
 PICKLE_PATTERNS = tuple(f"*{suffix}" for suffix in PICKLE_SUFFIXES)
 
 def import_source(registry: Registry, source: str, name: str, options: ImportOptions, change: Change) -> tuple[Version, bool]:
+    if options.move and source.startswith((HUB_PREFIX, GGUF_PREFIX)):
+        raise InvalidRequestError("move takes a local model folder's files into the store; a hub or GGUF import has no such folder.", param="move")
     if source.startswith(HUB_PREFIX):
         return import_hub(registry, source.removeprefix(HUB_PREFIX), name, options, change)
     if source.startswith(GGUF_PREFIX):
@@ -63,6 +65,8 @@ def import_local(registry: Registry, folder: Path, name: str, options: ImportOpt
 
 def _import_fetched(registry: Registry, folder: Path, name: str, source: dict, options: ImportOptions, change: Change, only: tuple[str, ...] | None = None) -> tuple[Version, bool]:
     if is_adapter(folder):
+        if options.move:
+            raise InvalidRequestError(f"{folder} is a LoRA adapter, whose files are written anew (merged) or beside its base's: import it without move.", param="move")
         return import_adapter(registry, folder, name, source, options, change)
     if options.base is not None or not options.merge:
         raise InvalidRequestError(f"A base version (and --unmerged) are for LoRA adapters only; {folder} holds no {ADAPTER_CONFIG}.", param="base" if options.base else "merge")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from models.catalog import Catalog, Change, VersionRow
 from models.lora import ADAPTER_FOLDER, UNMERGED_KIND
-from models.manifest import PICKLE_SUFFIXES, Manifest, describe_folder, tokenizer_sha256
+from models.manifest import PICKLE_SUFFIXES, FileEntry, Manifest, describe_folder, tokenizer_sha256
 from models.names import LATEST, ModelRef, check_name, check_text
 from models.store import BlobStore
 from models.errors import ConflictError, CorruptVersionError, ForbiddenError, InvalidRequestError, ModelLoadError, NotFoundError
@@ -98,6 +98,7 @@ class ImportOptions:
     confine_to: tuple[Path, ...] = ()
     base: str | None = None  # a LoRA adapter's base version (a registry ref): the adapter is merged into it (lora.py)
     merge: bool = True  # False: the adapter is kept apart, beside the base's files, for vLLM to serve unmerged
+    move: bool = False  # a local model folder's files leave it for the store once the version is committed, linked where they can be (store.py)
 
     def __post_init__(self):
         check_text(self.notes, "notes")
@@ -125,21 +126,17 @@ class Registry:
         _check_confined(folder, files, options.confine_to)
         _check_safety(folder, files, options)
         described = describe_folder(folder, files)
-        entries = self.store.store_files(folder, files, options.show_progress)
-        _fault_point("after_blobs")
-        manifest = Manifest(
-            files=entries,
-            **described,
-            tokenizer_sha256=tokenizer_sha256(entries),
-            source=source,
-            engine_options=options.engine_options or {},
-            labels=options.labels or {},
-            notes=options.notes,
-            created_by=change.actor,
-            allows_pickle=options.allow_pickle,
-            trusts_remote_code=options.trust_remote_code,
-        )
-        return self._add_version(name, manifest, change)
+        entries = self.store.store_files(folder, files, options.show_progress, take=options.move)
+        try:
+            _fault_point("after_blobs")
+            version, is_new = self._add_version(name, _folder_manifest(entries, described, source, options, change), change)
+        except BaseException:
+            if options.move:
+                self.store.give_back(folder, entries)
+            raise
+        if options.move:
+            self.store.settle_taken(folder, entries)
+        return version, is_new
 
     def import_beside(self, base: Version, folder: Path, files: tuple[str, ...], under: str, name: str, source: dict, options: ImportOptions, change: Change) -> tuple[Version, bool]:
         """Store a version of `name` that is `base`'s files (stored once, shared) with `files`
@@ -290,6 +287,21 @@ class Registry:
     def _unknown_model(self, name: str) -> NotFoundError:
         known = ", ".join(self.model_names()) or "none"
         return NotFoundError(f"The registry has no model '{name}'. Known models: {known}.", param="model", code="model_not_found")
+
+
+def _folder_manifest(entries: tuple[FileEntry, ...], described: dict, source: dict, options: ImportOptions, change: Change) -> Manifest:
+    return Manifest(
+        files=entries,
+        **described,
+        tokenizer_sha256=tokenizer_sha256(entries),
+        source=source,
+        engine_options=options.engine_options or {},
+        labels=options.labels or {},
+        notes=options.notes,
+        created_by=change.actor,
+        allows_pickle=options.allow_pickle,
+        trusts_remote_code=options.trust_remote_code,
+    )
 
 
 def _model_files(folder: Path, only: tuple[str, ...] | None = None) -> list[str]:

@@ -3,6 +3,11 @@ links to the blobs) per distinct version content, which engines load by path.
 
 Rules: a blob or a tree appears whole or not at all (written in staging, then renamed);
 files are read-only once stored; staging folders of dead processes are removed on open.
+A file an import moves (`take`) is hard-linked into the store rather than copied, but only a
+plain file with no other name, on the store's filesystem. Its outside name goes once the
+version is committed (`settle_taken`), or it becomes a copy of its own if the import fails
+(`give_back`): either way no name outside the store can write into a blob afterwards. (A
+process killed between the two leaves the link; re-running the moving import settles it.)
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,10 +42,12 @@ class BlobStore:
         folder.mkdir()
         return folder
 
-    def store_files(self, folder: Path, relative_paths: list[str], progress: bool) -> tuple[FileEntry, ...]:
+    def store_files(self, folder: Path, relative_paths: list[str], progress: bool, take: bool = False) -> tuple[FileEntry, ...]:
+        """Each file stored as a blob (once per content): copied, or with `take` linked where
+        it can be; then the caller settles the taken files or gives them back."""
         total = sum((folder / p).stat().st_size for p in relative_paths)
         with tqdm(total=total, unit="B", unit_scale=True, desc="hashing and storing", disable=not progress) as bar:
-            return tuple(self._store_file(folder / p, p, bar) for p in relative_paths)
+            return tuple(self._store_file(folder / p, p, bar, take) for p in relative_paths)
 
     def build_tree(self, manifest: Manifest) -> Path:
         tree = self.tree_path(manifest.digest)
@@ -95,24 +103,41 @@ class BlobStore:
         num_blobs = _remove_unlisted(self._blobs, live_blobs)
         return {"removed_trees": num_trees, "removed_blobs": num_blobs, "freed_bytes": freed}
 
-    def _store_file(self, source: Path, relative: str, bar: tqdm) -> FileEntry:
+    def _store_file(self, source: Path, relative: str, bar: tqdm, take: bool) -> FileEntry:
         staged = self._staging / f"{os.getpid()}-{uuid.uuid4().hex}.blob"
-        digest = hashlib.sha256()
-        with open(source, "rb") as reader, open(staged, "wb") as writer:
-            while chunk := reader.read(CHUNK_BYTES):
-                digest.update(chunk)
-                writer.write(chunk)
-                bar.update(len(chunk))
-            writer.flush()
-            os.fsync(writer.fileno())
-        sha = digest.hexdigest()
+        is_taken = take and _can_take(source) and _linked(source, staged)
+        sha = file_sha256(staged, bar) if is_taken else _copied_sha256(source, staged, bar)
         blob = self._blob_path(sha)
         if blob.exists():
             staged.unlink()  # deduplicated: the content is stored already
+            blob.chmod(0o444)  # a failed moving import's blob turns read-only once a version has it
         else:
-            staged.chmod(0o444)
+            if not is_taken:  # a taken file keeps its mode until its import settles
+                staged.chmod(0o444)
             staged.rename(blob)
         return FileEntry(relative, blob.stat().st_size, sha)
+
+    def settle_taken(self, folder: Path, entries: tuple[FileEntry, ...]) -> None:
+        """After a moving import's commit: every blob read-only, the folder's names for the
+        stored files gone, and then every folder left empty (the folder itself included), as
+        `mv` leaves a source."""
+        for entry in entries:
+            self._blob_path(entry.sha256).chmod(0o444)
+            (folder / entry.path).unlink(missing_ok=True)
+        emptied = {parent for entry in entries for parent in (folder / entry.path).parents if parent.is_relative_to(folder)}
+        for directory in sorted(emptied, key=lambda path: len(path.parts), reverse=True):  # the deepest first
+            if not any(directory.iterdir()):
+                directory.rmdir()
+
+    def give_back(self, folder: Path, entries: tuple[FileEntry, ...]) -> None:
+        """After a moving import failed: each file the store took is a copy of its own again,
+        under its name, with its content and mode."""
+        for entry in entries:
+            path, blob = folder / entry.path, self._blob_path(entry.sha256)
+            if path.is_file() and not path.is_symlink() and blob.exists() and path.samefile(blob):
+                copy = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+                shutil.copy2(path, copy)
+                copy.replace(path)
 
     def _blob_path(self, sha: str) -> Path:
         return self._blobs / sha
@@ -122,6 +147,36 @@ class BlobStore:
             pid = entry.name.split("-", 1)[0]
             if not pid.isdigit() or not _is_alive(int(pid)):
                 _remove(entry)
+
+
+def _can_take(source: Path) -> bool:
+    """A plain file that no other name shares (a link would let it be written later)."""
+    status = source.lstat()
+    return stat.S_ISREG(status.st_mode) and status.st_nlink == 1
+
+
+def _linked(source: Path, staged: Path) -> bool:
+    """`source` linked at `staged`, its data on disk; False on another filesystem (EXDEV) or one
+    without hard links."""
+    try:
+        os.link(source, staged, follow_symlinks=False)
+    except OSError:
+        return False
+    with open(staged, "rb") as reader:
+        os.fsync(reader.fileno())  # the writer's data may still be in the page cache only
+    return True
+
+
+def _copied_sha256(source: Path, staged: Path, bar: tqdm) -> str:
+    digest = hashlib.sha256()
+    with open(source, "rb") as reader, open(staged, "wb") as writer:
+        while chunk := reader.read(CHUNK_BYTES):
+            digest.update(chunk)
+            writer.write(chunk)
+            bar.update(len(chunk))
+        writer.flush()
+        os.fsync(writer.fileno())
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path, bar: tqdm | None = None) -> str:

@@ -43,6 +43,7 @@ class ImportBody(BaseModel):
     reason: str = ""
     base: str | None = Field(None, description="a LoRA adapter's base version (a registry ref): the adapter is merged into it")
     merge: bool = Field(True, description="false: the adapter is kept apart, beside the base's files, and vLLM serves it unmerged (multi-LoRA)")
+    move: bool = Field(False, description="a model folder under an import root: its files leave it for the store once the version is committed (linked, not copied, where they can be)")
 
 
 class AliasBody(BaseModel):
@@ -79,7 +80,7 @@ async def import_model(body: ImportBody, request: Request) -> dict:
     # A folder's files are read where its links lead; a GGUF file was resolved as a whole.
     is_folder = not body.source.startswith((HUB_PREFIX, GGUF_PREFIX))
     roots = tuple(request.state.settings.import_roots) if is_folder else ()
-    options = ImportOptions(body.allow_pickle, body.trust_remote_code, body.engine_options, body.labels, body.notes, confine_to=roots, base=body.base, merge=body.merge)
+    options = ImportOptions(body.allow_pickle, body.trust_remote_code, body.engine_options, body.labels, body.notes, confine_to=roots, base=body.base, merge=body.merge, move=body.move)
     admin = request.state.model_admin
     return await asyncio.to_thread(admin.import_model, body.source, body.name, options, actor_change(request, body.reason))
 

@@ -38,6 +38,7 @@ class AdminClient:
             "reason": change.reason,
             "base": options.base,
             "merge": options.merge,
+            "move": options.move,
         }
         return self._call("POST", "/models", json=body, timeout=LONG)
 

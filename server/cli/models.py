@@ -33,6 +33,9 @@ def add_commands(commands, home_of) -> None:
     imports.add_argument(
         "--unmerged", action="store_true", help="with --base: keep the adapter apart; vLLM serves it beside the base's weights, and swaps among a base's adapters load no weights"
     )
+    imports.add_argument(
+        "--move", action="store_true", help="a local model folder: its files leave it for the store (linked, not copied, on the same filesystem), as mv would; a checkpoint is stored once"
+    )
     imports.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     imports.add_argument("--notes", default="")
     imports.add_argument("--reason", default="")
@@ -89,7 +92,7 @@ def _import(admin, args) -> int:
     engine_options = engine_option_pairs(args.engine_option)
     engine_options |= {k: v for k, v in chosen if v is not None}
     labels = _pairs(args.label, "label")
-    options = ImportOptions(args.allow_pickle, args.trust_remote_code, engine_options, labels, args.notes, show_progress=True, base=args.base, merge=not args.unmerged)
+    options = ImportOptions(args.allow_pickle, args.trust_remote_code, engine_options, labels, args.notes, show_progress=True, base=args.base, merge=not args.unmerged, move=args.move)
     result = admin.import_model(args.source, args.name, options, _change(args))
     verb = "imported" if result["created"] else "already present as"
     print(f"{verb} {result['ref']} ({result['digest'][:19]}, {_size(result['total_bytes'])})")

@@ -186,6 +186,25 @@ def test_admin_api_import_does_not_follow_links_out_of_the_import_roots(tmp_path
     assert notes_sha("linked@1") == hashlib.sha256(b"not for the registry").hexdigest()
 
 
+def test_a_training_loops_checkpoints_move_into_the_registry(tmp_path, folder, tiny_model_path):
+    """`--move`, from the local CLI and through the admin API: each checkpoint folder leaves
+    its place for the store, and the version it became verifies."""
+    home = tmp_path / "home"
+    moved = baton(home, "models", "import", str(folder), "--name", "chat", "--move")
+    assert "imported chat@1" in moved.stdout and not folder.exists()
+    refused = baton(home, "models", "import", "hf:org/model@main", "--name", "chat", "--move", check=False)
+    assert refused.returncode == 1 and "move" in refused.stderr and "Traceback" not in refused.stderr
+    checkpoint = tmp_path / "run" / "step-200"
+    shutil.copytree(tiny_model_path, checkpoint)
+    (checkpoint / "generation_config.json").write_text('{"temperature": 0.7}')
+    settings = Settings(home=home, import_roots=[tmp_path / "run"], models=[ModelSpec(name="tiny", path=tiny_model_path, engine="transformers")])
+    with ServerThread(settings) as server:
+        remote = ("models", "--server", server.url)
+        assert "imported chat@2" in baton(tmp_path / "unused", *remote, "import", str(checkpoint), "--name", "chat", "--move").stdout
+    assert not checkpoint.exists() and (tmp_path / "run").is_dir()
+    assert "verified" in baton(home, "models", "verify", "chat@2").stdout
+
+
 def test_engine_options_are_checked_before_they_reach_a_manifest(tmp_path, folder):
     home = tmp_path / "home"
     options = ("--engine", "vllm", "--engine-option", "gpu_memory_utilization=0.45", "--engine-option", "quantization=awq")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import struct
@@ -215,3 +216,75 @@ def test_prune_keeps_the_newest_and_every_held_version_and_deletes_the_rest(regi
     assert [e["action"] for e in registry.history("chat")].count("delete") == 2
     with pytest.raises(InvalidRequestError, match="keep"):
         registry.prune("chat", 0, OPERATOR, lambda ref: [])
+
+
+def _weights_of(folder: Path) -> Path:
+    return next(folder.glob("*.safetensors"))
+
+
+def test_a_moving_import_links_the_files_into_the_store_and_empties_the_folder(registry, folder):
+    """`move`: no byte copied (the blob is the file itself), the folder gone as mv leaves it,
+    and the version whole (verified) and read-only."""
+    (folder / "extra" / "deeper").mkdir(parents=True)
+    (folder / "extra" / "deeper" / "notes.txt").write_text("kept with the version")
+    weights_inode = _weights_of(folder).stat().st_ino
+    version, _ = _import(registry, folder, move=True)
+    assert not folder.exists()
+    stored = _weights_of(version.path)
+    assert stored.stat().st_ino == weights_inode and stored.stat().st_nlink == 2  # its blob and its tree
+    assert not stored.stat().st_mode & 0o222
+    assert (version.path / "extra" / "deeper" / "notes.txt").read_text() == "kept with the version"
+    assert registry.verify("chat@1", OPERATOR)[1] == []
+
+
+def test_a_moving_import_copies_a_file_that_another_name_shares(registry, folder, tmp_path):
+    """A file with a second name (a hard link, a symlink's target) could be written through
+    it later, into a blob: it is copied, and that other name keeps its file."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    weights = _weights_of(folder)
+    os.link(weights, outside / "weights.safetensors")
+    shutil.move(folder / "config.json", outside / "config.json")
+    (folder / "config.json").symlink_to(outside / "config.json")
+    version, _ = _import(registry, folder, move=True)
+    assert not folder.exists()
+    for kept in ("weights.safetensors", "config.json"):
+        assert (outside / kept).stat().st_ino not in {path.stat().st_ino for path in version.path.iterdir()}
+    assert (outside / "weights.safetensors").stat().st_nlink == 1 and (outside / "config.json").read_text()
+    assert registry.verify("chat@1", OPERATOR)[1] == []
+
+
+def test_a_moving_import_that_fails_leaves_the_folder_as_it_was(registry, folder, monkeypatch):
+    """Content and mode as they were, and no file one with a blob (written later, it would
+    change what a copying import of the same content then shares)."""
+
+    def files() -> dict:
+        return {path.name: (path.read_bytes(), path.stat().st_mode, path.stat().st_nlink) for path in folder.iterdir()}
+
+    def refuse(*args):
+        raise ConflictError("the catalog refused it")
+
+    before = files()
+    monkeypatch.setattr(registry._catalog, "add_version", refuse)
+    with pytest.raises(ConflictError):
+        _import(registry, folder, move=True)
+    assert files() == before and {nlink for _, _, nlink in before.values()} == {1}
+    monkeypatch.undo()
+    version, _ = _import(registry, folder)  # copied, onto the blobs the failed import left
+    assert not any(path.stat().st_mode & 0o222 for path in version.path.iterdir())
+    assert _import(registry, folder, move=True)[0].ref == "chat@1" and not folder.exists()
+
+
+def test_move_is_refused_where_there_is_no_model_folder_to_take(registry, folder, tmp_path):
+    from models.importers import import_source
+    from tests.unit.test_lora import write_adapter
+
+    for source in ("hf:org/model@main", f"gguf:{tmp_path / 'model.gguf'}"):
+        with pytest.raises(InvalidRequestError, match="move") as refused:
+            import_source(registry, source, "chat", ImportOptions(move=True), OPERATOR)
+        assert refused.value.param == "move"
+    _import(registry, folder)
+    adapter = write_adapter(tmp_path / "adapter", folder)
+    with pytest.raises(InvalidRequestError, match="import it without move"):
+        import_source(registry, str(adapter), "tuned", ImportOptions(move=True, base="chat@1"), OPERATOR)
+    assert adapter.is_dir() and registry.model_names() == ["chat"]
