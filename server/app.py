@@ -20,6 +20,7 @@ from server.api import admin_api, deploy_api, embeddings, messages, openai_api, 
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
+from server.api.response_store import ResponseStore
 from server.observability.gpu_monitor import GpuMonitor, load_nvml
 from server.observability.metrics import Metrics, StateCollector
 from server.config.settings import Settings
@@ -84,6 +85,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "deployments": manager,
                 "reconciler": reconciler,
                 "model_admin": ModelAdmin(registry, manager.holders),
+                "responses": ResponseStore(settings.home / "responses.db", settings.responses_ttl_s) if settings.store_responses else None,
                 "started_at": int(time.time()),
             }
         finally:

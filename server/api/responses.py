@@ -1,15 +1,19 @@
-"""OpenAI's Responses API (`POST /v1/responses`), stateless: a request is read as the chat
-completion it means and served by the same path (leases, tools, structured output, limits),
-and the answer is written as a Response object, or as Responses stream events.
+"""OpenAI's Responses API (`POST /v1/responses`, and `GET`/`DELETE /v1/responses/{id}`): a
+request is read as the chat completion it means and served by the same path (leases, tools,
+structured output, limits), and the answer is written as a Response object, or as Responses
+stream events.
 
-Rules: nothing is stored, so `previous_response_id` and `store: true` are refused (send the
-conversation in `input`); an error names the Responses field (`input`, `text.format`,
-`max_output_tokens`), not the chat field it became. Output items come in the order the model
-wrote them: text opens a message item, each call a function_call item.
+Rules: an answer is kept (response_store.py) unless its request says `store: false` or the
+server keeps none; `previous_response_id` continues a kept one: its input and output items
+come before this request's input (its instructions do not, as OpenAI has it). An error
+names the Responses field (`input`, `text.format`, `max_output_tokens`), not the chat field
+it became. Output items come in the order the model wrote them: text opens a message item,
+each call a function_call item.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -19,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import ConfigDict, Discriminator, Field, Tag
+from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
-from models.errors import InvalidRequestError
+from models.errors import InvalidRequestError, NotFoundError
 from server.api.chat_fields import ChatFields, whole_answer
 from server.api.generation import ChoiceChunk
 from server.api.openai_api import Served, admit, stream_error
 from server.api.reasoning import ReasoningTally
+from server.api.response_store import ResponseStore
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
 from server.api.tools import ToolCall
 
@@ -95,6 +100,7 @@ InputItem = Annotated[
     | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_kind),
 ]
+ITEMS = TypeAdapter(list[InputItem])  # kept items, read back
 
 
 class FunctionTool(Strict):
@@ -143,8 +149,8 @@ class ResponsesRequest(Strict):
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
-    store: Literal[False] | None = None  # nothing is stored
-    previous_response_id: str | None = None  # refused: nothing is stored
+    store: bool | None = None  # unset: kept, as OpenAI has it, where the server keeps Responses
+    previous_response_id: str | None = Field(None, max_length=128)
     metadata: dict[str, str] | None = None
     user: str | None = None
     safety_identifier: str | None = None
@@ -156,13 +162,19 @@ class ResponsesRequest(Strict):
     service_tier: Literal["auto", "default"] | None = None
     reasoning: ReasoningConfig | None = None
 
-    def as_chat(self) -> ChatCompletionRequest:
-        """The chat completion this request means, checked as any chat request is."""
-        if self.previous_response_id is not None:
-            raise InvalidRequestError("baton stores no responses: send the whole conversation in input.", param="previous_response_id")
+    def input_items(self) -> list[dict]:
+        """The input as items, as a follow-up reads them back."""
+        return [item.model_dump(exclude_none=True) for item in self._given()]
+
+    def _given(self) -> list:
+        return [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+
+    def as_chat(self, earlier: list[dict]) -> ChatCompletionRequest:
+        """The chat completion this request means, after the `earlier` items of the response
+        it continues, checked as any chat request is."""
         body = {
             "model": self.model,
-            "messages": _messages(self.instructions, self.input),
+            "messages": _messages(self.instructions, ITEMS.validate_python(earlier) + list(self._given())),
             "max_completion_tokens": self.max_output_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -183,13 +195,13 @@ class ResponsesRequest(Strict):
         return FIELDS.chat_request(body)
 
 
-def _messages(instructions: str | None, given: str | list) -> list[dict]:
+def _messages(instructions: str | None, items: list) -> list[dict]:
     """Instructions first, as a system message; each group of function calls in a row
     becomes one assistant message that calls them; each output, a tool message; reasoning
     goes with the assistant message that follows it."""
     messages = [{"role": "system", "content": instructions}] if instructions is not None else []
     reasoning = {}
-    for item in [MessageItem(role="user", content=given)] if isinstance(given, str) else given:
+    for item in items:
         if isinstance(item, ReasoningItem):
             reasoning = {"reasoning": item.text}
         elif isinstance(item, MessageItem):
@@ -229,14 +241,71 @@ FIELDS = ChatFields(
 
 @router.post("/responses")
 async def create_response(body: ResponsesRequest, request: Request):
-    return await FIELDS.answer(request, body.as_chat(), ResponseShape(body))
+    earlier = await _conversation_before(request, body)
+    return await FIELDS.answer(request, body.as_chat(earlier), ResponseShape(body, _keeper(request, body, earlier)))
+
+
+@router.get("/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> dict:
+    return (await asyncio.to_thread(_store(request).get, _owner(request), response_id)).response
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> dict:
+    await asyncio.to_thread(_store(request).delete, _owner(request), response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+async def _conversation_before(request: Request, body: ResponsesRequest) -> list[dict]:
+    """The items of the kept response that `previous_response_id` continues; none without one."""
+    if body.previous_response_id is None:
+        return []
+    store = _store(request, "previous_response_id")
+    return (await asyncio.to_thread(store.get, _owner(request), body.previous_response_id, "previous_response_id")).conversation
+
+
+def _keeper(request: Request, body: ResponsesRequest, earlier: list[dict]) -> Keeper | None:
+    """Rule: an answer is kept unless its request says `store: false` (OpenAI's default is to
+    keep), or the server keeps none."""
+    if body.store is False or (request.state.responses is None and not body.store):
+        return None
+    return Keeper(_store(request, "store"), _owner(request), earlier + body.input_items())
+
+
+def _store(request: Request, param: str | None = None) -> ResponseStore:
+    """The server's kept Responses. Where it keeps none, a request that asks for one is a 400
+    naming `param`; a read of one, a 404."""
+    if request.state.responses is None:
+        if param is not None:
+            raise InvalidRequestError("This server keeps no responses (store_responses is off): send the whole conversation in input.", param=param)
+        raise NotFoundError("This server keeps no responses (store_responses is off).", code="response_not_found")
+    return request.state.responses
+
+
+def _owner(request: Request) -> str:
+    """Whose Responses a request may read: its key's (on a server without keys, everyone's)."""
+    return request.state.key.name if request.state.key is not None else ""
+
+
+@dataclass(frozen=True)
+class Keeper:
+    """Where an answer is kept, and with which input items (the response it continues included)."""
+
+    store: ResponseStore
+    owner: str
+    input_items: list[dict]
+
+    async def keep(self, response: dict) -> None:
+        await asyncio.to_thread(self.store.keep, self.owner, response, self.input_items)
 
 
 @dataclass(frozen=True)
 class ResponseShape:
-    """How a Responses answer is written: whole (`collect`) or as events (`events`)."""
+    """How a Responses answer is written: whole (`collect`) or as events (`events`); the
+    whole answer is kept where `keeper` says, before it is sent."""
 
     request: ResponsesRequest
+    keeper: Keeper | None = None
 
     def head(self, served: Served) -> dict:
         text_format = self.request.text.format.model_dump(by_alias=True, exclude_none=True) if self.request.text and self.request.text.format else {"type": "text"}
@@ -257,7 +326,8 @@ class ResponseShape:
             "parallel_tool_calls": self.request.parallel_tool_calls is not False,
             "reasoning": {"effort": self.request.reasoning.effort, "summary": None} if self.request.reasoning else None,
             "text": {"format": text_format},
-            "store": False,
+            "store": self.keeper is not None,
+            "previous_response_id": self.request.previous_response_id,
             "metadata": self.request.metadata or {},
             "user": self.request.user,
             "safety_identifier": self.request.safety_identifier,
@@ -273,7 +343,10 @@ class ResponseShape:
         if whole.text:
             answer.output.append(_message(whole.text, "completed"))
         answer.output += [_function_call(call, "completed") for call in whole.calls]
-        return answer.final()
+        final = answer.final()
+        if self.keeper is not None:
+            await self.keeper.keep(final)
+        return final
 
     async def events(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage) -> AsyncIterator[str]:
         answer = _Answer(self.head(served), usage.num_prompt_tokens)
@@ -286,13 +359,15 @@ class ResponseShape:
                     answer.count(item)
                     for event in answer.stream(item):
                         yield events.send(**event)
+            last_events, final = answer.close_item(), answer.final()
+            if self.keeper is not None:
+                await self.keeper.keep(final)
         except Exception as error:  # headers are sent: the error can only travel in the stream
             failure = stream_error(error)
             yield events.send("error", code=failure.code, message=failure.message, param=FIELDS.param(failure.param))
             return
-        for event in answer.close_item():
+        for event in last_events:
             yield events.send(**event)
-        final = answer.final()
         yield events.send("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
 
 

@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", default="text", choices=["text", "json"], help="json: every log line a JSON object")
     serve.add_argument("--no-request-metrics", action="store_true", help="note nothing per request (benchmarks/metrics_overhead.py compares)")
+    serve.add_argument("--no-store-responses", action="store_true", help="keep no Responses API answers (previous_response_id and GET /v1/responses/ID then 400 and 404)")
     serve.add_argument("--metrics-need-key", action="store_true", help="/metrics needs a key with the metrics scope (default: open)")
     serve.set_defaults(run=_serve)
 
@@ -115,6 +116,7 @@ def _serve(args) -> int:
         keys=keys,
         metrics_need_key=args.metrics_need_key,
         request_metrics=not args.no_request_metrics,
+        store_responses=not args.no_store_responses,
         max_prompt_tokens=args.max_prompt_tokens,
         max_completion_tokens=args.max_completion_tokens,
         max_running_per_deployment=args.max_running_per_deployment,

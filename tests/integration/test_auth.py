@@ -30,6 +30,7 @@ ROUTES = {  # name: (method, path, body)
     "pinned": ("POST", "/v1/chat/completions", {"model": "chat@1", **HI}),
     "tokenize": ("POST", "/tokenize", {"model": "chat", "prompt": "hi"}),
     "rerank": ("POST", "/rerank", {"model": "chat", "query": "hi", "documents": ["hello"]}),
+    "response": ("GET", "/v1/responses/resp_nosuch", None),
     "admin-status": ("GET", "/admin/status", None),
     "admin-models": ("GET", "/admin/models", None),
     "admin-swap": ("POST", "/admin/deployments/chat/swap", {"to": "nosuch@1"}),
@@ -47,6 +48,7 @@ EXPECTED = {
     "pinned": {"none": 401, "wrong": 401, "inference": 404, "admin": 403, "other-deployment": 403},
     "tokenize": {"none": 401, "wrong": 401, "inference": 200, "admin": 403, "other-deployment": 403},
     "rerank": {"none": 401, "wrong": 401, "inference": 400, "admin": 403, "other-deployment": 403},
+    "response": {"none": 401, "wrong": 401, "inference": 404, "admin": 403, "other-deployment": 404},
     "admin-status": {"none": 401, "wrong": 401, "inference": 403, "admin": 200, "other-deployment": 403},
     "admin-models": {"none": 401, "wrong": 401, "inference": 403, "admin": 200, "other-deployment": 403},
     "admin-swap": {"none": 401, "wrong": 401, "inference": 403, "admin": 404, "other-deployment": 403},
@@ -75,6 +77,38 @@ def test_every_route_gives_every_caller_the_right_status(server, route, caller):
     if response.status_code in (401, 403):
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
         assert CALLERS[caller] is None or CALLERS[caller] not in response.text  # a secret is never echoed
+
+
+def test_a_kept_response_is_its_keys_alone_and_outlives_a_restart(tiny_model_path, tmp_path):
+    """Another key's response is as unknown as one never made, to read, continue or delete."""
+    keys = [key("app", "app-secret", {"inference"}), key("intruder", "intruder-secret", {"inference"})]
+    settings = Settings(home=tmp_path / "home", models=[ModelSpec(name="chat", path=tiny_model_path)], keys=keys)
+    ask = {"model": "chat", "input": "hi", "max_output_tokens": 2}
+    as_app, as_intruder = ({"authorization": f"Bearer {secret}"} for secret in ("app-secret", "intruder-secret"))
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        made = httpx.post(f"{server.url}/v1/responses", json=ask, headers=as_app, timeout=30).json()
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        path = f"{server.url}/v1/responses/{made['id']}"
+        assert httpx.get(path, headers=as_app).json() == made
+        refused = [
+            httpx.get(path, headers=as_intruder),
+            httpx.delete(path, headers=as_intruder),
+            httpx.post(f"{server.url}/v1/responses", json={**ask, "previous_response_id": made["id"]}, headers=as_intruder, timeout=30),
+        ]
+        assert [(r.status_code, r.json()["error"]["code"]) for r in refused] == [(404, "response_not_found")] * 3
+        assert httpx.post(f"{server.url}/v1/responses", json={**ask, "previous_response_id": made["id"]}, headers=as_app, timeout=30).status_code == 200
+
+
+def test_a_server_that_keeps_no_responses_says_so(tiny_model_path, tmp_path):
+    settings = Settings(home=tmp_path / "home", models=[ModelSpec(name="chat", path=tiny_model_path)], store_responses=False)
+    ask = {"model": "chat", "input": "hi", "max_output_tokens": 2}
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        made = httpx.post(f"{server.url}/v1/responses", json=ask, timeout=30).json()
+        assert made["store"] is False and httpx.get(f"{server.url}/v1/responses/{made['id']}").status_code == 404
+        for field, value in (("store", True), ("previous_response_id", made["id"])):
+            refused = httpx.post(f"{server.url}/v1/responses", json={**ask, field: value}, timeout=30)
+            assert (refused.status_code, refused.json()["error"]["param"]) == (400, field)
+    assert not (tmp_path / "home" / "responses.db").exists()
 
 
 def test_a_deployment_scoped_key_lists_only_its_deployments(server):

@@ -63,7 +63,7 @@ def test_a_response_is_the_chat_completion_it_means(client):
     assert response.output_text == chat.choices[0].message.content
     assert (response.status, response.incomplete_details.reason) == ("incomplete", "max_output_tokens")
     assert (response.usage.input_tokens, response.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
-    assert response.usage.total_tokens == chat.usage.total_tokens and response.store is False
+    assert response.usage.total_tokens == chat.usage.total_tokens and response.store is True  # kept, as OpenAI's default is
 
 
 def test_input_items_are_the_conversation(client):
@@ -132,6 +132,9 @@ def test_function_calls_stream_and_the_follow_up_answers_them(smol_server):
     ]
     answer = smol.responses.create(model="smollm2", input=follow_up, tools=WEATHER, max_output_tokens=60, temperature=0)
     assert answer.output[0].type == "message" and answer.output_text
+    outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": '{"temperature": 21, "sky": "clear"}'} for c in calls]
+    continued = smol.responses.create(model="smollm2", previous_response_id=whole.id, input=outputs, tools=WEATHER, max_output_tokens=60, temperature=0)
+    assert continued.output_text == answer.output_text  # the agent loop, the calls kept on the server
 
 
 def test_a_named_function_is_forced(smol_server):
@@ -144,8 +147,6 @@ def test_a_named_function_is_forced(smol_server):
 @pytest.mark.parametrize(
     ("extra", "param", "words"),
     [
-        ({"previous_response_id": "resp_123"}, "previous_response_id", "stores no responses"),
-        ({"store": True}, "store", ""),
         ({"input": []}, "input", ""),
         ({"max_output_tokens": 0}, "max_output_tokens", ""),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}}}, "text.format.schema", "not a valid JSON schema"),
@@ -172,6 +173,47 @@ def test_bad_requests_are_400s_naming_the_responses_field(tiny_server, extra, pa
 def test_the_defaults_sdks_send_are_accepted(client):
     defaults = dict(include=[], truncation="disabled", background=False, service_tier="auto", reasoning=None, store=False, parallel_tool_calls=True)
     assert client.responses.create(model="tiny", input="Hello there", max_output_tokens=2, **defaults).status == "incomplete"
+
+
+def test_a_follow_up_continues_a_kept_response_as_if_the_conversation_were_sent(client):
+    """previous_response_id: the kept input and output come first, the instructions do not
+    (OpenAI's rule); the answer is the one a stateless request with that conversation gets."""
+    asked = dict(model="tiny", max_output_tokens=4, temperature=0)
+    first = client.responses.create(**asked, instructions="Be brief.", input="My name is Ada.")
+    follow_up = client.responses.create(**asked, previous_response_id=first.id, input="What is my name?")
+    conversation = [{"role": "user", "content": "My name is Ada."}, *[item.model_dump(exclude_none=True) for item in first.output], {"role": "user", "content": "What is my name?"}]
+    stateless = client.responses.create(**asked, input=conversation, store=False)
+    assert follow_up.previous_response_id == first.id and stateless.store is False
+    assert (follow_up.output_text, follow_up.usage.input_tokens) == (stateless.output_text, stateless.usage.input_tokens)
+    third = client.responses.create(**asked, previous_response_id=follow_up.id, input="And again?")
+    assert third.usage.input_tokens > follow_up.usage.input_tokens + follow_up.usage.output_tokens  # both turns before it
+
+
+def test_a_kept_response_is_read_and_deleted_and_a_later_one_lives_on(client):
+    first = client.responses.create(model="tiny", input="Hello there", max_output_tokens=3, temperature=0)
+    second = client.responses.create(model="tiny", previous_response_id=first.id, input="Go on", max_output_tokens=3, temperature=0)
+    assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    assert client.responses.delete(first.id) is None  # the SDK returns nothing; the server said deleted
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(first.id)
+    assert client.responses.create(model="tiny", previous_response_id=second.id, input="More", max_output_tokens=3).previous_response_id == second.id
+    unkept = client.responses.create(model="tiny", input="Hello there", max_output_tokens=3, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+
+
+def test_a_streamed_response_is_kept_as_its_last_event_says(client):
+    events = streamed(client, model="tiny", input="Hello there", max_output_tokens=5, temperature=0)
+    assert client.responses.retrieve(events[-1].response.id).model_dump() == events[-1].response.model_dump()
+
+
+def test_an_unknown_previous_response_is_a_404_naming_it(tiny_server):
+    body = {"model": "tiny", "input": "Hello there", "max_output_tokens": 2, "previous_response_id": "resp_nosuch"}
+    refused = httpx.post(f"{tiny_server.url}/v1/responses", json=body, timeout=60)
+    assert refused.status_code == 404 and refused.json()["error"]["param"] == "previous_response_id", refused.text
+    assert refused.json()["error"]["code"] == "response_not_found"
 
 
 def test_an_unknown_model_is_a_404(client):

@@ -1,0 +1,83 @@
+"""Responses kept for `previous_response_id` and `GET /v1/responses/{id}`, as OpenAI keeps a
+Response unless the request says `store: false`: SQLite (WAL) under baton's home, one short
+connection per call, so a restart keeps them.
+
+Rules:
+- A Response is kept with its input items, those of the responses before it included, so
+  a follow-up reads one row, and deleting an earlier response breaks no later one.
+- Only the key that made a Response reads or deletes it (on a server without keys, any
+  client): an id another key made is as unknown as one never made.
+- A Response expires `ttl_s` after it was made; expired rows go as new ones are written.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import NotFoundError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    response TEXT NOT NULL,
+    input_items TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
+"""
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    response: dict  # as it was answered
+    input_items: list[dict]  # every input item that led to it, the earlier responses' included
+
+    @property
+    def conversation(self) -> list[dict]:
+        """What a follow-up continues: the input items, then this response's output."""
+        return self.input_items + self.response["output"]
+
+
+class ResponseStore:
+    def __init__(self, path: Path, ttl_s: float):
+        self._path, self._ttl_s = path, ttl_s
+        with self._connection() as db:
+            db.executescript(SCHEMA)
+
+    def keep(self, owner: str, response: dict, input_items: list[dict]) -> None:
+        now = time.time()
+        with self._connection() as db:
+            db.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
+            row = (response["id"], owner, now + self._ttl_s, json.dumps(response, ensure_ascii=False), json.dumps(input_items, ensure_ascii=False))
+            db.execute("INSERT INTO responses (id, owner, expires_at, response, input_items) VALUES (?, ?, ?, ?, ?)", row)
+
+    def get(self, owner: str, response_id: str, param: str | None = None) -> StoredResponse:
+        with self._connection() as db:
+            row = db.execute("SELECT response, input_items FROM responses WHERE id = ? AND owner = ? AND expires_at > ?", (response_id, owner, time.time())).fetchone()
+        if row is None:
+            raise _not_found(response_id, param)
+        return StoredResponse(json.loads(row[0]), json.loads(row[1]))
+
+    def delete(self, owner: str, response_id: str) -> None:
+        with self._connection() as db:
+            if not db.execute("DELETE FROM responses WHERE id = ? AND owner = ? AND expires_at > ?", (response_id, owner, time.time())).rowcount:
+                raise _not_found(response_id)
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: committed on leaving, rolled back on an error."""
+        with closing(sqlite3.connect(self._path, timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            with db:
+                yield db
+
+
+def _not_found(response_id: str, param: str | None = None) -> NotFoundError:
+    return NotFoundError(f"No response with id {response_id!r} is stored here (never made, made with another key, deleted, or expired).", param=param, code="response_not_found")
