@@ -22,7 +22,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
 from models.errors import InvalidRequestError, NotFoundError
@@ -163,8 +163,9 @@ class ResponsesRequest(Strict):
     reasoning: ReasoningConfig | None = None
 
     def input_items(self) -> list[dict]:
-        """The input as items, as a follow-up reads them back."""
-        return [item.model_dump(exclude_none=True) for item in self._given()]
+        """The input as items, as they are kept: each with an id, a message's text as a part
+        (what `GET /v1/responses/{id}/input_items` lists, and a follow-up reads back)."""
+        return [_kept(item) for item in self._given()]
 
     def _given(self) -> list:
         return [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
@@ -193,6 +194,30 @@ class ResponsesRequest(Strict):
         if self.text is not None and self.text.format is not None:
             body["response_format"] = _response_format(self.text.format)
         return FIELDS.chat_request(body)
+
+
+_ID_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
+
+
+def _kept(item) -> dict:
+    kept = item.model_dump(exclude_none=True)
+    kept.setdefault("id", _ID_PREFIXES[kept["type"]] + uuid.uuid4().hex)
+    if kept["type"] == "message" and isinstance(kept["content"], str):
+        kept["content"] = [{"type": "output_text" if kept["role"] == "assistant" else "input_text", "text": kept["content"]}]
+    return kept
+
+
+def item_page(items: list[dict], limit: int, order: str, after: str | None) -> dict:
+    """One page of a list of items, OpenAI's cursor page: `limit` of them in `order` (`asc`:
+    as they came), from the one after the item `after` names."""
+    ordered = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise InvalidRequestError(f"No input item {after!r} is in this response's input.", param="after")
+        ordered = ordered[ids.index(after) + 1 :]
+    page = ordered[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit}
 
 
 def _messages(instructions: str | None, items: list) -> list[dict]:
@@ -248,6 +273,15 @@ async def create_response(body: ResponsesRequest, request: Request):
 @router.get("/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> dict:
     return (await asyncio.to_thread(_store(request).get, _owner(request), response_id)).response
+
+
+@router.get("/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str, request: Request, limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc", after: str | None = None
+) -> dict:
+    """The input items that led to a kept Response, those of the responses it continues included."""
+    kept = await asyncio.to_thread(_store(request).get, _owner(request), response_id)
+    return item_page(kept.input_items, limit, order, after)
 
 
 @router.delete("/responses/{response_id}")

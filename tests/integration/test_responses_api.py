@@ -204,6 +204,22 @@ def test_a_kept_response_is_read_and_deleted_and_a_later_one_lives_on(client):
         client.responses.retrieve(unkept.id)
 
 
+def test_the_input_items_of_a_kept_response_come_page_by_page(client, tiny_server):
+    first = client.responses.create(model="tiny", input="one", max_output_tokens=2)
+    second = client.responses.create(model="tiny", previous_response_id=first.id, input=[{"role": "user", "content": "two"}, {"role": "user", "content": "three"}], max_output_tokens=2)
+
+    def texts(items) -> list[str]:
+        return [item.content[0].text for item in items]
+
+    expected = ["one", first.output_text, "two", "three"]
+    assert texts(client.responses.input_items.list(second.id, limit=3, order="asc")) == expected  # the SDK follows the pages
+    newest_first = client.responses.input_items.list(second.id)
+    assert texts(newest_first.data) == expected[::-1] and not newest_first.has_more
+    assert all(item.id for item in newest_first.data) and len({item.id for item in newest_first.data}) == 4
+    refused = httpx.get(f"{tiny_server.url}/v1/responses/{second.id}/input_items", params={"after": "msg_nosuch"})
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "after")
+
+
 def test_a_streamed_response_is_kept_as_its_last_event_says(client):
     events = streamed(client, model="tiny", input="Hello there", max_output_tokens=5, temperature=0)
     assert client.responses.retrieve(events[-1].response.id).model_dump() == events[-1].response.model_dump()
