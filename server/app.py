@@ -20,6 +20,7 @@ from server.api import admin_api, deploy_api, embeddings, messages, openai_api, 
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
+from server.api.background import BackgroundRuns
 from server.api.response_store import ResponseStore
 from server.observability.gpu_monitor import GpuMonitor, load_nvml
 from server.observability.metrics import Metrics, StateCollector
@@ -53,6 +54,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         metrics.watch(gpus)
         gpus.start()
         lifecycle.track(manager.num_in_flight)
+        background_runs = BackgroundRuns()
 
         saved = to_restore(registry.saved_deployments() if settings.restore_state else {}, settings.models, settings.config_file is not None)
 
@@ -86,9 +88,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "reconciler": reconciler,
                 "model_admin": ModelAdmin(registry, manager.holders),
                 "responses": ResponseStore(settings.home / "responses.db", settings.responses_ttl_s) if settings.store_responses else None,
+                "background_runs": background_runs,
                 "started_at": int(time.time()),
             }
         finally:
+            await background_runs.cancel_all()  # what the shutdown's drain left running
             await manager.stop_all()
             gpus.stop()
 

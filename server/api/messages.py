@@ -260,6 +260,8 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> JSONRespon
 class MessageShape:
     """How a Messages answer is written: whole (`collect`) or as events (`events`)."""
 
+    runs_in_background = False
+
     async def collect(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> dict:
         answer = _Answer(served.model, num_prompt_tokens)
         whole = await whole_answer(choices, answer.count)

@@ -125,7 +125,12 @@ class Served:
 
 class AnswerShape(Protocol):
     """How an answer is written, whole or streamed: chat and text completions' `choices`
-    (`Choices`), or a Responses object (responses.py)."""
+    (`Choices`), or a Responses object (responses.py), which may also be answered at once
+    and generated in the background (`in_background`)."""
+
+    runs_in_background: bool
+
+    def in_background(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]: ...
 
     def collect(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]: ...
 
@@ -137,6 +142,7 @@ class Choices:
     """Chat and text completions: `choices`, streamed as chunks of deltas."""
 
     fmt: ChatFormat | TextFormat
+    runs_in_background = False
 
     def _head(self, served: Served) -> dict:
         return {"id": self.fmt.id_prefix + uuid.uuid4().hex, "object": self.fmt.object, "created": int(time.time()), "model": served.model}
@@ -230,6 +236,13 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
         usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage)
         events = shape.events(await _primed(request, choices), served, len(requests), usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(_release, lease))
+    if shape.runs_in_background:  # the lease goes with the generation's end (_on_lease), not with this answer
+        try:
+            return JSONResponse(await shape.in_background(choices, served, len(requests), num_prompt_tokens), headers=headers)
+        except BaseException as error:  # before the generation began: nothing else ends the request
+            lease.release()
+            observation.finish(status_of(error))
+            raise
     try:
         body = await _unless_disconnected(request, shape.collect(choices, served, len(requests), num_prompt_tokens))
         return JSONResponse(body, headers=headers)

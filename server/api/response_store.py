@@ -8,6 +8,8 @@ Rules:
 - Only the key that made a Response reads or deletes it (on a server without keys, any
   client): an id another key made is as unknown as one never made.
 - A Response expires `ttl_s` after it was made; expired rows go as new ones are written.
+- A background Response is kept as it goes (`in_progress`, then how it ended); one still
+  unfinished when the store opens was cut off by a stop of the server: it is `failed`.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
+    status TEXT NOT NULL,
     expires_at REAL NOT NULL,
     response TEXT NOT NULL,
     input_items TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
 """
+CUT_OFF = {"code": "server_error", "message": "The server stopped before this response finished; create it again."}
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,18 @@ class ResponseStore:
         self._path, self._ttl_s = path, ttl_s
         with self._connection() as db:
             db.executescript(SCHEMA)
+            cut_off = db.execute("SELECT id, response FROM responses WHERE status IN ('queued', 'in_progress')").fetchall()
+            for response_id, response in cut_off:
+                failed = {**json.loads(response), "status": "failed", "error": CUT_OFF}
+                db.execute("UPDATE responses SET status = 'failed', response = ? WHERE id = ?", (json.dumps(failed, ensure_ascii=False), response_id))
 
     def keep(self, owner: str, response: dict, input_items: list[dict]) -> None:
+        """Keep `response`, or its newer state (a background one as it goes)."""
         now = time.time()
         with self._connection() as db:
             db.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
-            row = (response["id"], owner, now + self._ttl_s, json.dumps(response, ensure_ascii=False), json.dumps(input_items, ensure_ascii=False))
-            db.execute("INSERT INTO responses (id, owner, expires_at, response, input_items) VALUES (?, ?, ?, ?, ?)", row)
+            row = (response["id"], owner, response["status"], now + self._ttl_s, json.dumps(response, ensure_ascii=False), json.dumps(input_items, ensure_ascii=False))
+            db.execute("INSERT OR REPLACE INTO responses (id, owner, status, expires_at, response, input_items) VALUES (?, ?, ?, ?, ?, ?)", row)
 
     def get(self, owner: str, response_id: str, param: str | None = None) -> StoredResponse:
         with self._connection() as db:

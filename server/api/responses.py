@@ -29,6 +29,7 @@ from models.errors import InvalidRequestError, NotFoundError
 from server.api.chat_fields import ChatFields, whole_answer
 from server.api.generation import ChoiceChunk
 from server.api.openai_api import Served, admit, stream_error
+from server.api.background import BackgroundRuns
 from server.api.reasoning import ReasoningTally
 from server.api.response_store import ResponseStore
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
@@ -158,7 +159,7 @@ class ResponsesRequest(Strict):
     # What SDKs send as their defaults, accepted where it asks for nothing.
     include: list[str] | None = Field(None, max_length=0)
     truncation: Literal["disabled"] | None = None
-    background: Literal[False] | None = None
+    background: bool | None = None  # answered at once, generated in a task; read with GET (below)
     service_tier: Literal["auto", "default"] | None = None
     reasoning: ReasoningConfig | None = None
 
@@ -267,7 +268,10 @@ FIELDS = ChatFields(
 @router.post("/responses")
 async def create_response(body: ResponsesRequest, request: Request):
     earlier = await _conversation_before(request, body)
-    return await FIELDS.answer(request, body.as_chat(earlier), ResponseShape(body, _keeper(request, body, earlier)))
+    keeper = _keeper(request, body, earlier)
+    if body.background:
+        _check_background(body, keeper)
+    return await FIELDS.answer(request, body.as_chat(earlier), ResponseShape(body, keeper, request.state.background_runs))
 
 
 @router.get("/responses/{response_id}")
@@ -282,6 +286,16 @@ async def list_input_items(
     """The input items that led to a kept Response, those of the responses it continues included."""
     kept = await asyncio.to_thread(_store(request).get, _owner(request), response_id)
     return item_page(kept.input_items, limit, order, after)
+
+
+@router.post("/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, request: Request) -> dict:
+    """A background Response stops where it is, `cancelled`; one that ended is left as it ended."""
+    store, owner = _store(request), _owner(request)
+    if not (await asyncio.to_thread(store.get, owner, response_id)).response.get("background"):
+        raise InvalidRequestError("Only a background response (background: true) can be cancelled.")
+    await request.state.background_runs.cancel(response_id)
+    return (await asyncio.to_thread(store.get, owner, response_id)).response
 
 
 @router.delete("/responses/{response_id}")
@@ -304,6 +318,15 @@ def _keeper(request: Request, body: ResponsesRequest, earlier: list[dict]) -> Ke
     if body.store is False or (request.state.responses is None and not body.store):
         return None
     return Keeper(_store(request, "store"), _owner(request), earlier + body.input_items())
+
+
+def _check_background(body: ResponsesRequest, keeper: Keeper | None) -> None:
+    """A background Response is read with GET as it goes, so it must be kept; its stream is
+    not served (a client polls instead)."""
+    if keeper is None:
+        raise InvalidRequestError("A background response is read back with GET /v1/responses/{id}: it must be kept (store cannot be false here).", param="store")
+    if body.stream:
+        raise InvalidRequestError("A background response is not streamed here: poll GET /v1/responses/{id} instead.", param="stream")
 
 
 def _store(request: Request, param: str | None = None) -> ResponseStore:
@@ -335,18 +358,26 @@ class Keeper:
 
 @dataclass(frozen=True)
 class ResponseShape:
-    """How a Responses answer is written: whole (`collect`) or as events (`events`); the
-    whole answer is kept where `keeper` says, before it is sent."""
+    """How a Responses answer is written: whole (`collect`), as events (`events`), or at once
+    while `runs` generates it (`in_background`); the whole answer is kept where `keeper`
+    says, before it is sent."""
 
     request: ResponsesRequest
     keeper: Keeper | None = None
+    runs: BackgroundRuns | None = None
+    response_id: str = field(default_factory=lambda: "resp_" + uuid.uuid4().hex)
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def runs_in_background(self) -> bool:
+        return bool(self.request.background)
 
     def head(self, served: Served) -> dict:
         text_format = self.request.text.format.model_dump(by_alias=True, exclude_none=True) if self.request.text and self.request.text.format else {"type": "text"}
         return {
-            "id": "resp_" + uuid.uuid4().hex,
+            "id": self.response_id,
             "object": "response",
-            "created_at": int(time.time()),
+            "created_at": self.created_at,
             "status": "in_progress",
             "error": None,
             "incomplete_details": None,
@@ -361,6 +392,7 @@ class ResponseShape:
             "reasoning": {"effort": self.request.reasoning.effort, "summary": None} if self.request.reasoning else None,
             "text": {"format": text_format},
             "store": self.keeper is not None,
+            "background": self.runs_in_background,
             "previous_response_id": self.request.previous_response_id,
             "metadata": self.request.metadata or {},
             "user": self.request.user,
@@ -381,6 +413,24 @@ class ResponseShape:
         if self.keeper is not None:
             await self.keeper.keep(final)
         return final
+
+    async def in_background(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> dict:
+        """The Response as it starts, kept; the generation goes on in a task that keeps it
+        again as it ends: completed (or incomplete), failed, or cancelled."""
+        started = {**self.head(served), "status": "in_progress"}
+        await self.keeper.keep(started)
+        self.runs.start(self.response_id, self._finish(choices, served, num_choices, num_prompt_tokens, started))
+        return started
+
+    async def _finish(self, choices, served: Served, num_choices: int, num_prompt_tokens: int, started: dict) -> None:
+        try:
+            await self.collect(choices, served, num_choices, num_prompt_tokens)
+        except asyncio.CancelledError:
+            await choices.aclose()  # the lease goes back, the engine stops the generation
+            await self.keeper.keep({**started, "status": "cancelled"})
+        except Exception as error:
+            failure = stream_error(error)
+            await self.keeper.keep({**started, "status": "failed", "error": {"code": failure.code or failure.error_type, "message": failure.message}})
 
     async def events(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage) -> AsyncIterator[str]:
         answer = _Answer(self.head(served), usage.num_prompt_tokens)

@@ -6,6 +6,8 @@ that name the Responses field. (tests/vllm repeats text and streaming on vLLM.)"
 from __future__ import annotations
 
 import json
+import shutil
+import time
 
 import httpx
 import jsonschema
@@ -13,6 +15,9 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from server.config.settings import ModelSpec, Settings
+from tests.conftest import ServerThread
+from tests.fake_engine import FakeBehaviour, FakeEngineFactory
 from tests.integration.test_openai_surface import TOOLS
 
 WEATHER = [{"type": "function", **tool["function"]} for tool in TOOLS]
@@ -230,6 +235,51 @@ def test_an_unknown_previous_response_is_a_404_naming_it(tiny_server):
     refused = httpx.post(f"{tiny_server.url}/v1/responses", json=body, timeout=60)
     assert refused.status_code == 404 and refused.json()["error"]["param"] == "previous_response_id", refused.text
     assert refused.json()["error"]["code"] == "response_not_found"
+
+
+def _polled(client, response_id: str, seconds: float = 30.0):
+    deadline = time.monotonic() + seconds
+    while (response := client.responses.retrieve(response_id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, "the background response did not end"
+        time.sleep(0.05)
+    return response
+
+
+def test_a_background_response_is_answered_at_once_and_polled_to_the_same_answer(client):
+    asked = dict(model="tiny", input="Hello there", max_output_tokens=8, temperature=0)
+    started = client.responses.create(**asked, background=True)
+    assert (started.status, started.background, started.output) == ("in_progress", True, [])
+    ended = _polled(client, started.id)
+    assert _without_ids(ended) == {**_without_ids(client.responses.create(**asked)), "background": True}
+    assert client.responses.cancel(started.id).status == ended.status  # over: left as it ended
+
+
+@pytest.mark.parametrize(("extra", "param"), [({"store": False}, "store"), ({"stream": True}, "stream")])
+def test_a_background_response_must_be_kept_and_is_not_streamed(tiny_server, extra, param):
+    body = {"model": "tiny", "input": "Hello there", "max_output_tokens": 2, "background": True, **extra}
+    refused = httpx.post(f"{tiny_server.url}/v1/responses", json=body, timeout=60)
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, param), refused.text
+
+
+def test_a_background_response_is_cancelled_and_one_that_fails_says_why(tiny_model_path, tmp_path):
+    """Cancelled: the generation stops in the engine and the lease goes back. A version whose
+    generations fail: the Response is `failed` with the error, not lost."""
+    faulty = tmp_path / "faulty"
+    shutil.copytree(tiny_model_path, faulty)
+    factory = FakeEngineFactory({faulty.name: FakeBehaviour(fails_requests=True)}, default=FakeBehaviour(token_seconds=0.05))
+    models = [ModelSpec(name="chat", path=tiny_model_path), ModelSpec(name="faulty", path=faulty)]
+    with ServerThread(Settings(home=tmp_path / "home", models=models), engine_factory=factory) as server:
+        client = server.client()
+        long = client.responses.create(model="chat", input="hi", max_output_tokens=2000, background=True)
+        time.sleep(0.3)
+        cancelled = client.responses.cancel(long.id)
+        assert cancelled.status == "cancelled" and client.responses.retrieve(long.id).status == "cancelled"
+        assert httpx.get(f"{server.url}/admin/deployments/chat").json()["in_flight"] == 0
+        assert not factory.built[0].health().num_running
+        failed = _polled(client, client.responses.create(model="faulty", input="hi", max_output_tokens=5, background=True).id)
+        assert failed.status == "failed" and "injected fault" in failed.error.message
+        with pytest.raises(openai.BadRequestError, match="Only a background response"):
+            client.responses.cancel(client.responses.create(model="chat", input="hi", max_output_tokens=2).id)
 
 
 def test_an_unknown_model_is_a_404(client):

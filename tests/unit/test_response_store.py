@@ -13,7 +13,7 @@ from server.api.response_store import ResponseStore
 
 
 def _response(response_id: str, text: str = "Hi") -> dict:
-    return {"id": response_id, "object": "response", "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}]}
+    return {"id": response_id, "object": "response", "status": "completed", "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}]}
 
 
 def test_response_store_gives_a_response_back_to_its_owner_only(tmp_path):
@@ -42,3 +42,13 @@ def test_response_store_forgets_an_expired_response_and_removes_it_at_the_next_w
     store.keep("", _response("resp_new"), [])
     with closing(sqlite3.connect(tmp_path / "responses.db")) as db:
         assert [row[0] for row in db.execute("SELECT id FROM responses")] == ["resp_new"]
+
+
+def test_response_store_fails_a_response_that_a_stopped_server_left_unfinished(tmp_path):
+    store = ResponseStore(tmp_path / "responses.db", ttl_s=60)
+    store.keep("", {**_response("resp_cut"), "status": "in_progress", "background": True}, [])
+    store.keep("", {**_response("resp_done"), "status": "completed"}, [])
+    reopened = ResponseStore(tmp_path / "responses.db", ttl_s=60)  # the next start
+    cut = reopened.get("", "resp_cut").response
+    assert (cut["status"], cut["error"]["code"]) == ("failed", "server_error") and cut["background"] is True
+    assert reopened.get("", "resp_done").response["status"] == "completed"
