@@ -1,6 +1,7 @@
 """SIGTERM with a stream in flight, through a real `baton serve` process: /ready says 503 and
 new requests are refused with Retry-After while the stream finishes; then exit 0. A second
-SIGTERM exits at once."""
+SIGTERM exits at once. A background Response is waited for as a stream is, and one cut off
+reads `failed` after the next start."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -76,3 +78,53 @@ def test_a_second_sigterm_exits_at_once(serve):
     process.wait(timeout=15)
     reader.join(timeout=30)
     assert lines[-1] == "cut"  # the server did not wait for it
+
+
+def _background_response(url: str) -> str:
+    """A Responses request generating in the background, by its id."""
+    body = {"model": "tiny", "input": "hi", "max_output_tokens": 3000, "temperature": 0, "background": True}
+    started = httpx.post(f"{url}/v1/responses", json=body, timeout=60).json()
+    assert started["status"] == "in_progress", started
+    return started["id"]
+
+
+def _after_a_restart(serve_again, response_id: str) -> dict:
+    with serve_again() as url:
+        return httpx.get(f"{url}/v1/responses/{response_id}", timeout=30).json()
+
+
+@pytest.fixture
+def serve_again(tiny_model_path, tmp_path):
+    """A second `baton serve` on the first one's home, as a context manager."""
+
+    @contextmanager
+    def run():
+        port = _free_port()
+        command = [*BATON, "--home", str(tmp_path), "serve", "--model", str(tiny_model_path), "--name", "tiny", "--port", str(port), "--engine", "transformers"]
+        with (tmp_path / "serve-again.log").open("w") as output, subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT) as process:
+            url = f"http://127.0.0.1:{port}"
+            _wait_healthy(url, process, tmp_path / "serve-again.log")
+            yield url
+            process.terminate()
+
+    return run
+
+
+def test_sigterm_waits_for_a_background_response_and_keeps_it(serve, serve_again):
+    url, process = serve
+    response_id = _background_response(url)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=90) == 0
+    kept = _after_a_restart(serve_again, response_id)
+    assert kept["status"] == "incomplete" and kept["usage"]["output_tokens"] == 3000  # finished in the drain
+
+
+def test_a_background_response_cut_off_by_a_second_sigterm_reads_failed_after_the_restart(serve, serve_again):
+    url, process = serve
+    response_id = _background_response(url)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=15)
+    kept = _after_a_restart(serve_again, response_id)
+    assert (kept["status"], kept["error"]["code"]) == ("failed", "server_error"), kept  # not in_progress for ever
