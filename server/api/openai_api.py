@@ -332,8 +332,9 @@ async def _after(first: ChoiceChunk, rest: AsyncIterator[ChoiceChunk]) -> AsyncI
 
 
 async def _unless_disconnected(request: Request, work: Awaitable):
-    """Rule: a generation nobody waits for any more stops. Streams stop when their write
-    fails; a non-streaming answer is watched for the client's disconnect meanwhile."""
+    """Rule: a generation nobody waits for any more stops. A stream stops when a write fails;
+    a non-streaming answer, and a stream until its first token, are watched for the client's
+    disconnect meanwhile."""
     task = asyncio.ensure_future(work)
     while not (await asyncio.wait({task}, timeout=DISCONNECT_CHECK_S))[0]:
         if await request.is_disconnected():

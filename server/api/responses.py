@@ -420,13 +420,15 @@ class ResponseShape:
         started = {**self.head(served), "status": "in_progress"}
         await self.keeper.keep(started)
         self.runs.start(self.response_id, self._finish(choices, served, num_choices, num_prompt_tokens, started))
+        # Rule: the run takes its first step before anything can cancel it, so that from then
+        # on the generation's own end (openai_api._on_lease) returns the lease, however it ends.
+        await asyncio.sleep(0)
         return started
 
     async def _finish(self, choices, served: Served, num_choices: int, num_prompt_tokens: int, started: dict) -> None:
         try:
             await self.collect(choices, served, num_choices, num_prompt_tokens)
-        except asyncio.CancelledError:
-            await choices.aclose()  # the lease goes back, the engine stops the generation
+        except asyncio.CancelledError:  # the generation was closed on the way out: stopped in the engine
             await self.keeper.keep({**started, "status": "cancelled"})
         except Exception as error:
             failure = stream_error(error)
