@@ -6,13 +6,28 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Annotated, Literal, get_type_hints
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from server.engines.base import Dtype
 from models.errors import InvalidRequestError
 
 Count = Annotated[int, Field(ge=1)]  # a size an engine cannot start with at 0 or below
 Share = Annotated[float, Field(gt=0, le=1)]  # of a GPU's memory
+
+
+class NgramSpeculation(BaseModel):
+    """vLLM's speculative decoding by prompt lookup: the next tokens are guessed from n-grams of
+    the prompt and checked in one step, so answers that repeat their prompt (edits, code,
+    extraction) come faster, drawn as without it. No draft model: a draft's weights would not
+    come from the registry, so `model` (and every other method) is refused. Kept as the dict
+    it checks, which vLLM takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["ngram"]
+    num_speculative_tokens: Count
+    prompt_lookup_max: Count | None = None
+    prompt_lookup_min: Count | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,10 @@ class VLLMOptions:
     enforce_eager: bool | None = None  # None: eager on CPU (starts in 40 s, not 160 s), compiled on GPU
     cpu_kv_cache_gib: Count = 1  # the KV cache of vLLM's CPU build (its VLLM_CPU_KVCACHE_SPACE, per engine)
     max_num_seqs: Count | None = None  # None: vLLM's own default
+    max_num_batched_tokens: Count | None = None  # the tokens one scheduler step takes (a prefill's chunk); None: vLLM's
+    enable_prefix_caching: bool | None = None  # None: vLLM's (on)
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] | None = None  # fp8: the KV cache in half the memory; None: the model's dtype
+    speculative_config: dict | None = None  # an NgramSpeculation: {"method": "ngram", "num_speculative_tokens": 4}
     # GPU only. On: swapped-out versions sleep on standby (rollback in seconds), at a cost at
     # high concurrency (vLLM's sleep allocator). Off: they are stopped instead. The server
     # turns it off by default where it keeps no standby (`--no-standby`).
@@ -71,6 +90,7 @@ def engine_only(options: dict) -> dict:
 
 
 ENGINES = ("auto", "vllm", "transformers")
+CHECKED_AS = {"speculative_config": NgramSpeculation | None}  # options kept as the dicts vLLM takes, checked as these
 OPTION_TYPES = (TransformersOptions, VLLMOptions, OutputOptions)
 # allow_pickle comes from the import's own check (the manifest), served_name from the slot's
 # version: never from engine_options.
@@ -90,11 +110,13 @@ def check_engine_options(options: dict) -> None:
         raise InvalidRequestError(f"Unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}.", param="engine_options")
     if options.get("engine", "auto") not in ENGINES:
         raise InvalidRequestError(f"Unknown engine {options['engine']!r}: use {', '.join(ENGINES)}.", param="engine_options.engine")
-    types = {name: kind for option_type in OPTION_TYPES for name, kind in get_type_hints(option_type, include_extras=True).items()}
+    types = {name: kind for option_type in OPTION_TYPES for name, kind in get_type_hints(option_type, include_extras=True).items()} | CHECKED_AS
     for name, value in options.items():
         if name == "engine":
             continue
         try:
             TypeAdapter(types[name]).validate_python(value, strict=True)
         except ValidationError as error:
-            raise InvalidRequestError(f"Invalid engine option {name}: {error.errors()[0]['msg']}.", param=f"engine_options.{name}") from error
+            problem = error.errors()[0]
+            where = "".join(f".{part}" for part in problem["loc"])  # inside an option that holds fields (speculative_config)
+            raise InvalidRequestError(f"Invalid engine option {name}{where}: {problem['msg']}.", param=f"engine_options.{name}{where}") from error

@@ -309,6 +309,10 @@ class VLLMEngine:
         chosen = {
             "gpu_memory_utilization": options.gpu_memory_utilization,
             "max_num_seqs": options.max_num_seqs,
+            "max_num_batched_tokens": options.max_num_batched_tokens,
+            "enable_prefix_caching": options.enable_prefix_caching,
+            "kv_cache_dtype": options.kv_cache_dtype,
+            "speculative_config": options.speculative_config,
             "distributed_executor_backend": options.distributed_executor_backend,
             # Per engine, not through VLLM_CPU_KVCACHE_SPACE: set once in the environment, the
             # first engine's size held for every later one (an operator's own setting still wins).

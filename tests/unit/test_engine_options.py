@@ -54,6 +54,25 @@ def test_multi_gpu_and_multi_node_options_are_vllms_own():
         check_engine_options({"distributed_executor_backend": "slurm"})
 
 
+@pytest.mark.parametrize(
+    ("speculation", "param"),
+    [
+        ({"method": "ngram", "num_speculative_tokens": 4, "model": "/models/draft"}, "speculative_config.model"),  # a draft from outside the registry
+        ({"method": "eagle", "num_speculative_tokens": 4}, "speculative_config.method"),
+        ({"method": "ngram"}, "speculative_config.num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "speculative_config.num_speculative_tokens"),
+        ("ngram", "speculative_config"),
+    ],
+)
+def test_speculative_decoding_is_vllms_prompt_lookup_alone(speculation, param):
+    with pytest.raises(InvalidRequestError) as refused:
+        check_engine_options({"speculative_config": speculation})
+    assert refused.value.param == f"engine_options.{param}"
+    lookup = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+    check_engine_options({"speculative_config": lookup, "kv_cache_dtype": "fp8", "max_num_batched_tokens": 512, "enable_prefix_caching": False})
+    assert options_for(VLLMOptions, {"speculative_config": lookup}).speculative_config == lookup  # the dict vLLM takes
+
+
 @pytest.mark.parametrize("name", ["allow_pickle", "served_name"])
 def test_what_baton_sets_itself_is_no_engine_option(name):
     with pytest.raises(InvalidRequestError, match=name):
