@@ -39,9 +39,9 @@ class ChatFields:
         except ValidationError as error:
             raise RequestValidationError([{**problem, "loc": ("body", *self.loc(problem["loc"]))} for problem in error.errors()]) from error
 
-    async def answer(self, request: Request, chat: ChatCompletionRequest, shape: AnswerShape):
+    async def answer(self, request: Request, chat: ChatCompletionRequest, shape: AnswerShape, truncate: bool = False):
         try:
-            return await answer_chat(request, chat, shape)
+            return await answer_chat(request, chat, shape, truncate)
         except BatonError as error:
             error.param = self.param(error.param)
             raise

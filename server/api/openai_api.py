@@ -20,6 +20,7 @@ from starlette.background import BackgroundTask
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, InvalidRequestError, EngineStoppedError, ModelNotFoundError, ModelSwappedError, NotFoundError
 from server.api.reasoning import PROMPT_TAIL_TOKENS, ReasoningSplitter, ReasoningTally, prompt_opens_reasoning, read_reasoning, reads_reasoning
 from server.api.echo import echo_texts, echoed
+from server.api.truncation import fitted_prompt
 from server.api.generation import ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
 from server.api.shapes import ChatFormat, TextFormat, TokenFields
 from server.api.tool_formats import format_taught_by
@@ -159,10 +160,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await answer_chat(request, body, Choices(ChatFormat(body.logprobs is True, token_fields(body))))
 
 
-async def answer_chat(request: Request, body: ChatCompletionRequest, shape: AnswerShape):
+async def answer_chat(request: Request, body: ChatCompletionRequest, shape: AnswerShape, truncate: bool = False):
+    """`truncate`: the oldest turns go until the prompt fits (truncation.py), as the Responses
+    API's `truncation: "auto"` asks."""
     messages = [m.as_template_input() for m in body.messages]
     tools = body.tool_plan.template_tools() if body.tool_plan else None
-    return await _respond(request, body, lambda engine: [engine.tokenize_chat(messages, tools, body.template_kwargs)], shape, partial(_read_chat, body))
+
+    def tokenize(engine) -> list[list[int]]:
+        render = partial(engine.tokenize_chat, tools=tools, template_kwargs=body.template_kwargs)
+        if truncate:
+            return [fitted_prompt(render, messages, body.requested_max_tokens or 1, engine.max_model_len)]
+        return [render(messages)]
+
+    return await _respond(request, body, tokenize, shape, partial(_read_chat, body))
 
 
 def _read_chat(body: ChatCompletionRequest, choices: AsyncIterator[ChoiceChunk], lease: Lease, prompts: list[list[int]]) -> AsyncIterator[ChoiceChunk]:

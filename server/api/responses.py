@@ -158,7 +158,7 @@ class ResponsesRequest(Strict):
     prompt_cache_key: str | None = None
     # What SDKs send as their defaults, accepted where it asks for nothing.
     include: list[str] | None = Field(None, max_length=0)
-    truncation: Literal["disabled"] | None = None
+    truncation: Literal["disabled", "auto"] | None = None  # auto: the oldest turns go until the prompt fits (truncation.py)
     background: bool | None = None  # answered at once, generated in a task; read with GET (below)
     service_tier: Literal["auto", "default"] | None = None
     reasoning: ReasoningConfig | None = None
@@ -271,7 +271,8 @@ async def create_response(body: ResponsesRequest, request: Request):
     keeper = _keeper(request, body, earlier)
     if body.background:
         _check_background(body, keeper)
-    return await FIELDS.answer(request, body.as_chat(earlier), ResponseShape(body, keeper, request.state.background_runs))
+    shape = ResponseShape(body, keeper, request.state.background_runs)
+    return await FIELDS.answer(request, body.as_chat(earlier), shape, truncate=body.truncation == "auto")
 
 
 @router.get("/responses/{response_id}")
@@ -394,6 +395,7 @@ class ResponseShape:
             "store": self.keeper is not None,
             "background": self.runs_in_background,
             "previous_response_id": self.request.previous_response_id,
+            "truncation": self.request.truncation or "disabled",
             "metadata": self.request.metadata or {},
             "user": self.request.user,
             "safety_identifier": self.request.safety_identifier,

@@ -282,6 +282,18 @@ def test_a_background_response_is_cancelled_and_one_that_fails_says_why(tiny_mod
             client.responses.cancel(client.responses.create(model="chat", input="hi", max_output_tokens=2).id)
 
 
+def test_truncation_auto_drops_the_oldest_turns_until_the_conversation_fits(client, tiny_server):
+    max_model_len = httpx.get(f"{tiny_server.url}/v1/models").json()["data"][0]["max_model_len"]
+    turn = "Tell me about the weather in a long sentence, with many words in it. " * 8
+    history = [item for _ in range(max_model_len // 100 + 2) for item in ({"role": "user", "content": turn}, {"role": "assistant", "content": turn})]
+    asked = dict(model="tiny", instructions="Be brief.", input=[*history, {"role": "user", "content": "And now?"}], max_output_tokens=4)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.responses.create(**asked)
+    assert too_long.value.body["param"] == "input" and too_long.value.body["code"] == "context_length_exceeded"
+    fitted = client.responses.create(**asked, truncation="auto")
+    assert fitted.truncation == "auto" and max_model_len // 2 < fitted.usage.input_tokens <= max_model_len - 4  # the newest turns that fit, not just the last
+
+
 def test_an_unknown_model_is_a_404(client):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="nope", input="Hello there")
