@@ -96,6 +96,7 @@ def build_requests(
     vocab_size: int | None = None,
     defaults: SamplingDefaults = SamplingDefaults(),
     thinking: ThinkingBudget | None = None,
+    priority: int = 0,
 ) -> list[GenerationRequest]:
     """n generations per prompt (`check_choices` bounded them), indexed prompt-major as
     OpenAI does, sampling as `sampling_of` says and thinking held to `thinking`. A seed gives
@@ -125,7 +126,7 @@ def build_requests(
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
             # An engine generates one token at least: echo's max_tokens 0 drops it (echo.py).
-            requests.append(GenerationRequest(uuid.uuid4().hex, prompt, replace(shared, max_tokens=max(max_tokens, 1), seed=seed)))
+            requests.append(GenerationRequest(uuid.uuid4().hex, prompt, replace(shared, max_tokens=max(max_tokens, 1), seed=seed), priority=priority))
     return requests
 
 

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 from functools import partial
 
@@ -29,7 +29,7 @@ from server.api.observation import RequestObservation, Unobserved
 from server.auth.addresses import is_loopback
 from server.deployments.slot import Lease
 from server.deployments.manager import Route
-from server.auth.keys import authorize, bearer_token
+from server.auth.keys import authorize, bearer_token, priority_of
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engines.base import SamplingParams, ThinkingBudget, TokenLogprob, can_generate
 from server.engines.thinking import tags_of
@@ -220,6 +220,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
     echo). Rule: every path out of here returns the lease exactly once (Lease.release is
     idempotent)."""
     route = route_request(request, body.model, body.end_user)  # an unknown model: 404, and no metric labelled with it
+    route = replace(route, priority=priority_of(request.state.key, body.priority))
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     lease, observation = await observed_lease(request, route)
     try:
@@ -231,7 +232,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
         settings = request.state.settings
         requests = build_requests(
             body, prompts, lease.engine.max_model_len, settings.max_prompt_tokens, settings.max_completion_tokens, lease.engine.vocab_size,
-            lease.slot.target.sampling_defaults, _thinking_budget(body, lease),
+            lease.slot.target.sampling_defaults, _thinking_budget(body, lease), route.priority,
         )  # fmt: skip
     except BaseException as error:
         lease.release()

@@ -156,6 +156,7 @@ class ResponsesRequest(Strict):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    priority: int = 0  # vLLM's, as chat's
     # What SDKs send as their defaults, accepted where it asks for nothing.
     include: list[str] | None = Field(None, max_length=0)
     truncation: Literal["disabled", "auto"] | None = None  # auto: the oldest turns go until the prompt fits (truncation.py)
@@ -187,6 +188,7 @@ class ResponsesRequest(Strict):
             "prompt_cache_key": self.prompt_cache_key,
             "metadata": self.metadata,
             "reasoning_effort": self.reasoning.effort if self.reasoning else None,
+            "priority": self.priority,
         }
         if self.tools:
             body["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)} for tool in self.tools]

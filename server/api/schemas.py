@@ -319,6 +319,7 @@ class _GenerationBody(Strict):
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)  # vLLM's (and transformers'): 1 is none
     min_tokens: int = Field(0, ge=0)  # vLLM's: no end of sequence, stop token or stop string before this many tokens
     ignore_eos: bool = False  # vLLM's: generate to max_tokens whatever the model says (benchmarks)
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's: lower is sooner; never sooner than the key's own (keys.py)
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # vLLM's: tokens that end it as an end of sequence does
     include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended it is sent too
     skip_special_tokens: bool = True  # vLLM's: false sends special tokens' text

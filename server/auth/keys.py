@@ -39,9 +39,16 @@ class KeySpec(BaseModel):
     deployments: frozenset[str] | None = Field(None, description="None: every deployment")
     requests_per_minute: int | None = Field(None, ge=1, description="None: no rate limit")
     tokens_per_minute: int | None = Field(None, ge=1, description="prompt and completion tokens; None: no limit")
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="the soonest its requests are served (lower is sooner); a request may ask only to wait longer")
 
     def may_call(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
+
+
+def priority_of(key: KeySpec | None, asked: int) -> int:
+    """Rule: a request's priority (lower is sooner) is its own, but never sooner than its
+    key's (0 without a key), so that no client jumps a queue the operator did not give it."""
+    return max(asked, key.priority if key is not None else 0)
 
 
 class _KeyFileEntry(BaseModel):
@@ -54,6 +61,7 @@ class _KeyFileEntry(BaseModel):
     deployments: list[str] | None = None
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    priority: int = 0
 
     @model_validator(mode="after")
     def _one_secret_source(self):
@@ -66,10 +74,10 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def key(name: str, secret: str, scopes: set[str], deployments: set[str] | None = None, **rates: int | None) -> KeySpec:
-    """A key from its secret; `rates`: requests_per_minute, tokens_per_minute."""
+def key(name: str, secret: str, scopes: set[str], deployments: set[str] | None = None, **limits: int | None) -> KeySpec:
+    """A key from its secret; `limits`: requests_per_minute, tokens_per_minute, priority."""
     deployments = frozenset(deployments) if deployments is not None else None
-    return KeySpec(name=name, sha256=hash_key(secret), scopes=frozenset(scopes), deployments=deployments, **rates)
+    return KeySpec(name=name, sha256=hash_key(secret), scopes=frozenset(scopes), deployments=deployments, **limits)
 
 
 def load_key_file(path: Path, environ: dict[str, str] = os.environ) -> list[KeySpec]:
@@ -95,7 +103,7 @@ def _key_of(index: int, entry, environ: dict[str, str], path: Path) -> KeySpec:
     sha256 = spec.key_sha256.lower() if spec.key_sha256 else hash_key(environ[spec.key_env])
     deployments = frozenset(spec.deployments) if spec.deployments is not None else None
     try:
-        return KeySpec(name=spec.name, sha256=sha256, scopes=frozenset(spec.scopes), deployments=deployments, requests_per_minute=spec.requests_per_minute, tokens_per_minute=spec.tokens_per_minute)
+        return KeySpec(name=spec.name, sha256=sha256, scopes=frozenset(spec.scopes), deployments=deployments, requests_per_minute=spec.requests_per_minute, tokens_per_minute=spec.tokens_per_minute, priority=spec.priority)
     except ValidationError as error:
         raise ConfigError(f"{path}, key {index} ({spec.name}): {error.errors()[0]['msg']}.") from error
 

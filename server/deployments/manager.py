@@ -49,6 +49,7 @@ class Route:
     deployment: str
     version: str | None = None
     user: str | None = None
+    priority: int = 0  # its place in the deployment's admission queue: lower is sooner
 
 
 # ModelSpec fields that, set explicitly, override every version's own engine options.
@@ -99,10 +100,10 @@ class DeploymentManager:
         deployment = self._served(route.deployment)
         fallback = self._healthy_fallback(deployment) if deployment.needs_fallback and route.version is None else None
         if fallback is not None:
-            lease = await self._lease_on(fallback, user=route.user)
+            lease = await self._lease_on(fallback, user=route.user, priority=route.priority)
             lease.fallback_from = deployment.name
             return lease
-        return await self._lease_on(deployment, route.version, route.user)
+        return await self._lease_on(deployment, route.version, route.user, route.priority)
 
     def _ref_of(self, model: str) -> str:
         """`chat@3` as it is; an alias (`chat@prod`) resolved in the registry."""
@@ -127,8 +128,8 @@ class DeploymentManager:
         deployment still loads for it."""
         return await self._slot_lease(self._served(route.deployment), route.version, route.user)
 
-    async def _lease_on(self, deployment: Deployment, version: str | None = None, user: str | None = None) -> Lease:
-        await deployment.admission.enter()
+    async def _lease_on(self, deployment: Deployment, version: str | None = None, user: str | None = None, priority: int = 0) -> Lease:
+        await deployment.admission.enter(priority)
         try:
             lease = await self._slot_lease(deployment, version, user)
         except BaseException:

@@ -108,6 +108,7 @@ class GenerationRequest:
     prompt_token_ids: Sequence[int]
     sampling: SamplingParams
     adapter: Path | None = None  # a LoRA adapter folder the engine has loaded (`AdapterEngine`): its weights, added to the base's
+    priority: int = 0  # vLLM's: lower is sooner; among generations waiting for a place in the batch, the soonest goes first
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ class VLLMOptions:
     enable_prefix_caching: bool | None = None  # None: vLLM's (on)
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] | None = None  # fp8: the KV cache in half the memory; None: the model's dtype
     speculative_config: dict | None = None  # an NgramSpeculation: {"method": "ngram", "num_speculative_tokens": 4}
+    # priority: the batch's places go to requests by their priority (lower is sooner), and a
+    # sooner one may preempt a later one; None: vLLM's first come, first served
+    scheduling_policy: Literal["fcfs", "priority"] | None = None
     # GPU only. On: swapped-out versions sleep on standby (rollback in seconds), at a cost at
     # high concurrency (vLLM's sleep allocator). Off: they are stopped instead. The server
     # turns it off by default where it keeps no standby (`--no-standby`).

@@ -7,6 +7,7 @@ through a waiting list (guarded by a condition) and per-generation asyncio queue
 from __future__ import annotations
 
 import asyncio
+import bisect
 import gc
 import logging
 import os
@@ -206,7 +207,7 @@ class TransformersEngine:
             if self._is_stopping:  # stopped or died meanwhile: nobody would take it
                 sequence.emit(EngineStoppedError("The engine is not running."))
                 return
-            self._waiting.append(sequence)
+            bisect.insort(self._waiting, sequence, key=_soonest_first)  # after those of its priority: first come, first served within one
             self._wakeup.notify()
 
     def _mark_aborted(self, sequence: Sequence) -> None:
@@ -374,6 +375,10 @@ class TransformersEngine:
     def _pad_token_id(self) -> int:
         pad = self._tokenizer.pad_token_id
         return pad if pad is not None else min(self._eos_token_ids(), default=0)
+
+
+def _soonest_first(sequence: Sequence) -> int:
+    return sequence.request.priority
 
 
 def _adapter_of(path: Path, shapes: dict[str, tuple[int, ...]]) -> ReadAdapter | None:

@@ -146,7 +146,9 @@ class VLLMEngine:
             # prompt is deprecated); its ids are baton's rendering of the chat template.
             (prompt,) = await self._engine.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))])
             lora_request = self._lora_request(request.adapter)
-            async for output in self._engine.generate(prompt, self._sampling(request), request.request_id, lora_request=lora_request):
+            # vLLM refuses a priority where its scheduler serves first come, first served.
+            priority = request.priority if self._options.scheduling_policy == "priority" else 0
+            async for output in self._engine.generate(prompt, self._sampling(request), request.request_id, lora_request=lora_request, priority=priority):
                 if not is_started and request.sampling.prompt_logprobs is not None:
                     unreported_prompt_logprobs = self._prompt_logprobs(request.prompt_token_ids, output.prompt_logprobs, request.sampling.prompt_logprobs)
                 is_started = True
@@ -313,6 +315,7 @@ class VLLMEngine:
             "enable_prefix_caching": options.enable_prefix_caching,
             "kv_cache_dtype": options.kv_cache_dtype,
             "speculative_config": options.speculative_config,
+            "scheduling_policy": options.scheduling_policy,
             "distributed_executor_backend": options.distributed_executor_backend,
             # Per engine, not through VLLM_CPU_KVCACHE_SPACE: set once in the environment, the
             # first engine's size held for every later one (an operator's own setting still wins).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -89,3 +90,43 @@ def test_rates_and_leases_change_on_the_event_loop_only(tiny_model_path, tmp_pat
             codes = sorted(r.status_code for r in pool.map(ask, range(30)))
     assert codes == [200] * 9 + [429] * 21
     assert len(threads) == 1, "admission or a release ran off the event loop"
+
+
+def _finish_order(server, first_blocks: dict) -> list[str]:
+    """While one long request holds the only place, a batch key's request and then an app key's
+    wait: the order in which the two finish."""
+    finished, lock = [], threading.Lock()
+
+    def ask(secret: str, tag: str, extra: dict) -> None:
+        body = {"model": "chat", **HI, "temperature": 0, **extra}
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {secret}"}, timeout=120)
+        assert response.status_code == 200, response.text
+        with lock:
+            finished.append(tag)
+
+    blocker = threading.Thread(target=ask, args=("app-secret", "blocker", first_blocks))
+    blocker.start()
+    time.sleep(0.5)
+    waiters = [threading.Thread(target=ask, args=("batch-secret", "batch", {})), threading.Thread(target=ask, args=("app-secret", "app", {"priority": -50}))]
+    for waiter in waiters:
+        waiter.start()
+        time.sleep(0.3)  # the batch request is first in line
+    for thread in [blocker, *waiters]:
+        thread.join(timeout=120)
+    return finished
+
+
+PRIORITY_KEYS = [key("app", "app-secret", {"inference"}), key("batch", "batch-secret", {"inference"}, priority=10)]
+
+
+def test_the_admission_queue_serves_the_soonest_priority_first(tiny_model_path, tmp_path):
+    settings = Settings(home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path)], keys=PRIORITY_KEYS, max_running_per_deployment=1)
+    with ServerThread(settings, engine_factory=FakeEngineFactory(default=FakeBehaviour(token_seconds=0.05))) as server:
+        assert _finish_order(server, {"max_tokens": 40}) == ["blocker", "app", "batch"]
+
+
+def test_the_transformers_engine_gives_a_place_in_its_batch_to_the_soonest_priority_first(tiny_model_path, tmp_path):
+    """The app key asks for -50 and gets its key's 0, still sooner than the batch key's 10."""
+    settings = Settings(home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path, engine="transformers", max_batch_size=1)], keys=PRIORITY_KEYS)
+    with ServerThread(settings) as server:
+        assert _finish_order(server, {"max_tokens": 1500, "ignore_eos": True}) == ["blocker", "app", "batch"]

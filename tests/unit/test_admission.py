@@ -67,3 +67,26 @@ def test_a_waiter_that_is_cancelled_gives_its_place_on():
         return admission.num_running, admission.num_waiting
 
     assert asyncio.run(scenario()) == (1, 0)
+
+
+def test_the_soonest_priority_waits_least_and_arrival_orders_one_priority():
+    async def scenario():
+        admission = Admission("chat", 1, 5, 5.0)
+        await admission.enter()
+        order = []
+
+        async def wait(tag, priority):
+            await admission.enter(priority)
+            order.append(tag)
+
+        waiters = []
+        for tag, priority in (("batch", 10), ("chat-1", 0), ("urgent", -5), ("chat-2", 0)):
+            waiters.append(asyncio.create_task(wait(tag, priority)))
+            await asyncio.sleep(0.01)
+        for waiter in waiters:
+            admission.leave()
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*waiters)
+        return order
+
+    assert asyncio.run(scenario()) == ["urgent", "chat-1", "chat-2", "batch"]

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from models.errors import ConfigError
 from server.config.settings import Settings
-from server.auth.keys import authorize, key, load_key_file
+from server.auth.keys import authorize, key, load_key_file, priority_of
 
 
 def _settings(tmp_path, **keys) -> Settings:
@@ -50,3 +50,12 @@ def test_a_key_file_error_names_the_entry(tmp_path):
     with pytest.raises(ConfigError, match="APP_KEY is not set"):
         load_key_file(path, {})
     assert [spec.name for spec in load_key_file(path, {"APP_KEY": "s"})] == ["app"]
+
+
+def test_a_request_may_wait_longer_than_its_key_allows_never_less(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps([{"name": "batch", "key_env": "BATCH_KEY", "scopes": ["inference"], "priority": 10}]))
+    (batch,) = load_key_file(path, {"BATCH_KEY": "s"})
+    assert (priority_of(batch, 0), priority_of(batch, -100), priority_of(batch, 20)) == (10, 10, 20)
+    assert (priority_of(None, -5), priority_of(None, 3)) == (0, 3)  # no key: none sooner than 0
+    assert priority_of(key("ops", "t", {"inference"}, priority=-5), -2) == -2

@@ -512,10 +512,12 @@ def test_a_generation_in_flight_when_the_engine_stops_ends_with_an_error_not_a_h
     """stop() cancels the task that reads vLLM's output: a generation still waiting for
     output must end then (an engine found dead is stopped so, before vLLM may have failed
     its streams itself). The engine runs the options baton passes on to vLLM (speculative
-    decoding by prompt lookup, an fp8 KV cache, the step's token budget)."""
+    decoding by prompt lookup, an fp8 KV cache, the step's token budget, priority scheduling)."""
     model = build_tiny_model(tmp_path / "model", demo_model_path, **VLLM_TINY)
     lookup = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
-    options = VLLMOptions(max_model_len=512, cpu_kv_cache_gib=2, speculative_config=lookup, kv_cache_dtype="fp8", max_num_batched_tokens=256, enable_prefix_caching=False)
+    options = VLLMOptions(
+        max_model_len=512, cpu_kv_cache_gib=2, speculative_config=lookup, kv_cache_dtype="fp8", max_num_batched_tokens=256, enable_prefix_caching=False, scheduling_policy="priority"
+    )
 
     async def stop_mid_generation() -> BaseException | None:
         engine = VLLMEngine(model, options)
@@ -525,7 +527,8 @@ def test_a_generation_in_flight_when_the_engine_stops_ends_with_an_error_not_a_h
         assert config.cache_config.kv_cache_memory_bytes == 2 * 2**30
         assert (config.speculative_config.method, config.speculative_config.num_speculative_tokens) == ("ngram", 3)
         assert (config.cache_config.cache_dtype, config.cache_config.enable_prefix_caching, config.scheduler_config.max_num_batched_tokens) == ("fp8", False, 256)
-        request = GenerationRequest("in-flight", engine.tokenize_chat(HELLO), SamplingParams(max_tokens=400, temperature=0))
+        assert config.scheduler_config.policy == "priority"  # and so the request's priority is taken (vLLM refuses one under fcfs)
+        request = GenerationRequest("in-flight", engine.tokenize_chat(HELLO), SamplingParams(max_tokens=400, temperature=0), priority=3)
         chunks = engine.generate(request)
         await anext(chunks)
         await engine.stop()
