@@ -20,7 +20,7 @@ from starlette.background import BackgroundTask
 from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, EngineError, InvalidRequestError, EngineStoppedError, ModelNotFoundError, ModelSwappedError, NotFoundError
 from server.api.reasoning import PROMPT_TAIL_TOKENS, ReasoningSplitter, ReasoningTally, prompt_opens_reasoning, read_reasoning, reads_reasoning
 from server.api.echo import echo_texts, echoed
-from server.api.truncation import fitted_prompt
+from server.api.truncation import answer_room, fitted_prompt
 from server.api.generation import ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
 from server.api.shapes import ChatFormat, TextFormat, TokenFields
 from server.api.tool_formats import format_taught_by
@@ -169,7 +169,7 @@ async def answer_chat(request: Request, body: ChatCompletionRequest, shape: Answ
     def tokenize(engine) -> list[list[int]]:
         render = partial(engine.tokenize_chat, tools=tools, template_kwargs=body.template_kwargs)
         if truncate:
-            return [fitted_prompt(render, messages, body.requested_max_tokens or 1, engine.max_model_len)]
+            return [fitted_prompt(render, messages, answer_room(body.requested_max_tokens, engine.max_model_len), engine.max_model_len)]
         return [render(messages)]
 
     return await _respond(request, body, tokenize, shape, partial(_read_chat, body))

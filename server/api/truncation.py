@@ -12,6 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 SYSTEM_ROLES = ("system", "developer")
+MAX_UNSET_ROOM = 1024  # tokens kept for an answer of no set length (a quarter of a smaller context)
+
+
+def answer_room(max_tokens: int | None, max_model_len: int) -> int:
+    """The tokens a fitted prompt leaves for the answer: its max_tokens, else a quarter of the
+    context, at most MAX_UNSET_ROOM."""
+    return max_tokens if max_tokens is not None else min(MAX_UNSET_ROOM, max_model_len // 4)
 
 
 def fitted_prompt(tokenize: Callable[[list[dict]], list[int]], messages: list[dict], room: int, max_model_len: int) -> list[int]:

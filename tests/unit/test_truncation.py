@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.api.truncation import fitted_prompt, turn_starts
+from server.api.truncation import answer_room, fitted_prompt, turn_starts
 
 
 def _tokenizer(calls: list):
@@ -52,3 +52,7 @@ def test_where_not_even_the_last_turn_fits_its_prompt_is_given_to_fail_as_too_lo
     messages[-1]["content"] = "w " * 500
     prompt = fitted_prompt(_tokenizer([]), messages, room=10, max_model_len=100)
     assert sorted(set(prompt)) == [0, len(messages) - 1]  # the instructions and the last turn, too long
+
+
+def test_an_answer_of_no_set_length_keeps_a_quarter_of_the_context_at_most_1024_tokens():
+    assert (answer_room(64, 8192), answer_room(None, 8192), answer_room(None, 2048)) == (64, 1024, 512)
