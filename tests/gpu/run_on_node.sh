@@ -7,6 +7,8 @@
 #
 #   bash tests/gpu/run_on_node.sh tests      # tests/gpu (about 8 minutes)
 #   bash tests/gpu/run_on_node.sh adapters   # tests/gpu/test_gpu_adapters.py alone: unmerged LoRA swaps (about 2)
+#   bash tests/gpu/run_on_node.sh options    # tests/gpu/test_gpu_engine_options.py alone: ngram speculation, fp8 KV
+#                                            # cache, priority scheduling on vLLM 0.26 (about 1)
 #   bash tests/gpu/run_on_node.sh swaps      # swap_under_load.py, reload, adapter and replace, 1B model (about 7)
 #   bash tests/gpu/run_on_node.sh overhead   # overhead_vs_vllm.py, c=1/16/64, 1B model, both servers up,
 #                                            # three rounds (about 6)
@@ -26,7 +28,8 @@ quiet='EngineCore|^INFO|^WARNING|^\[W|^\(APIServer'
 model() { [ -d /tmp/m1b ] || python3 benchmarks/random_model.py /tmp/m1b --shape 1b --tokenizer "$BATON_GPU_TOKENIZER" >/dev/null 2>&1; }
 smol() { [ -d /tmp/smol ] || python3 benchmarks/random_model.py /tmp/smol --shape smol --tokenizer "$BATON_GPU_TOKENIZER" >/dev/null 2>&1; }
 case ${1:-tests} in
-  tests) timeout 560 python3 -m pytest tests/gpu -s -W default -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | grep -Ev "$quiet" ;;
+  tests) timeout 560 python3 -m pytest tests/gpu -s -W default -p no:cacheprovider --ignore tests/gpu/test_gpu_engine_options.py 2>&1 | tee "$out/gpu-tests.log" | grep -Ev "$quiet" ;;
+  options) timeout 300 python3 -m pytest tests/gpu/test_gpu_engine_options.py -s -W default -p no:cacheprovider 2>&1 | tee "$out/gpu-options.log" | grep -Ev "$quiet" ;;
   adapters) timeout 300 python3 -m pytest tests/gpu/test_gpu_adapters.py -s -W default -p no:cacheprovider 2>&1 | tee "$out/gpu-adapters.log" | grep -Ev "$quiet" ;;
   swaps) model; timeout 500 python3 benchmarks/swap_under_load.py --engine vllm --model /tmp/m1b --strategies reload adapter replace --seconds 25 --swap-at 8 --rate 4 2>&1 | grep -Ev "$quiet"
          cp benchmarks/results/swap_under_load.json benchmarks/results/swap_*.log "$out/" 2>/dev/null ;;
@@ -36,5 +39,5 @@ case ${1:-tests} in
             cp benchmarks/results/overhead_vs_vllm.json "$out/$1.json" 2>/dev/null ;;
   transformers) smol; timeout 60 python3 benchmarks/sampling_kernel.py 2>&1 | tee "$out/sampling_kernel.log"
                 timeout 480 python3 benchmarks/transformers_cuda.py --model /tmp/smol --concurrency 1 8 32 --max-tokens 128 --out "$out/transformers_cuda.json" 2>&1 | grep -Ev "$quiet" ;;
-  *) echo "usage: $0 tests|adapters|swaps|overhead|overhead-nosleep|transformers" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|adapters|options|swaps|overhead|overhead-nosleep|transformers" >&2; exit 2 ;;
 esac
