@@ -57,17 +57,18 @@ def _check_deployment(request: Request, name: str) -> None:
         raise ForbiddenError(f"The key {key.name!r} may not call the model '{name}'.", param="model", code="model_not_allowed")
 
 
-def route_request(request: Request, model: str, user: str | None = None) -> Route:
+def route_request(request: Request, model: str, user: str | None = None, priority: int = 0) -> Route:
     """Where `model` sends the request (DeploymentManager.route), if the key may call that
-    deployment. Rule: a key limited to some deployments learns nothing of
-    the others: whatever it names outside them, known or not, is a 403."""
+    deployment, at the `priority` asked where its key allows it (priority_of). Rule: a key
+    limited to some deployments learns nothing of the others: whatever it names outside
+    them, known or not, is a 403."""
     try:
         route = request.state.deployments.route(model, user)
     except ModelNotFoundError:
         _check_deployment(request, model)
         raise
     _check_deployment(request, route.deployment)
-    return route
+    return replace(route, priority=priority_of(request.state.key, priority))
 
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
@@ -219,8 +220,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
     lease, prompts)` reads the generated choices into the answer's (reasoning, tool calls,
     echo). Rule: every path out of here returns the lease exactly once (Lease.release is
     idempotent)."""
-    route = route_request(request, body.model, body.end_user)  # an unknown model: 404, and no metric labelled with it
-    route = replace(route, priority=priority_of(request.state.key, body.priority))
+    route = route_request(request, body.model, body.end_user, body.priority)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     lease, observation = await observed_lease(request, route)
     try:
