@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
-    embedded = await embed(request, body.model, body.user, {"input": body.input})
+    embedded = await embed(request, body.model, body.user, {"input": body.input}, body.priority)
     data = [{"object": "embedding", "index": index, "embedding": _encoded(vector, body.encoding_format)} for index, vector in enumerate(embedded.vectors)]
     answer = {"object": "list", "data": data, "model": embedded.model, "usage": usage(embedded.num_tokens)}
     return JSONResponse(answer, headers=embedded.headers)
@@ -43,10 +43,10 @@ class Embedded:
     headers: dict
 
 
-async def embed(request: Request, model: str, user: str | None, inputs: dict[str, list[str] | list[list[int]]]) -> Embedded:
+async def embed(request: Request, model: str, user: str | None, inputs: dict[str, list[str] | list[list[int]]], priority: int = 0) -> Embedded:
     """The vectors of each field's inputs (the field names errors' `param`), made in one call
-    by the version that `model` names now."""
-    lease, observation = await observed_lease(request, route_request(request, model, user))
+    by the version that `model` names now, queued at `priority` where the key allows it."""
+    lease, observation = await observed_lease(request, route_request(request, model, user, priority))
     try:
         engine = lease.engine
         if not can_embed(engine):

@@ -644,6 +644,7 @@ class EmbeddingRequest(Strict):
     input: list[str] | list[list[int]]  # token ids are checked against the vocabulary later
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (what the OpenAI SDK asks for)
     user: str | None = None
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's: lower is sooner; never sooner than the key's own (keys.py)
 
     @field_validator("input", mode="before")
     @classmethod

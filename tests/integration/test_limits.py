@@ -92,22 +92,25 @@ def test_rates_and_leases_change_on_the_event_loop_only(tiny_model_path, tmp_pat
     assert len(threads) == 1, "admission or a release ran off the event loop"
 
 
-def _finish_order(server, first_blocks: dict) -> list[str]:
-    """While one long request holds the only place, a batch key's request and then an app key's
-    wait: the order in which the two finish."""
+CHAT = ("chat/completions", {"model": "chat", **HI, "temperature": 0})
+
+
+def _finish_order(server, first_blocks: dict, waiting: tuple[str, dict] = CHAT) -> list[str]:
+    """While one long chat request holds the only place, a batch key's request and then an app
+    key's (`waiting`: a route and its body) wait: the order in which the two finish."""
     finished, lock = [], threading.Lock()
 
-    def ask(secret: str, tag: str, extra: dict) -> None:
-        body = {"model": "chat", **HI, "temperature": 0, **extra}
-        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {secret}"}, timeout=120)
+    def ask(secret: str, tag: str, route: str, body: dict) -> None:
+        response = httpx.post(f"{server.url}/v1/{route}", json=body, headers={"authorization": f"Bearer {secret}"}, timeout=120)
         assert response.status_code == 200, response.text
         with lock:
             finished.append(tag)
 
-    blocker = threading.Thread(target=ask, args=("app-secret", "blocker", first_blocks))
+    route, body = waiting
+    blocker = threading.Thread(target=ask, args=("app-secret", "blocker", CHAT[0], {**CHAT[1], **first_blocks}))
     blocker.start()
     time.sleep(0.5)
-    waiters = [threading.Thread(target=ask, args=("batch-secret", "batch", {})), threading.Thread(target=ask, args=("app-secret", "app", {"priority": -50}))]
+    waiters = [threading.Thread(target=ask, args=("batch-secret", "batch", route, body)), threading.Thread(target=ask, args=("app-secret", "app", route, {**body, "priority": -50}))]
     for waiter in waiters:
         waiter.start()
         time.sleep(0.3)  # the batch request is first in line
@@ -123,6 +126,14 @@ def test_the_admission_queue_serves_the_soonest_priority_first(tiny_model_path, 
     settings = Settings(home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path)], keys=PRIORITY_KEYS, max_running_per_deployment=1)
     with ServerThread(settings, engine_factory=FakeEngineFactory(default=FakeBehaviour(token_seconds=0.05))) as server:
         assert _finish_order(server, {"max_tokens": 40}) == ["blocker", "app", "batch"]
+
+
+def test_a_keys_priority_orders_its_embeddings_in_the_admission_queue_too(tiny_model_path, tmp_path):
+    """Embeddings wait in the same queue, in their key's order (the app's -50 is its key's 0)."""
+    settings = Settings(home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path, engine="transformers")], keys=PRIORITY_KEYS, max_running_per_deployment=1)
+    with ServerThread(settings) as server:
+        embed = ("embeddings", {"model": "chat", "input": "The sea is deep"})
+        assert _finish_order(server, {"max_tokens": 1500, "ignore_eos": True}, embed) == ["blocker", "app", "batch"]
 
 
 def test_the_transformers_engine_gives_a_place_in_its_batch_to_the_soonest_priority_first(tiny_model_path, tmp_path):
