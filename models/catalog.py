@@ -1,4 +1,4 @@
-"""The catalog: versions, aliases and history in SQLite (WAL), one short connection per call.
+"""The catalog: versions, aliases and history in SQLite (database.py).
 
 Rule: every change and its history row commit in one transaction, so history never
 disagrees with the state it describes.
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, UTC
 from pathlib import Path
 
+from models.database import reading, transaction
 from models.names import check_text
 
 SCHEMA = """
@@ -80,12 +79,12 @@ def now() -> str:
 class Catalog:
     def __init__(self, path: Path):
         self._path = path
-        with self._read() as db:
+        with reading(self._path) as db:
             db.executescript(SCHEMA)  # CREATE ... IF NOT EXISTS: safe to repeat, in its own transaction
 
     def add_version(self, model: str, manifest: dict, change: Change) -> tuple[VersionRow, bool]:
         """Register content under the next number, or return the version that has it already."""
-        with self._transaction() as db:
+        with transaction(self._path) as db:
             existing = db.execute("SELECT * FROM versions WHERE model = ? AND digest = ?", (model, manifest["digest"])).fetchone()
             if existing:
                 return _version(existing), False
@@ -99,16 +98,16 @@ class Catalog:
 
     def versions(self, model: str | None = None) -> list[VersionRow]:
         query, args = ("SELECT * FROM versions WHERE model = ?", (model,)) if model else ("SELECT * FROM versions", ())
-        with self._read() as db:
+        with reading(self._path) as db:
             return [_version(row) for row in db.execute(query + " ORDER BY model, number", args)]
 
     def aliases(self, model: str) -> dict[str, int]:
-        with self._read() as db:
+        with reading(self._path) as db:
             return dict(db.execute("SELECT alias, number FROM aliases WHERE model = ? ORDER BY alias", (model,)).fetchall())
 
     def set_alias(self, model: str, alias: str, number: int, change: Change) -> int | None:
         """Point `alias` at `number`; return where it pointed before."""
-        with self._transaction() as db:
+        with transaction(self._path) as db:
             before = db.execute("SELECT number FROM aliases WHERE model = ? AND alias = ?", (model, alias)).fetchone()
             db.execute("INSERT OR REPLACE INTO aliases (model, alias, number) VALUES (?, ?, ?)", (model, alias, number))
             previous = before[0] if before else None
@@ -116,62 +115,37 @@ class Catalog:
             return previous
 
     def set_corrupt(self, model: str, number: int, is_corrupt: bool, problems: list[str], change: Change) -> None:
-        with self._transaction() as db:
+        with transaction(self._path) as db:
             db.execute("UPDATE versions SET is_corrupt = ? WHERE model = ? AND number = ?", (int(is_corrupt), model, number))
             _record(db, change, "verify", model, number, {"is_corrupt": is_corrupt, "problems": problems})
 
     def delete_version(self, model: str, number: int, change: Change) -> None:
-        with self._transaction() as db:
+        with transaction(self._path) as db:
             db.execute("DELETE FROM versions WHERE model = ? AND number = ?", (model, number))
             db.execute("DELETE FROM aliases WHERE model = ? AND number = ?", (model, number))
             _record(db, change, "delete", model, number, {})
 
     def record(self, change: Change, action: str, model: str, version: int | None, details: dict) -> None:
-        with self._transaction() as db:
+        with transaction(self._path) as db:
             _record(db, change, action, model, version, details)
 
     def save_deployment(self, name: str, state: dict) -> None:
         """What a server serves under `name` (version and settings), to restore after a restart."""
-        with self._transaction() as db:
+        with transaction(self._path) as db:
             db.execute("INSERT OR REPLACE INTO deployments (name, state, updated_at) VALUES (?, ?, ?)", (name, json.dumps(state), now()))
 
     def forget_deployment(self, name: str) -> None:
-        with self._transaction() as db:
+        with transaction(self._path) as db:
             db.execute("DELETE FROM deployments WHERE name = ?", (name,))
 
     def saved_deployments(self) -> dict[str, dict]:
-        with self._read() as db:
+        with reading(self._path) as db:
             return {row["name"]: json.loads(row["state"]) for row in db.execute("SELECT name, state FROM deployments ORDER BY name")}
 
     def history(self, model: str) -> list[dict]:
-        with self._read() as db:
+        with reading(self._path) as db:
             rows = db.execute("SELECT * FROM history WHERE model = ? ORDER BY id", (model,)).fetchall()
         return [{**dict(row), "details": json.loads(row["details"])} for row in rows]
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        return db
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with closing(self._connect()) as db:
-            yield db
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE takes the write lock up front, so concurrent writers queue
-        instead of failing half-way (two imports of the same content end as one version)."""
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
 
 def _version(row: sqlite3.Row) -> VersionRow:

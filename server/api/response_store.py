@@ -1,6 +1,6 @@
 """Responses kept for `previous_response_id` and `GET /v1/responses/{id}`, as OpenAI keeps a
-Response unless the request says `store: false`: SQLite (WAL) under baton's home, one short
-connection per call, so a restart keeps them.
+Response unless the request says `store: false`: SQLite under baton's home (database.py), so a
+restart keeps them.
 
 Rules:
 - A Response is kept with its input items, those of the responses before it included, so
@@ -15,13 +15,11 @@ Rules:
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.database import reading, transaction
 from models.errors import NotFoundError
 
 SCHEMA = """
@@ -52,8 +50,9 @@ class StoredResponse:
 class ResponseStore:
     def __init__(self, path: Path, ttl_s: float):
         self._path, self._ttl_s = path, ttl_s
-        with self._connection() as db:
-            db.executescript(SCHEMA)
+        with reading(path) as db:
+            db.executescript(SCHEMA)  # CREATE ... IF NOT EXISTS: safe to repeat, in its own transaction
+        with transaction(path) as db:
             cut_off = db.execute("SELECT id, response FROM responses WHERE status IN ('queued', 'in_progress')").fetchall()
             for response_id, response in cut_off:
                 failed = {**json.loads(response), "status": "failed", "error": CUT_OFF}
@@ -62,31 +61,22 @@ class ResponseStore:
     def keep(self, owner: str, response: dict, input_items: list[dict]) -> None:
         """Keep `response`, or its newer state (a background one as it goes)."""
         now = time.time()
-        with self._connection() as db:
+        with transaction(self._path) as db:
             db.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
             row = (response["id"], owner, response["status"], now + self._ttl_s, json.dumps(response, ensure_ascii=False), json.dumps(input_items, ensure_ascii=False))
             db.execute("INSERT OR REPLACE INTO responses (id, owner, status, expires_at, response, input_items) VALUES (?, ?, ?, ?, ?, ?)", row)
 
     def get(self, owner: str, response_id: str, param: str | None = None) -> StoredResponse:
-        with self._connection() as db:
+        with reading(self._path) as db:
             row = db.execute("SELECT response, input_items FROM responses WHERE id = ? AND owner = ? AND expires_at > ?", (response_id, owner, time.time())).fetchone()
         if row is None:
             raise _not_found(response_id, param)
         return StoredResponse(json.loads(row[0]), json.loads(row[1]))
 
     def delete(self, owner: str, response_id: str) -> None:
-        with self._connection() as db:
+        with transaction(self._path) as db:
             if not db.execute("DELETE FROM responses WHERE id = ? AND owner = ? AND expires_at > ?", (response_id, owner, time.time())).rowcount:
                 raise _not_found(response_id)
-
-    @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        """One transaction: committed on leaving, rolled back on an error."""
-        with closing(sqlite3.connect(self._path, timeout=30)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # safe from a crash of the server (not of the machine), and no fsync per answer
-            with db:
-                yield db
 
 
 def _not_found(response_id: str, param: str | None = None) -> NotFoundError:
