@@ -31,7 +31,7 @@ from server.api.generation import ChoiceChunk
 from server.api.openai_api import Served, admit, stream_error
 from server.api.background import BackgroundRuns
 from server.api.reasoning import ReasoningTally
-from server.api.response_store import ResponseStore
+from server.api.response_store import ResponseStore, StoredResponse
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
 from server.api.tools import ToolCall
 
@@ -279,7 +279,7 @@ async def create_response(body: ResponsesRequest, request: Request):
 
 @router.get("/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> dict:
-    return (await asyncio.to_thread(_store(request).get, _owner(request), response_id)).response
+    return (await _kept_response(request, response_id)).response
 
 
 @router.get("/responses/{response_id}/input_items")
@@ -287,18 +287,16 @@ async def list_input_items(
     response_id: str, request: Request, limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc", after: str | None = None
 ) -> dict:
     """The input items that led to a kept Response, those of the responses it continues included."""
-    kept = await asyncio.to_thread(_store(request).get, _owner(request), response_id)
-    return item_page(kept.input_items, limit, order, after)
+    return item_page((await _kept_response(request, response_id)).input_items, limit, order, after)
 
 
 @router.post("/responses/{response_id}/cancel")
 async def cancel_response(response_id: str, request: Request) -> dict:
     """A background Response stops where it is, `cancelled`; one that ended is left as it ended."""
-    store, owner = _store(request), _owner(request)
-    if not (await asyncio.to_thread(store.get, owner, response_id)).response.get("background"):
+    if not (await _kept_response(request, response_id)).response.get("background"):
         raise InvalidRequestError("Only a background response (background: true) can be cancelled.")
     await request.state.background_runs.cancel(response_id)
-    return (await asyncio.to_thread(store.get, owner, response_id)).response
+    return (await _kept_response(request, response_id)).response
 
 
 @router.delete("/responses/{response_id}")
@@ -311,8 +309,13 @@ async def _conversation_before(request: Request, body: ResponsesRequest) -> list
     """The items of the kept response that `previous_response_id` continues; none without one."""
     if body.previous_response_id is None:
         return []
-    store = _store(request, "previous_response_id")
-    return (await asyncio.to_thread(store.get, _owner(request), body.previous_response_id, "previous_response_id")).conversation
+    return (await _kept_response(request, body.previous_response_id, "previous_response_id")).conversation
+
+
+async def _kept_response(request: Request, response_id: str, param: str | None = None) -> StoredResponse:
+    """A kept Response of this request's key; an error (naming `param`, where a request field
+    named it) where there is none."""
+    return await asyncio.to_thread(_store(request, param).get, _owner(request), response_id, param)
 
 
 def _keeper(request: Request, body: ResponsesRequest, earlier: list[dict]) -> Keeper | None:
