@@ -246,7 +246,7 @@ async def create_message(body: MessagesRequest, request: Request):
 async def count_tokens(body: CountTokensRequest, request: Request) -> JSONResponse:
     """The prompt's tokens, as `usage.input_tokens` of the same request would count them."""
     chat = body.as_chat()
-    lease = await request.state.deployments.lease_tokenizer(route_request(request, chat.model))
+    lease = await request.state.router.lease_tokenizer(route_request(request, chat.model))
     try:
         tools = chat.tool_plan.template_tools() if chat.tool_plan else None
         messages = [m.as_template_input() for m in chat.messages]

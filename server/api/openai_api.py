@@ -28,7 +28,7 @@ from server.api.tools import ToolCall
 from server.api.observation import RequestObservation, Unobserved
 from server.auth.addresses import is_loopback
 from server.deployments.slot import Lease
-from server.deployments.manager import Route
+from server.deployments.router import Route
 from server.auth.keys import authorize, bearer_token, priority_of
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engines.base import SamplingParams, ThinkingBudget, TokenLogprob, can_generate
@@ -63,7 +63,7 @@ def route_request(request: Request, model: str, user: str | None = None, priorit
     limited to some deployments learns nothing of the others: whatever it names outside
     them, known or not, is a 403."""
     try:
-        route = request.state.deployments.route(model, user)
+        route = request.state.router.route(model, user)
     except ModelNotFoundError:
         _check_deployment(request, model)
         raise
@@ -266,7 +266,7 @@ async def observed_lease(request: Request, route: Route) -> tuple[Lease, Request
     lease refused is recorded as the request's outcome)."""
     observation = observe(request, route.deployment)
     try:
-        lease = await request.state.deployments.lease(route)
+        lease = await request.state.router.lease(route)
     except BaseException as error:
         observation.finish(status_of(error))
         raise

@@ -25,7 +25,7 @@ router = APIRouter(dependencies=[Depends(admit)])
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     """The ids a completion's prompt (or a chat completion's messages) would be read as:
     `count` is the `usage.prompt_tokens` that request would report."""
-    lease = await request.state.deployments.lease_tokenizer(route_request(request, body.model, body.user))
+    lease = await request.state.router.lease_tokenizer(route_request(request, body.model, body.user))
     try:
         engine = lease.engine
         if body.messages is None:
@@ -41,7 +41,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     """The text of `tokens`, special tokens included (so that it tokenizes back the same)."""
-    lease = await request.state.deployments.lease_tokenizer(route_request(request, body.model, body.user))
+    lease = await request.state.router.lease_tokenizer(route_request(request, body.model, body.user))
     try:
         engine = lease.engine
         check_token_ids(body.tokens, engine.vocab_size, "tokens")

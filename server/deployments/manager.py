@@ -1,6 +1,7 @@
 """The deployment manager: the one owner of deployments and the entry to every change of
-what they serve. Requests lease a slot here; deploys, swaps, rollbacks, canaries and
-on-demand loads are resolved and planned here (refused before anything stops), then run
+what they serve. Requests are routed and leased by its router.py; deploys, swaps, rollbacks,
+canaries and on-demand loads are resolved (targets.py) and planned here (refused before
+anything stops), then run
 under the deployment's swap lock: swaps.py carries each strategy out, slot_lifecycle.py
 each slot's steps, swap_history.py keeps what happened. The decisions are pure functions in
 strategy.py, layout.py, memory_plan.py and drain.py. Background: on_demand.py loads and
@@ -11,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 from models.catalog import Change
 from models.names import check_name
@@ -25,8 +25,9 @@ from server.deployments.health_watch import HealthWatch
 from server.deployments.layout import ModelLayout, reload_blocker
 from server.deployments.on_demand import OnDemandLoads
 from server.deployments.resume import start_point
-from server.deployments.shared_engine import DEFAULT_MAX_LORAS, shared_engine_key
-from server.deployments.slot import Lease, Slot, SlotState, Target
+from server.deployments.router import Router, names_of
+from server.deployments.targets import Targets, spec_overrides
+from server.deployments.slot import Slot, SlotState, Target
 from server.deployments.slot_lifecycle import EngineFactory, SlotLifecycle
 from server.deployments.strategy import STRATEGIES, Choice, SwapFacts, choose_strategy, no_room_beside, preview
 from server.deployments.swap_history import SwapHistory
@@ -34,39 +35,24 @@ from server.deployments.swap_record import SwapRecord, as_swap_error
 from server.deployments.swaps import Swaps
 from server.observability.metrics import Metrics
 from server.engines.base import can_reload, engine_process_ids
-from server.engines.factory import engine_for, estimate_memory_bytes
-from server.engines.generation_config import SamplingDefaults
 from server.engines.options import engine_only
 from models.errors import BatonError, ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError, SwapFailedError
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class Route:
-    """Where a request goes: a deployment, and the version it pins (None: the deployment's
-    own choice, active or canary by weight, the same for every request of one `user`)."""
-
-    deployment: str
-    version: str | None = None
-    user: str | None = None
-    priority: int = 0  # its place in the deployment's admission queue: lower is sooner
-
-
-# ModelSpec fields that, set explicitly, override every version's own engine options.
-SPEC_ENGINE_FIELDS = ("engine", "dtype", "max_batch_size", "max_model_len")
-
 
 class DeploymentManager:
     def __init__(self, settings: Settings, registry: Registry, engine_factory: EngineFactory, metrics: Metrics | None = None):
         self._settings = settings
         self._metrics = metrics or Metrics()
         self._registry = registry
+        self._targets = Targets(settings, registry)
         self._slots = SlotLifecycle(settings, engine_factory, self._metrics, lambda: self.deployments)
         self._swaps = Swaps(self._slots)
         self._history = SwapHistory(registry, self._metrics)
         self._deployments: dict[str, Deployment] = {}
         self._tasks: set[asyncio.Task] = set()
         self._on_demand = OnDemandLoads(lambda: self.deployments, self._slots, self._history, self.keep)
+        self.router = Router(lambda: self._deployments, registry, self._on_demand.start_load)
 
     def start(self) -> None:
         """Background work: unloading on-demand deployments that sat idle past their TTL,
@@ -77,88 +63,11 @@ class DeploymentManager:
 
     # -- requests -------------------------------------------------------------------------
 
-    def route(self, model: str, user: str | None = None) -> Route:
-        """Where a request's `model` (from `user`) sends it. A deployment's name pins nothing;
-        a registry ref (`chat@3`, `chat@prod`) pins that version, on a deployment whose active
-        or canary slot serves it (or that loads it next on demand), the one named like the
-        model first."""
-        if "@" not in model:
-            return Route(self._served(model).name, user=user)
-        version = self._ref_of(model)
-        serving = [d for d in self.deployments if version in d.pinnable_versions]
-        if not serving:
-            served = ", ".join(sorted(set().union(*(d.pinnable_versions for d in self.deployments)))) or "none"
-            raise ModelNotFoundError(f"The model '{model}' ({version}) is not served now. Versions served: {served}.", param="model")
-        named_like_it = self._deployments.get(version.partition("@")[0])
-        return Route((named_like_it if named_like_it in serving else serving[0]).name, version)
-
-    async def lease(self, route: Route) -> Lease:
-        """A place in the deployment's admission queue, then a lease on the slot that serves
-        it (the pinned version's, if any); the place is given back with the lease. A
-        deployment that is failed or breaching its objectives sends an unpinned request to
-        its first healthy fallback instead."""
-        deployment = self._served(route.deployment)
-        fallback = self._healthy_fallback(deployment) if deployment.needs_fallback and route.version is None else None
-        if fallback is not None:
-            lease = await self._lease_on(fallback, user=route.user, priority=route.priority)
-            lease.fallback_from = deployment.name
-            return lease
-        return await self._lease_on(deployment, route.version, route.user, route.priority)
-
-    def _ref_of(self, model: str) -> str:
-        """`chat@3` as it is; an alias (`chat@prod`) resolved in the registry."""
-        name, _, selector = model.partition("@")
-        if selector.isdigit():
-            return f"{name}@{int(selector)}"
-        try:
-            return self._registry.resolve(model).ref
-        except (NotFoundError, InvalidRequestError) as error:
-            raise ModelNotFoundError(f"The model '{model}' does not exist: {error}", param="model") from error
-
-    def _healthy_fallback(self, deployment: Deployment) -> Deployment | None:
-        for name in deployment.policy.fallbacks:
-            candidate = self._deployments.get(name)
-            if candidate is not None and candidate.active is not None and not (candidate.is_failed or candidate.is_breaching):
-                return candidate
-        return None
-
-    async def lease_tokenizer(self, route: Route) -> Lease:
-        """A lease on the slot whose tokenizer a request reads (counting tokens), outside the
-        admission queue: it generates nothing, so it waits behind no generation; an on-demand
-        deployment still loads for it."""
-        return await self._slot_lease(self._served(route.deployment), route.version, route.user)
-
-    async def _lease_on(self, deployment: Deployment, version: str | None = None, user: str | None = None, priority: int = 0) -> Lease:
-        await deployment.admission.enter(priority)
-        try:
-            lease = await self._slot_lease(deployment, version, user)
-        except BaseException:
-            deployment.admission.leave()
-            raise
-        lease.on_release(deployment.admission.leave)
-        return lease
-
-    async def _slot_lease(self, deployment: Deployment, version: str | None, user: str | None) -> Lease:
-        if deployment.needs_load:
-            self._on_demand.start_load(deployment)
-        lease = await deployment.lease(version, user)
-        lease.deployment = deployment.name
-        return lease
-
     def get(self, name: str) -> Deployment:
         """The deployment an admin change names."""
         if (deployment := self._deployments.get(name)) is None:
-            raise NotFoundError(f"No deployment '{name}'. Deployments: {self._names()}.", param="name", code="deployment_not_found")
+            raise NotFoundError(f"No deployment '{name}'. Deployments: {names_of(self._deployments)}.", param="name", code="deployment_not_found")
         return deployment
-
-    def _served(self, model: str) -> Deployment:
-        """The deployment a request's `model` names, in OpenAI's words where there is none."""
-        if (deployment := self._deployments.get(model)) is None:
-            raise ModelNotFoundError(f"The model '{model}' does not exist. Known models: {self._names()}.", param="model")
-        return deployment
-
-    def _names(self) -> str:
-        return ", ".join(sorted(self._deployments)) or "none"
 
     @property
     def deployments(self) -> list[Deployment]:
@@ -191,13 +100,10 @@ class DeploymentManager:
         resolve it, with the spec's explicit engine settings on top) or a local folder. With
         `saved` (what this deployment served before a restart), a registry version starts
         where `start_point` says: loaded once, not loaded and then swapped."""
-        overrides = {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS if name in spec.model_fields_set} | spec.engine_options
-        if self._is_registry_version(spec):
-            target, overrides = self._resolve_for_start(spec, overrides, saved)
+        if self._targets.is_registry_version(spec):
+            target, overrides = self._resolve_for_start(spec, spec_overrides(spec), saved)
         else:
-            options = self._engine_defaults | {name: getattr(spec, name) for name in SPEC_ENGINE_FIELDS} | spec.engine_options | {"allow_pickle": spec.allow_pickle}
-            stored_bytes = sum(p.stat().st_size for p in spec.path.rglob("*") if p.is_file())
-            target = _target(spec.version, spec.path, options, stored_bytes)
+            target, overrides = self._targets.of_folder(spec), spec_overrides(spec)
         on_demand = OnDemand(target, spec.idle_ttl_s) if spec.on_demand else None
         deployment = await self._deploy(spec.name, target, on_demand, spec.smoke_prompts, overrides, spec.health)
         deployment.started_as = spec.version
@@ -217,7 +123,7 @@ class DeploymentManager:
         check_name(name, "deployment name")  # clients send it as `model`; it is in URLs and logs
         if name in self._deployments:
             raise ConflictError(f"Deployment {name} exists; swap it instead.")
-        target = self._resolve(ref, engine_options)
+        target = self._targets.of_version(ref, engine_options)
         deployment = await self._deploy(name, target, OnDemand(target, idle_ttl_s) if on_demand else None, smoke_prompts, engine_options, health)
         self._history.add_finished(SwapRecord(name, "deploy", None, target.version, "on-demand" if on_demand else "load", change.actor, change.reason))
         self._save(deployment)
@@ -288,16 +194,6 @@ class DeploymentManager:
         except Exception:  # saving must never turn a finished swap into a failed one
             log.exception("could not save deployment %s", deployment.name)
 
-    def _is_registry_version(self, spec: ModelSpec) -> bool:
-        """The spec names a version of this server's registry, at the folder it stores (a
-        label such as 'local', or a folder from elsewhere, is served as a folder)."""
-        if spec.version == "local":
-            return False
-        try:
-            return self._registry.resolve(spec.version).path == spec.path
-        except (NotFoundError, InvalidRequestError):  # not a version here, or not a ref at all
-            return False
-
     async def _deploy(
         self,
         name: str,
@@ -362,7 +258,7 @@ class DeploymentManager:
             raise ConflictError(f"Deployment {name} has a canary already ({deployment.canary.version}); promote or abort it first.")
         if deployment.active is None:  # a canary takes a share of what a loaded version serves
             raise ConflictError(f"Deployment {name} has no version loaded{' (on demand)' if deployment.on_demand else ''}; a canary runs beside a loaded one.")
-        target = self._resolve(ref, deployment.engine_overrides)  # an unknown or corrupt version: refused now
+        target = self._targets.of_version(ref, deployment.engine_overrides)  # an unknown or corrupt version: refused now
         if target.version == deployment.version:
             raise ConflictError(f"{name} serves {target.version} already; a canary is another version.")
         if refusal := no_room_beside(self._slots.needed_bytes(target), **self._slots.room_beside(target)):
@@ -482,7 +378,7 @@ class DeploymentManager:
         await work
 
     def _plan_swap(self, deployment: Deployment, ref: str, strategy: str, overrides: dict) -> tuple[Target, SwapFacts, Choice]:
-        target = self._resolve_or_standby(deployment, ref, overrides)
+        target = self._targets.for_swap(deployment, ref, overrides)
         if not deployment.is_failed and target.version == deployment.target_version and overrides == deployment.engine_overrides:
             raise ConflictError(f"{deployment.name} already serves {target.version}{'' if deployment.active else ' (on demand)'}.")
         if deployment.canary is not None and target.version == deployment.canary.version:  # else two engines of one version
@@ -520,39 +416,13 @@ class DeploymentManager:
         version, options = start_point(spec.version, overrides, saved, spec.rolls_out)
         if (version, options) != (spec.version, overrides):
             try:
-                target = self._resolve(version, options)
+                target = self._targets.of_version(version, options)
             except BatonError as error:  # deleted since, say: the flags' version it is
                 self._not_restored(spec.name, version, error)
             else:
                 self._history.add_finished(SwapRecord(spec.name, "deploy", None, target.version, "load", "baton", "restored after a restart"))
                 return target, options
-        return self._resolve(spec.version, overrides), overrides
-
-    def _resolve(self, ref: str, overrides: dict | None = None) -> Target:
-        """The one way from a registry version to a Target: the server's engine defaults, its
-        manifest's engine options, the deployment's overrides on top; pickle only where the
-        import allowed it."""
-        version = self._registry.resolve_for_serving(ref)
-        options = {**self._engine_defaults, **version.manifest.engine_options, **(overrides or {}), "allow_pickle": version.manifest.allows_pickle}
-        return _target(version.ref, version.path, options, version.manifest.total_bytes, version.adapter, version.weights_digest, version.manifest.source.get("base"))
-
-    def _resolve_or_standby(self, deployment: Deployment, ref: str, overrides: dict) -> Target:
-        """Rule: a version deleted (forced) while it sits on standby can still come back, as
-        the standby: its engine needs no files, and a deleted version's number is never
-        given to other content."""
-        try:
-            return self._resolve(ref, overrides)
-        except NotFoundError:
-            standby = deployment.standby
-            if standby is None or standby.version != ref:
-                raise
-            return standby.target
-
-    @property
-    def _engine_defaults(self) -> dict:
-        """Rule: vLLM's sleep mode (its own allocator, slower first tokens under load) only
-        where swapped-out versions may be kept asleep on standby."""
-        return {} if self._settings.keep_standby else {"sleep_mode": False}
+        return self._targets.of_version(spec.version, overrides), overrides
 
     def _is_current(self, deployment: Deployment) -> bool:
         """Still served under its name: not removed (nor replaced by a new one of that name)."""
@@ -581,19 +451,6 @@ def _previous_version(deployment: Deployment) -> str:
     if deployment.previous_version is None:
         raise ConflictError(f"Deployment {deployment.name} has no previous version to roll back to.")
     return deployment.previous_version
-
-
-def _target(version: str, path: Path, options: dict, stored_bytes: int, adapter: Path | None = None, weights_digest: str | None = None, base: str | None = None) -> Target:
-    """A version as it will load: its memory estimate and sampling defaults read from its
-    folder; on vLLM with LoRA on (always, for an unmerged adapter), the key of the engine it
-    shares with its base's other versions. Elsewhere an unmerged adapter is merged as it loads."""
-    runs_on = engine_for(path, options.get("engine") or "auto")
-    if runs_on == "vllm" and adapter is not None and not options.get("max_loras"):
-        options = {**options, "max_loras": DEFAULT_MAX_LORAS}
-    key = shared_engine_key(weights_digest or str(path), engine_only(options)) if runs_on == "vllm" and options.get("max_loras") else None
-    memory_bytes = estimate_memory_bytes(path, options, stored_bytes)
-    adapter_base = base if adapter is not None else None
-    return Target(version, path, options, memory_bytes, stored_bytes, SamplingDefaults.read(path), adapter=adapter, adapter_base=adapter_base, shared_engine_key=key)
 
 
 def _can_never_come_back(error: BatonError) -> bool:
