@@ -23,6 +23,9 @@ from models.errors import OverloadedError
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
 KILL_CHECK_S = 0.2  # how often the exit looks for engines still starting
+# Rule: after the shutdown's drain, what is still running (a stream past the deadline, a
+# follower of a background stream) has this long to send its last bytes, then is cut off.
+CUT_OFF_S = 2.0
 
 
 class ShuttingDownError(OverloadedError):
@@ -80,6 +83,7 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_timeout_s: float, kill_engines_starting: Callable[[], int] = lambda: 0):
         """`kill_engines_starting` kills the processes of engines still starting and says
         how many it killed (the engine factory knows whose processes they are)."""
+        config.timeout_graceful_shutdown = CUT_OFF_S  # else uvicorn waits for every connection
         super().__init__(config)
         self._lifecycle = lifecycle
         self._shutdown_timeout_s = shutdown_timeout_s

@@ -31,6 +31,19 @@ class ChoiceChunk:
     reasoning: str = ""  # thinking read apart from the content (reasoning.py)
 
 
+@dataclass
+class CachedTokens:
+    """The prompt tokens an engine's prefix cache held, as usage counts them: each prompt's
+    once, from its first choice (choices are prompt-major, `choices_per_prompt` to a prompt)."""
+
+    choices_per_prompt: int = 1
+    num_tokens: int = 0
+
+    def count(self, item: ChoiceChunk) -> None:
+        if item.chunk.num_cached_tokens and item.index % self.choices_per_prompt == 0:
+            self.num_tokens += item.chunk.num_cached_tokens
+
+
 async def read_tool_calls(choices: AsyncIterator[ChoiceChunk], new_reader: Callable[[], OutputReader], num_choices: int) -> AsyncIterator[ChoiceChunk]:
     """Each choice's output read through a reader of its own (`ToolPlan.reader`): content
     passes (or is held), call pieces stream as the reader has them, and the calls found

@@ -30,7 +30,7 @@ from pydantic import Discriminator, Field, Tag
 
 from models.errors import BatonError
 from server.api.chat_fields import ChatFields, whole_answer
-from server.api.generation import ChoiceChunk
+from server.api.generation import CachedTokens, ChoiceChunk
 from server.api.openai_api import Served, admit, route_request, served_headers, stream_error
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
 
@@ -244,7 +244,8 @@ async def create_message(body: MessagesRequest, request: Request):
 
 @router.post("/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request) -> JSONResponse:
-    """The prompt's tokens, as `usage.input_tokens` of the same request would count them."""
+    """The prompt's tokens, as the same request's usage counts them: `input_tokens`, plus
+    `cache_read_input_tokens` where the prefix cache held some."""
     chat = body.as_chat()
     lease = await request.state.router.lease_tokenizer(route_request(request, chat.model))
     try:
@@ -285,7 +286,7 @@ class MessageShape:
         for event in answer.close_block():
             yield _event(**event)
         final = answer.message([])
-        yield _event("message_delta", delta={"stop_reason": final["stop_reason"], "stop_sequence": final["stop_sequence"]}, usage={"output_tokens": answer.num_output_tokens})
+        yield _event("message_delta", delta={"stop_reason": final["stop_reason"], "stop_sequence": final["stop_sequence"]}, usage=answer.usage(answer.num_output_tokens))
         yield _event("message_stop")
 
 
@@ -304,10 +305,12 @@ class _Answer:
     is_open: bool = False  # the last block still takes deltas
     finish_reason: str | None = None
     stop_sequence: str | None = None
+    cached: CachedTokens = field(default_factory=CachedTokens)
     id: str = field(default_factory=lambda: "msg_" + uuid.uuid4().hex)
 
     def count(self, item: ChoiceChunk) -> None:
         self.num_output_tokens += item.chunk.num_tokens
+        self.cached.count(item)
         self.finish_reason = item.chunk.finish_reason or self.finish_reason
         self.stop_sequence = item.chunk.stop_sequence or self.stop_sequence
 
@@ -350,7 +353,10 @@ class _Answer:
         return [{"type": "content_block_stop", "index": len(self.content) - 1}]
 
     def usage(self, num_output_tokens: int) -> dict:
-        return {"input_tokens": self.num_input_tokens, "output_tokens": num_output_tokens}
+        """Anthropic's: `input_tokens` are those the prefix cache did not hold (as vLLM's
+        server counts them); those it held are `cache_read_input_tokens`, where there were any."""
+        usage = {"input_tokens": self.num_input_tokens - self.cached.num_tokens, "output_tokens": num_output_tokens}
+        return usage | ({"cache_read_input_tokens": self.cached.num_tokens} if self.cached.num_tokens else {})
 
     def message(self, content: list[dict]) -> dict:
         stop_reason = self._stop_reason()

@@ -21,7 +21,7 @@ from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, E
 from server.api.reasoning import PROMPT_TAIL_TOKENS, ReasoningSplitter, ReasoningTally, prompt_opens_reasoning, read_reasoning, reads_reasoning
 from server.api.echo import echo_texts, echoed
 from server.api.truncation import answer_room, fitted_prompt
-from server.api.generation import ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
+from server.api.generation import CachedTokens, ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
 from server.api.shapes import ChatFormat, TextFormat, TokenFields
 from server.api.tool_formats import format_taught_by
 from server.api.tools import ToolCall
@@ -122,17 +122,22 @@ class Served:
 
     def prompt_of(self, index: int, num_choices: int) -> Sequence[int]:
         """Choice `index`'s prompt: choices are prompt-major, n to a prompt."""
-        return self.prompts[index // (num_choices // len(self.prompts))]
+        return self.prompts[index // self.choices_per_prompt(num_choices)]
+
+    def choices_per_prompt(self, num_choices: int) -> int:
+        return num_choices // len(self.prompts) if self.prompts else 1
 
 
 class AnswerShape(Protocol):
     """How an answer is written, whole or streamed: chat and text completions' `choices`
-    (`Choices`), or a Responses object (responses.py), which may also be answered at once
-    and generated in the background (`in_background`)."""
+    (`Choices`), or a Responses object (responses.py), which may also be generated in the
+    background: answered at once (`in_background`), or streamed (`streamed_in_background`)."""
 
     runs_in_background: bool
 
     def in_background(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]: ...
+
+    def streamed_in_background(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage: _UsagePolicy) -> Awaitable[AsyncIterator[str]]: ...
 
     def collect(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]: ...
 
@@ -243,22 +248,32 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
     choices = _on_lease(read(stream_choices(lease.engine, requests), lease, prompts), lease, observation)
     headers = served_headers(lease)
-    if body.stream:
-        usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage)
-        events = shape.events(await _primed(request, choices), served, len(requests), usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(_release, lease))
     if shape.runs_in_background:  # the lease goes with the generation's end (_on_lease), not with this answer
         try:
-            return JSONResponse(await shape.in_background(choices, served, len(requests), num_prompt_tokens), headers=headers)
+            return await _in_background(request, body, shape, choices, served, len(requests), num_prompt_tokens, headers)
         except BaseException as error:  # before the generation began: nothing else ends the request
             lease.release()
             observation.finish(status_of(error))
             raise
+    if body.stream:
+        usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage, CachedTokens(served.choices_per_prompt(len(requests))))
+        events = shape.events(await _primed(request, choices), served, len(requests), usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(_release, lease))
     try:
         body = await _unless_disconnected(request, shape.collect(choices, served, len(requests), num_prompt_tokens))
         return JSONResponse(body, headers=headers)
     finally:
         lease.release()
+
+
+async def _in_background(request: Request, body, shape: AnswerShape, choices, served: Served, num_choices: int, num_prompt_tokens: int, headers: dict):
+    """The answer of a run that goes on in the background: its start at once, or its events
+    as they come (which a client that leaves can follow again)."""
+    if body.stream:
+        usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage, CachedTokens(served.choices_per_prompt(num_choices)))
+        events = await shape.streamed_in_background(await _primed(request, choices), served, num_choices, usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return JSONResponse(await shape.in_background(choices, served, num_choices, num_prompt_tokens), headers=headers)
 
 
 async def observed_lease(request: Request, route: Route) -> tuple[Lease, RequestObservation | Unobserved]:
@@ -392,7 +407,7 @@ async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_cho
     prompt_logprobs: list[tuple[TokenLogprob, ...]] = [()] * num_choices
     token_ids: list[list[int]] = [[] for _ in range(num_choices)]
     tool_calls: list[tuple[ToolCall, ...]] = [()] * num_choices
-    reasonings, tally = [""] * num_choices, ReasoningTally()
+    reasonings, tally, cached = [""] * num_choices, ReasoningTally(), CachedTokens(served.choices_per_prompt(num_choices))
     async with aclosing(choices) as stream:
         async for item in stream:
             texts[item.index] += item.chunk.text
@@ -404,12 +419,13 @@ async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_cho
             tool_calls[item.index] += item.tool_calls
             num_completion_tokens += item.chunk.num_tokens
             tally.count(item)
+            cached.count(item)
     answers = [fmt.choice(i, texts[i], reasons[i], logprobs[i], tool_calls[i], reasonings[i]) | fmt.tokens.of_choice(token_ids[i]) for i in range(num_choices)]
     if fmt.prompt_per_choice:
         answers = [answer | fmt.tokens.of_prompt(served.prompt_of(i, num_choices), prompt_logprobs[i]) for i, answer in enumerate(answers)]
     else:
         head = head | fmt.tokens.of_prompt(served.prompts[0], prompt_logprobs[0])
-    return {**head, "choices": answers, "usage": _usage(num_prompt_tokens, num_completion_tokens, tally.num_tokens)}
+    return {**head, "choices": answers, "usage": _usage(num_prompt_tokens, num_completion_tokens, tally.num_tokens, cached.num_tokens)}
 
 
 _NULL_USAGE, _NO_USAGE = {"usage": None}, {}  # never mutated: merged into each event's dict
@@ -423,12 +439,14 @@ class _UsagePolicy:
     num_prompt_tokens: int
     include_usage: bool
     is_continuous: bool
+    cached: CachedTokens = field(default_factory=CachedTokens)
     num_completion_tokens: int = 0
     reasoning: ReasoningTally = field(default_factory=ReasoningTally)
 
     def count(self, item: ChoiceChunk) -> None:
         self.num_completion_tokens += item.chunk.num_tokens
         self.reasoning.count(item)
+        self.cached.count(item)
 
     def on_chunk(self) -> dict:
         if self.is_continuous:
@@ -436,7 +454,7 @@ class _UsagePolicy:
         return _NULL_USAGE if self.include_usage else _NO_USAGE
 
     def final(self) -> dict:
-        return _usage(self.num_prompt_tokens, self.num_completion_tokens, self.reasoning.num_tokens)
+        return _usage(self.num_prompt_tokens, self.num_completion_tokens, self.reasoning.num_tokens, self.cached.num_tokens)
 
 
 async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy, served: Served):
@@ -478,14 +496,19 @@ def stream_error(error: Exception) -> BatonError:
     return EngineError("The generation failed; see the server log.")
 
 
-def _usage(num_prompt_tokens: int, num_completion_tokens: int, num_reasoning_tokens: int = 0) -> dict:
-    """OpenAI's usage; the completion tokens spent thinking where a model thought."""
+def _usage(num_prompt_tokens: int, num_completion_tokens: int, num_reasoning_tokens: int = 0, num_cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; the prompt tokens the prefix cache held and the completion tokens
+    spent thinking, where there were any (as vLLM's server writes them)."""
     usage = {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_completion_tokens,
         "total_tokens": num_prompt_tokens + num_completion_tokens,
     }
-    return usage | ({"completion_tokens_details": {"reasoning_tokens": num_reasoning_tokens}} if num_reasoning_tokens else {})
+    if num_cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": num_cached_tokens}
+    if num_reasoning_tokens:
+        usage["completion_tokens_details"] = {"reasoning_tokens": num_reasoning_tokens}
+    return usage
 
 
 def _event(payload: dict) -> str:

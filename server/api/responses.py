@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
 from models.errors import InvalidRequestError, NotFoundError
 from server.api.chat_fields import ChatFields, whole_answer
-from server.api.generation import ChoiceChunk
+from server.api.generation import CachedTokens, ChoiceChunk
 from server.api.openai_api import Served, admit, stream_error
-from server.api.background import BackgroundRuns
+from server.api.background import KEEP_EVENTS_S, BackgroundRuns, EventLog
 from server.api.reasoning import ReasoningTally
 from server.api.response_store import ResponseStore, StoredResponse
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
@@ -272,14 +273,21 @@ async def create_response(body: ResponsesRequest, request: Request):
     earlier = await _conversation_before(request, body)
     keeper = _keeper(request, body, earlier)
     if body.background:
-        _check_background(body, keeper)
+        _check_background(keeper)
     shape = ResponseShape(body, keeper, request.state.background_runs)
     return await FIELDS.answer(request, body.as_chat(earlier), shape, truncate=body.truncation == "auto")
 
 
 @router.get("/responses/{response_id}")
-async def get_response(response_id: str, request: Request) -> dict:
-    return (await _kept_response(request, response_id)).response
+async def get_response(response_id: str, request: Request, stream: bool = False, starting_after: int | None = Query(None, ge=0)):
+    """A kept Response; with `stream`, a streamed background one's events again (after
+    `starting_after`), then the rest as they come."""
+    response = (await _kept_response(request, response_id)).response
+    if not stream:
+        return response
+    if (events := request.state.background_runs.events_of(response_id)) is None:
+        raise InvalidRequestError(_why_not_streamed(response), param="stream")
+    return StreamingResponse(events.follow(starting_after), media_type="text/event-stream")
 
 
 @router.get("/responses/{response_id}/input_items")
@@ -326,13 +334,19 @@ def _keeper(request: Request, body: ResponsesRequest, earlier: list[dict]) -> Ke
     return Keeper(_store(request, "store"), _owner(request), earlier + body.input_items())
 
 
-def _check_background(body: ResponsesRequest, keeper: Keeper | None) -> None:
-    """A background Response is read with GET as it goes, so it must be kept; its stream is
-    not served (a client polls instead)."""
+def _check_background(keeper: Keeper | None) -> None:
+    """A background Response is read with GET as it goes, so it must be kept."""
     if keeper is None:
         raise InvalidRequestError("A background response is read back with GET /v1/responses/{id}: it must be kept (store cannot be false here).", param="store")
-    if body.stream:
-        raise InvalidRequestError("A background response is not streamed here: poll GET /v1/responses/{id} instead.", param="stream")
+
+
+def _why_not_streamed(response: dict) -> str:
+    if not response.get("background"):
+        return "Only a background response created with stream: true can be streamed again; GET it without stream."
+    return (
+        f"The events of {response['id']} are not kept: it was not streamed, or it ended over "
+        f"{KEEP_EVENTS_S / 60:g} minutes ago, or the server restarted since. GET it without stream."
+    )
 
 
 def _store(request: Request, param: str | None = None) -> ResponseStore:
@@ -438,8 +452,26 @@ class ResponseShape:
         except asyncio.CancelledError:  # the generation was closed on the way out: stopped in the engine
             await self.keeper.keep({**started, "status": "cancelled"})
         except Exception as error:
-            failure = stream_error(error)
-            await self.keeper.keep({**started, "status": "failed", "error": {"code": failure.code or failure.error_type, "message": failure.message}})
+            await self.keeper.keep(_failed(started, error))
+
+    async def streamed_in_background(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage) -> AsyncIterator[str]:
+        """The events of a run that goes on if the client leaves: kept as it starts, followed
+        from its event log, which `GET /v1/responses/{id}?stream=true` follows again."""
+        started = {**self.head(served), "status": "in_progress"}
+        await self.keeper.keep(started)
+        log = EventLog()
+        self.runs.start(self.response_id, self._write(log, self.events(choices, served, num_choices, usage), started), log)
+        await asyncio.sleep(0)  # as in `in_background`: the run's first step before any cancel
+        return log.follow()
+
+    async def _write(self, log: EventLog, events: AsyncIterator[str], started: dict) -> None:
+        """`events` into `log`; a cancelled run ends its log there, kept `cancelled`."""
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    log.append(event)
+        except asyncio.CancelledError:
+            await self.keeper.keep({**started, "status": "cancelled"})
 
     async def events(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage) -> AsyncIterator[str]:
         answer = _Answer(self.head(served), usage.num_prompt_tokens)
@@ -457,6 +489,8 @@ class ResponseShape:
                 await self.keeper.keep(final)
         except Exception as error:  # headers are sent: the error can only travel in the stream
             failure = stream_error(error)
+            if self.keeper is not None:
+                await self.keeper.keep(_failed(answer.response("in_progress"), error))
             yield events.send("error", code=failure.code, message=failure.message, param=FIELDS.param(failure.param))
             return
         for event in last_events:
@@ -482,6 +516,7 @@ class _Answer:
     num_prompt_tokens: int
     num_completion_tokens: int = 0
     reasoning: ReasoningTally = field(default_factory=ReasoningTally)
+    cached: CachedTokens = field(default_factory=CachedTokens)
     finish_reason: str | None = None
     output: list[dict] = field(default_factory=list)
     open_item: dict | None = None  # events: the item being streamed
@@ -489,6 +524,7 @@ class _Answer:
     def count(self, item: ChoiceChunk) -> None:
         self.num_completion_tokens += item.chunk.num_tokens
         self.reasoning.count(item)
+        self.cached.count(item)
         self.finish_reason = item.chunk.finish_reason or self.finish_reason
 
     def stream(self, item: ChoiceChunk) -> list[dict]:
@@ -550,13 +586,18 @@ class _Answer:
         is_cut = self.finish_reason == "length"
         usage = {
             "input_tokens": self.num_prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": self.cached.num_tokens},
             "output_tokens": self.num_completion_tokens,
             "output_tokens_details": {"reasoning_tokens": self.reasoning.num_tokens},
             "total_tokens": self.num_prompt_tokens + self.num_completion_tokens,
         }
         details = {"reason": "max_output_tokens"} if is_cut else None
         return {**self.response("incomplete" if is_cut else "completed"), "incomplete_details": details, "usage": usage}
+
+
+def _failed(response: dict, error: Exception) -> dict:
+    failure = stream_error(error)
+    return {**response, "status": "failed", "error": {"code": failure.code or failure.error_type, "message": failure.message}}
 
 
 def _message(text: str, status: str) -> dict:

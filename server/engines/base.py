@@ -122,6 +122,7 @@ class Chunk:
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # one per prompt token, on a generation's first chunk, when asked for
     stop_sequence: str | None = None  # on the last chunk: the stop string that ended the generation, if one did
     token_ids: tuple[int, ...] = ()  # the num_tokens tokens generated, by id (an engine that knows them)
+    num_cached_tokens: int = 0  # on a generation's first chunk: its prompt tokens the engine's prefix cache held
 
 
 @dataclass(frozen=True)

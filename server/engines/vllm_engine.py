@@ -141,6 +141,7 @@ class VLLMEngine:
         # (an end of sequence ignore_eos passes, half a UTF-8 character): they go with the next chunk.
         unreported_ids, unreported_logprobs = (), ()
         unreported_prompt_logprobs: tuple[TokenLogprob, ...] = ()
+        unreported_cached = 0
         try:
             # The prompt goes through vLLM's renderer, as vLLM's own server sends it (a raw
             # prompt is deprecated); its ids are baton's rendering of the chat template.
@@ -149,8 +150,10 @@ class VLLMEngine:
             # vLLM refuses a priority where its scheduler serves first come, first served.
             priority = request.priority if self._options.scheduling_policy == "priority" else 0
             async for output in self._engine.generate(prompt, self._sampling(request), request.request_id, lora_request=lora_request, priority=priority):
-                if not is_started and request.sampling.prompt_logprobs is not None:
-                    unreported_prompt_logprobs = self._prompt_logprobs(request.prompt_token_ids, output.prompt_logprobs, request.sampling.prompt_logprobs)
+                if not is_started:
+                    unreported_cached = output.num_cached_tokens or 0
+                    if request.sampling.prompt_logprobs is not None:
+                        unreported_prompt_logprobs = self._prompt_logprobs(request.prompt_token_ids, output.prompt_logprobs, request.sampling.prompt_logprobs)
                 is_started = True
                 completion = output.outputs[0]
                 is_finished = output.finished
@@ -161,8 +164,8 @@ class VLLMEngine:
                 unreported_logprobs += _logprobs(completion, request.sampling.logprobs)
                 if completion.text or reason:
                     stop_sequence = completion.stop_reason if reason and isinstance(completion.stop_reason, str) else None  # a token id is no stop string
-                    yield Chunk(completion.text, len(unreported_ids), reason, unreported_logprobs, unreported_prompt_logprobs, stop_sequence, unreported_ids)
-                    unreported_ids, unreported_logprobs, unreported_prompt_logprobs = (), (), ()
+                    yield Chunk(completion.text, len(unreported_ids), reason, unreported_logprobs, unreported_prompt_logprobs, stop_sequence, unreported_ids, unreported_cached)
+                    unreported_ids, unreported_logprobs, unreported_prompt_logprobs, unreported_cached = (), (), (), 0
         except EngineStoppedError:
             raise
         except _request_errors() as error:

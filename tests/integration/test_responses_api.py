@@ -254,11 +254,34 @@ def test_a_background_response_is_answered_at_once_and_polled_to_the_same_answer
     assert client.responses.cancel(started.id).status == ended.status  # over: left as it ended
 
 
-@pytest.mark.parametrize(("extra", "param"), [({"store": False}, "store"), ({"stream": True}, "stream")])
-def test_a_background_response_must_be_kept_and_is_not_streamed(tiny_server, extra, param):
-    body = {"model": "tiny", "input": "Hello there", "max_output_tokens": 2, "background": True, **extra}
+def test_a_background_response_must_be_kept(tiny_server):
+    body = {"model": "tiny", "input": "Hello there", "max_output_tokens": 2, "background": True, "store": False}
     refused = httpx.post(f"{tiny_server.url}/v1/responses", json=body, timeout=60)
-    assert (refused.status_code, refused.json()["error"]["param"]) == (400, param), refused.text
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "store"), refused.text
+
+
+def test_a_background_stream_is_followed_again_from_where_its_client_left(client):
+    """The client reads four events and goes; the run goes on, and a GET with the last
+    sequence number it saw gives it the rest: together, the whole stream of the answer."""
+    asked = dict(model="tiny", input="Hello there", max_output_tokens=12, temperature=0)
+    stream = client.responses.create(**asked, background=True, stream=True)
+    seen = [event for event, _ in zip(stream, range(4))]
+    stream.close()
+    rest = list(client.responses.retrieve(seen[0].response.id, stream=True, starting_after=seen[-1].sequence_number))
+    ended = _polled(client, seen[0].response.id)
+    assert_a_well_formed_stream(seen + rest, ended)
+    assert _without_ids(ended) == {**_without_ids(client.responses.create(**asked)), "background": True}
+    again = list(client.responses.retrieve(ended.id, stream=True))
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in seen + rest]
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_only_a_streamed_background_response_is_streamed_again(client, tiny_server, background):
+    kept = client.responses.create(model="tiny", input="Hello there", max_output_tokens=2, background=background)
+    _polled(client, kept.id)
+    refused = httpx.get(f"{tiny_server.url}/v1/responses/{kept.id}", params={"stream": "true"}, timeout=60)
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "stream"), refused.text
+    assert ("not kept" in refused.text) is background
 
 
 def test_a_background_response_is_cancelled_and_one_that_fails_says_why(tiny_model_path, tmp_path):
@@ -275,6 +298,11 @@ def test_a_background_response_is_cancelled_and_one_that_fails_says_why(tiny_mod
         cancelled = client.responses.cancel(long.id)
         assert cancelled.status == "cancelled" and client.responses.retrieve(long.id).status == "cancelled"
         assert httpx.get(f"{server.url}/admin/deployments/chat").json()["in_flight"] == 0
+        assert not factory.built[0].health().num_running
+        streamed = client.responses.create(model="chat", input="hi", max_output_tokens=2000, background=True, stream=True)
+        first = next(iter(streamed))
+        assert client.responses.cancel(first.response.id).status == "cancelled"
+        assert all(event.type != "response.completed" for event in streamed)  # the stream ends with its run
         assert not factory.built[0].health().num_running
         failed = _polled(client, client.responses.create(model="faulty", input="hi", max_output_tokens=5, background=True).id)
         assert failed.status == "failed" and "injected fault" in failed.error.message

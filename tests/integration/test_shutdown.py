@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from server.lifecycle import CUT_OFF_S
 from tests.conftest import sse_errors
 from tests.integration.test_cli import BATON, _free_port, _wait_healthy
 
@@ -21,10 +22,10 @@ LONG = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 
 @pytest.fixture
-def serve(tiny_model_path, tmp_path):
+def serve(tiny_model_path, tmp_path, request):
     port = _free_port()
     command = [*BATON, "--home", str(tmp_path), "serve", "--model", str(tiny_model_path), "--name", "tiny", "--port", str(port)]
-    command += ["--engine", "transformers", "--shutdown-timeout", "60"]
+    command += ["--engine", "transformers", "--shutdown-timeout", str(getattr(request, "param", 60))]
     log = tmp_path / "serve.log"
     with log.open("w") as output, subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT) as process:
         url = f"http://127.0.0.1:{port}"
@@ -78,6 +79,18 @@ def test_a_second_sigterm_exits_at_once(serve):
     process.wait(timeout=15)
     reader.join(timeout=30)
     assert lines[-1] == "cut"  # the server did not wait for it
+
+
+@pytest.mark.parametrize("serve", [1], indirect=True)
+def test_a_stream_still_going_at_the_shutdown_deadline_is_cut_off_there(serve):
+    url, process = serve
+    reader, lines, _ = _stream_in_background(url)
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert process.wait(timeout=30) == 0
+    reader.join(timeout=30)
+    assert time.monotonic() - signalled < 1 + CUT_OFF_S + 5, "the exit waited for the stream"
+    assert lines[-1] != "data: [DONE]"  # cut off, not finished
 
 
 def _background_response(url: str) -> str:

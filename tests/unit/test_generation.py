@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 
 from models.errors import ContextLengthExceededError
-from server.api.generation import build_requests, resolve_max_tokens
+from server.api.generation import CachedTokens, ChoiceChunk, build_requests, resolve_max_tokens
 from server.api.schemas import CompletionRequest
+from server.engines.base import Chunk
 
 
 def test_max_tokens_defaults_to_the_room_left():
@@ -78,3 +79,13 @@ def test_sampling_is_the_requests_then_the_versions_then_openais():
 def test_a_versions_default_max_tokens_is_cut_to_the_room_left_never_refused():
     assert resolve_max_tokens(None, num_prompt_tokens=95, max_model_len=100, prompt_param="prompt", default=512) == 5
     assert resolve_max_tokens(None, num_prompt_tokens=10, max_model_len=100, prompt_param="prompt", default=8) == 8
+
+
+def test_cached_tokens_count_each_prompts_once_from_its_first_choice():
+    """Two prompts, n=2 (prompt-major): choices 0 and 2 speak for their prompts; choice 1
+    found its prompt in the cache only because choice 0 had just put it there."""
+    cached = CachedTokens(choices_per_prompt=2)
+    for index, num_cached in [(0, 32), (1, 48), (2, 0), (3, 16)]:
+        cached.count(ChoiceChunk(index, Chunk("a", 1, num_cached_tokens=num_cached)))
+        cached.count(ChoiceChunk(index, Chunk("b", 1)))  # later chunks carry none
+    assert cached.num_tokens == 32

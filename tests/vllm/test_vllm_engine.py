@@ -508,6 +508,28 @@ def test_vllm_answers_the_messages_api_as_its_chat_and_names_the_stop_sequence_i
     assert (cut.stop_reason, cut.stop_sequence, cut.content[0].text) == ("stop_sequence", "Paris", answer[: answer.index("Paris")])
 
 
+def test_vllm_reports_the_prompt_tokens_its_prefix_cache_held_in_each_apis_usage(server):
+    """A long prompt sent again is mostly in vLLM's prefix cache: chat and completions say so
+    in `prompt_tokens_details`, Responses in `input_tokens_details`, Messages as Anthropic
+    does (`cache_read_input_tokens`, apart from `input_tokens`); a new short prompt has none."""
+    client, anthropic = server.client(), server.anthropic_client()
+    long = [{"role": "user", "content": "Here is a list of fruits: " + ", ".join(f"fruit number {n}" for n in range(150)) + ". Which is first?"}]
+    asked = dict(model="chat", messages=long, temperature=0, max_tokens=2)
+    first = client.chat.completions.create(**asked)
+    again = client.chat.completions.create(**asked)
+    assert first.usage.prompt_tokens > 600
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+    (streamed,) = [c for c in client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True}) if c.usage]
+    assert streamed.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens_details.cached_tokens
+    response = client.responses.create(model="chat", input=long, temperature=0, max_output_tokens=2)
+    assert response.usage.input_tokens_details.cached_tokens == again.usage.prompt_tokens_details.cached_tokens
+    message = anthropic.messages.create(model="chat", messages=long, max_tokens=2, extra_body={"temperature": 0})
+    assert message.usage.cache_read_input_tokens == again.usage.prompt_tokens_details.cached_tokens
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == anthropic.messages.count_tokens(model="chat", messages=long).input_tokens
+    fresh = client.completions.create(model="chat", prompt=f"Asked once, at {time.time()}:", max_tokens=2)  # shorter than a cache block
+    assert fresh.usage.prompt_tokens_details is None
+
+
 def test_a_generation_in_flight_when_the_engine_stops_ends_with_an_error_not_a_hang(tmp_path, demo_model_path):
     """stop() cancels the task that reads vLLM's output: a generation still waiting for
     output must end then (an engine found dead is stopped so, before vLLM may have failed
