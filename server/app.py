@@ -16,11 +16,12 @@ from models.registry import Registry
 from server.config.reload import ConfigReloader
 from server.deployments.reconcile import Reconciler
 from server.deployments.resume import to_restore
-from server.api import admin_api, deploy_api, embeddings, messages, openai_api, responses, scoring, status_api, tokens
+from server.api import admin_api, conversations, deploy_api, embeddings, messages, openai_api, responses, scoring, status_api, tokens
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
 from server.api.background import BackgroundRuns
+from server.api.conversation_store import ConversationStore
 from server.api.response_store import ResponseStore
 from server.observability.gpu_monitor import GpuMonitor, load_nvml
 from server.observability.metrics import Metrics, StateCollector
@@ -89,6 +90,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "reconciler": reconciler,
                 "model_admin": ModelAdmin(registry, manager.holders),
                 "responses": ResponseStore(settings.home / "responses.db", settings.responses_ttl_s) if settings.store_responses else None,
+                "conversations": ConversationStore(settings.home / "responses.db") if settings.store_responses else None,
                 "background_runs": background_runs,
                 "started_at": int(time.time()),
             }
@@ -100,6 +102,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     app = FastAPI(title="baton", lifespan=lifespan)
     app.include_router(openai_api.router)
     app.include_router(responses.router)
+    app.include_router(conversations.router)
     app.include_router(messages.router)
     app.include_router(embeddings.router)
     app.include_router(scoring.router)

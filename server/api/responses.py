@@ -32,6 +32,7 @@ from server.api.generation import CachedTokens, ChoiceChunk
 from server.api.openai_api import Served, admit, stream_error
 from server.api.background import KEEP_EVENTS_S, BackgroundRuns, EventLog
 from server.api.reasoning import ReasoningTally
+from server.api.conversation_store import ConversationStore
 from server.api.response_store import ResponseStore, StoredResponse
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
 from server.api.tools import ToolCall
@@ -139,6 +140,10 @@ class ReasoningConfig(Strict):
     generate_summary: None = None
 
 
+class ConversationRef(Strict):
+    id: str = Field(max_length=128)
+
+
 class ResponsesRequest(Strict):
     model: str
     input: str | list[InputItem]
@@ -153,6 +158,7 @@ class ResponsesRequest(Strict):
     parallel_tool_calls: bool | None = None
     store: bool | None = None  # unset: kept, as OpenAI has it, where the server keeps Responses
     previous_response_id: str | None = Field(None, max_length=128)
+    conversation: Annotated[str, Field(max_length=128)] | ConversationRef | None = None  # answered in it: its items first, this answer's added (conversations.py)
     metadata: dict[str, str] | None = None
     user: str | None = None
     safety_identifier: str | None = None
@@ -168,7 +174,11 @@ class ResponsesRequest(Strict):
     def input_items(self) -> list[dict]:
         """The input as items, as they are kept: each with an id, a message's text as a part
         (what `GET /v1/responses/{id}/input_items` lists, and a follow-up reads back)."""
-        return [_kept(item) for item in self._given()]
+        return [as_kept_item(item) for item in self._given()]
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.conversation.id if isinstance(self.conversation, ConversationRef) else self.conversation
 
     def _given(self) -> list:
         return [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
@@ -203,7 +213,8 @@ class ResponsesRequest(Strict):
 _ID_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
 
 
-def _kept(item) -> dict:
+def as_kept_item(item) -> dict:
+    """An input item as it is kept and listed: with an id, a message's text as a part."""
     kept = item.model_dump(exclude_none=True)
     kept.setdefault("id", _ID_PREFIXES[kept["type"]] + uuid.uuid4().hex)
     if kept["type"] == "message" and isinstance(kept["content"], str):
@@ -218,7 +229,7 @@ def item_page(items: list[dict], limit: int, order: str, after: str | None) -> d
     if after is not None:
         ids = [item["id"] for item in ordered]
         if after not in ids:
-            raise InvalidRequestError(f"No input item {after!r} is in this response's input.", param="after")
+            raise InvalidRequestError(f"No item {after!r} is in this list.", param="after")
         ordered = ordered[ids.index(after) + 1 :]
     page = ordered[:limit]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit}
@@ -309,35 +320,52 @@ async def cancel_response(response_id: str, request: Request) -> dict:
 
 @router.delete("/responses/{response_id}")
 async def delete_response(response_id: str, request: Request) -> dict:
-    await asyncio.to_thread(_store(request).delete, _owner(request), response_id)
+    await asyncio.to_thread(_store(request).delete, owner_of(request), response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
 async def _conversation_before(request: Request, body: ResponsesRequest) -> list[dict]:
-    """The items of the kept response that `previous_response_id` continues; none without one."""
-    if body.previous_response_id is None:
-        return []
-    return (await _kept_response(request, body.previous_response_id, "previous_response_id")).conversation
+    """The items this answer follows: those of the kept response that `previous_response_id`
+    continues, or of the `conversation` it answers in; none without either."""
+    if body.previous_response_id is not None and body.conversation is not None:
+        raise InvalidRequestError("A response continues either a previous response or a conversation, not both.", param="conversation")
+    if body.conversation_id is not None:
+        return await asyncio.to_thread(conversations_of(request, "conversation").items, owner_of(request), body.conversation_id, "conversation")
+    if body.previous_response_id is not None:
+        return (await _kept_response(request, body.previous_response_id, "previous_response_id")).conversation
+    return []
 
 
 async def _kept_response(request: Request, response_id: str, param: str | None = None) -> StoredResponse:
     """A kept Response of this request's key; an error (naming `param`, where a request field
     named it) where there is none."""
-    return await asyncio.to_thread(_store(request, param).get, _owner(request), response_id, param)
+    return await asyncio.to_thread(_store(request, param).get, owner_of(request), response_id, param)
 
 
 def _keeper(request: Request, body: ResponsesRequest, earlier: list[dict]) -> Keeper | None:
     """Rule: an answer is kept unless its request says `store: false` (OpenAI's default is to
-    keep), or the server keeps none."""
-    if body.store is False or (request.state.responses is None and not body.store):
+    keep), or the server keeps none; one in a conversation adds its items there either way."""
+    is_stored = not (body.store is False or (request.state.responses is None and not body.store))
+    if not is_stored and body.conversation_id is None:
         return None
-    return Keeper(_store(request, "store"), _owner(request), earlier + body.input_items())
+    new_items = body.input_items()
+    conversation = Conversation(request.state.conversations, body.conversation_id, new_items) if body.conversation_id is not None else None
+    return Keeper(owner_of(request), earlier + new_items, _store(request, "store") if is_stored else None, conversation)
 
 
 def _check_background(keeper: Keeper | None) -> None:
     """A background Response is read with GET as it goes, so it must be kept."""
-    if keeper is None:
+    if keeper is None or keeper.store is None:
         raise InvalidRequestError("A background response is read back with GET /v1/responses/{id}: it must be kept (store cannot be false here).", param="store")
+
+
+def conversations_of(request: Request, param: str | None = None) -> ConversationStore:
+    """The server's conversations; as `_store`, where it keeps none."""
+    if request.state.conversations is None:
+        if param is not None:
+            raise InvalidRequestError("This server keeps no conversations (store_responses is off): send the whole conversation in input.", param=param)
+        raise NotFoundError("This server keeps no conversations (store_responses is off).", code="conversation_not_found")
+    return request.state.conversations
 
 
 def _why_not_streamed(response: dict) -> str:
@@ -359,21 +387,37 @@ def _store(request: Request, param: str | None = None) -> ResponseStore:
     return request.state.responses
 
 
-def _owner(request: Request) -> str:
-    """Whose Responses a request may read: its key's (on a server without keys, everyone's)."""
+def owner_of(request: Request) -> str:
+    """Whose Responses and conversations a request may read: its key's (on a server without
+    keys, everyone's)."""
     return request.state.key.name if request.state.key is not None else ""
 
 
 @dataclass(frozen=True)
-class Keeper:
-    """Where an answer is kept, and with which input items (the response it continues included)."""
+class Conversation:
+    """The conversation an answer is in, and the input items it adds there before its output."""
 
-    store: ResponseStore
+    store: ConversationStore
+    id: str
+    new_items: list[dict]
+
+
+@dataclass(frozen=True)
+class Keeper:
+    """Where an answer is kept: in the `store` (unless its request said `store: false`) with
+    every input item that led to it, and in its `conversation`, where it adds its input and
+    output once it has ended well (not failed, nor cancelled)."""
+
     owner: str
     input_items: list[dict]
+    store: ResponseStore | None = None
+    conversation: Conversation | None = None
 
     async def keep(self, response: dict) -> None:
-        await asyncio.to_thread(self.store.keep, self.owner, response, self.input_items)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.keep, self.owner, response, self.input_items)
+        if self.conversation is not None and response["status"] in ("completed", "incomplete"):
+            await asyncio.to_thread(self.conversation.store.add, self.owner, self.conversation.id, self.conversation.new_items + response["output"])
 
 
 @dataclass(frozen=True)
@@ -411,9 +455,10 @@ class ResponseShape:
             "parallel_tool_calls": self.request.parallel_tool_calls is not False,
             "reasoning": {"effort": self.request.reasoning.effort, "summary": None} if self.request.reasoning else None,
             "text": {"format": text_format},
-            "store": self.keeper is not None,
+            "store": self.keeper is not None and self.keeper.store is not None,
             "background": self.runs_in_background,
             "previous_response_id": self.request.previous_response_id,
+            "conversation": {"id": self.request.conversation_id} if self.request.conversation_id else None,
             "truncation": self.request.truncation or "disabled",
             "metadata": self.request.metadata or {},
             "user": self.request.user,
