@@ -35,6 +35,7 @@ from server.api.reasoning import ReasoningTally
 from server.api.conversation_store import ConversationStore
 from server.api.response_store import ResponseStore, StoredResponse
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
+from server.api.shapes import token_logprobs
 from server.api.tools import ToolCall
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
@@ -164,8 +165,8 @@ class ResponsesRequest(Strict):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     priority: int = 0  # vLLM's, as chat's
-    # What SDKs send as their defaults, accepted where it asks for nothing.
-    include: list[str] | None = Field(None, max_length=0)
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token, where logprobs are returned
+    include: list[Literal["message.output_text.logprobs"]] | None = None  # each token's logprob in the output text
     truncation: Literal["disabled", "auto"] | None = None  # auto: the oldest turns go until the prompt fits (truncation.py)
     background: bool | None = None  # answered at once, generated in a task; read with GET (below)
     service_tier: Literal["auto", "default"] | None = None
@@ -175,6 +176,12 @@ class ResponsesRequest(Strict):
         """The input as items, as they are kept: each with an id, a message's text as a part
         (what `GET /v1/responses/{id}/input_items` lists, and a follow-up reads back)."""
         return [as_kept_item(item) for item in self._given()]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Rule: the output text's logprobs are returned where `include` asks for them, or
+        where `top_logprobs` is set (asking for alternatives asks for the tokens too)."""
+        return "message.output_text.logprobs" in (self.include or ()) or self.top_logprobs is not None
 
     @property
     def conversation_id(self) -> str | None:
@@ -201,6 +208,8 @@ class ResponsesRequest(Strict):
             "reasoning_effort": self.reasoning.effort if self.reasoning else None,
             "priority": self.priority,
         }
+        if self.wants_logprobs:
+            body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
         if self.tools:
             body["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)} for tool in self.tools]
         if self.tool_choice is not None:
@@ -450,6 +459,7 @@ class ResponseShape:
             "max_output_tokens": self.request.max_output_tokens,
             "temperature": served.sampling.temperature,  # as applied: the request's, else the version's default
             "top_p": served.sampling.top_p,
+            "top_logprobs": self.request.top_logprobs,
             "tools": [tool.model_dump(exclude_none=True) for tool in self.request.tools or []],
             "tool_choice": self.request.tool_choice.model_dump() if isinstance(self.request.tool_choice, NamedFunction) else self.request.tool_choice or "auto",
             "parallel_tool_calls": self.request.parallel_tool_calls is not False,
@@ -468,12 +478,18 @@ class ResponseShape:
         }
 
     async def collect(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, num_prompt_tokens: int) -> dict:
-        answer = _Answer(self.head(served), num_prompt_tokens)
-        whole = await whole_answer(choices, answer.count)
+        answer = _Answer(self.head(served), num_prompt_tokens, self.request.wants_logprobs)
+        logprobs: list[dict] = []
+
+        def count(item: ChoiceChunk) -> None:
+            answer.count(item)
+            logprobs.extend(answer.text_logprobs(item))
+
+        whole = await whole_answer(choices, count)
         if whole.reasoning:
             answer.output.append(_reasoning(whole.reasoning, "completed"))
         if whole.text:
-            answer.output.append(_message(whole.text, "completed"))
+            answer.output.append(_message(whole.text, "completed", logprobs))
         answer.output += [_function_call(call, "completed") for call in whole.calls]
         final = answer.final()
         if self.keeper is not None:
@@ -519,7 +535,7 @@ class ResponseShape:
             await self.keeper.keep({**started, "status": "cancelled"})
 
     async def events(self, choices: AsyncIterator[ChoiceChunk], served: Served, num_choices: int, usage) -> AsyncIterator[str]:
-        answer = _Answer(self.head(served), usage.num_prompt_tokens)
+        answer = _Answer(self.head(served), usage.num_prompt_tokens, self.request.wants_logprobs)
         events = _Events()
         yield events.send("response.created", response=answer.response("in_progress"))
         yield events.send("response.in_progress", response=answer.response("in_progress"))
@@ -559,6 +575,7 @@ class _Answer:
 
     head: dict
     num_prompt_tokens: int
+    wants_logprobs: bool = False
     num_completion_tokens: int = 0
     reasoning: ReasoningTally = field(default_factory=ReasoningTally)
     cached: CachedTokens = field(default_factory=CachedTokens)
@@ -571,6 +588,11 @@ class _Answer:
         self.reasoning.count(item)
         self.cached.count(item)
         self.finish_reason = item.chunk.finish_reason or self.finish_reason
+
+    def text_logprobs(self, item: ChoiceChunk) -> list[dict]:
+        """The logprobs of a chunk's output text, where asked for (a chunk of reasoning, or
+        of a call's held text, adds none)."""
+        return token_logprobs(item.chunk.logprobs) if self.wants_logprobs and item.chunk.text else []
 
     def stream(self, item: ChoiceChunk) -> list[dict]:
         """The events one chunk makes: reasoning deltas into a reasoning item, text deltas into
@@ -586,8 +608,11 @@ class _Answer:
             if self.open_item is None or self.open_item["type"] != "message":
                 events += self.close_item() + self._open(_message("", "in_progress"))
                 events.append({"type": "response.content_part.added", **self._where(), "content_index": 0, "part": _text_part("")})
-            self.open_item["content"][0]["text"] += item.chunk.text
-            events.append({"type": "response.output_text.delta", **self._where(), "content_index": 0, "delta": item.chunk.text, "logprobs": []})
+            part = self.open_item["content"][0]
+            part["text"] += item.chunk.text
+            logprobs = self.text_logprobs(item)
+            part["logprobs"] += logprobs
+            events.append({"type": "response.output_text.delta", **self._where(), "content_index": 0, "delta": item.chunk.text, "logprobs": logprobs})
         for piece in item.call_pieces:
             if piece.id is not None:
                 events += self.close_item() + self._open(_function_call(ToolCall(piece.id, piece.name, ""), "in_progress"))
@@ -605,7 +630,7 @@ class _Answer:
         if item["type"] == "message":
             part = item["content"][0]
             done = [
-                {"type": "response.output_text.done", **where, "content_index": 0, "text": part["text"], "logprobs": []},
+                {"type": "response.output_text.done", **where, "content_index": 0, "text": part["text"], "logprobs": part["logprobs"]},
                 {"type": "response.content_part.done", **where, "content_index": 0, "part": part},
             ]
         elif item["type"] == "reasoning":
@@ -645,16 +670,16 @@ def _failed(response: dict, error: Exception) -> dict:
     return {**response, "status": "failed", "error": {"code": failure.code or failure.error_type, "message": failure.message}}
 
 
-def _message(text: str, status: str) -> dict:
-    return {"type": "message", "id": "msg_" + uuid.uuid4().hex, "status": status, "role": "assistant", "content": [_text_part(text)]}
+def _message(text: str, status: str, logprobs: list[dict] | None = None) -> dict:
+    return {"type": "message", "id": "msg_" + uuid.uuid4().hex, "status": status, "role": "assistant", "content": [_text_part(text, logprobs)]}
 
 
 def _reasoning(text: str, status: str) -> dict:
     return {"type": "reasoning", "id": "rs_" + uuid.uuid4().hex, "status": status, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
 
 
-def _text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict] | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs or [])}
 
 
 def _function_call(call: ToolCall, status: str) -> dict:

@@ -93,9 +93,7 @@ class ChatFormat:
         """OpenAI's chat shape: per token its text, bytes, logprob and the top alternatives."""
         if not self.wants_logprobs:
             return None
-        name = self.tokens.name
-        content = [{**_token(t, name), "top_logprobs": [_token(c, name) for c in t.top]} for t in logprobs]
-        return {"content": content, "refusal": None}
+        return {"content": token_logprobs(logprobs, self.tokens.name), "refusal": None}
 
 
 @dataclass(frozen=True)
@@ -129,6 +127,12 @@ class TextFormat:
             "top_logprobs": [None if t.logprob is None else {name(c.token, c.token_id): _finite(c.logprob) for c in t.top} for t in logprobs],
             "text_offset": offsets,
         }
+
+
+def token_logprobs(logprobs: Sequence[TokenLogprob], name=TokenFields().name) -> list[dict]:
+    """OpenAI's per-token shape (chat's `logprobs.content`, Responses' `output_text.logprobs`):
+    each token's text, bytes, logprob and the top alternatives."""
+    return [{**_token(t, name), "top_logprobs": [_token(c, name) for c in t.top]} for t in logprobs]
 
 
 def _token(scored: TokenLogprob | Candidate, name) -> dict:

@@ -175,6 +175,24 @@ def test_bad_requests_are_400s_naming_the_responses_field(tiny_server, extra, pa
     assert error["param"] is not None and error["param"].startswith(param) and words in error["message"]
 
 
+def test_the_output_texts_logprobs_are_chats_whole_and_streamed(client):
+    """include: message.output_text.logprobs (or top_logprobs): each token of the answer's
+    text with its logprob and alternatives, as chat's logprobs give them; the stream's deltas
+    carry theirs, which add up to the finished part's."""
+    asked = dict(model="tiny", input="Hello there", max_output_tokens=6, temperature=0, top_logprobs=2)
+    whole = client.responses.create(**asked, include=["message.output_text.logprobs"])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_completion_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    part = whole.output[0].content[0]
+    assert whole.top_logprobs == 2 and part.logprobs and all(len(token.top_logprobs) == 2 for token in part.logprobs)
+    expected = [token.model_dump() for token in chat.choices[0].logprobs.content]
+    assert [token.model_dump() for token in part.logprobs] == expected[: len(part.logprobs)]  # a last token without text has none here
+    events = streamed(client, **asked)
+    deltas = [token for event in events if event.type == "response.output_text.delta" for token in event.logprobs]
+    (done,) = [event for event in events if event.type == "response.output_text.done"]
+    assert [t.model_dump() for t in deltas] == [t.model_dump() for t in done.logprobs] == [t.model_dump() for t in part.logprobs]
+    assert client.responses.create(**{**asked, "top_logprobs": None}).output[0].content[0].logprobs == []  # not asked for
+
+
 def test_the_defaults_sdks_send_are_accepted(client):
     defaults = dict(include=[], truncation="disabled", background=False, service_tier="auto", reasoning=None, store=False, parallel_tool_calls=True)
     assert client.responses.create(model="tiny", input="Hello there", max_output_tokens=2, **defaults).status == "incomplete"

@@ -496,6 +496,9 @@ def test_vllm_answers_the_responses_api_as_its_chat_and_streams_its_events(serve
     assert whole.output_text == chat.choices[0].message.content and "Paris" in whole.output_text
     assert whole.usage.output_tokens == chat.usage.completion_tokens
     assert_a_well_formed_stream(list(client.responses.create(**request, stream=True)), whole)
+    scored = client.responses.create(**request, include=["message.output_text.logprobs"], top_logprobs=2).output[0].content[0].logprobs
+    chat_scored = client.chat.completions.create(model="chat", messages=FRANCE, temperature=0, max_completion_tokens=20, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    assert scored and [t.model_dump() for t in scored] == [t.model_dump() for t in chat_scored][: len(scored)]
 
 
 def test_vllm_answers_the_messages_api_as_its_chat_and_names_the_stop_sequence_it_stopped_at(server):
