@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -16,13 +17,17 @@ from models.registry import Registry
 from server.config.reload import ConfigReloader
 from server.deployments.reconcile import Reconciler
 from server.deployments.resume import to_restore
-from server.api import admin_api, conversations, deploy_api, embeddings, messages, openai_api, responses, scoring, status_api, tokens
+from server.api import admin_api, batches_api, conversations, deploy_api, embeddings, files_api, messages, openai_api, responses, scoring, status_api, tokens
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
 from server.api.background import BackgroundRuns
 from server.api.conversation_store import ConversationStore
 from server.api.response_store import ResponseStore
+from server.batches.files import FileStore
+from server.batches.in_process import InProcess, caller_of
+from server.batches.runner import BatchRunner
+from server.batches.store import BatchStore
 from server.observability.gpu_monitor import GpuMonitor, load_nvml
 from server.observability.metrics import Metrics, StateCollector
 from server.config.settings import Settings
@@ -56,6 +61,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         gpus.start()
         lifecycle.track(manager.num_in_flight)
         background_runs = BackgroundRuns()
+        keys = settings.all_keys()
+        state: dict = {}  # the lifespan state, filled below; batches' in-process requests get it too
+        files, batches = FileStore(settings.home / "batches.db", settings.home / "files"), BatchStore(settings.home / "batches.db")
+        batch_runner = BatchRunner(batches, files, settings.home / "batch-work", InProcess(app, state), partial(caller_of, keys), lambda: lifecycle.is_shutting_down)
 
         saved = to_restore(registry.saved_deployments() if settings.restore_state else {}, settings.models, settings.config_file is not None)
 
@@ -78,10 +87,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                     reloader.watch(settings.watch_config_s)
                 if started and saved:  # a rollout resumed where it was: the file goes on from there
                     manager.keep(asyncio.create_task(reloader.reload("start")))
-            yield {
+            state.update({
                 "settings": settings,
                 "lifecycle": lifecycle,
-                "keys": settings.all_keys(),
+                "keys": keys,
                 "rate_limits": RateLimits(),
                 "metrics": metrics,
                 "gpus": gpus,
@@ -92,9 +101,16 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "responses": ResponseStore(settings.home / "responses.db", settings.responses_ttl_s) if settings.store_responses else None,
                 "conversations": ConversationStore(settings.home / "responses.db") if settings.store_responses else None,
                 "background_runs": background_runs,
+                "files": files,
+                "batches": batches,
+                "batch_runner": batch_runner,
                 "started_at": int(time.time()),
-            }
+            })  # fmt: skip
+            if started:
+                batch_runner.resume_all()
+            yield state
         finally:
+            await batch_runner.stop_all()  # unfinished batches run on at the next start
             await background_runs.cancel_all()  # what the shutdown's drain left running
             await manager.stop_all()
             gpus.stop()
@@ -103,6 +119,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     app.include_router(openai_api.router)
     app.include_router(responses.router)
     app.include_router(conversations.router)
+    app.include_router(files_api.router)
+    app.include_router(batches_api.router)
     app.include_router(messages.router)
     app.include_router(embeddings.router)
     app.include_router(scoring.router)
@@ -111,7 +129,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     app.include_router(admin_api.router)
     app.include_router(deploy_api.router)
     _map_errors(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, max_bytes_by_path={"/v1/files": settings.max_file_bytes})
     app.add_middleware(RequestId)
     return app
 

@@ -7,19 +7,17 @@ made each one."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import Field, StringConstraints
+from pydantic import Field
 
 from server.api.openai_api import admit
 from server.api.responses import InputItem, as_kept_item, conversations_of, item_page, owner_of
-from server.api.schemas import Strict
+from server.api.schemas import Metadata, Strict
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
 
-# OpenAI's bounds: 16 pairs, keys of up to 64 characters, values of up to 512.
-Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
 MAX_ITEMS_AT_ONCE = 20  # items one request may add, as OpenAI has it
 
 

@@ -21,6 +21,7 @@ from models.errors import BatonError, ClientDisconnectedError, ForbiddenError, E
 from server.api.reasoning import PROMPT_TAIL_TOKENS, ReasoningSplitter, ReasoningTally, prompt_opens_reasoning, read_reasoning, reads_reasoning
 from server.api.echo import echo_texts, echoed
 from server.api.truncation import answer_room, fitted_prompt
+from server.batches.in_process import ON_BEHALF_OF
 from server.api.generation import CachedTokens, ChoiceChunk, build_requests, check_choices, check_token_ids, read_tool_calls, stream_choices
 from server.api.shapes import ChatFormat, TextFormat, TokenFields
 from server.api.tool_formats import format_taught_by
@@ -45,6 +46,9 @@ async def admit(request: Request) -> None:
     Async though it awaits nothing: FastAPI runs a plain function on a worker thread, and the
     rate buckets must change on the event loop only (and a thread hop costs every request)."""
     request.state.lifecycle.refuse_new_requests()
+    if (caller := request.scope.get(ON_BEHALF_OF)) is not None:  # a batch's request, made in-process: its key was checked, and a batch is paced by its runner
+        request.state.key = caller.key
+        return
     # Anthropic's SDK sends its key as x-api-key: the same key, another header.
     token = bearer_token(request.headers.get("authorization", "")) or request.headers.get("x-api-key") or None
     request.state.key = authorize(request.state.keys, "inference", token, is_loopback(request.client.host if request.client else ""))

@@ -17,9 +17,9 @@ import json
 import re
 from collections.abc import Iterator
 from functools import cached_property
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, StringConstraints, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from server.api.tools import Function, ToolPlan
@@ -37,6 +37,10 @@ def invalid_field(field: str, value, message: str, kind: str = "value_error") ->
     `param`), where a plain ValueError in a model validator would name the whole body.
     `kind` "missing": the field was not sent."""
     return ValidationError.from_exception_data("request", [InitErrorDetails(type=PydanticCustomError(kind, message), loc=(field,), input=value)])
+
+
+# OpenAI's bounds on `metadata`: 16 pairs, keys of up to 64 characters, values of up to 512.
+Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
 
 
 class Strict(BaseModel):

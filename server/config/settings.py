@@ -72,6 +72,7 @@ class Settings(BaseModel):
     keys: list[KeySpec] = Field(default_factory=list, description="More keys, hashed, each with its scopes and deployments (see server/auth/keys.py).")
     import_roots: list[Path] = Field(default_factory=list, description="Server folders that admin-API imports may read.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="The largest file POST /v1/files takes (a batch's input), as OpenAI's Batch API has it.")
     max_n: int = Field(8, ge=1, description="The largest `n` (choices per request) accepted.")
     max_prompt_tokens: int | None = Field(None, ge=1, description="The longest prompt accepted, in tokens; None: the model's context.")
     max_completion_tokens: int | None = Field(None, ge=1, description="The most tokens one choice may generate; also the default when a request sets none.")

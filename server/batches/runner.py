@@ -1,0 +1,169 @@
+"""Batches carried out: the input file read and checked, each request served in-process
+(in_process.py) at most `concurrency` at a time per batch, each answer appended to the
+batch's output or error file as it comes, and the files handed to the file store at the end.
+
+Rules:
+- A batch's requests queue behind interactive ones: where a line sets no `priority`, it is
+  BATCH_PRIORITY (lower is sooner; a key's own floor still applies).
+- Answers are written, flushed, and counted one by one, so a batch that a stop of the server
+  cut off runs on at the next start with only the requests not yet answered.
+- A cancel stops new requests; those in flight finish, and the files hold what was answered.
+  So does the end of the completion window (`expired`).
+- A request refused because the server is shutting down is not an answer: it runs again
+  after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from server.batches.files import FileStore
+from server.batches.in_process import Caller, InProcess
+from server.batches.lines import BatchLine, answered_ids, output_line, read_lines
+from server.batches.store import BatchStore, moved_to
+
+log = logging.getLogger(__name__)
+
+BATCH_PRIORITY = 10
+DEFAULT_CONCURRENCY = 8  # enough to keep a continuous batch busy; the rest waits its turn here
+
+
+class BatchRunner:
+    def __init__(self, store: BatchStore, files: FileStore, work: Path, server: InProcess, caller_of: Callable[[str], Caller | None], is_stopping: Callable[[], bool], concurrency: int = DEFAULT_CONCURRENCY):
+        """`work`: where running batches write their answers; `caller_of`: who a batch's
+        requests are made as, from its creator's name, as the server's keys are now (None:
+        that key may no longer make them)."""
+        self._store, self._files, self._work, self._server = store, files, work, server
+        self._caller_of, self._is_stopping, self._concurrency = caller_of, is_stopping, concurrency
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._cancelled: dict[str, asyncio.Event] = {}
+
+    def start(self, owner: str, batch: dict) -> None:
+        self._cancelled[batch["id"]] = asyncio.Event()
+        task = asyncio.ensure_future(self._run(owner, batch))
+        self._tasks[batch["id"]] = task
+        task.add_done_callback(lambda t, batch_id=batch["id"]: self._ended(batch_id, t))
+
+    def resume_all(self) -> None:
+        """At start-up: the batches a stop cut off go on where they were."""
+        for owner, batch in self._store.unfinished():
+            log.info("resuming batch %s (%s)", batch["id"], batch["status"])
+            self.start(owner, batch)
+
+    async def cancel(self, owner: str, batch_id: str) -> dict:
+        """A batch still running moves to `cancelling` (its runner ends it `cancelled`); one
+        that ended is left as it ended."""
+        await asyncio.to_thread(self._store.get, owner, batch_id)  # another key's: unknown
+        batch = await asyncio.to_thread(self._store.update, batch_id, lambda b: moved_to(b, "cancelling") if b["status"] in ("validating", "in_progress") else b)
+        if batch["status"] == "cancelling" and (cancelled := self._cancelled.get(batch_id)) is not None:
+            cancelled.set()
+        return batch
+
+    async def stop_all(self) -> None:
+        """At shutdown: cut off, to run on at the next start."""
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def _ended(self, batch_id: str, task: asyncio.Task) -> None:
+        self._tasks.pop(batch_id, None)
+        self._cancelled.pop(batch_id, None)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("batch %s failed", batch_id, exc_info=error)
+
+    async def _run(self, owner: str, batch: dict) -> None:
+        folder = self._work / batch["id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            lines = await asyncio.to_thread(self._read_input, owner, batch)
+        except Exception as error:  # the input file deleted meanwhile, say
+            lines = _errors([{"code": "invalid_input_file", "message": str(error), "param": "input_file_id", "line": None}])
+        if isinstance(lines, dict):  # what is wrong with the file
+            self._store.update(batch["id"], lambda b: moved_to(b, "failed", errors=lines))
+            return
+        if (caller := self._caller_of(owner)) is None:
+            gone = _errors([{"code": "key_not_found", "message": f"The key {owner!r} that created this batch no longer has the inference scope.", "param": None, "line": None}])
+            self._store.update(batch["id"], lambda b: moved_to(b, "failed", errors=gone))
+            return
+        counts = {"total": len(lines), "completed": 0, "failed": 0}
+        batch = self._store.update(batch["id"], lambda b: moved_to(b, "in_progress", request_counts=counts) if b["status"] == "validating" else b)
+        if batch["status"] == "in_progress":
+            batch = await self._answer(batch, lines, folder, caller)
+        if self._is_stopping() and batch["status"] == "in_progress":
+            return  # cut off by the shutdown: it goes on at the next start
+        await self._finish(owner, batch, folder)
+
+    def _read_input(self, owner: str, batch: dict) -> list[BatchLine] | dict:
+        path = self._files.path(owner, batch["input_file_id"], "input_file_id")
+        with path.open(encoding="utf-8", errors="replace") as text:
+            lines, errors = read_lines(text, batch["endpoint"])
+        return _errors([error.as_openai() for error in errors]) if errors else lines
+
+    async def _answer(self, batch: dict, lines: list[BatchLine], folder: Path, caller: Caller) -> dict:
+        """Every line not answered yet, `concurrency` at a time, until all are answered, the
+        batch is cancelled, or its window ends. The batch, as it stands then."""
+        outputs = {name: _trimmed(folder / f"{name}.jsonl") for name in ("output", "errors")}
+        answered = set().union(*(answered_ids(path.read_text(encoding="utf-8").splitlines()) for path in outputs.values() if path.exists()))
+        counts = dict(batch["request_counts"])
+        slots = asyncio.Semaphore(self._concurrency)
+        cancelled = self._cancelled[batch["id"]]
+
+        async def answer(line: BatchLine) -> None:
+            try:
+                status, body, request_id = await self._server.post(batch["endpoint"], {"priority": BATCH_PRIORITY, **line.body}, caller)
+                if status == 503 and self._is_stopping():
+                    return  # not an answer: it runs again after the restart
+                with outputs["output" if status < 400 else "errors"].open("a", encoding="utf-8") as out:
+                    out.write(output_line(line.custom_id, status, body, request_id))
+                counts["completed" if status < 400 else "failed"] += 1
+                self._store.update(batch["id"], lambda b: {**b, "request_counts": dict(counts)})
+            finally:
+                slots.release()
+
+        in_flight: set[asyncio.Future] = set()
+        for line in lines:
+            if line.custom_id in answered:
+                continue
+            await slots.acquire()
+            if cancelled.is_set() or time.time() >= batch["expires_at"] or self._is_stopping():
+                slots.release()
+                break
+            in_flight = {task for task in in_flight if not task.done()} | {asyncio.ensure_future(answer(line))}
+        await asyncio.gather(*in_flight)
+        is_expired = time.time() >= batch["expires_at"] and counts["completed"] + counts["failed"] < counts["total"]
+        return self._store.update(batch["id"], lambda b: moved_to(b, "expired") if b["status"] == "in_progress" and is_expired else b)
+
+    async def _finish(self, owner: str, batch: dict, folder: Path) -> None:
+        """The answers handed to the file store (an empty file is none), and the batch ended:
+        completed, cancelled (from cancelling) or expired."""
+        ending = {"in_progress": "completed", "finalizing": "completed", "cancelling": "cancelled"}.get(batch["status"], batch["status"])
+        self._store.update(batch["id"], lambda b: moved_to(b, "finalizing") if b["status"] == "in_progress" else b)
+        files = {}
+        for name, field in (("output", "output_file_id"), ("errors", "error_file_id")):
+            path = folder / f"{name}.jsonl"
+            if path.exists() and path.stat().st_size:
+                files[field] = (await asyncio.to_thread(self._files.take, owner, f"{batch['id']}_{name}.jsonl", "batch_output", path))["id"]
+        self._store.update(batch["id"], lambda b: moved_to(b, ending, **files))
+        await asyncio.to_thread(_remove_folder, folder)
+
+
+def _errors(data: list[dict]) -> dict:
+    return {"object": "list", "data": data}
+
+
+def _trimmed(path: Path) -> Path:
+    """`path` as it was after its last whole line (a stop mid-write leaves half of one)."""
+    if path.exists():
+        content = path.read_bytes()
+        path.write_bytes(content[: content.rfind(b"\n") + 1])
+    return path
+
+
+def _remove_folder(folder: Path) -> None:
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
