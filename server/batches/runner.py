@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
+from itertools import count
 from pathlib import Path
 
 from server.batches.files import FileStore
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 BATCH_PRIORITY = 10
 DEFAULT_CONCURRENCY = 8  # enough to keep a continuous batch busy; the rest waits its turn here
+BUSY = (429, 503)  # a full queue, a swap or a load in the way: asked again
+RETRIES, RETRY_BASE_S = 5, 1.0  # about 1, 2, 4, 8, 16 s: a swap's or a cold start's time
 
 
 class BatchRunner:
@@ -114,9 +118,9 @@ class BatchRunner:
 
         async def answer(line: BatchLine) -> None:
             try:
-                status, body, request_id = await self._server.post(batch["endpoint"], {"priority": BATCH_PRIORITY, **line.body}, caller)
-                if status == 503 and self._is_stopping():
+                if (served := await self._served(batch["endpoint"], line, caller)) is None:
                     return  # not an answer: it runs again after the restart
+                status, body, request_id = served
                 with outputs["output" if status < 400 else "errors"].open("a", encoding="utf-8") as out:
                     out.write(output_line(line.custom_id, status, body, request_id))
                 counts["completed" if status < 400 else "failed"] += 1
@@ -136,6 +140,23 @@ class BatchRunner:
         await asyncio.gather(*in_flight)
         is_expired = time.time() >= batch["expires_at"] and counts["completed"] + counts["failed"] < counts["total"]
         return self._store.update(batch["id"], lambda b: moved_to(b, "expired") if b["status"] == "in_progress" and is_expired else b)
+
+    async def _served(self, endpoint: str, line: BatchLine, caller: Caller) -> tuple[int, dict, str] | None:
+        """(status, body, request id) of one request. Rules: a busy server is asked again,
+        RETRIES times with backoff; a refusal because the server is shutting down is no
+        answer (None); a failure inside baton is a 500 answer, not the batch's end."""
+        body = {"priority": BATCH_PRIORITY, **line.body}
+        for attempt in count():
+            try:
+                status, answer, request_id = await self._server.post(endpoint, body, caller)
+            except Exception:
+                log.exception("batch request %s failed inside baton", line.custom_id)
+                return 500, {"error": {"message": "The request failed inside baton; see the server log.", "type": "server_error", "param": None, "code": None}}, ""
+            if status == 503 and self._is_stopping():
+                return None
+            if status not in BUSY or attempt == RETRIES:
+                return status, answer, request_id
+            await asyncio.sleep(RETRY_BASE_S * 2**attempt * random.uniform(0.5, 1.5))  # jittered: those turned away together do not return together
 
     async def _finish(self, owner: str, batch: dict, folder: Path) -> None:
         """The answers handed to the file store (an empty file is none), and the batch ended:

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from server.auth.keys import key
+from server.batches import runner
 from server.config.settings import ModelSpec, Settings
 from tests.conftest import ServerThread
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory
@@ -144,6 +145,17 @@ def test_a_restart_in_the_middle_of_a_batch_answers_each_request_once(tiny_model
         lines = client.files.content(batch.output_file_id).text.splitlines()
         assert batch.status == "completed" and batch.request_counts.completed == 40
         assert sorted(json.loads(line)["custom_id"] for line in lines) == sorted(f"r{n}" for n in range(40))
+
+
+def test_requests_a_busy_deployment_turns_away_are_asked_again(tiny_model_path, tmp_path, monkeypatch):
+    """One request at a time and no queue: three of the four a batch sends at once get a 503
+    overloaded; asked again with backoff, every one is answered."""
+    monkeypatch.setattr(runner, "RETRY_BASE_S", 0.2)  # 6 s of retries in all
+    with _slow_server(tiny_model_path, tmp_path / "home", max_running_per_deployment=1, max_waiting=0) as server:
+        client = server.client()
+        upload = _upload(client, [_line(f"r{n}", _chat("chat", "hi", max_tokens=2)) for n in range(4)])
+        batch = _ended(client, client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+        assert (batch.status, batch.request_counts.completed, batch.error_file_id) == ("completed", 4, None), _answers(client, batch.error_file_id)
 
 
 def test_files_and_batches_are_their_keys_alone_and_run_with_its_rights(tiny_model_path, tmp_path):
