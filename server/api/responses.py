@@ -369,12 +369,7 @@ def _check_background(keeper: Keeper | None) -> None:
 
 
 def conversations_of(request: Request, param: str | None = None) -> ConversationStore:
-    """The server's conversations; as `_store`, where it keeps none."""
-    if request.state.conversations is None:
-        if param is not None:
-            raise InvalidRequestError("This server keeps no conversations (store_responses is off): send the whole conversation in input.", param=param)
-        raise NotFoundError("This server keeps no conversations (store_responses is off).", code="conversation_not_found")
-    return request.state.conversations
+    return _kept_in(request.state.conversations, "conversation", param)
 
 
 def _why_not_streamed(response: dict) -> str:
@@ -387,13 +382,17 @@ def _why_not_streamed(response: dict) -> str:
 
 
 def _store(request: Request, param: str | None = None) -> ResponseStore:
-    """The server's kept Responses. Where it keeps none, a request that asks for one is a 400
-    naming `param`; a read of one, a 404."""
-    if request.state.responses is None:
+    return _kept_in(request.state.responses, "response", param)
+
+
+def _kept_in(store, kind: str, param: str | None):
+    """`store`, where the server keeps that state (`store_responses`). Where it keeps none,
+    a request that asks for one (naming it in `param`) is a 400; a read of one, a 404."""
+    if store is None:
         if param is not None:
-            raise InvalidRequestError("This server keeps no responses (store_responses is off): send the whole conversation in input.", param=param)
-        raise NotFoundError("This server keeps no responses (store_responses is off).", code="response_not_found")
-    return request.state.responses
+            raise InvalidRequestError(f"This server keeps no {kind}s (store_responses is off): send the whole conversation in input.", param=param)
+        raise NotFoundError(f"This server keeps no {kind}s (store_responses is off).", code=f"{kind}_not_found")
+    return store
 
 
 def owner_of(request: Request) -> str:
