@@ -338,6 +338,8 @@ def observe(request: Request, deployment: str) -> RequestObservation | Unobserve
     """What notes this request's metrics, log line, health outcome and token charge."""
     if not request.state.settings.request_metrics:
         return Unobserved()
+    if request.scope.get(ON_BEHALF_OF) is not None:  # a batch's: paced by its runner, it takes nothing from its key's rates
+        return RequestObservation(request.state.metrics, request.state.request_id, deployment)
     key, rate_limits = request.state.key, request.state.rate_limits
     return RequestObservation(request.state.metrics, request.state.request_id, deployment, lambda num_tokens: rate_limits.charge_tokens(key, num_tokens))
 

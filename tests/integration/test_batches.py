@@ -158,6 +158,17 @@ def test_requests_a_busy_deployment_turns_away_are_asked_again(tiny_model_path, 
         assert (batch.status, batch.request_counts.completed, batch.error_file_id) == ("completed", 4, None), _answers(client, batch.error_file_id)
 
 
+def test_a_batch_neither_waits_on_nor_uses_up_its_keys_rates(tiny_model_path, tmp_path):
+    keys = [key("app", "app-secret", {"inference"}, tokens_per_minute=200)]
+    settings = Settings(home=tmp_path / "home", models=[ModelSpec(name="chat", path=tiny_model_path)], keys=keys)
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        client = server.client(api_key="app-secret")
+        upload = _upload(client, [_line(f"r{n}", _chat("chat", "hi", max_tokens=50)) for n in range(6)])  # 300 tokens and more: over what a minute allows
+        batch = _ended(client, client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+        assert batch.request_counts.completed == 6
+        assert client.chat.completions.create(**_chat("chat", "hi")).choices  # the key's own minute is untouched
+
+
 def test_files_and_batches_are_their_keys_alone_and_run_with_its_rights(tiny_model_path, tmp_path):
     keys = [key("app", "app-secret", {"inference"}), key("narrow", "narrow-secret", {"inference"}, {"other"})]
     settings = Settings(home=tmp_path / "home", models=[ModelSpec(name="chat", path=tiny_model_path)], keys=keys)
