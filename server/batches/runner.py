@@ -97,7 +97,7 @@ class BatchRunner:
         batch = self._store.update(batch["id"], lambda b: moved_to(b, "in_progress", request_counts=counts) if b["status"] == "validating" else b)
         if batch["status"] == "in_progress":
             batch = await self._answer(batch, lines, folder, caller)
-        if self._is_stopping() and batch["status"] == "in_progress":
+        if self._is_stopping() and batch["status"] == "in_progress" and _unanswered(batch):
             return  # cut off by the shutdown: it goes on at the next start
         await self._finish(owner, batch, folder)
 
@@ -138,7 +138,8 @@ class BatchRunner:
                 break
             in_flight = {task for task in in_flight if not task.done()} | {asyncio.ensure_future(answer(line))}
         await asyncio.gather(*in_flight)
-        is_expired = time.time() >= batch["expires_at"] and counts["completed"] + counts["failed"] < counts["total"]
+        batch = self._store.update(batch["id"], lambda b: {**b, "request_counts": counts})
+        is_expired = time.time() >= batch["expires_at"] and _unanswered(batch)
         return self._store.update(batch["id"], lambda b: moved_to(b, "expired") if b["status"] == "in_progress" and is_expired else b)
 
     async def _served(self, endpoint: str, line: BatchLine, caller: Caller) -> tuple[int, dict, str] | None:
@@ -170,6 +171,11 @@ class BatchRunner:
                 files[field] = (await asyncio.to_thread(self._files.take, owner, f"{batch['id']}_{name}.jsonl", "batch_output", path))["id"]
         self._store.update(batch["id"], lambda b: moved_to(b, ending, **files))
         await asyncio.to_thread(_remove_folder, folder)
+
+
+def _unanswered(batch: dict) -> bool:
+    counts = batch["request_counts"]
+    return counts["completed"] + counts["failed"] < counts["total"]
 
 
 def _errors(data: list[dict]) -> dict:
