@@ -150,7 +150,7 @@ def test_a_restart_in_the_middle_of_a_batch_answers_each_request_once(tiny_model
 def test_requests_a_busy_deployment_turns_away_are_asked_again(tiny_model_path, tmp_path, monkeypatch):
     """One request at a time and no queue: three of the four a batch sends at once get a 503
     overloaded; asked again with backoff, every one is answered."""
-    monkeypatch.setattr(runner, "RETRY_BASE_S", 0.2)  # 6 s of retries in all
+    monkeypatch.setattr(runner, "RETRY_BASE_S", 0.3)  # about 9 s of retries in all
     with _slow_server(tiny_model_path, tmp_path / "home", max_running_per_deployment=1, max_waiting=0) as server:
         client = server.client()
         upload = _upload(client, [_line(f"r{n}", _chat("chat", "hi", max_tokens=2)) for n in range(4)])
