@@ -29,7 +29,7 @@ from server.batches.in_process import InProcess, caller_of
 from server.batches.runner import BatchRunner
 from server.batches.store import BatchStore
 from server.observability.gpu_monitor import GpuMonitor, load_nvml
-from server.observability.metrics import Metrics, StateCollector
+from server.observability.metrics import BatchCollector, Metrics, StateCollector
 from server.config.settings import Settings
 from server.lifecycle import Lifecycle
 from server.engines.factory import build_engine
@@ -64,6 +64,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         keys = settings.all_keys()
         state: dict = {}  # the lifespan state, filled below; batches' in-process requests get it too
         files, batches = FileStore(settings.home / "batches.db", settings.home / "files"), BatchStore(settings.home / "batches.db")
+        metrics.watch(BatchCollector(batches.summary))
         batch_runner = BatchRunner(batches, files, settings.home / "batch-work", InProcess(app, state), partial(caller_of, keys), lambda: lifecycle.is_shutting_down)
 
         saved = to_restore(registry.saved_deployments() if settings.restore_state else {}, settings.models, settings.config_file is not None)

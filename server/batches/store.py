@@ -101,3 +101,13 @@ class BatchStore:
         with reading(self._path) as db:
             rows = db.execute(f"SELECT owner, record FROM batches WHERE status IN ({', '.join('?' * len(UNFINISHED))})", UNFINISHED).fetchall()
         return [(row[0], json.loads(row[1])) for row in rows]
+
+    def summary(self) -> tuple[dict[str, int], int]:
+        """Batches by status, and the requests the unfinished ones have yet to answer."""
+        with reading(self._path) as db:
+            by_status = dict(db.execute("SELECT status, COUNT(*) FROM batches GROUP BY status").fetchall())
+        pending = 0
+        for _, batch in self.unfinished():
+            counts = batch["request_counts"]
+            pending += counts["total"] - counts["completed"] - counts["failed"]
+        return by_status, pending

@@ -86,3 +86,18 @@ class StateCollector:
             for role, slot in deployment.roles():
                 slots.add_metric((deployment.name, slot.version, role, slot.state.value), 1)
         yield from (in_flight, waiting, slots)
+
+
+class BatchCollector:
+    """Gauges of the batches (server/batches/), read from their store at scrape time."""
+
+    def __init__(self, summary: Callable[[], tuple[dict[str, int], int]]):
+        self._summary = summary
+
+    def collect(self):
+        by_status, pending = self._summary()
+        batches = GaugeMetricFamily("baton_batches", "Batches kept, by status", labels=("status",))
+        for status, num_batches in sorted(by_status.items()):
+            batches.add_metric((status,), num_batches)
+        yield batches
+        yield GaugeMetricFamily("baton_batch_requests_pending", "Requests that unfinished batches have yet to answer", value=pending)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 
 import httpx
@@ -65,6 +66,8 @@ def test_a_batch_answers_each_request_as_its_endpoint_does_and_files_the_failure
     assert failed["unknown-model"]["status_code"] == 404 and failed["unknown-model"]["body"]["error"]["code"] == "model_not_found"
     assert {f.id for f in client.files.list(purpose="batch_output")} >= {batch.output_file_id, batch.error_file_id}
     assert batch.id in [b.id for b in client.batches.list()]
+    metrics = httpx.get(f"{tiny_server.url}/metrics").text
+    assert re.search(r'^baton_batches\{status="completed"\} [1-9]', metrics, re.M) and "baton_batch_requests_pending" in metrics
 
 
 def test_embeddings_are_batched_too(tiny_server):
