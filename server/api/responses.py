@@ -358,7 +358,11 @@ def _keeper(request: Request, body: ResponsesRequest, earlier: list[dict]) -> Ke
     if not is_stored and body.conversation_id is None:
         return None
     new_items = body.input_items()
-    conversation = Conversation(request.state.conversations, body.conversation_id, new_items) if body.conversation_id is not None else None
+    conversation = None
+    if body.conversation_id is not None:
+        if repeated := sorted({item["id"] for item in earlier} & {item["id"] for item in new_items}):  # refused before generating, not after
+            raise InvalidRequestError(f"Each item of a conversation has an id of its own; {', '.join(repeated)} is in {body.conversation_id} already.", param="input")
+        conversation = Conversation(request.state.conversations, body.conversation_id, new_items)
     return Keeper(owner_of(request), earlier + new_items, _store(request, "store") if is_stored else None, conversation)
 
 

@@ -41,6 +41,9 @@ def test_answers_in_a_conversation_see_its_items_and_add_theirs(client):
     stateless = client.responses.create(**ASKED, input=[*whole, *[_sent(item) for item in first.output], {"role": "user", "content": "And again?"}], store=False)
     assert (second.output_text, second.usage.input_tokens) == (stateless.output_text, stateless.usage.input_tokens)
     assert len(client.conversations.items.list(conversation.id).data) == 5
+    with pytest.raises(openai.BadRequestError) as repeated:  # an item the conversation has already, sent again
+        client.responses.create(**ASKED, conversation=conversation.id, input=[{**_sent(items[0]), "id": items[0].id}])
+    assert repeated.value.body["param"] == "input" and len(client.conversations.items.list(conversation.id).data) == 5
 
 
 def test_items_are_added_read_paged_and_deleted(client):
