@@ -5,13 +5,16 @@ reads `failed` after the next start."""
 
 from __future__ import annotations
 
+import json
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import httpx
+import openai
 import pytest
 
 from server.lifecycle import CUT_OFF_S
@@ -141,3 +144,30 @@ def test_a_background_response_cut_off_by_a_second_sigterm_reads_failed_after_th
     process.wait(timeout=15)
     kept = _after_a_restart(serve_again, response_id)
     assert (kept["status"], kept["error"]["code"]) == ("failed", "server_error"), kept  # not in_progress for ever
+
+
+def test_sigterm_finishes_a_batchs_requests_in_flight_and_the_restart_runs_the_rest(serve, serve_again, tmp_path):
+    """The drain lets the batch's requests in flight finish and starts no more; the next
+    start answers the rest, each request once."""
+    url, process = serve
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    lines = [json.dumps({"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions", "body": {**LONG, "stream": False, "max_tokens": 200}}) for n in range(40)]
+    upload = client.files.create(file=("requests.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch_id = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h").id
+    while client.batches.retrieve(batch_id).request_counts.completed < 1:
+        time.sleep(0.1)
+    client.close()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=90) == 0
+    with closing(sqlite3.connect(tmp_path / "batches.db")) as db:
+        cut = json.loads(db.execute("SELECT record FROM batches WHERE id = ?", (batch_id,)).fetchone()[0])
+    assert cut["status"] == "in_progress" and 1 <= cut["request_counts"]["completed"] < 40
+    with serve_again() as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 120
+        while (batch := client.batches.retrieve(batch_id)).status != "completed":
+            assert time.monotonic() < deadline and batch.status == "in_progress", batch.status
+            time.sleep(0.2)
+        answered = [json.loads(line)["custom_id"] for line in client.files.content(batch.output_file_id).text.splitlines()]
+        client.close()
+    assert sorted(answered) == sorted(f"r{n}" for n in range(40))
