@@ -63,7 +63,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         background_runs = BackgroundRuns()
         keys = settings.all_keys()
         state: dict = {}  # the lifespan state, filled below; batches' in-process requests get it too
-        files, batches = FileStore(settings.home / "batches.db", settings.home / "files"), BatchStore(settings.home / "batches.db")
+        files, batches = FileStore(settings.home / "batches.db", settings.home / "files", settings.max_file_bytes_per_key), BatchStore(settings.home / "batches.db")
         metrics.watch(BatchCollector(batches.summary))
         batch_runner = BatchRunner(batches, files, settings.home / "batch-work", InProcess(app, state), partial(caller_of, keys), lambda: lifecycle.is_shutting_down)
 

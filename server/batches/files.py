@@ -7,6 +7,8 @@ Rules:
   other key an id is as unknown as one never made.
 - A file appears whole or not at all: its content is written to a temporary name, then
   renamed, then recorded.
+- A key's files (its uploads and its batches' outputs) take at most `max_bytes_per_owner`;
+  an upload past it is refused, whole. A batch's output is written whatever it takes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from models.database import reading, transaction
-from models.errors import NotFoundError
+from models.errors import InvalidRequestError, NotFoundError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -35,8 +37,8 @@ PURPOSES = ("batch", "batch_output")  # uploaded batch inputs; what batches writ
 
 
 class FileStore:
-    def __init__(self, db_path: Path, folder: Path):
-        self._db_path, self._folder = db_path, folder
+    def __init__(self, db_path: Path, folder: Path, max_bytes_per_owner: int | None = None):
+        self._db_path, self._folder, self._max_bytes_per_owner = db_path, folder, max_bytes_per_owner
         folder.mkdir(parents=True, exist_ok=True)
         with reading(db_path) as db:
             db.executescript(SCHEMA)
@@ -47,7 +49,19 @@ class FileStore:
         partial = self._folder / f"{file_id}.partial"
         with partial.open("wb") as out:
             shutil.copyfileobj(content, out, 1 << 20)
+        if self._max_bytes_per_owner is not None and self.bytes_of(owner) + partial.stat().st_size > self._max_bytes_per_owner:
+            partial.unlink()
+            raise InvalidRequestError(
+                f"This key's files would take more than its {self._max_bytes_per_owner} bytes (max_file_bytes_per_key); delete some first.",
+                param="file",
+                code="storage_limit_exceeded",
+            )
         return self._record(owner, file_id, filename, purpose, partial)
+
+    def bytes_of(self, owner: str) -> int:
+        with reading(self._db_path) as db:
+            (total,) = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner = ?", (owner,)).fetchone()
+        return total
 
     def take(self, owner: str, filename: str, purpose: str, written: Path) -> dict:
         """A file written elsewhere under the home (a batch's output), moved in and recorded."""

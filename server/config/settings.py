@@ -73,6 +73,7 @@ class Settings(BaseModel):
     import_roots: list[Path] = Field(default_factory=list, description="Server folders that admin-API imports may read.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="The largest file POST /v1/files takes (a batch's input), as OpenAI's Batch API has it.")
+    max_file_bytes_per_key: int | None = Field(10 * 1024**3, ge=1024, description="What one key's files (batch inputs and outputs) may take on disk; an upload past it is a 400. None: no limit.")
     max_n: int = Field(8, ge=1, description="The largest `n` (choices per request) accepted.")
     max_prompt_tokens: int | None = Field(None, ge=1, description="The longest prompt accepted, in tokens; None: the model's context.")
     max_completion_tokens: int | None = Field(None, ge=1, description="The most tokens one choice may generate; also the default when a request sets none.")

@@ -99,8 +99,8 @@ def test_bad_batch_requests_name_the_field(tiny_server, body, param):
     assert refused.status_code in (400, 404) and refused.json()["error"]["param"] == param, refused.text
 
 
-def test_an_upload_is_for_batches_and_within_its_size(tiny_model_path, tmp_path):
-    settings = Settings(home=tmp_path / "home", models=[ModelSpec(name="chat", path=tiny_model_path)], max_file_bytes=2048)
+def test_an_upload_is_for_batches_within_its_size_and_its_keys_room(tiny_model_path, tmp_path):
+    settings = Settings(home=tmp_path / "home", models=[ModelSpec(name="chat", path=tiny_model_path)], max_file_bytes=2048, max_file_bytes_per_key=3000)
     with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
         client = server.client()
         with pytest.raises(openai.BadRequestError) as wrong_purpose:
@@ -111,6 +111,12 @@ def test_an_upload_is_for_batches_and_within_its_size(tiny_model_path, tmp_path)
         assert too_big.value.status_code == 413
         kept = client.files.create(file=("../../etc/passwd", io.BytesIO(b"{}")), purpose="batch")
         assert client.files.content(kept.id).content == b"{}" and not (tmp_path / "etc").exists()
+        big = client.files.create(file=("a.jsonl", io.BytesIO(b"x" * 1500)), purpose="batch")
+        with pytest.raises(openai.BadRequestError) as over_quota:  # 2 + 1500 + 1500 bytes: past the key's 3000
+            client.files.create(file=("b.jsonl", io.BytesIO(b"x" * 1500)), purpose="batch")
+        assert over_quota.value.body["code"] == "storage_limit_exceeded" and len(client.files.list().data) == 2
+        client.files.delete(big.id)
+        client.files.create(file=("b.jsonl", io.BytesIO(b"x" * 1500)), purpose="batch")  # room again
         client.files.delete(kept.id)
         with pytest.raises(openai.NotFoundError):
             client.files.retrieve(kept.id)
