@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from functools import partial
 
 log = logging.getLogger(__name__)
 
 # Rule: a streamed run's events are kept in memory while it runs and this long after it ends,
-# for a client to resume; not over a restart. The Response itself is kept in the store.
+# for a client to resume; not over a restart. The Response itself is kept in the store. Of the
+# runs that ended, the events of at most MAX_ENDED_LOGS are kept (the oldest go first), so
+# that a burst of long answers cannot fill the memory.
 KEEP_EVENTS_S = 600.0
+MAX_ENDED_LOGS = 256
 
 
 class EventLog:
@@ -51,10 +55,11 @@ class EventLog:
 
 
 class BackgroundRuns:
-    def __init__(self, keep_events_s: float = KEEP_EVENTS_S) -> None:
+    def __init__(self, keep_events_s: float = KEEP_EVENTS_S, max_ended_logs: int = MAX_ENDED_LOGS) -> None:
         self._tasks: dict[str, asyncio.Task] = {}
         self._logs: dict[str, EventLog] = {}
-        self._keep_events_s = keep_events_s
+        self._ended_logs: deque[str] = deque()  # the runs that ended with a log, oldest first
+        self._keep_events_s, self._max_ended_logs = keep_events_s, max_ended_logs
 
     def start(self, run_id: str, work: Awaitable[None], events: EventLog | None = None) -> None:
         """Run `work`; where it writes `events`, they can be followed (`events_of`) until
@@ -73,6 +78,9 @@ class BackgroundRuns:
         if (events := self._logs.get(run_id)) is not None:
             events.close()
             asyncio.get_running_loop().call_later(self._keep_events_s, self._logs.pop, run_id, None)
+            self._ended_logs.append(run_id)
+            while len(self._ended_logs) > self._max_ended_logs:
+                self._logs.pop(self._ended_logs.popleft(), None)
         if not task.cancelled() and (error := task.exception()) is not None:  # a run records its own outcome; this is its recording failing
             log.error("background run %s failed", run_id, exc_info=error)
 

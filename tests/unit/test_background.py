@@ -47,3 +47,18 @@ def test_a_runs_events_are_kept_after_it_ends_for_the_time_set_then_forgotten():
     kept, closed, later = asyncio.run(scenario())
     assert kept is not None and closed  # the run's end closes its log: followers stop there
     assert later is None
+
+
+def test_of_the_runs_that_ended_only_the_newest_logs_are_kept():
+    async def scenario():
+        runs = BackgroundRuns(max_ended_logs=2)
+
+        async def work():
+            pass
+
+        for run_id in ("a", "b", "c"):
+            runs.start(run_id, work(), EventLog())
+            await asyncio.sleep(0.01)
+        return [runs.events_of(run_id) is not None for run_id in ("a", "b", "c")]
+
+    assert asyncio.run(scenario()) == [False, True, True]
