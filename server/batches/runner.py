@@ -97,9 +97,10 @@ class BatchRunner:
         batch = self._store.update(batch["id"], lambda b: moved_to(b, "in_progress", request_counts=counts) if b["status"] == "validating" else b)
         if batch["status"] == "in_progress":
             batch = await self._answer(batch, lines, folder, caller)
-        if self._is_stopping() and batch["status"] == "in_progress" and _unanswered(batch):
+        is_expired = batch["status"] == "in_progress" and _unanswered(batch) and time.time() >= batch["expires_at"]
+        if self._is_stopping() and batch["status"] == "in_progress" and _unanswered(batch) and not is_expired:
             return  # cut off by the shutdown: it goes on at the next start
-        await self._finish(owner, batch, folder)
+        await self._finish(owner, batch, folder, "expired" if is_expired else None)
 
     def _read_input(self, owner: str, batch: dict) -> list[BatchLine] | dict:
         path = self._files.path(owner, batch["input_file_id"], "input_file_id")
@@ -138,9 +139,7 @@ class BatchRunner:
                 break
             in_flight = {task for task in in_flight if not task.done()} | {asyncio.ensure_future(answer(line))}
         await asyncio.gather(*in_flight)
-        batch = self._store.update(batch["id"], lambda b: {**b, "request_counts": counts})
-        is_expired = time.time() >= batch["expires_at"] and _unanswered(batch)
-        return self._store.update(batch["id"], lambda b: moved_to(b, "expired") if b["status"] == "in_progress" and is_expired else b)
+        return self._store.update(batch["id"], lambda b: {**b, "request_counts": counts})
 
     async def _served(self, endpoint: str, line: BatchLine, caller: Caller) -> tuple[int, dict, str] | None:
         """(status, body, request id) of one request. Rules: a busy server is asked again,
@@ -159,10 +158,11 @@ class BatchRunner:
                 return status, answer, request_id
             await asyncio.sleep(RETRY_BASE_S * 2**attempt * random.uniform(0.5, 1.5))  # jittered: those turned away together do not return together
 
-    async def _finish(self, owner: str, batch: dict, folder: Path) -> None:
-        """The answers handed to the file store (an empty file is none), and the batch ended:
-        completed, cancelled (from cancelling) or expired."""
-        ending = {"in_progress": "completed", "finalizing": "completed", "cancelling": "cancelled"}.get(batch["status"], batch["status"])
+    async def _finish(self, owner: str, batch: dict, folder: Path, ending: str | None = None) -> None:
+        """The answers handed to the file store (an empty file is none), and the batch ended,
+        its files named in the same write: `ending`, else completed, or cancelled (from
+        cancelling)."""
+        ending = ending or {"in_progress": "completed", "finalizing": "completed", "cancelling": "cancelled"}[batch["status"]]
         self._store.update(batch["id"], lambda b: moved_to(b, "finalizing") if b["status"] == "in_progress" else b)
         files = {}
         for name, field in (("output", "output_file_id"), ("errors", "error_file_id")):
