@@ -45,6 +45,7 @@ class BatchRunner:
         self._caller_of, self._is_stopping, self._concurrency = caller_of, is_stopping, concurrency
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancelled: dict[str, asyncio.Event] = {}
+        self._writes = asyncio.Lock()
 
     def start(self, owner: str, batch: dict) -> None:
         self._cancelled[batch["id"]] = asyncio.Event()
@@ -62,10 +63,16 @@ class BatchRunner:
         """A batch still running moves to `cancelling` (its runner ends it `cancelled`); one
         that ended is left as it ended."""
         await asyncio.to_thread(self._store.get, owner, batch_id)  # another key's: unknown
-        batch = await asyncio.to_thread(self._store.update, batch_id, lambda b: moved_to(b, "cancelling") if b["status"] in ("validating", "in_progress") else b)
+        batch = await self._update(batch_id, lambda b: moved_to(b, "cancelling") if b["status"] in ("validating", "in_progress") else b)
         if batch["status"] == "cancelling" and (cancelled := self._cancelled.get(batch_id)) is not None:
             cancelled.set()
         return batch
+
+    async def _update(self, batch_id: str, change: Callable[[dict], dict]) -> dict:
+        """BatchStore.update off the event loop, one write at a time (so the counts written
+        never go back)."""
+        async with self._writes:
+            return await asyncio.to_thread(self._store.update, batch_id, change)
 
     async def stop_all(self) -> None:
         """At shutdown: cut off, to run on at the next start."""
@@ -87,14 +94,14 @@ class BatchRunner:
         except Exception as error:  # the input file deleted meanwhile, say
             lines = _errors([{"code": "invalid_input_file", "message": str(error), "param": "input_file_id", "line": None}])
         if isinstance(lines, dict):  # what is wrong with the file
-            self._store.update(batch["id"], lambda b: moved_to(b, "failed", errors=lines))
+            await self._update(batch["id"], lambda b: moved_to(b, "failed", errors=lines))
             return
         if (caller := self._caller_of(owner)) is None:
             gone = _errors([{"code": "key_not_found", "message": f"The key {owner!r} that created this batch no longer has the inference scope.", "param": None, "line": None}])
-            self._store.update(batch["id"], lambda b: moved_to(b, "failed", errors=gone))
+            await self._update(batch["id"], lambda b: moved_to(b, "failed", errors=gone))
             return
         counts = {"total": len(lines), "completed": 0, "failed": 0}
-        batch = self._store.update(batch["id"], lambda b: moved_to(b, "in_progress", request_counts=counts) if b["status"] == "validating" else b)
+        batch = await self._update(batch["id"], lambda b: moved_to(b, "in_progress", request_counts=counts) if b["status"] == "validating" else b)
         if batch["status"] == "in_progress":
             batch = await self._answer(batch, lines, folder, caller)
         is_expired = batch["status"] == "in_progress" and _unanswered(batch) and time.time() >= batch["expires_at"]
@@ -125,7 +132,8 @@ class BatchRunner:
                 with outputs["output" if status < 400 else "errors"].open("a", encoding="utf-8") as out:
                     out.write(output_line(line.custom_id, status, body, request_id))
                 counts["completed" if status < 400 else "failed"] += 1
-                self._store.update(batch["id"], lambda b: {**b, "request_counts": dict(counts)})
+                counted = dict(counts)
+                await self._update(batch["id"], lambda b: {**b, "request_counts": counted})
             finally:
                 slots.release()
 
@@ -139,7 +147,7 @@ class BatchRunner:
                 break
             in_flight = {task for task in in_flight if not task.done()} | {asyncio.ensure_future(answer(line))}
         await asyncio.gather(*in_flight)
-        return self._store.update(batch["id"], lambda b: {**b, "request_counts": counts})
+        return await self._update(batch["id"], lambda b: {**b, "request_counts": counts})
 
     async def _served(self, endpoint: str, line: BatchLine, caller: Caller) -> tuple[int, dict, str] | None:
         """(status, body, request id) of one request. Rules: a busy server is asked again,
@@ -163,13 +171,13 @@ class BatchRunner:
         its files named in the same write: `ending`, else completed, or cancelled (from
         cancelling)."""
         ending = ending or {"in_progress": "completed", "finalizing": "completed", "cancelling": "cancelled"}[batch["status"]]
-        self._store.update(batch["id"], lambda b: moved_to(b, "finalizing") if b["status"] == "in_progress" else b)
+        await self._update(batch["id"], lambda b: moved_to(b, "finalizing") if b["status"] == "in_progress" else b)
         files = {}
         for name, field in (("output", "output_file_id"), ("errors", "error_file_id")):
             path = folder / f"{name}.jsonl"
             if path.exists() and path.stat().st_size:
                 files[field] = (await asyncio.to_thread(self._files.take, owner, f"{batch['id']}_{name}.jsonl", "batch_output", path))["id"]
-        self._store.update(batch["id"], lambda b: moved_to(b, ending, **files))
+        await self._update(batch["id"], lambda b: moved_to(b, ending, **files))
         await asyncio.to_thread(_remove_folder, folder)
 
 
