@@ -260,8 +260,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
             observation.finish(status_of(error))
             raise
     if body.stream:
-        usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage, CachedTokens(served.choices_per_prompt(len(requests))))
-        events = shape.events(await _primed(request, choices), served, len(requests), usage)
+        events = shape.events(await _primed(request, choices), served, len(requests), _usage_policy(body, num_prompt_tokens, served, len(requests)))
         return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=BackgroundTask(_release, lease))
     try:
         body = await _unless_disconnected(request, shape.collect(choices, served, len(requests), num_prompt_tokens))
@@ -274,7 +273,7 @@ async def _in_background(request: Request, body, shape: AnswerShape, choices, se
     """The answer of a run that goes on in the background: its start at once, or its events
     as they come (which a client that leaves can follow again)."""
     if body.stream:
-        usage = _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage, CachedTokens(served.choices_per_prompt(num_choices)))
+        usage = _usage_policy(body, num_prompt_tokens, served, num_choices)
         events = await shape.streamed_in_background(await _primed(request, choices), served, num_choices, usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     return JSONResponse(await shape.in_background(choices, served, num_choices, num_prompt_tokens), headers=headers)
@@ -461,6 +460,10 @@ class _UsagePolicy:
 
     def final(self) -> dict:
         return _usage(self.num_prompt_tokens, self.num_completion_tokens, self.reasoning.num_tokens, self.cached.num_tokens)
+
+
+def _usage_policy(body, num_prompt_tokens: int, served: Served, num_choices: int) -> _UsagePolicy:
+    return _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage, CachedTokens(served.choices_per_prompt(num_choices)))
 
 
 async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy, served: Served):
