@@ -47,6 +47,13 @@ from server.deployments.slot_lifecycle import EngineFactory
 log = logging.getLogger(__name__)
 
 
+def _batch_runner(settings: Settings, server: InProcess, keys: list, lifecycle: Lifecycle) -> BatchRunner:
+    """Batches and their files under the home; their requests served by `server`, as the
+    key that made each batch."""
+    files = FileStore(settings.home / "batches.db", settings.home / "files", settings.max_file_bytes_per_key)
+    return BatchRunner(BatchStore(settings.home / "batches.db"), files, settings.home / "batch-work", server, partial(caller_of, keys), lambda: lifecycle.is_shutting_down)
+
+
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engine, lifecycle: Lifecycle | None = None) -> FastAPI:
     lifecycle = lifecycle or Lifecycle()
 
@@ -63,9 +70,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         background_runs = BackgroundRuns()
         keys = settings.all_keys()
         state: dict = {}  # the lifespan state, filled below; batches' in-process requests get it too
-        files, batches = FileStore(settings.home / "batches.db", settings.home / "files", settings.max_file_bytes_per_key), BatchStore(settings.home / "batches.db")
-        metrics.watch(BatchCollector(batches.summary))
-        batch_runner = BatchRunner(batches, files, settings.home / "batch-work", InProcess(app, state), partial(caller_of, keys), lambda: lifecycle.is_shutting_down)
+        batch_runner = _batch_runner(settings, InProcess(app, state), keys, lifecycle)
+        metrics.watch(BatchCollector(batch_runner.store.summary))
 
         saved = to_restore(registry.saved_deployments() if settings.restore_state else {}, settings.models, settings.config_file is not None)
 
@@ -102,8 +108,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "responses": ResponseStore(settings.home / "responses.db", settings.responses_ttl_s) if settings.store_responses else None,
                 "conversations": ConversationStore(settings.home / "responses.db") if settings.store_responses else None,
                 "background_runs": background_runs,
-                "files": files,
-                "batches": batches,
+                "files": batch_runner.files,
+                "batches": batch_runner.store,
                 "batch_runner": batch_runner,
                 "started_at": int(time.time()),
             })  # fmt: skip

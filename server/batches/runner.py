@@ -41,7 +41,8 @@ class BatchRunner:
         """`work`: where running batches write their answers; `caller_of`: who a batch's
         requests are made as, from its creator's name, as the server's keys are now (None:
         that key may no longer make them)."""
-        self._store, self._files, self._work, self._server = store, files, work, server
+        self.store, self.files = store, files  # the app's routes read them too
+        self._work, self._server = work, server
         self._caller_of, self._is_stopping, self._concurrency = caller_of, is_stopping, concurrency
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancelled: dict[str, asyncio.Event] = {}
@@ -55,14 +56,14 @@ class BatchRunner:
 
     def resume_all(self) -> None:
         """At start-up: the batches a stop cut off go on where they were."""
-        for owner, batch in self._store.unfinished():
+        for owner, batch in self.store.unfinished():
             log.info("resuming batch %s (%s)", batch["id"], batch["status"])
             self.start(owner, batch)
 
     async def cancel(self, owner: str, batch_id: str) -> dict:
         """A batch still running moves to `cancelling` (its runner ends it `cancelled`); one
         that ended is left as it ended."""
-        await asyncio.to_thread(self._store.get, owner, batch_id)  # another key's: unknown
+        await asyncio.to_thread(self.store.get, owner, batch_id)  # another key's: unknown
         batch = await self._update(batch_id, lambda b: moved_to(b, "cancelling") if b["status"] in ("validating", "in_progress") else b)
         if batch["status"] == "cancelling" and (cancelled := self._cancelled.get(batch_id)) is not None:
             cancelled.set()
@@ -72,7 +73,7 @@ class BatchRunner:
         """BatchStore.update off the event loop, one write at a time (so the counts written
         never go back)."""
         async with self._writes:
-            return await asyncio.to_thread(self._store.update, batch_id, change)
+            return await asyncio.to_thread(self.store.update, batch_id, change)
 
     async def stop_all(self) -> None:
         """At shutdown: cut off, to run on at the next start."""
@@ -110,7 +111,7 @@ class BatchRunner:
         await self._finish(owner, batch, folder, "expired" if is_expired else None)
 
     def _read_input(self, owner: str, batch: dict) -> list[BatchLine] | dict:
-        path = self._files.path(owner, batch["input_file_id"], "input_file_id")
+        path = self.files.path(owner, batch["input_file_id"], "input_file_id")
         with path.open(encoding="utf-8", errors="replace") as text:
             lines, errors = read_lines(text, batch["endpoint"])
         return _errors([error.as_openai() for error in errors]) if errors else lines
@@ -176,7 +177,7 @@ class BatchRunner:
         for name, field in (("output", "output_file_id"), ("errors", "error_file_id")):
             path = folder / f"{name}.jsonl"
             if path.exists() and path.stat().st_size:
-                files[field] = (await asyncio.to_thread(self._files.take, owner, f"{batch['id']}_{name}.jsonl", "batch_output", path))["id"]
+                files[field] = (await asyncio.to_thread(self.files.take, owner, f"{batch['id']}_{name}.jsonl", "batch_output", path))["id"]
         await self._update(batch["id"], lambda b: moved_to(b, ending, **files))
         await asyncio.to_thread(_remove_folder, folder)
 
