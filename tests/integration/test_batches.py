@@ -70,12 +70,17 @@ def test_a_batch_answers_each_request_as_its_endpoint_does_and_files_the_failure
     assert re.search(r'^baton_batches\{status="completed"\} [1-9]', metrics, re.M) and "baton_batch_requests_pending" in metrics
 
 
-def test_embeddings_are_batched_too(tiny_server):
+def test_embeddings_and_responses_are_batched_too(tiny_server):
     client = tiny_server.client()
     upload = _upload(client, [_line("e0", {"model": "tiny", "input": "hello"}, "/v1/embeddings")])
     batch = _ended(client, client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h").id)
     vector = _answers(client, batch.output_file_id)["e0"]["body"]["data"][0]["embedding"]
     assert vector == client.embeddings.create(model="tiny", input="hello").data[0].embedding
+    asked = {"model": "tiny", "input": "Hello there", "max_output_tokens": 4, "temperature": 0}
+    upload = _upload(client, [_line("r0", asked, "/v1/responses")])
+    batch = _ended(client, client.batches.create(input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h").id)
+    response = _answers(client, batch.output_file_id)["r0"]["body"]
+    assert client.responses.retrieve(response["id"]).output_text == client.responses.create(**asked).output_text  # kept, as its key's
 
 
 def test_a_file_with_bad_lines_fails_its_batch_naming_each_line(tiny_server):

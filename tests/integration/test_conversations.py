@@ -5,6 +5,8 @@ read and deleted; its owner's alone; kept over a restart."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -44,6 +46,17 @@ def test_answers_in_a_conversation_see_its_items_and_add_theirs(client):
     with pytest.raises(openai.BadRequestError) as repeated:  # an item the conversation has already, sent again
         client.responses.create(**ASKED, conversation=conversation.id, input=[{**_sent(items[0]), "id": items[0].id}])
     assert repeated.value.body["param"] == "input" and len(client.conversations.items.list(conversation.id).data) == 5
+
+
+def test_a_background_answer_adds_its_items_when_it_ends(client):
+    conversation = client.conversations.create()
+    started = client.responses.create(**ASKED, conversation=conversation.id, input="Hello there", background=True)
+    deadline = time.monotonic() + 30
+    while (ended := client.responses.retrieve(started.id)).status == "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    items = client.conversations.items.list(conversation.id, order="asc").data
+    assert [item.role for item in items] == ["user", "assistant"] and items[1].id == ended.output[0].id
 
 
 def test_items_are_added_read_paged_and_deleted(client):
