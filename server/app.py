@@ -17,11 +17,12 @@ from models.registry import Registry
 from server.config.reload import ConfigReloader
 from server.deployments.reconcile import Reconciler
 from server.deployments.resume import to_restore
-from server.api import admin_api, batches_api, conversations, deploy_api, embeddings, files_api, messages, openai_api, responses, scoring, status_api, tokens
+from server.api import admin_api, batches_api, conversations, deploy_api, embeddings, files_api, messages, openai_api, responses, scoring, status_api, stored_completions, tokens
 from server.api.body_limit import BodySizeLimit
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
 from server.api.background import BackgroundRuns
+from server.api.completion_store import CompletionStore
 from server.api.conversation_store import ConversationStore
 from server.api.response_store import ResponseStore
 from server.batches.files import FileStore
@@ -107,6 +108,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "model_admin": ModelAdmin(registry, manager.holders),
                 "responses": ResponseStore(settings.home / "responses.db", settings.responses_ttl_s) if settings.store_responses else None,
                 "conversations": ConversationStore(settings.home / "responses.db") if settings.store_responses else None,
+                "completions": CompletionStore(settings.home / "responses.db", settings.responses_ttl_s) if settings.store_responses else None,
                 "background_runs": background_runs,
                 "files": batch_runner.files,
                 "batches": batch_runner.store,
@@ -124,6 +126,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
 
     app = FastAPI(title="baton", lifespan=lifespan)
     app.include_router(openai_api.router)
+    app.include_router(stored_completions.router)
     app.include_router(responses.router)
     app.include_router(conversations.router)
     app.include_router(files_api.router)

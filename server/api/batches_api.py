@@ -12,8 +12,8 @@ from pydantic import Field
 
 from models.errors import InvalidRequestError
 from server.api.files_api import files_of
-from server.api.openai_api import admit
-from server.api.responses import item_page, owner_of
+from server.api.openai_api import admit, owner_of
+from server.api.responses import item_page
 from server.api.schemas import Metadata, Strict
 from server.batches.lines import ENDPOINTS
 from server.batches.store import new_batch

@@ -12,8 +12,8 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
 
-from server.api.openai_api import admit
-from server.api.responses import InputItem, as_kept_item, conversations_of, item_page, owner_of
+from server.api.openai_api import admit, owner_of
+from server.api.responses import InputItem, as_kept_item, conversations_of, item_page
 from server.api.schemas import Metadata, Strict
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])

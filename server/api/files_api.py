@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from models.errors import InvalidRequestError
-from server.api.openai_api import admit
-from server.api.responses import item_page, owner_of
+from server.api.openai_api import admit, owner_of
+from server.api.responses import item_page
 from server.batches.files import PURPOSES, FileStore
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])

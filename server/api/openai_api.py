@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -150,24 +150,70 @@ class AnswerShape(Protocol):
 
 @dataclass(frozen=True)
 class Choices:
-    """Chat and text completions: `choices`, streamed as chunks of deltas."""
+    """Chat and text completions: `choices`, streamed as chunks of deltas; with `keep` (chat's
+    `store: true`), the whole completion is kept once it has ended well, streamed or not."""
 
     fmt: ChatFormat | TextFormat
+    keep: Callable[[dict], Awaitable[None]] | None = None
     runs_in_background = False
 
     def _head(self, served: Served) -> dict:
         return {"id": self.fmt.id_prefix + uuid.uuid4().hex, "object": self.fmt.object, "created": int(time.time()), "model": served.model}
 
-    def collect(self, choices, served: Served, num_choices: int, num_prompt_tokens: int) -> Awaitable[dict]:
-        return _collect(choices, self.fmt, self._head(served), num_choices, num_prompt_tokens, served)
+    async def collect(self, choices, served: Served, num_choices: int, num_prompt_tokens: int) -> dict:
+        completion = await _collect(choices, self.fmt, self._head(served), num_choices, num_prompt_tokens, served)
+        if self.keep is not None:
+            await self.keep(completion)
+        return completion
 
     def events(self, choices, served: Served, num_choices: int, usage: _UsagePolicy) -> AsyncIterator[str]:
-        return _sse(choices, self.fmt, {**self._head(served), "object": self.fmt.chunk_object}, num_choices, usage, served)
+        head = self._head(served)
+        if self.keep is None:
+            return _sse(choices, self.fmt, {**head, "object": self.fmt.chunk_object}, num_choices, usage, served)
+        return self._kept_events(choices, head, served, num_choices, usage)
+
+    async def _kept_events(self, choices, head: dict, served: Served, num_choices: int, usage: _UsagePolicy) -> AsyncIterator[str]:
+        """The stream, and then the same completion as it would have been sent whole (under
+        the stream's id), kept; not where the stream ended with an error."""
+        seen: list[ChoiceChunk] = []
+
+        async def recorded() -> AsyncIterator[ChoiceChunk]:
+            async with aclosing(choices) as stream:
+                async for item in stream:
+                    seen.append(item)
+                    yield item
+
+        last = None
+        async for event in _sse(recorded(), self.fmt, {**head, "object": self.fmt.chunk_object}, num_choices, usage, served):
+            last = event
+            yield event
+        if last == _DONE:
+            await self.keep(await _collect(_replayed(seen), self.fmt, head, num_choices, usage.num_prompt_tokens, served))
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    return await answer_chat(request, body, Choices(ChatFormat(body.logprobs is True, token_fields(body))))
+    keep = await _completion_keeper(request, body) if body.store else None
+    return await answer_chat(request, body, Choices(ChatFormat(body.logprobs is True, token_fields(body)), keep))
+
+
+async def _completion_keeper(request: Request, body: ChatCompletionRequest) -> Callable[[dict], Awaitable[None]]:
+    """How a `store: true` completion is kept: with its request's metadata, and its messages
+    as the client sent them, as its key's (completion_store.py)."""
+    if (store := request.state.completions) is None:
+        raise InvalidRequestError("This server keeps no chat completions (store_responses is off).", param="store")
+    owner, messages = owner_of(request), (await request.json())["messages"]  # the body is read already: this is its cached copy
+
+    async def keep(completion: dict) -> None:
+        await asyncio.to_thread(store.keep, owner, {**completion, "metadata": body.metadata or {}}, messages)
+
+    return keep
+
+
+def owner_of(request: Request) -> str:
+    """Whose kept state (Responses, conversations, completions, files, batches) a request may
+    read: its key's (on a server without keys, everyone's)."""
+    return request.state.key.name if request.state.key is not None else ""
 
 
 async def answer_chat(request: Request, body: ChatCompletionRequest, shape: AnswerShape, truncate: bool = False):
@@ -433,6 +479,7 @@ async def _collect(choices: AsyncIterator[ChoiceChunk], fmt, head: dict, num_cho
     return {**head, "choices": answers, "usage": _usage(num_prompt_tokens, num_completion_tokens, tally.num_tokens, cached.num_tokens)}
 
 
+_DONE = "data: [DONE]\n\n"
 _NULL_USAGE, _NO_USAGE = {"usage": None}, {}  # never mutated: merged into each event's dict
 
 
@@ -466,6 +513,11 @@ def _usage_policy(body, num_prompt_tokens: int, served: Served, num_choices: int
     return _UsagePolicy(num_prompt_tokens, body.include_usage, body.continuous_usage, CachedTokens(served.choices_per_prompt(num_choices)))
 
 
+async def _replayed(items: list[ChoiceChunk]) -> AsyncIterator[ChoiceChunk]:
+    for item in items:
+        yield item
+
+
 async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy, served: Served):
     """SSE chunks, then `data: [DONE]`. With `return_token_ids` a choice's prompt token ids
     come first (chat: beside its opening delta; completions: in its first chunk), and each
@@ -495,7 +547,7 @@ async def _sse(choices, fmt, head: dict, num_choices: int, usage: _UsagePolicy, 
         return
     if usage.include_usage:
         yield _event({**head, "choices": [], "usage": usage.final()})
-    yield "data: [DONE]\n\n"
+    yield _DONE
 
 
 def stream_error(error: Exception) -> BatonError:

@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter
 from models.errors import InvalidRequestError, NotFoundError
 from server.api.chat_fields import ChatFields, whole_answer
 from server.api.generation import CachedTokens, ChoiceChunk
-from server.api.openai_api import Served, admit, stream_error
+from server.api.openai_api import Served, admit, owner_of, stream_error
 from server.api.background import KEEP_EVENTS_S, BackgroundRuns, EventLog
 from server.api.reasoning import ReasoningTally
 from server.api.conversation_store import ConversationStore
@@ -397,12 +397,6 @@ def _kept_in(store, kind: str, param: str | None):
             raise InvalidRequestError(f"This server keeps no {kind}s (store_responses is off): send the whole conversation in input.", param=param)
         raise NotFoundError(f"This server keeps no {kind}s (store_responses is off).", code=f"{kind}_not_found")
     return store
-
-
-def owner_of(request: Request) -> str:
-    """Whose Responses and conversations a request may read: its key's (on a server without
-    keys, everyone's)."""
-    return request.state.key.name if request.state.key is not None else ""
 
 
 @dataclass(frozen=True)

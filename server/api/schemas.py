@@ -514,7 +514,7 @@ class ChatCompletionRequest(_GenerationBody, ChatTemplateFields):
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    store: Literal[False] | None = None  # nothing is stored: asking for it is refused
+    store: bool | None = None  # true: the completion is kept (OpenAI's stored completions; completion_store.py)
     # What SDKs send as their defaults, accepted where it asks for nothing.
     modalities: list[Literal["text"]] | None = None
     service_tier: Literal["auto", "default"] | None = None

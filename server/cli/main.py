@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", default="text", choices=["text", "json"], help="json: every log line a JSON object")
     serve.add_argument("--no-request-metrics", action="store_true", help="note nothing per request (benchmarks/metrics_overhead.py compares)")
-    serve.add_argument("--no-store-responses", action="store_true", help="keep no Responses API answers and no conversations (previous_response_id, conversation and GET /v1/responses/ID then 400 and 404)")
+    serve.add_argument("--no-store-responses", action="store_true", help="keep no Responses API answers, conversations or stored chat completions (previous_response_id, conversation, store: true and GET /v1/responses/ID then 400 and 404)")
     serve.add_argument("--metrics-need-key", action="store_true", help="/metrics needs a key with the metrics scope (default: open)")
     serve.set_defaults(run=_serve)
 

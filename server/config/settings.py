@@ -90,7 +90,7 @@ class Settings(BaseModel):
     gpu_room_for_blue_green: bool = Field(False, description="Size each vLLM engine so that a second one fits beside it (blue-green swaps on one GPU).")
     gpu_sample_interval_s: float = Field(5.0, gt=0, description="How often NVML is read (on its own thread).")
     idle_check_s: float = Field(1.0, gt=0, description="How often on-demand deployments are checked for idleness.")
-    store_responses: bool = Field(True, description="Keep each Responses API answer (unless its request says store: false, as OpenAI has it) for previous_response_id and GET /v1/responses/{id}, and serve conversations (/v1/conversations).")
+    store_responses: bool = Field(True, description="Keep each Responses API answer (unless its request says store: false, as OpenAI has it) for previous_response_id and GET /v1/responses/{id}, serve conversations (/v1/conversations), and keep chat completions asked to be stored (store: true).")
     responses_ttl_s: float = Field(30 * 24 * 3600.0, gt=0, description="How long a kept Response can be read or continued (default 30 days, OpenAI's).")
     restore_state: bool = Field(True, description="On start, bring back the deployments and versions the last run saved (with a config file, which is the truth, only its canary rollouts under way).")
     config_file: Path | None = Field(None, description="The YAML file these settings came from; reloads read it again.")
