@@ -173,8 +173,9 @@ class Choices:
         return self._kept_events(choices, head, served, num_choices, usage)
 
     async def _kept_events(self, choices, head: dict, served: Served, num_choices: int, usage: _UsagePolicy) -> AsyncIterator[str]:
-        """The stream, and then the same completion as it would have been sent whole (under
-        the stream's id), kept; not where the stream ended with an error."""
+        """The stream; before its `[DONE]` (so that a client that read it finds the completion
+        kept), the same completion as it would have been sent whole, under the stream's id. A
+        stream that ended with an error has no `[DONE]`, and keeps nothing."""
         seen: list[ChoiceChunk] = []
 
         async def recorded() -> AsyncIterator[ChoiceChunk]:
@@ -183,12 +184,10 @@ class Choices:
                     seen.append(item)
                     yield item
 
-        last = None
         async for event in _sse(recorded(), self.fmt, {**head, "object": self.fmt.chunk_object}, num_choices, usage, served):
-            last = event
+            if event == _DONE:
+                await self.keep(await _collect(_replayed(seen), self.fmt, head, num_choices, usage.num_prompt_tokens, served))
             yield event
-        if last == _DONE:
-            await self.keep(await _collect(_replayed(seen), self.fmt, head, num_choices, usage.num_prompt_tokens, served))
 
 
 @router.post("/chat/completions")
