@@ -175,11 +175,19 @@ class BatchRunner:
         await self._update(batch["id"], lambda b: moved_to(b, "finalizing") if b["status"] == "in_progress" else b)
         files = {}
         for name, field in (("output", "output_file_id"), ("errors", "error_file_id")):
-            path = folder / f"{name}.jsonl"
-            if path.exists() and path.stat().st_size:
-                files[field] = (await asyncio.to_thread(self.files.take, owner, f"{batch['id']}_{name}.jsonl", "batch_output", path))["id"]
+            if (file_id := await asyncio.to_thread(self._handed_over, owner, f"{batch['id']}_{name}.jsonl", folder / f"{name}.jsonl")) is not None:
+                files[field] = file_id
         await self._update(batch["id"], lambda b: moved_to(b, ending, **files))
         await asyncio.to_thread(_remove_folder, folder)
+
+
+    def _handed_over(self, owner: str, filename: str, written: Path) -> str | None:
+        """The file store's id for a batch's answers (None: there were none). Rule: a stop
+        between handing the file over and ending the batch left it in the store already; the
+        next start finds it there by its name, rather than losing it."""
+        if written.exists() and written.stat().st_size:
+            return self.files.take(owner, filename, "batch_output", written)["id"]
+        return next((f["id"] for f in self.files.list(owner, "batch_output") if f["filename"] == filename), None)
 
 
 def _unanswered(batch: dict) -> bool:

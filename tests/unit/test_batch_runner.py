@@ -80,3 +80,20 @@ def test_a_batch_whose_key_lost_its_scope_fails_and_asks_nothing(tmp_path):
 
     batch, server = asyncio.run(scenario())
     assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "key_not_found" and server.num_asked == 0
+
+
+def test_a_batch_stopped_after_its_files_were_handed_over_finds_them_at_the_next_start(tmp_path):
+    """The stop came between the file store taking the answers and the batch's last write:
+    the next start ends the batch with that file, not without it."""
+
+    async def scenario():
+        runner, store, files, batch = _setup(tmp_path, 2, SlowServer(0.01))
+        store.add("app", batch)
+        runner.start("app", batch)
+        ended = await _until_ended(store, batch["id"])
+        store.update(batch["id"], lambda b: {**b, "status": "finalizing", "output_file_id": None})  # as the stop left it
+        runner.resume_all()
+        return ended, await _until_ended(store, batch["id"])
+
+    ended, resumed = asyncio.run(scenario())
+    assert ended["output_file_id"] and resumed["status"] == "completed" and resumed["output_file_id"] == ended["output_file_id"]
