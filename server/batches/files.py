@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +40,7 @@ PURPOSES = ("batch", "batch_output")  # uploaded batch inputs; what batches writ
 class FileStore:
     def __init__(self, db_path: Path, folder: Path, max_bytes_per_owner: int | None = None):
         self._db_path, self._folder, self._max_bytes_per_owner = db_path, folder, max_bytes_per_owner
+        self._admitting = threading.Lock()  # uploads run on worker threads: two at once must not pass the cap together
         folder.mkdir(parents=True, exist_ok=True)
         with reading(db_path) as db:
             db.executescript(SCHEMA)
@@ -49,14 +51,15 @@ class FileStore:
         partial = self._folder / f"{file_id}.partial"
         with partial.open("wb") as out:
             shutil.copyfileobj(content, out, 1 << 20)
-        if self._max_bytes_per_owner is not None and self.bytes_of(owner) + partial.stat().st_size > self._max_bytes_per_owner:
-            partial.unlink()
-            raise InvalidRequestError(
-                f"This key's files would take more than its {self._max_bytes_per_owner} bytes (max_file_bytes_per_key); delete some first.",
-                param="file",
-                code="storage_limit_exceeded",
-            )
-        return self._record(owner, file_id, filename, purpose, partial)
+        with self._admitting:
+            if self._max_bytes_per_owner is not None and self.bytes_of(owner) + partial.stat().st_size > self._max_bytes_per_owner:
+                partial.unlink()
+                raise InvalidRequestError(
+                    f"This key's files would take more than its {self._max_bytes_per_owner} bytes (max_file_bytes_per_key); delete some first.",
+                    param="file",
+                    code="storage_limit_exceeded",
+                )
+            return self._record(owner, file_id, filename, purpose, partial)
 
     def bytes_of(self, owner: str) -> int:
         with reading(self._db_path) as db:

@@ -1,6 +1,7 @@
 """The batch runner against its real stores on disk and a stand-in for the app (an honest
 server that answers each request after a delay): the end of the completion window, a cancel
-before anything ran, a key that lost its scope."""
+before anything ran, a key that lost its scope, a stop in the middle of finishing; and the
+file store's per-key cap under uploads at once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import asyncio
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+from models.errors import InvalidRequestError
 from server.batches.files import FileStore
 from server.batches.in_process import Caller
 from server.batches.runner import BatchRunner
@@ -97,3 +100,18 @@ def test_a_batch_stopped_after_its_files_were_handed_over_finds_them_at_the_next
 
     ended, resumed = asyncio.run(scenario())
     assert ended["output_file_id"] and resumed["status"] == "completed" and resumed["output_file_id"] == ended["output_file_id"]
+
+
+def test_uploads_at_once_never_pass_a_keys_file_cap_together(tmp_path):
+    files = FileStore(tmp_path / "b.db", tmp_path / "files", max_bytes_per_owner=1000)
+
+    def upload(_) -> bool:
+        try:
+            files.add("app", "x.jsonl", "batch", io.BytesIO(b"x" * 600))
+        except InvalidRequestError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(upload, range(8))) == [False] * 7 + [True]
+    assert files.bytes_of("app") == 600
