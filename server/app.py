@@ -19,6 +19,7 @@ from server.deployments.reconcile import Reconciler
 from server.deployments.resume import to_restore
 from server.api import admin_api, batches_api, conversations, deploy_api, embeddings, files_api, messages, openai_api, responses, scoring, status_api, stored_completions, tokens
 from server.api.body_limit import BodySizeLimit
+from server.api.error_bodies import error_body
 from server.api.rate_limits import RateLimits
 from server.api.request_id import RequestId
 from server.api.background import BackgroundRuns
@@ -213,5 +214,5 @@ def _json(request: Request, error: BatonError, status_code: int | None = None) -
     which UTF-8 cannot encode. OpenAI's shape, but on Anthropic's routes, Anthropic's."""
     headers = {"retry-after": str(error.retry_after_s)} if error.retry_after_s is not None else None
     status_code = status_code or error.status_code
-    body = messages.error_body(request.url.path, error, status_code)
+    body = error_body(request.url.path, error, status_code)
     return Response(json.dumps(body), status_code=status_code, headers=headers, media_type="application/json")

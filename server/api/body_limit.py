@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from models.errors import PayloadTooLargeError
-from server.api.messages import error_body
+from server.api.error_bodies import error_body
 
 
 class BodySizeLimit:

@@ -28,28 +28,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Discriminator, Field, Tag
 
-from models.errors import BatonError
+from server.api.error_bodies import anthropic_error
 from server.api.chat_fields import ChatFields, whole_answer
 from server.api.generation import CachedTokens, ChoiceChunk
 from server.api.openai_api import Served, admit, route_request, served_headers, stream_error
 from server.api.schemas import ChatCompletionRequest, ReasoningEffort, Strict
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit)])
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
-
-
-def error_body(path: str, error: BatonError, status_code: int) -> dict:
-    """An error's JSON as the route at `path` writes it: Anthropic's shape on its routes,
-    OpenAI's everywhere else."""
-    if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return {"type": "error", "error": _anthropic_error(error, status_code)}
-    return error.to_body()
-
-
-def _anthropic_error(error: BatonError, status_code: int) -> dict:
-    return {"type": ERROR_TYPES.get(status_code, "api_error" if status_code >= 500 else "invalid_request_error"), "message": error.message}
-
 
 class _Block(Strict):
     cache_control: dict | None = None  # Anthropic's prompt caching: a hint, changes nothing here
@@ -281,7 +266,7 @@ class MessageShape:
                         yield _event(**event)
         except Exception as error:  # headers are sent: the error can only travel in the stream
             failure = stream_error(error)
-            yield _event("error", error=_anthropic_error(failure, failure.status_code))
+            yield _event("error", error=anthropic_error(failure, failure.status_code))
             return
         for event in answer.close_block():
             yield _event(**event)
