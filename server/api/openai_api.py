@@ -199,14 +199,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def _completion_keeper(request: Request, body: ChatCompletionRequest) -> Callable[[dict], Awaitable[None]]:
     """How a `store: true` completion is kept: with its request's metadata, and its messages
     as the client sent them, as its key's (completion_store.py)."""
-    if (store := request.state.completions) is None:
-        raise InvalidRequestError("This server keeps no chat completions (store_responses is off).", param="store")
+    store = kept_in(request.state.completions, "chat completions", "completion_not_found", "store")
     owner, messages = owner_of(request), (await request.json())["messages"]  # the body is read already: this is its cached copy
 
     async def keep(completion: dict) -> None:
         await asyncio.to_thread(store.keep, owner, {**completion, "metadata": body.metadata or {}}, messages)
 
     return keep
+
+
+def kept_in(store, kinds: str, code: str, param: str | None = None):
+    """`store`, where the server keeps that state (`store_responses`). Where it keeps none,
+    a request that asks for some (naming it in `param`) is a 400; a read of some, a 404."""
+    if store is None:
+        if param is not None:
+            raise InvalidRequestError(f"This server keeps no {kinds} (store_responses is off): send what they would hold in the request.", param=param)
+        raise NotFoundError(f"This server keeps no {kinds} (store_responses is off).", code=code)
+    return store
 
 
 def owner_of(request: Request) -> str:

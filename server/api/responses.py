@@ -26,10 +26,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
-from models.errors import InvalidRequestError, NotFoundError
+from models.errors import InvalidRequestError
 from server.api.chat_fields import ChatFields, whole_answer
 from server.api.generation import CachedTokens, ChoiceChunk
-from server.api.openai_api import Served, admit, owner_of, stream_error
+from server.api.openai_api import Served, admit, kept_in, owner_of, stream_error
 from server.api.background import KEEP_EVENTS_S, BackgroundRuns, EventLog
 from server.api.reasoning import ReasoningTally
 from server.api.conversation_store import ConversationStore
@@ -373,7 +373,7 @@ def _check_background(keeper: Keeper | None) -> None:
 
 
 def conversations_of(request: Request, param: str | None = None) -> ConversationStore:
-    return _kept_in(request.state.conversations, "conversation", param)
+    return kept_in(request.state.conversations, "conversations", "conversation_not_found", param)
 
 
 def _why_not_streamed(response: dict) -> str:
@@ -386,17 +386,7 @@ def _why_not_streamed(response: dict) -> str:
 
 
 def _store(request: Request, param: str | None = None) -> ResponseStore:
-    return _kept_in(request.state.responses, "response", param)
-
-
-def _kept_in(store, kind: str, param: str | None):
-    """`store`, where the server keeps that state (`store_responses`). Where it keeps none,
-    a request that asks for one (naming it in `param`) is a 400; a read of one, a 404."""
-    if store is None:
-        if param is not None:
-            raise InvalidRequestError(f"This server keeps no {kind}s (store_responses is off): send the whole conversation in input.", param=param)
-        raise NotFoundError(f"This server keeps no {kind}s (store_responses is off).", code=f"{kind}_not_found")
-    return store
+    return kept_in(request.state.responses, "responses", "response_not_found", param)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,8 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from models.errors import NotFoundError
 from server.api.completion_store import CompletionStore
-from server.api.openai_api import admit, owner_of
+from server.api.openai_api import admit, kept_in, owner_of
 from server.api.responses import item_page
 from server.api.schemas import Metadata, Strict
 
@@ -61,9 +60,7 @@ async def list_messages(
 
 
 def _store(request: Request) -> CompletionStore:
-    if request.state.completions is None:
-        raise NotFoundError("This server keeps no chat completions (store_responses is off).", code="completion_not_found")
-    return request.state.completions
+    return kept_in(request.state.completions, "chat completions", "completion_not_found")
 
 
 def _metadata_filter(request: Request) -> dict[str, str]:
