@@ -131,12 +131,14 @@ class ContinuousBatch:
         never sees its row still in the batch. Rule: a row that fails (its own sampling
         parameters, its own text) fails alone; the rest of the batch goes on."""
         logits = logits.float()
-        errors = [self._shape_row(s, logits, row) for row, s in enumerate(sequences)]
+        errors = [self._mask_row(s, logits, row) for row, s in enumerate(sequences)]
+        scored = {row: logits[row].clone() for row, (s, error) in enumerate(zip(sequences, errors)) if s.request.sampling.logprobs is not None and error is None}
+        errors = [error or self._shape_row(s, logits, row) for row, (s, error) in enumerate(zip(sequences, errors))]
         steps = [len(s.output_token_ids) for s in sequences]
         samplings = [s.request.sampling for s in sequences]
         token_ids = choose_tokens(truncated(logits, samplings), samplings, [s.seed for s in sequences], steps)
         chunks = [
-            error or self._next_chunk(s, logits[row], token_id)
+            error or self._next_chunk(s, scored.get(row), token_id)
             for row, (s, token_id, error) in enumerate(zip(sequences, token_ids, errors, strict=True))
         ]
         self._keep([s for s in self.sequences if s.finish_reason is None and not s.has_failed])
@@ -144,16 +146,25 @@ class ContinuousBatch:
             if chunk is not None:
                 sequence.emit(chunk)
 
+    def _mask_row(self, sequence: Sequence, logits: torch.Tensor, row: int) -> BaseException | None:
+        """The request's grammar mask, written into its row of `logits`. Rule: a row's
+        logprobs report its logits as they are after the mask and before anything else
+        (vLLM's default, `raw_logprobs`): the model's own, not changed by temperature,
+        penalties or bias; and bias or penalties cannot bring back a token the mask forbids."""
+        try:
+            if sequence.token_mask is not None:
+                logits[row] = sequence.token_mask.masked(logits[row])
+            return None
+        except Exception as error:
+            return _failed(sequence, error)
+
     def _shape_row(self, sequence: Sequence, logits: torch.Tensor, row: int) -> BaseException | None:
-        """The request's bias and penalties, then its JSON mask (so that no bias can force a
-        token it forbids), then no end before its min_tokens, then the token its thinking
-        budget forces, written into its row of `logits`."""
+        """The request's bias and penalties, then no end before its min_tokens, then the
+        token its thinking budget forces, written into its (masked) row of `logits`."""
         try:
             sampling = sequence.request.sampling
             if sampling.adjusts_logits:
                 logits[row] = adjusted_logits(logits[row], sampling, sequence.prompt_ids_on(logits.device), sequence.output_token_ids)
-            if sequence.token_mask is not None:
-                logits[row] = sequence.token_mask.masked(logits[row])
             if len(sequence.output_token_ids) < sampling.min_tokens:
                 _forbid_ending(logits[row], [*self._eos_token_ids, *sampling.stop_token_ids])
             if sequence.thinking is not None and (forced := sequence.thinking.forced_token()) is not None:
@@ -162,22 +173,23 @@ class ContinuousBatch:
         except Exception as error:
             return _failed(sequence, error)
 
-    def _next_chunk(self, sequence: Sequence, logits: torch.Tensor, token_id: int) -> Chunk | BaseException | None:
+    def _next_chunk(self, sequence: Sequence, scored: torch.Tensor | None, token_id: int) -> Chunk | BaseException | None:
+        """`scored`: the row's logits as its logprobs report them (None: it asks for none)."""
         try:
             if sequence.token_mask is not None:
                 sequence.token_mask.accept(token_id)
             if sequence.thinking is not None:
                 sequence.thinking.accept(token_id)
-            if sequence.request.sampling.logprobs is not None:
-                sequence.unreported_logprobs.append(self._logprob(sequence, logits, token_id))
+            if scored is not None:
+                sequence.unreported_logprobs.append(self._logprob(sequence, scored, token_id))
             return self._append(sequence, token_id)
         except Exception as error:
             return _failed(sequence, error)
 
     @staticmethod
-    def _logprob(sequence: Sequence, logits: torch.Tensor, token_id: int) -> TokenLogprob:
-        sampling, text_of = sequence.request.sampling, sequence.detokenizer.token_text
-        return _token_logprob(text_of, token_id, *token_logprobs(logits, sampling, token_id, sampling.logprobs))
+    def _logprob(sequence: Sequence, scored: torch.Tensor, token_id: int) -> TokenLogprob:
+        text_of = sequence.detokenizer.token_text
+        return _token_logprob(text_of, token_id, *token_logprobs(scored, token_id, sequence.request.sampling.logprobs))
 
     def _append(self, sequence: Sequence, token_id: int) -> Chunk | None:
         sequence.output_token_ids.append(token_id)

@@ -78,11 +78,10 @@ def truncated(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.T
     return logits
 
 
-def token_logprobs(logits: torch.Tensor, params: SamplingParams, token_id: int, num_top: int) -> tuple[float, list[tuple[int, float]]]:
-    """The chosen token's log-probability and the `num_top` most likely tokens', from the
-    distribution it was drawn from: log-softmax after temperature (greedy: of the logits)."""
-    scaled = logits.float() if params.is_greedy else logits.float() / params.temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)
+def token_logprobs(logits: torch.Tensor, token_id: int, num_top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability and the `num_top` most likely tokens': log-softmax
+    of `logits` as they are (no temperature: the model's distribution, as vLLM reports it)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(logprobs, num_top) if num_top else None
     best = [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
     return float(logprobs[token_id]), best

@@ -63,6 +63,23 @@ def test_logprobs_are_the_models_own(client, tiny_model_path, tokenizer):
     assert logprobs.text_offset == [0]
 
 
+def test_logprobs_stay_the_models_own_under_temperature_bias_and_penalties(client, tiny_model_path, tokenizer):
+    """As vLLM reports them (`raw_logprobs`): sampling settings change what is drawn, never
+    the logprobs reported for it."""
+    prompt = tokenizer.encode("The sea is")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+    favoured = int(expected.argmin())  # the least likely token, made all but certain by its bias
+    completion = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=1, temperature=1.7, seed=3, frequency_penalty=1.5, logprobs=2, logit_bias={str(favoured): 100}
+    )
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.tokens == [tokenizer.decode([favoured])]
+    assert logprobs.token_logprobs[0] == pytest.approx(float(expected[favoured]), abs=1e-4)
+    assert list(logprobs.top_logprobs[0].values()) == pytest.approx(expected.topk(2).values.tolist(), abs=1e-4)
+
+
 def test_streamed_logprobs_match_the_whole_answer(client):
     whole = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, temperature=0, logprobs=True)
     stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, temperature=0, logprobs=True, stream=True)

@@ -42,13 +42,12 @@ def test_penalties_count_generated_tokens_and_bias_adds():
     assert adjusted.tolist() == [0.0, -1.0, -0.75, 2.0]
 
 
-def test_logprobs_come_from_the_scaled_distribution():
+def test_logprobs_are_the_log_softmax_of_the_logits_as_given():
     logits = torch.tensor([2.0, 1.0, 0.0])
-    params = SamplingParams(max_tokens=1, temperature=0.5, logprobs=2)
-    logprob, top = token_logprobs(logits, params, 1, 2)
-    expected = torch.log_softmax(logits / 0.5, dim=-1)
+    logprob, top = token_logprobs(logits, 1, 2)
+    expected = torch.log_softmax(logits, dim=-1)
     assert abs(logprob - float(expected[1])) < 1e-6
-    assert [token for token, _ in top] == [0, 1]
+    assert [token for token, _ in top] == [0, 1] and abs(top[1][1] - float(expected[1])) < 1e-6
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_prompt_and_output():
