@@ -124,9 +124,14 @@ def match_key(keys: list[KeySpec], token: str | None) -> KeySpec | None:
     return found
 
 
+def is_open(keys: list[KeySpec], scope: Scope) -> bool:
+    """Rule: a scope no key has is open, to every client (admin: to loopback ones)."""
+    return not any(scope in spec.scopes for spec in keys)
+
+
 def authorize(keys: list[KeySpec], scope: Scope, token: str | None, is_local: bool) -> KeySpec | None:
     """The key that may use `scope`, or None where the scope is open; raises 401 or 403."""
-    if not any(scope in spec.scopes for spec in keys):
+    if is_open(keys, scope):
         if scope == "admin" and not is_local:
             raise ForbiddenError("Admin routes are open to loopback clients only; configure an admin key to allow others.")
         return None

@@ -11,7 +11,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 
-from server.auth.keys import KeySpec
+from server.auth.keys import KeySpec, is_open
 
 ON_BEHALF_OF = "baton.on_behalf_of"
 
@@ -68,7 +68,7 @@ def caller_of(keys: list[KeySpec], owner: str) -> Caller | None:
     """Who a batch created by `owner` makes its requests as, with the server's keys as they
     are now: its key, while it has the inference scope; no key, where that scope is open (as
     `authorize` has it); else None: nobody may."""
-    if not any("inference" in key.scopes for key in keys):
+    if is_open(keys, "inference"):
         return Caller(None)
     key = next((key for key in keys if key.name == owner and "inference" in key.scopes), None)
     return Caller(key) if key is not None else None

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from models.errors import ConfigError
 from server.config.settings import Settings
-from server.auth.keys import authorize, key, load_key_file, priority_of
+from server.auth.keys import authorize, is_open, key, load_key_file, priority_of
 
 
 def _settings(tmp_path, **keys) -> Settings:
@@ -59,3 +59,8 @@ def test_a_request_may_wait_longer_than_its_key_allows_never_less(tmp_path):
     assert (priority_of(batch, 0), priority_of(batch, -100), priority_of(batch, 20)) == (10, 10, 20)
     assert (priority_of(None, -5), priority_of(None, 3)) == (0, 3)  # no key: none sooner than 0
     assert priority_of(key("ops", "t", {"inference"}, priority=-5), -2) == -2
+
+
+def test_a_scope_no_key_has_is_open_and_one_any_key_has_is_not():
+    keys = [key("app", "secret", {"inference"})]
+    assert not is_open(keys, "inference") and is_open(keys, "admin") and is_open([], "inference")
