@@ -7,6 +7,8 @@ Rules:
 - A completion expires `ttl_s` after it was made, as a kept Response does; expired rows go
   as new ones are written.
 - Only its `metadata` changes after it is kept.
+- A key keeps at most `max_bytes_per_owner` of completions, Responses and conversations
+  together: past it, its oldest completions and Responses go first (kept_space.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from models.database import reading, transaction
 from models.errors import NotFoundError
+from server.api import kept_space
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chat_completions (
@@ -28,23 +31,28 @@ CREATE TABLE IF NOT EXISTS chat_completions (
     completion TEXT NOT NULL,
     messages TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS chat_completions_by_owner ON chat_completions (owner, expires_at);
 """
 
 
 class CompletionStore:
-    def __init__(self, path: Path, ttl_s: float):
-        self._path, self._ttl_s = path, ttl_s
+    def __init__(self, path: Path, ttl_s: float, max_bytes_per_owner: int | None = None):
+        self._path, self._ttl_s, self._max_bytes_per_owner = path, ttl_s, max_bytes_per_owner
         with reading(path) as db:
             db.executescript(SCHEMA)
+        with transaction(path) as db:
+            kept_space.count(db, kept_space.COMPLETIONS)
 
     def keep(self, owner: str, completion: dict, messages: list[dict]) -> None:
         """`completion` with its `metadata`; `messages`, the request's, each given an id."""
         now = time.time()
         numbered = [{**message, "id": f"{completion['id']}-{index}"} for index, message in enumerate(messages)]
-        row = (completion["id"], owner, completion["model"], completion["created"], now + self._ttl_s, json.dumps(completion, ensure_ascii=False), json.dumps(numbered, ensure_ascii=False))
+        texts = json.dumps(completion, ensure_ascii=False), json.dumps(numbered, ensure_ascii=False)
         with transaction(self._path) as db:
             db.execute("DELETE FROM chat_completions WHERE expires_at <= ?", (now,))
-            db.execute("INSERT OR REPLACE INTO chat_completions (id, owner, model, created_at, expires_at, completion, messages) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            kept_space.make_room(db, owner, sum(len(text.encode()) for text in texts), self._max_bytes_per_owner, "chat completion")
+            row = (completion["id"], owner, completion["model"], completion["created"], now + self._ttl_s, *texts)
+            db.execute("INSERT INTO chat_completions (id, owner, model, created_at, expires_at, completion, messages) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
 
     def get(self, owner: str, completion_id: str) -> dict:
         with reading(self._path) as db:

@@ -8,6 +8,8 @@ Rules:
 - Only the key that made a Response reads or deletes it (on a server without keys, any
   client): an id another key made is as unknown as one never made.
 - A Response expires `ttl_s` after it was made; expired rows go as new ones are written.
+- A key keeps at most `max_bytes_per_owner` of Responses, stored completions and
+  conversations together: past it, its oldest Responses go first (kept_space.py).
 - A background Response is kept as it goes (`in_progress`, then how it ended); one still
   unfinished when the store opens was cut off by a stop of the server: it is `failed`.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from models.database import reading, transaction
 from models.errors import NotFoundError
+from server.api import kept_space
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -32,6 +35,7 @@ CREATE TABLE IF NOT EXISTS responses (
     input_items TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
+CREATE INDEX IF NOT EXISTS responses_by_owner ON responses (owner, expires_at);
 """
 CUT_OFF = {"code": "server_error", "message": "The server stopped before this response finished; create it again."}
 
@@ -48,11 +52,12 @@ class StoredResponse:
 
 
 class ResponseStore:
-    def __init__(self, path: Path, ttl_s: float):
-        self._path, self._ttl_s = path, ttl_s
+    def __init__(self, path: Path, ttl_s: float, max_bytes_per_owner: int | None = None):
+        self._path, self._ttl_s, self._max_bytes_per_owner = path, ttl_s, max_bytes_per_owner
         with reading(path) as db:
             db.executescript(SCHEMA)  # CREATE ... IF NOT EXISTS: safe to repeat, in its own transaction
         with transaction(path) as db:
+            kept_space.count(db, kept_space.RESPONSES)
             cut_off = db.execute("SELECT id, response FROM responses WHERE status IN ('queued', 'in_progress')").fetchall()
             for response_id, response in cut_off:
                 failed = {**json.loads(response), "status": "failed", "error": CUT_OFF}
@@ -61,10 +66,15 @@ class ResponseStore:
     def keep(self, owner: str, response: dict, input_items: list[dict]) -> None:
         """Keep `response`, or its newer state (a background one as it goes)."""
         now = time.time()
+        texts = json.dumps(response, ensure_ascii=False), json.dumps(input_items, ensure_ascii=False)
         with transaction(self._path) as db:
             db.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
-            row = (response["id"], owner, response["status"], now + self._ttl_s, json.dumps(response, ensure_ascii=False), json.dumps(input_items, ensure_ascii=False))
-            db.execute("INSERT OR REPLACE INTO responses (id, owner, status, expires_at, response, input_items) VALUES (?, ?, ?, ?, ?, ?)", row)
+            kept_space.make_room(db, owner, sum(len(text.encode()) for text in texts), self._max_bytes_per_owner, "response")
+            db.execute(
+                "INSERT INTO responses (id, owner, status, expires_at, response, input_items) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "status = excluded.status, expires_at = excluded.expires_at, response = excluded.response, input_items = excluded.input_items",
+                (response["id"], owner, response["status"], now + self._ttl_s, *texts),
+            )
 
     def get(self, owner: str, response_id: str, param: str | None = None) -> StoredResponse:
         with reading(self._path) as db:

@@ -92,6 +92,9 @@ class Settings(BaseModel):
     idle_check_s: float = Field(1.0, gt=0, description="How often on-demand deployments are checked for idleness.")
     store_responses: bool = Field(True, description="Keep each Responses API answer (unless its request says store: false, as OpenAI has it) for previous_response_id and GET /v1/responses/{id}, serve conversations (/v1/conversations), and keep chat completions asked to be stored (store: true).")
     responses_ttl_s: float = Field(30 * 24 * 3600.0, gt=0, description="How long a kept Response can be read or continued (default 30 days, OpenAI's).")
+    max_kept_bytes_per_key: int | None = Field(
+        1024**3, ge=1024, description="What one key's kept Responses, stored chat completions and conversations may take together; past it the oldest Responses and completions go first. None: no limit."
+    )
     restore_state: bool = Field(True, description="On start, bring back the deployments and versions the last run saved (with a config file, which is the truth, only its canary rollouts under way).")
     config_file: Path | None = Field(None, description="The YAML file these settings came from; reloads read it again.")
     watch_config_s: float | None = Field(None, gt=0, description="With a config file: look at it this often and reload when it changes (a mounted ConfigMap).")

@@ -123,3 +123,19 @@ def test_a_server_that_keeps_nothing_serves_no_conversations(tiny_model_path, tm
         assert httpx.post(f"{server.url}/v1/conversations", json={}, timeout=30).status_code == 404
         refused = httpx.post(f"{server.url}/v1/responses", json={"model": "chat", "input": "hi", "conversation": "conv_x"}, timeout=30)
         assert (refused.status_code, refused.json()["error"]["param"]) == (400, "conversation")
+
+
+def test_past_its_kept_bytes_a_key_loses_its_oldest_responses_and_cannot_grow_its_conversations(tiny_model_path, tmp_path):
+    keys = [key("app", "app-secret", {"inference"})]
+    settings = Settings(home=tmp_path / "home", models=[ModelSpec(name="chat", path=tiny_model_path)], keys=keys, max_kept_bytes_per_key=12_000)
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        client = server.client(api_key="app-secret")
+        made = [client.responses.create(model="chat", input="hi", max_output_tokens=2) for _ in range(12)]
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(made[0].id)  # the oldest went to make room
+        assert client.responses.retrieve(made[-1].id).id == made[-1].id
+        conversation = client.conversations.create(items=[{"type": "message", "role": "user", "content": "y" * 11_000}])
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.conversations.items.create(conversation.id, items=[{"type": "message", "role": "user", "content": "z" * 2_000}])
+        assert refused.value.code == "storage_limit_exceeded"
+        assert len(client.conversations.items.list(conversation.id).data) == 1
