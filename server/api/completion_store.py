@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS chat_completions (
     messages TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chat_completions_by_owner ON chat_completions (owner, expires_at);
+CREATE INDEX IF NOT EXISTS chat_completions_by_expiry ON chat_completions (expires_at);
 """
 
 
