@@ -25,6 +25,7 @@ from server.api.request_id import RequestId
 from server.api.background import BackgroundRuns
 from server.api.completion_store import CompletionStore
 from server.api.conversation_store import ConversationStore
+from server.api.mirrors import Mirrors
 from server.api.response_store import ResponseStore
 from server.batches.files import FileStore
 from server.batches.in_process import InProcess, caller_of
@@ -73,6 +74,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         keys = settings.all_keys()
         state: dict = {}  # the lifespan state, filled below; batches' in-process requests get it too
         batch_runner = _batch_runner(settings, InProcess(app, state), keys, lifecycle)
+        mirrors = Mirrors(InProcess(app, state))
         metrics.watch(BatchCollector(batch_runner.store.summary))
 
         saved = to_restore(registry.saved_deployments() if settings.restore_state else {}, settings.models, settings.config_file is not None)
@@ -114,6 +116,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
                 "files": batch_runner.files,
                 "batches": batch_runner.store,
                 "batch_runner": batch_runner,
+                "mirrors": mirrors,
                 "started_at": int(time.time()),
             })  # fmt: skip
             if started:
@@ -122,6 +125,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         finally:
             await batch_runner.stop_all()  # unfinished batches run on at the next start
             await background_runs.cancel_all()  # what the shutdown's drain left running
+            await mirrors.close()
             await manager.stop_all()
             gpus.stop()
 

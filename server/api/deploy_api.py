@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from models.errors import ConfigError, ConflictError, InvalidRequestError
 from server.api.admin_api import actor_change, require_admin
 from server.config.file import ConfigFile, DeploymentSettings, EngineOptions, environment_overrides, load_config
-from server.deployments.health import CanaryAnalysis, CanaryWeight
+from server.deployments.health import CanaryAnalysis, CanaryStartWeight, CanaryWeight, MirrorShare
 from server.deployments.reconcile import drift
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -49,7 +49,8 @@ class RollbackBody(WaitBody):
 
 class CanaryBody(_Body):
     to: str
-    weight: CanaryWeight
+    weight: CanaryStartWeight
+    mirror: MirrorShare = 0  # percent of the active version's requests copied to it, answers dropped (mirrors.py)
     analysis: CanaryAnalysis | None = None  # baton aborts (and may promote) it; None: an operator decides
 
 
@@ -108,7 +109,7 @@ async def rollback(name: str, request: Request, body: RollbackBody | None = None
 
 @router.post("/deployments/{name}/canary")
 async def canary(name: str, body: CanaryBody, request: Request) -> dict:
-    return (await request.state.deployments.start_canary(name, body.to, body.weight, actor_change(request, body.reason), body.analysis)).to_dict()
+    return (await request.state.deployments.start_canary(name, body.to, body.weight, actor_change(request, body.reason), body.analysis, body.mirror)).to_dict()
 
 
 @router.post("/deployments/{name}/canary/step")

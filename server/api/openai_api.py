@@ -46,7 +46,7 @@ async def admit(request: Request) -> None:
     Async though it awaits nothing: FastAPI runs a plain function on a worker thread, and the
     rate buckets must change on the event loop only (and a thread hop costs every request)."""
     request.state.lifecycle.refuse_new_requests()
-    if (caller := request.scope.get(ON_BEHALF_OF)) is not None:  # a batch's request, made in-process: its key was checked, and a batch is paced by its runner
+    if (caller := request.scope.get(ON_BEHALF_OF)) is not None:  # made in-process (a batch's, a mirror's): its key was checked, and its maker paces it
         request.state.key = caller.key
         return
     # Anthropic's SDK sends its key as x-api-key: the same key, another header.
@@ -286,6 +286,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
     route = route_request(request, body.model, body.end_user, body.priority)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     lease, observation = await observed_lease(request, route)
+    await request.state.mirrors.copy(request, route, lease)
     try:
         if not can_generate(lease.engine):
             raise InvalidRequestError(f"The model '{body.model}' is served for embeddings only (vLLM's pooling runner); ask /v1/embeddings.", param="model", code="model_not_supported")
@@ -391,7 +392,7 @@ def observe(request: Request, deployment: str) -> RequestObservation | Unobserve
     """What notes this request's metrics, log line, health outcome and token charge."""
     if not request.state.settings.request_metrics:
         return Unobserved()
-    if request.scope.get(ON_BEHALF_OF) is not None:  # a batch's: paced by its runner, it takes nothing from its key's rates
+    if request.scope.get(ON_BEHALF_OF) is not None:  # made in-process (a batch's, a mirror's): paced by its maker, it takes nothing from its key's rates
         return RequestObservation(request.state.metrics, request.state.request_id, deployment)
     key, rate_limits = request.state.key, request.state.rate_limits
     return RequestObservation(request.state.metrics, request.state.request_id, deployment, lambda num_tokens: rate_limits.charge_tokens(key, num_tokens))

@@ -1,5 +1,6 @@
-"""A batch's requests, served by the app itself in this process, through its whole stack
-(routing, admission queue, limits, the engines), as the key that created the batch.
+"""Requests served by the app itself in this process, through its whole stack (routing,
+admission queue, limits, the engines), as a key: a batch's (as the key that created the
+batch) and a canary's mirrored copies (as the original's key, mirrors.py).
 
 Rule: the caller travels in the ASGI scope (ON_BEHALF_OF), where no HTTP client can put
 anything; `admit` takes it instead of a token. The key was checked when the batch was made.

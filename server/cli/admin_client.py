@@ -96,8 +96,8 @@ class AdminClient:
     def unload(self, name: str, reason: str) -> dict:
         return self._call("POST", f"/deployments/{name}/unload", json={"reason": reason, "wait": False})
 
-    def canary(self, name: str, to: str, weight: int, reason: str, analysis: dict | None = None) -> dict:
-        return self._call("POST", f"/deployments/{name}/canary", json={"to": to, "weight": weight, "reason": reason, "analysis": analysis})
+    def canary(self, name: str, to: str, weight: int, reason: str, analysis: dict | None = None, mirror: int = 0) -> dict:
+        return self._call("POST", f"/deployments/{name}/canary", json={"to": to, "weight": weight, "mirror": mirror, "reason": reason, "analysis": analysis})
 
     def step_canary(self, name: str, weight: int, reason: str) -> dict:
         return self._call("POST", f"/deployments/{name}/canary/step", json={"weight": weight, "reason": reason})

@@ -55,7 +55,8 @@ def add_commands(commands) -> None:
     canary.add_argument("name")
     canary.add_argument("decision", nargs="?", choices=["promote", "abort"])
     canary.add_argument("--to")
-    canary.add_argument("--weight", type=int, help="percent of requests (default 10); without --to, the running canary's new share")
+    canary.add_argument("--weight", type=int, help="percent of requests (default 10; 0 with --mirror); without --to, the running canary's new share")
+    canary.add_argument("--mirror", type=int, default=0, metavar="P", help="with --to: copies of P percent of the active version's requests go to it too, their answers dropped")
     canary.add_argument("--auto", action="store_true", help="baton judges it against the active version (or the deployment's slo) and aborts it on a breach")
     canary.add_argument("--promote-after", type=float, metavar="S", help="with --auto: S seconds within objectives at each weight, then the next step, then promotion")
     canary.add_argument("--steps", type=_weights, metavar="W,W", default=[], help="with --promote-after: weights to move through before promotion (25,50)")
@@ -150,6 +151,9 @@ def _gib(num_bytes: int) -> str:
 
 
 def _canary(client: AdminClient, args) -> int:
+    if args.mirror and not args.to:
+        print("baton: error: --mirror starts a canary: it needs --to REF")
+        return 2
     if args.decision:
         return _follow(client, client.decide_canary(args.name, args.decision, args.reason))
     if not args.to and args.weight is not None:
@@ -161,7 +165,13 @@ def _canary(client: AdminClient, args) -> int:
         print("baton: error: --promote-after and --steps need --auto")
         return 2
     analysis = {"promote_after_s": args.promote_after, "steps": args.steps} if args.auto else None
-    return _follow(client, client.canary(args.name, args.to, 10 if args.weight is None else args.weight, args.reason, analysis))
+    weight = args.weight if args.weight is not None else 0 if args.mirror else 10
+    return _follow(client, client.canary(args.name, args.to, weight, args.reason, analysis, args.mirror))
+
+
+def canary_share(canary: dict, of: str = "") -> str:
+    """`10%` (`of` after it), and `, 20% mirrored` where the canary gets copies of requests too."""
+    return f"{canary['weight']}%{of}" + (f", {canary['mirror']}% mirrored" if canary.get("mirror") else "")
 
 
 def _weights(text: str) -> list[int]:
@@ -202,7 +212,7 @@ def _follow(client: AdminClient, record: dict) -> int:
         return 0
     deployment = client.deployment(record["deployment"])
     canary = deployment["canary"]
-    share = f" ({100 - canary['weight']}%), canary {canary['version']} ({canary['weight']}%{', judged by baton' if canary['analysis'] else ''})" if canary else ""
+    share = f" ({100 - canary['weight']}%), canary {canary['version']} ({canary_share(canary)}{', judged by baton' if canary['analysis'] else ''})" if canary else ""
     print(f"{record['status']}: {record['deployment']} serves {deployment['version']}{share}")
     return 0
 
@@ -231,7 +241,7 @@ def format_status(status: dict) -> str:
                 waiting = d["waiting"] if role == "active" else ""
                 plan = slot.get("memory_plan", "")
                 if role == "canary":
-                    plan = f"{slot['weight']}% of requests{', judged by baton' if slot['analysis'] else ''}" + (f"; {plan}" if plan else "")
+                    plan = f"{canary_share(slot, ' of requests')}{', judged by baton' if slot['analysis'] else ''}" + (f"; {plan}" if plan else "")
                 lines.append(f"{d['name']:<14} {role:<8} {slot['version']:<18} {slot['state']:<9} {slot['engine']:<13} {slot['in_flight']:>9} {waiting:>7} {gib(slot['memory_bytes']):>10}  {plan}")
         if not d["active"]:
             lines.append(f"{d['name']:<14} {'-':<8} {d['version'] or '-':<18} {d['state']:<9} {'-':<13} {d['in_flight']:>9} {d['waiting']:>7}")
@@ -261,7 +271,7 @@ def _config_lines(status: dict) -> list[str]:
 def _list(client: AdminClient, args) -> int:
     print(f"{'NAME':<16} {'VERSION':<20} {'STATE':<9} {'IN-FLIGHT':>9}  {'CANARY':<24} STANDBY")
     for d in client.deployments():
-        canary = f"{d['canary']['version']} ({d['canary']['weight']}%{', auto' if d['canary']['analysis'] else ''})" if d["canary"] else "-"
+        canary = f"{d['canary']['version']} ({canary_share(d['canary'])}{', auto' if d['canary']['analysis'] else ''})" if d["canary"] else "-"
         standby = d["standby"]["version"] if d["standby"] else "-"
         print(f"{d['name']:<16} {d['version'] or '-':<20} {d['state']:<9} {d['in_flight']:>9}  {canary:<24} {standby}")
     return 0

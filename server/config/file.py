@@ -29,7 +29,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from models.errors import ConfigError, InvalidRequestError
 from models.names import NAME_PATTERN, Text
 from server.config.settings import Settings
-from server.deployments.health import CanaryAnalysis, CanaryWeight, HealthPolicy
+from server.deployments.health import CanaryAnalysis, CanaryStartWeight, HealthPolicy, MirrorShare, check_canary_share
 from server.deployments.strategy import STRATEGIES
 from server.api.tools import check_tool_parser
 from server.engines.options import check_engine_options
@@ -73,21 +73,24 @@ class DeploymentSettings(BaseModel):
 
 class CanaryRollout(BaseModel):
     """How a reload sends a new version out: as a canary at `weight` percent beside the
-    version that serves, judged (and, with `promote_after_s`, promoted) by baton with
-    `analysis`, or promoted by an operator; the fields of `POST .../canary`."""
+    version that serves (with copies of `mirror` percent of its requests), judged (and, with
+    `promote_after_s`, promoted) by baton with `analysis`, or promoted by an operator; the
+    fields of `POST .../canary`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    weight: CanaryWeight = 10
+    weight: CanaryStartWeight = 10
+    mirror: MirrorShare = 0
     analysis: CanaryAnalysis | None = None
 
     @model_validator(mode="after")
-    def _steps_go_up(self) -> CanaryRollout:
-        if self.analysis is not None:
-            try:
+    def _a_share_and_steps_that_go_up(self) -> CanaryRollout:
+        try:
+            check_canary_share(self.weight, self.mirror)
+            if self.analysis is not None:
                 self.analysis.check_steps_above(self.weight)
-            except InvalidRequestError as error:
-                raise ValueError(error.message) from error
+        except InvalidRequestError as error:
+            raise ValueError(error.message) from error
         return self
 
 

@@ -31,12 +31,14 @@ class OnDemand:
 
 @dataclass
 class Canary:
-    """A version beside the active one, sent `weight` percent of new requests; its outcomes
-    count in a window of their own, not in the active version's."""
+    """A version beside the active one, sent `weight` percent of new requests, and copies of
+    `mirror` percent of those the active version serves (their answers dropped: mirrors.py);
+    its outcomes, copies' included, count in a window of their own, not in the active's."""
 
     slot: Slot
     weight: int
     analysis: CanaryAnalysis | None = None  # None: an operator promotes or aborts
+    mirror: int = 0
     since: float = field(default_factory=time.monotonic)  # when it took its present share
     window: Window = field(default_factory=Window)
 
@@ -57,7 +59,7 @@ class Canary:
 
     def saved(self) -> dict:
         """What a restart needs to start it again beside the active version."""
-        return {"version": self.version, "weight": self.weight, "analysis": self.analysis.model_dump() if self.analysis else None}
+        return {"version": self.version, "weight": self.weight, "mirror": self.mirror, "analysis": self.analysis.model_dump() if self.analysis else None}
 
     def describe(self) -> dict:
         return {**self.slot.describe(), **self.saved(), "at_weight_s": round(time.monotonic() - self.since, 1)}
@@ -227,9 +229,9 @@ class Deployment:
         slot.move_to(SlotState.READY, f"{self.name} restored")
         self._serving.set()
 
-    def start_canary(self, slot: Slot, weight: int, analysis: CanaryAnalysis | None = None) -> None:
-        slot.move_to(SlotState.READY, f"canary of {self.name} at {weight}%")
-        self.canary = Canary(slot, weight, analysis)
+    def start_canary(self, slot: Slot, weight: int, analysis: CanaryAnalysis | None = None, mirror: int = 0) -> None:
+        slot.move_to(SlotState.READY, f"canary of {self.name} at {weight}%" + (f", {mirror}% mirrored" if mirror else ""))
+        self.canary = Canary(slot, weight, analysis, mirror)
         if self.aborted_canary == slot.version:  # tried again
             self.aborted_canary = None
 

@@ -51,6 +51,19 @@ class Baseline(Margins):
 
 
 CanaryWeight = Annotated[int, Field(ge=1, le=99)]  # a canary's share of new requests, in percent: neither none nor all
+CanaryStartWeight = Annotated[int, Field(ge=0, le=99)]  # as a canary starts: 0 with a mirror (copies of requests only)
+MirrorShare = Annotated[int, Field(ge=0, le=100)]  # the active version's requests a canary gets copies of, in percent
+
+
+def check_canary_share(weight: int, mirror: int) -> None:
+    """Rule: a canary serves a share of requests (1 to 99 percent), gets copies of a share
+    of them (its mirror, 0 to 100 percent), or both; never neither."""
+    if not 0 <= weight <= 99:
+        raise InvalidRequestError("A canary weight is a percentage between 0 and 99 (0: with a mirror only).", param="weight")
+    if not 0 <= mirror <= 100:
+        raise InvalidRequestError("A canary's mirror is a percentage between 0 and 100.", param="mirror")
+    if weight == 0 and mirror == 0:
+        raise InvalidRequestError("A canary at weight 0 serves nothing: give it a mirror (a share of requests copied to it) or a weight.", param="weight")
 
 
 class CanaryAnalysis(Margins):

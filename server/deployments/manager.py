@@ -20,7 +20,7 @@ from models.registry import Registry
 from server.config.settings import ModelSpec, Settings
 from server.deployments.deployment import Deployment, OnDemand
 from server.deployments.engine_watch import EngineWatch
-from server.deployments.health import CanaryAnalysis, HealthPolicy
+from server.deployments.health import CanaryAnalysis, HealthPolicy, check_canary_share
 from server.deployments.health_watch import HealthWatch
 from server.deployments.layout import ModelLayout, reload_blocker
 from server.deployments.on_demand import OnDemandLoads
@@ -162,7 +162,7 @@ class DeploymentManager:
             return
         analysis = CanaryAnalysis.model_validate(canary["analysis"]) if canary["analysis"] else None
         try:
-            await self.start_canary(deployment.name, canary["version"], canary["weight"], change, analysis)
+            await self.start_canary(deployment.name, canary["version"], canary["weight"], change, analysis, canary.get("mirror", 0))
         except BatonError as error:  # the deployment serves on without it
             log.error("could not restore the canary %s of %s: %s", canary["version"], deployment.name, error)
 
@@ -248,10 +248,9 @@ class DeploymentManager:
         record = SwapRecord(name, "rollback", deployment.target_version, target.version, choice.strategy, change.actor, change.reason, strategy_reason=choice.reason)
         return await self._run(deployment, record, self._swap(deployment, record, target, choice, deployment.engine_overrides), wait)
 
-    async def start_canary(self, name: str, ref: str, weight: int, change: Change, analysis: CanaryAnalysis | None = None) -> SwapRecord:
+    async def start_canary(self, name: str, ref: str, weight: int, change: Change, analysis: CanaryAnalysis | None = None, mirror: int = 0) -> SwapRecord:
         deployment = self._lock_free(name)
-        if not 0 < weight < 100:
-            raise InvalidRequestError("A canary weight is a percentage between 1 and 99.", param="weight")
+        check_canary_share(weight, mirror)
         if analysis is not None:
             analysis.check_steps_above(weight)
         if deployment.canary is not None:
@@ -263,8 +262,8 @@ class DeploymentManager:
             raise ConflictError(f"{name} serves {target.version} already; a canary is another version.")
         if refusal := no_room_beside(self._slots.needed_bytes(target), **self._slots.room_beside(target)):
             raise ConflictError(f"Cannot start a canary of {target.version}: {refusal}.", code="insufficient_memory")
-        record = SwapRecord(name, "canary", deployment.version, target.version, f"canary {weight}%", change.actor, change.reason)
-        return await self._run(deployment, record, self._swaps.canary(deployment, record, target, weight, analysis), wait=True)
+        record = SwapRecord(name, "canary", deployment.version, target.version, f"canary {weight}%" + (f", {mirror}% mirrored" if mirror else ""), change.actor, change.reason)
+        return await self._run(deployment, record, self._swaps.canary(deployment, record, target, weight, analysis, mirror), wait=True)
 
     async def step_canary(self, name: str, change: Change, weight: int) -> SwapRecord:
         """The canary's share of requests, moved to `weight`."""

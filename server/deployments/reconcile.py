@@ -170,7 +170,7 @@ class Reconciler:
         if planned.action == "canary":
             if planned.canary is not None:
                 await manager.abort_canary(name, change)
-            return await manager.start_canary(name, planned.desired, wanted.canary.weight, change, wanted.canary.analysis)
+            return await manager.start_canary(name, planned.desired, wanted.canary.weight, change, wanted.canary.analysis, wanted.canary.mirror)
         return None
 
     def _wanted(self, deployment: str, wanted: DeploymentConfig) -> State:

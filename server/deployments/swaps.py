@@ -161,10 +161,10 @@ class Swaps:
             phase.detail = await self._slots.stop_cut_off(old) if is_cut_off else await self._slots.park(deployment, old, may_stay_loaded=False)
         await self._take_over(deployment, record, old, self._slots.load_and_verify(record, target, deployment))
 
-    async def canary(self, deployment: Deployment, record: SwapRecord, target: Target, weight: int, analysis: CanaryAnalysis | None) -> None:
+    async def canary(self, deployment: Deployment, record: SwapRecord, target: Target, weight: int, analysis: CanaryAnalysis | None, mirror: int) -> None:
         slot = await self._slots.load_and_verify(record, target, deployment)
         async with record.phase("route"):
-            deployment.start_canary(slot, weight, analysis)
+            deployment.start_canary(slot, weight, analysis, mirror)
 
     async def step_canary(self, deployment: Deployment, record: SwapRecord, weight: int) -> None:
         async with record.phase("route"):

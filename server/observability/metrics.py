@@ -36,6 +36,7 @@ class Metrics:
         self.swaps = Counter("baton_swaps", "Swaps, rollbacks, canaries, loads and recoveries, by outcome", ("deployment", "action", "strategy", "outcome"), registry=self.registry)
         self.swap_phase_seconds = Histogram("baton_swap_phase_duration_seconds", "Each swap phase", ("action", "strategy", "phase"), buckets=PHASE_BUCKETS, registry=self.registry)
         self.cut_off = Counter("baton_requests_cut_off", "Requests ended at a drain deadline", ("deployment",), registry=self.registry)
+        self.mirrored = Counter("baton_mirrored_requests", "Requests copied to a canary (copied), or not because copies were running already (dropped)", ("deployment", "outcome"), registry=self.registry)
         self.engine_starts = Counter("baton_engine_starts", "Engine starts, by outcome", ("engine", "outcome"), registry=self.registry)
         self.degradations = Counter("baton_degradation_alerts", "Objectives missed, and what was done", ("deployment", "reason", "action"), registry=self.registry)
         self.engine_failures = Counter("baton_engine_failures", "Engines found dead while serving", ("deployment", "version"), registry=self.registry)

@@ -97,10 +97,10 @@ def test_a_saved_deployment_that_can_never_come_back_is_forgotten_and_others_are
 
 def test_a_canary_comes_back_beside_its_version_and_not_beside_another(home, tmp_path):
     with _serving(home, tmp_path) as (url, _):
-        started = httpx.post(f"{url}/admin/deployments/chat/canary", json={"to": "chat@2", "weight": 30, "analysis": {"promote_after_s": 3600}}, timeout=60)
+        started = httpx.post(f"{url}/admin/deployments/chat/canary", json={"to": "chat@2", "weight": 30, "mirror": 50, "analysis": {"promote_after_s": 3600}}, timeout=60)
         assert started.status_code == 200, started.text
     with _serving(home, tmp_path) as (url, _):
         canary = _deployments(url)["chat"]["canary"]
-        assert (canary["version"], canary["weight"], canary["analysis"]["promote_after_s"]) == ("chat@2", 30, 3600)
+        assert (canary["version"], canary["weight"], canary["mirror"], canary["analysis"]["promote_after_s"]) == ("chat@2", 30, 50, 3600)
     with _serving(home, tmp_path, "chat@3") as (url, _):  # another version named at start: no canary of chat@1's
         assert _deployments(url)["chat"]["canary"] is None

@@ -305,6 +305,12 @@ def test_cli_swap_shows_phases_and_deployments_table(home):
         assert _admin(server, "POST", "/deployments/chat/canary/step", expect=400, weight=100)["error"]["param"] == "weight"
         assert baton("canary", "chat", "abort", *remote).returncode == 0
         assert _admin(server, "POST", "/deployments/chat/canary/step", expect=409, weight=50)["error"]["message"] == "Deployment chat has no canary."
+        assert baton("canary", "chat", "--mirror", "30", *remote).returncode == 2  # a mirror starts a canary: it needs --to
+        mirrored = baton("canary", "chat", "--to", "chat@2", "--mirror", "30", *remote)  # no --weight: 0, copies only
+        assert mirrored.returncode == 0 and "chat serves chat@1 (100%), canary chat@2 (0%, 30% mirrored)" in mirrored.stdout, mirrored.stdout
+        assert "(0%, 30% mirrored)" in baton("deployments", *remote).stdout
+        assert "0% of requests, 30% mirrored" in baton("status", *remote).stdout
+        assert baton("canary", "chat", "abort", *remote).returncode == 0
         deployed = baton("deploy", "other", "--model", "chat@2", *remote)
         assert deployed.returncode == 0 and "other serves chat@2" in deployed.stdout
         again = baton("deploy", "other", "--model", "chat@2", *remote)

@@ -166,6 +166,13 @@ def test_a_rollout_whose_steps_do_not_go_up_from_its_weight_is_refused(tmp_path)
     assert (rollout.weight, rollout.analysis.steps, rollout.analysis.promote_after_s) == (30, [40, 50], 60)
 
 
+def test_a_rollout_may_start_as_a_mirror_only_never_as_nothing(tmp_path):
+    mirrored = load_config(_write(tmp_path, GOOD + "    canary: {weight: 0, mirror: 25}\n")).deployments["docs"].canary
+    assert (mirrored.weight, mirrored.mirror) == (0, 25)
+    with pytest.raises(ConfigError, match=r"deployments.docs.canary.*weight 0 serves nothing"):
+        load_config(_write(tmp_path, GOOD + "    canary: {weight: 0}\n"))
+
+
 def test_the_documented_example_loads():
     example = load_config(Path(__file__).resolve().parents[2] / "docker" / "baton.example.yaml")
     assert example.deployments["chat"].health.on_breach == "rollback"

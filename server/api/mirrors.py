@@ -1,0 +1,95 @@
+"""Mirrored requests: a canary with a `mirror` gets copies of that share of the requests its
+deployment's active version serves, and their answers are dropped. So a new version meets
+real traffic, its errors and latency judged as a canary's (its window, its analysis, its
+metrics under its version), before any client reads a word of it; at weight 0 it serves
+no client at all.
+
+Rules:
+- Only chat and text completions are copied: they are stateless. A Responses or Messages
+  request may add to a conversation or be kept, and nothing a copy does may be read later.
+- A copy is not a client's: it does not stream, keeps nothing (`store: false`), waits
+  behind every client's request (MIRROR_PRIORITY), takes nothing from its key's rates, and
+  is not made while MAX_IN_FLIGHT copies of its deployment still run.
+- A copy runs as the original's key (in-process, as a batch's requests do), pinned to the
+  canary's version (`model: chat@5`): it never reaches the active version, nor is copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter
+
+from starlette.requests import Request
+
+from server.batches.in_process import Caller, InProcess
+from server.deployments.router import Route
+from server.deployments.slot import Lease
+
+log = logging.getLogger(__name__)
+
+MIRRORED_PATHS = ("/v1/chat/completions", "/v1/completions")
+MIRROR_PRIORITY = 100  # behind clients (0) and batches (10)
+MAX_IN_FLIGHT = 4  # copies of one deployment's requests running at once
+
+
+def copy_decision(mirror: int, served_by_active: bool, is_pinned: bool, num_in_flight: int, draw: float) -> str | None:
+    """For a request its deployment's canary mirrors: with probability `mirror` percent
+    (`draw`: uniform in [0, 100)), one the active version serves, not pinned to a version, is
+    "copied", or "dropped" while MAX_IN_FLIGHT copies run; None: not one to copy."""
+    if not served_by_active or is_pinned or draw >= mirror:
+        return None
+    return "copied" if num_in_flight < MAX_IN_FLIGHT else "dropped"
+
+
+def copy_of(body: dict, version: str) -> dict:
+    """The request a copy sends: the original's, pinned to `version`, whole (no stream), kept
+    nowhere, behind every client's request."""
+    copied = {key: value for key, value in body.items() if key != "stream_options"}
+    copied.update(model=version, stream=False, priority=MIRROR_PRIORITY)
+    if "store" in copied:
+        copied["store"] = False
+    return copied
+
+
+class Mirrors:
+    def __init__(self, server: InProcess):
+        self._server = server
+        self._in_flight: Counter[str] = Counter()  # copies running, by deployment
+        self._tasks: set[asyncio.Task] = set()
+        self._random = random.Random()
+
+    async def copy(self, request: Request, route: Route, lease: Lease) -> None:
+        """Sends a copy of `request` (served under `lease`) to its deployment's canary, where
+        the canary mirrors it; returns at once."""
+        deployment = request.state.deployments.get(lease.deployment)
+        canary = deployment.canary if deployment is not None else None
+        if canary is None or not canary.mirror or request.url.path not in MIRRORED_PATHS:
+            return
+        decision = copy_decision(canary.mirror, lease.slot is deployment.active, route.version is not None, self._in_flight[lease.deployment], self._random.uniform(0, 100))
+        if decision is not None:
+            request.state.metrics.mirrored.labels(lease.deployment, decision).inc()
+        if decision != "copied":
+            return
+        body = copy_of(await request.json(), canary.version)  # the body is read already: this is its cached copy
+        self._in_flight[lease.deployment] += 1
+        task = asyncio.ensure_future(self._send(request.url.path, body, Caller(request.state.key), lease.deployment))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, path: str, body: dict, caller: Caller, deployment: str) -> None:
+        try:
+            status, answer, request_id = await self._server.post(path, body, caller)
+            if status != 200:  # counted in the canary's window already: said here for whoever reads the log
+                log.info("mirrored request %s to %s: %s %s", request_id, body["model"], status, (answer or {}).get("error", {}).get("message"))
+        except Exception:
+            log.exception("a mirrored request to %s failed", body["model"])
+        finally:
+            self._in_flight[deployment] -= 1
+
+    async def close(self) -> None:
+        """At shutdown: copies still running are cancelled (no client waits for them)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

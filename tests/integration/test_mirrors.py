@@ -1,0 +1,91 @@
+"""A canary's mirror through a real server: copies of the requests the active version serves
+reach the canary (real engines: the tiny model's two versions), no client reads a word of
+them, nothing stateful is copied, and the canary's analysis judges it on its copies alone."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from models.registry import Registry
+from server.config.settings import ModelSpec, Settings
+from tests.conftest import ServerThread
+from tests.fake_engine import FakeBehaviour, FakeEngineFactory
+
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+
+
+def _spec(home) -> ModelSpec:
+    version = Registry(home).resolve("chat@1")
+    return ModelSpec(name="chat", path=version.path, version=version.ref, engine="transformers")
+
+
+def _metric(server, name: str, **labels) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _wait_for(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_mirror_only_canary_gets_copies_of_chat_and_completions_that_no_client_sees(two_versions_home):
+    home = two_versions_home()
+    with ServerThread(Settings(home=home, models=[_spec(home)])) as server:
+        started = httpx.post(f"{server.url}/admin/deployments/chat/canary", json={"to": "chat@2", "weight": 0, "mirror": 100}, timeout=120)
+        assert started.status_code == 200, started.text
+        assert httpx.get(f"{server.url}/admin/deployments/chat").json()["canary"]["mirror"] == 100
+        client = server.client()
+        answers = [
+            client.chat.completions.with_raw_response.create(**CHAT),
+            client.chat.completions.with_raw_response.create(**CHAT, stream=True, stream_options={"include_usage": True}),
+            client.completions.with_raw_response.create(model="chat", prompt="The sea is", max_tokens=3),
+            client.chat.completions.with_raw_response.create(**CHAT, store=True),
+        ]
+        assert [a.headers["x-baton-version"] for a in answers] == ["chat@1"] * 4  # every client was answered by the active version
+        assert answers[0].parse().model == "chat@1"
+        _wait_for(lambda: _metric(server, "baton_requests_total", version="chat@2", status="200") == 4)
+        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 4
+        assert [c.model for c in client.chat.completions.list()] == ["chat@1"]  # the stored one's copy kept nothing
+        client.responses.create(model="chat", input="hi", max_output_tokens=3)  # may be kept or join a conversation: never copied
+        pinned = client.chat.completions.with_raw_response.create(**{**CHAT, "model": "chat@2"})  # the canary's own request: not copied again
+        assert pinned.headers["x-baton-version"] == "chat@2"
+        time.sleep(0.5)
+        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 4
+        assert _metric(server, "baton_requests_total", version="chat@2", status="200") == 5
+
+
+@pytest.mark.parametrize(("body", "param"), [({"weight": 0}, "weight"), ({"weight": 10, "mirror": 101}, "mirror")])
+def test_a_canary_that_would_serve_nothing_or_too_much_is_refused(two_versions_home, body, param):
+    home = two_versions_home()
+    with ServerThread(Settings(home=home, models=[_spec(home)]), engine_factory=FakeEngineFactory()) as server:
+        refused = httpx.post(f"{server.url}/admin/deployments/chat/canary", json={"to": "chat@2", **body}, timeout=60)
+        assert refused.status_code == 400 and param in str(refused.json()["error"]["param"]), refused.text
+        assert httpx.get(f"{server.url}/admin/deployments/chat").json()["canary"] is None
+
+
+def test_a_slow_version_mirrored_at_weight_0_is_aborted_by_its_analysis_before_any_client_sees_it(two_versions_home):
+    """Fake engines, since the breach needs one version 1,000 times slower than the other."""
+    home = two_versions_home()
+    slow = Registry(home).resolve("chat@2").path.name
+    factory = FakeEngineFactory({slow: FakeBehaviour(token_seconds=0.2)})
+    with ServerThread(Settings(home=home, models=[_spec(home)], idle_check_s=0.1), engine_factory=factory) as server:
+        canary = {"to": "chat@2", "weight": 0, "mirror": 100, "analysis": {"min_requests": 5}}
+        httpx.post(f"{server.url}/admin/deployments/chat/canary", json=canary, timeout=60).raise_for_status()
+        served = []
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.url}/admin/deployments/chat").json()["canary"] is not None:
+            assert time.monotonic() < deadline, "the canary was never judged"
+            answer = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=30)
+            served.append((answer.status_code, answer.headers["x-baton-version"]))
+            time.sleep(0.05)
+        assert set(served) == {(200, "chat@1")}
+    aborts = [e for e in Registry(home).history("chat") if e["action"] == "abort"]
+    assert aborts and aborts[-1]["actor"] == "baton" and "tokens/s below" in aborts[-1]["reason"]
