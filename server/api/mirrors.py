@@ -7,9 +7,11 @@ no client at all.
 Rules:
 - Only chat and text completions are copied: they are stateless. A Responses or Messages
   request may add to a conversation or be kept, and nothing a copy does may be read later.
-- A copy is not a client's: it does not stream, keeps nothing (`store: false`), waits
-  behind every client's request (MIRROR_PRIORITY), takes nothing from its key's rates, and
-  is not made while MAX_IN_FLIGHT copies of its deployment still run.
+- A copy is not a client's: it does not stream, keeps nothing (`store: false`), takes
+  nothing from its key's rates, and is dropped, not made, while MAX_IN_FLIGHT copies of its
+  deployment still run or no place is free there at once: it never takes a client's place
+  in the queue (where it must wait after all, it waits behind every client's request:
+  MIRROR_PRIORITY).
 - A copy runs as the original's key (in-process, as a batch's requests do), pinned to the
   canary's version (`model: chat@5`): it never reaches the active version, nor is copied.
 """
@@ -34,13 +36,14 @@ MIRROR_PRIORITY = 100  # behind clients (0) and batches (10)
 MAX_IN_FLIGHT = 4  # copies of one deployment's requests running at once
 
 
-def copy_decision(mirror: int, served_by_active: bool, is_pinned: bool, num_in_flight: int, draw: float) -> str | None:
+def copy_decision(mirror: int, served_by_active: bool, is_pinned: bool, num_in_flight: int, has_free_place: bool, draw: float) -> str | None:
     """For a request its deployment's canary mirrors: with probability `mirror` percent
     (`draw`: uniform in [0, 100)), one the active version serves, not pinned to a version, is
-    "copied", or "dropped" while MAX_IN_FLIGHT copies run; None: not one to copy."""
+    "copied", or "dropped" while MAX_IN_FLIGHT copies run or the deployment has no place
+    free at once; None: not one to copy."""
     if not served_by_active or is_pinned or draw >= mirror:
         return None
-    return "copied" if num_in_flight < MAX_IN_FLIGHT else "dropped"
+    return "copied" if num_in_flight < MAX_IN_FLIGHT and has_free_place else "dropped"
 
 
 def copy_of(body: dict, version: str) -> dict:
@@ -67,7 +70,8 @@ class Mirrors:
         canary = deployment.canary if deployment is not None else None
         if canary is None or not canary.mirror or request.url.path not in MIRRORED_PATHS:
             return
-        decision = copy_decision(canary.mirror, lease.slot is deployment.active, route.version is not None, self._in_flight[lease.deployment], self._random.uniform(0, 100))
+        in_flight, has_free_place = self._in_flight[lease.deployment], deployment.admission.has_free_place
+        decision = copy_decision(canary.mirror, lease.slot is deployment.active, route.version is not None, in_flight, has_free_place, self._random.uniform(0, 100))
         if decision is not None:
             request.state.metrics.mirrored.labels(lease.deployment, decision).inc()
         if decision != "copied":

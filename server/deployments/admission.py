@@ -29,8 +29,13 @@ class Admission:
     def num_waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def has_free_place(self) -> bool:
+        """One more request would run at once, waiting for nothing."""
+        return self._max_running is None or (self.num_running < self._max_running and not self._waiters)
+
     async def enter(self, priority: int = 0) -> None:
-        if self._max_running is None or (self.num_running < self._max_running and not self._waiters):
+        if self.has_free_place:
             self.num_running += 1
             return
         if len(self._waiters) >= self._max_waiting:

@@ -89,3 +89,14 @@ def test_a_slow_version_mirrored_at_weight_0_is_aborted_by_its_analysis_before_a
         assert set(served) == {(200, "chat@1")}
     aborts = [e for e in Registry(home).history("chat") if e["action"] == "abort"]
     assert aborts and aborts[-1]["actor"] == "baton" and "tokens/s below" in aborts[-1]["reason"]
+
+
+def test_no_copy_takes_a_clients_place_where_a_deployment_runs_one_request_at_a_time(two_versions_home):
+    home = two_versions_home()
+    settings = Settings(home=home, models=[_spec(home)], max_running_per_deployment=1)
+    with ServerThread(settings, engine_factory=FakeEngineFactory()) as server:
+        httpx.post(f"{server.url}/admin/deployments/chat/canary", json={"to": "chat@2", "weight": 0, "mirror": 100}, timeout=60).raise_for_status()
+        answers = [httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, timeout=30) for _ in range(3)]
+        assert [(a.status_code, a.headers["x-baton-version"]) for a in answers] == [(200, "chat@1")] * 3
+        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="dropped") == 3  # each original held the one place
+        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 0

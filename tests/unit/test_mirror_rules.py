@@ -11,19 +11,20 @@ from server.deployments.health import check_canary_share
 
 
 @pytest.mark.parametrize(
-    ("mirror", "served_by_active", "is_pinned", "num_in_flight", "draw", "decision"),
+    ("mirror", "served_by_active", "is_pinned", "num_in_flight", "has_free_place", "draw", "decision"),
     [
-        (20, True, False, 0, 19.9, "copied"),
-        (20, True, False, 0, 20.0, None),  # outside the mirrored share
-        (100, True, False, 0, 99.9, "copied"),
-        (20, False, False, 0, 1.0, None),  # the canary served it already
-        (20, True, True, 0, 1.0, None),  # pinned to a version (a copy is, too): never copied
-        (20, True, False, MAX_IN_FLIGHT, 1.0, "dropped"),
-        (0, True, False, 0, 0.0, None),
+        (20, True, False, 0, True, 19.9, "copied"),
+        (20, True, False, 0, True, 20.0, None),  # outside the mirrored share
+        (100, True, False, 0, True, 99.9, "copied"),
+        (20, False, False, 0, True, 1.0, None),  # the canary served it already
+        (20, True, True, 0, True, 1.0, None),  # pinned to a version (a copy is, too): never copied
+        (20, True, False, MAX_IN_FLIGHT, True, 1.0, "dropped"),
+        (20, True, False, 0, False, 1.0, "dropped"),  # a copy would wait for a client's place
+        (0, True, False, 0, True, 0.0, None),
     ],
 )
-def test_a_request_is_copied_when_the_active_version_serves_it_unpinned_within_the_share(mirror, served_by_active, is_pinned, num_in_flight, draw, decision):
-    assert copy_decision(mirror, served_by_active, is_pinned, num_in_flight, draw) == decision
+def test_a_request_is_copied_when_the_active_version_serves_it_unpinned_within_the_share(mirror, served_by_active, is_pinned, num_in_flight, has_free_place, draw, decision):
+    assert copy_decision(mirror, served_by_active, is_pinned, num_in_flight, has_free_place, draw) == decision
 
 
 def test_a_copy_is_pinned_whole_kept_nowhere_and_last_in_line():
