@@ -65,7 +65,14 @@ class Mirrors:
 
     async def copy(self, request: Request, route: Route, lease: Lease) -> None:
         """Sends a copy of `request` (served under `lease`) to its deployment's canary, where
-        the canary mirrors it; returns at once."""
+        the canary mirrors it; returns at once. Rule: nothing of a copy, its making
+        included, fails the original."""
+        try:
+            await self._copy(request, route, lease)
+        except Exception:
+            log.exception("could not copy request %s to its canary", request.state.request_id)
+
+    async def _copy(self, request: Request, route: Route, lease: Lease) -> None:
         deployment = request.state.deployments.get(lease.deployment)
         canary = deployment.canary if deployment is not None else None
         if canary is None or not canary.mirror or request.url.path not in MIRRORED_PATHS:

@@ -286,8 +286,8 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
     route = route_request(request, body.model, body.end_user, body.priority)  # an unknown model: 404, and no metric labelled with it
     check_choices(body.num_prompts, body.n, request.state.settings.max_n)
     lease, observation = await observed_lease(request, route)
-    await request.state.mirrors.copy(request, route, lease)
     try:
+        await request.state.mirrors.copy(request, route, lease)
         if not can_generate(lease.engine):
             raise InvalidRequestError(f"The model '{body.model}' is served for embeddings only (vLLM's pooling runner); ask /v1/embeddings.", param="model", code="model_not_supported")
         # Off the event loop, as vLLM's server does it: a 4 MiB prompt takes seconds to render
