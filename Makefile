@@ -39,8 +39,13 @@ demo: install
 serve: demo
 	$(BIN)/baton serve --host 127.0.0.1 --port 8000
 
+# Every test, in two runs: all but tests/vllm spread over PARALLEL processes (pytest-xdist: small
+# models and fake engines, each process its own servers), then tests/vllm alone, since each of
+# its engines takes every core.
+PARALLEL ?= 2
 test: demo
-	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -n $(PARALLEL) --ignore tests/vllm $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest tests/vllm $(PYTEST_ARGS)
 
 # The vLLM tier alone (real engines, about a minute per engine start on CPU).
 test-vllm: demo
