@@ -5,8 +5,9 @@ metrics under its version), before any client reads a word of it; at weight 0 it
 no client at all.
 
 Rules:
-- Only chat and text completions are copied: they are stateless. A Responses or Messages
-  request may add to a conversation or be kept, and nothing a copy does may be read later.
+- Nothing a copy does may be read later: chat, text completions, Messages and Responses
+  are copied, each made stateless (COPIED), and a Responses request that answers in a
+  conversation is not copied (its answer would join the conversation).
 - A copy is not a client's: it does not stream, keeps nothing (`store: false`), takes
   nothing from its key's rates, and is dropped, not made, while MAX_IN_FLIGHT copies of its
   deployment still run or no place is free there at once: it never takes a client's place
@@ -31,8 +32,13 @@ from server.deployments.slot import Lease
 
 log = logging.getLogger(__name__)
 
-MIRRORED_PATHS = ("/v1/chat/completions", "/v1/completions")
 MIRROR_PRIORITY = 100  # behind clients (0) and batches (10)
+COPIED = {  # the routes copied, and what a copy's request sets beside its model and `stream: false`
+    "/v1/chat/completions": {"store": False, "priority": MIRROR_PRIORITY},
+    "/v1/completions": {"priority": MIRROR_PRIORITY},
+    "/v1/responses": {"store": False, "background": False, "priority": MIRROR_PRIORITY},  # unset `store` keeps a Response
+    "/v1/messages": {},  # Anthropic's keep nothing, and take no priority
+}
 MAX_IN_FLIGHT = 4  # copies of one deployment's requests running at once
 
 
@@ -46,14 +52,16 @@ def copy_decision(mirror: int, served_by_active: bool, is_pinned: bool, num_in_f
     return "copied" if num_in_flight < MAX_IN_FLIGHT and has_free_place else "dropped"
 
 
-def copy_of(body: dict, version: str) -> dict:
-    """The request a copy sends: the original's, pinned to `version`, whole (no stream), kept
-    nowhere, behind every client's request."""
+def is_copyable(path: str, body: dict) -> bool:
+    """A request of a copied route, whose copy would write nothing a client reads."""
+    return path in COPIED and not (path == "/v1/responses" and body.get("conversation"))
+
+
+def copy_of(path: str, body: dict, version: str) -> dict:
+    """The request a copy sends to `path`: the original's, pinned to `version`, whole (no
+    stream), kept nowhere, behind every client's request where the route takes a priority."""
     copied = {key: value for key, value in body.items() if key != "stream_options"}
-    copied.update(model=version, stream=False, priority=MIRROR_PRIORITY)
-    if "store" in copied:
-        copied["store"] = False
-    return copied
+    return {**copied, "model": version, "stream": False, **COPIED[path]}
 
 
 class Mirrors:
@@ -75,7 +83,10 @@ class Mirrors:
     async def _copy(self, request: Request, route: Route, lease: Lease) -> None:
         deployment = request.state.deployments.get(lease.deployment)
         canary = deployment.canary if deployment is not None else None
-        if canary is None or not canary.mirror or request.url.path not in MIRRORED_PATHS:
+        if canary is None or not canary.mirror or request.url.path not in COPIED:
+            return
+        body = await request.json()  # read already: this is its cached copy
+        if not is_copyable(request.url.path, body):
             return
         in_flight, has_free_place = self._in_flight[lease.deployment], deployment.admission.has_free_place
         decision = copy_decision(canary.mirror, lease.slot is deployment.active, route.version is not None, in_flight, has_free_place, self._random.uniform(0, 100))
@@ -83,7 +94,7 @@ class Mirrors:
             request.state.metrics.mirrored.labels(lease.deployment, decision).inc()
         if decision != "copied":
             return
-        body = copy_of(await request.json(), canary.version)  # the body is read already: this is its cached copy
+        body = copy_of(request.url.path, body, canary.version)
         self._in_flight[lease.deployment] += 1
         task = asyncio.ensure_future(self._send(request.url.path, body, Caller(request.state.key), lease.deployment))
         self._tasks.add(task)

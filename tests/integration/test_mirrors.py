@@ -4,7 +4,9 @@ them, nothing stateful is copied, and the canary's analysis judges it on its cop
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from contextlib import closing
 
 import httpx
 import pytest
@@ -36,7 +38,7 @@ def _wait_for(condition, seconds: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_mirror_only_canary_gets_copies_of_chat_and_completions_that_no_client_sees(two_versions_home):
+def test_a_mirror_only_canary_gets_copies_that_no_client_sees_and_that_keep_nothing(two_versions_home):
     home = two_versions_home()
     with ServerThread(Settings(home=home, models=[_spec(home)])) as server:
         started = httpx.post(f"{server.url}/admin/deployments/chat/canary", json={"to": "chat@2", "weight": 0, "mirror": 100}, timeout=120)
@@ -48,18 +50,26 @@ def test_a_mirror_only_canary_gets_copies_of_chat_and_completions_that_no_client
             client.chat.completions.with_raw_response.create(**CHAT, stream=True, stream_options={"include_usage": True}),
             client.completions.with_raw_response.create(model="chat", prompt="The sea is", max_tokens=3),
             client.chat.completions.with_raw_response.create(**CHAT, store=True),
+            client.responses.with_raw_response.create(model="chat", input="hi", max_output_tokens=3),
+            server.anthropic_client().messages.with_raw_response.create(model="chat", max_tokens=3, messages=[{"role": "user", "content": "hi"}]),
         ]
-        assert [a.headers["x-baton-version"] for a in answers] == ["chat@1"] * 4  # every client was answered by the active version
+        assert [a.headers["x-baton-version"] for a in answers] == ["chat@1"] * 6  # every client was answered by the active version
         assert answers[0].parse().model == "chat@1"
-        _wait_for(lambda: _metric(server, "baton_requests_total", version="chat@2", status="200") == 4)
-        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 4
-        assert [c.model for c in client.chat.completions.list()] == ["chat@1"]  # the stored one's copy kept nothing
-        client.responses.create(model="chat", input="hi", max_output_tokens=3)  # may be kept or join a conversation: never copied
+        _wait_for(lambda: _metric(server, "baton_requests_total", version="chat@2", status="200") == 6)
+        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 6
+        assert [c.model for c in client.chat.completions.list()] == ["chat@1"]  # the stored completion's copy kept nothing
+        kept = answers[4].parse()
+        assert client.responses.retrieve(kept.id).model == "chat@1"  # kept: the original; its copy (store: false) was not
+        conversation = client.conversations.create()
+        client.responses.create(model="chat", input="hi", max_output_tokens=3, conversation=conversation.id)  # its answer joins the conversation: never copied
+        assert len(client.conversations.items.list(conversation.id).data) == 2  # the question and one answer, the original's
         pinned = client.chat.completions.with_raw_response.create(**{**CHAT, "model": "chat@2"})  # the canary's own request: not copied again
         assert pinned.headers["x-baton-version"] == "chat@2"
         time.sleep(0.5)
-        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 4
-        assert _metric(server, "baton_requests_total", version="chat@2", status="200") == 5
+        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 6
+        assert _metric(server, "baton_requests_total", version="chat@2", status="200") == 7
+    with closing(sqlite3.connect(home / "responses.db")) as db:  # kept: the two Responses clients asked for, no copy
+        assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 2
 
 
 @pytest.mark.parametrize(("body", "param"), [({"weight": 0}, "weight"), ({"weight": 10, "mirror": 101}, "mirror")])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from models.errors import InvalidRequestError
-from server.api.mirrors import MAX_IN_FLIGHT, MIRROR_PRIORITY, copy_decision, copy_of
+from server.api.mirrors import MAX_IN_FLIGHT, MIRROR_PRIORITY, copy_decision, copy_of, is_copyable
 from server.deployments.health import check_canary_share
 
 
@@ -29,9 +29,26 @@ def test_a_request_is_copied_when_the_active_version_serves_it_unpinned_within_t
 
 def test_a_copy_is_pinned_whole_kept_nowhere_and_last_in_line():
     sent = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": True}, "store": True, "priority": -5}
-    assert copy_of(sent, "chat@5") == {"model": "chat@5", "messages": sent["messages"], "stream": False, "store": False, "priority": MIRROR_PRIORITY}
-    assert "store" not in copy_of({"model": "chat", "prompt": "hi"}, "chat@5")  # a field the request has not, it is not given
+    assert copy_of("/v1/chat/completions", sent, "chat@5") == {"model": "chat@5", "messages": sent["messages"], "stream": False, "store": False, "priority": MIRROR_PRIORITY}
+    assert "store" not in copy_of("/v1/completions", {"model": "chat", "prompt": "hi"}, "chat@5")  # a field its route has not, it is not given
     assert sent["model"] == "chat" and sent["stream"]  # the original is left as it was
+    response = copy_of("/v1/responses", {"model": "chat", "input": "hi", "background": True, "previous_response_id": "resp_1"}, "chat@5")
+    assert (response["store"], response["background"], response["previous_response_id"]) == (False, False, "resp_1")  # unset `store` would keep it
+    assert copy_of("/v1/messages", {"model": "chat", "max_tokens": 8, "messages": []}, "chat@5") == {"model": "chat@5", "max_tokens": 8, "messages": [], "stream": False}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "copyable"),
+    [
+        ("/v1/chat/completions", {}, True),
+        ("/v1/messages", {}, True),
+        ("/v1/responses", {"previous_response_id": "resp_1"}, True),  # reads what its key kept, writes nothing
+        ("/v1/responses", {"conversation": "conv_1"}, False),  # its answer would join the conversation
+        ("/v1/embeddings", {}, False),
+    ],
+)
+def test_only_requests_whose_copy_writes_nothing_a_client_reads_are_copied(path, body, copyable):
+    assert is_copyable(path, body) is copyable
 
 
 @pytest.mark.parametrize(("weight", "mirror"), [(10, 0), (0, 20), (99, 100), (30, 50)])
