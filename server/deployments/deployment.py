@@ -12,7 +12,7 @@ import hashlib
 import random
 import time
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from models.errors import ModelNotFoundError, OverloadedError
 from server.deployments.admission import Admission
@@ -62,7 +62,12 @@ class Canary:
         return {"version": self.version, "weight": self.weight, "mirror": self.mirror, "analysis": self.analysis.model_dump() if self.analysis else None}
 
     def describe(self) -> dict:
-        return {**self.slot.describe(), **self.saved(), "at_weight_s": round(time.monotonic() - self.since, 1)}
+        return {**self.slot.describe(), **self.saved(), "at_weight_s": round(time.monotonic() - self.since, 1), "window": _described(self.window)}
+
+
+def _described(window: Window) -> dict:
+    """A window's last minute as the health checks read it (a canary's copies included)."""
+    return asdict(window.stats(time.monotonic()))
 
 
 def _percentile(text: str) -> float:
@@ -279,6 +284,7 @@ class Deployment:
             "aborted_canary": self.aborted_canary,
             "is_breaching": self.is_breaching,
             "baseline": self.baseline.model_dump() if self.baseline else None,
+            "window": _described(self.window),  # the active version's recent requests
             "fallbacks": self.policy.fallbacks,
         }
 

@@ -57,6 +57,9 @@ def test_a_mirror_only_canary_gets_copies_that_no_client_sees_and_that_keep_noth
         assert answers[0].parse().model == "chat@1"
         _wait_for(lambda: _metric(server, "baton_requests_total", version="chat@2", status="200") == 6)
         assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 6
+        described = httpx.get(f"{server.url}/admin/deployments/chat").json()
+        assert (described["window"]["num_requests"], described["canary"]["window"]["num_requests"]) == (6, 6)  # each side's last minute
+        assert described["canary"]["window"]["error_rate"] == 0.0 and described["canary"]["window"]["ttft_p95_s"] > 0
         assert [c.model for c in client.chat.completions.list()] == ["chat@1"]  # the stored completion's copy kept nothing
         kept = answers[4].parse()
         assert client.responses.retrieve(kept.id).model == "chat@1"  # kept: the original; its copy (store: false) was not
