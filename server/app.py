@@ -73,8 +73,9 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         background_runs = BackgroundRuns()
         keys = settings.all_keys()
         state: dict = {}  # the lifespan state, filled below; batches' in-process requests get it too
-        batch_runner = _batch_runner(settings, InProcess(app, state), keys, lifecycle)
-        mirrors = Mirrors(InProcess(app, state))
+        in_process = InProcess(app, state)  # batches' and mirrors' requests
+        batch_runner = _batch_runner(settings, in_process, keys, lifecycle)
+        mirrors = Mirrors(in_process)
         metrics.watch(BatchCollector(batch_runner.store.summary))
 
         saved = to_restore(registry.saved_deployments() if settings.restore_state else {}, settings.models, settings.config_file is not None)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 
+from models.errors import BatonError
 from server.batches.files import FileStore
 from server.batches.in_process import Caller, InProcess
 from server.batches.lines import BatchLine, answered_ids, output_line, read_lines
@@ -119,8 +120,8 @@ class BatchRunner:
     async def _answer(self, batch: dict, lines: list[BatchLine], folder: Path, caller: Caller) -> dict:
         """Every line not answered yet, `concurrency` at a time, until all are answered, the
         batch is cancelled, or its window ends. The batch, as it stands then."""
-        outputs = {name: _trimmed(folder / f"{name}.jsonl") for name in ("output", "errors")}
-        answered = set().union(*(answered_ids(path.read_text(encoding="utf-8").splitlines()) for path in outputs.values() if path.exists()))
+        outputs = {name: folder / f"{name}.jsonl" for name in ("output", "errors")}
+        answered = await asyncio.to_thread(_answered_in, outputs.values())  # a resumed batch's files may be large: off the event loop
         counts = dict(batch["request_counts"])
         slots = asyncio.Semaphore(self._concurrency)
         cancelled = self._cancelled[batch["id"]]
@@ -160,7 +161,7 @@ class BatchRunner:
                 status, answer, request_id = await self._server.post(endpoint, body, caller)
             except Exception:
                 log.exception("batch request %s failed inside baton", line.custom_id)
-                return 500, {"error": {"message": "The request failed inside baton; see the server log.", "type": "server_error", "param": None, "code": None}}, ""
+                return 500, BatonError("The request failed inside baton; see the server log.").to_body(), ""
             if status == 503 and self._is_stopping():
                 return None
             if status not in BUSY or attempt == RETRIES:
@@ -180,7 +181,6 @@ class BatchRunner:
         await self._update(batch["id"], lambda b: moved_to(b, ending, **files))
         await asyncio.to_thread(_remove_folder, folder)
 
-
     def _handed_over(self, owner: str, filename: str, written: Path) -> str | None:
         """The file store's id for a batch's answers (None: there were none). Rule: a stop
         between handing the file over and ending the batch left it in the store already; the
@@ -199,12 +199,17 @@ def _errors(data: list[dict]) -> dict:
     return {"object": "list", "data": data}
 
 
-def _trimmed(path: Path) -> Path:
-    """`path` as it was after its last whole line (a stop mid-write leaves half of one)."""
-    if path.exists():
-        content = path.read_bytes()
-        path.write_bytes(content[: content.rfind(b"\n") + 1])
-    return path
+def _answered_in(paths) -> set[str]:
+    """The custom ids the answer files hold, each file first cut after its last whole line (a
+    stop mid-write leaves half of one)."""
+    answered: set[str] = set()
+    for path in paths:
+        if path.exists():
+            content = path.read_bytes()
+            content = content[: content.rfind(b"\n") + 1]
+            path.write_bytes(content)
+            answered |= answered_ids(content.decode("utf-8").splitlines())
+    return answered
 
 
 def _remove_folder(folder: Path) -> None:
