@@ -46,8 +46,10 @@ class Embedded:
 async def embed(request: Request, model: str, user: str | None, inputs: dict[str, list[str] | list[list[int]]], priority: int = 0) -> Embedded:
     """The vectors of each field's inputs (the field names errors' `param`), made in one call
     by the version that `model` names now, queued at `priority` where the key allows it."""
-    lease, observation = await observed_lease(request, route_request(request, model, user, priority))
+    route = route_request(request, model, user, priority)
+    lease, observation = await observed_lease(request, route)
     try:
+        await request.state.mirrors.copy(request, route, lease)
         engine = lease.engine
         if not can_embed(engine):
             raise InvalidRequestError(f"The model '{model}' is served by an engine that makes no embeddings (vLLM's generate runner); serve it with the engine option runner: pooling.", param="model", code="model_not_supported")

@@ -5,9 +5,10 @@ metrics under its version), before any client reads a word of it; at weight 0 it
 no client at all.
 
 Rules:
-- Nothing a copy does may be read later: chat, text completions, Messages and Responses
-  are copied, each made stateless (COPIED), and a Responses request that answers in a
-  conversation is not copied (its answer would join the conversation).
+- Nothing a copy does may be read later: chat, text completions, Messages, Responses,
+  embeddings, scoring and reranking are copied, each made stateless (COPIED), and a
+  Responses request that answers in a conversation is not copied (its answer would join the
+  conversation).
 - A copy is not a client's: it does not stream, keeps nothing (`store: false`), takes
   nothing from its key's rates, and is dropped, not made, while MAX_IN_FLIGHT copies of its
   deployment still run or no place is free there at once: it never takes a client's place
@@ -33,11 +34,14 @@ from server.deployments.slot import Lease
 log = logging.getLogger(__name__)
 
 MIRROR_PRIORITY = 100  # behind clients (0) and batches (10)
-COPIED = {  # the routes copied, and what a copy's request sets beside its model and `stream: false`
-    "/v1/chat/completions": {"store": False, "priority": MIRROR_PRIORITY},
-    "/v1/completions": {"priority": MIRROR_PRIORITY},
-    "/v1/responses": {"store": False, "background": False, "priority": MIRROR_PRIORITY},  # unset `store` keeps a Response
-    "/v1/messages": {},  # Anthropic's keep nothing, and take no priority
+_LAST = {"priority": MIRROR_PRIORITY}
+_WHOLE_LAST = {"stream": False, **_LAST}
+COPIED = {  # the routes copied, and what a copy's request sets beside its model
+    "/v1/chat/completions": {**_WHOLE_LAST, "store": False},
+    "/v1/completions": _WHOLE_LAST,
+    "/v1/responses": {**_WHOLE_LAST, "store": False, "background": False},  # unset `store` keeps a Response
+    "/v1/messages": {"stream": False},  # Anthropic's keep nothing, and take no priority
+    **dict.fromkeys(("/v1/embeddings", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"), _LAST),
 }
 MAX_IN_FLIGHT = 4  # copies of one deployment's requests running at once
 
@@ -59,9 +63,10 @@ def is_copyable(path: str, body: dict) -> bool:
 
 def copy_of(path: str, body: dict, version: str) -> dict:
     """The request a copy sends to `path`: the original's, pinned to `version`, whole (no
-    stream), kept nowhere, behind every client's request where the route takes a priority."""
+    stream) where the route streams, kept nowhere, behind every client's request where the
+    route takes a priority."""
     copied = {key: value for key, value in body.items() if key != "stream_options"}
-    return {**copied, "model": version, "stream": False, **COPIED[path]}
+    return {**copied, "model": version, **COPIED[path]}
 
 
 class Mirrors:

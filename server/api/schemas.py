@@ -40,6 +40,7 @@ def invalid_field(field: str, value, message: str, kind: str = "value_error") ->
 
 
 # OpenAI's bounds on `metadata`: 16 pairs, keys of up to 64 characters, values of up to 512.
+Priority = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]  # vLLM's: lower is sooner; never sooner than the key's own (keys.py)
 Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
 
 
@@ -323,7 +324,7 @@ class _GenerationBody(Strict):
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)  # vLLM's (and transformers'): 1 is none
     min_tokens: int = Field(0, ge=0)  # vLLM's: no end of sequence, stop token or stop string before this many tokens
     ignore_eos: bool = False  # vLLM's: generate to max_tokens whatever the model says (benchmarks)
-    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's: lower is sooner; never sooner than the key's own (keys.py)
+    priority: Priority = 0
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # vLLM's: tokens that end it as an end of sequence does
     include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended it is sent too
     skip_special_tokens: bool = True  # vLLM's: false sends special tokens' text
@@ -648,7 +649,7 @@ class EmbeddingRequest(Strict):
     input: list[str] | list[list[int]]  # token ids are checked against the vocabulary later
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (what the OpenAI SDK asks for)
     user: str | None = None
-    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's: lower is sooner; never sooner than the key's own (keys.py)
+    priority: Priority = 0
 
     @field_validator("input", mode="before")
     @classmethod
@@ -709,6 +710,7 @@ class ScoreRequest(Strict):
     queries: list[str]
     documents: list[str]
     user: str | None = None
+    priority: Priority = 0
 
     @model_validator(mode="before")
     @classmethod
@@ -741,6 +743,7 @@ class RerankRequest(Strict):
     top_n: int = Field(0, ge=0)
     return_documents: bool = True  # Jina's and Cohere's; vLLM always returns them
     user: str | None = None
+    priority: Priority = 0
 
     @field_validator("query")
     @classmethod

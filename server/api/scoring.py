@@ -28,7 +28,7 @@ router = APIRouter(dependencies=[Depends(admit)])
 @router.post("/score")
 @router.post("/v1/score")
 async def score(body: ScoreRequest, request: Request) -> JSONResponse:
-    embedded = await embed(request, body.model, body.user, {"queries": body.queries, "documents": body.documents})
+    embedded = await embed(request, body.model, body.user, {"queries": body.queries, "documents": body.documents}, body.priority)
     scores = pair_scores(embedded.vectors, len(body.queries))
     answer = {
         "id": "score-" + uuid.uuid4().hex,
@@ -45,7 +45,7 @@ async def score(body: ScoreRequest, request: Request) -> JSONResponse:
 @router.post("/v1/rerank")
 @router.post("/v2/rerank")
 async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
-    embedded = await embed(request, body.model, body.user, {"query": [body.query], "documents": body.documents})
+    embedded = await embed(request, body.model, body.user, {"query": [body.query], "documents": body.documents}, body.priority)
     scores = pair_scores(embedded.vectors, 1)
     results = []
     for index in ranked(scores, body.top_n):

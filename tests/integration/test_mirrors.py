@@ -52,13 +52,16 @@ def test_a_mirror_only_canary_gets_copies_that_no_client_sees_and_that_keep_noth
             client.chat.completions.with_raw_response.create(**CHAT, store=True),
             client.responses.with_raw_response.create(model="chat", input="hi", max_output_tokens=3),
             server.anthropic_client().messages.with_raw_response.create(model="chat", max_tokens=3, messages=[{"role": "user", "content": "hi"}]),
+            client.embeddings.with_raw_response.create(model="chat", input=["The sea", "is deep"]),
+            httpx.post(f"{server.url}/v1/score", json={"model": "chat", "queries": ["sea"], "documents": ["ocean", "desert"]}),
+            httpx.post(f"{server.url}/rerank", json={"model": "chat", "query": "sea", "documents": ["ocean", "desert"], "top_n": 1}),
         ]
-        assert [a.headers["x-baton-version"] for a in answers] == ["chat@1"] * 6  # every client was answered by the active version
-        assert answers[0].parse().model == "chat@1"
-        _wait_for(lambda: _metric(server, "baton_requests_total", version="chat@2", status="200") == 6)
-        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 6
+        assert [a.headers["x-baton-version"] for a in answers] == ["chat@1"] * 9  # every client was answered by the active version
+        assert answers[0].parse().model == "chat@1" and answers[6].parse().model == "chat@1"
+        _wait_for(lambda: _metric(server, "baton_requests_total", version="chat@2", status="200") == 9)
+        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 9
         described = httpx.get(f"{server.url}/admin/deployments/chat").json()
-        assert (described["window"]["num_requests"], described["canary"]["window"]["num_requests"]) == (6, 6)  # each side's last minute
+        assert (described["window"]["num_requests"], described["canary"]["window"]["num_requests"]) == (9, 9)  # each side's last minute
         assert described["canary"]["window"]["error_rate"] == 0.0 and described["canary"]["window"]["ttft_p95_s"] > 0
         assert [c.model for c in client.chat.completions.list()] == ["chat@1"]  # the stored completion's copy kept nothing
         kept = answers[4].parse()
@@ -69,8 +72,8 @@ def test_a_mirror_only_canary_gets_copies_that_no_client_sees_and_that_keep_noth
         pinned = client.chat.completions.with_raw_response.create(**{**CHAT, "model": "chat@2"})  # the canary's own request: not copied again
         assert pinned.headers["x-baton-version"] == "chat@2"
         time.sleep(0.5)
-        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 6
-        assert _metric(server, "baton_requests_total", version="chat@2", status="200") == 7
+        assert _metric(server, "baton_mirrored_requests_total", deployment="chat", outcome="copied") == 9
+        assert _metric(server, "baton_requests_total", version="chat@2", status="200") == 10
     with closing(sqlite3.connect(home / "responses.db")) as db:  # kept: the two Responses clients asked for, no copy
         assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 2
 

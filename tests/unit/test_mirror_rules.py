@@ -35,6 +35,7 @@ def test_a_copy_is_pinned_whole_kept_nowhere_and_last_in_line():
     response = copy_of("/v1/responses", {"model": "chat", "input": "hi", "background": True, "previous_response_id": "resp_1"}, "chat@5")
     assert (response["store"], response["background"], response["previous_response_id"]) == (False, False, "resp_1")  # unset `store` would keep it
     assert copy_of("/v1/messages", {"model": "chat", "max_tokens": 8, "messages": []}, "chat@5") == {"model": "chat@5", "max_tokens": 8, "messages": [], "stream": False}
+    assert copy_of("/v1/embeddings", {"model": "chat", "input": ["hi"], "priority": 3}, "chat@5") == {"model": "chat@5", "input": ["hi"], "priority": MIRROR_PRIORITY}  # no `stream`: the route has none
 
 
 @pytest.mark.parametrize(
@@ -44,7 +45,9 @@ def test_a_copy_is_pinned_whole_kept_nowhere_and_last_in_line():
         ("/v1/messages", {}, True),
         ("/v1/responses", {"previous_response_id": "resp_1"}, True),  # reads what its key kept, writes nothing
         ("/v1/responses", {"conversation": "conv_1"}, False),  # its answer would join the conversation
-        ("/v1/embeddings", {}, False),
+        ("/v1/embeddings", {}, True),
+        ("/v2/rerank", {}, True),
+        ("/tokenize", {}, False),  # nothing to judge: it runs no model
     ],
 )
 def test_only_requests_whose_copy_writes_nothing_a_client_reads_are_copied(path, body, copyable):
