@@ -2,8 +2,9 @@
 
 Every running sequence is one row of a row cache (`kv_cache.PaddedRows`, or
 `static_rows.StaticRows` whose decode steps are CUDA graphs): new sequences are prefilled
-together, then joined to the running rows; finished or aborted rows are cut out. All of
-this runs on the engine's worker thread only.
+together, then joined to the running rows; finished or aborted rows are cut out. A new
+sequence whose prompt starts with a cached prefix (`prefix_cache.py`) is prefilled alone,
+from that prefix's KV on. All of this runs on the engine's worker thread only.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from transformers import DynamicCache
 
 from server.engines.base import Candidate, Chunk, FinishReason, GenerationRequest, TokenLogprob
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.grammar import TokenMask
 from server.engines.kv_cache import forward, forward_positions, left_padded, new_cache, positions_of
+from server.engines.prefix_cache import Hit, PrefixCache
 from server.engines.sampler import adjusted_logits, choose_tokens, prompt_logprobs, token_logprobs, truncated
 from server.engines.thinking import ThinkingCounter
 from models.errors import EngineError
@@ -49,6 +52,7 @@ class Sequence:
     unreported_token_ids: list[int] = field(default_factory=list)
     unreported_logprobs: list[TokenLogprob] = field(default_factory=list)
     unreported_prompt_logprobs: tuple[TokenLogprob, ...] = ()  # go with the first chunk
+    unreported_cached_tokens: int = 0  # the prompt's tokens the prefix cache held: with the first chunk
     is_aborted: bool = False
     has_failed: bool = False  # ended by an error of its own; its row leaves the batch
     finish_reason: FinishReason | None = field(default=None)
@@ -63,12 +67,14 @@ class Sequence:
 
 
 class ContinuousBatch:
-    def __init__(self, model, rows: RowCache, eos_token_ids: set[int], pad_token_id: int):
+    def __init__(self, model, rows: RowCache, eos_token_ids: set[int], pad_token_id: int, prefixes: PrefixCache | None = None):
+        """`prefixes`: None where prompts are always prefilled whole."""
         self._model = model
         self.rows = rows
         self._eos_token_ids = eos_token_ids
         self._pad_token_id = pad_token_id
         self._device = model.device
+        self.prefixes = prefixes
         self.sequences: list[Sequence] = []
         self.num_aborted = 0
 
@@ -77,17 +83,60 @@ class ContinuousBatch:
         return self.rows.can_join_running
 
     def admit(self, new: list[Sequence]) -> None:
-        """Prefill `new` together, emit their first tokens, and join them to the batch. The
-        logits of every position are kept only where a sequence asks for its prompt's logprobs."""
+        """Prefill `new`, emit their first tokens, and join them to the batch: those whose
+        prompt starts with a cached prefix one by one from it, the rest together. Rule: all
+        prefills run before anything joins, so a prefill that fails leaves the batch as it was."""
+        hits = {s: hit for s in new if (hit := self._cached_prefix(s)) is not None}
+        whole = [s for s in new if s not in hits]
+        prefilled = ([(whole, self._prefill_together(whole))] if whole else []) + [([s], self._prefill_after(s, hit)) for s, hit in hits.items()]
+        for group, (cache, attention_mask, _) in prefilled:
+            self.rows.join(cache, attention_mask)
+            self.sequences.extend(group)
+        self._advance([s for group, _ in prefilled for s in group], torch.cat([logits for _, (_, _, logits) in prefilled]))
+
+    def _cached_prefix(self, sequence: Sequence) -> Hit | None:
+        """A request that scores its prompt needs every position's logits: it is prefilled whole."""
+        if self.prefixes is None or sequence.request.sampling.prompt_logprobs is not None:
+            return None
+        hit = self.prefixes.lookup(sequence.request.prompt_token_ids)
+        sequence.unreported_cached_tokens = hit.length if hit else 0
+        return hit
+
+    def _prefill_together(self, new: list[Sequence]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """The prompts left-padded to one length: their cache, attention mask and last logits.
+        The logits of every position are kept only where a sequence asks for its prompt's logprobs."""
         input_ids, attention_mask = left_padded([s.request.prompt_token_ids for s in new], self._pad_token_id, self._device)
         cache = new_cache(self._model.config)
         scores_prompts = any(s.request.sampling.prompt_logprobs is not None for s in new)
         logits = forward_positions(self._model, input_ids, attention_mask, positions_of(attention_mask), cache, logits_to_keep=0 if scores_prompts else 1)
         if scores_prompts:
             self._score_prompts(new, logits)
-        self.rows.join(cache, attention_mask)
-        self.sequences.extend(new)
-        self._advance(new, logits[:, -1, :])
+        for row, sequence in enumerate(new):
+            self._keep_prefix(sequence, cache, row, input_ids.shape[1] - len(sequence.request.prompt_token_ids))
+        return cache, attention_mask, logits[:, -1, :]
+
+    def _prefill_after(self, sequence: Sequence, hit: Hit) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One prompt, from the end of its cached prefix on."""
+        prompt = list(sequence.request.prompt_token_ids)
+        cache = new_cache(self._model.config)
+        for layer, (keys, values) in zip(cache.layers, hit.layers(), strict=True):
+            layer.update(keys, values)
+        input_ids = torch.tensor([prompt[hit.length :]], device=self._device)
+        attention_mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self._device)
+        positions = torch.arange(hit.length, len(prompt), device=self._device)[None]
+        logits = forward(self._model, input_ids, attention_mask, positions, cache)
+        self._keep_prefix(sequence, cache, 0, 0)
+        return cache, attention_mask, logits
+
+    def _keep_prefix(self, sequence: Sequence, cache: DynamicCache, row: int, start: int) -> None:
+        """The prompt's KV (row `row` of `cache`, from column `start`) kept for later prompts."""
+        if self.prefixes is None:
+            return
+
+        def kv_of(length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return [(layer.keys[row, :, start : start + length], layer.values[row, :, start : start + length]) for layer in cache.layers]
+
+        self.prefixes.keep(sequence.request.prompt_token_ids, kv_of)
 
     @staticmethod
     @torch.inference_mode()
@@ -203,10 +252,13 @@ class ContinuousBatch:
         if not text and not sequence.finish_reason:
             return None
         token_ids = tuple(sequence.unreported_token_ids)
-        chunk = Chunk(text, len(token_ids), sequence.finish_reason, tuple(sequence.unreported_logprobs), sequence.unreported_prompt_logprobs, sequence.detokenizer.stopped_by, token_ids)
+        chunk = Chunk(
+            text, len(token_ids), sequence.finish_reason, tuple(sequence.unreported_logprobs), sequence.unreported_prompt_logprobs,
+            sequence.detokenizer.stopped_by, token_ids, sequence.unreported_cached_tokens,
+        )  # fmt: skip
         sequence.unreported_token_ids.clear()
         sequence.unreported_logprobs.clear()
-        sequence.unreported_prompt_logprobs = ()
+        sequence.unreported_prompt_logprobs, sequence.unreported_cached_tokens = (), 0
         return chunk
 
     @staticmethod

@@ -47,9 +47,11 @@ def estimate_memory_bytes(path: Path, options: dict, stored_bytes: int) -> int:
     """The device memory a loaded version is expected to hold, for the memory budget: its
     weights with runtime buffers; vLLM adds its KV-cache space on CPU, and on GPU reserves
     its share of each device it runs on (`gpu_memory_utilization`, weights included; before
-    the memory plan sets that share, the least it needs: its weights)."""
+    the memory plan sets that share, the least it needs: its weights); the transformers engine
+    adds its static KV cache and its prefix cache at their most."""
     if engine_for(path, options.get("engine") or "auto") != "vllm":
-        return int(stored_bytes * LOAD_OVERHEAD) + _static_cache_bytes(path, options_for(TransformersOptions, options))
+        transformers_options = options_for(TransformersOptions, options)
+        return int(stored_bytes * LOAD_OVERHEAD) + _static_cache_bytes(path, transformers_options) + transformers_options.prefix_cache_bytes
     vllm_options = options_for(VLLMOptions, options)
     gpus = gpu_memory_bytes()
     if gpus and vllm_options.gpu_memory_utilization is not None:

@@ -37,7 +37,16 @@ class TransformersOptions:
     max_batch_size: Count = 16
     max_model_len: Count | None = None  # None: the model's own context length
     cuda_graphs: bool = True  # CUDA only: decode steps replayed as graphs over a preallocated cache
+    # prompts' leading tokens' KV kept for prompts that start the same (prefix_cache.py), in at
+    # most this much of the device's memory; off at 0 or with enable_prefix_caching false
+    prefix_cache_mib: Annotated[int, Field(ge=0)] = 512
+    enable_prefix_caching: bool | None = None  # None: on (as vLLM's)
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """0: no prefix cache."""
+        return 0 if self.enable_prefix_caching is False else self.prefix_cache_mib * 2**20
 
 
 @dataclass(frozen=True)

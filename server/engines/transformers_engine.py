@@ -19,18 +19,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from server.engines.base import Chunk, EngineHealth, GenerationRequest, OutputFormat
 from server.engines.grammar import Grammars, TokenMask, mask_off_loop
 from server.engines.thinking import ThinkingCounter
 from server.engines.batch import ContinuousBatch, RowCache, Sequence, num_prefilled_together
-from server.engines.kv_cache import PaddedRows
+from server.engines.kv_cache import PaddedRows, has_plain_layers
 from server.engines.static_rows import StaticRows, can_use_static_rows, initial_columns
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.model_folder import check_model_folder, read_config
 from server.engines.options import TransformersOptions
 from server.engines.pooling import EMBED_BATCH, Pooler, embed
+from server.engines.prefix_cache import PrefixCache
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
 from server.engines.sampler import row_seed
 from models.errors import EngineError, EngineStoppedError, ModelLoadError
@@ -136,6 +137,7 @@ class TransformersEngine:
             "dtype": str(model.dtype).removeprefix("torch.") if model else None,
             "max_batch_size": self._options.max_batch_size,
             "decode": batch.rows.describe() if batch else None,
+            "prefix_cache": batch.prefixes.describe() if batch and batch.prefixes else None,
             "num_aborted": batch.num_aborted if batch else 0,
         }
         return EngineHealth(is_ready, len(batch.sequences) if batch else 0, len(self._waiting), details)
@@ -316,6 +318,8 @@ class TransformersEngine:
         params = self._model.state_dict()
         _check_same_tensors(params, shapes)
         adapter = _adapter_of(path, shapes)
+        if self._batch.prefixes is not None:  # the old weights' KV
+            self._batch.prefixes.clear()
         with torch.no_grad():
             for f in files:
                 for name in f.keys():
@@ -350,7 +354,7 @@ class TransformersEngine:
             adapter.merge_into(params)
         self._model.eval()
         self._pooler = Pooler.of(self._path, self._device)
-        self._batch = ContinuousBatch(self._model, self._row_cache(), self._eos_token_ids(), self._pad_token_id())
+        self._batch = ContinuousBatch(self._model, self._row_cache(), self._eos_token_ids(), self._pad_token_id(), self._prefix_cache())
         self._batch.warm_up()
 
     def _row_cache(self) -> RowCache:
@@ -359,6 +363,12 @@ class TransformersEngine:
         if self._device.type == "cuda" and self._options.cuda_graphs and can_use_static_rows(self._model):
             return StaticRows(self._model, self._options.max_batch_size, use_graphs=True, first_columns=initial_columns(self.max_model_len))
         return PaddedRows(self._model)
+
+    def _prefix_cache(self) -> PrefixCache | None:
+        """Only where every layer's cache is a plain one (a sliding window's keeps no whole prefix)."""
+        if not self._options.prefix_cache_bytes or not has_plain_layers(DynamicCache(config=self._model.config)):
+            return None
+        return PrefixCache(self._options.prefix_cache_bytes)
 
     def _torch_dtype(self):
         if self._options.dtype != "auto":

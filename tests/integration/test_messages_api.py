@@ -34,7 +34,7 @@ def test_a_message_is_the_chat_completion_it_means(tiny_server, client):
     assert message.id.startswith("msg_") and (message.type, message.role, message.model) == ("message", "assistant", "tiny")
     assert [block.type for block in message.content] == ["text"] and message.content[0].text == chat.choices[0].message.content
     assert (message.stop_reason, message.stop_sequence) == ("max_tokens", None)
-    assert (message.usage.input_tokens, message.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert (_all_input_tokens(message.usage), message.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
 
 
 def test_content_blocks_and_system_blocks_are_the_conversation(tiny_server, client):
@@ -59,8 +59,9 @@ def test_the_stream_adds_up_to_the_message(client):
     kinds = [event.type for event in events]
     assert kinds[:3] == ["message_start", "content_block_start", "content_block_delta"] and kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert "".join(event.delta.text for event in events if event.type == "content_block_delta") == whole.content[0].text
-    assert final.model_dump(exclude={"id"}) == whole.model_dump(exclude={"id"})
-    assert events[0].message.usage.input_tokens == whole.usage.input_tokens
+    assert final.model_dump(exclude={"id", "usage"}) == whole.model_dump(exclude={"id", "usage"})
+    assert (_all_input_tokens(final.usage), final.usage.output_tokens) == (_all_input_tokens(whole.usage), whole.usage.output_tokens)  # the later one reads the prefix cache
+    assert events[0].message.usage.input_tokens == _all_input_tokens(whole.usage)  # the start comes before the prefix cache is read
 
 
 def test_the_stream_pings_after_its_start_as_anthropics_api_does(tiny_server):
@@ -126,7 +127,7 @@ def test_a_named_tool_is_forced(smol_server):
 def test_count_tokens_is_the_input_tokens_of_the_same_message(client):
     request = dict(model="tiny", system="Be brief.", messages=HELLO)
     counted = client.messages.count_tokens(**request)
-    assert counted.input_tokens == client.messages.create(**request, max_tokens=2).usage.input_tokens
+    assert counted.input_tokens == _all_input_tokens(client.messages.create(**request, max_tokens=2).usage)
     with_tools = client.messages.count_tokens(**request, tools=WEATHER)
     assert with_tools.input_tokens > counted.input_tokens  # the tools are shown to the model
 
@@ -199,3 +200,8 @@ def test_an_oversized_body_is_refused_in_anthropics_shape(tiny_server):
     body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "x" * (tiny_server.settings.max_body_bytes + 1)}]}
     refused = httpx.post(f"{tiny_server.url}/v1/messages", json=body)
     assert refused.status_code == 413 and refused.json()["error"]["type"] == "request_too_large", refused.text
+
+
+def _all_input_tokens(usage) -> int:
+    """Anthropic's `input_tokens` leave out those the prefix cache held (`cache_read_input_tokens`)."""
+    return usage.input_tokens + (usage.cache_read_input_tokens or 0)

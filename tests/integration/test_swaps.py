@@ -22,7 +22,7 @@ import pytest
 from models.catalog import Change
 from models.errors import ModelNotFoundError
 from models.registry import ImportOptions, Registry
-from server.engines.factory import LOAD_OVERHEAD
+from server.engines.factory import estimate_memory_bytes
 from server.config.settings import ModelSpec, Settings
 from tests.conftest import ServerThread, build_tiny_model, sse_errors
 from tests.fake_engine import FakeBehaviour, FakeEngineFactory
@@ -48,6 +48,12 @@ def _server(home: Path, engine_factory=None, **settings) -> ServerThread:
     version = Registry(home).resolve("chat@1")
     spec = ModelSpec(name="chat", path=version.path, version=version.ref, engine="transformers")
     return ServerThread(Settings(home=home, models=[spec], restore_state=False, **settings), engine_factory=engine_factory)
+
+
+def _estimate(home: Path, ref: str = "chat@1") -> int:
+    """What a version holds of the memory budget once loaded: its weights, and its prefix cache at its most."""
+    version = Registry(home).resolve(ref)
+    return estimate_memory_bytes(version.path, {"engine": "transformers"}, version.manifest.total_bytes)
 
 
 def _admin(server, method: str, path: str, expect: int = 200, **body) -> dict:
@@ -423,7 +429,7 @@ def test_a_version_force_deleted_on_standby_still_comes_back_by_rollback(tmp_pat
 
 
 def test_auto_picks_replace_when_it_cannot_reload_and_both_do_not_fit(home):
-    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    one_version = _estimate(home)
     with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 1.5)) as server:
         record = _admin(server, "POST", "/deployments/chat/swap", to="chat@3", strategy="auto")
         assert record["strategy"] == "replace"
@@ -435,14 +441,14 @@ def test_auto_picks_replace_when_it_cannot_reload_and_both_do_not_fit(home):
 def test_a_dry_run_says_what_a_swap_would_do_and_does_nothing(home):
     """Real engines, CLI and API: the plan is the swap's own (refusals included), and nothing
     loads, flips or lands in the history."""
-    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    one_version = _estimate(home)
     num_events = len(Registry(home).history("chat"))
     with _server(home, memory_budget_bytes=int(one_version * 1.5)) as server:
         cli = subprocess.run([sys.executable, "-m", "server.cli.main", "swap", "chat", "--to", "chat@2", "--dry-run", "--server", server.url], capture_output=True, text=True, timeout=120)
         assert cli.returncode == 0, cli.stderr
         assert cli.stdout.startswith("dry run: swap chat chat@1 -> chat@2 would be reload (same layout") and "new requests wait" in cli.stdout
         plan = _admin(server, "POST", "/deployments/chat/swap", to="chat@3", dry_run=True)
-        third = int(Registry(home).resolve("chat@3").manifest.total_bytes * LOAD_OVERHEAD)
+        third = _estimate(home, "chat@3")
         assert (plan["strategy"], plan["requests_wait"], plan["needed_bytes"], plan["to_version"]) == ("replace", True, third, "chat@3")
         assert plan["reload_blocker"].startswith("tensor model.layers.2.")
         refused = _admin(server, "POST", "/deployments/chat/swap", expect=409, to="chat@3", strategy="blue-green", dry_run=True)["error"]
@@ -460,21 +466,21 @@ def test_a_dry_run_says_what_a_swap_would_do_and_does_nothing(home):
 
 
 def test_explicit_blue_green_that_cannot_fit_is_refused_before_anything_loads(home):
-    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    one_version = _estimate(home)
     num_events = len(Registry(home).history("chat"))
     with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 1.5)) as server:
         refused = _admin(server, "POST", "/deployments/chat/swap", expect=409, to="chat@3", strategy="blue-green")["error"]
         assert refused["code"] == "strategy_not_applicable"
-        third = Registry(home).resolve("chat@3").manifest.total_bytes
-        assert f"needs {int(third * LOAD_OVERHEAD)} bytes" in refused["message"]
+        third = _estimate(home, "chat@3")
+        assert f"needs {third} bytes" in refused["message"]
         canary = _admin(server, "POST", "/deployments/chat/canary", expect=409, to="chat@3", weight=10)["error"]  # the same room
-        assert canary["code"] == "insufficient_memory" and f"needs {int(third * LOAD_OVERHEAD)} bytes" in canary["message"]
+        assert canary["code"] == "insufficient_memory" and f"needs {third} bytes" in canary["message"]
         assert _admin(server, "GET", "/deployments/chat")["version"] == "chat@1"
     assert len(Registry(home).history("chat")) == num_events  # refused, not a failed swap
 
 
 def test_standby_on_an_engine_that_sleeps_frees_its_memory_and_wakes_to_swap_back(home):
-    one_version = int(Registry(home).resolve("chat@1").manifest.total_bytes * LOAD_OVERHEAD)
+    one_version = _estimate(home)
     with _server(home, FakeEngineFactory(default=FakeBehaviour(sleeps=True))) as server:
         record = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="blue-green")
         assert record["phases"][-1]["detail"].startswith("asleep on standby")
@@ -490,7 +496,7 @@ def test_standby_on_an_engine_that_sleeps_frees_its_memory_and_wakes_to_swap_bac
 def test_standby_swaps_in_turn_when_both_awake_do_not_fit(home):
     """vLLM on one GPU: each engine reserves most of the device, so the active version drains
     and falls asleep before the standby wakes; requests wait meanwhile, and none fails."""
-    one_version = int(Registry(home).resolve("chat@1").manifest.total_bytes * LOAD_OVERHEAD)
+    one_version = _estimate(home)
     factory = FakeEngineFactory(default=FakeBehaviour(sleeps=True, token_seconds=0.01))
     with _server(home, factory, memory_budget_bytes=int(one_version * 1.5)) as server:
         replaced = _admin(server, "POST", "/deployments/chat/swap", to="chat@2", strategy="replace")
@@ -521,7 +527,7 @@ def test_standby_swaps_in_turn_when_both_awake_do_not_fit(home):
 
 
 def test_a_standby_that_cannot_wake_leaves_the_old_version_serving(home):
-    one_version = int(Registry(home).resolve("chat@1").manifest.total_bytes * LOAD_OVERHEAD)
+    one_version = _estimate(home)
     first = Registry(home).resolve("chat@1").path.name
     factory = FakeEngineFactory({first: FakeBehaviour(sleeps=True, fails_to_wake=True)}, default=FakeBehaviour(sleeps=True))
     with _server(home, factory, memory_budget_bytes=int(one_version * 1.5)) as server:
@@ -684,7 +690,7 @@ def test_a_request_naming_the_version_an_unloaded_on_demand_deployment_serves_lo
 
 
 def test_on_demand_evicts_the_least_recently_used_idle_deployment(home):
-    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    one_version = _estimate(home)
     with _server(home, FakeEngineFactory(), memory_budget_bytes=int(one_version * 2.5)) as server:
         _deploy_on_demand(server, "first", "chat@1")
         _deploy_on_demand(server, "second", "chat@2")
@@ -697,7 +703,7 @@ def test_on_demand_evicts_the_least_recently_used_idle_deployment(home):
 
 def test_on_demand_never_evicts_a_deployment_with_requests_in_flight(home):
     slow = FakeEngineFactory({Registry(home).resolve("chat@1").path.name: FakeBehaviour(token_seconds=0.05)})
-    one_version = Registry(home).resolve("chat@1").manifest.total_bytes
+    one_version = _estimate(home)
     with _server(home, slow, memory_budget_bytes=int(one_version * 2.5)) as server:
         _deploy_on_demand(server, "busy", "chat@1")
         _deploy_on_demand(server, "other", "chat@2")
@@ -729,7 +735,7 @@ def test_smoke_prompts_are_set_per_deployment(home):
 
 
 def test_reload_swaps_weights_inside_the_running_engine_and_back(home):
-    one_version = int(Registry(home).resolve("chat@1").manifest.total_bytes * LOAD_OVERHEAD)
+    one_version = _estimate(home)
     with _server(home) as server:
         client = server.client()
         first = _ask(client)

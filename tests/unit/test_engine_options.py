@@ -25,7 +25,7 @@ def test_an_option_of_the_wrong_type_is_refused_naming_it():
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("max_batch_size", 0), ("max_model_len", -5), ("max_num_seqs", 0), ("tensor_parallel_size", 0), ("gpu_memory_utilization", 1.5), ("gpu_memory_utilization", 0.0)],
+    [("max_batch_size", 0), ("max_model_len", -5), ("max_num_seqs", 0), ("tensor_parallel_size", 0), ("gpu_memory_utilization", 1.5), ("gpu_memory_utilization", 0.0), ("prefix_cache_mib", -1)],
 )
 def test_a_size_no_engine_can_start_with_is_refused_before_any_starts(name, value):
     with pytest.raises(InvalidRequestError, match=name) as refused:

@@ -32,10 +32,14 @@ def test_the_memory_budget_counts_the_static_cache_where_graphs_will_run(tiny_mo
     assert static_cache_bytes(smol, max_rows=16, max_model_len=8192, dtype_bytes=2) == 2 * 30 * 3 * 64 * 16 * 1024 * 2  # 360 MiB
     assert static_cache_bytes({"model_type": "unknown"}, 16, 8192, 2) == 0
     stored, tiny_cache = 1000, 2 * 2 * 2 * 16 * 16 * 1024 * 4  # 2 layers, 2 of 4 heads kept, head 16, float32
-    on_cuda = estimate_memory_bytes(tiny_model_path, {"engine": "transformers", "device": "cuda"}, stored)
+    without_prefixes = {"engine": "transformers", "prefix_cache_mib": 0}
+    on_cuda = estimate_memory_bytes(tiny_model_path, {**without_prefixes, "device": "cuda"}, stored)
     assert on_cuda == int(stored * LOAD_OVERHEAD) + tiny_cache
     for off in ({"device": "cpu"}, {"device": "cuda", "cuda_graphs": False}):
-        assert estimate_memory_bytes(tiny_model_path, {"engine": "transformers", **off}, stored) == int(stored * LOAD_OVERHEAD)
+        assert estimate_memory_bytes(tiny_model_path, {**without_prefixes, **off}, stored) == int(stored * LOAD_OVERHEAD)
+    with_prefixes = estimate_memory_bytes(tiny_model_path, {"engine": "transformers", "device": "cpu", "prefix_cache_mib": 64}, stored)
+    assert with_prefixes == int(stored * LOAD_OVERHEAD) + 64 * 2**20  # the prefix cache at its most
+    assert estimate_memory_bytes(tiny_model_path, {"engine": "transformers", "device": "cpu", "enable_prefix_caching": False}, stored) == int(stored * LOAD_OVERHEAD)
 
 
 def test_unused_columns_are_dropped_only_when_that_shrinks_the_window():

@@ -1,0 +1,96 @@
+"""The transformers engine's prefix cache through a real server and the official client: a
+chat's next turn prefills only what its earlier turns did not, says so in usage
+(`cached_tokens`), and answers exactly as a deployment that prefills every prompt whole;
+a reload swap forgets the old weights' prefixes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import pytest
+
+from models.registry import Registry
+from server.config.settings import ModelSpec, Settings
+from server.engines.prefix_cache import BLOCK
+from tests.conftest import ServerThread
+
+SYSTEM = {"role": "system", "content": "You answer questions about the sea, briefly and kindly, in plain words. " * 4}
+TURNS = ["What is the deepest ocean?", "And the saltiest sea?", "Which one is warmest?"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, tmp_path_factory):
+    """`cached` and `whole` serve the same folder; `whole` keeps no prefixes."""
+    specs = [
+        ModelSpec(name="cached", path=tiny_model_path, engine="transformers"),
+        ModelSpec(name="whole", path=tiny_model_path, engine="transformers", engine_options={"prefix_cache_mib": 0}),
+    ]
+    with ServerThread(Settings(home=tmp_path_factory.mktemp("prefixes"), models=specs)) as running:
+        yield running
+
+
+def _ask(client, model: str, messages: list[dict]):
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+
+
+def _cached_tokens(completion) -> int:
+    details = completion.usage.prompt_tokens_details
+    return details.cached_tokens if details else 0
+
+
+def test_each_turn_of_a_chat_reuses_the_turns_before_it_and_answers_as_a_whole_prefill(server):
+    client = server.client()
+    messages = [SYSTEM]
+    for turn, question in enumerate(TURNS):
+        messages.append({"role": "user", "content": question})
+        cached, whole = _ask(client, "cached", messages), _ask(client, "whole", messages)
+        assert cached.choices[0].message.content == whole.choices[0].message.content
+        for ours, theirs in zip(cached.choices[0].logprobs.content, whole.choices[0].logprobs.content, strict=True):
+            assert (ours.token, ours.logprob) == (theirs.token, pytest.approx(theirs.logprob, abs=1e-4))
+        assert _cached_tokens(whole) == 0
+        reused = _cached_tokens(cached)
+        if turn == 0:
+            assert reused == 0
+        else:  # everything before this turn's question, in whole blocks
+            assert reused % BLOCK == 0 and cached.usage.prompt_tokens - BLOCK - 40 < reused < cached.usage.prompt_tokens
+        messages.append({"role": "assistant", "content": cached.choices[0].message.content})
+    details = httpx.get(f"{server.url}/health").json()["models"]["cached"]["details"]
+    assert details["prefix_cache"].startswith("1 prefixes")  # the conversation once, not once per turn
+
+
+def test_prompts_sharing_a_system_prompt_reuse_it_when_they_arrive_together(server):
+    """Hits prefill one by one beside the misses of the same step; each answer is its own."""
+    client = server.client()
+    questions = [f"Name a fish that lives in sea number {n}." for n in range(6)]
+    _ask(client, "cached", [SYSTEM, {"role": "user", "content": "Warm up."}])
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        cached = list(pool.map(lambda q: _ask(client, "cached", [SYSTEM, {"role": "user", "content": q}]), questions))
+        whole = list(pool.map(lambda q: _ask(client, "whole", [SYSTEM, {"role": "user", "content": q}]), questions))
+    assert [c.choices[0].message.content for c in cached] == [w.choices[0].message.content for w in whole]
+    assert all(_cached_tokens(c) >= 3 * BLOCK for c in cached)
+
+
+def test_a_stream_reports_its_cached_tokens_in_its_usage_chunk(server):
+    client = server.client()
+    messages = [SYSTEM, {"role": "user", "content": TURNS[0]}]
+    _ask(client, "cached", messages)
+    chunks = list(client.chat.completions.create(model="cached", messages=messages, max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 3 * BLOCK
+
+
+def test_a_reload_swap_forgets_the_old_weights_prefixes(two_versions_home):
+    home = two_versions_home()
+    first = Registry(home).resolve("chat@1")
+    spec = ModelSpec(name="chat", path=first.path, version=first.ref, engine="transformers")
+    messages = [SYSTEM, {"role": "user", "content": TURNS[0]}]
+    with ServerThread(Settings(home=home, models=[spec])) as server:
+        client = server.client()
+        _ask(client, "chat", messages)
+        assert _cached_tokens(_ask(client, "chat", messages)) > 0
+        swap = httpx.post(f"{server.url}/admin/deployments/chat/swap", json={"to": "chat@2", "strategy": "reload"}, timeout=120)
+        assert swap.status_code == 200, swap.text
+        after = client.chat.completions.with_raw_response.create(model="chat", messages=messages, max_tokens=6, temperature=0)
+        assert after.headers["x-baton-version"] == "chat@2" and _cached_tokens(after.parse()) == 0  # chat@1's KV is gone
+        again = _ask(client, "chat", messages)
+        assert _cached_tokens(again) > 0 and again.choices[0].message.content == after.parse().choices[0].message.content
