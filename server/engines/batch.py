@@ -20,7 +20,7 @@ from server.engines.base import Candidate, Chunk, FinishReason, GenerationReques
 from server.engines.detokenizer import IncrementalDetokenizer
 from server.engines.grammar import TokenMask
 from server.engines.kv_cache import forward, forward_positions, left_padded, new_cache, positions_of
-from server.engines.prefix_cache import Hit, PrefixCache
+from server.engines.prefix_cache import Hit, KVOf, PrefixCache
 from server.engines.sampler import adjusted_logits, choose_tokens, prompt_logprobs, token_logprobs, truncated
 from server.engines.thinking import ThinkingCounter
 from models.errors import EngineError
@@ -34,6 +34,7 @@ class RowCache(Protocol):
     def join(self, cache, attention_mask: torch.Tensor) -> None: ...
     def decode(self, token_ids: list[int]) -> torch.Tensor: ...
     def keep(self, rows: list[int]) -> None: ...
+    def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]: ...  # per layer, (heads, tokens, dim)
     def prepare(self, cache) -> None: ...  # once loaded, with a prefill's cache
     def describe(self) -> str: ...
 
@@ -128,15 +129,24 @@ class ContinuousBatch:
         self._keep_prefix(sequence, cache, 0, 0)
         return cache, attention_mask, logits
 
-    def _keep_prefix(self, sequence: Sequence, cache: DynamicCache, row: int, start: int) -> None:
-        """The prompt's KV (row `row` of `cache`, from column `start`) kept for later prompts."""
+    def _keep_answered(self, sequences: list[Sequence]) -> None:
+        """Each finished sequence's prompt and answer kept as a prefix, before its row goes:
+        a chat's next turn resends both. Its row holds every token but the last drawn (never fed)."""
         if self.prefixes is None:
             return
+        for sequence in sequences:
+            if sequence.finish_reason is None or sequence.has_failed or sequence.is_aborted:
+                continue
+            token_ids = [*sequence.request.prompt_token_ids, *sequence.output_token_ids[:-1]]
+            layers = self.rows.row_kv(self.sequences.index(sequence))
+            if layers[0][0].shape[1] == len(token_ids):
+                self.prefixes.keep(token_ids, _first_tokens(layers))
 
-        def kv_of(length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            return [(layer.keys[row, :, start : start + length], layer.values[row, :, start : start + length]) for layer in cache.layers]
-
-        self.prefixes.keep(sequence.request.prompt_token_ids, kv_of)
+    def _keep_prefix(self, sequence: Sequence, cache: DynamicCache, row: int, start: int) -> None:
+        """The prompt's KV (row `row` of `cache`, from column `start`) kept for later prompts."""
+        if self.prefixes is not None:
+            layers = [(layer.keys[row, :, start:], layer.values[row, :, start:]) for layer in cache.layers]
+            self.prefixes.keep(sequence.request.prompt_token_ids, _first_tokens(layers))
 
     @staticmethod
     @torch.inference_mode()
@@ -190,6 +200,7 @@ class ContinuousBatch:
             error or self._next_chunk(s, scored.get(row), token_id)
             for row, (s, token_id, error) in enumerate(zip(sequences, token_ids, errors, strict=True))
         ]
+        self._keep_answered(sequences)
         self._keep([s for s in self.sequences if s.finish_reason is None and not s.has_failed])
         for sequence, chunk in zip(sequences, chunks, strict=True):
             if chunk is not None:
@@ -279,6 +290,11 @@ class ContinuousBatch:
 def _token_logprob(text_of, token_id: int, logprob: float, top: list[tuple[int, float]], rank: int | None = None) -> TokenLogprob:
     """A token's logprob and its best alternatives' (token ids), with their texts."""
     return TokenLogprob(text_of(token_id), logprob, tuple(Candidate(text_of(i), value, i) for i, value in top), token_id, rank)
+
+
+def _first_tokens(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> KVOf:
+    """What the prefix cache copies from: the first `length` tokens of each layer's (heads, tokens, dim) keys and values."""
+    return lambda length: [(keys[:, :length], values[:, :length]) for keys, values in layers]
 
 
 def num_prefilled_together(waiting: list[Sequence], num_free: int) -> int:

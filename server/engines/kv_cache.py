@@ -56,6 +56,11 @@ class PaddedRows:
         self._attention_mask = self._attention_mask[selected]
         self._trim_padding()
 
+    def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values row `row` holds, (heads, tokens, dim), in order (views)."""
+        start = int(self._attention_mask[row].argmax())  # its first column that is not padding
+        return [(layer.keys[row, :, start:], layer.values[row, :, start:]) for layer in self._cache.layers]
+
     def prepare(self, cache: DynamicCache) -> None:
         """Nothing to set up: the cache is made per batch."""
 

@@ -141,6 +141,11 @@ class StaticRows:
             self._positions[to] = self._positions[source]
         self._starts = [self._starts[row] for row in rows]
 
+    def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values row `row` holds, (heads, tokens, dim), in order (views)."""
+        columns = slice(self._starts[row], self.next_column)
+        return [(keys[row, :, columns], values[row, :, columns]) for keys, values in zip(self._keys, self._values, strict=True)]
+
     def prepare(self, cache: DynamicCache) -> None:
         """Allocate the buffers (shaped as `cache`'s layers, a prefill's) and capture the
         first window's graph for every batch size, so that no request waits for a capture

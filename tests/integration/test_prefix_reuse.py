@@ -6,6 +6,7 @@ a reload swap forgets the old weights' prefixes."""
 from __future__ import annotations
 
 import concurrent.futures
+import re
 
 import httpx
 import pytest
@@ -30,8 +31,8 @@ def server(tiny_model_path, tmp_path_factory):
         yield running
 
 
-def _ask(client, model: str, messages: list[dict]):
-    return client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+def _ask(client, model: str, messages: list[dict], max_tokens: int = 6):
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0, logprobs=True, top_logprobs=2)
 
 
 def _cached_tokens(completion) -> int:
@@ -41,10 +42,10 @@ def _cached_tokens(completion) -> int:
 
 def test_each_turn_of_a_chat_reuses_the_turns_before_it_and_answers_as_a_whole_prefill(server):
     client = server.client()
-    messages = [SYSTEM]
+    messages, previous_prompt_tokens = [SYSTEM], 0
     for turn, question in enumerate(TURNS):
         messages.append({"role": "user", "content": question})
-        cached, whole = _ask(client, "cached", messages), _ask(client, "whole", messages)
+        cached, whole = _ask(client, "cached", messages, 40), _ask(client, "whole", messages, 40)
         assert cached.choices[0].message.content == whole.choices[0].message.content
         for ours, theirs in zip(cached.choices[0].logprobs.content, whole.choices[0].logprobs.content, strict=True):
             assert (ours.token, ours.logprob) == (theirs.token, pytest.approx(theirs.logprob, abs=1e-4))
@@ -52,11 +53,27 @@ def test_each_turn_of_a_chat_reuses_the_turns_before_it_and_answers_as_a_whole_p
         reused = _cached_tokens(cached)
         if turn == 0:
             assert reused == 0
-        else:  # everything before this turn's question, in whole blocks
-            assert reused % BLOCK == 0 and cached.usage.prompt_tokens - BLOCK - 40 < reused < cached.usage.prompt_tokens
+        else:  # at least the turns before the last answer, in whole blocks (the random model's answer may not tokenize back the same)
+            assert reused % BLOCK == 0 and previous_prompt_tokens - BLOCK < reused < cached.usage.prompt_tokens, (reused, cached.usage.prompt_tokens)
         messages.append({"role": "assistant", "content": cached.choices[0].message.content})
+        previous_prompt_tokens = cached.usage.prompt_tokens
     details = httpx.get(f"{server.url}/health").json()["models"]["cached"]["details"]
-    assert details["prefix_cache"].startswith("1 prefixes")  # the conversation once, not once per turn
+    kept, reused = re.fullmatch(r"(\d+) prefixes, [\d.]+ of 512 MiB, (\d+) prompt tokens reused", details["prefix_cache"]).groups()
+    assert 0 < int(kept) <= 2 * len(TURNS) and int(reused) > 0
+
+
+def test_a_prompt_that_resends_an_answer_reuses_the_answers_tokens_too(server, tiny_tokenizer):
+    """As a chat's next turn does: the first answer's tokens, by id, then more."""
+    client = server.client()
+    first = client.completions.create(model="cached", prompt=tiny_tokenizer.encode(SYSTEM["content"]), max_tokens=40, temperature=0, extra_body={"return_token_ids": True})
+    asked, answered = first.choices[0].model_extra["prompt_token_ids"], first.choices[0].model_extra["token_ids"]
+    assert len(answered) == 40
+    follow_up = [*asked, *answered, *tiny_tokenizer.encode(" And then?")]
+    cached, whole = (client.completions.create(model=model, prompt=follow_up, max_tokens=6, temperature=0, logprobs=2) for model in ("cached", "whole"))
+    expected = (len(asked) + len(answered) - 2) // BLOCK * BLOCK  # every token its row held (all but the last drawn), in whole blocks
+    assert _cached_tokens(cached) == expected > len(asked)
+    assert cached.choices[0].text == whole.choices[0].text
+    assert cached.choices[0].logprobs.token_logprobs == pytest.approx(whole.choices[0].logprobs.token_logprobs, abs=1e-4)
 
 
 def test_prompts_sharing_a_system_prompt_reuse_it_when_they_arrive_together(server):

@@ -69,11 +69,13 @@ def _prefill(model, prompts: list[list[int]]):
 def test_static_rows_give_the_padded_rows_logits_through_joins_and_departures(model):
     """Two row caches driven alike: rows join with prompts of other lengths (one longer than
     the running rows' columns, so they shift right), rows leave from the middle, the window
-    grows past MIN_WINDOW, and unused columns are shifted out."""
+    grows past MIN_WINDOW, and unused columns are shifted out. And each row's keys and values,
+    as the prefix cache reads them (`row_kv`), are those of its tokens prefilled alone."""
     assert can_use_static_rows(model)
     torch.manual_seed(0)
     padded, static = PaddedRows(model), StaticRows(model, max_rows=6, use_graphs=False)
     last: list[int] = []
+    histories: list[list[int]] = []  # per row, the tokens its cache holds
     static.prepare(_prefill(model, [[0]])[0])  # what the engine does once loaded
     assert static.capacity == MIN_WINDOW and static.describe() == f"eager steps, static cache of {MIN_WINDOW} columns"
 
@@ -82,9 +84,12 @@ def test_static_rows_give_the_padded_rows_logits_through_joins_and_departures(mo
             cache, mask, first = _prefill(model, prompts)
             rows.join(cache, mask)
         last.extend(first)
+        histories.extend(list(p) for p in prompts)
 
     def decode(steps):
         for _ in range(steps):
+            for history, token_id in zip(histories, last, strict=True):
+                history.append(token_id)
             expected, got = padded.decode(last), static.decode(last)
             # float32 sums in another order: about 1e-5 apart; a wrong row or column is off by whole units
             assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()
@@ -94,12 +99,22 @@ def test_static_rows_give_the_padded_rows_logits_through_joins_and_departures(mo
         padded.keep(rows)
         static.keep(rows)
         last[:] = [last[row] for row in rows]
+        histories[:] = [histories[row] for row in rows]
+
+    def check_row_kv():
+        for row, history in enumerate(histories):
+            alone = _prefill(model, [history])[0].layers
+            for rows in (padded, static):
+                for (keys, values), layer in zip(rows.row_kv(row), alone, strict=True):
+                    assert keys.shape == layer.keys[0].shape and torch.allclose(keys, layer.keys[0], atol=1e-3)
+                    assert torch.allclose(values, layer.values[0], atol=1e-3)
 
     prompt = lambda n: torch.randint(0, model.config.vocab_size, (n,)).tolist()  # noqa: E731
     join([prompt(5), prompt(9)])
     decode(4)
     join([prompt(30)])  # longer than the 13 columns in use: the running rows shift right
     decode(3)
+    check_row_kv()
     keep([0, 2])  # a row leaves from the middle
     join([prompt(3), prompt(4), prompt(7)])
     decode(240)  # from column 33 to 273: the window doubles, and the buffers grow
@@ -107,6 +122,7 @@ def test_static_rows_give_the_padded_rows_logits_through_joins_and_departures(mo
     keep([3, 4])  # the oldest rows leave; the rest start at columns 29 and 26
     decode(1)  # 248 columns in use fit the smallest window: the first 26 are dropped
     assert static.next_column == 273 - 26 + 1
+    check_row_kv()
     decode(20)
     keep([])
     join([prompt(6)])  # a new batch starts at column 6
