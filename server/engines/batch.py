@@ -4,7 +4,10 @@ Every running sequence is one row of a row cache (`kv_cache.PaddedRows`, or
 `static_rows.StaticRows` whose decode steps are CUDA graphs): new sequences are prefilled
 together, then joined to the running rows; finished or aborted rows are cut out. A new
 sequence whose prompt starts with a cached prefix (`prefix_cache.py`) is prefilled alone,
-from that prefix's KV on. All of this runs on the engine's worker thread only.
+from that prefix's KV on; so is a long prompt, and one that arrives while others run is
+prefilled a chunk of `prefill_chunk` tokens between two decode steps (chunked prefill: it
+never stalls the running streams for its whole prefill; with nothing running it goes whole,
+which is sooner). All of this runs on the engine's worker thread only.
 """
 
 from __future__ import annotations
@@ -67,33 +70,87 @@ class Sequence:
         return self._prompt_ids
 
 
+@dataclass(eq=False)
+class Prefill:
+    """A prompt prefilled alone, from its cached prefix on, a chunk at a time."""
+
+    sequence: Sequence
+    cache: DynamicCache
+    num_done: int  # the prompt's tokens `cache` holds
+
+    @property
+    def num_left(self) -> int:
+        return len(self.sequence.request.prompt_token_ids) - self.num_done
+
+
 class ContinuousBatch:
-    def __init__(self, model, rows: RowCache, eos_token_ids: set[int], pad_token_id: int, prefixes: PrefixCache | None = None):
-        """`prefixes`: None where prompts are always prefilled whole."""
+    def __init__(self, model, rows: RowCache, eos_token_ids: set[int], pad_token_id: int, prefixes: PrefixCache | None = None, prefill_chunk: int = 0):
+        """`prefixes`: None where prompts are always prefilled whole; `prefill_chunk`: the most
+        prompt tokens one prefill step takes from a prompt prefilled alone (0: all)."""
         self._model = model
         self.rows = rows
         self._eos_token_ids = eos_token_ids
         self._pad_token_id = pad_token_id
         self._device = model.device
         self.prefixes = prefixes
+        self._prefill_chunk = prefill_chunk
         self.sequences: list[Sequence] = []
+        self.prefilling: list[Prefill] = []  # long prompts, oldest first, prefilled a chunk a step
         self.num_aborted = 0
+        self.num_chunked = 0  # prompts prefilled in chunks, since the engine started
 
     @property
     def can_join_running(self) -> bool:
         return self.rows.can_join_running
 
+    @property
+    def num_rows(self) -> int:
+        """The rows in use, and those the prompts being prefilled will take."""
+        return len(self.sequences) + len(self.prefilling)
+
     def admit(self, new: list[Sequence]) -> None:
         """Prefill `new`, emit their first tokens, and join them to the batch: those whose
-        prompt starts with a cached prefix one by one from it, the rest together. Rule: all
+        prompt starts with a cached prefix one by one from it, long prompts one by one too (a
+        chunk a step, `prefill_step`, while others run), the rest together. Rule: all
         prefills run before anything joins, so a prefill that fails leaves the batch as it was."""
-        hits = {s: hit for s in new if (hit := self._cached_prefix(s)) is not None}
-        whole = [s for s in new if s not in hits]
-        prefilled = ([(whole, self._prefill_together(whole))] if whole else []) + [([s], self._prefill_after(s, hit)) for s, hit in hits.items()]
+        hits = {s: self._cached_prefix(s) for s in new}
+        alone = {s: self._start_alone(s, hits[s]) for s in new if self._is_prefilled_alone(s, hits[s])}
+        whole = [s for s in new if s not in alone]
+        chunked = [prefill for prefill in alone.values() if self.num_rows and self._prefill_chunk and prefill.num_left > self._prefill_chunk]
+        prefilled = [([s], self._prefill_rest(prefill)) for s, prefill in alone.items() if prefill not in chunked]
+        prefilled = ([(whole, self._prefill_together(whole))] if whole else []) + prefilled
+        self.prefilling.extend(chunked)
+        self.num_chunked += len(chunked)
         for group, (cache, attention_mask, _) in prefilled:
             self.rows.join(cache, attention_mask)
             self.sequences.extend(group)
-        self._advance([s for group, _ in prefilled for s in group], torch.cat([logits for _, (_, _, logits) in prefilled]))
+        if prefilled:
+            self._advance([s for group, _ in prefilled for s in group], torch.cat([logits for _, (_, _, logits) in prefilled]))
+
+    def prefill_step(self) -> None:
+        """The next chunk of the oldest long prompt; with its last, it joins the batch and
+        draws its first token. Rule: a chunk that fails fails its own request only."""
+        prefill = self.prefilling[0]
+        try:
+            logits = self._prefill_chunk_of(prefill, min(self._prefill_chunk, prefill.num_left))
+        except Exception as error:
+            self.prefilling.pop(0)
+            prefill.sequence.emit(EngineError(f"Generation failed: {error}"))
+            return
+        if prefill.num_left:
+            return
+        self.prefilling.pop(0)
+        self._keep_prefix(prefill.sequence, prefill.cache, 0, 0)
+        self.rows.join(prefill.cache, self._ones(prefill.num_done))
+        self.sequences.append(prefill.sequence)
+        self._advance([prefill.sequence], logits)
+
+    def _is_prefilled_alone(self, sequence: Sequence, hit: Hit | None) -> bool:
+        """A prompt that starts with a cached prefix, or one longer than a chunk; never one that
+        scores its prompt (it needs every position's logits, from one prefill)."""
+        if sequence.request.sampling.prompt_logprobs is not None:
+            return False
+        return hit is not None or 0 < self._prefill_chunk < len(sequence.request.prompt_token_ids)
 
     def _cached_prefix(self, sequence: Sequence) -> Hit | None:
         """A request that scores its prompt needs every position's logits: it is prefilled whole."""
@@ -116,18 +173,32 @@ class ContinuousBatch:
             self._keep_prefix(sequence, cache, row, input_ids.shape[1] - len(sequence.request.prompt_token_ids))
         return cache, attention_mask, logits[:, -1, :]
 
-    def _prefill_after(self, sequence: Sequence, hit: Hit) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """One prompt, from the end of its cached prefix on."""
-        prompt = list(sequence.request.prompt_token_ids)
+    def _start_alone(self, sequence: Sequence, hit: Hit | None) -> Prefill:
+        """A prefill of one prompt, its cache holding its cached prefix (if any)."""
         cache = new_cache(self._model.config)
-        for layer, (keys, values) in zip(cache.layers, hit.layers(), strict=True):
-            layer.update(keys, values)
-        input_ids = torch.tensor([prompt[hit.length :]], device=self._device)
-        attention_mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self._device)
-        positions = torch.arange(hit.length, len(prompt), device=self._device)[None]
-        logits = forward(self._model, input_ids, attention_mask, positions, cache)
-        self._keep_prefix(sequence, cache, 0, 0)
-        return cache, attention_mask, logits
+        if hit is not None:
+            for layer, (keys, values) in zip(cache.layers, hit.layers(), strict=True):
+                layer.update(keys, values)
+        return Prefill(sequence, cache, hit.length if hit else 0)
+
+    def _prefill_rest(self, prefill: Prefill) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """All that is left of one prompt at once: its cache, attention mask and last logits."""
+        logits = self._prefill_chunk_of(prefill, prefill.num_left)
+        self._keep_prefix(prefill.sequence, prefill.cache, 0, 0)
+        return prefill.cache, self._ones(prefill.num_done), logits
+
+    def _prefill_chunk_of(self, prefill: Prefill, num_tokens: int) -> torch.Tensor:
+        """The next `num_tokens` of the prompt into its cache: the last one's logits."""
+        start, end = prefill.num_done, prefill.num_done + num_tokens
+        input_ids = torch.tensor([list(prefill.sequence.request.prompt_token_ids[start:end])], device=self._device)
+        positions = torch.arange(start, end, device=self._device)[None]
+        logits = forward(self._model, input_ids, self._ones(end), positions, prefill.cache)
+        prefill.num_done = end
+        return logits
+
+    def _ones(self, length: int) -> torch.Tensor:
+        """The attention mask of one row of `length` tokens, none of them padding."""
+        return torch.ones((1, length), dtype=torch.long, device=self._device)
 
     def _keep_answered(self, sequences: list[Sequence]) -> None:
         """Each finished sequence's prompt and answer kept as a prefix, before its row goes:
@@ -175,13 +246,15 @@ class ContinuousBatch:
         self._advance(self.sequences, logits)
 
     def drop_aborted(self) -> None:
-        kept = [s for s in self.sequences if not s.is_aborted]
-        self.num_aborted += len(self.sequences) - len(kept)
+        kept, prefilling = [s for s in self.sequences if not s.is_aborted], [p for p in self.prefilling if not p.sequence.is_aborted]
+        self.num_aborted += self.num_rows - len(kept) - len(prefilling)
+        self.prefilling = prefilling
         self._keep(kept)
 
     def fail_all(self, error: BaseException) -> None:
-        for sequence in self.sequences:
+        for sequence in [*self.sequences, *(p.sequence for p in self.prefilling)]:
             sequence.emit(error)
+        self.prefilling = []
         self._keep([])
 
     @torch.inference_mode()  # rows of the model's logits are shaped in place

@@ -41,6 +41,9 @@ class TransformersOptions:
     # most this much of the device's memory; off at 0 or with enable_prefix_caching false
     prefix_cache_mib: Annotated[int, Field(ge=0)] = 512
     enable_prefix_caching: bool | None = None  # None: on (as vLLM's)
+    # a longer prompt is prefilled this many tokens at a time, a decode step of the running
+    # streams between two chunks, so that it does not stall them for its whole prefill; 0: whole
+    prefill_chunk_tokens: Annotated[int, Field(ge=0)] = 512
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
 
     @property

@@ -139,8 +139,9 @@ class TransformersEngine:
             "decode": batch.rows.describe() if batch else None,
             "prefix_cache": batch.prefixes.describe() if batch and batch.prefixes else None,
             "num_aborted": batch.num_aborted if batch else 0,
+            "num_chunked_prefills": batch.num_chunked if batch else 0,
         }
-        return EngineHealth(is_ready, len(batch.sequences) if batch else 0, len(self._waiting), details)
+        return EngineHealth(is_ready, batch.num_rows if batch else 0, len(self._waiting), details)
 
     async def stop(self) -> None:
         """Rule: a stop during the load does not wait for it (a shutdown would wait a load's
@@ -246,6 +247,8 @@ class TransformersEngine:
             self._batch.drop_aborted()
             self._admit(joining)
             try:
+                if self._batch.prefilling:
+                    self._batch.prefill_step()
                 if self._batch.sequences:
                     self._batch.step()
             except Exception as error:  # one bad step must not kill the engine for everyone
@@ -271,12 +274,12 @@ class TransformersEngine:
     def _take_joining(self) -> list[Sequence]:
         """Wait for work if idle; return the waiting sequences that may join the batch now."""
         with self._wakeup:
-            while not self._is_stopping and not self._batch.sequences and not self._waiting and not self._calls:
+            while not self._is_stopping and not self._batch.num_rows and not self._waiting and not self._calls:
                 self._wakeup.wait()
             self._waiting = [s for s in self._waiting if not s.is_aborted]
             if self._calls or (self._batch.sequences and not self._batch.can_join_running):
                 return []
-            count = num_prefilled_together(self._waiting, self._options.max_batch_size - len(self._batch.sequences))
+            count = num_prefilled_together(self._waiting, self._options.max_batch_size - self._batch.num_rows)
             joining, self._waiting = self._waiting[:count], self._waiting[count:]
             return joining
 
@@ -354,7 +357,9 @@ class TransformersEngine:
             adapter.merge_into(params)
         self._model.eval()
         self._pooler = Pooler.of(self._path, self._device)
-        self._batch = ContinuousBatch(self._model, self._row_cache(), self._eos_token_ids(), self._pad_token_id(), self._prefix_cache())
+        rows = self._row_cache()
+        prefill_chunk = self._options.prefill_chunk_tokens if rows.can_join_running else 0  # a chunked prompt's row joins the running ones
+        self._batch = ContinuousBatch(self._model, rows, self._eos_token_ids(), self._pad_token_id(), self._prefix_cache(), prefill_chunk)
         self._batch.warm_up()
 
     def _row_cache(self) -> RowCache:

@@ -1,7 +1,7 @@
-"""The transformers engine's prefix cache through a real server and the official client: a
-chat's next turn prefills only what its earlier turns did not, says so in usage
-(`cached_tokens`), and answers exactly as a deployment that prefills every prompt whole;
-a reload swap forgets the old weights' prefixes."""
+"""The transformers engine's prefix cache and chunked prefill through a real server and the
+official client: a chat's next turn prefills only what its earlier turns did not, says so in
+usage (`cached_tokens`), and answers exactly as a deployment that prefills every prompt whole
+and at once; a reload swap forgets the old weights' prefixes."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ TURNS = ["What is the deepest ocean?", "And the saltiest sea?", "Which one is wa
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path, tmp_path_factory):
-    """`cached` and `whole` serve the same folder; `whole` keeps no prefixes."""
+    """`cached`, `whole` and `chunked` serve the same folder; `whole` keeps no prefixes and
+    prefills every prompt at once; `chunked` prefills 16 tokens at a time (from its cached prefix on)."""
     specs = [
         ModelSpec(name="cached", path=tiny_model_path, engine="transformers"),
-        ModelSpec(name="whole", path=tiny_model_path, engine="transformers", engine_options={"prefix_cache_mib": 0}),
+        ModelSpec(name="whole", path=tiny_model_path, engine="transformers", engine_options={"prefix_cache_mib": 0, "prefill_chunk_tokens": 0}),
+        ModelSpec(name="chunked", path=tiny_model_path, engine="transformers", engine_options={"prefill_chunk_tokens": 16}),
     ]
     with ServerThread(Settings(home=tmp_path_factory.mktemp("prefixes"), models=specs)) as running:
         yield running
@@ -45,10 +47,12 @@ def test_each_turn_of_a_chat_reuses_the_turns_before_it_and_answers_as_a_whole_p
     messages, previous_prompt_tokens = [SYSTEM], 0
     for turn, question in enumerate(TURNS):
         messages.append({"role": "user", "content": question})
-        cached, whole = _ask(client, "cached", messages, 40), _ask(client, "whole", messages, 40)
-        assert cached.choices[0].message.content == whole.choices[0].message.content
-        for ours, theirs in zip(cached.choices[0].logprobs.content, whole.choices[0].logprobs.content, strict=True):
-            assert (ours.token, ours.logprob) == (theirs.token, pytest.approx(theirs.logprob, abs=1e-4))
+        cached, whole, chunked = (_ask(client, model, messages, 40) for model in ("cached", "whole", "chunked"))
+        for ours in (cached, chunked):
+            assert ours.choices[0].message.content == whole.choices[0].message.content
+            for token, expected in zip(ours.choices[0].logprobs.content, whole.choices[0].logprobs.content, strict=True):
+                assert (token.token, token.logprob) == (expected.token, pytest.approx(expected.logprob, abs=1e-4))
+        assert _cached_tokens(chunked) == _cached_tokens(cached)
         assert _cached_tokens(whole) == 0
         reused = _cached_tokens(cached)
         if turn == 0:

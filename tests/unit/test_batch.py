@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import weakref
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.errors import EngineError
 from server.engines.base import GenerationRequest, SamplingParams
-from server.engines.batch import Sequence, num_prefilled_together
+from server.engines.batch import ContinuousBatch, Sequence, num_prefilled_together
+from server.engines.detokenizer import IncrementalDetokenizer
+from server.engines.kv_cache import PaddedRows
 from server.engines.options import TransformersOptions
 from server.engines.transformers_engine import TransformersEngine
 
@@ -72,6 +76,97 @@ def test_batch_abort_frees_the_row(engine):
     before = engine.health().details["num_aborted"]
     assert asyncio.run(scenario())
     assert engine.health().details["num_aborted"] == before + 1
+
+
+LONG = "a prompt long enough to be prefilled in many chunks, one between each two decode steps of the others " * 2
+
+
+@pytest.fixture(scope="module")
+def chunking_engine(tiny_model_path):
+    """Prompts over 8 tokens prefilled 8 at a time; no prefix cache, so every prompt is prefilled from its start."""
+    engine = TransformersEngine(tiny_model_path, TransformersOptions(max_batch_size=4, prefill_chunk_tokens=8, prefix_cache_mib=0))
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.stop())
+
+
+def test_a_long_prompt_prefilled_in_chunks_beside_running_streams_gives_the_same_greedy_text(engine, chunking_engine):
+    assert len(chunking_engine.tokenize(LONG)) > 5 * 8
+    asked = [(prompt, 300) for prompt in PROMPTS] + [(LONG, 24)]  # the long prompt arrives while the others run
+
+    async def scenario():
+        whole = [await _generate(engine, prompt, max_tokens) for prompt, max_tokens in asked]  # the fixture's engine prefills these whole
+        chunked = await asyncio.gather(*[_generate(chunking_engine, prompt, max_tokens, delay=0.05 * (prompt == LONG)) for prompt, max_tokens in asked])
+        return whole, chunked
+
+    before = chunking_engine.health().details["num_chunked_prefills"]
+    whole, chunked = asyncio.run(scenario())
+    assert chunked == whole
+    assert chunking_engine.health().details["num_chunked_prefills"] == before + 1
+    assert chunking_engine.health().num_running == 0
+
+
+def test_a_prompt_aborted_while_it_is_prefilled_in_chunks_gives_its_place_back(tiny_model_path):
+    engine = TransformersEngine(tiny_model_path, TransformersOptions(max_batch_size=2, prefill_chunk_tokens=1, prefix_cache_mib=0))
+
+    async def scenario():
+        await engine.start()
+        try:
+            running = engine.generate(GenerationRequest("running", engine.tokenize("go"), SamplingParams(max_tokens=3000, temperature=0)))
+            await anext(running)  # a stream runs: a long prompt arriving now is prefilled in chunks
+            long = GenerationRequest("long", engine.tokenize(LONG * 4), SamplingParams(max_tokens=4, temperature=0))
+            stream = engine.generate(long)
+            started = asyncio.ensure_future(anext(stream))
+            for _ in range(100):  # a token a chunk: its prefill takes a few hundred steps
+                if engine.health().num_running == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.health().num_running == 2 and not started.done()
+            started.cancel()  # the client went away mid-prefill
+            with contextlib.suppress(asyncio.CancelledError):
+                await started
+            await stream.aclose()
+            answered = await _generate(engine, "short", 3)  # the second place is free again
+            await running.aclose()
+            return answered, engine.health().details["num_aborted"]
+        finally:
+            await engine.stop()
+
+    (_, num_tokens), num_aborted = asyncio.run(scenario())
+    assert num_tokens == 3 and num_aborted >= 1
+
+
+def test_a_chunked_prefill_takes_a_chunk_a_step_and_an_aborted_one_is_dropped_before_its_next(tiny_model_path):
+    """The batch alone, on the worker's side: a long prompt that arrives while a row runs
+    waits in `prefilling`, a chunk per `prefill_step`, and joins with its last; one aborted
+    meanwhile goes, having emitted nothing. Into an idle batch, a long prompt goes whole."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    batch = ContinuousBatch(model, PaddedRows(model), eos_token_ids=set(), pad_token_id=0, prefill_chunk=4)
+    emitted: dict[str, list] = {"running": [], "kept": [], "aborted": [], "alone": []}
+
+    def sequence(name: str, num_tokens: int) -> Sequence:
+        request = GenerationRequest(name, list(range(10, 10 + num_tokens)), SamplingParams(max_tokens=8, temperature=0))
+        return Sequence(request, IncrementalDetokenizer.for_sampling(tokenizer, request.sampling), seed=0, emit=emitted[name].append)
+
+    alone = sequence("alone", 10)
+    batch.admit([alone])
+    assert (batch.sequences, batch.prefilling) == ([alone], [])
+    alone.is_aborted = True
+    batch.drop_aborted()
+    running, kept, aborted = sequence("running", 3), sequence("kept", 10), sequence("aborted", 9)
+    batch.admit([running])
+    batch.admit([kept, aborted])
+    assert (batch.sequences, [p.num_done for p in batch.prefilling], batch.num_rows) == ([running], [0, 0], 3)
+    batch.prefill_step()
+    batch.prefill_step()
+    assert [p.num_done for p in batch.prefilling] == [8, 0]  # the oldest first, 4 tokens a step
+    aborted.is_aborted = True
+    batch.drop_aborted()
+    assert ([p.sequence for p in batch.prefilling], batch.num_aborted) == ([kept], 2)
+    batch.prefill_step()  # its last 2 tokens: it joins, and draws its first token
+    assert (batch.sequences, batch.prefilling, len(kept.output_token_ids)) == ([running, kept], [], 1)
+    assert emitted["aborted"] == []
 
 
 async def _outcome(engine, request: GenerationRequest):

@@ -1,0 +1,106 @@
+"""What chunked prefill buys the streams already running when a long prompt arrives: baton's
+transformers engine with it (the default, 512 tokens a chunk) and without
+(`--engine-option prefill_chunk_tokens=0`), same model, both servers up at once and measured
+in turn, the order reversed each round.
+
+    .venv/bin/python benchmarks/chunked_prefill.py [--model FOLDER] [--prompt-tokens 3000] [--rounds 2]
+
+Each round, 4 streams of 160 tokens run, and meanwhile 3 long prompts (each its own, so no
+prefix cache helps) arrive one after another, 4 tokens each. Prints the running streams'
+gap between tokens (p50, p99, max) and the long prompts' TTFT p50 for both, and the ratios.
+Writes benchmarks/results/chunked_prefill.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.cpu_throughput import BIN, _demo_model, _running  # noqa: E402
+from benchmarks.serving import results_dir  # noqa: E402
+
+VARIANTS = {"chunked": [], "whole": ["--engine-option", "prefill_chunk_tokens=0"]}
+FILLER = "The harbour museum keeps the logbooks, maps and letters of the ships that called here. "
+
+
+def main() -> None:
+    args = _parse()
+    model = args.model or _demo_model()
+    with ExitStack() as stack:
+        servers = {}
+        for variant, options in VARIANTS.items():
+            command = [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}", "--engine", "transformers", "--log-level", "warning", "--no-restore", *options]
+            servers[variant] = stack.enter_context(_running(command, f"chunked_{variant}"))[0]
+        rounds = []
+        for index in range(args.rounds):
+            order = list(servers) if index % 2 == 0 else list(reversed(servers))
+            rounds.append({variant: asyncio.run(_round(servers[variant], index, args.prompt_tokens)) for variant in order})
+    _report(rounds, args)
+
+
+async def _round(url: str, index: int, prompt_tokens: int) -> dict:
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600) as client:
+        gaps: list[float] = []
+        streams = [asyncio.create_task(_stream(client, f"Tell story {n} about the sea.", 160, gaps)) for n in range(4)]
+        await asyncio.sleep(1.0)
+        long_ttfts = []
+        for n in range(3):  # each its own prompt: "round 0, visitor 1: ..." (about 20 words a sentence, 1.3 tokens a word)
+            prompt = f"Round {index}, visitor {n}: " + FILLER * (prompt_tokens // 20)
+            long_ttfts.append(await _stream(client, prompt, 4, []))
+        await asyncio.gather(*streams)
+    return {"gaps_s": gaps, "long_ttfts_s": long_ttfts}
+
+
+async def _stream(client, prompt: str, max_tokens: int, gaps: list[float]) -> float:
+    """Streams a completion; appends the gaps between its chunks to `gaps`; returns its TTFT."""
+    started, first, last = time.perf_counter(), None, None
+    stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    async for _ in stream:
+        now = time.perf_counter()
+        first = first or now
+        if last is not None:
+            gaps.append(now - last)
+        last = now
+    return (first or time.perf_counter()) - started
+
+
+def _report(rounds: list[dict], args) -> None:
+    summary = {}
+    for variant in VARIANTS:
+        gaps = sorted(g for r in rounds for g in r[variant]["gaps_s"])
+        summary[variant] = {
+            "gap_p50_s": statistics.median(gaps),
+            "gap_p99_s": gaps[int(0.99 * (len(gaps) - 1))],
+            "gap_max_s": gaps[-1],
+            "long_ttft_p50_s": statistics.median(t for r in rounds for t in r[variant]["long_ttfts_s"]),
+        }
+        f = summary[variant]
+        print(f"{variant:>8}: running streams' gap p50 {f['gap_p50_s'] * 1000:.0f} ms, p99 {f['gap_p99_s'] * 1000:.0f} ms, max {f['gap_max_s'] * 1000:.0f} ms; long prompts' TTFT p50 {f['long_ttft_p50_s']:.2f} s")
+    chunked, whole = summary["chunked"], summary["whole"]
+    print(f"whole / chunked: gap max x{whole['gap_max_s'] / chunked['gap_max_s']:.2f}, p99 x{whole['gap_p99_s'] / chunked['gap_p99_s']:.2f}; long TTFT x{whole['long_ttft_p50_s'] / chunked['long_ttft_p50_s']:.2f}")
+    out = results_dir() / "chunked_prefill.json"
+    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "rounds": rounds}, indent=2))
+    print(f"wrote {out}")
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="a Hugging Face folder (default: the demo model)")
+    parser.add_argument("--prompt-tokens", type=int, default=3000, help="about how long each long prompt is")
+    parser.add_argument("--rounds", type=int, default=2)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
