@@ -27,8 +27,8 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cpu_throughput import BIN, _demo_model, _running  # noqa: E402
-from benchmarks.serving import results_dir  # noqa: E402
+from benchmarks.cpu_throughput import _demo_model, _running  # noqa: E402
+from benchmarks.serving import alternating, results_dir, transformers_server  # noqa: E402
 
 VARIANTS = {"chunked": [], "whole": ["--engine-option", "prefill_chunk_tokens=0"]}
 FILLER = "The harbour museum keeps the logbooks, maps and letters of the ships that called here. "
@@ -38,14 +38,8 @@ def main() -> None:
     args = _parse()
     model = args.model or _demo_model()
     with ExitStack() as stack:
-        servers = {}
-        for variant, options in VARIANTS.items():
-            command = [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}", "--engine", "transformers", "--log-level", "warning", "--no-restore", *options]
-            servers[variant] = stack.enter_context(_running(command, f"chunked_{variant}"))[0]
-        rounds = []
-        for index in range(args.rounds):
-            order = list(servers) if index % 2 == 0 else list(reversed(servers))
-            rounds.append({variant: asyncio.run(_round(servers[variant], index, args.prompt_tokens)) for variant in order})
+        servers = {variant: stack.enter_context(_running(transformers_server(model, *options), f"chunked_{variant}"))[0] for variant, options in VARIANTS.items()}
+        rounds = alternating(servers, args.rounds, lambda url, index: asyncio.run(_round(url, index, args.prompt_tokens)))
     _report(rounds, args)
 
 

@@ -31,8 +31,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import free_port, results_dir, wait_ready  # noqa: E402
-BIN = Path(sys.executable).parent
+from benchmarks.serving import BIN, free_port, results_dir, wait_ready  # noqa: E402
 TOPICS = ["a lighthouse keeper", "a lost robot", "a mountain village", "an old clock", "a brave fox", "the sea", "a library", "a comet"]
 
 

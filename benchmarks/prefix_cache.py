@@ -27,8 +27,8 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cpu_throughput import BIN, _demo_model, _running  # noqa: E402
-from benchmarks.serving import results_dir  # noqa: E402
+from benchmarks.cpu_throughput import _demo_model, _running  # noqa: E402
+from benchmarks.serving import alternating, results_dir, transformers_server  # noqa: E402
 
 SYSTEM = (
     "You are the help desk of a harbour museum. Visitors ask about ships, tides, lighthouses, "
@@ -43,16 +43,10 @@ def main() -> None:
     args = _parse()
     model = args.model or _demo_model()
     with ExitStack() as stack:
-        servers = {}
-        for variant, options in VARIANTS.items():
-            command = [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}", "--engine", "transformers", "--log-level", "warning", "--no-restore", *options]
-            servers[variant] = stack.enter_context(_running(command, f"prefix_{variant}"))[0]
+        servers = {variant: stack.enter_context(_running(transformers_server(model, *options), f"prefix_{variant}"))[0] for variant, options in VARIANTS.items()}
         for url in servers.values():
             asyncio.run(_conversations(url, 1, 2, args.max_tokens))  # warm-up
-        rounds = []
-        for index in range(args.rounds):
-            order = list(servers) if index % 2 == 0 else list(reversed(servers))
-            rounds.append({variant: asyncio.run(_conversations(servers[variant], args.conversations, args.turns, args.max_tokens)) for variant in order})
+        rounds = alternating(servers, args.rounds, lambda url, _: asyncio.run(_conversations(url, args.conversations, args.turns, args.max_tokens)))
     _report(rounds, args)
 
 

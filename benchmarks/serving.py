@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BIN = Path(sys.executable).parent
 
 
 def results_dir() -> Path:
@@ -51,3 +54,19 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float = 600) -> Non
             pass
         time.sleep(0.5)
     raise TimeoutError(url)
+
+
+def transformers_server(model: Path, *options: str) -> list[str]:
+    """`baton serve` of `model` as `bench` on the transformers engine, with `options` (its
+    port left as `{port}`)."""
+    return [str(BIN / "baton"), "serve", "--model", str(model), "--name", "bench", "--port", "{port}", "--engine", "transformers", "--log-level", "warning", "--no-restore", *options]
+
+
+def alternating(servers: dict[str, str], num_rounds: int, measure: Callable[[str, int], object]) -> list[dict]:
+    """`measure(url, round)` of every server (by variant) in turn, `num_rounds` times, the
+    order reversed each round: a machine whose speed drifts moves both sides of a round alike."""
+    rounds = []
+    for index in range(num_rounds):
+        order = list(servers) if index % 2 == 0 else list(reversed(servers))
+        rounds.append({variant: measure(servers[variant], index) for variant in order})
+    return rounds

@@ -116,7 +116,7 @@ class ContinuousBatch:
         hits = {s: self._cached_prefix(s) for s in new}
         alone = {s: self._start_alone(s, hits[s]) for s in new if self._is_prefilled_alone(s, hits[s])}
         whole = [s for s in new if s not in alone]
-        chunked = [prefill for prefill in alone.values() if self.num_rows and self._prefill_chunk and prefill.num_left > self._prefill_chunk]
+        chunked = [prefill for prefill in alone.values() if self._is_chunked(prefill)]
         prefilled = [([s], self._prefill_rest(prefill)) for s, prefill in alone.items() if prefill not in chunked]
         prefilled = ([(whole, self._prefill_together(whole))] if whole else []) + prefilled
         self.prefilling.extend(chunked)
@@ -151,6 +151,11 @@ class ContinuousBatch:
         if sequence.request.sampling.prompt_logprobs is not None:
             return False
         return hit is not None or 0 < self._prefill_chunk < len(sequence.request.prompt_token_ids)
+
+    def _is_chunked(self, prefill: Prefill) -> bool:
+        """Longer than a chunk, and others run: into an idle batch it goes whole (one pass is
+        sooner, and nobody waits)."""
+        return self.num_rows > 0 and 0 < self._prefill_chunk < prefill.num_left
 
     def _cached_prefix(self, sequence: Sequence) -> Hit | None:
         """A request that scores its prompt needs every position's logits: it is prefilled whole."""

@@ -73,3 +73,33 @@ def test_a_crowd_joining_and_leaving_graphed_steps_is_served_whole(smol_float32)
     assert all(reason in ("length", "stop") for _, reason in results)
     assert sum(reason == "length" for _, reason in results) >= 30  # random weights rarely say EOS
     assert int(decode.split("(")[1].split()[0]) >= 3
+
+
+def test_prefix_hits_and_chunked_prefills_answer_as_whole_prefills_over_graphed_steps(smol_float32):
+    """Turns that share a long system prompt (prefix cache hits), then a long prompt that
+    arrives while a stream runs (prefilled 64 tokens at a time): the same greedy answers as an
+    engine that prefills every prompt whole, and the static cache takes both kinds of rows."""
+    system = "You are a helpful assistant who answers briefly and kindly. " * 20
+    turns = [system + question for question in ("What is the sea?", "What is a lake?", "What is a river?")]
+    long = "The harbour keeps the logbooks of every ship that called here. " * 150
+
+    async def answers(options: dict) -> tuple[list[str], dict]:
+        engine = TransformersEngine(smol_float32, TransformersOptions(**{"device": "cuda", "dtype": "float32", "prefill_chunk_tokens": 64, **options}))
+        await engine.start()
+        try:
+            greedy = SamplingParams(max_tokens=40, temperature=0)
+            texts = [(await _text(engine, f"turn{i}", turn, greedy))[0] for i, turn in enumerate(turns)]
+            running = asyncio.ensure_future(_text(engine, "running", "Once upon a time", SamplingParams(max_tokens=300, temperature=0)))
+            await asyncio.sleep(0.05)
+            texts.append((await _text(engine, "long", long, greedy))[0])
+            texts.append((await running)[0])
+            return texts, engine.health().details
+        finally:
+            await engine.stop()
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    reused, details = asyncio.run(answers({}))
+    print(f"\nprefix cache: {details['prefix_cache']}; chunked prefills: {details['num_chunked_prefills']}")
+    whole, _ = asyncio.run(answers({"prefix_cache_mib": 0, "prefill_chunk_tokens": 0}))
+    assert reused == whole
+    assert details["num_chunked_prefills"] == 1 and not details["prefix_cache"].endswith(" 0 prompt tokens reused")

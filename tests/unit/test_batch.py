@@ -102,7 +102,7 @@ def test_a_long_prompt_prefilled_in_chunks_beside_running_streams_gives_the_same
     before = chunking_engine.health().details["num_chunked_prefills"]
     whole, chunked = asyncio.run(scenario())
     assert chunked == whole
-    assert chunking_engine.health().details["num_chunked_prefills"] == before + 1
+    assert chunking_engine.health().details["num_chunked_prefills"] >= before + 1  # the long one at least (a short one may arrive after another started)
     assert chunking_engine.health().num_running == 0
 
 
