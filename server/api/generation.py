@@ -39,9 +39,11 @@ class CachedTokens:
     choices_per_prompt: int = 1
     num_tokens: int = 0
 
-    def count(self, item: ChoiceChunk) -> None:
-        if item.chunk.num_cached_tokens and item.index % self.choices_per_prompt == 0:
-            self.num_tokens += item.chunk.num_cached_tokens
+    def count(self, item: ChoiceChunk) -> int:
+        """Counts the chunk's; returns how many that added."""
+        added = item.chunk.num_cached_tokens if item.index % self.choices_per_prompt == 0 else 0
+        self.num_tokens += added
+        return added
 
 
 async def read_tool_calls(choices: AsyncIterator[ChoiceChunk], new_reader: Callable[[], OutputReader], num_choices: int) -> AsyncIterator[ChoiceChunk]:

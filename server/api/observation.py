@@ -24,7 +24,7 @@ class Unobserved:
 
     def prepared(self) -> None: ...
 
-    def tokens(self, num_tokens: int) -> None: ...
+    def tokens(self, num_tokens: int, num_cached_prompt_tokens: int = 0) -> None: ...
 
     def finish(self, status: int) -> None: ...
 
@@ -42,6 +42,7 @@ class RequestObservation:
         self._leased_at: float | None = None
         self._first_token_at: float | None = None
         self.num_prompt_tokens = 0
+        self.num_cached_prompt_tokens = 0  # of them, those the engine's prefix cache held
         self.num_completion_tokens = 0
         self._is_finished = False
 
@@ -57,10 +58,12 @@ class RequestObservation:
         if self._leased_at is not None:
             self._metrics.prepare_seconds.labels(self.deployment).observe(time.perf_counter() - self._leased_at)
 
-    def tokens(self, num_tokens: int) -> None:
+    def tokens(self, num_tokens: int, num_cached_prompt_tokens: int = 0) -> None:
+        """Tokens generated; and, with a prompt's first, those of the prompt the prefix cache held."""
         if num_tokens and self._first_token_at is None:
             self._first_token_at = time.perf_counter()
         self.num_completion_tokens += num_tokens
+        self.num_cached_prompt_tokens += num_cached_prompt_tokens
 
     def finish(self, status: int) -> None:
         """Once per request, however it ended."""
@@ -72,6 +75,7 @@ class RequestObservation:
         self._metrics.requests.labels(*labels, str(status)).inc()
         self._metrics.request_seconds.labels(*labels).observe(duration)
         self._metrics.prompt_tokens.labels(*labels).inc(self.num_prompt_tokens)
+        self._metrics.cached_prompt_tokens.labels(*labels).inc(self.num_cached_prompt_tokens)
         self._metrics.completion_tokens.labels(*labels).inc(self.num_completion_tokens)
         self._charge_tokens(self.num_prompt_tokens + self.num_completion_tokens)
         ttft = self._first_token_at - self._started if self._first_token_at is not None else None
@@ -90,6 +94,7 @@ class RequestObservation:
                 "version": self.version,
                 "status": status,
                 "prompt_tokens": self.num_prompt_tokens,
+                "cached_prompt_tokens": self.num_cached_prompt_tokens,
                 "completion_tokens": self.num_completion_tokens,
                 "ttft_s": round(ttft, 4) if ttft is not None else None,
                 "duration_s": round(duration, 4),

@@ -305,7 +305,7 @@ async def _respond(request: Request, body, tokenize, shape: AnswerShape, read=_a
     observation.prepared()
     served = Served(served_as(lease, body.model), requests[0].sampling, prompts)
     num_prompt_tokens = observation.num_prompt_tokens = sum(len(prompt) for prompt in prompts)
-    choices = _on_lease(read(stream_choices(lease.engine, requests), lease, prompts), lease, observation)
+    choices = _on_lease(read(stream_choices(lease.engine, requests), lease, prompts), lease, observation, CachedTokens(served.choices_per_prompt(len(requests))))
     headers = served_headers(lease)
     if shape.runs_in_background:  # the lease goes with the generation's end (_on_lease), not with this answer
         try:
@@ -430,15 +430,15 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     return task.result()
 
 
-async def _on_lease(choices: AsyncIterator[ChoiceChunk], lease: Lease, observation: RequestObservation | Unobserved) -> AsyncIterator[ChoiceChunk]:
+async def _on_lease(choices: AsyncIterator[ChoiceChunk], lease: Lease, observation: RequestObservation | Unobserved, cached: CachedTokens) -> AsyncIterator[ChoiceChunk]:
     """Release the lease and record the request when the stream ends, however it ends; a
     generation cut off by a swap's drain deadline ends with model_swapped rather than a bare
-    engine error."""
+    engine error. `cached` counts the prompt tokens the prefix cache held as usage does."""
     status = 200
     try:
         async with aclosing(choices) as stream:
             async for item in stream:
-                observation.tokens(item.chunk.num_tokens)
+                observation.tokens(item.chunk.num_tokens, cached.count(item))
                 yield item
     except EngineStoppedError as error:
         if not lease.is_cut_off:

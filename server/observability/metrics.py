@@ -32,6 +32,7 @@ class Metrics:
             "baton_prepare_seconds", "From the lease to the prompts ready for the engine: chat template, tokenizer, limits", ("deployment",), buckets=LATENCY_BUCKETS, registry=self.registry
         )
         self.prompt_tokens = Counter("baton_prompt_tokens", "Prompt tokens", by_version, registry=self.registry)
+        self.cached_prompt_tokens = Counter("baton_cached_prompt_tokens", "Prompt tokens the engine's prefix cache held (of baton_prompt_tokens)", by_version, registry=self.registry)
         self.completion_tokens = Counter("baton_completion_tokens", "Completion tokens", by_version, registry=self.registry)
         self.swaps = Counter("baton_swaps", "Swaps, rollbacks, canaries, loads and recoveries, by outcome", ("deployment", "action", "strategy", "outcome"), registry=self.registry)
         self.swap_phase_seconds = Histogram("baton_swap_phase_duration_seconds", "Each swap phase", ("action", "strategy", "phase"), buckets=PHASE_BUCKETS, registry=self.registry)

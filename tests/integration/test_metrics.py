@@ -88,7 +88,7 @@ def test_request_ids_are_echoed_or_made_and_each_request_logs_one_json_line(serv
     assert re.fullmatch(r"[0-9a-f]{32}", made.headers["x-request-id"])
     lines = [r.msg for r in caplog.records if r.name == "baton.requests"]
     assert [line["request_id"] for line in lines] == ["client-abc.1", made.headers["x-request-id"]]
-    assert set(lines[0]) == {"event", "request_id", "deployment", "version", "status", "prompt_tokens", "completion_tokens", "ttft_s", "duration_s"}
+    assert set(lines[0]) == {"event", "request_id", "deployment", "version", "status", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "ttft_s", "duration_s"}
     assert "hi" not in str(lines)  # never the prompt
 
 

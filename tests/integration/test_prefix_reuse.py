@@ -115,3 +115,20 @@ def test_a_reload_swap_forgets_the_old_weights_prefixes(two_versions_home):
         assert after.headers["x-baton-version"] == "chat@2" and _cached_tokens(after.parse()) == 0  # chat@1's KV is gone
         again = _ask(client, "chat", messages)
         assert _cached_tokens(again) > 0 and again.choices[0].message.content == after.parse().choices[0].message.content
+
+
+def _cached_metric(server, deployment: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("baton_cached_prompt_tokens_total{") and f'deployment="{deployment}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_the_prompt_tokens_the_cache_held_are_counted_in_the_metrics(server):
+    """`baton_cached_prompt_tokens_total` against `baton_prompt_tokens_total`: the hit rate."""
+    client = server.client()
+    messages = [SYSTEM, {"role": "user", "content": "Is the sea blue?"}]
+    before = _cached_metric(server, "cached")
+    first, second = _ask(client, "cached", messages), _ask(client, "cached", messages)
+    assert _cached_tokens(second) > 0
+    assert _cached_metric(server, "cached") - before == _cached_tokens(first) + _cached_tokens(second)
