@@ -3,9 +3,9 @@ server serves it: a request is read as the chat completion it means and served b
 path (leases, tools, reasoning, structured output, limits), and the answer is written as a
 Message, or as Anthropic's stream events. Clients built on Anthropic's SDK reach any version.
 
-Rules: content blocks baton cannot show a model (images, documents) are refused, never
-dropped; `cache_control` and `citations` are hints about Anthropic's own service and change
-nothing; a thinking budget (`thinking.budget_tokens`) is held as chat's
+Rules: content blocks baton cannot show a model (images; PDF, URL and file documents) are
+refused, never dropped; a text document is shown as text, its title and context first;
+`cache_control` and `citations` are hints about Anthropic's own service and change nothing; a thinking budget (`thinking.budget_tokens`) is held as chat's
 `thinking_token_budget`, as vLLM's server holds it, where the engine can (elsewhere the
 request is served without it: its clients send one with every request that thinks), and
 `thinking: disabled` turns a reasoning template's thinking off, as vLLM does. Errors are
@@ -81,13 +81,46 @@ def _block_kind(block) -> str | None:
     return block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
 
 
+class PlainTextSource(Strict):
+    type: Literal["text"]
+    media_type: Literal["text/plain"] = "text/plain"
+    data: str
+
+
+class BlocksSource(Strict):
+    type: Literal["content"]
+    content: str | list[TextBlock]
+
+
+class DocumentBlock(_Block):
+    """A text document (Anthropic's `text` or `content` source), shown to the model as text:
+    its title, its context, then its text, a blank line apart and before what follows. A
+    PDF, a URL or a file id is refused: baton fetches and parses nothing."""
+
+    type: Literal["document"]
+    source: Annotated[
+        Annotated[PlainTextSource, Tag("text")] | Annotated[BlocksSource, Tag("content")],
+        Discriminator(_block_kind, custom_error_type="invalid_source", custom_error_message="a document's source is its text (type text) or text blocks (type content); PDFs, URLs and files are not read here"),
+    ]
+    title: str | None = None
+    context: str | None = None
+    citations: dict | None = None  # none are made: the answer is plain text
+
+    @property
+    def text(self) -> str:
+        source = self.source
+        body = source.data if isinstance(source, PlainTextSource) else source.content if isinstance(source.content, str) else "\n".join(b.text for b in source.content)
+        return "".join(part + "\n\n" for part in (self.title, self.context, body) if part)
+
+
 ContentBlock = Annotated[
     Annotated[TextBlock, Tag("text")]
     | Annotated[ThinkingBlock, Tag("thinking")]
     | Annotated[RedactedThinkingBlock, Tag("redacted_thinking")]
     | Annotated[ToolUseBlock, Tag("tool_use")]
-    | Annotated[ToolResultBlock, Tag("tool_result")],
-    Discriminator(_block_kind),
+    | Annotated[ToolResultBlock, Tag("tool_result")]
+    | Annotated[DocumentBlock, Tag("document")],
+    Discriminator(_block_kind, custom_error_type="invalid_block", custom_error_message="a content block is text, document, thinking, redacted_thinking, tool_use or tool_result; images are not read here"),
 ]
 
 
@@ -194,7 +227,7 @@ def _chat_messages(system: str | list[TextBlock] | None, messages: list[Message]
     chat = [{"role": "system", "content": system if isinstance(system, str) else "\n".join(b.text for b in system)}] if system else []
     for message in messages:
         blocks = [TextBlock(type="text", text=message.content)] if isinstance(message.content, str) else message.content
-        texts = [{"type": "text", "text": b.text} for b in blocks if isinstance(b, TextBlock)]
+        texts = [{"type": "text", "text": b.text} for b in blocks if isinstance(b, TextBlock | DocumentBlock)]
         if message.role == "user":
             chat += [{"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text} for b in blocks if isinstance(b, ToolResultBlock)]
             chat += [{"role": "user", "content": texts}] if texts else []

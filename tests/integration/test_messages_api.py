@@ -50,6 +50,19 @@ def test_content_blocks_and_system_blocks_are_the_conversation(tiny_server, clie
     assert message.content[0].text == chat.choices[0].message.content
 
 
+def test_a_text_document_is_shown_to_the_model_as_its_title_context_and_text(tiny_server, client):
+    chat = tiny_server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Sea notes\n\nFrom a logbook\n\nThe sea is deep.\nIt is cold.\n\nSum it up."}], max_completion_tokens=6, temperature=0
+    )
+    plain = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The sea is deep.\nIt is cold."}, "title": "Sea notes", "context": "From a logbook"}
+    blocks = {**plain, "source": {"type": "content", "content": [{"type": "text", "text": "The sea is deep."}, {"type": "text", "text": "It is cold."}]}, "citations": {"enabled": True}}
+    for document in (plain, blocks):
+        messages = [{"role": "user", "content": [document, {"type": "text", "text": "Sum it up."}]}]
+        message = client.messages.create(model="tiny", messages=messages, max_tokens=6, extra_body=GREEDY)
+        assert message.content[0].text == chat.choices[0].message.content
+        assert client.messages.count_tokens(model="tiny", messages=messages).input_tokens == chat.usage.prompt_tokens
+
+
 def test_the_stream_adds_up_to_the_message(client):
     request = dict(model="tiny", messages=HELLO, max_tokens=8, extra_body=GREEDY)
     whole = client.messages.create(**request)
@@ -139,6 +152,8 @@ def test_count_tokens_is_the_input_tokens_of_the_same_message(client):
         ({"max_tokens": 0}, 400, "invalid_request_error", "max_tokens"),
         ({"messages": []}, 400, "invalid_request_error", "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://x"}}]}]}, 400, "invalid_request_error", "messages.0.content.0"),
+        ({"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}]}]}, 400, "invalid_request_error", "messages.0.content.0.source"),
+        ({"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "url", "url": "file:///etc/passwd"}}]}]}, 400, "invalid_request_error", "messages.0.content.0.source"),
         ({"tools": WEATHER, "tool_choice": {"type": "tool", "name": "nope"}}, 400, "invalid_request_error", "not among the tools"),
         ({"stop_sequences": ["x" * 1025]}, 400, "invalid_request_error", "stop_sequences"),
         ({"temperature": 3}, 400, "invalid_request_error", "temperature"),
