@@ -5,7 +5,8 @@ Message, or as Anthropic's stream events. Clients built on Anthropic's SDK reach
 
 Rules: content blocks baton cannot show a model (images; PDF, URL and file documents) are
 refused, never dropped; a text document is shown as text, its title and context first;
-`cache_control` and `citations` are hints about Anthropic's own service and change nothing; a thinking budget (`thinking.budget_tokens`) is held as chat's
+`cache_control` and `citations` are hints about Anthropic's own service and change
+nothing; a thinking budget (`thinking.budget_tokens`) is held as chat's
 `thinking_token_budget`, as vLLM's server holds it, where the engine can (elsewhere the
 request is served without it: its clients send one with every request that thinks), and
 `thinking: disabled` turns a reasoning template's thinking off, as vLLM does. Errors are
@@ -86,10 +87,18 @@ class PlainTextSource(Strict):
     media_type: Literal["text/plain"] = "text/plain"
     data: str
 
+    @property
+    def text(self) -> str:
+        return self.data
+
 
 class BlocksSource(Strict):
     type: Literal["content"]
     content: str | list[TextBlock]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(block.text for block in self.content)
 
 
 class DocumentBlock(_Block):
@@ -108,9 +117,7 @@ class DocumentBlock(_Block):
 
     @property
     def text(self) -> str:
-        source = self.source
-        body = source.data if isinstance(source, PlainTextSource) else source.content if isinstance(source.content, str) else "\n".join(b.text for b in source.content)
-        return "".join(part + "\n\n" for part in (self.title, self.context, body) if part)
+        return "".join(part + "\n\n" for part in (self.title, self.context, self.source.text) if part)
 
 
 ContentBlock = Annotated[

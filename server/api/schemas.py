@@ -39,8 +39,8 @@ def invalid_field(field: str, value, message: str, kind: str = "value_error") ->
     return ValidationError.from_exception_data("request", [InitErrorDetails(type=PydanticCustomError(kind, message), loc=(field,), input=value)])
 
 
-# OpenAI's bounds on `metadata`: 16 pairs, keys of up to 64 characters, values of up to 512.
 Priority = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]  # vLLM's: lower is sooner; never sooner than the key's own (keys.py)
+# OpenAI's bounds on `metadata`: 16 pairs, keys of up to 64 characters, values of up to 512.
 Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
 
 
