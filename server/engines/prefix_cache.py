@@ -1,14 +1,14 @@
 """The transformers engine's prefix cache: the KV of prompts' leading tokens, kept after their
-prefill, so that a prompt that starts the same way (a chat's earlier turns, a shared system
-prompt, a few-shot preamble) prefills only the rest. vLLM's automatic prefix caching, for
-this engine.
+prefill and again when their answer ends (prompt and answer), so that a prompt that starts
+the same way (a chat's earlier turns and answers, a shared system prompt, a few-shot
+preamble) prefills only the rest. vLLM's automatic prefix caching, for this engine.
 
 Rules:
 - A prefix is a whole number of BLOCK tokens and never a whole prompt: a prompt's last token
   is always prefilled, since its logits give the first token.
-- An entry holds one prompt's prefix; a later prompt that extends it (the next turn of a chat)
-  replaces it, so a conversation is kept once, not once per turn. A prompt may reuse any
-  whole number of blocks an entry starts with.
+- An entry holds one sequence's prefix (a prompt's, or a prompt's and its answer's); a later
+  one that extends it (the next turn of a chat) replaces it, so a conversation is kept once,
+  not once per turn. A prompt may reuse any whole number of blocks an entry starts with.
 - Entries are found by the chain of their blocks' hashes (one pass over a prompt) and then
   compared token by token: a hash collision can cost a miss, never another prompt's KV.
 - At most `max_bytes` of KV are kept; the least recently used entry goes first.
