@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import time
 
 import httpx
 import pytest
@@ -132,3 +133,38 @@ def test_the_prompt_tokens_the_cache_held_are_counted_in_the_metrics(server):
     first, second = _ask(client, "cached", messages), _ask(client, "cached", messages)
     assert _cached_tokens(second) > 0
     assert _cached_metric(server, "cached") - before == _cached_tokens(first) + _cached_tokens(second)
+
+
+def test_a_crowd_of_mixed_requests_answers_alike_with_and_without_prefixes_and_chunks(server):
+    """Twenty greedy requests at once, prompts sharing prefixes of several lengths, some long
+    enough to be chunked, some with n=2 or a stop string, and streams left after their first
+    chunk: each answer is the same on `chunked` (prefix cache, 16-token chunks) as on `whole`,
+    and both engines end with nothing running."""
+    client = server.client()
+    stems = [SYSTEM["content"], SYSTEM["content"][:90], "Tides and harbours. " * 12]
+    asks = [dict(prompt=stems[i % 3] + f" Question {i}: name a ship.", n=1 + (i % 4 == 0), stop=["ship"] if i % 5 == 0 else None) for i in range(20)]
+
+    def answers(model: str) -> list[list[str]]:
+        def ask(kwargs) -> list[str]:
+            return [choice.text for choice in client.completions.create(model=model, max_tokens=12, temperature=0, **kwargs).choices]
+
+        def leave_early(n: int) -> None:
+            with client.completions.create(model=model, prompt=stems[n % 3] + " Go on.", max_tokens=200, temperature=0, stream=True) as stream:
+                next(iter(stream))
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            left = [pool.submit(leave_early, n) for n in range(4)]
+            asked = list(pool.map(ask, asks))
+            for future in left:
+                future.result()
+        return asked
+
+    assert answers("chunked") == answers("whole")
+    for model in ("chunked", "whole"):
+        for _ in range(100):
+            if httpx.get(f"{server.url}/health").json()["models"][model]["num_running"] == 0:
+                break
+            time.sleep(0.05)
+        assert httpx.get(f"{server.url}/health").json()["models"][model]["num_running"] == 0
+    details = httpx.get(f"{server.url}/health").json()["models"]["chunked"]["details"]
+    assert details["num_chunked_prefills"] > 0 and not details["prefix_cache"].endswith(" 0 prompt tokens reused")
