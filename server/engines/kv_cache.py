@@ -15,15 +15,21 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from server.engines.row_attention import attends_per_row
+
 MIN_SPARE_COLUMNS = 64
 
 
 class PaddedRows:
-    def __init__(self, model):
+    def __init__(self, model, per_row: bool = False):
+        """`per_row`: the model attends through row_attention.py's ROW_ATTENTION, so a step
+        whose padding would dominate attends row by row."""
         self._model = model
+        self._per_row = per_row
         self._cache: DynamicCache | None = None
         self._attention_mask: torch.Tensor | None = None  # (rows, cached length)
         self.can_join_running = has_plain_layers(DynamicCache(config=model.config))
+        self.num_row_steps = 0  # steps that attended row by row
 
     def join(self, cache: DynamicCache, attention_mask: torch.Tensor) -> None:
         """Add the prefilled rows of `cache` (their mask: `attention_mask`) after the running ones."""
@@ -42,8 +48,16 @@ class PaddedRows:
         input_ids = torch.tensor([[token_id] for token_id in token_ids], device=device)
         ones = torch.ones((len(token_ids), 1), dtype=self._attention_mask.dtype, device=device)
         self._attention_mask = torch.cat([self._attention_mask, ones], dim=-1)
-        positions = self._attention_mask.sum(-1, keepdim=True) - 1
-        return forward(self._model, input_ids, self._attention_mask, positions, self._cache)
+        lengths = self._attention_mask.sum(-1, keepdim=True)
+        return forward(self._model, input_ids, self._attention_mask, lengths - 1, self._cache, **self._row_starts(lengths.flatten().tolist()))
+
+    def _row_starts(self, lengths: list[int]) -> dict:
+        """`row_starts` for the model, where this step attends row by row (rows are left-padded)."""
+        num_columns = self._attention_mask.shape[-1]
+        if not (self._per_row and attends_per_row(lengths, num_columns)):
+            return {}
+        self.num_row_steps += 1
+        return {"row_starts": [num_columns - length for length in lengths]}
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (ascending indices), in that order."""
@@ -65,7 +79,7 @@ class PaddedRows:
         """Nothing to set up: the cache is made per batch."""
 
     def describe(self) -> str:
-        return "eager steps, padded cache"
+        return "eager steps, padded cache" + (f", {self.num_row_steps} steps attended row by row" if self._per_row else "")
 
     def _trim_padding(self) -> None:
         """Drop leading cache columns that are padding in every remaining row."""
@@ -78,13 +92,13 @@ class PaddedRows:
                 layer.keys, layer.values = layer.keys[:, :, num_unused:], layer.values[:, :, num_unused:]
 
 
-def forward(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-    """The logits of each row's last position."""
-    return forward_positions(model, input_ids, attention_mask, position_ids, cache, logits_to_keep=1)[:, -1, :]
+def forward(model, input_ids, attention_mask, position_ids, cache, **attention) -> torch.Tensor:
+    """The logits of each row's last position; `attention`: what the model's attention takes beside."""
+    return forward_positions(model, input_ids, attention_mask, position_ids, cache, logits_to_keep=1, **attention)[:, -1, :]
 
 
 @torch.inference_mode()
-def forward_positions(model, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0) -> torch.Tensor:
+def forward_positions(model, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0, **attention) -> torch.Tensor:
     """The logits of each row's last `logits_to_keep` positions (0: every position), as
     (rows, positions, vocabulary)."""
     output = model(
@@ -94,6 +108,7 @@ def forward_positions(model, input_ids, attention_mask, position_ids, cache, log
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=logits_to_keep,
+        **attention,
     )
     return output.logits
 

@@ -44,6 +44,9 @@ class TransformersOptions:
     # a longer prompt is prefilled this many tokens at a time, a decode step of the running
     # streams between two chunks, so that it does not stall them for its whole prefill; 0: whole
     prefill_chunk_tokens: Annotated[int, Field(ge=0)] = 512
+    # CPU's padded cache: a step whose padding would be most of its attention attends row by
+    # row (row_attention.py); false: always one batched call
+    row_attention: bool = True
     allow_pickle: bool = False  # .bin/.pt weights run code when loaded: the operator must opt in
 
     @property

@@ -33,6 +33,7 @@ from server.engines.options import TransformersOptions
 from server.engines.pooling import EMBED_BATCH, Pooler, embed
 from server.engines.prefix_cache import PrefixCache
 from server.engines.prompt import chat_prompt_ids, text_prompt_ids, with_chat_template_of
+from server.engines.row_attention import use_row_attention
 from server.engines.sampler import row_seed
 from models.errors import EngineError, EngineStoppedError, ModelLoadError
 from models.lora import ADAPTER_FOLDER, ReadAdapter, read_adapter
@@ -364,10 +365,12 @@ class TransformersEngine:
 
     def _row_cache(self) -> RowCache:
         """On CUDA, a static cache whose decode steps are CUDA graphs (unless turned off);
-        elsewhere, and for models it cannot hold, a padded dynamic one."""
+        elsewhere, and for models it cannot hold, a padded dynamic one, which on CPU attends
+        row by row where padding would dominate (row_attention.py)."""
         if self._device.type == "cuda" and self._options.cuda_graphs and can_use_static_rows(self._model):
             return StaticRows(self._model, self._options.max_batch_size, use_graphs=True, first_columns=initial_columns(self.max_model_len))
-        return PaddedRows(self._model)
+        on_cpu = self._device.type == "cpu"  # on a GPU, a kernel launch per row and layer costs more than the padding
+        return PaddedRows(self._model, per_row=on_cpu and self._options.row_attention and use_row_attention(self._model))
 
     def _prefix_cache(self) -> PrefixCache | None:
         """Only where every layer's cache is a plain one (a sliding window's keeps no whole prefix)."""

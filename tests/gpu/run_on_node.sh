@@ -17,8 +17,8 @@
 #   bash tests/gpu/run_on_node.sh transformers  # sampling_kernel.py (the kernel against its reference), then
 #                                               # transformers_cuda.py: the engine with CUDA graphs, without, and
 #                                               # vLLM's server, SmolLM2-135M's shape, c=1/8/32 (about 5)
-#   bash tests/gpu/run_on_node.sh prefill    # prefix_cache.py and chunked_prefill.py: the transformers engine's
-#                                            # prefix cache and chunked prefill, each on and off, SmolLM2's shape (about 4)
+#   bash tests/gpu/run_on_node.sh prefill    # prefix_cache.py and long_prompts.py --compare chunking: the transformers
+#                                            # engine's prefix cache and chunked prefill, each on and off, SmolLM2's shape (about 4)
 #
 # Logs and JSON go to $OUT (the device tool's folder that comes back), else /tmp/baton-gpu-out.
 set -uo pipefail
@@ -42,7 +42,7 @@ case ${1:-tests} in
   transformers) smol; timeout 60 python3 benchmarks/sampling_kernel.py 2>&1 | tee "$out/sampling_kernel.log"
                 timeout 480 python3 benchmarks/transformers_cuda.py --model /tmp/smol --concurrency 1 8 32 --max-tokens 128 --out "$out/transformers_cuda.json" 2>&1 | grep -Ev "$quiet" ;;
   prefill) smol; timeout 240 python3 benchmarks/prefix_cache.py --model /tmp/smol 2>&1 | grep -Ev "$quiet"
-           timeout 240 python3 benchmarks/chunked_prefill.py --model /tmp/smol 2>&1 | grep -Ev "$quiet"
-           cp benchmarks/results/prefix_cache.json benchmarks/results/chunked_prefill.json "$out/" 2>/dev/null ;;
+           timeout 240 python3 benchmarks/long_prompts.py --compare chunking --model /tmp/smol 2>&1 | grep -Ev "$quiet"
+           cp benchmarks/results/prefix_cache.json benchmarks/results/long_prompts_chunking.json "$out/" 2>/dev/null ;;
   *) echo "usage: $0 tests|adapters|options|swaps|overhead|overhead-nosleep|transformers|prefill" >&2; exit 2 ;;
 esac
