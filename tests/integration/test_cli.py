@@ -59,7 +59,7 @@ def _serve_and_ask(url: str, process: subprocess.Popen, log: Path) -> None:
         reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert reply.usage.completion_tokens <= 3 and reply.model == "tiny"
     details = httpx.get(f"{url}/health").json()["models"]["tiny"]["details"]
-    assert details["max_batch_size"] == 3 and details["decode"] == "eager steps, padded cache"  # --engine-option
+    assert details["max_batch_size"] == 3 and details["decode"].startswith("eager steps, padded cache")  # --engine-option
 
 
 def test_cli_serve_missing_folder_is_a_clear_error(tmp_path):
