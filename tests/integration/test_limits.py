@@ -109,14 +109,33 @@ def _finish_order(server, first_blocks: dict, waiting: tuple[str, dict] = CHAT) 
     route, body = waiting
     blocker = threading.Thread(target=ask, args=("app-secret", "blocker", CHAT[0], {**CHAT[1], **first_blocks}))
     blocker.start()
-    time.sleep(0.5)
+    _wait_until(lambda: _num_running(server) == 1)
     waiters = [threading.Thread(target=ask, args=("batch-secret", "batch", route, body)), threading.Thread(target=ask, args=("app-secret", "app", route, {**body, "priority": -50}))]
-    for waiter in waiters:
+    for num_waiting, waiter in enumerate(waiters, start=1):
         waiter.start()
-        time.sleep(0.3)  # the batch request is first in line
+        _wait_until(lambda: _num_waiting(server) == num_waiting)  # the batch request is first in line
+    assert finished == [], "the blocker ended before both requests were waiting"
     for thread in [blocker, *waiters]:
         thread.join(timeout=120)
     return finished
+
+
+def _num_running(server) -> int:
+    """Generations the engine runs (a request leased but still tokenizing runs none yet)."""
+    return httpx.get(f"{server.url}/health").json()["models"]["chat"]["num_running"]
+
+
+def _num_waiting(server) -> int:
+    """Requests waiting for a place: in the deployment's admission queue, or in its engine's."""
+    in_engine = httpx.get(f"{server.url}/health").json()["models"]["chat"]["num_waiting"]
+    return httpx.get(f"{server.url}/admin/deployments/chat").json()["waiting"] + in_engine
+
+
+def _wait_until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 PRIORITY_KEYS = [key("app", "app-secret", {"inference"}), key("batch", "batch-secret", {"inference"}, priority=10)]
@@ -132,12 +151,15 @@ def test_a_keys_priority_orders_its_embeddings_in_the_admission_queue_too(tiny_m
     """Embeddings wait in the same queue, in their key's order (the app's -50 is its key's 0)."""
     settings = Settings(home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path, engine="transformers")], keys=PRIORITY_KEYS, max_running_per_deployment=1)
     with ServerThread(settings) as server:
-        embed = ("embeddings", {"model": "chat", "input": "The sea is deep"})
+        embed = ("embeddings", {"model": "chat", "input": ["The sea is deep and wide. " * 40] * 16})  # tens of ms each: the two end apart
         assert _finish_order(server, {"max_tokens": 1500, "ignore_eos": True}, embed) == ["blocker", "app", "batch"]
 
 
 def test_the_transformers_engine_gives_a_place_in_its_batch_to_the_soonest_priority_first(tiny_model_path, tmp_path):
-    """The app key asks for -50 and gets its key's 0, still sooner than the batch key's 10."""
+    """The app key asks for -50 and gets its key's 0, still sooner than the batch key's 10.
+    Each waiter answers 100 tokens: two answers of 2 would end a millisecond apart, too close
+    for the order their clients hear of them to be the order they ran in."""
     settings = Settings(home=tmp_path, models=[ModelSpec(name="chat", path=tiny_model_path, engine="transformers", max_batch_size=1)], keys=PRIORITY_KEYS)
     with ServerThread(settings) as server:
-        assert _finish_order(server, {"max_tokens": 1500, "ignore_eos": True}) == ["blocker", "app", "batch"]
+        waiting = (CHAT[0], {**CHAT[1], "max_tokens": 100, "ignore_eos": True})
+        assert _finish_order(server, {"max_tokens": 1500, "ignore_eos": True}, waiting) == ["blocker", "app", "batch"]
