@@ -49,12 +49,15 @@ class PaddedRows:
         ones = torch.ones((len(token_ids), 1), dtype=self._attention_mask.dtype, device=device)
         self._attention_mask = torch.cat([self._attention_mask, ones], dim=-1)
         lengths = self._attention_mask.sum(-1, keepdim=True)
-        return forward(self._model, input_ids, self._attention_mask, lengths - 1, self._cache, **self._row_starts(lengths.flatten().tolist()))
+        return forward(self._model, input_ids, self._attention_mask, lengths - 1, self._cache, **self._row_starts(lengths))
 
-    def _row_starts(self, lengths: list[int]) -> dict:
-        """`row_starts` for the model, where this step attends row by row (rows are left-padded)."""
-        num_columns = self._attention_mask.shape[-1]
-        if not (self._per_row and attends_per_row(lengths, num_columns)):
+    def _row_starts(self, lengths: torch.Tensor) -> dict:
+        """`row_starts` for the model, where this step attends row by row (rows are left-padded).
+        Rule: without row attention a step reads nothing back from its tensors here."""
+        if not self._per_row:
+            return {}
+        num_columns, lengths = self._attention_mask.shape[-1], lengths.flatten().tolist()
+        if not attends_per_row(lengths, num_columns):
             return {}
         self.num_row_steps += 1
         return {"row_starts": [num_columns - length for length in lengths]}
